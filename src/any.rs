@@ -1,0 +1,290 @@
+//! Optimizers chosen at run time by torch class name and keyword options —
+//! for configuration files, checkpoints and tools that take an optimizer name.
+//!
+//! ```
+//! use adaoptim::{AnyConfig, HyperValue};
+//! let cfg = AnyConfig::from_torch("AdamW", &[("lr", HyperValue::Number(3e-4))])?;
+//! let mut opt = cfg.build(4)?;
+//! let mut p = [1.0_f32; 4];
+//! opt.step(&mut p, &[0.5; 4])?;
+//! assert_eq!(opt.torch_class(), "AdamW");
+//! # Ok::<(), adaoptim::Error>(())
+//! ```
+
+use crate::{
+    AdadeltaConfig, AdagradConfig, AdamConfig, AdamWConfig, AdamaxConfig, Algorithm, Error, Exec, NAdamConfig,
+    Optimizer, RmsPropConfig, SgdConfig, StepReport,
+};
+
+/// A hyperparameter value as torch's keyword arguments carry it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum HyperValue {
+    /// A float or integer.
+    Number(f64),
+    /// A flag.
+    Bool(bool),
+    /// A pair such as `betas`.
+    Pair(f64, f64),
+}
+
+trait Hyper: Sized {
+    fn from_hyper(name: &str, v: &HyperValue) -> Result<Self, Error>;
+    fn to_hyper(&self) -> HyperValue;
+}
+
+fn wrong_type(name: &str, expected: &'static str) -> Error {
+    Error::InvalidOption { name: name.to_string(), reason: expected }
+}
+
+impl Hyper for f64 {
+    fn from_hyper(name: &str, v: &HyperValue) -> Result<Self, Error> {
+        match *v {
+            HyperValue::Number(x) => Ok(x),
+            _ => Err(wrong_type(name, "expected a number")),
+        }
+    }
+    fn to_hyper(&self) -> HyperValue {
+        HyperValue::Number(*self)
+    }
+}
+
+impl Hyper for bool {
+    fn from_hyper(name: &str, v: &HyperValue) -> Result<Self, Error> {
+        match *v {
+            HyperValue::Bool(b) => Ok(b),
+            _ => Err(wrong_type(name, "expected a bool")),
+        }
+    }
+    fn to_hyper(&self) -> HyperValue {
+        HyperValue::Bool(*self)
+    }
+}
+
+impl Hyper for (f64, f64) {
+    fn from_hyper(name: &str, v: &HyperValue) -> Result<Self, Error> {
+        match *v {
+            HyperValue::Pair(a, b) => Ok((a, b)),
+            _ => Err(wrong_type(name, "expected a pair of numbers")),
+        }
+    }
+    fn to_hyper(&self) -> HyperValue {
+        HyperValue::Pair(self.0, self.1)
+    }
+}
+
+/// torch keyword arguments that pick one of torch's implementations and do
+/// not change the update rule; accepted and ignored.
+const IMPLEMENTATION_KEYS: [&str; 4] = ["foreach", "fused", "differentiable", "capturable"];
+
+macro_rules! torch_options {
+    ($cfg:ty { $($field:ident),* $(,)? }) => {
+        impl $cfg {
+            /// Sets one keyword option by its torch name.
+            ///
+            /// # Errors
+            /// [`Error::InvalidOption`] for an unknown name or a value of the wrong type.
+            pub fn set_option(&mut self, key: &str, v: &HyperValue) -> Result<(), Error> {
+                match key {
+                    $(stringify!($field) => self.$field = Hyper::from_hyper(key, v)?,)*
+                    k if IMPLEMENTATION_KEYS.contains(&k) => {
+                        bool::from_hyper(k, v)?;
+                    }
+                    _ => return Err(Error::InvalidOption { name: key.to_string(), reason: "unknown option" }),
+                }
+                Ok(())
+            }
+
+            /// Every option with its torch name and current value.
+            pub fn options(&self) -> Vec<(&'static str, HyperValue)> {
+                vec![$((stringify!($field), self.$field.to_hyper())),*]
+            }
+        }
+    };
+}
+
+torch_options!(SgdConfig { lr, momentum, dampening, weight_decay, nesterov, maximize });
+torch_options!(AdagradConfig { lr, lr_decay, weight_decay, initial_accumulator_value, eps, maximize, eps_inside_sqrt });
+torch_options!(RmsPropConfig { lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_inside_sqrt });
+torch_options!(AdadeltaConfig { lr, rho, eps, weight_decay, maximize });
+torch_options!(AdamConfig { lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay });
+torch_options!(AdamWConfig { lr, betas, eps, weight_decay, amsgrad, maximize });
+torch_options!(AdamaxConfig { lr, betas, eps, weight_decay, maximize });
+torch_options!(NAdamConfig { lr, betas, eps, weight_decay, momentum_decay, decoupled_weight_decay, maximize });
+
+macro_rules! any_types {
+    ($($variant:ident($cfg:ident)),* $(,)?) => {
+        /// Any optimizer configuration of this crate.
+        #[derive(Clone, Copy, Debug, PartialEq)]
+        #[allow(missing_docs)]
+        pub enum AnyConfig {
+            $($variant($cfg),)*
+        }
+
+        /// Any optimizer of this crate, chosen at run time.
+        #[derive(Clone, Debug)]
+        #[allow(missing_docs)]
+        pub enum AnyOptimizer {
+            $($variant(Optimizer<$cfg>),)*
+        }
+
+        $(
+            impl From<$cfg> for AnyConfig {
+                fn from(c: $cfg) -> Self {
+                    AnyConfig::$variant(c)
+                }
+            }
+            impl From<Optimizer<$cfg>> for AnyOptimizer {
+                fn from(o: Optimizer<$cfg>) -> Self {
+                    AnyOptimizer::$variant(o)
+                }
+            }
+        )*
+
+        impl AnyConfig {
+            /// The torch class names this crate knows.
+            pub const TORCH_CLASSES: &'static [&'static str] = &[$(<$cfg as Algorithm>::TORCH_CLASS),*];
+
+            /// The default configuration of a torch class (`"Adam"`, `"SGD"`, ...).
+            ///
+            /// # Errors
+            /// [`Error::UnknownOptimizer`].
+            pub fn default_for(torch_class: &str) -> Result<AnyConfig, Error> {
+                $(if torch_class == <$cfg as Algorithm>::TORCH_CLASS {
+                    return Ok(AnyConfig::$variant($cfg::default()));
+                })*
+                Err(Error::UnknownOptimizer { name: torch_class.to_string() })
+            }
+
+            /// The torch class name.
+            pub fn torch_class(&self) -> &'static str {
+                match self { $(AnyConfig::$variant(_) => <$cfg as Algorithm>::TORCH_CLASS,)* }
+            }
+
+            /// Sets one keyword option by its torch name.
+            ///
+            /// # Errors
+            /// [`Error::InvalidOption`].
+            pub fn set_option(&mut self, key: &str, v: &HyperValue) -> Result<(), Error> {
+                match self { $(AnyConfig::$variant(c) => c.set_option(key, v),)* }
+            }
+
+            /// Every option with its torch name and value.
+            pub fn options(&self) -> Vec<(&'static str, HyperValue)> {
+                match self { $(AnyConfig::$variant(c) => c.options(),)* }
+            }
+
+            /// Checks the hyperparameters.
+            ///
+            /// # Errors
+            /// [`Error::InvalidHyperparameter`].
+            pub fn validate(&self) -> Result<(), Error> {
+                match self { $(AnyConfig::$variant(c) => c.validate(),)* }
+            }
+
+            /// State buffer names, torch's `state_dict` names, in kernel order.
+            pub fn state_names(&self) -> &'static [&'static str] {
+                match self { $(AnyConfig::$variant(c) => c.state_names(),)* }
+            }
+
+            /// An optimizer over `n` parameters.
+            ///
+            /// # Errors
+            /// [`Error::InvalidHyperparameter`].
+            pub fn build(&self, n: usize) -> Result<AnyOptimizer, Error> {
+                Ok(match self { $(AnyConfig::$variant(c) => AnyOptimizer::$variant(Optimizer::new(*c, n)?),)* })
+            }
+        }
+
+        impl AnyOptimizer {
+            /// See [`Optimizer::step`].
+            ///
+            /// # Errors
+            /// As [`Optimizer::step`].
+            pub fn step(&mut self, params: &mut [f32], grads: &[f32]) -> Result<StepReport, Error> {
+                match self { $(AnyOptimizer::$variant(o) => o.step(params, grads),)* }
+            }
+            /// The configuration.
+            pub fn config(&self) -> AnyConfig {
+                match self { $(AnyOptimizer::$variant(o) => AnyConfig::$variant(*o.config()),)* }
+            }
+            /// Replaces the configuration, keeping the state.
+            ///
+            /// # Errors
+            /// As [`Optimizer::set_config`]; [`Error::IncompatibleConfig`] for
+            /// another optimizer kind.
+            pub fn set_config(&mut self, config: AnyConfig) -> Result<(), Error> {
+                match (self, config) {
+                    $((AnyOptimizer::$variant(o), AnyConfig::$variant(c)) => o.set_config(c),)*
+                    _ => Err(Error::IncompatibleConfig { reason: "another optimizer kind" }),
+                }
+            }
+            /// The torch class name.
+            pub fn torch_class(&self) -> &'static str {
+                match self { $(AnyOptimizer::$variant(_) => <$cfg as Algorithm>::TORCH_CLASS,)* }
+            }
+            /// See [`Optimizer::lr`].
+            pub fn lr(&self) -> f64 {
+                match self { $(AnyOptimizer::$variant(o) => o.lr(),)* }
+            }
+            /// See [`Optimizer::set_lr`].
+            ///
+            /// # Errors
+            /// As [`Optimizer::set_lr`].
+            pub fn set_lr(&mut self, lr: f64) -> Result<(), Error> {
+                match self { $(AnyOptimizer::$variant(o) => o.set_lr(lr),)* }
+            }
+            /// See [`Optimizer::step_count`].
+            pub fn step_count(&self) -> u64 {
+                match self { $(AnyOptimizer::$variant(o) => o.step_count(),)* }
+            }
+            /// See [`Optimizer::len`].
+            pub fn len(&self) -> usize {
+                match self { $(AnyOptimizer::$variant(o) => o.len(),)* }
+            }
+            /// See [`Optimizer::is_empty`].
+            pub fn is_empty(&self) -> bool {
+                self.len() == 0
+            }
+            /// See [`Optimizer::set_exec`].
+            pub fn set_exec(&mut self, exec: Exec) {
+                match self { $(AnyOptimizer::$variant(o) => o.set_exec(exec),)* }
+            }
+            /// See [`Optimizer::state`].
+            pub fn state(&self, name: &str) -> Option<&[f32]> {
+                match self { $(AnyOptimizer::$variant(o) => o.state(name),)* }
+            }
+            /// See [`Optimizer::state_names`].
+            pub fn state_names(&self) -> &'static [&'static str] {
+                match self { $(AnyOptimizer::$variant(o) => o.state_names(),)* }
+            }
+        }
+    };
+}
+
+any_types!(
+    Sgd(SgdConfig),
+    Adagrad(AdagradConfig),
+    RmsProp(RmsPropConfig),
+    Adadelta(AdadeltaConfig),
+    Adam(AdamConfig),
+    AdamW(AdamWConfig),
+    Adamax(AdamaxConfig),
+    NAdam(NAdamConfig),
+);
+
+impl AnyConfig {
+    /// A configuration from a torch class name and keyword arguments;
+    /// options not given keep torch's defaults.
+    ///
+    /// # Errors
+    /// [`Error::UnknownOptimizer`], [`Error::InvalidOption`] or
+    /// [`Error::InvalidHyperparameter`].
+    pub fn from_torch(torch_class: &str, options: &[(&str, HyperValue)]) -> Result<AnyConfig, Error> {
+        let mut c = AnyConfig::default_for(torch_class)?;
+        for (k, v) in options {
+            c.set_option(k, v)?;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}

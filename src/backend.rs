@@ -1,0 +1,212 @@
+//! Backends (instruction sets), their runtime detection, and the execution
+//! policy a caller can force.
+
+use std::sync::OnceLock;
+
+use crate::Error;
+
+/// An implementation of the per-element formulas.
+///
+/// All backends compute the same IEEE-754 operations in the same order (no
+/// fused multiply-add, no approximate reciprocals), so they are bitwise
+/// identical to [`Backend::Scalar`] on every non-NaN result: 0 ULP per step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Backend {
+    /// Plain `f32` arithmetic, one element at a time: the reference.
+    Scalar,
+    /// `wide::f32x8`: portable SIMD chosen at compile time (two SSE2 registers
+    /// in a default x86-64 build).
+    Wide,
+    /// 8 lanes of AVX (`ymm`), selected at run time on CPUs with AVX2 and FMA.
+    Avx2,
+    /// 16 lanes of AVX-512F (`zmm`), selected at run time.
+    Avx512,
+}
+
+impl Backend {
+    /// Every backend, slowest first.
+    pub const ALL: [Backend; 4] = [Backend::Scalar, Backend::Wide, Backend::Avx2, Backend::Avx512];
+
+    /// Short name used by tests, benches, reports and `ADAOPTIM_BACKEND`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Scalar => "scalar",
+            Backend::Wide => "wide",
+            Backend::Avx2 => "avx2",
+            Backend::Avx512 => "avx512",
+        }
+    }
+
+    /// Parses a [`name`](Self::name).
+    pub fn from_name(name: &str) -> Option<Backend> {
+        Backend::ALL.into_iter().find(|b| b.name().eq_ignore_ascii_case(name.trim()))
+    }
+
+    /// Whether this CPU can run the backend (detected once, then cached).
+    pub fn is_available(self) -> bool {
+        match self {
+            Backend::Scalar | Backend::Wide => true,
+            Backend::Avx2 => features().avx2,
+            Backend::Avx512 => features().avx512,
+        }
+    }
+
+    /// The backends this CPU can run, slowest first.
+    pub fn available() -> Vec<Backend> {
+        Backend::ALL.into_iter().filter(|b| b.is_available()).collect()
+    }
+
+    /// The fastest backend this CPU can run.
+    pub fn best() -> Backend {
+        if Backend::Avx512.is_available() {
+            Backend::Avx512
+        } else if Backend::Avx2.is_available() {
+            Backend::Avx2
+        } else {
+            Backend::Wide
+        }
+    }
+
+    /// The backend [`Exec::auto`] uses: `ADAOPTIM_BACKEND` if it is set (read
+    /// once per process), else [`Backend::best`].
+    ///
+    /// # Errors
+    /// [`Error::UnknownBackend`] if the variable names no backend;
+    /// [`Error::BackendUnavailable`] if it names one this CPU cannot run.
+    pub fn default_backend() -> Result<Backend, Error> {
+        static FROM_ENV: OnceLock<Result<Backend, Error>> = OnceLock::new();
+        FROM_ENV
+            .get_or_init(|| match std::env::var("ADAOPTIM_BACKEND") {
+                Ok(v) if !v.trim().is_empty() && v.trim() != "auto" => match Backend::from_name(&v) {
+                    Some(b) if b.is_available() => Ok(b),
+                    Some(b) => Err(Error::BackendUnavailable { backend: b }),
+                    None => Err(Error::UnknownBackend { name: v }),
+                },
+                _ => Ok(Backend::best()),
+            })
+            .clone()
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Features {
+    avx2: bool,
+    avx512: bool,
+}
+
+fn features() -> Features {
+    static F: OnceLock<Features> = OnceLock::new();
+    *F.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            Features {
+                avx2: std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+                avx512: std::arch::is_x86_feature_detected!("avx512f"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            Features { avx2: false, avx512: false }
+        }
+    })
+}
+
+/// How a step is split across threads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Parallel {
+    /// Serial below [`PAR_THRESHOLD`] elements or with one rayon thread;
+    /// otherwise chunks of [`AUTO_GRAIN`]-ish size across the current rayon pool.
+    Auto,
+    /// Always on the calling thread.
+    Serial,
+    /// Always through rayon, in chunks of `chunk` elements (rounded up to a
+    /// multiple of 16, the widest lane count; 0 means the automatic grain).
+    Chunks {
+        /// Elements per chunk.
+        chunk: usize,
+    },
+}
+
+/// Below this many elements, [`Parallel::Auto`] stays on the calling thread.
+pub const PAR_THRESHOLD: usize = 1 << 15;
+/// Smallest chunk [`Parallel::Auto`] hands to a thread.
+pub const AUTO_GRAIN: usize = 1 << 14;
+
+/// The execution policy of a step: which backend, how parallel.
+///
+/// Results do not depend on the policy: every backend, thread count and chunk
+/// size gives the same bits (NaN payloads aside).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Exec {
+    /// `None`: [`Backend::default_backend`]. `Some(b)`: force `b` (an error
+    /// if this CPU cannot run it).
+    pub backend: Option<Backend>,
+    /// Thread splitting.
+    pub parallel: Parallel,
+}
+
+impl Default for Exec {
+    fn default() -> Self {
+        Exec::auto()
+    }
+}
+
+impl Exec {
+    /// Best backend, automatic parallelism.
+    pub const fn auto() -> Exec {
+        Exec { backend: None, parallel: Parallel::Auto }
+    }
+    /// The scalar reference on the calling thread.
+    pub const fn scalar() -> Exec {
+        Exec { backend: Some(Backend::Scalar), parallel: Parallel::Serial }
+    }
+    /// A given backend on the calling thread.
+    pub const fn serial(backend: Backend) -> Exec {
+        Exec { backend: Some(backend), parallel: Parallel::Serial }
+    }
+    /// A given backend, always through rayon in chunks of `chunk` elements.
+    pub const fn parallel(backend: Backend, chunk: usize) -> Exec {
+        Exec { backend: Some(backend), parallel: Parallel::Chunks { chunk } }
+    }
+
+    /// The backend this policy runs.
+    ///
+    /// # Errors
+    /// [`Error::BackendUnavailable`] for a forced backend this CPU lacks, or
+    /// the error of [`Backend::default_backend`].
+    pub fn resolve_backend(&self) -> Result<Backend, Error> {
+        match self.backend {
+            Some(b) if b.is_available() => Ok(b),
+            Some(b) => Err(Error::BackendUnavailable { backend: b }),
+            None => Backend::default_backend(),
+        }
+    }
+
+    /// Chunk size for `n` elements, or `None` to stay serial.
+    pub(crate) fn chunk_for(&self, n: usize) -> Option<usize> {
+        let round = |c: usize| c.max(1).div_ceil(16) * 16;
+        match self.parallel {
+            Parallel::Serial => None,
+            Parallel::Chunks { chunk: 0 } => Some(auto_chunk(n)),
+            Parallel::Chunks { chunk } => Some(round(chunk)),
+            Parallel::Auto => {
+                let threads = rayon::current_num_threads();
+                if n < PAR_THRESHOLD || threads < 2 { None } else { Some(auto_chunk(n)) }
+            }
+        }
+    }
+}
+
+/// About four chunks per thread (load balance on a shared machine), never
+/// smaller than [`AUTO_GRAIN`], always a multiple of 64 elements.
+fn auto_chunk(n: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let c = n.div_ceil(threads * 4).max(AUTO_GRAIN);
+    c.div_ceil(64) * 64
+}

@@ -1,0 +1,189 @@
+//! One driver for every optimizer: walks the slices in `LANES`-wide steps with a
+//! backend's vector type, finishes the tail with the scalar instantiation of
+//! the same formula, and splits work across rayon threads at fixed chunk
+//! boundaries (multiples of 16 elements, the widest lane count) so the result never depends on the
+//! thread count.
+
+use crate::backend::{Backend, Exec};
+use crate::simd::{F32Vec, Wide};
+
+/// The per-element formula of one optimizer configuration with `S` state
+/// buffers. Written once, generic over the lane type.
+pub(crate) trait Kernel<const S: usize>: Sync {
+    /// Updates one vector of parameters `p` from gradients `g` and state `s`.
+    fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; S]);
+}
+
+/// Parameters, gradients and `S` state buffers of equal length.
+pub(crate) struct Slices<'a, const S: usize> {
+    pub p: &'a mut [f32],
+    pub g: &'a [f32],
+    pub s: [&'a mut [f32]; S],
+}
+
+impl<'a, const S: usize> Slices<'a, S> {
+    fn len(&self) -> usize {
+        self.p.len()
+    }
+
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        let (p0, p1) = self.p.split_at_mut(mid);
+        let (g0, g1) = self.g.split_at(mid);
+        let mut lo: [&'a mut [f32]; S] = std::array::from_fn(|_| <&mut [f32]>::default());
+        let mut hi: [&'a mut [f32]; S] = std::array::from_fn(|_| <&mut [f32]>::default());
+        for (i, s) in self.s.into_iter().enumerate() {
+            let (a, b) = s.split_at_mut(mid);
+            lo[i] = a;
+            hi[i] = b;
+        }
+        (Slices { p: p0, g: g0, s: lo }, Slices { p: p1, g: g1, s: hi })
+    }
+}
+
+/// Runs `k` over the slices with lane type `V`, then the tail with `f32`.
+#[inline(always)]
+fn run_lanes<V: F32Vec, K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>) {
+    let n = sl.len();
+    // Soundness of the raw-pointer loop below rests on this; the public entry
+    // points return an error before getting here, so it never fires.
+    assert!(sl.g.len() == n && sl.s.iter().all(|s| s.len() == n), "slice lengths differ");
+    let p = sl.p.as_mut_ptr();
+    let g = sl.g.as_ptr();
+    let s: [*mut f32; S] = sl.s.map(|s| s.as_mut_ptr());
+    let body = n - n % V::LANES;
+    let mut i = 0;
+    while i < body {
+        // SAFETY: every slice has length n (asserted above) and
+        // i + LANES <= body <= n.
+        unsafe {
+            let mut pv = V::load(p.add(i));
+            let gv = V::load(g.add(i));
+            let mut sv: [V; S] = std::array::from_fn(|j| V::load(s[j].add(i)));
+            k.apply(&mut pv, gv, &mut sv);
+            pv.store(p.add(i));
+            for j in 0..S {
+                sv[j].store(s[j].add(i));
+            }
+        }
+        i += V::LANES;
+    }
+    while i < n {
+        // SAFETY: i < n, the common length of all slices.
+        unsafe {
+            let mut pv = <f32 as F32Vec>::load(p.add(i));
+            let gv = <f32 as F32Vec>::load(g.add(i));
+            let mut sv: [f32; S] = std::array::from_fn(|j| <f32 as F32Vec>::load(s[j].add(i)));
+            k.apply(&mut pv, gv, &mut sv);
+            pv.store(p.add(i));
+            for j in 0..S {
+                sv[j].store(s[j].add(i));
+            }
+        }
+        i += 1;
+    }
+}
+
+fn run_scalar<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>) {
+    run_lanes::<f32, K, S>(k, sl)
+}
+
+fn run_wide<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>) {
+    run_lanes::<Wide, K, S>(k, sl)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn run_avx2_tf<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>) {
+    run_lanes::<crate::simd::Avx2, K, S>(k, sl)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn run_avx512_tf<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>) {
+    run_lanes::<crate::simd::Avx512, K, S>(k, sl)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn run_avx2<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>) {
+    assert!(Backend::Avx2.is_available());
+    // SAFETY: AVX2 and FMA were detected at run time (asserted above; `runner`
+    // only hands out this function for an available backend).
+    unsafe { run_avx2_tf(k, sl) }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn run_avx512<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>) {
+    assert!(Backend::Avx512.is_available());
+    // SAFETY: AVX-512F was detected at run time (asserted above).
+    unsafe { run_avx512_tf(k, sl) }
+}
+
+type Runner<K, const S: usize> = fn(&K, Slices<'_, S>);
+
+fn runner<K: Kernel<S>, const S: usize>(b: Backend) -> Runner<K, S> {
+    match b {
+        Backend::Scalar => run_scalar::<K, S>,
+        Backend::Wide => run_wide::<K, S>,
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx2 => run_avx2::<K, S>,
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx512 => run_avx512::<K, S>,
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => run_wide::<K, S>,
+    }
+}
+
+fn par_split<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>, chunk: usize, run: Runner<K, S>) {
+    let n = sl.len();
+    if n <= chunk {
+        run(k, sl);
+        return;
+    }
+    // Split at a multiple of `chunk` counted from the start of the whole
+    // range, so chunk boundaries are the same whatever the recursion depth.
+    let chunks = n.div_ceil(chunk);
+    let mid = chunks / 2 * chunk;
+    let (a, b) = sl.split_at(mid);
+    rayon::join(|| par_split(k, a, chunk, run), || par_split(k, b, chunk, run));
+}
+
+/// What a step did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepReport {
+    /// The backend that ran.
+    pub backend: Backend,
+    /// Whether the step ran through rayon.
+    pub parallel: bool,
+    /// True when the step was skipped and nothing changed.
+    pub skipped: bool,
+}
+
+/// A resolved execution policy: the backend that will run, and the policy's
+/// thread splitting.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    pub(crate) backend: Backend,
+    pub(crate) exec: Exec,
+}
+
+impl Plan {
+    pub(crate) fn new(exec: &Exec) -> Result<Plan, crate::Error> {
+        Ok(Plan { backend: exec.resolve_backend()?, exec: *exec })
+    }
+}
+
+/// Runs kernel `k` under the plan. Lengths must already be checked.
+pub(crate) fn drive<K: Kernel<S>, const S: usize>(k: &K, plan: Plan, sl: Slices<'_, S>) -> StepReport {
+    let backend = plan.backend;
+    let run = runner::<K, S>(backend);
+    match plan.exec.chunk_for(sl.len()) {
+        Some(chunk) => {
+            par_split(k, sl, chunk, run);
+            StepReport { backend, parallel: true, skipped: false }
+        }
+        None => {
+            run(k, sl);
+            StepReport { backend, parallel: false, skipped: false }
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! The crate's error type.
+
+use crate::Backend;
+
+/// Everything that can go wrong. A call that returns an error has modified
+/// nothing: parameters, state and step count are exactly as before.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Error {
+    /// A hyperparameter is out of its domain (torch's `ValueError`
+    /// conditions) or not finite.
+    InvalidHyperparameter {
+        /// The field, with torch's name (`"lr"`, `"betas[0]"`, ...).
+        name: &'static str,
+        /// The rejected value.
+        value: f64,
+        /// What the field must satisfy.
+        requirement: &'static str,
+    },
+    /// A slice has the wrong length.
+    LengthMismatch {
+        /// Which slice (`"grads"`, `"exp_avg"`, ...).
+        what: &'static str,
+        /// The length it must have.
+        expected: usize,
+        /// The length it has.
+        actual: usize,
+    },
+    /// The wrong number of state buffers was passed to a free kernel.
+    StateCount {
+        /// Buffers this configuration needs.
+        expected: usize,
+        /// Buffers given.
+        actual: usize,
+    },
+    /// Step numbers start at 1.
+    InvalidStep {
+        /// The rejected step number.
+        step: u64,
+    },
+    /// A backend was forced that this CPU cannot run.
+    BackendUnavailable {
+        /// The backend asked for.
+        backend: Backend,
+    },
+    /// `ADAOPTIM_BACKEND` names no backend.
+    UnknownBackend {
+        /// The value found.
+        name: String,
+    },
+    /// A torch class name this crate does not implement.
+    UnknownOptimizer {
+        /// The name given.
+        name: String,
+    },
+    /// A keyword option that is unknown or has a value of the wrong type.
+    InvalidOption {
+        /// The option's name.
+        name: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A new configuration needs a different set of state buffers than the
+    /// optimizer holds (for example turning `amsgrad` on after construction).
+    IncompatibleConfig {
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::InvalidHyperparameter { name, value, requirement } => {
+                write!(f, "invalid hyperparameter {name} = {value}: must be {requirement}")
+            }
+            Error::LengthMismatch { what, expected, actual } => {
+                write!(f, "{what} has length {actual}, expected {expected}")
+            }
+            Error::StateCount { expected, actual } => {
+                write!(f, "{actual} state buffers given, this configuration needs {expected}")
+            }
+            Error::InvalidStep { step } => write!(f, "step number {step} is invalid: steps count from 1"),
+            Error::BackendUnavailable { backend } => write!(f, "backend {backend} is not available on this CPU"),
+            Error::UnknownBackend { name } => {
+                write!(f, "unknown backend {name:?} (expected scalar, wide, avx2, avx512 or auto)")
+            }
+            Error::UnknownOptimizer { name } => write!(f, "unknown optimizer {name:?}"),
+            Error::InvalidOption { name, reason } => write!(f, "option {name:?}: {reason}"),
+            Error::IncompatibleConfig { reason } => write!(f, "incompatible configuration: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// `value` must be finite and `>= 0`.
+pub(crate) fn non_negative(name: &'static str, value: f64) -> Result<(), Error> {
+    if value.is_finite() && value >= 0.0 {
+        Ok(())
+    } else {
+        Err(Error::InvalidHyperparameter { name, value, requirement: "finite and >= 0" })
+    }
+}
+
+/// `value` must be finite and in `[0, 1)`.
+pub(crate) fn unit_half_open(name: &'static str, value: f64) -> Result<(), Error> {
+    if (0.0..1.0).contains(&value) {
+        Ok(())
+    } else {
+        Err(Error::InvalidHyperparameter { name, value, requirement: "in [0, 1)" })
+    }
+}
+
+/// `value` must be finite and in `[0, 1]`.
+pub(crate) fn unit_closed(name: &'static str, value: f64) -> Result<(), Error> {
+    if (0.0..=1.0).contains(&value) {
+        Ok(())
+    } else {
+        Err(Error::InvalidHyperparameter { name, value, requirement: "in [0, 1]" })
+    }
+}
+
+/// `value` must be finite.
+pub(crate) fn finite(name: &'static str, value: f64) -> Result<(), Error> {
+    if value.is_finite() { Ok(()) } else { Err(Error::InvalidHyperparameter { name, value, requirement: "finite" }) }
+}

@@ -1,0 +1,104 @@
+//! AdaDelta (`torch.optim.Adadelta`): Zeiler, *ADADELTA: An Adaptive Learning
+//! Rate Method*, 2012 (<https://arxiv.org/abs/1212.5701>).
+//!
+//! Per element:
+//! ```text
+//! if maximize: g = -g
+//! if weight_decay != 0: g = g + weight_decay * p
+//! square_avg = square_avg * rho + (1 - rho) * g * g
+//! delta = sqrt(acc_delta + eps) / sqrt(square_avg + eps) * g
+//! acc_delta = acc_delta * rho + (1 - rho) * delta * delta
+//! p = p + (-lr) * delta
+//! ```
+
+use super::{GradIn, sealed};
+use crate::driver::{Kernel, Plan, Slices, StepReport, drive};
+use crate::error::{non_negative, unit_closed};
+use crate::simd::F32Vec;
+use crate::{Algorithm, Error};
+
+/// Hyperparameters of [`Adadelta`](crate::Adadelta), with `torch.optim.Adadelta`'s names and defaults.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdadeltaConfig {
+    /// Scale applied to the update. Default `1.0`.
+    pub lr: f64,
+    /// Decay rate of both running averages. Default `0.9`.
+    pub rho: f64,
+    /// Added inside both square roots. Default `1e-6`.
+    pub eps: f64,
+    /// L2 penalty added to the gradient. Default `0`.
+    pub weight_decay: f64,
+    /// Maximize the objective. Default `false`.
+    pub maximize: bool,
+}
+
+impl Default for AdadeltaConfig {
+    fn default() -> Self {
+        AdadeltaConfig { lr: 1.0, rho: 0.9, eps: 1e-6, weight_decay: 0.0, maximize: false }
+    }
+}
+
+struct AdadeltaKernel {
+    grad: GradIn,
+    rho: f32,
+    one_minus_rho: f32,
+    eps: f32,
+    neg_lr: f32,
+}
+
+impl Kernel<2> for AdadeltaKernel {
+    #[inline(always)]
+    fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 2]) {
+        let [sq, acc] = s;
+        let g = self.grad.apply(*p, g);
+        let (rho, omr, eps) = (V::splat(self.rho), V::splat(self.one_minus_rho), V::splat(self.eps));
+        *sq = *sq * rho + omr * g * g;
+        let std = (*sq + eps).sqrt();
+        let delta = (*acc + eps).sqrt() / std * g;
+        *acc = *acc * rho + omr * delta * delta;
+        *p = *p + V::splat(self.neg_lr) * delta;
+    }
+}
+
+impl sealed::Sealed for AdadeltaConfig {
+    type Aux = ();
+    fn run(
+        &self,
+        _t: u64,
+        _aux: &mut (),
+        plan: Plan,
+        p: &mut [f32],
+        g: &[f32],
+        state: &mut [&mut [f32]],
+    ) -> StepReport {
+        let k = AdadeltaKernel {
+            grad: GradIn::new(self.maximize, self.weight_decay),
+            rho: self.rho as f32,
+            one_minus_rho: (1.0 - self.rho) as f32,
+            eps: self.eps as f32,
+            neg_lr: -self.lr as f32,
+        };
+        let [sq, acc] = state else { unreachable!("state count is checked by the callers") };
+        drive::<_, 2>(&k, plan, Slices { p, g, s: [sq, acc] })
+    }
+}
+
+impl Algorithm for AdadeltaConfig {
+    const TORCH_CLASS: &'static str = "Adadelta";
+    fn validate(&self) -> Result<(), Error> {
+        non_negative("lr", self.lr)?;
+        unit_closed("rho", self.rho)?;
+        non_negative("eps", self.eps)?;
+        non_negative("weight_decay", self.weight_decay)
+    }
+    fn state_names(&self) -> &'static [&'static str] {
+        &["square_avg", "acc_delta"]
+    }
+    fn aux_init(&self) {}
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+    fn set_lr_unchecked(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+}

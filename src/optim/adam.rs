@@ -1,0 +1,229 @@
+//! Adam, AMSGrad and AdamW (`torch.optim.Adam`, `torch.optim.AdamW`).
+//!
+//! Kingma & Ba, *Adam: A Method for Stochastic Optimization*, ICLR 2015
+//! (<https://arxiv.org/abs/1412.6980>); AMSGrad: Reddi et al., ICLR 2018;
+//! AdamW: Loshchilov & Hutter, ICLR 2019.
+//!
+//! Per element, with `t` the step number (1 for the first step):
+//! ```text
+//! if maximize: g = -g
+//! if decoupled_weight_decay: p = p * (1 - lr * weight_decay)
+//! elif weight_decay != 0:    g = g + weight_decay * p
+//! exp_avg    = lerp(exp_avg, g, 1 - beta1)
+//! exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * g * g
+//! v = exp_avg_sq, or with amsgrad: max_exp_avg_sq = max(max_exp_avg_sq, exp_avg_sq); v = max_exp_avg_sq
+//! denom = sqrt(v) / sqrt(1 - beta2^t) + eps
+//! p = p + (-lr / (1 - beta1^t)) * exp_avg / denom
+//! ```
+//! Scalars (`1 - beta2`, bias corrections, step size) are computed in f64 and
+//! rounded to f32 once, as torch does.
+
+use super::{GradIn, Lerp, pow_step, sealed};
+use crate::driver::{Kernel, Plan, Slices, StepReport, drive};
+use crate::error::{non_negative, unit_half_open};
+use crate::simd::F32Vec;
+use crate::{Algorithm, Error};
+
+/// Hyperparameters of [`Adam`](crate::Adam), with `torch.optim.Adam`'s names and defaults.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamConfig {
+    /// Learning rate. Default `1e-3`.
+    pub lr: f64,
+    /// Decay rates of the first and second moment estimates. Default `(0.9, 0.999)`.
+    pub betas: (f64, f64),
+    /// Added to the denominator, outside the square root. Default `1e-8`.
+    pub eps: f64,
+    /// Weight decay: L2 penalty added to the gradient, or with
+    /// `decoupled_weight_decay` a multiplicative shrink of the parameters. Default `0`.
+    pub weight_decay: f64,
+    /// Use the AMSGrad variant (keeps `max_exp_avg_sq`). Default `false`.
+    pub amsgrad: bool,
+    /// Maximize the objective instead of minimizing. Default `false`.
+    pub maximize: bool,
+    /// AdamW-style decoupled weight decay. Default `false`.
+    pub decoupled_weight_decay: bool,
+}
+
+impl Default for AdamConfig {
+    fn default() -> Self {
+        AdamConfig {
+            lr: 1e-3,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.0,
+            amsgrad: false,
+            maximize: false,
+            decoupled_weight_decay: false,
+        }
+    }
+}
+
+/// Hyperparameters of [`AdamW`](crate::AdamW): `torch.optim.AdamW`, i.e. Adam
+/// with decoupled weight decay and `weight_decay` defaulting to `1e-2`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWConfig {
+    /// Learning rate. Default `1e-3`.
+    pub lr: f64,
+    /// Decay rates of the moment estimates. Default `(0.9, 0.999)`.
+    pub betas: (f64, f64),
+    /// Added to the denominator. Default `1e-8`.
+    pub eps: f64,
+    /// Decoupled weight decay: `p *= 1 - lr * weight_decay` each step. Default `1e-2`.
+    pub weight_decay: f64,
+    /// Use the AMSGrad variant. Default `false`.
+    pub amsgrad: bool,
+    /// Maximize the objective. Default `false`.
+    pub maximize: bool,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig { lr: 1e-3, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 1e-2, amsgrad: false, maximize: false }
+    }
+}
+
+impl From<AdamWConfig> for AdamConfig {
+    fn from(c: AdamWConfig) -> Self {
+        AdamConfig {
+            lr: c.lr,
+            betas: c.betas,
+            eps: c.eps,
+            weight_decay: c.weight_decay,
+            amsgrad: c.amsgrad,
+            maximize: c.maximize,
+            decoupled_weight_decay: true,
+        }
+    }
+}
+
+pub(crate) fn validate_betas(betas: (f64, f64)) -> Result<(), Error> {
+    unit_half_open("betas[0]", betas.0)?;
+    unit_half_open("betas[1]", betas.1)
+}
+
+impl AdamConfig {
+    fn kernel(&self, t: u64) -> AdamKernel {
+        let (b1, b2) = self.betas;
+        let bc1 = 1.0 - pow_step(b1, t);
+        let bc2 = 1.0 - pow_step(b2, t);
+        AdamKernel {
+            grad: GradIn::new(self.maximize, if self.decoupled_weight_decay { 0.0 } else { self.weight_decay }),
+            decay: if self.decoupled_weight_decay && self.weight_decay != 0.0 {
+                Some((1.0 - self.lr * self.weight_decay) as f32)
+            } else {
+                None
+            },
+            m: Lerp::new(1.0 - b1),
+            b2: b2 as f32,
+            one_minus_b2: (1.0 - b2) as f32,
+            bc2_sqrt: bc2.sqrt() as f32,
+            eps: self.eps as f32,
+            neg_step_size: (-(self.lr / bc1)) as f32,
+        }
+    }
+}
+
+/// Step scalars of one Adam step.
+pub(crate) struct AdamKernel {
+    grad: GradIn,
+    decay: Option<f32>,
+    m: Lerp,
+    b2: f32,
+    one_minus_b2: f32,
+    bc2_sqrt: f32,
+    eps: f32,
+    neg_step_size: f32,
+}
+
+impl AdamKernel {
+    #[inline(always)]
+    fn body<V: F32Vec>(&self, p: &mut V, g: V, m: &mut V, v: &mut V, vmax: Option<&mut V>) {
+        if let Some(d) = self.decay {
+            *p = *p * V::splat(d);
+        }
+        let g = self.grad.apply(*p, g);
+        *m = self.m.apply(*m, g);
+        *v = *v * V::splat(self.b2) + V::splat(self.one_minus_b2) * g * g;
+        let vv = match vmax {
+            Some(vmax) => {
+                *vmax = vmax.max_nan(*v);
+                *vmax
+            }
+            None => *v,
+        };
+        let denom = vv.sqrt() / V::splat(self.bc2_sqrt) + V::splat(self.eps);
+        *p = *p + V::splat(self.neg_step_size) * *m / denom;
+    }
+}
+
+impl Kernel<2> for AdamKernel {
+    #[inline(always)]
+    fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 2]) {
+        let [m, v] = s;
+        self.body(p, g, m, v, None)
+    }
+}
+
+impl Kernel<3> for AdamKernel {
+    #[inline(always)]
+    fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 3]) {
+        let [m, v, vmax] = s;
+        self.body(p, g, m, v, Some(vmax))
+    }
+}
+
+impl sealed::Sealed for AdamConfig {
+    type Aux = ();
+    fn run(&self, t: u64, _aux: &mut (), plan: Plan, p: &mut [f32], g: &[f32], state: &mut [&mut [f32]]) -> StepReport {
+        let k = self.kernel(t);
+        match state {
+            [m, v] => drive::<_, 2>(&k, plan, Slices { p, g, s: [m, v] }),
+            [m, v, vmax] => drive::<_, 3>(&k, plan, Slices { p, g, s: [m, v, vmax] }),
+            _ => unreachable!("state count is checked by the callers"),
+        }
+    }
+}
+
+impl Algorithm for AdamConfig {
+    const TORCH_CLASS: &'static str = "Adam";
+    fn validate(&self) -> Result<(), Error> {
+        non_negative("lr", self.lr)?;
+        non_negative("eps", self.eps)?;
+        validate_betas(self.betas)?;
+        non_negative("weight_decay", self.weight_decay)
+    }
+    fn state_names(&self) -> &'static [&'static str] {
+        if self.amsgrad { &["exp_avg", "exp_avg_sq", "max_exp_avg_sq"] } else { &["exp_avg", "exp_avg_sq"] }
+    }
+    fn aux_init(&self) {}
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+    fn set_lr_unchecked(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+}
+
+impl sealed::Sealed for AdamWConfig {
+    type Aux = ();
+    fn run(&self, t: u64, aux: &mut (), plan: Plan, p: &mut [f32], g: &[f32], state: &mut [&mut [f32]]) -> StepReport {
+        AdamConfig::from(*self).run(t, aux, plan, p, g, state)
+    }
+}
+
+impl Algorithm for AdamWConfig {
+    const TORCH_CLASS: &'static str = "AdamW";
+    fn validate(&self) -> Result<(), Error> {
+        AdamConfig::from(*self).validate()
+    }
+    fn state_names(&self) -> &'static [&'static str] {
+        AdamConfig::from(*self).state_names()
+    }
+    fn aux_init(&self) {}
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+    fn set_lr_unchecked(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+}

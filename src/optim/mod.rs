@@ -1,0 +1,304 @@
+//! The optimizers: one file each, holding the config (torch's names and
+//! defaults), the per-element formula and the state layout.
+
+pub mod adadelta;
+pub mod adagrad;
+pub mod adam;
+pub mod adamax;
+pub mod nadam;
+pub mod rmsprop;
+pub mod sgd;
+
+use aligned_vec::{AVec, ConstAlign};
+
+use crate::Error;
+use crate::backend::Exec;
+use crate::driver::{Plan, StepReport};
+use crate::simd::F32Vec;
+
+/// The most state buffers any optimizer keeps per parameter.
+pub const MAX_STATE: usize = 3;
+
+pub(crate) mod sealed {
+    use super::*;
+
+    /// The part of [`Algorithm`] that touches raw kernels; not callable from
+    /// outside the crate.
+    pub trait Sealed {
+        /// Scalar state carried from step to step (NAdam's `mu_product`).
+        type Aux: Copy + std::fmt::Debug + PartialEq + Send + Sync;
+        /// Runs step `t` (>= 1) with validated lengths and a resolved backend,
+        /// updating `aux`.
+        fn run(
+            &self,
+            t: u64,
+            aux: &mut Self::Aux,
+            plan: Plan,
+            params: &mut [f32],
+            grads: &[f32],
+            state: &mut [&mut [f32]],
+        ) -> StepReport;
+    }
+}
+
+/// An optimizer configuration: what turns a [`Config`](crate::Adam) into an
+/// [`Optimizer`]. Implemented by every `*Config` type of this crate.
+pub trait Algorithm: sealed::Sealed + Clone + std::fmt::Debug + Send + Sync + 'static {
+    /// The `torch.optim` class this follows (`"Adam"`, `"SGD"`, ...).
+    const TORCH_CLASS: &'static str;
+    /// Checks every hyperparameter (torch's `ValueError` conditions, and
+    /// non-finite values).
+    ///
+    /// # Errors
+    /// [`Error::InvalidHyperparameter`] naming the first bad field.
+    fn validate(&self) -> Result<(), Error>;
+    /// The per-parameter state buffers this configuration keeps, in the order
+    /// the free kernels take them, with torch's `state_dict` names.
+    fn state_names(&self) -> &'static [&'static str];
+    /// Initial value of state buffer `i` (0 except Adagrad's `sum`).
+    fn state_init(&self, _i: usize) -> f32 {
+        0.0
+    }
+    /// Initial scalar state.
+    fn aux_init(&self) -> <Self as sealed::Sealed>::Aux;
+    /// The learning rate.
+    fn lr(&self) -> f64;
+    /// Sets the learning rate without checking it (see [`Optimizer::set_lr`]).
+    fn set_lr_unchecked(&mut self, lr: f64);
+}
+
+/// One step over caller-owned state: the free-kernel layer.
+///
+/// `t` is the step number after incrementing (1 for the first step), `aux` the
+/// scalar state (start from [`Algorithm::aux_init`]; `()` for all but NAdam),
+/// `state` the buffers named by [`Algorithm::state_names`], in that order,
+/// initialised with [`Algorithm::state_init`].
+///
+/// The update is element-wise, so a shard (any sub-range of params, grads and
+/// state, stepped with the same `t` and `aux`) gets exactly the bits the same
+/// range gets from the unsharded step.
+///
+/// # Errors
+/// Invalid hyperparameters, `t == 0`, a wrong number of state buffers, any
+/// length differing from `params.len()`, or an unavailable forced backend.
+/// Nothing is modified when an error is returned.
+pub fn step_slices<A: Algorithm>(
+    config: &A,
+    t: u64,
+    aux: &mut <A as sealed::Sealed>::Aux,
+    params: &mut [f32],
+    grads: &[f32],
+    state: &mut [&mut [f32]],
+    exec: &Exec,
+) -> Result<StepReport, Error> {
+    config.validate()?;
+    if t == 0 {
+        return Err(Error::InvalidStep { step: t });
+    }
+    let names = config.state_names();
+    if state.len() != names.len() {
+        return Err(Error::StateCount { expected: names.len(), actual: state.len() });
+    }
+    let n = params.len();
+    check_len("grads", n, grads.len())?;
+    for (name, s) in names.iter().zip(state.iter()) {
+        check_len(name, n, s.len())?;
+    }
+    let plan = Plan::new(exec)?;
+    Ok(config.run(t, aux, plan, params, grads, state))
+}
+
+pub(crate) fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<(), Error> {
+    if expected == actual { Ok(()) } else { Err(Error::LengthMismatch { what, expected, actual }) }
+}
+
+type Buffer = AVec<f32, ConstAlign<64>>;
+
+/// An optimizer that owns its state: `n` parameters, 64-byte aligned state
+/// buffers, a step count and an execution policy.
+///
+/// Use it through the aliases: [`Adam`](crate::Adam), [`Sgd`](crate::Sgd), ...
+#[derive(Clone, Debug)]
+pub struct Optimizer<A: Algorithm> {
+    config: A,
+    n: usize,
+    t: u64,
+    aux: <A as sealed::Sealed>::Aux,
+    state: Vec<Buffer>,
+    exec: Exec,
+}
+
+impl<A: Algorithm> Optimizer<A> {
+    /// Validates `config` and allocates zeroed (Adagrad: `initial_accumulator_value`)
+    /// state for `n` parameters.
+    ///
+    /// # Errors
+    /// [`Error::InvalidHyperparameter`] naming the bad field.
+    pub fn new(config: A, n: usize) -> Result<Self, Error> {
+        config.validate()?;
+        let state = (0..config.state_names().len())
+            .map(|i| AVec::from_iter(64, std::iter::repeat_n(config.state_init(i), n)))
+            .collect();
+        Ok(Optimizer { aux: config.aux_init(), config, n, t: 0, state, exec: Exec::auto() })
+    }
+
+    /// Sets the execution policy (builder style).
+    pub fn with_exec(mut self, exec: Exec) -> Self {
+        self.exec = exec;
+        self
+    }
+
+    /// Sets the execution policy.
+    pub fn set_exec(&mut self, exec: Exec) {
+        self.exec = exec;
+    }
+
+    /// The execution policy.
+    pub fn exec(&self) -> Exec {
+        self.exec
+    }
+
+    /// One optimizer step: updates `params` in place from `grads`.
+    ///
+    /// Allocates nothing.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] if `params` or `grads` is not of the length
+    /// given to [`new`](Self::new); [`Error::BackendUnavailable`] for a forced
+    /// backend this CPU lacks. Nothing is modified on error.
+    pub fn step(&mut self, params: &mut [f32], grads: &[f32]) -> Result<StepReport, Error> {
+        check_len("params", self.n, params.len())?;
+        check_len("grads", self.n, grads.len())?;
+        let plan = Plan::new(&self.exec)?;
+        let t = self.t + 1;
+        let mut refs: [&mut [f32]; MAX_STATE] = Default::default();
+        let k = self.state.len();
+        for (r, s) in refs.iter_mut().zip(self.state.iter_mut()) {
+            *r = s.as_mut_slice();
+        }
+        let report = self.config.run(t, &mut self.aux, plan, params, grads, &mut refs[..k]);
+        self.t = t;
+        Ok(report)
+    }
+
+    /// The learning rate.
+    pub fn lr(&self) -> f64 {
+        self.config.lr()
+    }
+
+    /// Sets the learning rate.
+    ///
+    /// # Errors
+    /// [`Error::InvalidHyperparameter`] unless `lr` is finite and `>= 0`; the
+    /// learning rate is unchanged then.
+    pub fn set_lr(&mut self, lr: f64) -> Result<(), Error> {
+        crate::error::non_negative("lr", lr)?;
+        self.config.set_lr_unchecked(lr);
+        Ok(())
+    }
+
+    /// Steps taken so far.
+    pub fn step_count(&self) -> u64 {
+        self.t
+    }
+
+    /// Number of parameters.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// True for an optimizer over zero parameters.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &A {
+        &self.config
+    }
+
+    /// Replaces the configuration (for example a new `betas` from a momentum
+    /// schedule), keeping the state.
+    ///
+    /// # Errors
+    /// [`Error::InvalidHyperparameter`], or [`Error::IncompatibleConfig`] if
+    /// the new configuration keeps different state buffers. Nothing changes
+    /// on error.
+    pub fn set_config(&mut self, config: A) -> Result<(), Error> {
+        config.validate()?;
+        if config.state_names() != self.config.state_names() {
+            return Err(Error::IncompatibleConfig { reason: "the new configuration keeps different state buffers" });
+        }
+        self.config = config;
+        Ok(())
+    }
+
+    /// The names of the state buffers, in order (torch's `state_dict` names).
+    pub fn state_names(&self) -> &'static [&'static str] {
+        self.config.state_names()
+    }
+
+    /// A state buffer by its torch name (`"exp_avg"`, `"sum"`, ...).
+    pub fn state(&self, name: &str) -> Option<&[f32]> {
+        let i = self.config.state_names().iter().position(|s| *s == name)?;
+        Some(self.state[i].as_slice())
+    }
+
+    /// All state buffers, in [`state_names`](Self::state_names) order.
+    pub fn state_buffers(&self) -> impl Iterator<Item = &[f32]> {
+        self.state.iter().map(|b| b.as_slice())
+    }
+
+    /// The scalar state (NAdam's `mu_product`; `()` for the others).
+    pub fn aux(&self) -> <A as sealed::Sealed>::Aux {
+        self.aux
+    }
+}
+
+/// `maximize` and coupled (L2) weight decay, applied to the gradient the way
+/// every torch optimizer does first: `g = -g` if maximizing, then `g + wd * p`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GradIn {
+    pub maximize: bool,
+    /// L2 weight decay added to the gradient; 0 disables (torch skips the add).
+    pub wd: f32,
+}
+
+impl GradIn {
+    pub(crate) fn new(maximize: bool, wd: f64) -> Self {
+        GradIn { maximize, wd: wd as f32 }
+    }
+
+    #[inline(always)]
+    pub(crate) fn apply<V: F32Vec>(self, p: V, g: V) -> V {
+        let g = if self.maximize { -g } else { g };
+        if self.wd != 0.0 { g + V::splat(self.wd) * p } else { g }
+    }
+}
+
+/// torch's `lerp(a, b, w)`: `a + w (b - a)` for `w < 0.5`, else
+/// `b - (b - a)(1 - w)`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Lerp {
+    w: f32,
+    one_minus_w: f32,
+    high: bool,
+}
+
+impl Lerp {
+    pub(crate) fn new(w: f64) -> Self {
+        let w = w as f32;
+        Lerp { w, one_minus_w: 1.0 - w, high: w.abs() >= 0.5 }
+    }
+
+    #[inline(always)]
+    pub(crate) fn apply<V: F32Vec>(self, a: V, b: V) -> V {
+        if self.high { b - (b - a) * V::splat(self.one_minus_w) } else { a + V::splat(self.w) * (b - a) }
+    }
+}
+
+/// `x^t` for a hyperparameter `x` and a step count, in f64 with libm's `pow`
+/// as Python's `beta ** step` computes it.
+pub(crate) fn pow_step(x: f64, t: u64) -> f64 {
+    x.powf(t as f64)
+}

@@ -1,0 +1,180 @@
+//! RMSprop (`torch.optim.RMSprop`): Hinton, *Neural Networks for Machine
+//! Learning*, lecture 6e; centered variant: Graves, 2013
+//! (<https://arxiv.org/abs/1308.0850>).
+//!
+//! Per element:
+//! ```text
+//! if maximize: g = -g
+//! if weight_decay != 0: g = g + weight_decay * p
+//! square_avg = square_avg * alpha + (1 - alpha) * g * g
+//! if centered: grad_avg = lerp(grad_avg, g, 1 - alpha)
+//!              x = max(square_avg - grad_avg * grad_avg, 0)
+//! else:        x = square_avg
+//! avg = sqrt(x) + eps      (torch)   or   sqrt(x + eps)   (eps_inside_sqrt)
+//! if momentum != 0: buf = buf * momentum + g / avg;  p = p + (-lr) * buf
+//! else:             p = p + (-lr) * g / avg
+//! ```
+//! The clamp at zero in the centered variant is ours: torch computes
+//! `sqrt(square_avg - grad_avg^2)` directly, which rounding can make the
+//! square root of a small negative number, i.e. NaN. Wherever torch's value is
+//! not NaN the clamp changes nothing.
+
+use super::{GradIn, Lerp, sealed};
+use crate::driver::{Kernel, Plan, Slices, StepReport, drive};
+use crate::error::non_negative;
+use crate::simd::F32Vec;
+use crate::{Algorithm, Error};
+
+/// Hyperparameters of [`RmsProp`](crate::RmsProp), with `torch.optim.RMSprop`'s names and defaults.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RmsPropConfig {
+    /// Learning rate. Default `1e-2`.
+    pub lr: f64,
+    /// Smoothing constant of the squared-gradient average. Default `0.99`.
+    pub alpha: f64,
+    /// Added to the denominator. Default `1e-8`.
+    pub eps: f64,
+    /// L2 penalty added to the gradient. Default `0`.
+    pub weight_decay: f64,
+    /// Momentum factor; 0 keeps no momentum buffer. Default `0`.
+    pub momentum: f64,
+    /// Normalize by the estimated variance instead of the second moment. Default `false`.
+    pub centered: bool,
+    /// Maximize the objective. Default `false`.
+    pub maximize: bool,
+    /// Not in torch: `sqrt(x + eps)` instead of `sqrt(x) + eps`, as the lecture
+    /// notes and TensorFlow write it. Default `false` (torch).
+    pub eps_inside_sqrt: bool,
+}
+
+impl Default for RmsPropConfig {
+    fn default() -> Self {
+        RmsPropConfig {
+            lr: 1e-2,
+            alpha: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            momentum: 0.0,
+            centered: false,
+            maximize: false,
+            eps_inside_sqrt: false,
+        }
+    }
+}
+
+struct RmsKernel {
+    grad: GradIn,
+    alpha: f32,
+    one_minus_alpha: f32,
+    grad_avg: Lerp,
+    eps: f32,
+    eps_inside: bool,
+    momentum: f32,
+    neg_lr: f32,
+    centered: bool,
+}
+
+impl RmsKernel {
+    #[inline(always)]
+    fn body<V: F32Vec>(&self, p: &mut V, g: V, sq: &mut V, ga: Option<&mut V>, buf: Option<&mut V>) {
+        let g = self.grad.apply(*p, g);
+        *sq = *sq * V::splat(self.alpha) + V::splat(self.one_minus_alpha) * g * g;
+        let x = match ga {
+            Some(ga) => {
+                *ga = self.grad_avg.apply(*ga, g);
+                (*sq - *ga * *ga).max_nan(V::splat(0.0))
+            }
+            None => *sq,
+        };
+        let eps = V::splat(self.eps);
+        let avg = if self.eps_inside { (x + eps).sqrt() } else { x.sqrt() + eps };
+        match buf {
+            Some(buf) => {
+                *buf = *buf * V::splat(self.momentum) + g / avg;
+                *p = *p + V::splat(self.neg_lr) * *buf;
+            }
+            None => *p = *p + V::splat(self.neg_lr) * g / avg,
+        }
+    }
+}
+
+impl Kernel<1> for RmsKernel {
+    #[inline(always)]
+    fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 1]) {
+        let [sq] = s;
+        self.body(p, g, sq, None, None)
+    }
+}
+
+impl Kernel<2> for RmsKernel {
+    #[inline(always)]
+    fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 2]) {
+        let [sq, x] = s;
+        if self.centered { self.body(p, g, sq, Some(x), None) } else { self.body(p, g, sq, None, Some(x)) }
+    }
+}
+
+impl Kernel<3> for RmsKernel {
+    #[inline(always)]
+    fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 3]) {
+        let [sq, buf, ga] = s;
+        self.body(p, g, sq, Some(ga), Some(buf))
+    }
+}
+
+impl sealed::Sealed for RmsPropConfig {
+    type Aux = ();
+    fn run(
+        &self,
+        _t: u64,
+        _aux: &mut (),
+        plan: Plan,
+        p: &mut [f32],
+        g: &[f32],
+        state: &mut [&mut [f32]],
+    ) -> StepReport {
+        let k = RmsKernel {
+            grad: GradIn::new(self.maximize, self.weight_decay),
+            alpha: self.alpha as f32,
+            one_minus_alpha: (1.0 - self.alpha) as f32,
+            grad_avg: Lerp::new(1.0 - self.alpha),
+            eps: self.eps as f32,
+            eps_inside: self.eps_inside_sqrt,
+            momentum: self.momentum as f32,
+            neg_lr: -self.lr as f32,
+            centered: self.centered,
+        };
+        match state {
+            [a] => drive::<_, 1>(&k, plan, Slices { p, g, s: [a] }),
+            [a, b] => drive::<_, 2>(&k, plan, Slices { p, g, s: [a, b] }),
+            [a, b, c] => drive::<_, 3>(&k, plan, Slices { p, g, s: [a, b, c] }),
+            _ => unreachable!("state count is checked by the callers"),
+        }
+    }
+}
+
+impl Algorithm for RmsPropConfig {
+    const TORCH_CLASS: &'static str = "RMSprop";
+    fn validate(&self) -> Result<(), Error> {
+        non_negative("lr", self.lr)?;
+        non_negative("eps", self.eps)?;
+        non_negative("momentum", self.momentum)?;
+        non_negative("weight_decay", self.weight_decay)?;
+        non_negative("alpha", self.alpha)
+    }
+    fn state_names(&self) -> &'static [&'static str] {
+        match (self.momentum != 0.0, self.centered) {
+            (false, false) => &["square_avg"],
+            (true, false) => &["square_avg", "momentum_buffer"],
+            (false, true) => &["square_avg", "grad_avg"],
+            (true, true) => &["square_avg", "momentum_buffer", "grad_avg"],
+        }
+    }
+    fn aux_init(&self) {}
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+    fn set_lr_unchecked(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+}

@@ -1,0 +1,118 @@
+//! Stochastic gradient descent with momentum (`torch.optim.SGD`): the baseline
+//! the adaptive methods are compared against.
+//!
+//! Per element:
+//! ```text
+//! if maximize: g = -g
+//! if weight_decay != 0: g = g + weight_decay * p
+//! if momentum != 0:
+//!     buf = g                                         on the first step
+//!     buf = momentum * buf + (1 - dampening) * g      afterwards
+//!     g = g + momentum * buf  if nesterov  else  buf
+//! p = p + (-lr) * g
+//! ```
+//! Nesterov momentum: Sutskever et al., ICML 2013.
+
+use super::{GradIn, sealed};
+use crate::driver::{Kernel, Plan, Slices, StepReport, drive};
+use crate::error::{finite, non_negative};
+use crate::simd::F32Vec;
+use crate::{Algorithm, Error};
+
+/// Hyperparameters of [`Sgd`](crate::Sgd), with `torch.optim.SGD`'s names and defaults.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SgdConfig {
+    /// Learning rate. Default `1e-3`.
+    pub lr: f64,
+    /// Momentum factor; 0 keeps no state. Default `0`.
+    pub momentum: f64,
+    /// Dampening of the gradient in the momentum update. Default `0`.
+    pub dampening: f64,
+    /// L2 penalty added to the gradient. Default `0`.
+    pub weight_decay: f64,
+    /// Nesterov momentum (needs `momentum > 0` and `dampening == 0`). Default `false`.
+    pub nesterov: bool,
+    /// Maximize the objective. Default `false`.
+    pub maximize: bool,
+}
+
+impl Default for SgdConfig {
+    fn default() -> Self {
+        SgdConfig { lr: 1e-3, momentum: 0.0, dampening: 0.0, weight_decay: 0.0, nesterov: false, maximize: false }
+    }
+}
+
+struct SgdKernel {
+    grad: GradIn,
+    momentum: f32,
+    one_minus_dampening: f32,
+    first: bool,
+    nesterov: bool,
+    neg_lr: f32,
+}
+
+impl Kernel<0> for SgdKernel {
+    #[inline(always)]
+    fn apply<V: F32Vec>(&self, p: &mut V, g: V, _s: &mut [V; 0]) {
+        let g = self.grad.apply(*p, g);
+        *p = *p + V::splat(self.neg_lr) * g;
+    }
+}
+
+impl Kernel<1> for SgdKernel {
+    #[inline(always)]
+    fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 1]) {
+        let [buf] = s;
+        let g = self.grad.apply(*p, g);
+        *buf = if self.first { g } else { *buf * V::splat(self.momentum) + V::splat(self.one_minus_dampening) * g };
+        let g = if self.nesterov { g + V::splat(self.momentum) * *buf } else { *buf };
+        *p = *p + V::splat(self.neg_lr) * g;
+    }
+}
+
+impl sealed::Sealed for SgdConfig {
+    type Aux = ();
+    fn run(&self, t: u64, _aux: &mut (), plan: Plan, p: &mut [f32], g: &[f32], state: &mut [&mut [f32]]) -> StepReport {
+        let k = SgdKernel {
+            grad: GradIn::new(self.maximize, self.weight_decay),
+            momentum: self.momentum as f32,
+            one_minus_dampening: (1.0 - self.dampening) as f32,
+            first: t == 1,
+            nesterov: self.nesterov,
+            neg_lr: -self.lr as f32,
+        };
+        match state {
+            [] => drive::<_, 0>(&k, plan, Slices { p, g, s: [] }),
+            [buf] => drive::<_, 1>(&k, plan, Slices { p, g, s: [buf] }),
+            _ => unreachable!("state count is checked by the callers"),
+        }
+    }
+}
+
+impl Algorithm for SgdConfig {
+    const TORCH_CLASS: &'static str = "SGD";
+    fn validate(&self) -> Result<(), Error> {
+        non_negative("lr", self.lr)?;
+        non_negative("momentum", self.momentum)?;
+        finite("dampening", self.dampening)?;
+        non_negative("weight_decay", self.weight_decay)?;
+        if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
+            return Err(Error::InvalidHyperparameter {
+                name: "nesterov",
+                value: 1.0,
+                requirement: "used only with momentum > 0 and dampening == 0",
+            });
+        }
+        Ok(())
+    }
+    fn state_names(&self) -> &'static [&'static str] {
+        if self.momentum != 0.0 { &["momentum_buffer"] } else { &[] }
+    }
+    fn aux_init(&self) {}
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+    fn set_lr_unchecked(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+}

@@ -1,0 +1,301 @@
+//! The lane abstraction every optimizer formula is written against.
+//!
+//! An optimizer's per-element update is written once, generic over [`F32Vec`],
+//! and instantiated for plain `f32` (the scalar reference), `wide::f32x8` (the
+//! portable path) and, on x86-64, raw AVX2 (`__m256`) and AVX-512 (`__m512`)
+//! registers behind runtime-detected `#[target_feature]` drivers.
+//!
+//! # Numeric contract
+//! Every operation here is a single correctly rounded IEEE-754 operation
+//! (`+ - * /`, `sqrt`) or exact (`neg`, `abs`, `max_nan`). No backend fuses a
+//! multiply and an add, and none uses an approximate reciprocal or reciprocal
+//! square root. The formulas are evaluated in the same order on every backend,
+//! so **every backend is bitwise identical to the scalar reference** for finite
+//! and infinite values (0 ULP per step); NaN results are NaN on every backend,
+//! though the NaN payload bits may differ.
+
+use core::ops::{Add, Div, Mul, Neg, Sub};
+
+/// A vector of `LANES` f32 values with the handful of operations optimizers need.
+///
+/// # Safety (for implementors)
+/// `load`/`store` read/write `LANES` consecutive `f32` at the pointer.
+pub(crate) trait F32Vec:
+    Copy + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self> + Div<Output = Self> + Neg<Output = Self>
+{
+    /// Number of f32 lanes.
+    const LANES: usize;
+    /// All lanes equal to `x`.
+    fn splat(x: f32) -> Self;
+    /// Loads `LANES` values.
+    ///
+    /// # Safety
+    /// `ptr..ptr + LANES` must be valid for reads.
+    unsafe fn load(ptr: *const f32) -> Self;
+    /// Stores `LANES` values.
+    ///
+    /// # Safety
+    /// `ptr..ptr + LANES` must be valid for writes.
+    unsafe fn store(self, ptr: *mut f32);
+    /// Correctly rounded square root (NaN for negative input).
+    fn sqrt(self) -> Self;
+    /// Absolute value (clears the sign bit).
+    fn abs(self) -> Self;
+    /// `torch.maximum`: the larger value, NaN if either operand is NaN.
+    fn max_nan(self, other: Self) -> Self;
+}
+
+impl F32Vec for f32 {
+    const LANES: usize = 1;
+    #[inline(always)]
+    fn splat(x: f32) -> Self {
+        x
+    }
+    #[inline(always)]
+    unsafe fn load(ptr: *const f32) -> Self {
+        // SAFETY: the caller guarantees `ptr` is valid for one read.
+        unsafe { *ptr }
+    }
+    #[inline(always)]
+    unsafe fn store(self, ptr: *mut f32) {
+        // SAFETY: the caller guarantees `ptr` is valid for one write.
+        unsafe { *ptr = self }
+    }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    #[inline(always)]
+    fn abs(self) -> Self {
+        f32::abs(self)
+    }
+    #[inline(always)]
+    fn max_nan(self, other: Self) -> Self {
+        // Same selection as x86 `maxps(a, b)` (`a > b ? a : b`) plus NaN in `a` kept.
+        if self.is_nan() || self > other { self } else { other }
+    }
+}
+
+/// The portable path: `wide::f32x8` (SSE2 pairs in a default x86-64 build,
+/// NEON on aarch64, whatever `wide` compiles to elsewhere).
+#[derive(Clone, Copy)]
+pub(crate) struct Wide(wide::f32x8);
+
+macro_rules! impl_ops {
+    ($t:ident, $add:expr, $sub:expr, $mul:expr, $div:expr) => {
+        impl Add for $t {
+            type Output = Self;
+            #[inline(always)]
+            fn add(self, o: Self) -> Self {
+                $add(self, o)
+            }
+        }
+        impl Sub for $t {
+            type Output = Self;
+            #[inline(always)]
+            fn sub(self, o: Self) -> Self {
+                $sub(self, o)
+            }
+        }
+        impl Mul for $t {
+            type Output = Self;
+            #[inline(always)]
+            fn mul(self, o: Self) -> Self {
+                $mul(self, o)
+            }
+        }
+        impl Div for $t {
+            type Output = Self;
+            #[inline(always)]
+            fn div(self, o: Self) -> Self {
+                $div(self, o)
+            }
+        }
+    };
+}
+
+impl_ops!(
+    Wide,
+    |a: Wide, b: Wide| Wide(a.0 + b.0),
+    |a: Wide, b: Wide| Wide(a.0 - b.0),
+    |a: Wide, b: Wide| Wide(a.0 * b.0),
+    |a: Wide, b: Wide| Wide(a.0 / b.0)
+);
+
+impl Neg for Wide {
+    type Output = Self;
+    #[inline(always)]
+    fn neg(self) -> Self {
+        Wide(-self.0)
+    }
+}
+
+impl F32Vec for Wide {
+    const LANES: usize = 8;
+    #[inline(always)]
+    fn splat(x: f32) -> Self {
+        Wide(wide::f32x8::splat(x))
+    }
+    #[inline(always)]
+    unsafe fn load(ptr: *const f32) -> Self {
+        // SAFETY: the caller guarantees 8 readable f32; `read_unaligned` has no
+        // alignment requirement.
+        Wide(wide::f32x8::new(unsafe { ptr.cast::<[f32; 8]>().read_unaligned() }))
+    }
+    #[inline(always)]
+    unsafe fn store(self, ptr: *mut f32) {
+        // SAFETY: the caller guarantees 8 writable f32; no alignment requirement.
+        unsafe { ptr.cast::<[f32; 8]>().write_unaligned(self.0.to_array()) }
+    }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        Wide(self.0.sqrt())
+    }
+    #[inline(always)]
+    fn abs(self) -> Self {
+        Wide(self.0.abs())
+    }
+    #[inline(always)]
+    fn max_nan(self, other: Self) -> Self {
+        // `wide`'s `max` ignores NaN like `f32::max`; torch.maximum propagates it.
+        // `a > b ? a : b` is x86 `maxps`; then keep a NaN `a`.
+        let picked = self.0.simd_gt(other.0).select(self.0, other.0);
+        Wide(self.0.is_nan().select(self.0, picked))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::{Avx2, Avx512};
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! Raw `std::arch` lanes. These types are only ever instantiated inside the
+    //! `#[target_feature]` drivers in `driver.rs`, which are only called after
+    //! `is_x86_feature_detected!` confirmed the features, so every intrinsic
+    //! below runs on a CPU that has it.
+    use super::*;
+    use core::arch::x86_64::*;
+
+    /// Eight lanes in one `ymm` register (AVX).
+    #[derive(Clone, Copy)]
+    pub(crate) struct Avx2(__m256);
+
+    /// Sixteen lanes in one `zmm` register (AVX-512F).
+    #[derive(Clone, Copy)]
+    pub(crate) struct Avx512(__m512);
+
+    // SAFETY (all intrinsic calls in this module): `Avx2` values exist only in
+    // code reached from `driver::run_avx2`, a `#[target_feature(enable = "avx2,fma")]`
+    // function called only after runtime detection of AVX2 and FMA; likewise
+    // `Avx512` only under `driver::run_avx512` after detection of AVX-512F.
+    impl_ops!(
+        Avx2,
+        |a: Avx2, b: Avx2| Avx2(unsafe { _mm256_add_ps(a.0, b.0) }),
+        |a: Avx2, b: Avx2| Avx2(unsafe { _mm256_sub_ps(a.0, b.0) }),
+        |a: Avx2, b: Avx2| Avx2(unsafe { _mm256_mul_ps(a.0, b.0) }),
+        |a: Avx2, b: Avx2| Avx2(unsafe { _mm256_div_ps(a.0, b.0) })
+    );
+    impl_ops!(
+        Avx512,
+        |a: Avx512, b: Avx512| Avx512(unsafe { _mm512_add_ps(a.0, b.0) }),
+        |a: Avx512, b: Avx512| Avx512(unsafe { _mm512_sub_ps(a.0, b.0) }),
+        |a: Avx512, b: Avx512| Avx512(unsafe { _mm512_mul_ps(a.0, b.0) }),
+        |a: Avx512, b: Avx512| Avx512(unsafe { _mm512_div_ps(a.0, b.0) })
+    );
+
+    impl Neg for Avx2 {
+        type Output = Self;
+        #[inline(always)]
+        fn neg(self) -> Self {
+            // SAFETY: see the module comment (AVX detected).
+            Avx2(unsafe { _mm256_xor_ps(self.0, _mm256_set1_ps(-0.0)) })
+        }
+    }
+    impl Neg for Avx512 {
+        type Output = Self;
+        #[inline(always)]
+        fn neg(self) -> Self {
+            // SAFETY: see the module comment (AVX-512F detected).
+            Avx512(unsafe {
+                _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(self.0), _mm512_set1_epi32(i32::MIN)))
+            })
+        }
+    }
+
+    impl F32Vec for Avx2 {
+        const LANES: usize = 8;
+        #[inline(always)]
+        fn splat(x: f32) -> Self {
+            // SAFETY: see the module comment.
+            Avx2(unsafe { _mm256_set1_ps(x) })
+        }
+        #[inline(always)]
+        unsafe fn load(ptr: *const f32) -> Self {
+            // SAFETY: caller guarantees 8 readable f32; `loadu` needs no alignment.
+            Avx2(unsafe { _mm256_loadu_ps(ptr) })
+        }
+        #[inline(always)]
+        unsafe fn store(self, ptr: *mut f32) {
+            // SAFETY: caller guarantees 8 writable f32; `storeu` needs no alignment.
+            unsafe { _mm256_storeu_ps(ptr, self.0) }
+        }
+        #[inline(always)]
+        fn sqrt(self) -> Self {
+            // SAFETY: see the module comment.
+            Avx2(unsafe { _mm256_sqrt_ps(self.0) })
+        }
+        #[inline(always)]
+        fn abs(self) -> Self {
+            // SAFETY: see the module comment.
+            Avx2(unsafe { _mm256_andnot_ps(_mm256_set1_ps(-0.0), self.0) })
+        }
+        #[inline(always)]
+        fn max_nan(self, other: Self) -> Self {
+            // SAFETY: see the module comment. `max_ps(a, b)` returns `b` when
+            // either is NaN; blending `a` back where `a` is NaN propagates both.
+            unsafe {
+                let m = _mm256_max_ps(self.0, other.0);
+                let a_nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(self.0, self.0);
+                Avx2(_mm256_blendv_ps(m, self.0, a_nan))
+            }
+        }
+    }
+
+    impl F32Vec for Avx512 {
+        const LANES: usize = 16;
+        #[inline(always)]
+        fn splat(x: f32) -> Self {
+            // SAFETY: see the module comment.
+            Avx512(unsafe { _mm512_set1_ps(x) })
+        }
+        #[inline(always)]
+        unsafe fn load(ptr: *const f32) -> Self {
+            // SAFETY: caller guarantees 16 readable f32; `loadu` needs no alignment.
+            Avx512(unsafe { _mm512_loadu_ps(ptr) })
+        }
+        #[inline(always)]
+        unsafe fn store(self, ptr: *mut f32) {
+            // SAFETY: caller guarantees 16 writable f32; `storeu` needs no alignment.
+            unsafe { _mm512_storeu_ps(ptr, self.0) }
+        }
+        #[inline(always)]
+        fn sqrt(self) -> Self {
+            // SAFETY: see the module comment.
+            Avx512(unsafe { _mm512_sqrt_ps(self.0) })
+        }
+        #[inline(always)]
+        fn abs(self) -> Self {
+            // SAFETY: see the module comment.
+            Avx512(unsafe { _mm512_abs_ps(self.0) })
+        }
+        #[inline(always)]
+        fn max_nan(self, other: Self) -> Self {
+            // SAFETY: see the module comment; same NaN handling as `Avx2::max_nan`.
+            unsafe {
+                let m = _mm512_max_ps(self.0, other.0);
+                let a_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(self.0, self.0);
+                Avx512(_mm512_mask_blend_ps(a_nan, m, self.0))
+            }
+        }
+    }
+}

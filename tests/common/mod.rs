@@ -1,0 +1,79 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use adaoptim::{AnyConfig, Backend, Exec, HyperValue};
+use serde_json::Value;
+
+/// A small deterministic generator (xorshift64*), so tests need no RNG crate.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Uniform in [lo, hi).
+    pub fn range(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * self.unit()
+    }
+    /// A value of random sign and magnitude 10^[lo_exp, hi_exp).
+    pub fn log_uniform(&mut self, lo_exp: f64, hi_exp: f64) -> f32 {
+        let m = 10f64.powf(self.range(lo_exp, hi_exp));
+        (if self.unit() < 0.5 { -m } else { m }) as f32
+    }
+    pub fn vec(&mut self, n: usize, scale: f64) -> Vec<f32> {
+        (0..n).map(|_| self.range(-scale, scale) as f32).collect()
+    }
+}
+
+/// torch keyword arguments from JSON.
+pub fn hyper(key: &str, v: &Value) -> HyperValue {
+    match v {
+        Value::Bool(b) => HyperValue::Bool(*b),
+        Value::Number(x) => HyperValue::Number(x.as_f64().unwrap()),
+        Value::Array(a) if a.len() == 2 => HyperValue::Pair(a[0].as_f64().unwrap(), a[1].as_f64().unwrap()),
+        other => panic!("option {key}: cannot interpret {other}"),
+    }
+}
+
+pub fn config_from_json(class: &str, options: &Value) -> Result<AnyConfig, adaoptim::Error> {
+    let opts: Vec<(String, HyperValue)> =
+        options.as_object().expect("options is an object").iter().map(|(k, v)| (k.clone(), hyper(k, v))).collect();
+    let refs: Vec<(&str, HyperValue)> = opts.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    AnyConfig::from_torch(class, &refs)
+}
+
+pub fn f32s(v: &Value) -> Vec<f32> {
+    v.as_array().expect("array").iter().map(|x| x.as_f64().expect("number") as f32).collect()
+}
+
+/// Every execution path this machine can run: each backend serial, and the
+/// best backend (and the scalar one) through rayon with a small odd chunk.
+pub fn all_paths() -> Vec<(String, Exec)> {
+    let mut v: Vec<(String, Exec)> =
+        Backend::available().into_iter().map(|b| (b.name().to_string(), Exec::serial(b))).collect();
+    v.push(("parallel-scalar".into(), Exec::parallel(Backend::Scalar, 17)));
+    v.push((format!("parallel-{}", Backend::best()), Exec::parallel(Backend::best(), 33)));
+    v
+}
+
+/// Same bits, treating every NaN as equal to every NaN.
+pub fn same_bits(a: f32, b: f32) -> bool {
+    (a.is_nan() && b.is_nan()) || a.to_bits() == b.to_bits()
+}
+
+pub fn assert_same_bits(what: &str, a: &[f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(same_bits(*x, *y), "{what}: element {i}: {x:e} ({:#x}) vs {y:e} ({:#x})", x.to_bits(), y.to_bits());
+    }
+}
