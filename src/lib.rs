@@ -59,3 +59,8 @@ pub type AdamW = Optimizer<AdamWConfig>;
 pub type Adamax = Optimizer<AdamaxConfig>;
 /// `torch.optim.NAdam`.
 pub type NAdam = Optimizer<NAdamConfig>;
+
+/// The README's examples, compiled and run as doc-tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod configs;
+
 use adaoptim::{AnyConfig, Backend, Exec, HyperValue};
 use serde_json::Value;
 

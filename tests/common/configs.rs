@@ -1,0 +1,51 @@
+//! A spread of configurations covering every optimizer and every state layout.
+
+use adaoptim::*;
+
+pub fn variety() -> Vec<(&'static str, AnyConfig)> {
+    vec![
+        ("sgd", SgdConfig { lr: 0.1, ..Default::default() }.into()),
+        (
+            "sgd-momentum-damp-wd",
+            SgdConfig { lr: 0.1, momentum: 0.9, dampening: 0.3, weight_decay: 0.01, ..Default::default() }.into(),
+        ),
+        (
+            "sgd-nesterov-max",
+            SgdConfig { lr: 0.05, momentum: 0.9, nesterov: true, maximize: true, ..Default::default() }.into(),
+        ),
+        (
+            "adagrad",
+            AdagradConfig {
+                lr: 0.05,
+                lr_decay: 0.01,
+                weight_decay: 0.01,
+                initial_accumulator_value: 0.1,
+                ..Default::default()
+            }
+            .into(),
+        ),
+        ("adagrad-eps-inside", AdagradConfig { eps_inside_sqrt: true, eps: 1e-8, ..Default::default() }.into()),
+        ("rmsprop", RmsPropConfig::default().into()),
+        ("rmsprop-centered", RmsPropConfig { centered: true, eps_inside_sqrt: true, ..Default::default() }.into()),
+        ("rmsprop-momentum", RmsPropConfig { momentum: 0.9, weight_decay: 1e-3, ..Default::default() }.into()),
+        (
+            "rmsprop-centered-momentum",
+            RmsPropConfig { centered: true, momentum: 0.9, alpha: 0.9, maximize: true, ..Default::default() }.into(),
+        ),
+        ("adadelta", AdadeltaConfig { weight_decay: 0.01, ..Default::default() }.into()),
+        ("adam", AdamConfig::default().into()),
+        (
+            "adam-amsgrad-wd",
+            AdamConfig { amsgrad: true, weight_decay: 0.01, betas: (0.8, 0.99), ..Default::default() }.into(),
+        ),
+        ("adam-lerp-high", AdamConfig { betas: (0.3, 0.9), maximize: true, ..Default::default() }.into()),
+        ("adamw", AdamWConfig::default().into()),
+        ("adamw-amsgrad", AdamWConfig { amsgrad: true, ..Default::default() }.into()),
+        ("adamax", AdamaxConfig { weight_decay: 0.02, ..Default::default() }.into()),
+        ("nadam", NAdamConfig::default().into()),
+        (
+            "nadam-decoupled",
+            NAdamConfig { weight_decay: 0.01, decoupled_weight_decay: true, ..Default::default() }.into(),
+        ),
+    ]
+}
