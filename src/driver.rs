@@ -50,8 +50,30 @@ fn run_lanes<V: F32Vec, K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>) 
     let p = sl.p.as_mut_ptr();
     let g = sl.g.as_ptr();
     let s: [*mut f32; S] = sl.s.map(|s| s.as_mut_ptr());
-    let body = n - n % V::LANES;
+    const U: usize = 4;
+    let block = n - n % (V::LANES * U);
     let mut i = 0;
+    while i < block {
+        // SAFETY: every slice has length n (asserted above) and
+        // i + U * LANES <= block <= n.
+        unsafe {
+            let mut pv: [V; U] = std::array::from_fn(|u| V::load(p.add(i + u * V::LANES)));
+            let gv: [V; U] = std::array::from_fn(|u| V::load(g.add(i + u * V::LANES)));
+            let mut sv: [[V; S]; U] =
+                std::array::from_fn(|u| std::array::from_fn(|j| V::load(s[j].add(i + u * V::LANES))));
+            for u in 0..U {
+                k.apply(&mut pv[u], gv[u], &mut sv[u]);
+            }
+            for u in 0..U {
+                pv[u].store(p.add(i + u * V::LANES));
+                for j in 0..S {
+                    sv[u][j].store(s[j].add(i + u * V::LANES));
+                }
+            }
+        }
+        i += V::LANES * U;
+    }
+    let body = n - n % V::LANES;
     while i < body {
         // SAFETY: every slice has length n (asserted above) and
         // i + LANES <= body <= n.

@@ -28,6 +28,7 @@ mod backend;
 mod driver;
 mod error;
 pub mod optim;
+pub mod roofline;
 mod simd;
 
 pub use any::{AnyConfig, AnyOptimizer, HyperValue};

@@ -10,6 +10,9 @@
 //! acc_delta = acc_delta * rho + (1 - rho) * delta * delta
 //! p = p + (-lr) * delta
 //! ```
+//! The kernel computes `delta = sqrt((acc_delta + eps) / (square_avg + eps)) * g`,
+//! the same value with one square root instead of two (a few ULP from torch's
+//! rounding at most).
 
 use super::{GradIn, sealed};
 use crate::driver::{Kernel, Plan, Slices, StepReport, drive};
@@ -53,8 +56,7 @@ impl Kernel<2> for AdadeltaKernel {
         let g = self.grad.apply(*p, g);
         let (rho, omr, eps) = (V::splat(self.rho), V::splat(self.one_minus_rho), V::splat(self.eps));
         *sq = *sq * rho + omr * g * g;
-        let std = (*sq + eps).sqrt();
-        let delta = (*acc + eps).sqrt() / std * g;
+        let delta = ((*acc + eps) / (*sq + eps)).sqrt() * g;
         *acc = *acc * rho + omr * delta * delta;
         *p = *p + V::splat(self.neg_lr) * delta;
     }

@@ -17,6 +17,13 @@
 //! ```
 //! Scalars (`1 - beta2`, bias corrections, step size) are computed in f64 and
 //! rounded to f32 once, as torch does.
+//!
+//! The kernel evaluates the last two lines in the mathematically identical form
+//! `p = p + (-lr sqrt(1 - beta2^t) / (1 - beta1^t)) * exp_avg / (sqrt(v) + eps sqrt(1 - beta2^t))`
+//! (both scalars folded in f64): one division per element instead of two, which
+//! is what makes the step memory-bound rather than divider-bound. The result
+//! differs from torch's rounding by a few ULP at most (golden tests: well under
+//! 1/10 of their tolerance).
 
 use super::{GradIn, Lerp, pow_step, sealed};
 use crate::driver::{Kernel, Plan, Slices, StepReport, drive};
@@ -116,9 +123,8 @@ impl AdamConfig {
             m: Lerp::new(1.0 - b1),
             b2: b2 as f32,
             one_minus_b2: (1.0 - b2) as f32,
-            bc2_sqrt: bc2.sqrt() as f32,
-            eps: self.eps as f32,
-            neg_step_size: (-(self.lr / bc1)) as f32,
+            eps_scaled: (self.eps * bc2.sqrt()) as f32,
+            neg_step_scaled: (-(self.lr / bc1) * bc2.sqrt()) as f32,
         }
     }
 }
@@ -130,9 +136,10 @@ pub(crate) struct AdamKernel {
     m: Lerp,
     b2: f32,
     one_minus_b2: f32,
-    bc2_sqrt: f32,
-    eps: f32,
-    neg_step_size: f32,
+    /// `eps * sqrt(1 - beta2^t)`
+    eps_scaled: f32,
+    /// `-lr * sqrt(1 - beta2^t) / (1 - beta1^t)`
+    neg_step_scaled: f32,
 }
 
 impl AdamKernel {
@@ -151,8 +158,8 @@ impl AdamKernel {
             }
             None => *v,
         };
-        let denom = vv.sqrt() / V::splat(self.bc2_sqrt) + V::splat(self.eps);
-        *p = *p + V::splat(self.neg_step_size) * *m / denom;
+        let denom = vv.sqrt() + V::splat(self.eps_scaled);
+        *p = *p + V::splat(self.neg_step_scaled) * *m / denom;
     }
 }
 

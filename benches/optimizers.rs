@@ -1,0 +1,159 @@
+//! Criterion benches: every optimizer (default torch hyperparameters) at
+//! several sizes through every path, beside the roofline kernel (same arrays,
+//! trivial arithmetic: the bandwidth ceiling measured in the same run) and a
+//! textbook multi-pass version (one full pass over the arrays per line of the
+//! formula, the way numpy or torch's foreach path evaluates it).
+//!
+//! `cargo bench` runs everything (about half an hour); narrow it with
+//! criterion's filter, e.g. `cargo bench -- adam/`, and the sizes with
+//! `ADAOPTIM_BENCH_SIZES=65536,1048576`. Parallel paths use the global rayon
+//! pool (`RAYON_NUM_THREADS` sets its size).
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use adaoptim::{AnyConfig, Backend, Exec, Parallel, roofline};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+
+fn sizes() -> Vec<usize> {
+    match std::env::var("ADAOPTIM_BENCH_SIZES") {
+        Ok(s) if !s.trim().is_empty() => s.split(',').map(|x| x.trim().parse().expect("size")).collect(),
+        _ => vec![1 << 12, 1 << 16, 1 << 20, 1 << 24, 1 << 26],
+    }
+}
+
+/// The execution paths benched for each optimizer.
+fn paths() -> Vec<(String, Exec)> {
+    let best = Backend::best();
+    let mut v = vec![("scalar".to_string(), Exec::scalar()), ("wide".to_string(), Exec::serial(Backend::Wide))];
+    if best != Backend::Wide {
+        v.push((format!("{best}-1t"), Exec::serial(best)));
+    }
+    v.push((format!("{best}-parallel"), Exec { backend: Some(best), parallel: Parallel::Auto }));
+    v
+}
+
+/// Textbook multi-pass evaluation: every line of the formula is one pass over
+/// whole arrays (with a temporary), as array libraries evaluate it.
+mod textbook {
+    pub fn scale(x: &mut [f32], a: f32) {
+        x.iter_mut().for_each(|x| *x *= a);
+    }
+    /// x += a * y
+    pub fn axpy(x: &mut [f32], a: f32, y: &[f32]) {
+        x.iter_mut().zip(y).for_each(|(x, y)| *x += a * y);
+    }
+    /// x += a * y * z
+    pub fn addcmul(x: &mut [f32], a: f32, y: &[f32], z: &[f32]) {
+        x.iter_mut().zip(y.iter().zip(z)).for_each(|(x, (y, z))| *x += a * y * z);
+    }
+    /// x += a * y / z
+    pub fn addcdiv(x: &mut [f32], a: f32, y: &[f32], z: &[f32]) {
+        x.iter_mut().zip(y.iter().zip(z)).for_each(|(x, (y, z))| *x += a * y / z);
+    }
+    /// out = sqrt(x + inner) * mul + outer
+    pub fn sqrt_into(out: &mut [f32], x: &[f32], inner: f32, mul: f32, outer: f32) {
+        out.iter_mut().zip(x).for_each(|(o, x)| *o = (x + inner).sqrt() * mul + outer);
+    }
+    pub fn maximum(x: &mut [f32], y: &[f32]) {
+        x.iter_mut().zip(y).for_each(|(x, y)| *x = x.max(*y));
+    }
+
+    /// One step of `class` with torch's default hyperparameters at step 10.
+    pub fn step(class: &str, p: &mut [f32], g: &[f32], s: &mut [Vec<f32>], tmp: &mut [f32]) {
+        let (b1, b2, t) = (0.9f32, 0.999f32, 10);
+        let bc1 = 1.0 - b1.powi(t);
+        let bc2 = 1.0 - b2.powi(t);
+        match class {
+            "SGD" => axpy(p, -1e-3, g),
+            "Adagrad" => {
+                addcmul(&mut s[0], 1.0, g, g);
+                sqrt_into(tmp, &s[0], 0.0, 1.0, 1e-10);
+                addcdiv(p, -1e-2, g, tmp);
+            }
+            "RMSprop" => {
+                scale(&mut s[0], 0.99);
+                addcmul(&mut s[0], 0.01, g, g);
+                sqrt_into(tmp, &s[0], 0.0, 1.0, 1e-8);
+                addcdiv(p, -1e-2, g, tmp);
+            }
+            "Adadelta" => {
+                let (sq, acc) = s.split_at_mut(1);
+                scale(&mut sq[0], 0.9);
+                addcmul(&mut sq[0], 0.1, g, g);
+                sqrt_into(tmp, &sq[0], 1e-6, 1.0, 0.0);
+                tmp.iter_mut().zip(acc[0].iter().zip(g)).for_each(|(d, (a, g))| *d = (a + 1e-6).sqrt() / *d * g);
+                scale(&mut acc[0], 0.9);
+                addcmul(&mut acc[0], 0.1, tmp, tmp);
+                axpy(p, -1.0, tmp);
+            }
+            "Adam" | "AdamW" | "NAdam" => {
+                if class == "AdamW" {
+                    scale(p, 1.0 - 1e-3 * 1e-2);
+                }
+                scale(&mut s[0], b1);
+                axpy(&mut s[0], 1.0 - b1, g);
+                scale(&mut s[1], b2);
+                addcmul(&mut s[1], 1.0 - b2, g, g);
+                sqrt_into(tmp, &s[1], 0.0, 1.0 / bc2.sqrt(), 1e-8);
+                if class == "NAdam" {
+                    addcdiv(p, -1e-3, g, tmp);
+                }
+                addcdiv(p, -1e-3 / bc1, &s[0], tmp);
+            }
+            "Adamax" => {
+                scale(&mut s[0], b1);
+                axpy(&mut s[0], 1.0 - b1, g);
+                scale(&mut s[1], b2);
+                tmp.iter_mut().zip(g).for_each(|(t, g)| *t = g.abs() + 1e-8);
+                maximum(&mut s[1], tmp);
+                addcdiv(p, -2e-3 / bc1, &s[0], &s[1]);
+            }
+            other => unreachable!("{other}"),
+        }
+    }
+}
+
+fn bench_optimizers(c: &mut Criterion) {
+    for class in AnyConfig::TORCH_CLASSES {
+        let cfg = AnyConfig::default_for(class).unwrap();
+        let nstate = cfg.state_names().len();
+        let mut group = c.benchmark_group(class.to_ascii_lowercase());
+        group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+        for n in sizes() {
+            group.throughput(Throughput::Bytes((roofline::bytes_per_param(nstate) * n) as u64));
+            let mut p = vec![0.5f32; n];
+            let g: Vec<f32> = (0..n).map(|i| ((i % 97) as f32 - 48.0) * 1e-3).collect();
+            for (name, exec) in paths() {
+                let mut opt = cfg.build(n).unwrap();
+                opt.set_exec(exec);
+                group.bench_function(BenchmarkId::new(&name, n), |b| {
+                    b.iter(|| opt.step(black_box(&mut p), &g).unwrap())
+                });
+            }
+            let mut bufs = vec![vec![0.0f32; n]; nstate];
+            let exec = Exec::auto();
+            group.bench_function(BenchmarkId::new("roofline-parallel", n), |b| {
+                b.iter(|| {
+                    let mut refs: Vec<&mut [f32]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+                    roofline::step(black_box(&mut p), &g, &mut refs, &exec).unwrap()
+                })
+            });
+            let exec1 = Exec::serial(Backend::best());
+            group.bench_function(BenchmarkId::new("roofline-1t", n), |b| {
+                b.iter(|| {
+                    let mut refs: Vec<&mut [f32]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+                    roofline::step(black_box(&mut p), &g, &mut refs, &exec1).unwrap()
+                })
+            });
+            let mut tmp = vec![0.0f32; n];
+            group.bench_function(BenchmarkId::new("textbook-1t", n), |b| {
+                b.iter(|| textbook::step(class, black_box(&mut p), &g, &mut bufs, &mut tmp))
+            });
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench_optimizers);
+criterion_main!(benches);
