@@ -32,7 +32,7 @@ pub mod roofline;
 mod simd;
 
 pub use any::{AnyConfig, AnyOptimizer, HyperValue};
-pub use backend::{AUTO_GRAIN, Backend, Exec, PAR_THRESHOLD, Parallel};
+pub use backend::{AUTO_GRAIN, Backend, Exec, PAR_THRESHOLD, PAR_THRESHOLD_INSIDE, Parallel};
 pub use driver::StepReport;
 pub use error::Error;
 pub use optim::adadelta::AdadeltaConfig;
