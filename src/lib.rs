@@ -29,6 +29,7 @@ mod driver;
 mod error;
 pub mod optim;
 pub mod roofline;
+pub mod schedule;
 mod simd;
 
 pub use any::{AnyConfig, AnyOptimizer, HyperValue};

@@ -10,6 +10,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use adaoptim::schedule::*;
 use common::{all_paths, config_from_json, f32s};
 use serde_json::Value;
 
@@ -93,6 +94,7 @@ fn golden() {
     let mut checked: BTreeMap<&str, usize> = BTreeMap::new();
     let mut skipped: BTreeMap<String, usize> = BTreeMap::new();
     let mut worst_by_class: BTreeMap<String, f64> = BTreeMap::new();
+    let mut worst_schedule: BTreeMap<String, f64> = BTreeMap::new();
     for (name, v) in load_all() {
         let kind = v["kind"].as_str().unwrap_or_else(|| panic!("{name}: no kind"));
         match kind {
@@ -104,16 +106,192 @@ fn golden() {
                 *e = e.max(w);
                 *checked.entry("optimizer").or_default() += 1;
             }
-            "schedule" | "sparse_optimizer" => *skipped.entry(kind.to_string()).or_default() += 1,
+            "schedule" => {
+                let w = check_schedule(&name, &v);
+                println!("golden: {name}: worst relative error {w:.3e}");
+                let class = v["torch_class"].as_str().unwrap().to_string();
+                let e = worst_schedule.entry(class).or_insert(0.0);
+                *e = e.max(w);
+                *checked.entry("schedule").or_default() += 1;
+            }
+            "sparse_optimizer" => *skipped.entry(kind.to_string()).or_default() += 1,
             other => panic!("{name}: unknown kind {other:?}"),
         }
     }
     for (class, w) in &worst_by_class {
         println!("golden: worst {class}: {w:.4} of tolerance");
     }
+    for (class, w) in &worst_schedule {
+        println!("golden: worst {class}: relative error {w:.3e}");
+    }
     println!("golden: {} optimizer files checked", checked.get("optimizer").copied().unwrap_or(0));
+    println!("golden: {} schedule files checked", checked.get("schedule").copied().unwrap_or(0));
     for (kind, n) in &skipped {
         println!("golden: {n} {kind} files skipped");
     }
-    assert!(checked.get("optimizer").copied().unwrap_or(0) > 0, "no optimizer files found");
+    assert!(checked.values().sum::<usize>() > 0, "no golden files checked");
+}
+
+/// Keyword options of one scheduler; every key must be used.
+struct Opts<'a> {
+    name: &'a str,
+    map: serde_json::Map<String, Value>,
+}
+
+impl<'a> Opts<'a> {
+    fn new(name: &'a str, v: &Value) -> Self {
+        let mut map = v.as_object().unwrap_or_else(|| panic!("{name}: options must be an object")).clone();
+        map.remove("torch_class");
+        if let Some(le) = map.remove("last_epoch") {
+            assert_eq!(le.as_i64(), Some(-1), "{name}: only last_epoch = -1 is interpretable");
+        }
+        map.remove("verbose");
+        Opts { name, map }
+    }
+    fn take(&mut self, key: &str) -> Option<Value> {
+        self.map.remove(key).filter(|v| !v.is_null())
+    }
+    fn f64_or(&mut self, key: &str, default: f64) -> f64 {
+        self.take(key).map_or(default, |v| v.as_f64().unwrap_or_else(|| panic!("{}: {key} not a number", self.name)))
+    }
+    fn u64_req(&mut self, key: &str) -> u64 {
+        let v = self.take(key).unwrap_or_else(|| panic!("{}: {key} missing", self.name));
+        as_u64(self.name, key, &v)
+    }
+    fn u64_or(&mut self, key: &str, default: u64) -> u64 {
+        self.take(key).map_or(default, |v| as_u64(self.name, key, &v))
+    }
+    fn str_or(&mut self, key: &str, default: &str) -> String {
+        self.take(key).map_or(default.to_string(), |v| v.as_str().expect("string").to_string())
+    }
+    fn bool_or(&mut self, key: &str, default: bool) -> bool {
+        self.take(key).map_or(default, |v| v.as_bool().expect("bool"))
+    }
+    fn finish(self) {
+        assert!(
+            self.map.is_empty(),
+            "{}: cannot interpret options {:?}",
+            self.name,
+            self.map.keys().collect::<Vec<_>>()
+        );
+    }
+}
+
+fn as_u64(name: &str, key: &str, v: &Value) -> u64 {
+    let x = v.as_f64().unwrap_or_else(|| panic!("{name}: {key} not a number"));
+    assert!(x >= 0.0 && x.fract() == 0.0, "{name}: {key} = {x} is not a step count");
+    x as u64
+}
+
+/// Builds a schedule from a torch class and its keyword options.
+fn build_schedule(name: &str, class: &str, base_lr: f64, options: &Value) -> Schedule {
+    let mut o = Opts::new(name, options);
+    let s: Schedule = match class {
+        "ConstantLR" => {
+            ConstantLR::new(base_lr, o.f64_or("factor", 1.0 / 3.0), o.u64_or("total_iters", 5)).unwrap().into()
+        }
+        "StepLR" => StepLR::new(base_lr, o.u64_req("step_size"), o.f64_or("gamma", 0.1)).unwrap().into(),
+        "MultiStepLR" => {
+            let ms = o.take("milestones").expect("milestones");
+            let ms = ms.as_array().expect("milestones list").iter().map(|m| as_u64(name, "milestones", m)).collect();
+            MultiStepLR::new(base_lr, ms, o.f64_or("gamma", 0.1)).unwrap().into()
+        }
+        "ExponentialLR" => ExponentialLR::new(base_lr, o.f64_or("gamma", f64::NAN)).unwrap().into(),
+        "LinearLR" => LinearLR::new(
+            base_lr,
+            o.f64_or("start_factor", 1.0 / 3.0),
+            o.f64_or("end_factor", 1.0),
+            o.u64_or("total_iters", 5),
+        )
+        .unwrap()
+        .into(),
+        "PolynomialLR" => {
+            PolynomialLR::new(base_lr, o.u64_or("total_iters", 5), o.f64_or("power", 1.0)).unwrap().into()
+        }
+        "CosineAnnealingLR" => {
+            CosineAnnealingLR::new(base_lr, o.u64_req("T_max"), o.f64_or("eta_min", 0.0)).unwrap().into()
+        }
+        "CosineAnnealingWarmRestarts" => {
+            CosineAnnealingWarmRestarts::new(base_lr, o.u64_req("T_0"), o.u64_or("T_mult", 1), o.f64_or("eta_min", 0.0))
+                .unwrap()
+                .into()
+        }
+        "CyclicLR" => {
+            let base = o.f64_or("base_lr", f64::NAN);
+            let max = o.f64_or("max_lr", f64::NAN);
+            let up = o.u64_or("step_size_up", 2000);
+            let down = o.take("step_size_down").map(|v| as_u64(name, "step_size_down", &v));
+            let mode_name = o.str_or("mode", "triangular");
+            let gamma = o.f64_or("gamma", 1.0);
+            let mode = match mode_name.as_str() {
+                "triangular" => CyclicMode::Triangular,
+                "triangular2" => CyclicMode::Triangular2,
+                "exp_range" => CyclicMode::ExpRange { gamma },
+                other => panic!("{name}: unknown CyclicLR mode {other}"),
+            };
+            let default_scale = if mode_name == "exp_range" { "iterations" } else { "cycle" };
+            assert_eq!(o.str_or("scale_mode", default_scale), default_scale, "{name}: custom scale_mode");
+            let cm = o.bool_or("cycle_momentum", true);
+            let (bm, mm) = (o.f64_or("base_momentum", 0.8), o.f64_or("max_momentum", 0.9));
+            CyclicLR::new(base, max, up, down, mode, cm.then_some((bm, mm))).unwrap().into()
+        }
+        "OneCycleLR" => {
+            let max_lr = o.f64_or("max_lr", f64::NAN);
+            let total = match o.take("total_steps") {
+                Some(v) => as_u64(name, "total_steps", &v),
+                None => o.u64_req("epochs") * o.u64_req("steps_per_epoch"),
+            };
+            let anneal = match o.str_or("anneal_strategy", "cos").as_str() {
+                "cos" => Anneal::Cos,
+                "linear" => Anneal::Linear,
+                other => panic!("{name}: unknown anneal_strategy {other}"),
+            };
+            let pct = o.f64_or("pct_start", 0.3);
+            let (div, fdiv) = (o.f64_or("div_factor", 25.0), o.f64_or("final_div_factor", 1e4));
+            let three = o.bool_or("three_phase", false);
+            let cm = o.bool_or("cycle_momentum", true);
+            let (bm, mm) = (o.f64_or("base_momentum", 0.85), o.f64_or("max_momentum", 0.95));
+            OneCycleLR::new(max_lr, total, pct, anneal, div, fdiv, three, cm.then_some((bm, mm))).unwrap().into()
+        }
+        "SequentialLR" | "ChainedScheduler" => {
+            let children: Vec<Schedule> = o
+                .take("schedulers")
+                .expect("schedulers")
+                .as_array()
+                .expect("schedulers list")
+                .iter()
+                .map(|c| build_schedule(name, c["torch_class"].as_str().expect("child torch_class"), base_lr, c))
+                .collect();
+            if class == "SequentialLR" {
+                let ms = o.take("milestones").expect("milestones");
+                let ms =
+                    ms.as_array().expect("milestones list").iter().map(|m| as_u64(name, "milestones", m)).collect();
+                SequentialLR::new(children, ms).unwrap().into()
+            } else {
+                ChainedScheduler::new(base_lr, children).unwrap().into()
+            }
+        }
+        other => panic!("{name}: unknown schedule class {other}"),
+    };
+    o.finish();
+    s
+}
+
+/// Worst relative error over the file; fails beyond rtol 1e-9 (floor 1e-12).
+fn check_schedule(name: &str, v: &Value) -> f64 {
+    let class = v["torch_class"].as_str().expect("torch_class");
+    let base_lr = v["base_lr"].as_f64().expect("base_lr");
+    let sched = build_schedule(name, class, base_lr, &v["options"]);
+    let lrs: Vec<f64> = v["lrs"].as_array().expect("lrs").iter().map(|x| x.as_f64().expect("number")).collect();
+    if let Some(steps) = v["steps"].as_u64() {
+        assert_eq!(lrs.len() as u64, steps, "{name}: steps");
+    }
+    let mut worst: f64 = 0.0;
+    for (t, want) in lrs.iter().enumerate() {
+        let got = sched.lr_at(t as u64);
+        let err = (got - want).abs();
+        assert!(err <= 1e-9 * want.abs().max(1e-12 / 1e-9), "{name} step {t}: got {got:e}, torch {want:e}");
+        worst = worst.max(err / want.abs().max(1e-300));
+    }
+    worst
 }

@@ -209,6 +209,10 @@ impl Algorithm for AdamConfig {
     fn set_lr_unchecked(&mut self, lr: f64) {
         self.lr = lr;
     }
+    fn set_cycled_momentum_unchecked(&mut self, m: f64) -> bool {
+        self.betas.0 = m;
+        true
+    }
 }
 
 impl sealed::Sealed for AdamWConfig {
@@ -232,5 +236,9 @@ impl Algorithm for AdamWConfig {
     }
     fn set_lr_unchecked(&mut self, lr: f64) {
         self.lr = lr;
+    }
+    fn set_cycled_momentum_unchecked(&mut self, m: f64) -> bool {
+        self.betas.0 = m;
+        true
     }
 }

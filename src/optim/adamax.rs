@@ -92,4 +92,8 @@ impl Algorithm for AdamaxConfig {
     fn set_lr_unchecked(&mut self, lr: f64) {
         self.lr = lr;
     }
+    fn set_cycled_momentum_unchecked(&mut self, m: f64) -> bool {
+        self.betas.0 = m;
+        true
+    }
 }

@@ -14,6 +14,7 @@ use aligned_vec::{AVec, ConstAlign};
 use crate::Error;
 use crate::backend::Exec;
 use crate::driver::{Plan, StepReport};
+use crate::schedule::LrSchedule;
 use crate::simd::F32Vec;
 
 /// The most state buffers any optimizer keeps per parameter.
@@ -65,6 +66,12 @@ pub trait Algorithm: sealed::Sealed + Clone + std::fmt::Debug + Send + Sync + 's
     fn lr(&self) -> f64;
     /// Sets the learning rate without checking it (see [`Optimizer::set_lr`]).
     fn set_lr_unchecked(&mut self, lr: f64);
+    /// Sets the momentum a schedule cycles (torch's `cycle_momentum`): SGD's
+    /// and RMSprop's `momentum`, the Adam family's `betas.0`. Returns false
+    /// for optimizers without one (AdaGrad, AdaDelta). Not validated here.
+    fn set_cycled_momentum_unchecked(&mut self, _momentum: f64) -> bool {
+        false
+    }
 }
 
 /// One step over caller-owned state: the free-kernel layer.
@@ -195,6 +202,41 @@ impl<A: Algorithm> Optimizer<A> {
         crate::error::non_negative("lr", lr)?;
         self.config.set_lr_unchecked(lr);
         Ok(())
+    }
+
+    /// Sets the learning rate (and, for schedules that cycle it, the
+    /// momentum) from `schedule` for the step about to be taken
+    /// (`schedule.lr_at(self.step_count())`), then steps.
+    ///
+    /// # Errors
+    /// As [`step`](Self::step); [`Error::IncompatibleConfig`] if the schedule
+    /// cycles momentum and this optimizer has none (or SGD/RMSprop built with
+    /// `momentum = 0`, which keep no momentum buffer); an invalid scheduled
+    /// value. The configuration, state and parameters are unchanged on error.
+    pub fn step_scheduled<S: LrSchedule + ?Sized>(
+        &mut self,
+        schedule: &S,
+        params: &mut [f32],
+        grads: &[f32],
+    ) -> Result<StepReport, Error> {
+        let mut config = self.config.clone();
+        config.set_lr_unchecked(schedule.lr_at(self.t));
+        if let Some(m) = schedule.momentum_at(self.t)
+            && !config.set_cycled_momentum_unchecked(m)
+        {
+            return Err(Error::IncompatibleConfig { reason: "the schedule cycles momentum; this optimizer has none" });
+        }
+        let old = self.config.clone();
+        self.set_config(config)?;
+        // `set_config` succeeded, so only `step`'s own checks can fail now;
+        // restore the old configuration if they do.
+        match self.step(params, grads) {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                self.config = old;
+                Err(e)
+            }
+        }
     }
 
     /// Steps taken so far.

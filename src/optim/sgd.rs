@@ -115,4 +115,8 @@ impl Algorithm for SgdConfig {
     fn set_lr_unchecked(&mut self, lr: f64) {
         self.lr = lr;
     }
+    fn set_cycled_momentum_unchecked(&mut self, m: f64) -> bool {
+        self.momentum = m;
+        true
+    }
 }
