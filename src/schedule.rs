@@ -492,12 +492,14 @@ pub struct OneCycleLR {
 }
 
 impl OneCycleLR {
-    /// `cycle_momentum = Some((base_momentum, max_momentum))`.
+    /// `cycle_momentum = Some((base_momentum, max_momentum))`. The arguments
+    /// mirror torch's signature, in its order.
     ///
     /// # Errors
     /// `total_steps == 0`, `pct_start` outside `(0, 1)`, non-positive or
     /// non-finite `max_lr`, `div_factor` or `final_div_factor`, or momenta
     /// outside `[0, 1)`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         max_lr: f64,
         total_steps: u64,
