@@ -13,7 +13,7 @@
 
 use crate::{
     AdadeltaConfig, AdagradConfig, AdamConfig, AdamWConfig, AdamaxConfig, Algorithm, Error, Exec, NAdamConfig,
-    Optimizer, RmsPropConfig, SgdConfig, StepReport,
+    NonFinitePolicy, Optimizer, RmsPropConfig, SgdConfig, StepReport,
 };
 
 /// A hyperparameter value as torch's keyword arguments carry it.
@@ -248,6 +248,17 @@ macro_rules! any_types {
             /// See [`Optimizer::set_exec`].
             pub fn set_exec(&mut self, exec: Exec) {
                 match self { $(AnyOptimizer::$variant(o) => o.set_exec(exec),)* }
+            }
+            /// See [`Optimizer::set_non_finite`].
+            pub fn set_non_finite(&mut self, policy: NonFinitePolicy) {
+                match self { $(AnyOptimizer::$variant(o) => o.set_non_finite(policy),)* }
+            }
+            /// See [`Optimizer::set_grad_scale`].
+            ///
+            /// # Errors
+            /// As [`Optimizer::set_grad_scale`].
+            pub fn set_grad_scale(&mut self, grad_scale: Option<f32>) -> Result<(), Error> {
+                match self { $(AnyOptimizer::$variant(o) => o.set_grad_scale(grad_scale),)* }
             }
             /// See [`Optimizer::state`].
             pub fn state(&self, name: &str) -> Option<&[f32]> {

@@ -5,6 +5,7 @@
 //! thread count.
 
 use crate::backend::{Backend, Exec};
+use crate::optim::Unscale;
 use crate::simd::{F32Vec, Wide};
 
 /// The per-element formula of one optimizer configuration with `S` state
@@ -140,6 +141,80 @@ fn run_avx512<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>) {
     unsafe { run_avx512_tf(k, sl) }
 }
 
+/// True if any `unscale(g[i])` is NaN or infinite. Accumulates `x * 0`
+/// (NaN for inf and NaN, else 0) and tests once per block, so the scan runs at
+/// memory speed.
+#[inline(always)]
+fn scan_lanes<V: F32Vec>(g: &[f32], unscale: Unscale) -> bool {
+    const BLOCK: usize = 64;
+    let n = g.len();
+    let body = n - n % V::LANES;
+    let ptr = g.as_ptr();
+    let zero = V::splat(0.0);
+    let mut i = 0;
+    while i < body {
+        let end = (i + BLOCK * V::LANES).min(body);
+        let mut acc = zero;
+        while i < end {
+            // SAFETY: i + LANES <= body <= n = g.len().
+            acc = acc + unscale.apply(unsafe { V::load(ptr.add(i)) }) * zero;
+            i += V::LANES;
+        }
+        if acc.any_non_finite() {
+            return true;
+        }
+    }
+    g[body..].iter().any(|&x| !unscale.apply(x).is_finite())
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn scan_avx2(g: &[f32], unscale: Unscale) -> bool {
+    scan_lanes::<crate::simd::Avx2>(g, unscale)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn scan_avx512(g: &[f32], unscale: Unscale) -> bool {
+    scan_lanes::<crate::simd::Avx512>(g, unscale)
+}
+
+fn scan_serial(backend: Backend, g: &[f32], unscale: Unscale) -> bool {
+    match backend {
+        Backend::Scalar => scan_lanes::<f32>(g, unscale),
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx2 if Backend::Avx2.is_available() => {
+            // SAFETY: AVX2 and FMA were detected at run time (checked in the guard).
+            unsafe { scan_avx2(g, unscale) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx512 if Backend::Avx512.is_available() => {
+            // SAFETY: AVX-512F was detected at run time (checked in the guard).
+            unsafe { scan_avx512(g, unscale) }
+        }
+        _ => scan_lanes::<Wide>(g, unscale),
+    }
+}
+
+fn scan_par(backend: Backend, g: &[f32], unscale: Unscale, chunk: usize) -> bool {
+    if g.len() <= chunk {
+        return scan_serial(backend, g, unscale);
+    }
+    let mid = g.len().div_ceil(chunk) / 2 * chunk;
+    let (a, b) = g.split_at(mid);
+    let (x, y) = rayon::join(|| scan_par(backend, a, unscale, chunk), || scan_par(backend, b, unscale, chunk));
+    x || y
+}
+
+/// Whether any gradient (divided by the plan's loss scale) is NaN or
+/// infinite, with the plan's backend and thread split.
+pub(crate) fn any_non_finite(plan: &Plan, g: &[f32]) -> bool {
+    match plan.exec.chunk_for(g.len()) {
+        Some(chunk) => scan_par(plan.backend, g, plan.unscale, chunk),
+        None => scan_serial(plan.backend, g, plan.unscale),
+    }
+}
+
 type Runner<K, const S: usize> = fn(&K, Slices<'_, S>);
 
 fn runner<K: Kernel<S>, const S: usize>(b: Backend) -> Runner<K, S> {
@@ -186,11 +261,12 @@ pub struct StepReport {
 pub struct Plan {
     pub(crate) backend: Backend,
     pub(crate) exec: Exec,
+    pub(crate) unscale: crate::optim::Unscale,
 }
 
 impl Plan {
     pub(crate) fn new(exec: &Exec) -> Result<Plan, crate::Error> {
-        Ok(Plan { backend: exec.resolve_backend()?, exec: *exec })
+        Ok(Plan { backend: exec.resolve_backend()?, exec: *exec, unscale: crate::optim::Unscale::None })
     }
 }
 

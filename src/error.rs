@@ -48,6 +48,11 @@ pub enum Error {
         /// The value found.
         name: String,
     },
+    /// A gradient is NaN or infinite (under [`NonFinitePolicy::Error`](crate::NonFinitePolicy::Error)).
+    NonFiniteGradient {
+        /// The first such element.
+        index: usize,
+    },
     /// A torch class name this crate does not implement.
     UnknownOptimizer {
         /// The name given.
@@ -85,6 +90,7 @@ impl std::fmt::Display for Error {
             Error::UnknownBackend { name } => {
                 write!(f, "unknown backend {name:?} (expected scalar, wide, avx2, avx512 or auto)")
             }
+            Error::NonFiniteGradient { index } => write!(f, "gradient element {index} is NaN or infinite"),
             Error::UnknownOptimizer { name } => write!(f, "unknown optimizer {name:?}"),
             Error::InvalidOption { name, reason } => write!(f, "option {name:?}: {reason}"),
             Error::IncompatibleConfig { reason } => write!(f, "incompatible configuration: {reason}"),

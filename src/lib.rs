@@ -43,7 +43,7 @@ pub use optim::adamax::AdamaxConfig;
 pub use optim::nadam::NAdamConfig;
 pub use optim::rmsprop::RmsPropConfig;
 pub use optim::sgd::SgdConfig;
-pub use optim::{Algorithm, MAX_STATE, Optimizer, step_slices};
+pub use optim::{Algorithm, MAX_STATE, NonFinitePolicy, Optimizer, step_slices};
 
 /// `torch.optim.SGD` (momentum, dampening, Nesterov).
 pub type Sgd = Optimizer<SgdConfig>;

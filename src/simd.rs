@@ -43,6 +43,11 @@ pub(crate) trait F32Vec:
     fn abs(self) -> Self;
     /// `torch.maximum`: the larger value, NaN if either operand is NaN.
     fn max_nan(self, other: Self) -> Self;
+    /// `self / den`, except `0` where `den == 0` (used only when a user set
+    /// `eps = 0`, where torch divides 0 by 0).
+    fn div_or_zero(self, den: Self) -> Self;
+    /// True if any lane is NaN or infinite.
+    fn any_non_finite(self) -> bool;
 }
 
 impl F32Vec for f32 {
@@ -73,6 +78,14 @@ impl F32Vec for f32 {
     fn max_nan(self, other: Self) -> Self {
         // Same selection as x86 `maxps(a, b)` (`a > b ? a : b`) plus NaN in `a` kept.
         if self.is_nan() || self > other { self } else { other }
+    }
+    #[inline(always)]
+    fn div_or_zero(self, den: Self) -> Self {
+        if den == 0.0 { 0.0 } else { self / den }
+    }
+    #[inline(always)]
+    fn any_non_finite(self) -> bool {
+        !self.is_finite()
     }
 }
 
@@ -161,6 +174,15 @@ impl F32Vec for Wide {
         // `a > b ? a : b` is x86 `maxps`; then keep a NaN `a`.
         let picked = self.0.simd_gt(other.0).select(self.0, other.0);
         Wide(self.0.is_nan().select(self.0, picked))
+    }
+    #[inline(always)]
+    fn div_or_zero(self, den: Self) -> Self {
+        let zero = wide::f32x8::splat(0.0);
+        Wide(den.0.simd_eq(zero).select(zero, self.0 / den.0))
+    }
+    #[inline(always)]
+    fn any_non_finite(self) -> bool {
+        !self.0.is_finite().all()
     }
 }
 
@@ -259,6 +281,23 @@ mod x86 {
                 Avx2(_mm256_blendv_ps(m, self.0, a_nan))
             }
         }
+        #[inline(always)]
+        fn div_or_zero(self, den: Self) -> Self {
+            // SAFETY: see the module comment.
+            unsafe {
+                let zero = _mm256_setzero_ps();
+                let is_zero = _mm256_cmp_ps::<_CMP_EQ_OQ>(den.0, zero);
+                Avx2(_mm256_blendv_ps(_mm256_div_ps(self.0, den.0), zero, is_zero))
+            }
+        }
+        #[inline(always)]
+        fn any_non_finite(self) -> bool {
+            // SAFETY: see the module comment. x - x is 0 for finite x, NaN otherwise.
+            unsafe {
+                let d = _mm256_sub_ps(self.0, self.0);
+                _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(d, d)) != 0
+            }
+        }
     }
 
     impl F32Vec for Avx512 {
@@ -295,6 +334,23 @@ mod x86 {
                 let m = _mm512_max_ps(self.0, other.0);
                 let a_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(self.0, self.0);
                 Avx512(_mm512_mask_blend_ps(a_nan, m, self.0))
+            }
+        }
+        #[inline(always)]
+        fn div_or_zero(self, den: Self) -> Self {
+            // SAFETY: see the module comment.
+            unsafe {
+                let zero = _mm512_setzero_ps();
+                let is_zero = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(den.0, zero);
+                Avx512(_mm512_mask_blend_ps(is_zero, _mm512_div_ps(self.0, den.0), zero))
+            }
+        }
+        #[inline(always)]
+        fn any_non_finite(self) -> bool {
+            // SAFETY: see the module comment.
+            unsafe {
+                let d = _mm512_sub_ps(self.0, self.0);
+                _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(d, d) != 0
             }
         }
     }

@@ -14,7 +14,7 @@
 //! the same value with one square root instead of two (a few ULP from torch's
 //! rounding at most).
 
-use super::{GradIn, sealed};
+use super::{GradIn, Quot, sealed};
 use crate::driver::{Kernel, Plan, Slices, StepReport, drive};
 use crate::error::{non_negative, unit_closed};
 use crate::simd::F32Vec;
@@ -47,6 +47,7 @@ struct AdadeltaKernel {
     one_minus_rho: f32,
     eps: f32,
     neg_lr: f32,
+    div: Quot,
 }
 
 impl Kernel<2> for AdadeltaKernel {
@@ -56,7 +57,7 @@ impl Kernel<2> for AdadeltaKernel {
         let g = self.grad.apply(*p, g);
         let (rho, omr, eps) = (V::splat(self.rho), V::splat(self.one_minus_rho), V::splat(self.eps));
         *sq = *sq * rho + omr * g * g;
-        let delta = ((*acc + eps) / (*sq + eps)).sqrt() * g;
+        let delta = self.div.apply(*acc + eps, *sq + eps).sqrt() * g;
         *acc = *acc * rho + omr * delta * delta;
         *p = *p + V::splat(self.neg_lr) * delta;
     }
@@ -74,11 +75,12 @@ impl sealed::Sealed for AdadeltaConfig {
         state: &mut [&mut [f32]],
     ) -> StepReport {
         let k = AdadeltaKernel {
-            grad: GradIn::new(self.maximize, self.weight_decay),
+            grad: GradIn::new(&plan, self.maximize, self.weight_decay),
             rho: self.rho as f32,
             one_minus_rho: (1.0 - self.rho) as f32,
             eps: self.eps as f32,
             neg_lr: -self.lr as f32,
+            div: Quot::new(self.eps),
         };
         let [sq, acc] = state else { unreachable!("state count is checked by the callers") };
         drive::<_, 2>(&k, plan, Slices { p, g, s: [sq, acc] })

@@ -11,7 +11,7 @@
 //! p = p + (-clr) * g / std
 //! ```
 
-use super::{GradIn, sealed};
+use super::{GradIn, Quot, sealed};
 use crate::driver::{Kernel, Plan, Slices, StepReport, drive};
 use crate::error::non_negative;
 use crate::simd::F32Vec;
@@ -66,6 +66,7 @@ pub(crate) struct AdagradKernel {
     pub(crate) neg_clr: f32,
     pub(crate) eps: f32,
     pub(crate) eps_inside: bool,
+    pub(crate) div: Quot,
 }
 
 impl Kernel<1> for AdagradKernel {
@@ -76,7 +77,7 @@ impl Kernel<1> for AdagradKernel {
         *sum = *sum + g * g;
         let eps = V::splat(self.eps);
         let std = if self.eps_inside { (*sum + eps).sqrt() } else { sum.sqrt() + eps };
-        *p = *p + V::splat(self.neg_clr) * g / std;
+        *p = *p + self.div.apply(V::splat(self.neg_clr) * g, std);
     }
 }
 
@@ -84,10 +85,11 @@ impl sealed::Sealed for AdagradConfig {
     type Aux = ();
     fn run(&self, t: u64, _aux: &mut (), plan: Plan, p: &mut [f32], g: &[f32], state: &mut [&mut [f32]]) -> StepReport {
         let k = AdagradKernel {
-            grad: GradIn::new(self.maximize, self.weight_decay),
+            grad: GradIn::new(&plan, self.maximize, self.weight_decay),
             neg_clr: self.neg_clr(t),
             eps: self.eps as f32,
             eps_inside: self.eps_inside_sqrt,
+            div: Quot::new(self.eps),
         };
         let [sum] = state else { unreachable!("state count is checked by the callers") };
         drive::<_, 1>(&k, plan, Slices { p, g, s: [sum] })

@@ -25,7 +25,7 @@
 //! differs from torch's rounding by a few ULP at most (golden tests: well under
 //! 1/10 of their tolerance).
 
-use super::{GradIn, Lerp, pow_step, sealed};
+use super::{GradIn, Lerp, Quot, pow_step, sealed};
 use crate::driver::{Kernel, Plan, Slices, StepReport, drive};
 use crate::error::{non_negative, unit_half_open};
 use crate::simd::F32Vec;
@@ -109,12 +109,12 @@ pub(crate) fn validate_betas(betas: (f64, f64)) -> Result<(), Error> {
 }
 
 impl AdamConfig {
-    fn kernel(&self, t: u64) -> AdamKernel {
+    fn kernel(&self, t: u64, plan: &Plan) -> AdamKernel {
         let (b1, b2) = self.betas;
         let bc1 = 1.0 - pow_step(b1, t);
         let bc2 = 1.0 - pow_step(b2, t);
         AdamKernel {
-            grad: GradIn::new(self.maximize, if self.decoupled_weight_decay { 0.0 } else { self.weight_decay }),
+            grad: GradIn::new(plan, self.maximize, if self.decoupled_weight_decay { 0.0 } else { self.weight_decay }),
             decay: if self.decoupled_weight_decay && self.weight_decay != 0.0 {
                 Some((1.0 - self.lr * self.weight_decay) as f32)
             } else {
@@ -125,6 +125,7 @@ impl AdamConfig {
             one_minus_b2: (1.0 - b2) as f32,
             eps_scaled: (self.eps * bc2.sqrt()) as f32,
             neg_step_scaled: (-(self.lr / bc1) * bc2.sqrt()) as f32,
+            div: Quot::new(self.eps),
         }
     }
 }
@@ -140,6 +141,7 @@ pub(crate) struct AdamKernel {
     eps_scaled: f32,
     /// `-lr * sqrt(1 - beta2^t) / (1 - beta1^t)`
     neg_step_scaled: f32,
+    div: Quot,
 }
 
 impl AdamKernel {
@@ -159,7 +161,7 @@ impl AdamKernel {
             None => *v,
         };
         let denom = vv.sqrt() + V::splat(self.eps_scaled);
-        *p = *p + V::splat(self.neg_step_scaled) * *m / denom;
+        *p = *p + self.div.apply(V::splat(self.neg_step_scaled) * *m, denom);
     }
 }
 
@@ -182,7 +184,7 @@ impl Kernel<3> for AdamKernel {
 impl sealed::Sealed for AdamConfig {
     type Aux = ();
     fn run(&self, t: u64, _aux: &mut (), plan: Plan, p: &mut [f32], g: &[f32], state: &mut [&mut [f32]]) -> StepReport {
-        let k = self.kernel(t);
+        let k = self.kernel(t, &plan);
         match state {
             [m, v] => drive::<_, 2>(&k, plan, Slices { p, g, s: [m, v] }),
             [m, v, vmax] => drive::<_, 3>(&k, plan, Slices { p, g, s: [m, v, vmax] }),

@@ -13,7 +13,7 @@
 //! `exp_inf >= eps > 0` after the first step, so the division is safe when `eps > 0`.
 
 use super::adam::validate_betas;
-use super::{GradIn, Lerp, pow_step, sealed};
+use super::{GradIn, Lerp, Quot, pow_step, sealed};
 use crate::driver::{Kernel, Plan, Slices, StepReport, drive};
 use crate::error::non_negative;
 use crate::simd::F32Vec;
@@ -46,6 +46,7 @@ struct AdamaxKernel {
     b2: f32,
     eps: f32,
     neg_clr: f32,
+    div: Quot,
 }
 
 impl Kernel<2> for AdamaxKernel {
@@ -55,7 +56,7 @@ impl Kernel<2> for AdamaxKernel {
         let g = self.grad.apply(*p, g);
         *m = self.m.apply(*m, g);
         *u = (*u * V::splat(self.b2)).max_nan(g.abs() + V::splat(self.eps));
-        *p = *p + V::splat(self.neg_clr) * *m / *u;
+        *p = *p + self.div.apply(V::splat(self.neg_clr) * *m, *u);
     }
 }
 
@@ -63,11 +64,12 @@ impl sealed::Sealed for AdamaxConfig {
     type Aux = ();
     fn run(&self, t: u64, _aux: &mut (), plan: Plan, p: &mut [f32], g: &[f32], state: &mut [&mut [f32]]) -> StepReport {
         let k = AdamaxKernel {
-            grad: GradIn::new(self.maximize, self.weight_decay),
+            grad: GradIn::new(&plan, self.maximize, self.weight_decay),
             m: Lerp::new(1.0 - self.betas.0),
             b2: self.betas.1 as f32,
             eps: self.eps as f32,
             neg_clr: (-(self.lr / (1.0 - pow_step(self.betas.0, t)))) as f32,
+            div: Quot::new(self.eps),
         };
         let [m, u] = state else { unreachable!("state count is checked by the callers") };
         drive::<_, 2>(&k, plan, Slices { p, g, s: [m, u] })

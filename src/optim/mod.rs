@@ -121,6 +121,21 @@ pub(crate) fn check_len(what: &'static str, expected: usize, actual: usize) -> R
 
 type Buffer = AVec<f32, ConstAlign<64>>;
 
+/// What a step does with NaN or infinite gradients.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NonFinitePolicy {
+    /// torch's behaviour: the arithmetic runs, and a NaN/inf gradient makes
+    /// its parameter and state NaN/inf (other elements are unaffected).
+    #[default]
+    Propagate,
+    /// If any gradient is NaN or infinite, nothing changes (parameters,
+    /// state, step count) and the report says `skipped: true` — what a
+    /// mixed-precision loss scaler wants. Costs one read of the gradients.
+    SkipStep,
+    /// Like `SkipStep`, but returns [`Error::NonFiniteGradient`].
+    Error,
+}
+
 /// An optimizer that owns its state: `n` parameters, 64-byte aligned state
 /// buffers, a step count and an execution policy.
 ///
@@ -133,6 +148,8 @@ pub struct Optimizer<A: Algorithm> {
     aux: <A as sealed::Sealed>::Aux,
     state: Vec<Buffer>,
     exec: Exec,
+    non_finite: NonFinitePolicy,
+    grad_scale: Option<f32>,
 }
 
 impl<A: Algorithm> Optimizer<A> {
@@ -146,7 +163,16 @@ impl<A: Algorithm> Optimizer<A> {
         let state = (0..config.state_names().len())
             .map(|i| AVec::from_iter(64, std::iter::repeat_n(config.state_init(i), n)))
             .collect();
-        Ok(Optimizer { aux: config.aux_init(), config, n, t: 0, state, exec: Exec::auto() })
+        Ok(Optimizer {
+            aux: config.aux_init(),
+            config,
+            n,
+            t: 0,
+            state,
+            exec: Exec::auto(),
+            non_finite: NonFinitePolicy::Propagate,
+            grad_scale: None,
+        })
     }
 
     /// Sets the execution policy (builder style).
@@ -165,18 +191,72 @@ impl<A: Algorithm> Optimizer<A> {
         self.exec
     }
 
+    /// Sets what a step does with NaN/inf gradients (builder style).
+    pub fn with_non_finite(mut self, policy: NonFinitePolicy) -> Self {
+        self.non_finite = policy;
+        self
+    }
+
+    /// Sets what a step does with NaN/inf gradients.
+    pub fn set_non_finite(&mut self, policy: NonFinitePolicy) {
+        self.non_finite = policy;
+    }
+
+    /// What a step does with NaN/inf gradients.
+    pub fn non_finite(&self) -> NonFinitePolicy {
+        self.non_finite
+    }
+
+    /// Divides every gradient by `grad_scale` inside the step (mixed-precision
+    /// loss scaling, torch's fused `grad_scale`); `None` turns it off. A
+    /// power-of-two scale is applied as an exact multiplication by its
+    /// reciprocal. With [`NonFinitePolicy::SkipStep`] the non-finite check
+    /// sees the unscaled gradients, like torch's `found_inf`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidHyperparameter`] unless the scale is finite and
+    /// nonzero; the scale is unchanged then.
+    pub fn set_grad_scale(&mut self, grad_scale: Option<f32>) -> Result<(), Error> {
+        if let Some(s) = grad_scale
+            && !(s.is_finite() && s != 0.0)
+        {
+            return Err(Error::InvalidHyperparameter {
+                name: "grad_scale",
+                value: s as f64,
+                requirement: "finite and nonzero",
+            });
+        }
+        self.grad_scale = grad_scale;
+        Ok(())
+    }
+
+    /// The loss scale gradients are divided by.
+    pub fn grad_scale(&self) -> Option<f32> {
+        self.grad_scale
+    }
+
     /// One optimizer step: updates `params` in place from `grads`.
     ///
-    /// Allocates nothing.
+    /// Allocates nothing. With [`NonFinitePolicy::SkipStep`], a step that
+    /// sees a NaN/inf gradient changes nothing and reports `skipped: true`.
     ///
     /// # Errors
     /// [`Error::LengthMismatch`] if `params` or `grads` is not of the length
     /// given to [`new`](Self::new); [`Error::BackendUnavailable`] for a forced
-    /// backend this CPU lacks. Nothing is modified on error.
+    /// backend this CPU lacks; [`Error::NonFiniteGradient`] under
+    /// [`NonFinitePolicy::Error`]. Nothing is modified on error.
     pub fn step(&mut self, params: &mut [f32], grads: &[f32]) -> Result<StepReport, Error> {
         check_len("params", self.n, params.len())?;
         check_len("grads", self.n, grads.len())?;
-        let plan = Plan::new(&self.exec)?;
+        let mut plan = Plan::new(&self.exec)?;
+        plan.unscale = Unscale::new(self.grad_scale);
+        if self.non_finite != NonFinitePolicy::Propagate && crate::driver::any_non_finite(&plan, grads) {
+            if self.non_finite == NonFinitePolicy::Error {
+                let index = grads.iter().position(|&g| !plan.unscale.apply(g).is_finite()).unwrap_or(0);
+                return Err(Error::NonFiniteGradient { index });
+            }
+            return Ok(StepReport { backend: plan.backend, parallel: false, skipped: true });
+        }
         let t = self.t + 1;
         let mut refs: [&mut [f32]; MAX_STATE] = Default::default();
         let k = self.state.len();
@@ -297,24 +377,81 @@ impl<A: Algorithm> Optimizer<A> {
     }
 }
 
-/// `maximize` and coupled (L2) weight decay, applied to the gradient the way
-/// every torch optimizer does first: `g = -g` if maximizing, then `g + wd * p`.
+/// Loss-scale removal, `maximize` and coupled (L2) weight decay, applied to
+/// the gradient the way torch's fused kernels do first: `g = g / grad_scale`,
+/// `g = -g` if maximizing, then `g + wd * p`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct GradIn {
+    pub unscale: Unscale,
     pub maximize: bool,
     /// L2 weight decay added to the gradient; 0 disables (torch skips the add).
     pub wd: f32,
 }
 
+/// How gradients are divided by a loss scale.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Unscale {
+    /// No scale.
+    None,
+    /// A power-of-two scale: multiplying by its exact reciprocal gives the
+    /// same bits as dividing, without the divider.
+    Mul(f32),
+    /// Any other scale: divide, as torch does.
+    Div(f32),
+}
+
+impl Unscale {
+    pub(crate) fn new(grad_scale: Option<f32>) -> Unscale {
+        match grad_scale {
+            None => Unscale::None,
+            Some(s) if s.is_normal() && (1.0 / s).is_normal() && (s.to_bits() & 0x007f_ffff) == 0 => {
+                Unscale::Mul(1.0 / s)
+            }
+            Some(s) => Unscale::Div(s),
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn apply<V: F32Vec>(self, g: V) -> V {
+        match self {
+            Unscale::None => g,
+            Unscale::Mul(r) => g * V::splat(r),
+            Unscale::Div(s) => g / V::splat(s),
+        }
+    }
+}
+
 impl GradIn {
-    pub(crate) fn new(maximize: bool, wd: f64) -> Self {
-        GradIn { maximize, wd: wd as f32 }
+    pub(crate) fn new(plan: &Plan, maximize: bool, wd: f64) -> Self {
+        GradIn { unscale: plan.unscale, maximize, wd: wd as f32 }
     }
 
     #[inline(always)]
     pub(crate) fn apply<V: F32Vec>(self, p: V, g: V) -> V {
+        let g = self.unscale.apply(g);
         let g = if self.maximize { -g } else { g };
         if self.wd != 0.0 { g + V::splat(self.wd) * p } else { g }
+    }
+}
+
+/// The division by an adaptive denominator. With `eps = 0` (allowed by
+/// torch) the denominator can be exactly 0 — zero state and zero gradient, or
+/// a second moment that underflowed — and torch produces `0/0 = NaN` or
+/// `x/0 = inf`, poisoning the parameter forever. Here a zero denominator
+/// gives a zero update instead; with `eps > 0` the plain division runs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Quot {
+    guard: bool,
+}
+
+impl Quot {
+    pub(crate) fn new(eps: f64) -> Quot {
+        Quot { guard: eps == 0.0 }
+    }
+
+    #[inline(always)]
+    pub(crate) fn apply<V: F32Vec>(self, num: V, den: V) -> V {
+        if self.guard { num.div_or_zero(den) } else { num / den }
     }
 }
 

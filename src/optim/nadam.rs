@@ -27,7 +27,7 @@
 //! It differs from torch's rounding by a few ULP at most.
 
 use super::adam::validate_betas;
-use super::{GradIn, Lerp, pow_step, sealed};
+use super::{GradIn, Lerp, Quot, pow_step, sealed};
 use crate::driver::{Kernel, Plan, Slices, StepReport, drive};
 use crate::error::non_negative;
 use crate::simd::F32Vec;
@@ -78,6 +78,7 @@ struct NAdamKernel {
     c_g: f32,
     /// `c_m * sqrt(1 - beta2^t)`
     c_m: f32,
+    div: Quot,
 }
 
 impl Kernel<2> for NAdamKernel {
@@ -91,7 +92,7 @@ impl Kernel<2> for NAdamKernel {
         *m = self.m.apply(*m, g);
         *v = *v * V::splat(self.b2) + V::splat(self.one_minus_b2) * g * g;
         let denom = v.sqrt() + V::splat(self.eps_scaled);
-        *p = *p + (V::splat(self.c_g) * g + V::splat(self.c_m) * *m) / denom;
+        *p = *p + self.div.apply(V::splat(self.c_g) * g + V::splat(self.c_m) * *m, denom);
     }
 }
 
@@ -115,7 +116,7 @@ impl sealed::Sealed for NAdamConfig {
         let decoupled = self.decoupled_weight_decay;
         let bc2_sqrt = (1.0 - pow_step(b2, t)).sqrt();
         let k = NAdamKernel {
-            grad: GradIn::new(self.maximize, if decoupled { 0.0 } else { self.weight_decay }),
+            grad: GradIn::new(&plan, self.maximize, if decoupled { 0.0 } else { self.weight_decay }),
             decay: (decoupled && self.weight_decay != 0.0).then_some((1.0 - self.lr * self.weight_decay) as f32),
             m: Lerp::new(1.0 - b1),
             b2: b2 as f32,
@@ -123,6 +124,7 @@ impl sealed::Sealed for NAdamConfig {
             eps_scaled: (self.eps * bc2_sqrt) as f32,
             c_g: (-self.lr * (1.0 - mu) / (1.0 - prod as f64) * bc2_sqrt) as f32,
             c_m: (-self.lr * mu_next / (1.0 - prod_next) * bc2_sqrt) as f32,
+            div: Quot::new(self.eps),
         };
         let [m, v] = state else { unreachable!("state count is checked by the callers") };
         let report = drive::<_, 2>(&k, plan, Slices { p, g, s: [m, v] });

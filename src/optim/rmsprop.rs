@@ -19,7 +19,7 @@
 //! square root of a small negative number, i.e. NaN. Wherever torch's value is
 //! not NaN the clamp changes nothing.
 
-use super::{GradIn, Lerp, sealed};
+use super::{GradIn, Lerp, Quot, sealed};
 use crate::driver::{Kernel, Plan, Slices, StepReport, drive};
 use crate::error::non_negative;
 use crate::simd::F32Vec;
@@ -72,6 +72,7 @@ struct RmsKernel {
     momentum: f32,
     neg_lr: f32,
     centered: bool,
+    div: Quot,
 }
 
 impl RmsKernel {
@@ -90,10 +91,10 @@ impl RmsKernel {
         let avg = if self.eps_inside { (x + eps).sqrt() } else { x.sqrt() + eps };
         match buf {
             Some(buf) => {
-                *buf = *buf * V::splat(self.momentum) + g / avg;
+                *buf = *buf * V::splat(self.momentum) + self.div.apply(g, avg);
                 *p = *p + V::splat(self.neg_lr) * *buf;
             }
-            None => *p = *p + V::splat(self.neg_lr) * g / avg,
+            None => *p = *p + self.div.apply(V::splat(self.neg_lr) * g, avg),
         }
     }
 }
@@ -134,7 +135,7 @@ impl sealed::Sealed for RmsPropConfig {
         state: &mut [&mut [f32]],
     ) -> StepReport {
         let k = RmsKernel {
-            grad: GradIn::new(self.maximize, self.weight_decay),
+            grad: GradIn::new(&plan, self.maximize, self.weight_decay),
             alpha: self.alpha as f32,
             one_minus_alpha: (1.0 - self.alpha) as f32,
             grad_avg: Lerp::new(1.0 - self.alpha),
@@ -143,6 +144,7 @@ impl sealed::Sealed for RmsPropConfig {
             momentum: self.momentum as f32,
             neg_lr: -self.lr as f32,
             centered: self.centered,
+            div: Quot::new(self.eps),
         };
         match state {
             [a] => drive::<_, 1>(&k, plan, Slices { p, g, s: [a] }),
