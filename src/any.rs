@@ -128,6 +128,17 @@ macro_rules! any_types {
         }
 
         $(
+            impl crate::optim::sealed::AnyConv for $cfg {
+                fn to_any(&self) -> AnyConfig {
+                    AnyConfig::$variant(*self)
+                }
+                fn from_any(any: &AnyConfig) -> Option<Self> {
+                    match any {
+                        AnyConfig::$variant(c) => Some(*c),
+                        _ => None,
+                    }
+                }
+            }
             impl From<$cfg> for AnyConfig {
                 fn from(c: $cfg) -> Self {
                     AnyConfig::$variant(c)
@@ -263,6 +274,38 @@ macro_rules! any_types {
             /// See [`Optimizer::state`].
             pub fn state(&self, name: &str) -> Option<&[f32]> {
                 match self { $(AnyOptimizer::$variant(o) => o.state(name),)* }
+            }
+            /// See [`Optimizer::to_safetensors`].
+            ///
+            /// # Errors
+            /// As [`Optimizer::to_safetensors`].
+            pub fn to_safetensors(&self) -> Result<Vec<u8>, Error> {
+                match self { $(AnyOptimizer::$variant(o) => o.to_safetensors(),)* }
+            }
+            /// See [`Optimizer::save`].
+            ///
+            /// # Errors
+            /// As [`Optimizer::save`].
+            pub fn save(&self, path: impl AsRef<std::path::Path>) -> Result<(), Error> {
+                crate::checkpoint::write_atomic(path.as_ref(), &self.to_safetensors()?)
+            }
+            /// An optimizer of whatever kind the checkpoint holds.
+            ///
+            /// # Errors
+            /// As [`Optimizer::from_safetensors`].
+            pub fn from_safetensors(bytes: &[u8]) -> Result<AnyOptimizer, Error> {
+                let class = crate::checkpoint::torch_class_of(bytes)?;
+                $(if class == <$cfg as Algorithm>::TORCH_CLASS {
+                    return Ok(Optimizer::<$cfg>::from_safetensors(bytes)?.into());
+                })*
+                Err(Error::Checkpoint { reason: format!("unknown optimizer {class:?}") })
+            }
+            /// See [`Optimizer::restore`]; also an error for another kind.
+            ///
+            /// # Errors
+            /// As [`Optimizer::restore`].
+            pub fn restore(&mut self, bytes: &[u8]) -> Result<(), Error> {
+                match self { $(AnyOptimizer::$variant(o) => o.restore(bytes),)* }
             }
             /// See [`Optimizer::state_names`].
             pub fn state_names(&self) -> &'static [&'static str] {

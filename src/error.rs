@@ -53,6 +53,19 @@ pub enum Error {
         /// The first such element.
         index: usize,
     },
+    /// A checkpoint is truncated, corrupted, of another format or version,
+    /// or does not match the optimizer.
+    Checkpoint {
+        /// What is wrong.
+        reason: String,
+    },
+    /// Reading or writing a file failed.
+    Io {
+        /// The kind of I/O error.
+        kind: std::io::ErrorKind,
+        /// The operating system's message.
+        message: String,
+    },
     /// A torch class name this crate does not implement.
     UnknownOptimizer {
         /// The name given.
@@ -91,6 +104,8 @@ impl std::fmt::Display for Error {
                 write!(f, "unknown backend {name:?} (expected scalar, wide, avx2, avx512 or auto)")
             }
             Error::NonFiniteGradient { index } => write!(f, "gradient element {index} is NaN or infinite"),
+            Error::Checkpoint { reason } => write!(f, "checkpoint: {reason}"),
+            Error::Io { kind, message } => write!(f, "I/O error ({kind:?}): {message}"),
             Error::UnknownOptimizer { name } => write!(f, "unknown optimizer {name:?}"),
             Error::InvalidOption { name, reason } => write!(f, "option {name:?}: {reason}"),
             Error::IncompatibleConfig { reason } => write!(f, "incompatible configuration: {reason}"),

@@ -25,6 +25,7 @@
 
 pub mod any;
 mod backend;
+pub mod checkpoint;
 mod driver;
 mod error;
 pub mod optim;

@@ -23,11 +23,29 @@ pub const MAX_STATE: usize = 3;
 pub(crate) mod sealed {
     use super::*;
 
+    /// Conversion to and from [`AnyConfig`](crate::AnyConfig) (for checkpoints).
+    pub trait AnyConv: Sized {
+        /// This configuration as an `AnyConfig`.
+        fn to_any(&self) -> crate::AnyConfig;
+        /// The configuration inside `any`, if it is of this kind.
+        fn from_any(any: &crate::AnyConfig) -> Option<Self>;
+    }
+
     /// The part of [`Algorithm`] that touches raw kernels; not callable from
     /// outside the crate.
     pub trait Sealed {
         /// Scalar state carried from step to step (NAdam's `mu_product`).
         type Aux: Copy + std::fmt::Debug + PartialEq + Send + Sync;
+        /// The torch name of the scalar state, if there is one.
+        const AUX_NAME: Option<&'static str> = None;
+        /// The scalar state as the f32 torch stores.
+        fn aux_to_f32(_aux: &Self::Aux) -> f32 {
+            0.0
+        }
+        /// The scalar state from the f32 torch stores.
+        fn aux_from_f32(_x: f32) -> Option<Self::Aux> {
+            None
+        }
         /// Runs step `t` (>= 1) with validated lengths and a resolved backend,
         /// updating `aux`.
         fn run(
@@ -44,7 +62,7 @@ pub(crate) mod sealed {
 
 /// An optimizer configuration: what turns a [`Config`](crate::Adam) into an
 /// [`Optimizer`]. Implemented by every `*Config` type of this crate.
-pub trait Algorithm: sealed::Sealed + Clone + std::fmt::Debug + Send + Sync + 'static {
+pub trait Algorithm: sealed::Sealed + sealed::AnyConv + Clone + std::fmt::Debug + Send + Sync + 'static {
     /// The `torch.optim` class this follows (`"Adam"`, `"SGD"`, ...).
     const TORCH_CLASS: &'static str;
     /// Checks every hyperparameter (torch's `ValueError` conditions, and
@@ -142,11 +160,11 @@ pub enum NonFinitePolicy {
 /// Use it through the aliases: [`Adam`](crate::Adam), [`Sgd`](crate::Sgd), ...
 #[derive(Clone, Debug)]
 pub struct Optimizer<A: Algorithm> {
-    config: A,
-    n: usize,
-    t: u64,
-    aux: <A as sealed::Sealed>::Aux,
-    state: Vec<Buffer>,
+    pub(crate) config: A,
+    pub(crate) n: usize,
+    pub(crate) t: u64,
+    pub(crate) aux: <A as sealed::Sealed>::Aux,
+    pub(crate) state: Vec<Buffer>,
     exec: Exec,
     non_finite: NonFinitePolicy,
     grad_scale: Option<f32>,

@@ -99,6 +99,13 @@ impl Kernel<2> for NAdamKernel {
 impl sealed::Sealed for NAdamConfig {
     /// `mu_product`, kept in f32 like torch's state tensor.
     type Aux = f32;
+    const AUX_NAME: Option<&'static str> = Some("mu_product");
+    fn aux_to_f32(aux: &f32) -> f32 {
+        *aux
+    }
+    fn aux_from_f32(x: f32) -> Option<f32> {
+        Some(x)
+    }
     fn run(
         &self,
         t: u64,
