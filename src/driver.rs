@@ -215,9 +215,9 @@ pub(crate) fn any_non_finite(plan: &Plan, g: &[f32]) -> bool {
     }
 }
 
-type Runner<K, const S: usize> = fn(&K, Slices<'_, S>);
+pub(crate) type Runner<K, const S: usize> = fn(&K, Slices<'_, S>);
 
-fn runner<K: Kernel<S>, const S: usize>(b: Backend) -> Runner<K, S> {
+pub(crate) fn runner<K: Kernel<S>, const S: usize>(b: Backend) -> Runner<K, S> {
     match b {
         Backend::Scalar => run_scalar::<K, S>,
         Backend::Wide => run_wide::<K, S>,

@@ -33,6 +33,13 @@ pub enum Error {
         /// Buffers given.
         actual: usize,
     },
+    /// A sparse gradient names a row outside the table.
+    RowOutOfRange {
+        /// The row given.
+        row: usize,
+        /// Rows in the table.
+        rows: usize,
+    },
     /// Step numbers start at 1.
     InvalidStep {
         /// The rejected step number.
@@ -98,6 +105,7 @@ impl std::fmt::Display for Error {
             Error::StateCount { expected, actual } => {
                 write!(f, "{actual} state buffers given, this configuration needs {expected}")
             }
+            Error::RowOutOfRange { row, rows } => write!(f, "row {row} is outside the table of {rows} rows"),
             Error::InvalidStep { step } => write!(f, "step number {step} is invalid: steps count from 1"),
             Error::BackendUnavailable { backend } => write!(f, "backend {backend} is not available on this CPU"),
             Error::UnknownBackend { name } => {

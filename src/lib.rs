@@ -28,10 +28,12 @@ mod backend;
 pub mod checkpoint;
 mod driver;
 mod error;
+pub mod groups;
 pub mod optim;
 pub mod roofline;
 pub mod schedule;
 mod simd;
+pub mod sparse;
 
 pub use any::{AnyConfig, AnyOptimizer, HyperValue};
 pub use backend::{AUTO_GRAIN, Backend, Exec, PAR_THRESHOLD, PAR_THRESHOLD_INSIDE, Parallel};

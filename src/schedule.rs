@@ -300,7 +300,7 @@ fn cosine(lo: f64, hi: f64, pos: f64, len: f64) -> f64 {
 impl LrSchedule for CosineAnnealingLR {
     fn lr_at(&self, t: u64) -> f64 {
         // The cosine has period 2 T_max: reduce t first so huge t stays exact.
-        let pos = t % (2 * self.t_max);
+        let pos = self.t_max.checked_mul(2).map_or(t, |period| t % period);
         cosine(self.eta_min, self.base_lr, pos as f64, self.t_max as f64)
     }
     fn bounds(&self) -> (f64, f64) {
@@ -385,7 +385,7 @@ pub enum CyclicMode {
 pub struct CyclicLR {
     base_lr: f64,
     max_lr: f64,
-    total: f64,
+    total: u64,
     step_ratio: f64,
     mode: CyclicMode,
     momentum: Option<(f64, f64)>,
@@ -425,8 +425,11 @@ impl CyclicLR {
                 }
             }
         }
-        let total = (step_size_up + down) as f64;
-        Ok(CyclicLR { base_lr, max_lr, total, step_ratio: step_size_up as f64 / total, mode, momentum: cycle_momentum })
+        let total = step_size_up
+            .checked_add(down)
+            .ok_or_else(|| bad("step_size_down", down as f64, "such that step_size_up + step_size_down fits in u64"))?;
+        let step_ratio = step_size_up as f64 / total as f64;
+        Ok(CyclicLR { base_lr, max_lr, total, step_ratio, mode, momentum: cycle_momentum })
     }
 
     /// `(scale_factor, amplitude scale)` at step `t`, torch's formulas.
@@ -436,9 +439,9 @@ impl CyclicLR {
     /// position within the cycle as `t` grows; the same quantities are taken
     /// here from integer division, so the schedule repeats exactly.
     fn phase(&self, t: u64) -> (f64, f64) {
-        let total = self.total as u64;
+        let total = self.total;
         let cycle = (t / total) as f64 + 1.0;
-        let x = (t % total) as f64 / self.total;
+        let x = (t % total) as f64 / total as f64;
         let scale_factor = if x <= self.step_ratio { x / self.step_ratio } else { (x - 1.0) / (self.step_ratio - 1.0) };
         let amplitude = match self.mode {
             CyclicMode::Triangular => 1.0,
@@ -527,7 +530,13 @@ impl OneCycleLR {
             }
         }
         let initial = max_lr / div_factor;
+        if !initial.is_finite() {
+            return Err(bad("div_factor", div_factor, "such that max_lr / div_factor is finite"));
+        }
         let min_lr = initial / final_div_factor;
+        if !min_lr.is_finite() {
+            return Err(bad("final_div_factor", final_div_factor, "such that the final rate is finite"));
+        }
         let n = total_steps as f64;
         let phases = if three_phase {
             vec![
@@ -716,32 +725,43 @@ pub struct ChainedScheduler {
 
 impl ChainedScheduler {
     /// # Errors
-    /// A zero or bad `base_lr`, or no schedules.
+    /// A `base_lr` that is not a normal positive number, no schedules, or
+    /// children whose product can overflow.
     pub fn new(base_lr: f64, schedules: Vec<Schedule>) -> Result<Self, Error> {
         check_lr("base_lr", base_lr)?;
-        if base_lr == 0.0 {
-            return Err(bad("base_lr", base_lr, "> 0 (factors are relative to it)"));
+        if !base_lr.is_normal() {
+            return Err(bad("base_lr", base_lr, "a normal positive number (factors are relative to it)"));
         }
         if schedules.is_empty() {
             return Err(bad("schedulers", 0.0, "at least one schedule"));
         }
-        Ok(ChainedScheduler { base_lr, schedules })
+        let chained = ChainedScheduler { base_lr, schedules };
+        let (lo, hi) = chained.bounds();
+        if !(lo.is_finite() && hi.is_finite()) {
+            return Err(bad("schedulers", hi, "factors whose product stays finite"));
+        }
+        Ok(chained)
+    }
+
+    /// `s_1 * prod_{i >= 2} (s_i / base_lr)`: the same value as
+    /// `base_lr * prod (s_i / base_lr)` without forming a huge factor first.
+    fn product(&self, value: impl Fn(&Schedule) -> f64) -> f64 {
+        let mut it = self.schedules.iter();
+        let first = it.next().map_or(self.base_lr, &value);
+        it.fold(first, |lr, s| lr * (value(s) / self.base_lr))
     }
 }
 
 impl LrSchedule for ChainedScheduler {
     fn lr_at(&self, t: u64) -> f64 {
-        self.schedules.iter().fold(self.base_lr, |lr, s| lr * (s.lr_at(t) / self.base_lr))
+        self.product(|s| s.lr_at(t))
     }
     fn momentum_at(&self, t: u64) -> Option<f64> {
         self.schedules.iter().find_map(|s| s.momentum_at(t))
     }
     fn bounds(&self) -> (f64, f64) {
-        self.schedules.iter().fold((self.base_lr, self.base_lr), |(lo, hi), s| {
-            let (a, b) = s.bounds();
-            let (fa, fb) = (a / self.base_lr, b / self.base_lr);
-            (lo * fa.min(fb), hi * fa.max(fb))
-        })
+        // Every child is non-negative, so the product is monotone in each.
+        (self.product(|s| s.bounds().0), self.product(|s| s.bounds().1))
     }
 }
 

@@ -92,7 +92,6 @@ fn check_optimizer(name: &str, v: &Value) -> f64 {
 #[test]
 fn golden() {
     let mut checked: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut skipped: BTreeMap<String, usize> = BTreeMap::new();
     let mut worst_by_class: BTreeMap<String, f64> = BTreeMap::new();
     let mut worst_schedule: BTreeMap<String, f64> = BTreeMap::new();
     for (name, v) in load_all() {
@@ -114,7 +113,14 @@ fn golden() {
                 *e = e.max(w);
                 *checked.entry("schedule").or_default() += 1;
             }
-            "sparse_optimizer" => *skipped.entry(kind.to_string()).or_default() += 1,
+            "sparse_optimizer" => {
+                let w = check_sparse(&name, &v);
+                println!("golden: {name}: worst error {w:.4} of tolerance");
+                let class = format!("sparse {}", v["torch_class"].as_str().unwrap());
+                let e = worst_by_class.entry(class).or_insert(0.0);
+                *e = e.max(w);
+                *checked.entry("sparse").or_default() += 1;
+            }
             other => panic!("{name}: unknown kind {other:?}"),
         }
     }
@@ -126,9 +132,7 @@ fn golden() {
     }
     println!("golden: {} optimizer files checked", checked.get("optimizer").copied().unwrap_or(0));
     println!("golden: {} schedule files checked", checked.get("schedule").copied().unwrap_or(0));
-    for (kind, n) in &skipped {
-        println!("golden: {n} {kind} files skipped");
-    }
+    println!("golden: {} sparse files checked", checked.get("sparse").copied().unwrap_or(0));
     assert!(checked.values().sum::<usize>() > 0, "no golden files checked");
 }
 
@@ -292,6 +296,71 @@ fn check_schedule(name: &str, v: &Value) -> f64 {
         let err = (got - want).abs();
         assert!(err <= 1e-9 * want.abs().max(1e-12 / 1e-9), "{name} step {t}: got {got:e}, torch {want:e}");
         worst = worst.max(err / want.abs().max(1e-300));
+    }
+    worst
+}
+
+/// One row-sparse step: table, rows, values.
+type SparseStep = Box<dyn FnMut(&mut [f32], &[usize], &[f32]) + Send>;
+
+fn check_sparse(name: &str, v: &Value) -> f64 {
+    use adaoptim::sparse::{SparseAdagrad, SparseAdam, SparseAdamConfig};
+    use adaoptim::{AdagradConfig, AnyConfig, Exec};
+    let class = v["torch_class"].as_str().expect("torch_class");
+    let rows = v["rows"].as_u64().expect("rows") as usize;
+    let dim = v["dim"].as_u64().expect("dim") as usize;
+    let steps = v["steps"].as_u64().expect("steps") as usize;
+    let p0 = f32s(&v["params0"]);
+    let grad_rows: Vec<Vec<usize>> = v["grad_rows"]
+        .as_array()
+        .expect("grad_rows")
+        .iter()
+        .map(|r| r.as_array().expect("rows").iter().map(|x| x.as_u64().expect("row") as usize).collect())
+        .collect();
+    let grad_values: Vec<Vec<f32>> = v["grad_values"].as_array().expect("grad_values").iter().map(f32s).collect();
+    let want: Vec<Vec<f32>> = v["params"].as_array().expect("params").iter().map(f32s).collect();
+    assert!(grad_rows.len() == steps && grad_values.len() == steps && want.len() == steps, "{name}: steps");
+    let opts = v["options"].as_object().expect("options");
+    let mut worst: f64 = 0.0;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+    let mut paths = all_paths();
+    paths
+        .push(("parallel-auto-rows".into(), Exec { backend: None, parallel: adaoptim::Parallel::Chunks { chunk: 1 } }));
+    for (path, exec) in paths {
+        let mut p = p0.clone();
+        let mut step: SparseStep = match class {
+            "SparseAdam" => {
+                let mut c = SparseAdamConfig::default();
+                for (k, x) in opts {
+                    match k.as_str() {
+                        "lr" => c.lr = x.as_f64().unwrap(),
+                        "eps" => c.eps = x.as_f64().unwrap(),
+                        "betas" => c.betas = (x[0].as_f64().unwrap(), x[1].as_f64().unwrap()),
+                        "maximize" => c.maximize = x.as_bool().unwrap(),
+                        other => panic!("{name}: cannot interpret SparseAdam option {other}"),
+                    }
+                }
+                let mut o = SparseAdam::new(c, rows, dim).unwrap();
+                o.set_exec(exec);
+                Box::new(move |p, r, g| {
+                    o.step(p, r, g).unwrap();
+                })
+            }
+            "Adagrad" => {
+                let cfg = config_from_json("Adagrad", &v["options"]).unwrap();
+                let AnyConfig::Adagrad(c) = cfg else { unreachable!() };
+                let mut o = SparseAdagrad::new(c as AdagradConfig, rows, dim).unwrap();
+                o.set_exec(exec);
+                Box::new(move |p, r, g| {
+                    o.step(p, r, g).unwrap();
+                })
+            }
+            other => panic!("{name}: unknown sparse class {other}"),
+        };
+        for t in 0..steps {
+            pool.install(|| step(&mut p, &grad_rows[t], &grad_values[t]));
+            worst = worst.max(worst_fraction(name, &path, t, &p, &want[t]));
+        }
     }
     worst
 }

@@ -213,3 +213,58 @@ fn step_scheduled_drives_lr_and_momentum() {
     a2.step_scheduled(&cos, &mut p, &g).unwrap();
     assert_eq!(a2.lr(), 0.1);
 }
+
+/// Found by `cargo fuzz run schedules` (crash-34cd8eb0...): a tiny positive
+/// `div_factor` made the initial rate overflow to infinity, so the schedule
+/// yielded `inf`. Now a typed error.
+#[test]
+fn regression_onecycle_tiny_div_factor() {
+    let r = OneCycleLR::new(
+        7.4e-68,
+        71_468_255_805_440,
+        2.05e-289,
+        Anneal::Cos,
+        8.07e-308,
+        1.89e-312,
+        true,
+        Some((0.0, 0.0)),
+    );
+    assert!(matches!(r, Err(Error::InvalidHyperparameter { name: "final_div_factor", .. })), "{r:?}");
+    let r = OneCycleLR::new(1e300, 10, 0.3, Anneal::Cos, 1e-10, 1.0, false, None);
+    assert!(matches!(r, Err(Error::InvalidHyperparameter { name: "div_factor", .. })), "{r:?}");
+    let r = OneCycleLR::new(1.0, 10, 0.3, Anneal::Cos, 1.0, 1e-320, false, None);
+    assert!(matches!(r, Err(Error::InvalidHyperparameter { name: "final_div_factor", .. })), "{r:?}");
+}
+
+/// Found by `cargo fuzz run schedules`: `T_max > u64::MAX / 2` overflowed the
+/// period `2 T_max` (a panic in debug builds).
+#[test]
+fn regression_cosine_huge_t_max() {
+    let c = CosineAnnealingLR::new(1.0, u64::MAX - 5, 0.0).unwrap();
+    for t in [0, 1, u64::MAX / 2, u64::MAX] {
+        assert!(c.lr_at(t).is_finite());
+    }
+    assert_eq!(c.lr_at(0), 1.0);
+}
+
+/// Found by `cargo fuzz run schedules`: `step_size_up + step_size_down`
+/// overflowed u64.
+#[test]
+fn regression_cyclic_step_sizes_overflow() {
+    let r = CyclicLR::new(0.1, 1.0, u64::MAX, Some(2), CyclicMode::Triangular, None);
+    assert!(matches!(r, Err(Error::InvalidHyperparameter { name: "step_size_down", .. })), "{r:?}");
+    let c = CyclicLR::new(0.1, 1.0, u64::MAX - 2, Some(2), CyclicMode::Triangular2, None).unwrap();
+    assert!(c.lr_at(u64::MAX).is_finite());
+}
+
+/// Found by `cargo fuzz run schedules`: a subnormal `base_lr` in a
+/// `ChainedScheduler` turned child rates into infinite factors.
+#[test]
+fn regression_chained_tiny_base() {
+    let child = || -> Schedule { CosineAnnealingWarmRestarts::new(2.1e-314, 3, 2, 6.5e303).unwrap().into() };
+    let r = ChainedScheduler::new(2.1e-314, vec![child()]);
+    assert!(matches!(r, Err(Error::InvalidHyperparameter { name: "base_lr", .. })), "{r:?}");
+    let big = || -> Schedule { ConstantLR::new(1e300, 1.0, 0).unwrap().into() };
+    let r = ChainedScheduler::new(1e-300, vec![big(), big()]);
+    assert!(matches!(r, Err(Error::InvalidHyperparameter { name: "schedulers", .. })), "{r:?}");
+}

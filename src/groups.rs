@@ -1,0 +1,399 @@
+//! Parameter groups over many tensors, in one flat arena.
+//!
+//! A real model is hundreds of tensors of mixed sizes with per-group
+//! hyperparameters (no weight decay on biases and norms, say). A
+//! [`GroupedOptimizer`] keeps every tensor's parameters, gradients and state
+//! in one 64-byte-aligned buffer each — the flat layout ZeRO-style training
+//! uses — with a view per tensor. A step over all of them is **one** parallel
+//! region: the arena is cut into equal chunks (balanced by bytes, since every
+//! element moves the same bytes), and each chunk applies, to the pieces of
+//! the tensors it covers, the kernel of their group. Stepping the groups
+//! gives exactly the bits stepping each tensor alone would.
+//!
+//! Each tensor starts at a multiple of 16 elements (64 bytes); the padding
+//! between tensors belongs to no tensor and is never touched.
+//!
+//! # Sharding (data parallel, ZeRO stage 1/2)
+//! Every worker builds the same layout (same groups, same tensor sizes, in
+//! the same order), so offsets agree everywhere. Worker `w` of `W` owns the
+//! element range `shard_range(w, W)` (or any partition) and calls
+//! [`step_range`](GroupedOptimizer::step_range) with it after the gradient
+//! reduce-scatter: it updates only its range of parameters and state — the
+//! same bits the unsharded step gives that range — and then all-gathers the
+//! parameters. Every worker calls `step_range` once per step, so step counts
+//! (and NAdam's `mu_product`) agree.
+//!
+//! ```
+//! use adaoptim::groups::GroupedOptimizer;
+//! use adaoptim::AdamWConfig;
+//!
+//! let mut opt = GroupedOptimizer::new();
+//! let decay = opt.add_group(AdamWConfig { weight_decay: 0.1, ..Default::default() }, &[64 * 64, 256 * 64])?;
+//! let no_decay = opt.add_group(AdamWConfig { weight_decay: 0.0, ..Default::default() }, &[64, 64])?;
+//! opt.params_mut(decay[0]).fill(0.02);
+//! opt.grads_mut(no_decay[1]).fill(0.5);
+//! opt.step()?;
+//! assert!(opt.params(no_decay[1])[0] < 0.0);
+//! # Ok::<(), adaoptim::Error>(())
+//! ```
+
+use std::ops::Range;
+
+use aligned_vec::{AVec, ConstAlign};
+
+use crate::backend::Parallel;
+use crate::driver::{Plan, StepReport};
+use crate::optim::MAX_STATE;
+use crate::optim::sealed::Sealed;
+use crate::schedule::{LrSchedule, Schedule};
+use crate::{Algorithm, Error, Exec};
+
+type Buffer = AVec<f32, ConstAlign<64>>;
+
+/// A tensor of a [`GroupedOptimizer`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TensorId(usize);
+
+#[derive(Clone, Debug)]
+struct Tensor {
+    group: usize,
+    offset: usize,
+    len: usize,
+}
+
+#[derive(Clone, Debug)]
+struct Group<A: Algorithm> {
+    config: A,
+    aux: <A as Sealed>::Aux,
+    schedule: Option<Schedule>,
+}
+
+/// Many tensors in groups with their own hyperparameters (and schedules),
+/// stepped in one parallel region over a flat arena. See the
+/// [module docs](self).
+#[derive(Clone, Debug)]
+pub struct GroupedOptimizer<A: Algorithm> {
+    groups: Vec<Group<A>>,
+    tensors: Vec<Tensor>,
+    params: Buffer,
+    grads: Buffer,
+    state: Vec<Buffer>,
+    state_names: &'static [&'static str],
+    t: u64,
+    exec: Exec,
+}
+
+impl<A: Algorithm> Default for GroupedOptimizer<A> {
+    fn default() -> Self {
+        GroupedOptimizer {
+            groups: Vec::new(),
+            tensors: Vec::new(),
+            params: AVec::new(64),
+            grads: AVec::new(64),
+            state: Vec::new(),
+            state_names: &[],
+            t: 0,
+            exec: Exec::auto(),
+        }
+    }
+}
+
+/// Elements of the arena a worker owns: `[total * w / workers, total * (w + 1) / workers)`,
+/// rounded to multiples of 16.
+pub fn shard_range(total: usize, worker: usize, workers: usize) -> Range<usize> {
+    let cut = |w: usize| ((total as u128 * w as u128 / workers.max(1) as u128) as usize).div_ceil(16) * 16;
+    cut(worker).min(total)..cut(worker + 1).min(total)
+}
+
+impl<A: Algorithm> GroupedOptimizer<A> {
+    /// An optimizer with no groups yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a group of tensors of the given element counts (zero allowed),
+    /// with parameters and gradients zeroed and state initialised; returns
+    /// their ids.
+    ///
+    /// # Errors
+    /// Invalid hyperparameters, or a configuration keeping other state
+    /// buffers than the groups already added (for example `amsgrad` in one
+    /// Adam group only).
+    pub fn add_group(&mut self, config: A, sizes: &[usize]) -> Result<Vec<TensorId>, Error> {
+        config.validate()?;
+        if self.groups.is_empty() {
+            self.state_names = config.state_names();
+            self.state = (0..self.state_names.len()).map(|_| AVec::new(64)).collect();
+        } else if config.state_names() != self.state_names {
+            return Err(Error::IncompatibleConfig { reason: "every group must keep the same state buffers" });
+        }
+        let group = self.groups.len();
+        let mut ids = Vec::with_capacity(sizes.len());
+        for &len in sizes {
+            let offset = self.params.len().div_ceil(16) * 16;
+            let end = offset + len;
+            self.params.resize(end, 0.0);
+            self.grads.resize(end, 0.0);
+            for (i, s) in self.state.iter_mut().enumerate() {
+                s.resize(offset, 0.0);
+                s.resize(end, config.state_init(i));
+            }
+            ids.push(TensorId(self.tensors.len()));
+            self.tensors.push(Tensor { group, offset, len });
+        }
+        self.groups.push(Group { aux: config.aux_init(), config, schedule: None });
+        Ok(ids)
+    }
+
+    /// Sets the execution policy.
+    pub fn set_exec(&mut self, exec: Exec) {
+        self.exec = exec;
+    }
+
+    fn tensor(&self, id: TensorId) -> &Tensor {
+        &self.tensors[id.0]
+    }
+
+    /// A tensor's parameters.
+    ///
+    /// # Panics
+    /// If `id` comes from another optimizer (ids are only made by `add_group`).
+    pub fn params(&self, id: TensorId) -> &[f32] {
+        let t = self.tensor(id);
+        &self.params[t.offset..t.offset + t.len]
+    }
+
+    /// A tensor's parameters, to write.
+    ///
+    /// # Panics
+    /// As [`params`](Self::params).
+    pub fn params_mut(&mut self, id: TensorId) -> &mut [f32] {
+        let t = self.tensors[id.0].clone();
+        &mut self.params[t.offset..t.offset + t.len]
+    }
+
+    /// A tensor's gradient buffer, to fill before a step.
+    ///
+    /// # Panics
+    /// As [`params`](Self::params).
+    pub fn grads_mut(&mut self, id: TensorId) -> &mut [f32] {
+        let t = self.tensors[id.0].clone();
+        &mut self.grads[t.offset..t.offset + t.len]
+    }
+
+    /// A tensor's state buffer by torch name.
+    pub fn state(&self, name: &str, id: TensorId) -> Option<&[f32]> {
+        let i = self.state_names.iter().position(|s| *s == name)?;
+        let t = self.tensor(id);
+        Some(&self.state[i][t.offset..t.offset + t.len])
+    }
+
+    /// The whole parameter arena (including padding between tensors).
+    pub fn params_flat(&self) -> &[f32] {
+        &self.params
+    }
+
+    /// The whole parameter arena, to write (an all-gather target).
+    pub fn params_flat_mut(&mut self) -> &mut [f32] {
+        &mut self.params
+    }
+
+    /// The whole gradient arena, to write (a reduce-scatter target).
+    pub fn grads_flat_mut(&mut self) -> &mut [f32] {
+        &mut self.grads
+    }
+
+    /// Elements in the arena.
+    pub fn total_len(&self) -> usize {
+        self.params.len()
+    }
+
+    /// Number of tensors.
+    pub fn num_tensors(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// A group's configuration.
+    pub fn group_config(&self, group: usize) -> Option<&A> {
+        self.groups.get(group).map(|g| &g.config)
+    }
+
+    /// Replaces a group's configuration (same state buffers required).
+    ///
+    /// # Errors
+    /// Invalid hyperparameters, another state layout, or no such group;
+    /// nothing changes then.
+    pub fn set_group_config(&mut self, group: usize, config: A) -> Result<(), Error> {
+        config.validate()?;
+        if config.state_names() != self.state_names {
+            return Err(Error::IncompatibleConfig { reason: "every group must keep the same state buffers" });
+        }
+        let g = self.groups.get_mut(group).ok_or(Error::IncompatibleConfig { reason: "no such group" })?;
+        g.config = config;
+        Ok(())
+    }
+
+    /// Gives a group a schedule: before each step its learning rate (and, for
+    /// momentum-cycling schedules, its momentum / `beta1`) is set from
+    /// `schedule.lr_at(step_count())`. `None` removes it.
+    ///
+    /// # Errors
+    /// No such group.
+    pub fn set_group_schedule(&mut self, group: usize, schedule: Option<Schedule>) -> Result<(), Error> {
+        let g = self.groups.get_mut(group).ok_or(Error::IncompatibleConfig { reason: "no such group" })?;
+        g.schedule = schedule;
+        Ok(())
+    }
+
+    /// Steps taken.
+    pub fn step_count(&self) -> u64 {
+        self.t
+    }
+
+    /// One step over every tensor.
+    ///
+    /// # Errors
+    /// As [`step_range`](Self::step_range).
+    pub fn step(&mut self) -> Result<StepReport, Error> {
+        self.step_range(0..self.params.len())
+    }
+
+    /// One step over the arena elements in `range` only (a shard): the same
+    /// bits the full step gives those elements. Advances the step count
+    /// (and scalar state) as a full step does.
+    ///
+    /// # Errors
+    /// A range outside the arena, an unavailable forced backend, or a
+    /// schedule value a group's configuration rejects (or momentum cycling on
+    /// an optimizer without momentum). Nothing changes on error.
+    pub fn step_range(&mut self, range: Range<usize>) -> Result<StepReport, Error> {
+        if range.start > range.end || range.end > self.params.len() {
+            return Err(Error::LengthMismatch { what: "range end", expected: self.params.len(), actual: range.end });
+        }
+        let plan = Plan::new(&self.exec)?;
+        // Scheduled hyperparameters, checked for every group before any is set.
+        for g in &self.groups {
+            if let Some(s) = &g.schedule {
+                scheduled(&g.config, s, self.t)?;
+            }
+        }
+        for g in &mut self.groups {
+            if let Some(s) = &g.schedule {
+                g.config = scheduled(&g.config, s, self.t)?;
+            }
+        }
+        let t = self.t + 1;
+        let serial = Plan { exec: Exec { parallel: Parallel::Serial, ..plan.exec }, ..plan };
+        let k = self.state_names.len();
+        let (lo, hi) = (range.start, range.end);
+        let mut refs: [&mut [f32]; MAX_STATE] = Default::default();
+        for (r, s) in refs.iter_mut().zip(self.state.iter_mut()) {
+            *r = &mut s[lo..hi];
+        }
+        let arena = Arena { offset: lo, p: &mut self.params[lo..hi], g: &self.grads[lo..hi], s: refs, k };
+        let ctx = Ctx { tensors: &self.tensors, groups: &self.groups, t, plan: serial };
+        let parallel = match plan.exec.chunk_for(hi - lo) {
+            Some(chunk) => {
+                split(&ctx, arena, chunk);
+                true
+            }
+            None => {
+                ctx.leaf(arena);
+                false
+            }
+        };
+        // Advance each group's scalar state once (a zero-length run).
+        for g in &mut self.groups {
+            let mut empty: [&mut [f32]; MAX_STATE] = Default::default();
+            g.config.run(t, &mut g.aux, serial, &mut [], &[], &mut empty[..k]);
+        }
+        self.t = t;
+        Ok(StepReport { backend: plan.backend, parallel, skipped: false })
+    }
+}
+
+/// `config` with the schedule's learning rate (and momentum) for step `t`.
+fn scheduled<A: Algorithm>(config: &A, s: &Schedule, t: u64) -> Result<A, Error> {
+    let mut c = config.clone();
+    c.set_lr_unchecked(s.lr_at(t));
+    if let Some(m) = s.momentum_at(t)
+        && !c.set_cycled_momentum_unchecked(m)
+    {
+        return Err(Error::IncompatibleConfig { reason: "the schedule cycles momentum; this optimizer has none" });
+    }
+    c.validate()?;
+    if c.state_names() != config.state_names() {
+        return Err(Error::IncompatibleConfig { reason: "the schedule changes the state layout" });
+    }
+    Ok(c)
+}
+
+/// A contiguous piece of the arenas starting at arena element `offset`.
+struct Arena<'a> {
+    offset: usize,
+    p: &'a mut [f32],
+    g: &'a [f32],
+    s: [&'a mut [f32]; MAX_STATE],
+    k: usize,
+}
+
+impl<'a> Arena<'a> {
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        let (p0, p1) = self.p.split_at_mut(mid);
+        let (g0, g1) = self.g.split_at(mid);
+        let mut lo: [&'a mut [f32]; MAX_STATE] = Default::default();
+        let mut hi: [&'a mut [f32]; MAX_STATE] = Default::default();
+        for (i, s) in self.s.into_iter().enumerate().take(self.k) {
+            let (a, b) = s.split_at_mut(mid);
+            lo[i] = a;
+            hi[i] = b;
+        }
+        (
+            Arena { offset: self.offset, p: p0, g: g0, s: lo, k: self.k },
+            Arena { offset: self.offset + mid, p: p1, g: g1, s: hi, k: self.k },
+        )
+    }
+}
+
+struct Ctx<'a, A: Algorithm> {
+    tensors: &'a [Tensor],
+    groups: &'a [Group<A>],
+    t: u64,
+    plan: Plan,
+}
+
+impl<A: Algorithm> Ctx<'_, A> {
+    /// Applies each covered tensor's group kernel to its piece of `a`.
+    fn leaf(&self, a: Arena<'_>) {
+        let (lo, hi) = (a.offset, a.offset + a.p.len());
+        let first = self.tensors.partition_point(|t| t.offset + t.len <= lo);
+        let Arena { p, g, mut s, k, .. } = a;
+        for t in self.tensors[first..].iter().take_while(|t| t.offset < hi) {
+            let (start, end) = (t.offset.max(lo) - lo, (t.offset + t.len).min(hi) - lo);
+            if start >= end {
+                continue;
+            }
+            let group = &self.groups[t.group];
+            let mut pieces: [&mut [f32]; MAX_STATE] = Default::default();
+            for (piece, buf) in pieces.iter_mut().zip(s.iter_mut()).take(k) {
+                *piece = &mut buf[start..end];
+            }
+            // The kernel's scalars come from the group's scalar state before
+            // this step; each piece works on a copy, the state advances once
+            // per step in `step_range`.
+            let mut aux = group.aux;
+            group.config.run(self.t, &mut aux, self.plan, &mut p[start..end], &g[start..end], &mut pieces[..k]);
+        }
+    }
+}
+
+fn split<A: Algorithm>(ctx: &Ctx<'_, A>, a: Arena<'_>, chunk: usize) {
+    let n = a.p.len();
+    if n <= chunk {
+        ctx.leaf(a);
+        return;
+    }
+    let mid = n.div_ceil(chunk) / 2 * chunk;
+    let (x, y) = a.split_at(mid);
+    rayon::join(|| split(ctx, x, chunk), || split(ctx, y, chunk));
+}

@@ -1,0 +1,474 @@
+//! Row-sparse updates of embedding tables: `SparseAdam`, sparse `Adagrad`
+//! and row-wise AdaGrad.
+//!
+//! A table is `rows x dim` f32 values, flat and row-major. A gradient is a
+//! list of row indices and, for each, `dim` values (row by row, in the order
+//! of the indices). Duplicate indices are summed first, as torch coalesces a
+//! sparse gradient. Only the rows present are updated, and only their state
+//! moves (lazy updates); the step count is global. Rows are independent, so
+//! they are updated in parallel, each with the SIMD kernels along `dim`, and
+//! the result does not depend on the thread count.
+//!
+//! ```
+//! use adaoptim::sparse::{SparseAdam, SparseAdamConfig};
+//! let (rows, dim) = (1000, 8);
+//! let mut table = vec![0.5f32; rows * dim];
+//! let mut opt = SparseAdam::new(SparseAdamConfig::default(), rows, dim)?;
+//! // rows 3 and 42 (42 twice: its two gradients add up)
+//! let values = vec![0.1f32; 3 * dim];
+//! opt.step(&mut table, &[42, 3, 42], &values)?;
+//! assert_ne!(table[3 * dim], 0.5);
+//! assert_eq!(table[4 * dim], 0.5); // untouched row
+//! # Ok::<(), adaoptim::Error>(())
+//! ```
+
+use aligned_vec::{AVec, ConstAlign};
+use rayon::prelude::*;
+
+use crate::driver::{Kernel, Plan, Slices, StepReport, runner};
+use crate::error::{non_negative, unit_half_open};
+use crate::optim::pow_step;
+use crate::simd::F32Vec;
+use crate::{Error, Exec};
+
+type Buffer = AVec<f32, ConstAlign<64>>;
+
+fn zeros(n: usize, v: f32) -> Buffer {
+    AVec::from_iter(64, std::iter::repeat_n(v, n))
+}
+
+/// Validates and coalesces row-sparse gradients into reusable buffers.
+#[derive(Clone, Debug, Default)]
+struct Coalescer {
+    order: Vec<usize>,
+    rows: Vec<usize>,
+    values: Vec<f32>,
+}
+
+impl Coalescer {
+    /// Checks the gradient against the table before anything is written.
+    fn check(table_rows: usize, dim: usize, table_len: usize, rows: &[usize], values: &[f32]) -> Result<(), Error> {
+        if table_len != table_rows * dim {
+            return Err(Error::LengthMismatch { what: "table", expected: table_rows * dim, actual: table_len });
+        }
+        if values.len() != rows.len() * dim {
+            return Err(Error::LengthMismatch {
+                what: "grad_values",
+                expected: rows.len() * dim,
+                actual: values.len(),
+            });
+        }
+        if let Some(&r) = rows.iter().find(|&&r| r >= table_rows) {
+            return Err(Error::RowOutOfRange { row: r, rows: table_rows });
+        }
+        Ok(())
+    }
+
+    /// Sorted unique rows and, per row, the sum of its gradients.
+    fn coalesce(&mut self, rows: &[usize], values: &[f32], dim: usize) {
+        self.order.clear();
+        self.order.extend(0..rows.len());
+        self.order.sort_by_key(|&i| rows[i]);
+        self.rows.clear();
+        self.values.clear();
+        for &i in &self.order {
+            let src = &values[i * dim..(i + 1) * dim];
+            if self.rows.last() == Some(&rows[i]) {
+                let start = self.values.len() - dim;
+                self.values[start..].iter_mut().zip(src).for_each(|(a, b)| *a += b);
+            } else {
+                self.rows.push(rows[i]);
+                self.values.extend_from_slice(src);
+            }
+        }
+    }
+}
+
+/// A raw pointer to the start of a table or state buffer, shared across the
+/// threads that update distinct rows.
+#[derive(Clone, Copy)]
+struct RowBase(*mut f32);
+// SAFETY: only used to form `&mut` slices of distinct rows (the coalesced row
+// list has no duplicates), so no two threads touch the same memory.
+unsafe impl Send for RowBase {}
+// SAFETY: as above.
+unsafe impl Sync for RowBase {}
+
+impl RowBase {
+    /// # Safety
+    /// `row * dim + dim` must be within the buffer, and no other live
+    /// reference may cover that row.
+    unsafe fn row<'a>(self, row: usize, dim: usize) -> &'a mut [f32] {
+        // SAFETY: guaranteed by the caller.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(row * dim), dim) }
+    }
+}
+
+/// Applies `k` to every coalesced row, in parallel when there is enough work.
+fn update_rows<K: Kernel<S>, const S: usize>(
+    k: &K,
+    plan: &Plan,
+    dim: usize,
+    rows: &[usize],
+    values: &[f32],
+    table: &mut [f32],
+    state: [&mut [f32]; S],
+) -> bool {
+    let run = runner::<K, S>(plan.backend);
+    let table_base = RowBase(table.as_mut_ptr());
+    let bases: [RowBase; S] = state.map(|s| RowBase(s.as_mut_ptr()));
+    let one = |(j, &r): (usize, &usize)| {
+        // SAFETY: `r < rows` (checked before coalescing) so the row lies in
+        // the table and in every state buffer (same shape); rows are unique,
+        // so no other thread forms a slice of the same row.
+        let sl = unsafe {
+            Slices { p: table_base.row(r, dim), g: &values[j * dim..(j + 1) * dim], s: bases.map(|b| b.row(r, dim)) }
+        };
+        run(k, sl);
+    };
+    let parallel = plan.exec.chunk_for(rows.len() * dim).is_some();
+    if parallel {
+        rows.par_iter().enumerate().with_min_len((crate::backend::AUTO_GRAIN / dim.max(1)).max(1)).for_each(one);
+    } else {
+        rows.iter().enumerate().for_each(one);
+    }
+    parallel
+}
+
+/// Hyperparameters of [`SparseAdam`], with `torch.optim.SparseAdam`'s names and defaults.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SparseAdamConfig {
+    /// Learning rate. Default `1e-3`.
+    pub lr: f64,
+    /// Moment decay rates. Default `(0.9, 0.999)`.
+    pub betas: (f64, f64),
+    /// Added to the denominator. Default `1e-8`.
+    pub eps: f64,
+    /// Maximize the objective. Default `false`.
+    pub maximize: bool,
+}
+
+impl Default for SparseAdamConfig {
+    fn default() -> Self {
+        SparseAdamConfig { lr: 1e-3, betas: (0.9, 0.999), eps: 1e-8, maximize: false }
+    }
+}
+
+impl SparseAdamConfig {
+    fn validate(&self) -> Result<(), Error> {
+        non_negative("lr", self.lr)?;
+        non_negative("eps", self.eps)?;
+        unit_half_open("betas[0]", self.betas.0)?;
+        unit_half_open("betas[1]", self.betas.1)
+    }
+}
+
+/// torch's SparseAdam per element of a present row:
+/// ```text
+/// exp_avg    += (g - exp_avg) * (1 - beta1)
+/// exp_avg_sq += (g * g - exp_avg_sq) * (1 - beta2)
+/// p += -(lr * sqrt(1 - beta2^t) / (1 - beta1^t)) * (exp_avg / (sqrt(exp_avg_sq) + eps))
+/// ```
+struct SparseAdamKernel {
+    maximize: bool,
+    omb1: f32,
+    omb2: f32,
+    eps: f32,
+    neg_step: f32,
+}
+
+impl Kernel<2> for SparseAdamKernel {
+    #[inline(always)]
+    fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 2]) {
+        let [m, v] = s;
+        let g = if self.maximize { -g } else { g };
+        *m = *m + (g - *m) * V::splat(self.omb1);
+        *v = *v + (g * g - *v) * V::splat(self.omb2);
+        let denom = v.sqrt() + V::splat(self.eps);
+        *p = *p + V::splat(self.neg_step) * (*m / denom);
+    }
+}
+
+/// Lazy Adam for embedding tables (`torch.optim.SparseAdam`): only the rows
+/// present in a gradient update their moments; bias correction uses the
+/// global step count.
+#[derive(Clone, Debug)]
+pub struct SparseAdam {
+    config: SparseAdamConfig,
+    rows: usize,
+    dim: usize,
+    t: u64,
+    exp_avg: Buffer,
+    exp_avg_sq: Buffer,
+    scratch: Coalescer,
+    exec: Exec,
+}
+
+impl SparseAdam {
+    /// State for a `rows x dim` table.
+    ///
+    /// # Errors
+    /// Invalid hyperparameters.
+    pub fn new(config: SparseAdamConfig, rows: usize, dim: usize) -> Result<Self, Error> {
+        config.validate()?;
+        let n =
+            rows.checked_mul(dim).ok_or(Error::LengthMismatch { what: "table", expected: usize::MAX, actual: rows })?;
+        Ok(SparseAdam {
+            config,
+            rows,
+            dim,
+            t: 0,
+            exp_avg: zeros(n, 0.0),
+            exp_avg_sq: zeros(n, 0.0),
+            scratch: Coalescer::default(),
+            exec: Exec::auto(),
+        })
+    }
+
+    /// Sets the execution policy.
+    pub fn set_exec(&mut self, exec: Exec) {
+        self.exec = exec;
+    }
+
+    /// One step from the gradient rows `grad_rows` with values `grad_values`
+    /// (`grad_rows.len() * dim` of them).
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] or [`Error::RowOutOfRange`] before anything is written.
+    pub fn step(&mut self, table: &mut [f32], grad_rows: &[usize], grad_values: &[f32]) -> Result<StepReport, Error> {
+        Coalescer::check(self.rows, self.dim, table.len(), grad_rows, grad_values)?;
+        let plan = Plan::new(&self.exec)?;
+        let t = self.t + 1;
+        let (b1, b2) = self.config.betas;
+        let k = SparseAdamKernel {
+            maximize: self.config.maximize,
+            omb1: (1.0 - b1) as f32,
+            omb2: (1.0 - b2) as f32,
+            eps: self.config.eps as f32,
+            neg_step: (-(self.config.lr * (1.0 - pow_step(b2, t)).sqrt() / (1.0 - pow_step(b1, t)))) as f32,
+        };
+        self.scratch.coalesce(grad_rows, grad_values, self.dim);
+        let Coalescer { rows, values, .. } = &self.scratch;
+        let parallel = update_rows(&k, &plan, self.dim, rows, values, table, [&mut self.exp_avg, &mut self.exp_avg_sq]);
+        self.t = t;
+        Ok(StepReport { backend: plan.backend, parallel, skipped: false })
+    }
+
+    /// Steps taken.
+    pub fn step_count(&self) -> u64 {
+        self.t
+    }
+    /// The learning rate.
+    pub fn lr(&self) -> f64 {
+        self.config.lr
+    }
+    /// Sets the learning rate.
+    ///
+    /// # Errors
+    /// Unless finite and `>= 0`.
+    pub fn set_lr(&mut self, lr: f64) -> Result<(), Error> {
+        non_negative("lr", lr)?;
+        self.config.lr = lr;
+        Ok(())
+    }
+    /// First moments, `rows x dim`.
+    pub fn exp_avg(&self) -> &[f32] {
+        &self.exp_avg
+    }
+    /// Second moments, `rows x dim`.
+    pub fn exp_avg_sq(&self) -> &[f32] {
+        &self.exp_avg_sq
+    }
+}
+
+/// torch's Adagrad on a sparse gradient, per element of a present row:
+/// `sum += g * g; p += -clr * (g / (sqrt(sum) + eps))`.
+struct SparseAdagradKernel {
+    maximize: bool,
+    eps: f32,
+    neg_clr: f32,
+}
+
+impl Kernel<1> for SparseAdagradKernel {
+    #[inline(always)]
+    fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 1]) {
+        let [sum] = s;
+        let g = if self.maximize { -g } else { g };
+        *sum = *sum + g * g;
+        let std = sum.sqrt() + V::splat(self.eps);
+        *p = *p + V::splat(self.neg_clr) * (g / std);
+    }
+}
+
+/// `torch.optim.Adagrad` fed sparse (row) gradients: the accumulator and
+/// parameters of the present rows update; the learning-rate decay uses the
+/// global step count. As in torch, `weight_decay` must be 0 with sparse
+/// gradients.
+#[derive(Clone, Debug)]
+pub struct SparseAdagrad {
+    config: crate::AdagradConfig,
+    rows: usize,
+    dim: usize,
+    t: u64,
+    sum: Buffer,
+    scratch: Coalescer,
+    exec: Exec,
+}
+
+impl SparseAdagrad {
+    /// State for a `rows x dim` table (`sum` starts at
+    /// `initial_accumulator_value`).
+    ///
+    /// # Errors
+    /// Invalid hyperparameters; `weight_decay != 0` (torch: "weight_decay
+    /// option is not compatible with sparse gradients"); `eps_inside_sqrt`.
+    pub fn new(config: crate::AdagradConfig, rows: usize, dim: usize) -> Result<Self, Error> {
+        crate::Algorithm::validate(&config)?;
+        if config.weight_decay != 0.0 {
+            return Err(Error::InvalidHyperparameter {
+                name: "weight_decay",
+                value: config.weight_decay,
+                requirement: "0 with sparse gradients (as in torch)",
+            });
+        }
+        if config.eps_inside_sqrt {
+            return Err(Error::InvalidHyperparameter {
+                name: "eps_inside_sqrt",
+                value: 1.0,
+                requirement: "false for sparse gradients",
+            });
+        }
+        let n =
+            rows.checked_mul(dim).ok_or(Error::LengthMismatch { what: "table", expected: usize::MAX, actual: rows })?;
+        Ok(SparseAdagrad {
+            config,
+            rows,
+            dim,
+            t: 0,
+            sum: zeros(n, config.initial_accumulator_value as f32),
+            scratch: Coalescer::default(),
+            exec: Exec::auto(),
+        })
+    }
+
+    /// Sets the execution policy.
+    pub fn set_exec(&mut self, exec: Exec) {
+        self.exec = exec;
+    }
+
+    /// One step; see [`SparseAdam::step`].
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] or [`Error::RowOutOfRange`] before anything is written.
+    pub fn step(&mut self, table: &mut [f32], grad_rows: &[usize], grad_values: &[f32]) -> Result<StepReport, Error> {
+        Coalescer::check(self.rows, self.dim, table.len(), grad_rows, grad_values)?;
+        let plan = Plan::new(&self.exec)?;
+        let t = self.t + 1;
+        let k = SparseAdagradKernel {
+            maximize: self.config.maximize,
+            eps: self.config.eps as f32,
+            neg_clr: self.config.neg_clr(t),
+        };
+        self.scratch.coalesce(grad_rows, grad_values, self.dim);
+        let Coalescer { rows, values, .. } = &self.scratch;
+        let parallel = update_rows(&k, &plan, self.dim, rows, values, table, [&mut self.sum]);
+        self.t = t;
+        Ok(StepReport { backend: plan.backend, parallel, skipped: false })
+    }
+
+    /// Steps taken.
+    pub fn step_count(&self) -> u64 {
+        self.t
+    }
+    /// The accumulator, `rows x dim`.
+    pub fn sum(&self) -> &[f32] {
+        &self.sum
+    }
+}
+
+/// Row-wise AdaGrad: one accumulator per row instead of per element (`dim`
+/// times less state), the variant recommendation models use for huge
+/// embedding tables (FBGEMM's `rowwise_adagrad`). For each present row `r`
+/// with coalesced gradient `g_r` (a `dim`-vector):
+/// ```text
+/// acc[r] += mean(g_r * g_r)          (the mean summed in f64, rounded once)
+/// p_r    -= (lr / (sqrt(acc[r]) + eps)) * g_r
+/// ```
+#[derive(Clone, Debug)]
+pub struct RowWiseAdagrad {
+    lr: f64,
+    eps: f64,
+    rows: usize,
+    dim: usize,
+    t: u64,
+    acc: Vec<f32>,
+    scratch: Coalescer,
+    exec: Exec,
+}
+
+impl RowWiseAdagrad {
+    /// State for a `rows x dim` table: `rows` accumulators starting at
+    /// `initial_accumulator_value`.
+    ///
+    /// # Errors
+    /// A negative or non-finite `lr`, `eps` or initial value.
+    pub fn new(lr: f64, eps: f64, initial_accumulator_value: f64, rows: usize, dim: usize) -> Result<Self, Error> {
+        non_negative("lr", lr)?;
+        non_negative("eps", eps)?;
+        non_negative("initial_accumulator_value", initial_accumulator_value)?;
+        Ok(RowWiseAdagrad {
+            lr,
+            eps,
+            rows,
+            dim,
+            t: 0,
+            acc: vec![initial_accumulator_value as f32; rows],
+            scratch: Coalescer::default(),
+            exec: Exec::auto(),
+        })
+    }
+
+    /// Sets the execution policy (rows are split across threads when there
+    /// is enough work).
+    pub fn set_exec(&mut self, exec: Exec) {
+        self.exec = exec;
+    }
+
+    /// One step; see [`SparseAdam::step`].
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] or [`Error::RowOutOfRange`] before anything is written.
+    pub fn step(&mut self, table: &mut [f32], grad_rows: &[usize], grad_values: &[f32]) -> Result<StepReport, Error> {
+        Coalescer::check(self.rows, self.dim, table.len(), grad_rows, grad_values)?;
+        let plan = Plan::new(&self.exec)?;
+        self.scratch.coalesce(grad_rows, grad_values, self.dim);
+        let (lr, eps, dim) = (self.lr, self.eps as f32, self.dim);
+        let table_base = RowBase(table.as_mut_ptr());
+        let acc_base = RowBase(self.acc.as_mut_ptr());
+        let values = &self.scratch.values;
+        let one = |(j, &r): (usize, &usize)| {
+            let g = &values[j * dim..(j + 1) * dim];
+            // SAFETY: r < rows (checked); rows are unique, so each thread
+            // owns its table row and its accumulator.
+            let (p, acc) = unsafe { (table_base.row(r, dim), &mut acc_base.row(r, 1)[0]) };
+            let mean = if dim == 0 { 0.0 } else { g.iter().map(|&x| x as f64 * x as f64).sum::<f64>() / dim as f64 };
+            *acc += mean as f32;
+            let mult = (-lr / (acc.sqrt() + eps) as f64) as f32;
+            p.iter_mut().zip(g).for_each(|(p, g)| *p += mult * g);
+        };
+        let rows = &self.scratch.rows;
+        let parallel = plan.exec.chunk_for(rows.len() * dim).is_some();
+        if parallel {
+            rows.par_iter().enumerate().with_min_len((crate::backend::AUTO_GRAIN / dim.max(1)).max(1)).for_each(one);
+        } else {
+            rows.iter().enumerate().for_each(one);
+        }
+        self.t += 1;
+        Ok(StepReport { backend: crate::Backend::Scalar, parallel, skipped: false })
+    }
+
+    /// The per-row accumulators.
+    pub fn acc(&self) -> &[f32] {
+        &self.acc
+    }
+}

@@ -1,0 +1,162 @@
+//! Parameter groups: stepping a mixed model as groups in one arena equals
+//! stepping each tensor alone, bit for bit; shards equal the unsharded step.
+
+mod common;
+
+use adaoptim::groups::{GroupedOptimizer, TensorId, shard_range};
+use adaoptim::schedule::{CosineAnnealingLR, Schedule};
+use adaoptim::*;
+use common::{Rng, all_paths, assert_same_bits};
+
+const SIZES_A: [usize; 7] = [4096, 0, 1, 17, 1000, 64, 3];
+const SIZES_B: [usize; 5] = [1, 255, 0, 5000, 16];
+
+/// Builds a two-group model with random params; steps it `steps` times with
+/// random grads, and checks each tensor against a lone `Optimizer`.
+fn check_groups<A: Algorithm + Copy>(ga: A, gb: A, exec: Exec, what: &str)
+where
+    Optimizer<A>: Clone,
+{
+    let mut rng = Rng::new(21);
+    let mut opt = GroupedOptimizer::new();
+    opt.set_exec(exec);
+    let ids_a = opt.add_group(ga, &SIZES_A).unwrap();
+    let ids_b = opt.add_group(gb, &SIZES_B).unwrap();
+    let all: Vec<(TensorId, A)> = ids_a.iter().map(|&i| (i, ga)).chain(ids_b.iter().map(|&i| (i, gb))).collect();
+    let mut lone: Vec<(Optimizer<A>, Vec<f32>)> = Vec::new();
+    for &(id, cfg) in &all {
+        let p = rng.vec(opt.params(id).len(), 1.0);
+        opt.params_mut(id).copy_from_slice(&p);
+        lone.push((Optimizer::new(cfg, p.len()).unwrap().with_exec(Exec::scalar()), p));
+    }
+    for _ in 0..4 {
+        for (k, &(id, _)) in all.iter().enumerate() {
+            let g = rng.vec(opt.params(id).len(), 1.0);
+            opt.grads_mut(id).copy_from_slice(&g);
+            let (o, p) = &mut lone[k];
+            o.step(p, &g).unwrap();
+        }
+        opt.step().unwrap();
+    }
+    for (k, &(id, _)) in all.iter().enumerate() {
+        assert_same_bits(&format!("{what} tensor {k}"), opt.params(id), &lone[k].1);
+        for name in lone[k].0.state_names() {
+            assert_same_bits(
+                &format!("{what} tensor {k} {name}"),
+                opt.state(name, id).unwrap(),
+                lone[k].0.state(name).unwrap(),
+            );
+        }
+    }
+    assert_eq!(opt.step_count(), 4);
+}
+
+#[test]
+fn groups_equal_each_tensor_alone() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+    let mut paths = all_paths();
+    paths.push(("auto".into(), Exec::auto()));
+    for (path, exec) in paths {
+        pool.install(|| {
+            check_groups(
+                AdamWConfig { weight_decay: 0.1, ..Default::default() },
+                AdamWConfig { weight_decay: 0.0, lr: 3e-3, ..Default::default() },
+                exec,
+                &format!("adamw {path}"),
+            );
+            check_groups(
+                NAdamConfig { momentum_decay: 0.01, ..Default::default() },
+                NAdamConfig { lr: 1e-2, ..Default::default() },
+                exec,
+                &format!("nadam {path}"),
+            );
+            check_groups(
+                SgdConfig { lr: 0.1, momentum: 0.9, ..Default::default() },
+                SgdConfig { lr: 0.01, momentum: 0.5, nesterov: true, ..Default::default() },
+                exec,
+                &format!("sgd {path}"),
+            );
+            check_groups(
+                AdagradConfig { initial_accumulator_value: 0.1, ..Default::default() },
+                AdagradConfig { lr_decay: 0.01, ..Default::default() },
+                exec,
+                &format!("adagrad {path}"),
+            );
+        });
+    }
+}
+
+#[test]
+fn group_hyperparameters_stay_in_their_group() {
+    let mut opt = GroupedOptimizer::new();
+    let a = opt.add_group(SgdConfig { lr: 1.0, ..Default::default() }, &[8]).unwrap();
+    let b = opt.add_group(SgdConfig { lr: 0.0, ..Default::default() }, &[8]).unwrap();
+    opt.grads_mut(a[0]).fill(1.0);
+    opt.grads_mut(b[0]).fill(1.0);
+    opt.step().unwrap();
+    assert!(opt.params(a[0]).iter().all(|&x| x == -1.0));
+    assert!(opt.params(b[0]).iter().all(|&x| x == 0.0));
+    opt.set_group_config(1, SgdConfig { lr: 0.5, ..Default::default() }).unwrap();
+    opt.step().unwrap();
+    assert!(opt.params(a[0]).iter().all(|&x| x == -2.0));
+    assert!(opt.params(b[0]).iter().all(|&x| x == -0.5));
+}
+
+#[test]
+fn shards_equal_the_unsharded_step() {
+    let mut rng = Rng::new(22);
+    let build = || {
+        let mut o = GroupedOptimizer::new();
+        o.add_group(AdamConfig { weight_decay: 0.01, ..Default::default() }, &SIZES_A).unwrap();
+        o.add_group(AdamConfig::default(), &SIZES_B).unwrap();
+        o
+    };
+    let mut whole = build();
+    let total = whole.total_len();
+    let p0 = rng.vec(total, 1.0);
+    whole.params_flat_mut().copy_from_slice(&p0);
+    let mut shards: Vec<GroupedOptimizer<AdamConfig>> = (0..3).map(|_| build()).collect();
+    for s in &mut shards {
+        s.params_flat_mut().copy_from_slice(&p0);
+    }
+    for _ in 0..3 {
+        let g = rng.vec(total, 1.0);
+        whole.grads_flat_mut().copy_from_slice(&g);
+        whole.step().unwrap();
+        for (w, s) in shards.iter_mut().enumerate() {
+            s.grads_flat_mut().copy_from_slice(&g);
+            s.step_range(shard_range(total, w, 3)).unwrap();
+        }
+    }
+    let mut gathered = vec![0.0f32; total];
+    for (w, s) in shards.iter().enumerate() {
+        let r = shard_range(total, w, 3);
+        gathered[r.clone()].copy_from_slice(&s.params_flat()[r]);
+    }
+    assert_same_bits("sharded", &gathered, whole.params_flat());
+    assert_eq!(shard_range(total, 2, 3).end, total);
+}
+
+#[test]
+fn group_schedules_and_errors() {
+    let mut opt = GroupedOptimizer::new();
+    let a = opt.add_group(AdamConfig::default(), &[10]).unwrap();
+    let _b = opt.add_group(AdamConfig::default(), &[10]).unwrap();
+    let cos: Schedule = CosineAnnealingLR::new(0.1, 10, 0.0).unwrap().into();
+    opt.set_group_schedule(0, Some(cos.clone())).unwrap();
+    for t in 0..5 {
+        opt.grads_mut(a[0]).fill(1.0);
+        opt.step().unwrap();
+        use adaoptim::schedule::LrSchedule;
+        assert_eq!(opt.group_config(0).unwrap().lr, cos.lr_at(t));
+        assert_eq!(opt.group_config(1).unwrap().lr, 1e-3, "the other group keeps its rate");
+    }
+    // Another state layout is refused; so is a range past the arena.
+    let e = opt.add_group(AdamConfig { amsgrad: true, ..Default::default() }, &[4]).unwrap_err();
+    assert!(matches!(e, Error::IncompatibleConfig { .. }));
+    let before = opt.params_flat().to_vec();
+    assert!(opt.step_range(0..opt.total_len() + 1).is_err());
+    assert_eq!(opt.params_flat(), &before[..]);
+    assert_eq!(opt.step_count(), 5);
+    assert!(opt.set_group_schedule(7, None).is_err());
+}

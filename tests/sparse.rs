@@ -1,0 +1,112 @@
+//! Row-sparse updates: coalescing, laziness, typed errors, every path.
+
+mod common;
+
+use adaoptim::sparse::{RowWiseAdagrad, SparseAdagrad, SparseAdam, SparseAdamConfig};
+use adaoptim::*;
+use common::{Rng, all_paths, assert_same_bits};
+
+#[test]
+fn duplicates_add_up_and_untouched_rows_stay() {
+    let (rows, dim) = (50, 19);
+    let mut rng = Rng::new(31);
+    let t0 = rng.vec(rows * dim, 1.0);
+    let g1 = rng.vec(dim, 1.0);
+    let g2 = rng.vec(dim, 1.0);
+    let summed: Vec<f32> = g1.iter().zip(&g2).map(|(a, b)| a + b).collect();
+    let dup: Vec<f32> = g1.iter().chain(&g2).copied().collect();
+    for (path, exec) in all_paths() {
+        let mut a = SparseAdam::new(SparseAdamConfig::default(), rows, dim).unwrap();
+        let mut b = a.clone();
+        a.set_exec(exec);
+        b.set_exec(exec);
+        let (mut ta, mut tb) = (t0.clone(), t0.clone());
+        a.step(&mut ta, &[7, 7], &dup).unwrap();
+        b.step(&mut tb, &[7], &summed).unwrap();
+        assert_same_bits(&format!("{path} duplicate rows"), &ta, &tb);
+        assert_eq!(&ta[..7 * dim], &t0[..7 * dim], "{path}: rows before 7 untouched");
+        assert_eq!(&ta[8 * dim..], &t0[8 * dim..], "{path}: rows after 7 untouched");
+        assert!(a.exp_avg()[..7 * dim].iter().all(|&x| x == 0.0), "{path}: lazy state");
+    }
+}
+
+#[test]
+fn every_path_gives_the_same_bits() {
+    let (rows, dim) = (3000, 33);
+    let mut rng = Rng::new(32);
+    let t0 = rng.vec(rows * dim, 1.0);
+    let steps: Vec<(Vec<usize>, Vec<f32>)> = (0..4)
+        .map(|_| {
+            let idx: Vec<usize> = (0..900).map(|_| (rng.next_u64() % rows as u64) as usize).collect();
+            let vals = rng.vec(idx.len() * dim, 1.0);
+            (idx, vals)
+        })
+        .collect();
+    let run = |exec: Exec| {
+        let mut a = SparseAdam::new(SparseAdamConfig { lr: 0.01, ..Default::default() }, rows, dim).unwrap();
+        let mut g = SparseAdagrad::new(AdagradConfig { lr_decay: 0.01, ..Default::default() }, rows, dim).unwrap();
+        let mut r = RowWiseAdagrad::new(0.1, 1e-10, 0.0, rows, dim).unwrap();
+        a.set_exec(exec);
+        g.set_exec(exec);
+        r.set_exec(exec);
+        let (mut ta, mut tg, mut tr) = (t0.clone(), t0.clone(), t0.clone());
+        for (idx, vals) in &steps {
+            a.step(&mut ta, idx, vals).unwrap();
+            g.step(&mut tg, idx, vals).unwrap();
+            r.step(&mut tr, idx, vals).unwrap();
+        }
+        (ta, tg, tr, r.acc().to_vec())
+    };
+    let reference = run(Exec::scalar());
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+    let mut paths = all_paths();
+    paths.push(("auto".into(), Exec::auto()));
+    for (path, exec) in paths {
+        let got = pool.install(|| run(exec));
+        assert_same_bits(&format!("{path} SparseAdam"), &got.0, &reference.0);
+        assert_same_bits(&format!("{path} sparse Adagrad"), &got.1, &reference.1);
+        assert_same_bits(&format!("{path} row-wise"), &got.2, &reference.2);
+        assert_same_bits(&format!("{path} row-wise acc"), &got.3, &reference.3);
+    }
+}
+
+#[test]
+fn bad_gradients_are_typed_errors_before_any_write() {
+    let (rows, dim) = (10, 4);
+    let mut a = SparseAdam::new(SparseAdamConfig::default(), rows, dim).unwrap();
+    let mut g = SparseAdagrad::new(AdagradConfig::default(), rows, dim).unwrap();
+    let mut r = RowWiseAdagrad::new(0.1, 1e-10, 0.0, rows, dim).unwrap();
+    let mut table = vec![1.0f32; rows * dim];
+    // Row 10 is out of range; it comes after a valid row, which must not move.
+    let e = a.step(&mut table, &[2, 10], &[0.5; 8]).unwrap_err();
+    assert_eq!(e, Error::RowOutOfRange { row: 10, rows: 10 });
+    assert!(matches!(g.step(&mut table, &[2, 99], &[0.5; 8]), Err(Error::RowOutOfRange { .. })));
+    assert!(matches!(r.step(&mut table, &[2, 11], &[0.5; 8]), Err(Error::RowOutOfRange { .. })));
+    assert!(matches!(a.step(&mut table, &[2, 3], &[0.5; 7]), Err(Error::LengthMismatch { what: "grad_values", .. })));
+    assert!(matches!(a.step(&mut table[..39], &[2], &[0.5; 4]), Err(Error::LengthMismatch { what: "table", .. })));
+    assert!(table.iter().all(|&x| x == 1.0));
+    assert!(a.exp_avg().iter().all(|&x| x == 0.0) && g.sum().iter().all(|&x| x == 0.0));
+    assert!(r.acc().iter().all(|&x| x == 0.0));
+    assert_eq!((a.step_count(), g.step_count()), (0, 0));
+    // torch refuses weight decay with sparse gradients.
+    assert!(SparseAdagrad::new(AdagradConfig { weight_decay: 0.1, ..Default::default() }, 2, 2).is_err());
+    assert!(SparseAdam::new(SparseAdamConfig { betas: (1.0, 0.9), ..Default::default() }, 2, 2).is_err());
+    // An empty gradient is a valid step that changes no row.
+    a.step(&mut table, &[], &[]).unwrap();
+    assert_eq!(a.step_count(), 1);
+    assert!(table.iter().all(|&x| x == 1.0));
+}
+
+#[test]
+fn rowwise_adagrad_follows_its_formula() {
+    // One row, dim 2, g = (3, 4): mean(g^2) = 12.5; acc = 0.5 + 12.5 = 13;
+    // p -= lr / (sqrt(13) + eps) * g.
+    let mut r = RowWiseAdagrad::new(0.1, 1e-10, 0.5, 3, 2).unwrap();
+    let mut table = vec![1.0f32; 6];
+    r.step(&mut table, &[1], &[3.0, 4.0]).unwrap();
+    assert_eq!(r.acc(), &[0.5, 13.0, 0.5]);
+    let m = 0.1 / (13f64.sqrt() + 1e-10);
+    assert!((table[2] as f64 - (1.0 - m * 3.0)).abs() < 1e-6);
+    assert!((table[3] as f64 - (1.0 - m * 4.0)).abs() < 1e-6);
+    assert_eq!([table[0], table[1], table[4], table[5]], [1.0; 4]);
+}
