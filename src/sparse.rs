@@ -37,12 +37,50 @@ fn zeros(n: usize, v: f32) -> Buffer {
     AVec::from_iter(64, std::iter::repeat_n(v, n))
 }
 
-/// Validates and coalesces row-sparse gradients into reusable buffers.
+/// One coalesced gradient row: the table row, and where its values are
+/// (`src < n` is row `src` of the caller's values; otherwise row `src - n` of
+/// the sums of duplicated rows).
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    row: usize,
+    src: usize,
+}
+
+/// Validates and coalesces row-sparse gradients into reusable buffers: the
+/// caller's values are not copied, only duplicated rows are summed. Finding
+/// duplicates is O(n) with a per-row stamp (8 bytes per table row), with no
+/// sort.
 #[derive(Clone, Debug, Default)]
 struct Coalescer {
-    order: Vec<usize>,
-    rows: Vec<usize>,
-    values: Vec<f32>,
+    entries: Vec<Entry>,
+    sums: Vec<f32>,
+    /// `stamp[row] == epoch` if the row was seen in the current step ...
+    stamp: Vec<u32>,
+    /// ... at `entries[slot[row]]`.
+    slot: Vec<u32>,
+    epoch: u32,
+}
+
+/// A coalesced gradient: unique rows (in order of first appearance) and a
+/// view of their values.
+struct Coalesced<'a> {
+    entries: &'a [Entry],
+    values: &'a [f32],
+    sums: &'a [f32],
+    n: usize,
+    dim: usize,
+}
+
+impl Coalesced<'_> {
+    #[inline]
+    fn values(&self, e: Entry) -> &[f32] {
+        let d = self.dim;
+        if e.src < self.n {
+            &self.values[e.src * d..(e.src + 1) * d]
+        } else {
+            &self.sums[(e.src - self.n) * d..(e.src - self.n + 1) * d]
+        }
+    }
 }
 
 impl Coalescer {
@@ -64,23 +102,48 @@ impl Coalescer {
         Ok(())
     }
 
-    /// Sorted unique rows and, per row, the sum of its gradients.
-    fn coalesce(&mut self, rows: &[usize], values: &[f32], dim: usize) {
-        self.order.clear();
-        self.order.extend(0..rows.len());
-        self.order.sort_by_key(|&i| rows[i]);
-        self.rows.clear();
-        self.values.clear();
-        for &i in &self.order {
-            let src = &values[i * dim..(i + 1) * dim];
-            if self.rows.last() == Some(&rows[i]) {
-                let start = self.values.len() - dim;
-                self.values[start..].iter_mut().zip(src).for_each(|(a, b)| *a += b);
-            } else {
-                self.rows.push(rows[i]);
-                self.values.extend_from_slice(src);
+    /// Unique rows in order of first appearance; a duplicated row's values
+    /// are summed in the order given (torch's coalesce adds them up too).
+    fn coalesce<'a>(&'a mut self, table_rows: usize, rows: &[usize], values: &'a [f32], dim: usize) -> Coalesced<'a> {
+        let n = rows.len();
+        self.entries.clear();
+        self.entries.extend(rows.iter().enumerate().map(|(src, &row)| Entry { row, src }));
+        if !rows.windows(2).all(|w| w[0] < w[1]) {
+            if self.stamp.len() != table_rows {
+                self.stamp = vec![0; table_rows];
+                self.slot = vec![0; table_rows];
+                self.epoch = 0;
             }
+            self.epoch = self.epoch.wrapping_add(1);
+            if self.epoch == 0 {
+                self.stamp.fill(0);
+                self.epoch = 1;
+            }
+            self.sums.clear();
+            let mut out = 0usize;
+            for i in 0..n {
+                let Entry { row, src } = self.entries[i];
+                if self.stamp[row] != self.epoch {
+                    self.stamp[row] = self.epoch;
+                    self.slot[row] = out as u32;
+                    self.entries[out] = Entry { row, src };
+                    out += 1;
+                    continue;
+                }
+                let first = &mut self.entries[self.slot[row] as usize];
+                if first.src < n {
+                    // Second occurrence: start a sum from the first.
+                    let k = self.sums.len() / dim.max(1);
+                    self.sums.extend_from_slice(&values[first.src * dim..(first.src + 1) * dim]);
+                    first.src = n + k;
+                }
+                let start = (first.src - n) * dim;
+                let v = &values[src * dim..(src + 1) * dim];
+                self.sums[start..start + dim].iter_mut().zip(v).for_each(|(a, b)| *a += b);
+            }
+            self.entries.truncate(out);
         }
+        Coalesced { entries: &self.entries, values, sums: &self.sums, n, dim }
     }
 }
 
@@ -104,33 +167,62 @@ impl RowBase {
     }
 }
 
+/// Hints the CPU to fetch a row of a buffer (random rows defeat the
+/// hardware prefetcher).
+#[inline(always)]
+fn prefetch_row(base: RowBase, row: usize, dim: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use core::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        let start = base.0.wrapping_add(row * dim) as *const i8;
+        let mut off = 0;
+        while off < dim * 4 {
+            // SAFETY: prefetching is a hint: it never faults and has no
+            // visible effect, whatever the address (SSE is baseline on x86-64).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(off)) };
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (base, row, dim);
+}
+
+/// Rows handed to one task, and how far ahead rows are prefetched.
+const ROWS_PER_TASK: usize = 64;
+const PREFETCH_AHEAD: usize = 4;
+
 /// Applies `k` to every coalesced row, in parallel when there is enough work.
 fn update_rows<K: Kernel<S>, const S: usize>(
     k: &K,
     plan: &Plan,
-    dim: usize,
-    rows: &[usize],
-    values: &[f32],
+    parallel: bool,
+    grad: &Coalesced<'_>,
     table: &mut [f32],
     state: [&mut [f32]; S],
 ) -> bool {
+    let dim = grad.dim;
     let run = runner::<K, S>(plan.backend);
     let table_base = RowBase(table.as_mut_ptr());
     let bases: [RowBase; S] = state.map(|s| RowBase(s.as_mut_ptr()));
-    let one = |(j, &r): (usize, &usize)| {
-        // SAFETY: `r < rows` (checked before coalescing) so the row lies in
-        // the table and in every state buffer (same shape); rows are unique,
-        // so no other thread forms a slice of the same row.
-        let sl = unsafe {
-            Slices { p: table_base.row(r, dim), g: &values[j * dim..(j + 1) * dim], s: bases.map(|b| b.row(r, dim)) }
-        };
-        run(k, sl);
+    let task = |chunk: &[Entry]| {
+        for (i, &e) in chunk.iter().enumerate() {
+            if let Some(ahead) = chunk.get(i + PREFETCH_AHEAD) {
+                prefetch_row(table_base, ahead.row, dim);
+                bases.iter().for_each(|&b| prefetch_row(b, ahead.row, dim));
+            }
+            // SAFETY: `e.row < rows` (checked before coalescing) so the row
+            // lies in the table and in every state buffer (same shape); rows
+            // are unique, so no other task forms a slice of the same row.
+            let sl = unsafe {
+                Slices { p: table_base.row(e.row, dim), g: grad.values(e), s: bases.map(|b| b.row(e.row, dim)) }
+            };
+            run(k, sl);
+        }
     };
-    let parallel = plan.exec.chunk_for(rows.len() * dim).is_some();
     if parallel {
-        rows.par_iter().enumerate().with_min_len((crate::backend::AUTO_GRAIN / dim.max(1)).max(1)).for_each(one);
+        grad.entries.par_chunks(ROWS_PER_TASK).for_each(task);
     } else {
-        rows.iter().enumerate().for_each(one);
+        grad.entries.chunks(ROWS_PER_TASK).for_each(task);
     }
     parallel
 }
@@ -247,9 +339,9 @@ impl SparseAdam {
             eps: self.config.eps as f32,
             neg_step: (-(self.config.lr * (1.0 - pow_step(b2, t)).sqrt() / (1.0 - pow_step(b1, t)))) as f32,
         };
-        self.scratch.coalesce(grad_rows, grad_values, self.dim);
-        let Coalescer { rows, values, .. } = &self.scratch;
-        let parallel = update_rows(&k, &plan, self.dim, rows, values, table, [&mut self.exp_avg, &mut self.exp_avg_sq]);
+        let parallel = plan.exec.chunk_for(grad_values.len()).is_some();
+        let grad = self.scratch.coalesce(self.rows, grad_rows, grad_values, self.dim);
+        update_rows(&k, &plan, parallel, &grad, table, [&mut self.exp_avg, &mut self.exp_avg_sq]);
         self.t = t;
         Ok(StepReport { backend: plan.backend, parallel, skipped: false })
     }
@@ -369,9 +461,9 @@ impl SparseAdagrad {
             eps: self.config.eps as f32,
             neg_clr: self.config.neg_clr(t),
         };
-        self.scratch.coalesce(grad_rows, grad_values, self.dim);
-        let Coalescer { rows, values, .. } = &self.scratch;
-        let parallel = update_rows(&k, &plan, self.dim, rows, values, table, [&mut self.sum]);
+        let parallel = plan.exec.chunk_for(grad_values.len()).is_some();
+        let grad = self.scratch.coalesce(self.rows, grad_rows, grad_values, self.dim);
+        update_rows(&k, &plan, parallel, &grad, table, [&mut self.sum]);
         self.t = t;
         Ok(StepReport { backend: plan.backend, parallel, skipped: false })
     }
@@ -441,27 +533,25 @@ impl RowWiseAdagrad {
     pub fn step(&mut self, table: &mut [f32], grad_rows: &[usize], grad_values: &[f32]) -> Result<StepReport, Error> {
         Coalescer::check(self.rows, self.dim, table.len(), grad_rows, grad_values)?;
         let plan = Plan::new(&self.exec)?;
-        self.scratch.coalesce(grad_rows, grad_values, self.dim);
+        let parallel = plan.exec.chunk_for(grad_values.len()).is_some();
+        let grad = self.scratch.coalesce(self.rows, grad_rows, grad_values, self.dim);
         let (lr, eps, dim) = (self.lr, self.eps as f32, self.dim);
         let table_base = RowBase(table.as_mut_ptr());
         let acc_base = RowBase(self.acc.as_mut_ptr());
-        let values = &self.scratch.values;
-        let one = |(j, &r): (usize, &usize)| {
-            let g = &values[j * dim..(j + 1) * dim];
-            // SAFETY: r < rows (checked); rows are unique, so each thread
+        let one = |e: &Entry| {
+            let g = grad.values(*e);
+            // SAFETY: e.row < rows (checked); rows are unique, so each thread
             // owns its table row and its accumulator.
-            let (p, acc) = unsafe { (table_base.row(r, dim), &mut acc_base.row(r, 1)[0]) };
+            let (p, acc) = unsafe { (table_base.row(e.row, dim), &mut acc_base.row(e.row, 1)[0]) };
             let mean = if dim == 0 { 0.0 } else { g.iter().map(|&x| x as f64 * x as f64).sum::<f64>() / dim as f64 };
             *acc += mean as f32;
             let mult = (-lr / (acc.sqrt() + eps) as f64) as f32;
             p.iter_mut().zip(g).for_each(|(p, g)| *p += mult * g);
         };
-        let rows = &self.scratch.rows;
-        let parallel = plan.exec.chunk_for(rows.len() * dim).is_some();
         if parallel {
-            rows.par_iter().enumerate().with_min_len((crate::backend::AUTO_GRAIN / dim.max(1)).max(1)).for_each(one);
+            grad.entries.par_iter().with_min_len(ROWS_PER_TASK).for_each(one);
         } else {
-            rows.iter().enumerate().for_each(one);
+            grad.entries.iter().for_each(one);
         }
         self.t += 1;
         Ok(StepReport { backend: crate::Backend::Scalar, parallel, skipped: false })
