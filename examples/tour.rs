@@ -328,10 +328,10 @@ impl Ctr {
                 d.ids.push(id as u32);
                 z += w_true[id] / (ACTIVE as f32).sqrt();
             }
-            for k in 0..DENSE {
+            for w in wd_true {
                 let x = rng.normal() as f32;
                 d.dense.push(x);
-                z += wd_true[k] * x;
+                z += w * x;
             }
             d.y.push(if rng.unit() < sigmoid(z) as f64 { 1.0 } else { 0.0 });
         }
@@ -434,8 +434,8 @@ fn train_ctr(out: &Path) -> Res<()> {
                     rows.push(id as usize);
                     vals.push(err * scale);
                 }
-                for k in 0..DENSE {
-                    dgrad[k] += err * train.dense[i * DENSE + k];
+                for (g, x) in dgrad.iter_mut().zip(&train.dense[i * DENSE..(i + 1) * DENSE]) {
+                    *g += err * x;
                 }
                 dgrad[DENSE] += err;
             }
