@@ -7,11 +7,14 @@
 //! cargo run --release --example throughput -- --optimizers adam,adagrad --sizes 65536,1048576 --threads 1,2 --json
 //! ```
 //! Options: `--optimizers` (torch class names, case-insensitive, or `all`),
-//! `--sizes`, `--threads`, `--backend` (force one), `--json` (one object a line).
+//! `--sizes`, `--threads`, `--backend` (force one), `--json` (one object a line),
+//! `--guards` (also time each step with `NonFinitePolicy::SkipStep`, with a
+//! power-of-two `grad_scale` and with a non-power-of-two one, and print their
+//! cost relative to the plain step measured in the same run).
 
 use std::time::Instant;
 
-use adaoptim::{AnyConfig, Backend, Exec, Parallel, roofline};
+use adaoptim::{AnyConfig, Backend, Exec, NonFinitePolicy, Parallel, roofline};
 
 struct Args {
     optimizers: Vec<String>,
@@ -19,6 +22,7 @@ struct Args {
     threads: Vec<usize>,
     backend: Option<Backend>,
     json: bool,
+    guards: bool,
 }
 
 fn parse_args() -> Args {
@@ -28,6 +32,7 @@ fn parse_args() -> Args {
         threads: vec![1, 2],
         backend: None,
         json: false,
+        guards: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -43,6 +48,7 @@ fn parse_args() -> Args {
             "--threads" => a.threads = value().split(',').map(|s| s.trim().parse().expect("thread count")).collect(),
             "--backend" => a.backend = Some(Backend::from_name(&value()).expect("backend name")),
             "--json" => a.json = true,
+            "--guards" => a.guards = true,
             "--bench" => {} // passed by `cargo bench`-style runners
             other => panic!("unknown flag {other}"),
         }
@@ -107,6 +113,62 @@ fn main() {
                     let nstate = opt.state_names().len();
                     let mut backend = Backend::Scalar;
                     let dt = time_per_call(n, || backend = opt.step(&mut p, &g).expect("step").backend);
+                    if args.guards {
+                        let variants: [(&str, NonFinitePolicy, Option<f32>); 3] = [
+                            ("skip-step", NonFinitePolicy::SkipStep, None),
+                            ("grad-scale-65536", NonFinitePolicy::Propagate, Some(65536.0)),
+                            ("grad-scale-3", NonFinitePolicy::Propagate, Some(3.0)),
+                        ];
+                        for (label, policy, scale) in variants {
+                            // Alternate plain and guarded steps and take the
+                            // median of the per-pair ratios: bandwidth drift
+                            // on a shared machine cancels out.
+                            let pairs = if n >= 1 << 24 { 15 } else { 101 };
+                            let calls = (3e7 / n as f64).ceil() as usize;
+                            let mut ratios = Vec::with_capacity(pairs);
+                            let (mut tv, mut t0) = (0.0, 0.0);
+                            for _ in 0..pairs {
+                                opt.set_non_finite(policy);
+                                opt.set_grad_scale(scale).expect("valid scale");
+                                let s = Instant::now();
+                                for _ in 0..calls {
+                                    opt.step(&mut p, &g).expect("step");
+                                }
+                                let a = s.elapsed().as_secs_f64() / calls as f64;
+                                opt.set_non_finite(NonFinitePolicy::Propagate);
+                                opt.set_grad_scale(None).expect("valid scale");
+                                let s = Instant::now();
+                                for _ in 0..calls {
+                                    opt.step(&mut p, &g).expect("step");
+                                }
+                                let b = s.elapsed().as_secs_f64() / calls as f64;
+                                ratios.push(a / b);
+                                tv += a;
+                                t0 += b;
+                            }
+                            ratios.sort_by(f64::total_cmp);
+                            let cost = ratios[pairs / 2];
+                            let (dv, d0) = (tv / pairs as f64, t0 / pairs as f64);
+                            let line = format!(
+                                "{} n={n} threads={threads} {label}: {:.3} Gparam/s vs plain {:.3}, alternated in the same run: median cost {:+.1}%",
+                                cfg.torch_class(),
+                                n as f64 / dv / 1e9,
+                                n as f64 / d0 / 1e9,
+                                (cost - 1.0) * 100.0
+                            );
+                            if args.json {
+                                println!(
+                                    "{{\"optimizer\": \"{}\", \"n\": {n}, \"threads\": {threads}, \"variant\": \"{label}\", \"gparams_per_s\": {:.4}, \"plain_gparams_per_s\": {:.4}, \"median_cost\": {:.4}}}",
+                                    cfg.torch_class().to_ascii_lowercase(),
+                                    n as f64 / dv / 1e9,
+                                    n as f64 / d0 / 1e9,
+                                    cost - 1.0
+                                );
+                            } else {
+                                println!("  {line}");
+                            }
+                        }
+                    }
                     drop(opt);
                     let mut bufs = vec![vec![0.0f32; n]; nstate];
                     let dt_roof = time_per_call(n, || {
