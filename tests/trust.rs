@@ -17,7 +17,7 @@ fn skip_step_changes_nothing_and_reports_it() {
     for (name, cfg) in variety() {
         for (path, exec) in all_paths() {
             for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-                let n = 300_000; // large enough for the parallel scan
+                let n = 300_017; // large enough for the parallel scan, with a tail
                 let mut opt = cfg.build(n).unwrap();
                 opt.set_exec(exec);
                 opt.set_non_finite(NonFinitePolicy::SkipStep);
@@ -25,7 +25,8 @@ fn skip_step_changes_nothing_and_reports_it() {
                 let g = rng.vec(n, 1.0);
                 assert!(!opt.step(&mut p, &g).unwrap().skipped, "{name} {path}: finite step runs");
                 let (p0, s0, t0) = (p.clone(), snapshot(&opt), opt.step_count());
-                for at in [0, 7, n / 2 + 3, n - 1] {
+                // One position in each quarter the scan streams, and the tail.
+                for at in [0, 7, n / 4 + 3, n / 2 + 3, 3 * n / 4 + 1, n - 5, n - 1] {
                     let mut g2 = g.clone();
                     g2[at] = bad;
                     let r = opt.step(&mut p, &g2).unwrap();
