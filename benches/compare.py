@@ -25,14 +25,36 @@ def main():
     ap.add_argument("--sizes", default="65536,1048576,67108864")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--impls", default="fused,deepspeed")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="alternate ours/theirs this many times and report medians (bandwidth drifts between runs)")
     a = ap.parse_args()
     subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "throughput"], check=True, cwd=root)
     ours_bin = os.path.join(root, "target", "release", "examples", "throughput")
     rows = []
+    import statistics
+
+    def median_rows(runs, key):
+        groups = {}
+        for run in runs:
+            for r in run:
+                groups.setdefault(key(r), []).append(r)
+        out = []
+        for rows_ in groups.values():
+            r = dict(rows_[0])
+            for f in ("gparams_per_s", "roofline_gparams_per_s"):
+                if f in r:
+                    r[f] = statistics.median(x[f] for x in rows_)
+            out.append(r)
+        return out
+
     for t in a.threads.split(","):
-        theirs = run_json([sys.executable, a.baseline, "--sizes", a.sizes, "--threads", t,
-                           "--optimizers", a.optimizers, "--impls", a.impls])
-        ours = run_json([ours_bin, "--optimizers", a.optimizers, "--sizes", a.sizes, "--threads", t, "--json"])
+        theirs_runs, ours_runs = [], []
+        for _ in range(a.rounds):
+            ours_runs.append(run_json([ours_bin, "--optimizers", a.optimizers, "--sizes", a.sizes, "--threads", t, "--json"]))
+            theirs_runs.append(run_json([sys.executable, a.baseline, "--sizes", a.sizes, "--threads", t,
+                                         "--optimizers", a.optimizers, "--impls", a.impls]))
+        ours = median_rows(ours_runs, lambda r: (r["optimizer"], r["n"]))
+        theirs = median_rows(theirs_runs, lambda r: (r["impl"], r["optimizer"], r["n"]))
         for o in ours:
             for b in theirs:
                 if b["optimizer"] == o["optimizer"] and b["n"] == o["n"]:
