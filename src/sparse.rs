@@ -227,6 +227,40 @@ fn update_rows<K: Kernel<S>, const S: usize>(
     parallel
 }
 
+/// What every row-sparse optimizer keeps besides its state: the table shape,
+/// the step count, the coalescing buffers and the execution policy.
+#[derive(Clone, Debug)]
+struct RowSteps {
+    rows: usize,
+    dim: usize,
+    t: u64,
+    scratch: Coalescer,
+    exec: Exec,
+}
+
+impl RowSteps {
+    /// The shape and its element count.
+    fn new(rows: usize, dim: usize) -> Result<(RowSteps, usize), Error> {
+        let n =
+            rows.checked_mul(dim).ok_or(Error::LengthMismatch { what: "table", expected: usize::MAX, actual: rows })?;
+        Ok((RowSteps { rows, dim, t: 0, scratch: Coalescer::default(), exec: Exec::auto() }, n))
+    }
+
+    /// Checks the gradient against the table (before anything is written),
+    /// resolves the plan and coalesces: `(plan, parallel, gradient)`.
+    fn prepare<'a>(
+        &'a mut self,
+        table_len: usize,
+        grad_rows: &[usize],
+        grad_values: &'a [f32],
+    ) -> Result<(Plan, bool, Coalesced<'a>), Error> {
+        Coalescer::check(self.rows, self.dim, table_len, grad_rows, grad_values)?;
+        let plan = Plan::new(&self.exec)?;
+        let parallel = plan.exec.chunk_for(grad_values.len()).is_some();
+        Ok((plan, parallel, self.scratch.coalesce(self.rows, grad_rows, grad_values, self.dim)))
+    }
+}
+
 /// Hyperparameters of [`SparseAdam`], with `torch.optim.SparseAdam`'s names and defaults.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SparseAdamConfig {
@@ -287,13 +321,9 @@ impl Kernel<2> for SparseAdamKernel {
 #[derive(Clone, Debug)]
 pub struct SparseAdam {
     config: SparseAdamConfig,
-    rows: usize,
-    dim: usize,
-    t: u64,
+    steps: RowSteps,
     exp_avg: Buffer,
     exp_avg_sq: Buffer,
-    scratch: Coalescer,
-    exec: Exec,
 }
 
 impl SparseAdam {
@@ -303,23 +333,13 @@ impl SparseAdam {
     /// Invalid hyperparameters.
     pub fn new(config: SparseAdamConfig, rows: usize, dim: usize) -> Result<Self, Error> {
         config.validate()?;
-        let n =
-            rows.checked_mul(dim).ok_or(Error::LengthMismatch { what: "table", expected: usize::MAX, actual: rows })?;
-        Ok(SparseAdam {
-            config,
-            rows,
-            dim,
-            t: 0,
-            exp_avg: zeros(n, 0.0),
-            exp_avg_sq: zeros(n, 0.0),
-            scratch: Coalescer::default(),
-            exec: Exec::auto(),
-        })
+        let (steps, n) = RowSteps::new(rows, dim)?;
+        Ok(SparseAdam { config, steps, exp_avg: zeros(n, 0.0), exp_avg_sq: zeros(n, 0.0) })
     }
 
     /// Sets the execution policy.
     pub fn set_exec(&mut self, exec: Exec) {
-        self.exec = exec;
+        self.steps.exec = exec;
     }
 
     /// One step from the gradient rows `grad_rows` with values `grad_values`
@@ -328,9 +348,7 @@ impl SparseAdam {
     /// # Errors
     /// [`Error::LengthMismatch`] or [`Error::RowOutOfRange`] before anything is written.
     pub fn step(&mut self, table: &mut [f32], grad_rows: &[usize], grad_values: &[f32]) -> Result<StepReport, Error> {
-        Coalescer::check(self.rows, self.dim, table.len(), grad_rows, grad_values)?;
-        let plan = Plan::new(&self.exec)?;
-        let t = self.t + 1;
+        let t = self.steps.t + 1;
         let (b1, b2) = self.config.betas;
         let k = SparseAdamKernel {
             maximize: self.config.maximize,
@@ -339,16 +357,15 @@ impl SparseAdam {
             eps: self.config.eps as f32,
             neg_step: (-(self.config.lr * (1.0 - pow_step(b2, t)).sqrt() / (1.0 - pow_step(b1, t)))) as f32,
         };
-        let parallel = plan.exec.chunk_for(grad_values.len()).is_some();
-        let grad = self.scratch.coalesce(self.rows, grad_rows, grad_values, self.dim);
+        let (plan, parallel, grad) = self.steps.prepare(table.len(), grad_rows, grad_values)?;
         update_rows(&k, &plan, parallel, &grad, table, [&mut self.exp_avg, &mut self.exp_avg_sq]);
-        self.t = t;
+        self.steps.t = t;
         Ok(StepReport { backend: plan.backend, parallel, skipped: false })
     }
 
     /// Steps taken.
     pub fn step_count(&self) -> u64 {
-        self.t
+        self.steps.t
     }
     /// The learning rate.
     pub fn lr(&self) -> f64 {
@@ -399,12 +416,8 @@ impl Kernel<1> for SparseAdagradKernel {
 #[derive(Clone, Debug)]
 pub struct SparseAdagrad {
     config: crate::AdagradConfig,
-    rows: usize,
-    dim: usize,
-    t: u64,
+    steps: RowSteps,
     sum: Buffer,
-    scratch: Coalescer,
-    exec: Exec,
 }
 
 impl SparseAdagrad {
@@ -430,22 +443,13 @@ impl SparseAdagrad {
                 requirement: "false for sparse gradients",
             });
         }
-        let n =
-            rows.checked_mul(dim).ok_or(Error::LengthMismatch { what: "table", expected: usize::MAX, actual: rows })?;
-        Ok(SparseAdagrad {
-            config,
-            rows,
-            dim,
-            t: 0,
-            sum: zeros(n, config.initial_accumulator_value as f32),
-            scratch: Coalescer::default(),
-            exec: Exec::auto(),
-        })
+        let (steps, n) = RowSteps::new(rows, dim)?;
+        Ok(SparseAdagrad { config, steps, sum: zeros(n, config.initial_accumulator_value as f32) })
     }
 
     /// Sets the execution policy.
     pub fn set_exec(&mut self, exec: Exec) {
-        self.exec = exec;
+        self.steps.exec = exec;
     }
 
     /// One step; see [`SparseAdam::step`].
@@ -453,24 +457,21 @@ impl SparseAdagrad {
     /// # Errors
     /// [`Error::LengthMismatch`] or [`Error::RowOutOfRange`] before anything is written.
     pub fn step(&mut self, table: &mut [f32], grad_rows: &[usize], grad_values: &[f32]) -> Result<StepReport, Error> {
-        Coalescer::check(self.rows, self.dim, table.len(), grad_rows, grad_values)?;
-        let plan = Plan::new(&self.exec)?;
-        let t = self.t + 1;
+        let t = self.steps.t + 1;
         let k = SparseAdagradKernel {
             maximize: self.config.maximize,
             eps: self.config.eps as f32,
             neg_clr: self.config.neg_clr(t),
         };
-        let parallel = plan.exec.chunk_for(grad_values.len()).is_some();
-        let grad = self.scratch.coalesce(self.rows, grad_rows, grad_values, self.dim);
+        let (plan, parallel, grad) = self.steps.prepare(table.len(), grad_rows, grad_values)?;
         update_rows(&k, &plan, parallel, &grad, table, [&mut self.sum]);
-        self.t = t;
+        self.steps.t = t;
         Ok(StepReport { backend: plan.backend, parallel, skipped: false })
     }
 
     /// Steps taken.
     pub fn step_count(&self) -> u64 {
-        self.t
+        self.steps.t
     }
     /// The accumulator, `rows x dim`.
     pub fn sum(&self) -> &[f32] {
@@ -490,12 +491,8 @@ impl SparseAdagrad {
 pub struct RowWiseAdagrad {
     lr: f64,
     eps: f64,
-    rows: usize,
-    dim: usize,
-    t: u64,
+    steps: RowSteps,
     acc: Vec<f32>,
-    scratch: Coalescer,
-    exec: Exec,
 }
 
 impl RowWiseAdagrad {
@@ -508,22 +505,14 @@ impl RowWiseAdagrad {
         non_negative("lr", lr)?;
         non_negative("eps", eps)?;
         non_negative("initial_accumulator_value", initial_accumulator_value)?;
-        Ok(RowWiseAdagrad {
-            lr,
-            eps,
-            rows,
-            dim,
-            t: 0,
-            acc: vec![initial_accumulator_value as f32; rows],
-            scratch: Coalescer::default(),
-            exec: Exec::auto(),
-        })
+        let (steps, _) = RowSteps::new(rows, dim)?;
+        Ok(RowWiseAdagrad { lr, eps, steps, acc: vec![initial_accumulator_value as f32; rows] })
     }
 
     /// Sets the execution policy (rows are split across threads when there
     /// is enough work).
     pub fn set_exec(&mut self, exec: Exec) {
-        self.exec = exec;
+        self.steps.exec = exec;
     }
 
     /// One step; see [`SparseAdam::step`].
@@ -531,11 +520,8 @@ impl RowWiseAdagrad {
     /// # Errors
     /// [`Error::LengthMismatch`] or [`Error::RowOutOfRange`] before anything is written.
     pub fn step(&mut self, table: &mut [f32], grad_rows: &[usize], grad_values: &[f32]) -> Result<StepReport, Error> {
-        Coalescer::check(self.rows, self.dim, table.len(), grad_rows, grad_values)?;
-        let plan = Plan::new(&self.exec)?;
-        let parallel = plan.exec.chunk_for(grad_values.len()).is_some();
-        let grad = self.scratch.coalesce(self.rows, grad_rows, grad_values, self.dim);
-        let (lr, eps, dim) = (self.lr, self.eps as f32, self.dim);
+        let (lr, eps, dim) = (self.lr, self.eps as f32, self.steps.dim);
+        let (_, parallel, grad) = self.steps.prepare(table.len(), grad_rows, grad_values)?;
         let table_base = RowBase(table.as_mut_ptr());
         let acc_base = RowBase(self.acc.as_mut_ptr());
         let one = |e: &Entry| {
@@ -553,7 +539,7 @@ impl RowWiseAdagrad {
         } else {
             grad.entries.iter().for_each(one);
         }
-        self.t += 1;
+        self.steps.t += 1;
         Ok(StepReport { backend: crate::Backend::Scalar, parallel, skipped: false })
     }
 
