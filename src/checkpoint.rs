@@ -15,6 +15,15 @@
 //! | `n` | parameter count |
 //! | `step` | the exact step count (the `step` tensor is f32, as in torch) |
 //! | `param_groups` | JSON, torch's `param_groups` entry: `[{"lr": 0.001, "betas": [0.9, 0.999], ...}]` |
+//! | `layout` | `dense` ([`Optimizer`]), `grouped` ([`GroupedOptimizer`](crate::groups::GroupedOptimizer)) or `sparse` ([`sparse`](crate::sparse) optimizers) |
+//!
+//! A grouped checkpoint names each tensor's state `state.{i}.exp_avg`, ...
+//! (torch's `state_dict()["state"][i]`), lists each group's tensor indices under
+//! `"params"` in `param_groups` as torch does, and also holds the parameters
+//! themselves as `params.{i}` (the arena owns them; torch keeps them in the
+//! model's `state_dict`). A sparse checkpoint holds `rows x dim` state tensors
+//! (`exp_avg`, `exp_avg_sq` for SparseAdam, `sum` for Adagrad; row-wise
+//! AdaGrad's per-row `sum` is `rows` long) and `rows`, `dim` in the metadata.
 //!
 //! From Python: `safetensors.torch.load_file(path)` gives the tensors and
 //! `safe_open(path, "pt").metadata()` the rest.
@@ -33,6 +42,8 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde_json::{Map, Value};
 
+use aligned_vec::{AVec, ConstAlign};
+
 use crate::{Algorithm, AnyConfig, Error, HyperValue, Optimizer};
 
 /// The `format` metadata value.
@@ -48,13 +59,9 @@ fn io(e: std::io::Error) -> Error {
     Error::Io { kind: e.kind(), message: e.to_string() }
 }
 
-fn le_bytes(x: &[f32]) -> Vec<u8> {
-    x.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
-fn options_json(config: &AnyConfig) -> Value {
+pub(crate) fn options_json(options: Vec<(&'static str, HyperValue)>) -> Map<String, Value> {
     let mut m = Map::new();
-    for (k, v) in config.options() {
+    for (k, v) in options {
         let j = match v {
             HyperValue::Number(x) => Value::from(x),
             HyperValue::Bool(b) => Value::from(b),
@@ -62,17 +69,14 @@ fn options_json(config: &AnyConfig) -> Value {
         };
         m.insert(k.to_string(), j);
     }
-    Value::Array(vec![Value::Object(m)])
+    m
 }
 
-fn options_from_json(class: &str, v: &Value) -> Result<AnyConfig, Error> {
-    let group = match v {
-        Value::Array(groups) if groups.len() == 1 => &groups[0],
-        _ => return Err(bad("param_groups must hold exactly one group")),
-    };
-    let obj = group.as_object().ok_or_else(|| bad("param_groups[0] is not an object"))?;
+/// Keyword options from one `param_groups` entry (keys in `skip` ignored).
+pub(crate) fn options_from_json(class: &str, group: &Value, skip: &[&str]) -> Result<AnyConfig, Error> {
+    let obj = group.as_object().ok_or_else(|| bad("a param_groups entry is not an object"))?;
     let mut opts = Vec::with_capacity(obj.len());
-    for (k, v) in obj {
+    for (k, v) in obj.iter().filter(|(k, _)| !skip.contains(&k.as_str())) {
         let h = match v {
             Value::Bool(b) => HyperValue::Bool(*b),
             Value::Number(x) => HyperValue::Number(x.as_f64().ok_or_else(|| bad(format!("{k}: not a number")))?),
@@ -87,20 +91,131 @@ fn options_from_json(class: &str, v: &Value) -> Result<AnyConfig, Error> {
     AnyConfig::from_torch(class, &opts).map_err(|e| bad(format!("hyperparameters: {e}")))
 }
 
-fn read_f32s(st: &SafeTensors<'_>, name: &str, shape: &[usize]) -> Result<Vec<f32>, Error> {
-    let t = st.tensor(name).map_err(|_| bad(format!("missing tensor {name:?}")))?;
-    if t.dtype() != Dtype::F32 {
-        return Err(bad(format!("tensor {name:?} has dtype {:?}, expected F32", t.dtype())));
+/// Builds a checkpoint: metadata and `F32` tensors.
+pub(crate) struct Writer {
+    meta: HashMap<String, String>,
+    tensors: Vec<(String, Vec<usize>, Vec<u8>)>,
+}
+
+impl Writer {
+    pub(crate) fn new(torch_class: &str, layout: &str, step: u64) -> Writer {
+        let mut meta = HashMap::new();
+        meta.insert("format".to_string(), FORMAT.to_string());
+        meta.insert("format_version".to_string(), FORMAT_VERSION.to_string());
+        meta.insert("torch_class".to_string(), torch_class.to_string());
+        meta.insert("layout".to_string(), layout.to_string());
+        meta.insert("step".to_string(), step.to_string());
+        let mut w = Writer { meta, tensors: Vec::new() };
+        w.scalar("step", step as f32);
+        w
     }
-    if t.shape() != shape {
-        return Err(bad(format!("tensor {name:?} has shape {:?}, expected {shape:?}", t.shape())));
+    pub(crate) fn meta(&mut self, key: &str, value: impl ToString) {
+        self.meta.insert(key.to_string(), value.to_string());
     }
-    let data = t.data();
-    let count: usize = shape.iter().product();
-    if data.len() != count * 4 {
-        return Err(bad(format!("tensor {name:?} holds {} bytes, expected {}", data.len(), count * 4)));
+    pub(crate) fn tensor(&mut self, name: impl Into<String>, shape: Vec<usize>, data: &[f32]) {
+        self.tensors.push((name.into(), shape, data.iter().flat_map(|v| v.to_le_bytes()).collect()));
     }
-    Ok(data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    pub(crate) fn scalar(&mut self, name: impl Into<String>, x: f32) {
+        self.tensor(name, vec![], &[x]);
+    }
+    pub(crate) fn finish(self) -> Result<Vec<u8>, Error> {
+        let views = self
+            .tensors
+            .iter()
+            .map(|(name, shape, data)| Ok((name.as_str(), TensorView::new(Dtype::F32, shape.clone(), data)?)))
+            .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
+            .map_err(|e| bad(e.to_string()))?;
+        safetensors::serialize(views, Some(self.meta)).map_err(|e| bad(e.to_string()))
+    }
+}
+
+/// Reads and checks a checkpoint.
+pub(crate) struct Reader<'a> {
+    st: SafeTensors<'a>,
+    meta: HashMap<String, String>,
+    /// The exact step count.
+    pub(crate) step: u64,
+}
+
+impl<'a> Reader<'a> {
+    /// Parses `bytes` and checks format, version, kind and layout.
+    pub(crate) fn open(bytes: &'a [u8], torch_class: &str, layout: &str) -> Result<Reader<'a>, Error> {
+        let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not safetensors: {e}")))?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not safetensors: {e}")))?;
+        let meta = metadata.metadata().clone().ok_or_else(|| bad("no metadata"))?;
+        let mut r = Reader { st, meta, step: 0 };
+        if r.meta("format")? != FORMAT {
+            return Err(bad(format!("format is {:?}, expected {FORMAT:?}", r.meta("format")?)));
+        }
+        if r.meta("format_version")? != FORMAT_VERSION.to_string() {
+            return Err(bad(format!(
+                "format_version {:?} is not supported (this crate reads {FORMAT_VERSION})",
+                r.meta("format_version")?
+            )));
+        }
+        if r.meta("torch_class")? != torch_class {
+            return Err(bad(format!("checkpoint holds {}, expected {torch_class}", r.meta("torch_class")?)));
+        }
+        if r.meta("layout")? != layout {
+            return Err(bad(format!("checkpoint layout is {}, expected {layout}", r.meta("layout")?)));
+        }
+        r.step = r.parse("step")?;
+        let step_tensor = r.scalar("step")?;
+        if step_tensor != r.step as f32 {
+            return Err(bad(format!("step tensor {step_tensor} disagrees with metadata step {}", r.step)));
+        }
+        Ok(r)
+    }
+
+    pub(crate) fn meta(&self, key: &str) -> Result<&str, Error> {
+        self.meta.get(key).map(String::as_str).ok_or_else(|| bad(format!("metadata has no {key:?}")))
+    }
+
+    pub(crate) fn parse<T: std::str::FromStr>(&self, key: &str) -> Result<T, Error> {
+        self.meta(key)?.parse().map_err(|_| bad(format!("metadata {key:?} is not a number")))
+    }
+
+    pub(crate) fn json(&self, key: &str) -> Result<Value, Error> {
+        serde_json::from_str(self.meta(key)?).map_err(|e| bad(format!("{key}: {e}")))
+    }
+
+    /// Exactly this many tensors (so nothing unexpected is silently ignored).
+    pub(crate) fn expect_count(&self, n: usize) -> Result<(), Error> {
+        if self.st.len() != n {
+            return Err(bad(format!("{} tensors, expected {n}", self.st.len())));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn f32s(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, Error> {
+        let t = self.st.tensor(name).map_err(|_| bad(format!("missing tensor {name:?}")))?;
+        if t.dtype() != Dtype::F32 {
+            return Err(bad(format!("tensor {name:?} has dtype {:?}, expected F32", t.dtype())));
+        }
+        if t.shape() != shape {
+            return Err(bad(format!("tensor {name:?} has shape {:?}, expected {shape:?}", t.shape())));
+        }
+        let data = t.data();
+        let count = shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b)).ok_or_else(|| bad("shape overflows"))?;
+        if count.checked_mul(4) != Some(data.len()) {
+            return Err(bad(format!("tensor {name:?} holds {} bytes, expected {count} floats", data.len())));
+        }
+        Ok(data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    }
+
+    /// The shape of an `F32` tensor.
+    pub(crate) fn shape(&self, name: &str) -> Result<Vec<usize>, Error> {
+        let t = self.st.tensor(name).map_err(|_| bad(format!("missing tensor {name:?}")))?;
+        Ok(t.shape().to_vec())
+    }
+
+    pub(crate) fn buffer(&self, name: &str, shape: &[usize]) -> Result<AVec<f32, ConstAlign<64>>, Error> {
+        Ok(AVec::from_slice(64, &self.f32s(name, shape)?))
+    }
+
+    pub(crate) fn scalar(&self, name: &str) -> Result<f32, Error> {
+        Ok(self.f32s(name, &[])?[0])
+    }
 }
 
 /// The `torch_class` a checkpoint holds.
@@ -144,36 +259,27 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     result
 }
 
+/// Reads a whole file.
+pub(crate) fn read(path: &Path) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(io)
+}
+
 impl<A: Algorithm> Optimizer<A> {
     /// The whole optimizer as safetensors bytes (see the [module docs](self)).
     ///
     /// # Errors
     /// [`Error::Checkpoint`] if serialization fails (it does not for valid state).
     pub fn to_safetensors(&self) -> Result<Vec<u8>, Error> {
-        let mut meta = HashMap::new();
-        meta.insert("format".to_string(), FORMAT.to_string());
-        meta.insert("format_version".to_string(), FORMAT_VERSION.to_string());
-        meta.insert("torch_class".to_string(), A::TORCH_CLASS.to_string());
-        meta.insert("n".to_string(), self.n.to_string());
-        meta.insert("step".to_string(), self.t.to_string());
-        meta.insert("param_groups".to_string(), options_json(&self.config.to_any()).to_string());
-        let mut blobs: Vec<(String, Vec<usize>, Vec<u8>)> = self
-            .config
-            .state_names()
-            .iter()
-            .zip(&self.state)
-            .map(|(name, buf)| (name.to_string(), vec![self.n], le_bytes(buf)))
-            .collect();
-        blobs.push(("step".to_string(), vec![], (self.t as f32).to_le_bytes().to_vec()));
-        if let Some(name) = A::AUX_NAME {
-            blobs.push((name.to_string(), vec![], A::aux_to_f32(&self.aux).to_le_bytes().to_vec()));
+        let mut w = Writer::new(A::TORCH_CLASS, "dense", self.t);
+        w.meta("n", self.n);
+        w.meta("param_groups", Value::Array(vec![Value::Object(options_json(self.config.to_any().options()))]));
+        for (name, buf) in self.config.state_names().iter().zip(&self.state) {
+            w.tensor(*name, vec![self.n], buf);
         }
-        let views = blobs
-            .iter()
-            .map(|(name, shape, data)| Ok((name.as_str(), TensorView::new(Dtype::F32, shape.clone(), data)?)))
-            .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
-            .map_err(|e| bad(e.to_string()))?;
-        safetensors::serialize(views, Some(meta)).map_err(|e| bad(e.to_string()))
+        if let Some(name) = A::AUX_NAME {
+            w.scalar(name, A::aux_to_f32(&self.aux));
+        }
+        w.finish()
     }
 
     /// Saves the optimizer to `path` atomically.
@@ -193,55 +299,26 @@ impl<A: Algorithm> Optimizer<A> {
     /// format or version, another optimizer kind, bad hyperparameters, a
     /// missing, extra or mis-sized tensor, a wrong dtype.
     pub fn from_safetensors(bytes: &[u8]) -> Result<Self, Error> {
-        let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not safetensors: {e}")))?;
-        let st = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not safetensors: {e}")))?;
-        let meta = metadata.metadata().as_ref().ok_or_else(|| bad("no metadata"))?;
-        let get = |k: &str| meta.get(k).map(String::as_str).ok_or_else(|| bad(format!("metadata has no {k:?}")));
-        if get("format")? != FORMAT {
-            return Err(bad(format!("format is {:?}, expected {FORMAT:?}", get("format")?)));
-        }
-        if get("format_version")? != FORMAT_VERSION.to_string() {
-            return Err(bad(format!(
-                "format_version {:?} is not supported (this crate reads {FORMAT_VERSION})",
-                get("format_version")?
-            )));
-        }
-        let class = get("torch_class")?;
-        if class != A::TORCH_CLASS {
-            return Err(bad(format!("checkpoint holds {class}, expected {}", A::TORCH_CLASS)));
-        }
-        let n: usize = get("n")?.parse().map_err(|_| bad("n is not a count"))?;
-        let t: u64 = get("step")?.parse().map_err(|_| bad("step is not a count"))?;
-        let groups: Value =
-            serde_json::from_str(get("param_groups")?).map_err(|e| bad(format!("param_groups: {e}")))?;
-        let any = options_from_json(class, &groups)?;
+        let r = Reader::open(bytes, A::TORCH_CLASS, "dense")?;
+        let n: usize = r.parse("n")?;
+        let groups = r.json("param_groups")?;
+        let group = match &groups {
+            Value::Array(g) if g.len() == 1 => &g[0],
+            _ => return Err(bad("param_groups must hold exactly one group")),
+        };
+        let any = options_from_json(A::TORCH_CLASS, group, &[])?;
         let config = A::from_any(&any).ok_or_else(|| bad("hyperparameters of another kind"))?;
         let names = config.state_names();
-        let expected = names.len() + 1 + usize::from(A::AUX_NAME.is_some());
-        if st.len() != expected {
-            let found: Vec<&str> = st.names();
-            return Err(bad(format!("tensors {found:?} do not match the state {names:?} + step")));
-        }
-        let step_tensor = read_f32s(&st, "step", &[])?[0];
-        if step_tensor != t as f32 {
-            return Err(bad(format!("step tensor {step_tensor} disagrees with metadata step {t}")));
-        }
+        r.expect_count(names.len() + 1 + usize::from(A::AUX_NAME.is_some()))?;
         let aux = match A::AUX_NAME {
-            Some(name) => {
-                let x = read_f32s(&st, name, &[])?[0];
-                A::aux_from_f32(x).ok_or_else(|| bad(format!("bad {name}")))?
-            }
+            Some(name) => A::aux_from_f32(r.scalar(name)?).ok_or_else(|| bad(format!("bad {name}")))?,
             None => config.aux_init(),
         };
-        // Sizes are checked against `n` before anything is allocated for it.
+        // Sizes are checked against the tensors before anything is allocated for them.
+        let state = names.iter().map(|name| r.buffer(name, &[n])).collect::<Result<Vec<_>, _>>()?;
         let mut opt = Optimizer::new(config, 0)?;
-        let mut state = Vec::with_capacity(names.len());
-        for name in names {
-            let v = read_f32s(&st, name, &[n])?;
-            state.push(aligned_vec::AVec::from_slice(64, &v));
-        }
         opt.n = n;
-        opt.t = t;
+        opt.t = r.step;
         opt.aux = aux;
         opt.state = state;
         Ok(opt)
@@ -252,8 +329,7 @@ impl<A: Algorithm> Optimizer<A> {
     /// # Errors
     /// [`Error::Io`] or [`Error::Checkpoint`].
     pub fn load(path: impl AsRef<Path>) -> Result<Self, Error> {
-        let bytes = std::fs::read(path).map_err(io)?;
-        Self::from_safetensors(&bytes)
+        Self::from_safetensors(&read(path.as_ref())?)
     }
 
     /// Replaces this optimizer's configuration, step count and state with a

@@ -41,12 +41,19 @@ use std::ops::Range;
 
 use aligned_vec::{AVec, ConstAlign};
 
+use serde_json::Value;
+
 use crate::backend::Parallel;
+use crate::checkpoint::{Reader, Writer, options_from_json, options_json};
 use crate::driver::{Plan, StepReport};
 use crate::optim::MAX_STATE;
 use crate::optim::sealed::Sealed;
 use crate::schedule::{LrSchedule, Schedule};
 use crate::{Algorithm, Error, Exec};
+
+fn bad(reason: impl Into<String>) -> Error {
+    Error::Checkpoint { reason: reason.into() }
+}
 
 type Buffer = AVec<f32, ConstAlign<64>>;
 
@@ -396,4 +403,115 @@ fn split<A: Algorithm>(ctx: &Ctx<'_, A>, a: Arena<'_>, chunk: usize) {
     let mid = n.div_ceil(chunk) / 2 * chunk;
     let (x, y) = a.split_at(mid);
     rayon::join(|| split(ctx, x, chunk), || split(ctx, y, chunk));
+}
+
+impl<A: Algorithm> GroupedOptimizer<A> {
+    /// The optimizer as safetensors bytes: every tensor's parameters
+    /// (`params.{i}`) and state (`state.{i}.exp_avg`, ...), the step count, and
+    /// each group's hyperparameters and tensor indices in `param_groups` (see
+    /// [`checkpoint`](crate::checkpoint)). Schedules are code, not data: set
+    /// them again after loading.
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] if serialization fails.
+    pub fn to_safetensors(&self) -> Result<Vec<u8>, Error> {
+        let mut w = Writer::new(A::TORCH_CLASS, "grouped", self.t);
+        let groups: Vec<Value> = self
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(gi, g)| {
+                let mut m = options_json(g.config.to_any().options());
+                let params: Vec<usize> = (0..self.tensors.len()).filter(|&i| self.tensors[i].group == gi).collect();
+                m.insert("params".to_string(), Value::from(params));
+                if let Some(name) = A::AUX_NAME {
+                    m.insert(name.to_string(), Value::from(A::aux_to_f32(&g.aux) as f64));
+                }
+                Value::Object(m)
+            })
+            .collect();
+        w.meta("param_groups", Value::Array(groups));
+        for (i, t) in self.tensors.iter().enumerate() {
+            let r = t.offset..t.offset + t.len;
+            w.tensor(format!("params.{i}"), vec![t.len], &self.params[r.clone()]);
+            for (name, buf) in self.state_names.iter().zip(&self.state) {
+                w.tensor(format!("state.{i}.{name}"), vec![t.len], &buf[r.clone()]);
+            }
+        }
+        w.finish()
+    }
+
+    /// Saves atomically; see [`to_safetensors`](Self::to_safetensors).
+    ///
+    /// # Errors
+    /// [`Error::Io`] or [`Error::Checkpoint`]; a previous file is intact then.
+    pub fn save(&self, path: impl AsRef<std::path::Path>) -> Result<(), Error> {
+        crate::checkpoint::write_atomic(path.as_ref(), &self.to_safetensors()?)
+    }
+
+    /// A grouped optimizer from bytes written by
+    /// [`to_safetensors`](Self::to_safetensors): same groups, tensors (and
+    /// ids), parameters, state and step count; default execution policy.
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] for anything truncated, corrupted or mismatched.
+    pub fn from_safetensors(bytes: &[u8]) -> Result<Self, Error> {
+        let r = Reader::open(bytes, A::TORCH_CLASS, "grouped")?;
+        let groups = r.json("param_groups")?;
+        let groups = groups.as_array().ok_or_else(|| bad("param_groups is not a list"))?;
+        let mut opt = GroupedOptimizer::new();
+        let mut next = 0usize;
+        let mut skip = vec!["params"];
+        skip.extend(A::AUX_NAME);
+        for (gi, g) in groups.iter().enumerate() {
+            let config = A::from_any(&options_from_json(A::TORCH_CLASS, g, &skip)?)
+                .ok_or_else(|| bad("hyperparameters of another kind"))?;
+            let ids: Vec<usize> = g["params"]
+                .as_array()
+                .ok_or_else(|| bad("a group has no params list"))?
+                .iter()
+                .map(|v| v.as_u64().map(|x| x as usize).ok_or_else(|| bad("a params entry is not an index")))
+                .collect::<Result<_, _>>()?;
+            if ids.iter().enumerate().any(|(k, &i)| i != next + k) {
+                return Err(bad("tensor indices must run in order across the groups"));
+            }
+            next += ids.len();
+            let mut sizes = Vec::with_capacity(ids.len());
+            for &i in &ids {
+                match r.shape(&format!("params.{i}"))?.as_slice() {
+                    [len] => sizes.push(*len),
+                    other => return Err(bad(format!("params.{i} has shape {other:?}"))),
+                }
+            }
+            // Refuse absurd sizes before allocating for them: every tensor
+            // must be backed by data in the file.
+            if sizes.iter().try_fold(0usize, |a, &b| a.checked_add(b)).is_none_or(|total| total > bytes.len()) {
+                return Err(bad("tensor sizes exceed the file"));
+            }
+            opt.add_group(config, &sizes).map_err(|e| bad(format!("group {gi}: {e}")))?;
+            if let Some(name) = A::AUX_NAME {
+                let x = g[name].as_f64().ok_or_else(|| bad(format!("group {gi} has no {name}")))?;
+                opt.groups[gi].aux = A::aux_from_f32(x as f32).ok_or_else(|| bad(format!("bad {name}")))?;
+            }
+        }
+        r.expect_count(1 + next * (1 + opt.state_names.len()))?;
+        for i in 0..next {
+            let t = opt.tensors[i].clone();
+            let range = t.offset..t.offset + t.len;
+            opt.params[range.clone()].copy_from_slice(&r.f32s(&format!("params.{i}"), &[t.len])?);
+            for (k, name) in opt.state_names.iter().enumerate() {
+                opt.state[k][range.clone()].copy_from_slice(&r.f32s(&format!("state.{i}.{name}"), &[t.len])?);
+            }
+        }
+        opt.t = r.step;
+        Ok(opt)
+    }
+
+    /// Loads a grouped optimizer saved with [`save`](Self::save).
+    ///
+    /// # Errors
+    /// [`Error::Io`] or [`Error::Checkpoint`].
+    pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self, Error> {
+        Self::from_safetensors(&crate::checkpoint::read(path.as_ref())?)
+    }
 }

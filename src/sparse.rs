@@ -25,11 +25,16 @@
 use aligned_vec::{AVec, ConstAlign};
 use rayon::prelude::*;
 
+use crate::checkpoint::{Reader, Writer};
 use crate::driver::{Kernel, Plan, Slices, StepReport, runner};
 use crate::error::{non_negative, unit_half_open};
 use crate::optim::pow_step;
 use crate::simd::F32Vec;
 use crate::{Error, Exec};
+
+fn bad(reason: impl Into<String>) -> Error {
+    Error::Checkpoint { reason: reason.into() }
+}
 
 type Buffer = AVec<f32, ConstAlign<64>>;
 
@@ -239,6 +244,24 @@ struct RowSteps {
 }
 
 impl RowSteps {
+    /// A checkpoint writer holding the shape and step count.
+    fn writer(&self, class: &str, options: serde_json::Value) -> Writer {
+        let mut w = Writer::new(class, "sparse", self.t);
+        w.meta("rows", self.rows);
+        w.meta("dim", self.dim);
+        w.meta("param_groups", serde_json::Value::Array(vec![options]));
+        w
+    }
+
+    /// Opens a sparse checkpoint: the reader, its options and shape.
+    fn reader<'a>(bytes: &'a [u8], class: &str) -> Result<(Reader<'a>, serde_json::Value, usize, usize), Error> {
+        let r = Reader::open(bytes, class, "sparse")?;
+        let (rows, dim): (usize, usize) = (r.parse("rows")?, r.parse("dim")?);
+        let groups = r.json("param_groups")?;
+        let g = groups.as_array().and_then(|g| g.first()).cloned().ok_or_else(|| bad("no param_groups entry"))?;
+        Ok((r, g, rows, dim))
+    }
+
     /// The shape and its element count.
     fn new(rows: usize, dim: usize) -> Result<(RowSteps, usize), Error> {
         let n =
@@ -380,6 +403,46 @@ impl SparseAdam {
         self.config.lr = lr;
         Ok(())
     }
+    /// The optimizer as safetensors bytes (`exp_avg`, `exp_avg_sq` of shape
+    /// `[rows, dim]`, `step`); see [`checkpoint`](crate::checkpoint).
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] if serialization fails.
+    pub fn to_safetensors(&self) -> Result<Vec<u8>, Error> {
+        let c = &self.config;
+        let opts =
+            serde_json::json!({"lr": c.lr, "betas": [c.betas.0, c.betas.1], "eps": c.eps, "maximize": c.maximize});
+        let mut w = self.steps.writer("SparseAdam", opts);
+        let shape = vec![self.steps.rows, self.steps.dim];
+        w.tensor("exp_avg", shape.clone(), &self.exp_avg);
+        w.tensor("exp_avg_sq", shape, &self.exp_avg_sq);
+        w.finish()
+    }
+
+    /// A SparseAdam from bytes written by [`to_safetensors`](Self::to_safetensors).
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] for anything truncated, corrupted or mismatched.
+    pub fn from_safetensors(bytes: &[u8]) -> Result<Self, Error> {
+        let (r, g, rows, dim) = RowSteps::reader(bytes, "SparseAdam")?;
+        let num = |k: &str| g[k].as_f64().ok_or_else(|| bad(format!("{k} missing")));
+        let config = SparseAdamConfig {
+            lr: num("lr")?,
+            betas: (
+                g["betas"][0].as_f64().ok_or_else(|| bad("betas"))?,
+                g["betas"][1].as_f64().ok_or_else(|| bad("betas"))?,
+            ),
+            eps: num("eps")?,
+            maximize: g["maximize"].as_bool().ok_or_else(|| bad("maximize missing"))?,
+        };
+        config.validate().map_err(|e| bad(e.to_string()))?;
+        r.expect_count(3)?;
+        let (exp_avg, exp_avg_sq) = (r.buffer("exp_avg", &[rows, dim])?, r.buffer("exp_avg_sq", &[rows, dim])?);
+        let (mut steps, _) = RowSteps::new(rows, dim)?;
+        steps.t = r.step;
+        Ok(SparseAdam { config, steps, exp_avg, exp_avg_sq })
+    }
+
     /// First moments, `rows x dim`.
     pub fn exp_avg(&self) -> &[f32] {
         &self.exp_avg
@@ -473,6 +536,36 @@ impl SparseAdagrad {
     pub fn step_count(&self) -> u64 {
         self.steps.t
     }
+    /// The optimizer as safetensors bytes (`sum` of shape `[rows, dim]`,
+    /// `step`; torch class `Adagrad`, layout `sparse`).
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] if serialization fails.
+    pub fn to_safetensors(&self) -> Result<Vec<u8>, Error> {
+        let opts = serde_json::Value::Object(crate::checkpoint::options_json(self.config.options()));
+        let mut w = self.steps.writer("Adagrad", opts);
+        w.tensor("sum", vec![self.steps.rows, self.steps.dim], &self.sum);
+        w.finish()
+    }
+
+    /// A sparse Adagrad from bytes written by [`to_safetensors`](Self::to_safetensors).
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] for anything truncated, corrupted or mismatched.
+    pub fn from_safetensors(bytes: &[u8]) -> Result<Self, Error> {
+        let (r, g, rows, dim) = RowSteps::reader(bytes, "Adagrad")?;
+        let crate::AnyConfig::Adagrad(config) = crate::checkpoint::options_from_json("Adagrad", &g, &[])? else {
+            return Err(bad("hyperparameters of another kind"));
+        };
+        r.expect_count(2)?;
+        let sum = r.buffer("sum", &[rows, dim])?;
+        let mut opt = SparseAdagrad::new(config, 0, 0).map_err(|e| bad(e.to_string()))?;
+        opt.steps = RowSteps::new(rows, dim)?.0;
+        opt.steps.t = r.step;
+        opt.sum = sum;
+        Ok(opt)
+    }
+
     /// The accumulator, `rows x dim`.
     pub fn sum(&self) -> &[f32] {
         &self.sum
@@ -541,6 +634,34 @@ impl RowWiseAdagrad {
         }
         self.steps.t += 1;
         Ok(StepReport { backend: crate::Backend::Scalar, parallel, skipped: false })
+    }
+
+    /// The optimizer as safetensors bytes (per-row `sum` of shape `[rows]`,
+    /// `step`; class `RowWiseAdagrad`, layout `sparse`).
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] if serialization fails.
+    pub fn to_safetensors(&self) -> Result<Vec<u8>, Error> {
+        let mut w = self.steps.writer("RowWiseAdagrad", serde_json::json!({"lr": self.lr, "eps": self.eps}));
+        w.tensor("sum", vec![self.steps.rows], &self.acc);
+        w.finish()
+    }
+
+    /// A row-wise AdaGrad from bytes written by [`to_safetensors`](Self::to_safetensors).
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] for anything truncated, corrupted or mismatched.
+    pub fn from_safetensors(bytes: &[u8]) -> Result<Self, Error> {
+        let (r, g, rows, dim) = RowSteps::reader(bytes, "RowWiseAdagrad")?;
+        let lr = g["lr"].as_f64().ok_or_else(|| bad("lr missing"))?;
+        let eps = g["eps"].as_f64().ok_or_else(|| bad("eps missing"))?;
+        r.expect_count(2)?;
+        let acc = r.f32s("sum", &[rows])?;
+        let mut opt = RowWiseAdagrad::new(lr, eps, 0.0, 0, dim).map_err(|e| bad(e.to_string()))?;
+        opt.steps = RowSteps::new(rows, dim)?.0;
+        opt.steps.t = r.step;
+        opt.acc = acc;
+        Ok(opt)
     }
 
     /// The per-row accumulators.

@@ -171,3 +171,119 @@ fn atomic_save_keeps_the_previous_file_on_failure() {
     assert_eq!(leftovers.len(), 1, "{leftovers:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn grouped_resume_is_bit_exact() {
+    use adaoptim::groups::GroupedOptimizer;
+    let mut rng = Rng::new(13);
+    let build = || {
+        let mut o = GroupedOptimizer::new();
+        let mut ids = o.add_group(NAdamConfig { weight_decay: 0.01, ..Default::default() }, &[100, 0, 1, 37]).unwrap();
+        ids.extend(o.add_group(NAdamConfig { lr: 1e-2, ..Default::default() }, &[64, 3]).unwrap());
+        (o, ids)
+    };
+    let (mut straight, ids) = build();
+    let total = straight.total_len();
+    let p0 = rng.vec(total, 1.0);
+    let grads: Vec<Vec<f32>> = (0..8).map(|_| rng.vec(total, 1.0)).collect();
+    straight.params_flat_mut().copy_from_slice(&p0);
+    for g in &grads {
+        straight.grads_flat_mut().copy_from_slice(g);
+        straight.step().unwrap();
+    }
+    let (mut first, _) = build();
+    first.params_flat_mut().copy_from_slice(&p0);
+    for g in &grads[..3] {
+        first.grads_flat_mut().copy_from_slice(g);
+        first.step().unwrap();
+    }
+    let bytes = first.to_safetensors().unwrap();
+    let mut resumed = GroupedOptimizer::<NAdamConfig>::from_safetensors(&bytes).unwrap();
+    assert_eq!(resumed.step_count(), 3);
+    assert_eq!(resumed.num_tensors(), 6);
+    assert_eq!(resumed.group_config(1).unwrap().lr, 1e-2);
+    for g in &grads[3..] {
+        resumed.grads_flat_mut().copy_from_slice(g);
+        resumed.step().unwrap();
+    }
+    // Tensor by tensor (the padding between tensors belongs to none and is
+    // not saved); ids carry over.
+    for &id in &ids {
+        assert_same_bits("grouped resume", resumed.params(id), straight.params(id));
+        assert_same_bits(
+            "grouped resume state",
+            resumed.state("exp_avg_sq", id).unwrap(),
+            straight.state("exp_avg_sq", id).unwrap(),
+        );
+    }
+    // Torch-style names.
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(st.names().contains(&"state.3.exp_avg_sq") && st.names().contains(&"params.5"));
+    // Truncation and another kind are errors, never panics.
+    for cut in [0, 10, bytes.len() / 3, bytes.len() - 1] {
+        assert!(matches!(
+            GroupedOptimizer::<NAdamConfig>::from_safetensors(&bytes[..cut]),
+            Err(Error::Checkpoint { .. })
+        ));
+    }
+    assert!(GroupedOptimizer::<AdamConfig>::from_safetensors(&bytes).is_err());
+    assert!(NAdam::from_safetensors(&bytes).is_err(), "a grouped file is not a dense one");
+}
+
+#[test]
+fn sparse_resume_is_bit_exact() {
+    use adaoptim::sparse::{RowWiseAdagrad, SparseAdagrad, SparseAdam, SparseAdamConfig};
+    let mut rng = Rng::new(14);
+    let (rows, dim) = (200, 7);
+    let t0 = rng.vec(rows * dim, 1.0);
+    let steps: Vec<(Vec<usize>, Vec<f32>)> = (0..6)
+        .map(|_| {
+            let idx: Vec<usize> = (0..30).map(|_| (rng.next_u64() % rows as u64) as usize).collect();
+            let v = rng.vec(idx.len() * dim, 1.0);
+            (idx, v)
+        })
+        .collect();
+    // SparseAdam
+    let mut a = SparseAdam::new(SparseAdamConfig { lr: 0.01, ..Default::default() }, rows, dim).unwrap();
+    let mut ta = t0.clone();
+    let mut b = a.clone();
+    let mut tb = t0.clone();
+    for (i, (idx, v)) in steps.iter().enumerate() {
+        a.step(&mut ta, idx, v).unwrap();
+        if i == 2 {
+            b = SparseAdam::from_safetensors(&a.to_safetensors().unwrap()).unwrap();
+            tb = ta.clone();
+        } else if i > 2 {
+            b.step(&mut tb, idx, v).unwrap();
+        }
+    }
+    assert_same_bits("SparseAdam resume", &tb, &ta);
+    // Sparse Adagrad and row-wise AdaGrad.
+    let mut g = SparseAdagrad::new(AdagradConfig { lr_decay: 0.01, ..Default::default() }, rows, dim).unwrap();
+    let mut r = RowWiseAdagrad::new(0.1, 1e-10, 0.1, rows, dim).unwrap();
+    let (mut tg, mut tr) = (t0.clone(), t0.clone());
+    for (idx, v) in &steps[..3] {
+        g.step(&mut tg, idx, v).unwrap();
+        r.step(&mut tr, idx, v).unwrap();
+    }
+    let mut g2 = SparseAdagrad::from_safetensors(&g.to_safetensors().unwrap()).unwrap();
+    let mut r2 = RowWiseAdagrad::from_safetensors(&r.to_safetensors().unwrap()).unwrap();
+    let (mut tg2, mut tr2) = (tg.clone(), tr.clone());
+    for (idx, v) in &steps[3..] {
+        g.step(&mut tg, idx, v).unwrap();
+        g2.step(&mut tg2, idx, v).unwrap();
+        r.step(&mut tr, idx, v).unwrap();
+        r2.step(&mut tr2, idx, v).unwrap();
+    }
+    assert_same_bits("sparse Adagrad resume", &tg2, &tg);
+    assert_same_bits("row-wise resume", &tr2, &tr);
+    assert_eq!(g2.step_count(), 6);
+    // A dense Adagrad checkpoint is not a sparse one, and vice versa.
+    let dense = Adagrad::new(AdagradConfig::default(), rows * dim).unwrap().to_safetensors().unwrap();
+    assert!(matches!(SparseAdagrad::from_safetensors(&dense), Err(Error::Checkpoint { .. })));
+    assert!(matches!(Adagrad::from_safetensors(&g.to_safetensors().unwrap()), Err(Error::Checkpoint { .. })));
+    let bytes = a.to_safetensors().unwrap();
+    for cut in [0, 9, bytes.len() / 2, bytes.len() - 1] {
+        assert!(SparseAdam::from_safetensors(&bytes[..cut]).is_err());
+    }
+}

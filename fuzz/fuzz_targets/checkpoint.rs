@@ -1,11 +1,22 @@
-//! The checkpoint loader on arbitrary bytes: an error or a valid optimizer
-//! (which can then step), never a panic.
+//! The checkpoint loaders on arbitrary bytes: an error or a valid optimizer
+//! (which can then step), never a panic. Dense, grouped and sparse layouts.
 #![no_main]
 
-use adaoptim::AnyOptimizer;
+use adaoptim::groups::GroupedOptimizer;
+use adaoptim::sparse::{RowWiseAdagrad, SparseAdagrad, SparseAdam};
+use adaoptim::{AdamConfig, AnyOptimizer, NAdamConfig};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|bytes: &[u8]| {
+    if let Ok(mut g) = GroupedOptimizer::<AdamConfig>::from_safetensors(bytes) {
+        g.step().expect("a loaded grouped optimizer steps");
+    }
+    if let Ok(mut g) = GroupedOptimizer::<NAdamConfig>::from_safetensors(bytes) {
+        g.step().expect("a loaded grouped optimizer steps");
+    }
+    let _ = SparseAdam::from_safetensors(bytes);
+    let _ = SparseAdagrad::from_safetensors(bytes);
+    let _ = RowWiseAdagrad::from_safetensors(bytes);
     if let Ok(mut opt) = AnyOptimizer::from_safetensors(bytes) {
         let n = opt.len();
         if n <= 1 << 16 {
