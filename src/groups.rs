@@ -46,8 +46,8 @@ use serde_json::Value;
 use crate::backend::Parallel;
 use crate::checkpoint::{Reader, Writer, options_from_json, options_json};
 use crate::driver::{Plan, StepReport};
-use crate::optim::MAX_STATE;
 use crate::optim::sealed::Sealed;
+use crate::optim::{MAX_STATE, NonFinitePolicy, Unscale};
 use crate::schedule::{LrSchedule, Schedule};
 use crate::{Algorithm, Error, Exec};
 
@@ -88,6 +88,8 @@ pub struct GroupedOptimizer<A: Algorithm> {
     state_names: &'static [&'static str],
     t: u64,
     exec: Exec,
+    non_finite: NonFinitePolicy,
+    grad_scale: Option<f32>,
 }
 
 impl<A: Algorithm> Default for GroupedOptimizer<A> {
@@ -101,6 +103,8 @@ impl<A: Algorithm> Default for GroupedOptimizer<A> {
             state_names: &[],
             t: 0,
             exec: Exec::auto(),
+            non_finite: NonFinitePolicy::Propagate,
+            grad_scale: None,
         }
     }
 }
@@ -155,6 +159,32 @@ impl<A: Algorithm> GroupedOptimizer<A> {
     /// Sets the execution policy.
     pub fn set_exec(&mut self, exec: Exec) {
         self.exec = exec;
+    }
+
+    /// What a step does with NaN/inf gradients (see
+    /// [`Optimizer::set_non_finite`](crate::Optimizer::set_non_finite)); the
+    /// check covers the range being stepped.
+    pub fn set_non_finite(&mut self, policy: NonFinitePolicy) {
+        self.non_finite = policy;
+    }
+
+    /// Divides every gradient by `grad_scale` inside the step (see
+    /// [`Optimizer::set_grad_scale`](crate::Optimizer::set_grad_scale)).
+    ///
+    /// # Errors
+    /// Unless finite and nonzero; unchanged then.
+    pub fn set_grad_scale(&mut self, grad_scale: Option<f32>) -> Result<(), Error> {
+        if let Some(s) = grad_scale
+            && !(s.is_finite() && s != 0.0)
+        {
+            return Err(Error::InvalidHyperparameter {
+                name: "grad_scale",
+                value: s as f64,
+                requirement: "finite and nonzero",
+            });
+        }
+        self.grad_scale = grad_scale;
+        Ok(())
     }
 
     fn tensor(&self, id: TensorId) -> &Tensor {
@@ -277,7 +307,18 @@ impl<A: Algorithm> GroupedOptimizer<A> {
         if range.start > range.end || range.end > self.params.len() {
             return Err(Error::LengthMismatch { what: "range end", expected: self.params.len(), actual: range.end });
         }
-        let plan = Plan::new(&self.exec)?;
+        let mut plan = Plan::new(&self.exec)?;
+        plan.unscale = Unscale::new(self.grad_scale);
+        if self.non_finite != NonFinitePolicy::Propagate
+            && crate::driver::any_non_finite(&plan, &self.grads[range.clone()])
+        {
+            if self.non_finite == NonFinitePolicy::Error {
+                let g = &self.grads[range.clone()];
+                let index = range.start + g.iter().position(|&x| !plan.unscale.apply(x).is_finite()).unwrap_or(0);
+                return Err(Error::NonFiniteGradient { index });
+            }
+            return Ok(StepReport { backend: plan.backend, parallel: false, skipped: true });
+        }
         // Scheduled hyperparameters, checked for every group before any is set.
         for g in &self.groups {
             if let Some(s) = &g.schedule {

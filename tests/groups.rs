@@ -160,3 +160,45 @@ fn group_schedules_and_errors() {
     assert_eq!(opt.step_count(), 5);
     assert!(opt.set_group_schedule(7, None).is_err());
 }
+
+#[test]
+fn group_skip_step_and_grad_scale() {
+    let mut rng = Rng::new(23);
+    let build = || {
+        let mut o = GroupedOptimizer::new();
+        let mut ids = o.add_group(AdamConfig::default(), &[300, 5]).unwrap();
+        ids.extend(o.add_group(AdamConfig { lr: 0.1, ..Default::default() }, &[77]).unwrap());
+        (o, ids)
+    };
+    let (mut a, ids) = build();
+    let (mut b, _) = build();
+    let p0 = rng.vec(a.total_len(), 1.0);
+    a.params_flat_mut().copy_from_slice(&p0);
+    b.params_flat_mut().copy_from_slice(&p0);
+    a.set_grad_scale(Some(1024.0)).unwrap();
+    a.set_non_finite(NonFinitePolicy::SkipStep);
+    for _ in 0..3 {
+        for &id in &ids {
+            let g = rng.vec(a.params(id).len(), 100.0);
+            let scaled: Vec<f32> = g.iter().map(|x| x / 1024.0).collect();
+            a.grads_mut(id).copy_from_slice(&g);
+            b.grads_mut(id).copy_from_slice(&scaled);
+        }
+        assert!(!a.step().unwrap().skipped);
+        b.step().unwrap();
+    }
+    for &id in &ids {
+        assert_same_bits("grad_scale in groups", a.params(id), b.params(id));
+    }
+    // A NaN in the last group's tensor: nothing changes, the step count included.
+    let before: Vec<Vec<f32>> = ids.iter().map(|&id| a.params(id).to_vec()).collect();
+    a.grads_mut(ids[2])[10] = f32::NAN;
+    assert!(a.step().unwrap().skipped);
+    assert_eq!(a.step_count(), 3);
+    for (k, &id) in ids.iter().enumerate() {
+        assert_eq!(a.params(id), &before[k][..]);
+    }
+    a.set_non_finite(NonFinitePolicy::Error);
+    assert!(matches!(a.step(), Err(Error::NonFiniteGradient { .. })));
+    assert!(a.set_grad_scale(Some(0.0)).is_err());
+}
