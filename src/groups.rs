@@ -174,15 +174,7 @@ impl<A: Algorithm> GroupedOptimizer<A> {
     /// # Errors
     /// Unless finite and nonzero; unchanged then.
     pub fn set_grad_scale(&mut self, grad_scale: Option<f32>) -> Result<(), Error> {
-        if let Some(s) = grad_scale
-            && !(s.is_finite() && s != 0.0)
-        {
-            return Err(Error::InvalidHyperparameter {
-                name: "grad_scale",
-                value: s as f64,
-                requirement: "finite and nonzero",
-            });
-        }
+        crate::optim::check_grad_scale(grad_scale)?;
         self.grad_scale = grad_scale;
         Ok(())
     }
@@ -309,15 +301,9 @@ impl<A: Algorithm> GroupedOptimizer<A> {
         }
         let mut plan = Plan::new(&self.exec)?;
         plan.unscale = Unscale::new(self.grad_scale);
-        if self.non_finite != NonFinitePolicy::Propagate
-            && crate::driver::any_non_finite(&plan, &self.grads[range.clone()])
-        {
-            if self.non_finite == NonFinitePolicy::Error {
-                let g = &self.grads[range.clone()];
-                let index = range.start + g.iter().position(|&x| !plan.unscale.apply(x).is_finite()).unwrap_or(0);
-                return Err(Error::NonFiniteGradient { index });
-            }
-            return Ok(StepReport { backend: plan.backend, parallel: false, skipped: true });
+        let guard = &self.grads[range.clone()];
+        if let Some(skipped) = crate::optim::non_finite_guard(self.non_finite, &plan, guard, range.start)? {
+            return Ok(skipped);
         }
         // Scheduled hyperparameters, checked for every group before any is set.
         for g in &self.groups {

@@ -235,15 +235,7 @@ impl<A: Algorithm> Optimizer<A> {
     /// [`Error::InvalidHyperparameter`] unless the scale is finite and
     /// nonzero; the scale is unchanged then.
     pub fn set_grad_scale(&mut self, grad_scale: Option<f32>) -> Result<(), Error> {
-        if let Some(s) = grad_scale
-            && !(s.is_finite() && s != 0.0)
-        {
-            return Err(Error::InvalidHyperparameter {
-                name: "grad_scale",
-                value: s as f64,
-                requirement: "finite and nonzero",
-            });
-        }
+        check_grad_scale(grad_scale)?;
         self.grad_scale = grad_scale;
         Ok(())
     }
@@ -268,12 +260,8 @@ impl<A: Algorithm> Optimizer<A> {
         check_len("grads", self.n, grads.len())?;
         let mut plan = Plan::new(&self.exec)?;
         plan.unscale = Unscale::new(self.grad_scale);
-        if self.non_finite != NonFinitePolicy::Propagate && crate::driver::any_non_finite(&plan, grads) {
-            if self.non_finite == NonFinitePolicy::Error {
-                let index = grads.iter().position(|&g| !plan.unscale.apply(g).is_finite()).unwrap_or(0);
-                return Err(Error::NonFiniteGradient { index });
-            }
-            return Ok(StepReport { backend: plan.backend, parallel: false, skipped: true });
+        if let Some(skipped) = non_finite_guard(self.non_finite, &plan, grads, 0)? {
+            return Ok(skipped);
         }
         let t = self.t + 1;
         let mut refs: [&mut [f32]; MAX_STATE] = Default::default();
@@ -393,6 +381,36 @@ impl<A: Algorithm> Optimizer<A> {
     pub fn aux(&self) -> <A as sealed::Sealed>::Aux {
         self.aux
     }
+}
+
+/// A loss scale must be finite and nonzero.
+pub(crate) fn check_grad_scale(grad_scale: Option<f32>) -> Result<(), Error> {
+    match grad_scale {
+        Some(s) if !(s.is_finite() && s != 0.0) => {
+            Err(Error::InvalidHyperparameter { name: "grad_scale", value: s as f64, requirement: "finite and nonzero" })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Applies a [`NonFinitePolicy`] before a step: `Ok(Some(report))` if the
+/// step is to be skipped, an error under `Error`, `Ok(None)` to go on.
+/// `offset` is added to the reported index (the position of `grads` in a
+/// larger buffer).
+pub(crate) fn non_finite_guard(
+    policy: NonFinitePolicy,
+    plan: &Plan,
+    grads: &[f32],
+    offset: usize,
+) -> Result<Option<StepReport>, Error> {
+    if policy == NonFinitePolicy::Propagate || !crate::driver::any_non_finite(plan, grads) {
+        return Ok(None);
+    }
+    if policy == NonFinitePolicy::Error {
+        let index = grads.iter().position(|&g| !plan.unscale.apply(g).is_finite()).unwrap_or(0);
+        return Err(Error::NonFiniteGradient { index: offset + index });
+    }
+    Ok(Some(StepReport { backend: plan.backend, parallel: false, skipped: true }))
 }
 
 /// Loss-scale removal, `maximize` and coupled (L2) weight decay, applied to
