@@ -10,6 +10,13 @@
 //! chosen at run time), and a rayon driver that splits the slices at fixed
 //! chunk boundaries. All of them give the same bits.
 //!
+//! Beyond the dense optimizers: [`schedule`] (torch's learning-rate
+//! schedulers as closed-form functions), [`sparse`] (row-sparse updates of
+//! embedding tables), [`groups`] (parameter groups in one flat arena,
+//! shardable), [`checkpoint`] (safetensors, atomic, torch names), [`any`]
+//! (optimizers by torch class name) and [`roofline`] (the bandwidth-ceiling
+//! kernel the benches compare against).
+//!
 //! ```
 //! use adaoptim::{Adam, AdamConfig};
 //!
