@@ -30,7 +30,7 @@ use crate::driver::{Kernel, Plan, Slices, StepReport, runner};
 use crate::error::{non_negative, unit_half_open};
 use crate::optim::pow_step;
 use crate::simd::F32Vec;
-use crate::{Error, Exec};
+use crate::{Error, Exec, NonFinitePolicy};
 
 fn bad(reason: impl Into<String>) -> Error {
     Error::Checkpoint { reason: reason.into() }
@@ -241,6 +241,15 @@ struct RowSteps {
     t: u64,
     scratch: Coalescer,
     exec: Exec,
+    non_finite: NonFinitePolicy,
+}
+
+/// What [`RowSteps::prepare`] decided.
+enum Prepared<'a> {
+    /// Go on with this plan, parallel or not, and gradient.
+    Go(Plan, bool, Coalesced<'a>),
+    /// The policy skips this step; report it.
+    Skip(StepReport),
 }
 
 impl RowSteps {
@@ -266,21 +275,32 @@ impl RowSteps {
     fn new(rows: usize, dim: usize) -> Result<(RowSteps, usize), Error> {
         let n =
             rows.checked_mul(dim).ok_or(Error::LengthMismatch { what: "table", expected: usize::MAX, actual: rows })?;
-        Ok((RowSteps { rows, dim, t: 0, scratch: Coalescer::default(), exec: Exec::auto() }, n))
+        let steps = RowSteps {
+            rows,
+            dim,
+            t: 0,
+            scratch: Coalescer::default(),
+            exec: Exec::auto(),
+            non_finite: NonFinitePolicy::Propagate,
+        };
+        Ok((steps, n))
     }
 
     /// Checks the gradient against the table (before anything is written),
-    /// resolves the plan and coalesces: `(plan, parallel, gradient)`.
+    /// applies the non-finite policy, resolves the plan and coalesces.
     fn prepare<'a>(
         &'a mut self,
         table_len: usize,
         grad_rows: &[usize],
         grad_values: &'a [f32],
-    ) -> Result<(Plan, bool, Coalesced<'a>), Error> {
+    ) -> Result<Prepared<'a>, Error> {
         Coalescer::check(self.rows, self.dim, table_len, grad_rows, grad_values)?;
         let plan = Plan::new(&self.exec)?;
+        if let Some(skipped) = crate::optim::non_finite_guard(self.non_finite, &plan, grad_values, 0)? {
+            return Ok(Prepared::Skip(skipped));
+        }
         let parallel = plan.exec.chunk_for(grad_values.len()).is_some();
-        Ok((plan, parallel, self.scratch.coalesce(self.rows, grad_rows, grad_values, self.dim)))
+        Ok(Prepared::Go(plan, parallel, self.scratch.coalesce(self.rows, grad_rows, grad_values, self.dim)))
     }
 }
 
@@ -365,6 +385,13 @@ impl SparseAdam {
         self.steps.exec = exec;
     }
 
+    /// What a step does with NaN/inf gradient values (see
+    /// [`NonFinitePolicy`]); with `SkipStep` nothing changes, the step count
+    /// included.
+    pub fn set_non_finite(&mut self, policy: NonFinitePolicy) {
+        self.steps.non_finite = policy;
+    }
+
     /// One step from the gradient rows `grad_rows` with values `grad_values`
     /// (`grad_rows.len() * dim` of them).
     ///
@@ -380,7 +407,10 @@ impl SparseAdam {
             eps: self.config.eps as f32,
             neg_step: (-(self.config.lr * (1.0 - pow_step(b2, t)).sqrt() / (1.0 - pow_step(b1, t)))) as f32,
         };
-        let (plan, parallel, grad) = self.steps.prepare(table.len(), grad_rows, grad_values)?;
+        let (plan, parallel, grad) = match self.steps.prepare(table.len(), grad_rows, grad_values)? {
+            Prepared::Go(plan, parallel, grad) => (plan, parallel, grad),
+            Prepared::Skip(report) => return Ok(report),
+        };
         update_rows(&k, &plan, parallel, &grad, table, [&mut self.exp_avg, &mut self.exp_avg_sq]);
         self.steps.t = t;
         Ok(StepReport { backend: plan.backend, parallel, skipped: false })
@@ -515,6 +545,13 @@ impl SparseAdagrad {
         self.steps.exec = exec;
     }
 
+    /// What a step does with NaN/inf gradient values (see
+    /// [`NonFinitePolicy`]); with `SkipStep` nothing changes, the step count
+    /// included.
+    pub fn set_non_finite(&mut self, policy: NonFinitePolicy) {
+        self.steps.non_finite = policy;
+    }
+
     /// One step; see [`SparseAdam::step`].
     ///
     /// # Errors
@@ -526,7 +563,10 @@ impl SparseAdagrad {
             eps: self.config.eps as f32,
             neg_clr: self.config.neg_clr(t),
         };
-        let (plan, parallel, grad) = self.steps.prepare(table.len(), grad_rows, grad_values)?;
+        let (plan, parallel, grad) = match self.steps.prepare(table.len(), grad_rows, grad_values)? {
+            Prepared::Go(plan, parallel, grad) => (plan, parallel, grad),
+            Prepared::Skip(report) => return Ok(report),
+        };
         update_rows(&k, &plan, parallel, &grad, table, [&mut self.sum]);
         self.steps.t = t;
         Ok(StepReport { backend: plan.backend, parallel, skipped: false })
@@ -608,13 +648,23 @@ impl RowWiseAdagrad {
         self.steps.exec = exec;
     }
 
+    /// What a step does with NaN/inf gradient values (see
+    /// [`NonFinitePolicy`]); with `SkipStep` nothing changes, the step count
+    /// included.
+    pub fn set_non_finite(&mut self, policy: NonFinitePolicy) {
+        self.steps.non_finite = policy;
+    }
+
     /// One step; see [`SparseAdam::step`].
     ///
     /// # Errors
     /// [`Error::LengthMismatch`] or [`Error::RowOutOfRange`] before anything is written.
     pub fn step(&mut self, table: &mut [f32], grad_rows: &[usize], grad_values: &[f32]) -> Result<StepReport, Error> {
         let (lr, eps, dim) = (self.lr, self.eps as f32, self.steps.dim);
-        let (_, parallel, grad) = self.steps.prepare(table.len(), grad_rows, grad_values)?;
+        let (parallel, grad) = match self.steps.prepare(table.len(), grad_rows, grad_values)? {
+            Prepared::Go(_, parallel, grad) => (parallel, grad),
+            Prepared::Skip(report) => return Ok(report),
+        };
         let table_base = RowBase(table.as_mut_ptr());
         let acc_base = RowBase(self.acc.as_mut_ptr());
         let one = |e: &Entry| {

@@ -110,3 +110,26 @@ fn rowwise_adagrad_follows_its_formula() {
     assert!((table[3] as f64 - (1.0 - m * 4.0)).abs() < 1e-6);
     assert_eq!([table[0], table[1], table[4], table[5]], [1.0; 4]);
 }
+
+#[test]
+fn non_finite_policies_on_row_sparse_steps() {
+    let (rows, dim) = (20, 5);
+    let mut a = SparseAdam::new(SparseAdamConfig::default(), rows, dim).unwrap();
+    let mut g = SparseAdagrad::new(AdagradConfig::default(), rows, dim).unwrap();
+    let mut r = RowWiseAdagrad::new(0.1, 1e-10, 0.0, rows, dim).unwrap();
+    a.set_non_finite(NonFinitePolicy::SkipStep);
+    g.set_non_finite(NonFinitePolicy::SkipStep);
+    r.set_non_finite(NonFinitePolicy::Error);
+    let mut table = vec![1.0f32; rows * dim];
+    let mut vals = vec![0.5f32; 2 * dim];
+    vals[dim + 2] = f32::INFINITY;
+    assert!(a.step(&mut table, &[3, 4], &vals).unwrap().skipped);
+    assert!(g.step(&mut table, &[3, 4], &vals).unwrap().skipped);
+    assert_eq!(r.step(&mut table, &[3, 4], &vals).unwrap_err(), Error::NonFiniteGradient { index: dim + 2 });
+    assert!(table.iter().all(|&x| x == 1.0));
+    assert!(a.exp_avg().iter().all(|&x| x == 0.0) && g.sum().iter().all(|&x| x == 0.0));
+    assert_eq!((a.step_count(), g.step_count()), (0, 0));
+    vals[dim + 2] = 0.5;
+    assert!(!a.step(&mut table, &[3, 4], &vals).unwrap().skipped);
+    assert_eq!(a.step_count(), 1);
+}
