@@ -172,12 +172,10 @@ impl<'a> Opts<'a> {
         self.take(key).map_or(default, |v| v.as_bool().expect("bool"))
     }
     fn finish(self) {
-        assert!(
-            self.map.is_empty(),
-            "{}: cannot interpret options {:?}",
-            self.name,
-            self.map.keys().collect::<Vec<_>>()
-        );
+        // A null option is torch's `None`, the default; anything else left over
+        // was not understood.
+        let left: Vec<&String> = self.map.iter().filter(|(_, v)| !v.is_null()).map(|(k, _)| k).collect();
+        assert!(left.is_empty(), "{}: cannot interpret options {left:?}", self.name);
     }
 }
 
@@ -331,12 +329,13 @@ fn check_sparse(name: &str, v: &Value) -> f64 {
         let mut step: SparseStep = match class {
             "SparseAdam" => {
                 let mut c = SparseAdamConfig::default();
-                for (k, x) in opts {
+                for (k, x) in opts.iter().filter(|(_, x)| !x.is_null()) {
                     match k.as_str() {
                         "lr" => c.lr = x.as_f64().unwrap(),
                         "eps" => c.eps = x.as_f64().unwrap(),
                         "betas" => c.betas = (x[0].as_f64().unwrap(), x[1].as_f64().unwrap()),
                         "maximize" => c.maximize = x.as_bool().unwrap(),
+                        "foreach" | "fused" | "differentiable" | "capturable" => {}
                         other => panic!("{name}: cannot interpret SparseAdam option {other}"),
                     }
                 }

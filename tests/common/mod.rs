@@ -48,8 +48,14 @@ pub fn hyper(key: &str, v: &Value) -> HyperValue {
 }
 
 pub fn config_from_json(class: &str, options: &Value) -> Result<AnyConfig, adaoptim::Error> {
-    let opts: Vec<(String, HyperValue)> =
-        options.as_object().expect("options is an object").iter().map(|(k, v)| (k.clone(), hyper(k, v))).collect();
+    // A null option is torch's `None`: the default.
+    let opts: Vec<(String, HyperValue)> = options
+        .as_object()
+        .expect("options is an object")
+        .iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| (k.clone(), hyper(k, v)))
+        .collect();
     let refs: Vec<(&str, HyperValue)> = opts.iter().map(|(k, v)| (k.as_str(), *v)).collect();
     AnyConfig::from_torch(class, &refs)
 }
