@@ -286,6 +286,26 @@ impl RowSteps {
         Ok((steps, n))
     }
 
+    /// One step of an element-wise row kernel: check, policy, coalesce,
+    /// update the present rows, advance the step count.
+    fn run<K: Kernel<S>, const S: usize>(
+        &mut self,
+        k: &K,
+        table: &mut [f32],
+        grad_rows: &[usize],
+        grad_values: &[f32],
+        state: [&mut [f32]; S],
+    ) -> Result<StepReport, Error> {
+        let t = self.t + 1;
+        let (plan, parallel, grad) = match self.prepare(table.len(), grad_rows, grad_values)? {
+            Prepared::Go(plan, parallel, grad) => (plan, parallel, grad),
+            Prepared::Skip(report) => return Ok(report),
+        };
+        update_rows(k, &plan, parallel, &grad, table, state);
+        self.t = t;
+        Ok(StepReport { backend: plan.backend, parallel, skipped: false })
+    }
+
     /// Checks the gradient against the table (before anything is written),
     /// applies the non-finite policy, resolves the plan and coalesces.
     fn prepare<'a>(
@@ -303,6 +323,33 @@ impl RowSteps {
         Ok(Prepared::Go(plan, parallel, self.scratch.coalesce(self.rows, grad_rows, grad_values, self.dim)))
     }
 }
+
+/// The accessors every row-sparse optimizer shares through its `RowSteps`.
+macro_rules! row_steps_accessors {
+    ($($t:ty),*) => {$(
+        impl $t {
+            /// Sets the execution policy (rows are split across threads when
+            /// there is enough work).
+            pub fn set_exec(&mut self, exec: Exec) {
+                self.steps.exec = exec;
+            }
+
+            /// What a step does with NaN/inf gradient values (see
+            /// [`NonFinitePolicy`]); with `SkipStep` nothing changes, the step
+            /// count included.
+            pub fn set_non_finite(&mut self, policy: NonFinitePolicy) {
+                self.steps.non_finite = policy;
+            }
+
+            /// Steps taken.
+            pub fn step_count(&self) -> u64 {
+                self.steps.t
+            }
+        }
+    )*};
+}
+
+row_steps_accessors!(SparseAdam, SparseAdagrad, RowWiseAdagrad);
 
 /// Hyperparameters of [`SparseAdam`], with `torch.optim.SparseAdam`'s names and defaults.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -380,18 +427,6 @@ impl SparseAdam {
         Ok(SparseAdam { config, steps, exp_avg: zeros(n, 0.0), exp_avg_sq: zeros(n, 0.0) })
     }
 
-    /// Sets the execution policy.
-    pub fn set_exec(&mut self, exec: Exec) {
-        self.steps.exec = exec;
-    }
-
-    /// What a step does with NaN/inf gradient values (see
-    /// [`NonFinitePolicy`]); with `SkipStep` nothing changes, the step count
-    /// included.
-    pub fn set_non_finite(&mut self, policy: NonFinitePolicy) {
-        self.steps.non_finite = policy;
-    }
-
     /// One step from the gradient rows `grad_rows` with values `grad_values`
     /// (`grad_rows.len() * dim` of them).
     ///
@@ -407,19 +442,9 @@ impl SparseAdam {
             eps: self.config.eps as f32,
             neg_step: (-(self.config.lr * (1.0 - pow_step(b2, t)).sqrt() / (1.0 - pow_step(b1, t)))) as f32,
         };
-        let (plan, parallel, grad) = match self.steps.prepare(table.len(), grad_rows, grad_values)? {
-            Prepared::Go(plan, parallel, grad) => (plan, parallel, grad),
-            Prepared::Skip(report) => return Ok(report),
-        };
-        update_rows(&k, &plan, parallel, &grad, table, [&mut self.exp_avg, &mut self.exp_avg_sq]);
-        self.steps.t = t;
-        Ok(StepReport { backend: plan.backend, parallel, skipped: false })
+        self.steps.run(&k, table, grad_rows, grad_values, [&mut self.exp_avg, &mut self.exp_avg_sq])
     }
 
-    /// Steps taken.
-    pub fn step_count(&self) -> u64 {
-        self.steps.t
-    }
     /// The learning rate.
     pub fn lr(&self) -> f64 {
         self.config.lr
@@ -540,18 +565,6 @@ impl SparseAdagrad {
         Ok(SparseAdagrad { config, steps, sum: zeros(n, config.initial_accumulator_value as f32) })
     }
 
-    /// Sets the execution policy.
-    pub fn set_exec(&mut self, exec: Exec) {
-        self.steps.exec = exec;
-    }
-
-    /// What a step does with NaN/inf gradient values (see
-    /// [`NonFinitePolicy`]); with `SkipStep` nothing changes, the step count
-    /// included.
-    pub fn set_non_finite(&mut self, policy: NonFinitePolicy) {
-        self.steps.non_finite = policy;
-    }
-
     /// One step; see [`SparseAdam::step`].
     ///
     /// # Errors
@@ -563,19 +576,9 @@ impl SparseAdagrad {
             eps: self.config.eps as f32,
             neg_clr: self.config.neg_clr(t),
         };
-        let (plan, parallel, grad) = match self.steps.prepare(table.len(), grad_rows, grad_values)? {
-            Prepared::Go(plan, parallel, grad) => (plan, parallel, grad),
-            Prepared::Skip(report) => return Ok(report),
-        };
-        update_rows(&k, &plan, parallel, &grad, table, [&mut self.sum]);
-        self.steps.t = t;
-        Ok(StepReport { backend: plan.backend, parallel, skipped: false })
+        self.steps.run(&k, table, grad_rows, grad_values, [&mut self.sum])
     }
 
-    /// Steps taken.
-    pub fn step_count(&self) -> u64 {
-        self.steps.t
-    }
     /// The optimizer as safetensors bytes (`sum` of shape `[rows, dim]`,
     /// `step`; torch class `Adagrad`, layout `sparse`).
     ///
@@ -640,19 +643,6 @@ impl RowWiseAdagrad {
         non_negative("initial_accumulator_value", initial_accumulator_value)?;
         let (steps, _) = RowSteps::new(rows, dim)?;
         Ok(RowWiseAdagrad { lr, eps, steps, acc: vec![initial_accumulator_value as f32; rows] })
-    }
-
-    /// Sets the execution policy (rows are split across threads when there
-    /// is enough work).
-    pub fn set_exec(&mut self, exec: Exec) {
-        self.steps.exec = exec;
-    }
-
-    /// What a step does with NaN/inf gradient values (see
-    /// [`NonFinitePolicy`]); with `SkipStep` nothing changes, the step count
-    /// included.
-    pub fn set_non_finite(&mut self, policy: NonFinitePolicy) {
-        self.steps.non_finite = policy;
     }
 
     /// One step; see [`SparseAdam::step`].
