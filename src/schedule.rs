@@ -294,7 +294,22 @@ impl CosineAnnealingLR {
 }
 
 fn cosine(lo: f64, hi: f64, pos: f64, len: f64) -> f64 {
-    lo + (hi - lo) * (1.0 + (PI * pos / len).cos()) / 2.0
+    // torch: `lo + (hi - lo) * (1 + cos) / 2`. Halving before the product is
+    // the same number whenever neither over- nor underflows, and cannot
+    // overflow for `hi` near `f64::MAX`.
+    lerp(lo, hi, (1.0 + (PI * pos / len).cos()) / 2.0)
+}
+
+/// `a + (b - a) * f` for `f` in `[0, 1]`, kept inside `[min(a, b), max(a, b)]`:
+/// rounding (notably of subnormal rates, where products lose bits) can
+/// otherwise step one ulp outside the interval, e.g. below zero.
+fn lerp(a: f64, b: f64, f: f64) -> f64 {
+    between(a + (b - a) * f, a, b)
+}
+
+/// `v` clamped into `[min(a, b), max(a, b)]` (no panic on any input).
+fn between(v: f64, a: f64, b: f64) -> f64 {
+    v.max(a.min(b)).min(a.max(b))
 }
 
 impl LrSchedule for CosineAnnealingLR {
@@ -455,12 +470,12 @@ impl CyclicLR {
 impl LrSchedule for CyclicLR {
     fn lr_at(&self, t: u64) -> f64 {
         let (s, a) = self.phase(t);
-        self.base_lr + (self.max_lr - self.base_lr) * s * a
+        between(self.base_lr + (self.max_lr - self.base_lr) * s * a, self.base_lr, self.max_lr)
     }
     fn momentum_at(&self, t: u64) -> Option<f64> {
         let (lo, hi) = self.momentum?;
         let (s, a) = self.phase(t);
-        Some(hi - (hi - lo) * s * a)
+        Some(between(hi - (hi - lo) * s * a, lo, hi))
     }
     fn bounds(&self) -> (f64, f64) {
         (self.base_lr.min(self.max_lr), self.base_lr.max(self.max_lr))
@@ -552,8 +567,10 @@ impl OneCycleLR {
 
     fn anneal(&self, start: f64, end: f64, pct: f64) -> f64 {
         match self.anneal {
-            Anneal::Cos => end + (start - end) / 2.0 * ((PI * pct).cos() + 1.0),
-            Anneal::Linear => (end - start) * pct + start,
+            // torch: `end + (start - end) / 2 * (cos + 1)`; see `cosine`.
+            Anneal::Cos => lerp(end, start, ((PI * pct).cos() + 1.0) / 2.0),
+            // torch: `(end - start) * pct + start`.
+            Anneal::Linear => lerp(start, end, pct),
         }
     }
 

@@ -268,3 +268,57 @@ fn regression_chained_tiny_base() {
     let r = ChainedScheduler::new(1e-300, vec![big(), big()]);
     assert!(matches!(r, Err(Error::InvalidHyperparameter { name: "schedulers", .. })), "{r:?}");
 }
+
+/// Found by the CI run of `cargo fuzz run schedules` (crash-b6f43faf...): a
+/// subnormal `max_lr` whose initial rate underflows to 0 gave `-5e-324` at
+/// step 0 (halving a subnormal loses its last bit, so
+/// `end + (start - end) / 2 * 2` overshot below `start = 0`). Interpolations
+/// are now kept between their endpoints.
+#[test]
+fn regression_onecycle_subnormal_max_lr() {
+    for anneal in [Anneal::Cos, Anneal::Linear] {
+        for three_phase in [false, true] {
+            let s = OneCycleLR::new(
+                3.2505e-319,
+                4_557_430_888_798_830_399,
+                0.000476792279410887,
+                anneal,
+                134205095743.24706,
+                0.0004767887869521099,
+                three_phase,
+                Some((0.0004767922794117647, 0.0004767922794117647)),
+            )
+            .unwrap();
+            let (lo, hi) = s.bounds();
+            for t in [0, 1, 2, 1 << 40, 1 << 52, 4_557_430_888_798_830_398, u64::MAX] {
+                let lr = s.lr_at(t);
+                assert!(lr >= lo && lr <= hi, "{anneal:?} {three_phase} step {t}: {lr:e} outside [{lo:e}, {hi:e}]");
+            }
+        }
+    }
+    // Subnormal endpoints everywhere else too.
+    let c = CosineAnnealingLR::new(3.2505e-319, 7, 1e-320).unwrap();
+    let w = CosineAnnealingWarmRestarts::new(3.2505e-319, 3, 2, 1e-320).unwrap();
+    let y = CyclicLR::new(1e-320, 3.2505e-319, 3, Some(5), CyclicMode::Triangular2, None).unwrap();
+    for t in 0..40 {
+        for (name, lr) in [("cosine", c.lr_at(t)), ("restarts", w.lr_at(t)), ("cyclic", y.lr_at(t))] {
+            assert!((1e-320..=3.2505e-319).contains(&lr), "{name} step {t}: {lr:e}");
+        }
+    }
+}
+
+/// Found while fixing the above: `(base_lr - eta_min) * (1 + cos)` overflowed
+/// for a rate near `f64::MAX`, giving `inf`. Halving first is the same number
+/// in range and finite at the top.
+#[test]
+fn regression_cosine_rate_near_max() {
+    let c = CosineAnnealingLR::new(f64::MAX, 10, 0.0).unwrap();
+    let w = CosineAnnealingWarmRestarts::new(f64::MAX, 10, 1, 0.0).unwrap();
+    let o = OneCycleLR::new(f64::MAX, 100, 0.3, Anneal::Cos, 25.0, 1e4, true, None).unwrap();
+    for t in 0..120 {
+        for lr in [c.lr_at(t), w.lr_at(t), o.lr_at(t)] {
+            assert!(lr.is_finite() && lr >= 0.0, "step {t}: {lr}");
+        }
+    }
+    assert_eq!(c.lr_at(0), f64::MAX);
+}
