@@ -12,7 +12,7 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use adaoptim::{AnyConfig, Backend, Exec, Parallel, roofline};
+use adaoptim::{AnyConfig, Backend, Exec, NonFinitePolicy, Parallel, roofline};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
 fn sizes() -> Vec<usize> {
@@ -155,5 +155,34 @@ fn bench_optimizers(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench_optimizers);
+/// The cost of the non-finite guards on Adam (best backend, parallel): the
+/// plain step, `SkipStep` (a pre-scan of the gradients), a loss scale divided
+/// out inside the fused pass, and both. Filter with `cargo bench -- guards/`.
+fn bench_guards(c: &mut Criterion) {
+    let cfg = AnyConfig::default_for("Adam").unwrap();
+    let mut group = c.benchmark_group("guards");
+    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    let exec = Exec { backend: Some(Backend::best()), parallel: Parallel::Auto };
+    for n in sizes() {
+        group.throughput(Throughput::Bytes((roofline::bytes_per_param(2) * n) as u64));
+        let mut p = vec![0.5f32; n];
+        let g: Vec<f32> = (0..n).map(|i| ((i % 97) as f32 - 48.0) * 1e-3).collect();
+        let variants = [
+            ("adam-plain", NonFinitePolicy::Propagate, None),
+            ("adam-skipstep", NonFinitePolicy::SkipStep, None),
+            ("adam-grad-scale", NonFinitePolicy::Propagate, Some(65536.0)),
+            ("adam-skipstep-grad-scale", NonFinitePolicy::SkipStep, Some(65536.0)),
+        ];
+        for (name, policy, scale) in variants {
+            let mut opt = cfg.build(n).unwrap();
+            opt.set_exec(exec);
+            opt.set_non_finite(policy);
+            opt.set_grad_scale(scale).unwrap();
+            group.bench_function(BenchmarkId::new(name, n), |b| b.iter(|| opt.step(black_box(&mut p), &g).unwrap()));
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_optimizers, bench_guards);
 criterion_main!(benches);
