@@ -42,8 +42,6 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde_json::{Map, Value};
 
-use aligned_vec::{AVec, ConstAlign};
-
 use crate::{Algorithm, AnyConfig, Error, HyperValue, Optimizer};
 
 /// The `format` metadata value.
@@ -209,8 +207,8 @@ impl<'a> Reader<'a> {
         Ok(t.shape().to_vec())
     }
 
-    pub(crate) fn buffer(&self, name: &str, shape: &[usize]) -> Result<AVec<f32, ConstAlign<64>>, Error> {
-        Ok(AVec::from_slice(64, &self.f32s(name, shape)?))
+    pub(crate) fn buffer(&self, name: &str, shape: &[usize]) -> Result<crate::memory::Buffer, Error> {
+        Ok(crate::memory::copied(&self.f32s(name, shape)?))
     }
 
     pub(crate) fn scalar(&self, name: &str) -> Result<f32, Error> {

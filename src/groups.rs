@@ -39,7 +39,7 @@
 
 use std::ops::Range;
 
-use aligned_vec::{AVec, ConstAlign};
+use aligned_vec::AVec;
 
 use serde_json::Value;
 
@@ -55,7 +55,7 @@ fn bad(reason: impl Into<String>) -> Error {
     Error::Checkpoint { reason: reason.into() }
 }
 
-type Buffer = AVec<f32, ConstAlign<64>>;
+use crate::memory::{self, Buffer};
 
 /// A tensor of a [`GroupedOptimizer`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -143,11 +143,11 @@ impl<A: Algorithm> GroupedOptimizer<A> {
         for &len in sizes {
             let offset = self.params.len().div_ceil(16) * 16;
             let end = offset + len;
-            self.params.resize(end, 0.0);
-            self.grads.resize(end, 0.0);
+            memory::grow(&mut self.params, end, 0.0);
+            memory::grow(&mut self.grads, end, 0.0);
             for (i, s) in self.state.iter_mut().enumerate() {
-                s.resize(offset, 0.0);
-                s.resize(end, config.state_init(i));
+                memory::grow(s, offset, 0.0);
+                memory::grow(s, end, config.state_init(i));
             }
             ids.push(TensorId(self.tensors.len()));
             self.tensors.push(Tensor { group, offset, len });

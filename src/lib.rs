@@ -14,8 +14,9 @@
 //! schedulers as closed-form functions), [`sparse`] (row-sparse updates of
 //! embedding tables), [`groups`] (parameter groups in one flat arena,
 //! shardable), [`checkpoint`] (safetensors, atomic, torch names), [`any`]
-//! (optimizers by torch class name) and [`roofline`] (the bandwidth-ceiling
-//! kernel the benches compare against).
+//! (optimizers by torch class name), [`memory`] (aligned, huge-page-backed
+//! buffers, as the optimizers' own state is) and [`roofline`] (the
+//! bandwidth-ceiling kernel the benches compare against).
 //!
 //! ```
 //! use adaoptim::{Adam, AdamConfig};
@@ -36,6 +37,7 @@ pub mod checkpoint;
 mod driver;
 mod error;
 pub mod groups;
+pub mod memory;
 pub mod optim;
 pub mod roofline;
 pub mod schedule;

@@ -22,7 +22,6 @@
 //! # Ok::<(), adaoptim::Error>(())
 //! ```
 
-use aligned_vec::{AVec, ConstAlign};
 use rayon::prelude::*;
 
 use crate::checkpoint::{Reader, Writer};
@@ -36,11 +35,7 @@ fn bad(reason: impl Into<String>) -> Error {
     Error::Checkpoint { reason: reason.into() }
 }
 
-type Buffer = AVec<f32, ConstAlign<64>>;
-
-fn zeros(n: usize, v: f32) -> Buffer {
-    AVec::from_iter(64, std::iter::repeat_n(v, n))
-}
+use crate::memory::{Buffer, filled as zeros};
 
 /// One coalesced gradient row: the table row, and where its values are
 /// (`src < n` is row `src` of the caller's values; otherwise row `src - n` of

@@ -9,8 +9,6 @@ pub mod nadam;
 pub mod rmsprop;
 pub mod sgd;
 
-use aligned_vec::{AVec, ConstAlign};
-
 use crate::Error;
 use crate::backend::Exec;
 use crate::driver::{Plan, StepReport};
@@ -137,7 +135,7 @@ pub(crate) fn check_len(what: &'static str, expected: usize, actual: usize) -> R
     if expected == actual { Ok(()) } else { Err(Error::LengthMismatch { what, expected, actual }) }
 }
 
-type Buffer = AVec<f32, ConstAlign<64>>;
+use crate::memory::Buffer;
 
 /// What a step does with NaN or infinite gradients.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -178,9 +176,7 @@ impl<A: Algorithm> Optimizer<A> {
     /// [`Error::InvalidHyperparameter`] naming the bad field.
     pub fn new(config: A, n: usize) -> Result<Self, Error> {
         config.validate()?;
-        let state = (0..config.state_names().len())
-            .map(|i| AVec::from_iter(64, std::iter::repeat_n(config.state_init(i), n)))
-            .collect();
+        let state = (0..config.state_names().len()).map(|i| crate::memory::filled(n, config.state_init(i))).collect();
         Ok(Optimizer {
             aux: config.aux_init(),
             config,

@@ -1,0 +1,121 @@
+//! Buffers for parameters, gradients and state: 64-byte aligned, and on
+//! Linux backed by transparent huge pages (THP) where the kernel allows it.
+//! Every optimizer allocates its state this way; [`filled`] and [`copied`]
+//! give callers the same for their parameters, gradients and embedding tables.
+//!
+//! A step streams through its state, and the row-sparse optimizers jump to
+//! random rows of it: with 4 KiB pages every jump into a 256 MiB buffer is a
+//! TLB miss and a page walk. With THP in its common `madvise` mode a buffer is
+//! only backed by 2 MiB pages if it asks before it is first touched, which is
+//! what [`filled`] does. Nothing else changes: the memory is ordinary, and
+//! where THP is off (or on other systems) the advice is ignored.
+//! `ADAOPTIM_HUGE_PAGES=0` in the environment turns the advice off (read at
+//! each allocation).
+
+use aligned_vec::{AVec, ConstAlign};
+
+/// f32s on 64-byte (cache line, AVX-512 register) boundaries; derefs to
+/// `[f32]`.
+pub type Buffer = AVec<f32, ConstAlign<64>>;
+
+/// Buffers at least this large ask for huge pages (smaller ones could not
+/// fill one).
+const HUGE_MIN_BYTES: usize = 4 << 20;
+
+/// An empty buffer with room for `n` elements, advised before any touch.
+fn with_capacity(n: usize) -> Buffer {
+    let mut b = Buffer::with_capacity(64, n);
+    advise_huge(b.as_mut_ptr().cast(), n * size_of::<f32>());
+    b
+}
+
+/// A buffer of `n` copies of `v`.
+///
+/// ```
+/// let mut table = adaoptim::memory::filled(1 << 20, 0.0);
+/// table[7] = 1.0;
+/// assert_eq!(table.len(), 1 << 20);
+/// assert_eq!(table.as_ptr() as usize % 64, 0);
+/// ```
+pub fn filled(n: usize, v: f32) -> Buffer {
+    let mut b = with_capacity(n);
+    b.resize(n, v);
+    b
+}
+
+/// A buffer holding a copy of `src`.
+pub fn copied(src: &[f32]) -> Buffer {
+    let mut b = with_capacity(src.len());
+    b.extend_from_slice(src);
+    b
+}
+
+/// Grows `b` to `n` elements, the new ones `v` (amortized doubling, as
+/// `Vec` grows; a new allocation is advised like [`filled`]'s).
+pub(crate) fn grow(b: &mut Buffer, n: usize, v: f32) {
+    if n > b.capacity() {
+        let mut bigger = with_capacity(n.max(2 * b.capacity()));
+        bigger.extend_from_slice(b);
+        *b = bigger;
+    }
+    b.resize(n, v);
+}
+
+#[cfg(target_os = "linux")]
+fn advise_huge(ptr: *mut u8, bytes: usize) {
+    if bytes < HUGE_MIN_BYTES || std::env::var_os("ADAOPTIM_HUGE_PAGES").is_some_and(|v| v == "0") {
+        return;
+    }
+    // The 2 MiB-aligned part of the allocation.
+    const HUGE: usize = 2 << 20;
+    let start = (ptr as usize).next_multiple_of(HUGE);
+    let end = (ptr as usize + bytes) / HUGE * HUGE;
+    if end > start {
+        // SAFETY: [start, end) lies inside an allocation this module just
+        // made and owns; MADV_HUGEPAGE only changes how the kernel backs the
+        // pages, never their contents or validity. Failure (THP disabled, an
+        // old kernel) is harmless and ignored.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn advise_huge(_ptr: *mut u8, _bytes: usize) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_and_filled_on_both_sides_of_the_huge_page_threshold() {
+        for n in [0, 1, 17, HUGE_MIN_BYTES / 4 - 1, HUGE_MIN_BYTES / 4 + 12345] {
+            let b = filled(n, 0.25);
+            assert_eq!(b.len(), n);
+            assert_eq!(b.as_ptr() as usize % 64, 0);
+            assert!(b.iter().all(|&x| x == 0.25));
+            let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
+            let c = copied(&src);
+            assert_eq!(c.as_ptr() as usize % 64, 0);
+            assert_eq!(&c[..], &src[..]);
+        }
+    }
+
+    #[test]
+    fn grow_keeps_contents_and_doubles() {
+        let mut b = filled(3, 1.0);
+        grow(&mut b, 5, 2.0);
+        assert_eq!(&b[..], &[1.0, 1.0, 1.0, 2.0, 2.0]);
+        let cap = b.capacity();
+        grow(&mut b, cap + 1, 3.0);
+        assert!(b.capacity() >= 2 * cap);
+        assert_eq!(b.as_ptr() as usize % 64, 0);
+        assert_eq!(&b[..5], &[1.0, 1.0, 1.0, 2.0, 2.0]);
+        assert!(b[5..].iter().all(|&x| x == 3.0));
+        grow(&mut b, HUGE_MIN_BYTES, 4.0);
+        assert_eq!(b.len(), HUGE_MIN_BYTES);
+        assert_eq!(b[HUGE_MIN_BYTES - 1], 4.0);
+        assert_eq!(b[4], 2.0);
+    }
+}
