@@ -271,6 +271,17 @@ macro_rules! any_types {
             pub fn set_grad_scale(&mut self, grad_scale: Option<f32>) -> Result<(), Error> {
                 match self { $(AnyOptimizer::$variant(o) => o.set_grad_scale(grad_scale),)* }
             }
+            /// See [`Optimizer::set_max_grad_norm`].
+            ///
+            /// # Errors
+            /// As [`Optimizer::set_max_grad_norm`].
+            pub fn set_max_grad_norm(&mut self, max_norm: Option<f64>) -> Result<(), Error> {
+                match self { $(AnyOptimizer::$variant(o) => o.set_max_grad_norm(max_norm),)* }
+            }
+            /// See [`Optimizer::last_grad_norm`].
+            pub fn last_grad_norm(&self) -> Option<f64> {
+                match self { $(AnyOptimizer::$variant(o) => o.last_grad_norm(),)* }
+            }
             /// See [`Optimizer::state`].
             pub fn state(&self, name: &str) -> Option<&[f32]> {
                 match self { $(AnyOptimizer::$variant(o) => o.state(name),)* }

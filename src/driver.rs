@@ -267,12 +267,98 @@ pub struct Plan {
     pub(crate) backend: Backend,
     pub(crate) exec: Exec,
     pub(crate) unscale: crate::optim::Unscale,
+    /// Gradient-clipping factor, multiplied in after unscaling.
+    pub(crate) clip: Option<f32>,
 }
 
 impl Plan {
     pub(crate) fn new(exec: &Exec) -> Result<Plan, crate::Error> {
-        Ok(Plan { backend: exec.resolve_backend()?, exec: *exec, unscale: crate::optim::Unscale::None })
+        Ok(Plan { backend: exec.resolve_backend()?, exec: *exec, unscale: crate::optim::Unscale::None, clip: None })
     }
+}
+
+/// Elements per leaf of the sum-of-squares tree. Fixed (not derived from the
+/// thread count), so the summation order, and the result, are the same for
+/// any thread count, chunk size and backend.
+pub(crate) const NORM_BLOCK: usize = 1 << 14;
+
+/// One leaf: `sum(unscale(g)^2)` in f64, element `i` into accumulator
+/// `i % 16`, the 16 accumulators then added in a fixed pairwise tree. Each
+/// accumulator sees the same operations in the same order whether or not the
+/// compiler vectorizes the loop, so every backend gives the same bits.
+#[inline(always)]
+fn sumsq_leaf(g: &[f32], unscale: Unscale) -> f64 {
+    let mut acc = [0f64; 16];
+    let mut chunks = g.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            let x = f64::from(unscale.apply(x));
+            *a += x * x;
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
+        let x = f64::from(unscale.apply(x));
+        *a += x * x;
+    }
+    let mut w = 16;
+    while w > 1 {
+        w /= 2;
+        for j in 0..w {
+            acc[j] += acc[j + w];
+        }
+    }
+    acc[0]
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn sumsq_leaf_avx2(g: &[f32], unscale: Unscale) -> f64 {
+    sumsq_leaf(g, unscale)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn sumsq_leaf_avx512(g: &[f32], unscale: Unscale) -> f64 {
+    sumsq_leaf(g, unscale)
+}
+
+fn sumsq_leaf_on(backend: Backend, g: &[f32], unscale: Unscale) -> f64 {
+    match backend {
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx2 if Backend::Avx2.is_available() => {
+            // SAFETY: AVX2 and FMA were detected at run time (checked in the guard).
+            unsafe { sumsq_leaf_avx2(g, unscale) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx512 if Backend::Avx512.is_available() => {
+            // SAFETY: AVX-512F was detected at run time (checked in the guard).
+            unsafe { sumsq_leaf_avx512(g, unscale) }
+        }
+        _ => sumsq_leaf(g, unscale),
+    }
+}
+
+/// The tree over leaves: split at a multiple of [`NORM_BLOCK`] counted from
+/// the start, halves summed and added, on rayon when `parallel`.
+fn sumsq_tree(backend: Backend, g: &[f32], unscale: Unscale, parallel: bool) -> f64 {
+    if g.len() <= NORM_BLOCK {
+        return sumsq_leaf_on(backend, g, unscale);
+    }
+    let mid = g.len().div_ceil(NORM_BLOCK) / 2 * NORM_BLOCK;
+    let (a, b) = g.split_at(mid);
+    let (x, y) = if parallel {
+        rayon::join(|| sumsq_tree(backend, a, unscale, true), || sumsq_tree(backend, b, unscale, true))
+    } else {
+        (sumsq_tree(backend, a, unscale, false), sumsq_tree(backend, b, unscale, false))
+    };
+    x + y
+}
+
+/// `sum(unscale(g)^2)` in f64 with the plan's backend and threads; the same
+/// bits on every path. Infinite or NaN if any unscaled gradient is (f32
+/// squares cannot overflow f64, so a finite result means finite gradients).
+pub(crate) fn sum_of_squares(plan: &Plan, g: &[f32]) -> f64 {
+    sumsq_tree(plan.backend, g, plan.unscale, plan.exec.chunk_for(g.len()).is_some())
 }
 
 /// Runs kernel `k` under the plan. Lengths must already be checked.

@@ -13,7 +13,8 @@
 //! Beyond the dense optimizers: [`schedule`] (torch's learning-rate
 //! schedulers as closed-form functions), [`sparse`] (row-sparse updates of
 //! embedding tables), [`groups`] (parameter groups in one flat arena,
-//! shardable), [`checkpoint`] (safetensors, atomic, torch names), [`any`]
+//! shardable), [`checkpoint`] (safetensors, atomic, torch names), [`clip`]
+//! (gradient clipping by global norm, fused into the step), [`any`]
 //! (optimizers by torch class name), [`memory`] (aligned, huge-page-backed
 //! buffers, as the optimizers' own state is) and [`roofline`] (the
 //! bandwidth-ceiling kernel the benches compare against).
@@ -34,6 +35,7 @@
 pub mod any;
 mod backend;
 pub mod checkpoint;
+pub mod clip;
 mod driver;
 mod error;
 pub mod groups;

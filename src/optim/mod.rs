@@ -166,6 +166,8 @@ pub struct Optimizer<A: Algorithm> {
     exec: Exec,
     non_finite: NonFinitePolicy,
     grad_scale: Option<f32>,
+    max_grad_norm: Option<f64>,
+    last_grad_norm: Option<f64>,
 }
 
 impl<A: Algorithm> Optimizer<A> {
@@ -186,6 +188,8 @@ impl<A: Algorithm> Optimizer<A> {
             exec: Exec::auto(),
             non_finite: NonFinitePolicy::Propagate,
             grad_scale: None,
+            max_grad_norm: None,
+            last_grad_norm: None,
         })
     }
 
@@ -241,6 +245,40 @@ impl<A: Algorithm> Optimizer<A> {
         self.grad_scale
     }
 
+    /// Clips the gradients to a total L2 norm of `max_norm` inside each step,
+    /// as `torch.nn.utils.clip_grad_norm_(params, max_norm)` before
+    /// `optimizer.step()` would (see [`crate::clip`]); `None` turns it off.
+    /// The gradients are read once for the norm and multiplied by
+    /// [`clip_coef`](crate::clip::clip_coef) inside the fused step; the
+    /// caller's gradient slice is not written. The norm is of the unscaled
+    /// gradients (after [`set_grad_scale`](Self::set_grad_scale)), as with
+    /// torch's `scaler.unscale_(opt)` before clipping. A non-finite norm
+    /// means a non-finite gradient, which the [`NonFinitePolicy`] handles
+    /// (under `Propagate`, as torch, the factor is NaN or 0 and so are the
+    /// updates). Not part of a checkpoint (it is not optimizer state in torch
+    /// either).
+    ///
+    /// # Errors
+    /// [`Error::InvalidHyperparameter`] unless `max_norm` is finite and
+    /// `> 0`; the setting is unchanged then.
+    pub fn set_max_grad_norm(&mut self, max_norm: Option<f64>) -> Result<(), Error> {
+        crate::clip::check_max_norm(max_norm)?;
+        self.max_grad_norm = max_norm;
+        Ok(())
+    }
+
+    /// The clipping norm, if clipping is on.
+    pub fn max_grad_norm(&self) -> Option<f64> {
+        self.max_grad_norm
+    }
+
+    /// The total gradient norm the last successful `step` measured (clipping
+    /// on), also when that step was skipped for a non-finite gradient; for
+    /// logging, as torch's `clip_grad_norm_` returns it.
+    pub fn last_grad_norm(&self) -> Option<f64> {
+        self.last_grad_norm
+    }
+
     /// One optimizer step: updates `params` in place from `grads`.
     ///
     /// Allocates nothing. With [`NonFinitePolicy::SkipStep`], a step that
@@ -256,8 +294,24 @@ impl<A: Algorithm> Optimizer<A> {
         check_len("grads", self.n, grads.len())?;
         let mut plan = Plan::new(&self.exec)?;
         plan.unscale = Unscale::new(self.grad_scale);
-        if let Some(skipped) = non_finite_guard(self.non_finite, &plan, grads, 0)? {
+        let mut norm = None;
+        if let Some(max_norm) = self.max_grad_norm {
+            // The norm pass doubles as the non-finite scan.
+            let total = crate::driver::sum_of_squares(&plan, grads).sqrt();
+            if !total.is_finite()
+                && let Some(skipped) = non_finite_guard(self.non_finite, &plan, grads, 0)?
+            {
+                self.last_grad_norm = Some(total);
+                return Ok(skipped);
+            }
+            let coef = crate::clip::clip_coef(total, max_norm);
+            plan.clip = (coef != 1.0).then_some(coef);
+            norm = Some(total);
+        } else if let Some(skipped) = non_finite_guard(self.non_finite, &plan, grads, 0)? {
             return Ok(skipped);
+        }
+        if norm.is_some() {
+            self.last_grad_norm = norm;
         }
         let t = self.t + 1;
         let mut refs: [&mut [f32]; MAX_STATE] = Default::default();
@@ -409,12 +463,16 @@ pub(crate) fn non_finite_guard(
     Ok(Some(StepReport { backend: plan.backend, parallel: false, skipped: true }))
 }
 
-/// Loss-scale removal, `maximize` and coupled (L2) weight decay, applied to
-/// the gradient the way torch's fused kernels do first: `g = g / grad_scale`,
-/// `g = -g` if maximizing, then `g + wd * p`.
+/// Loss-scale removal, gradient clipping, `maximize` and coupled (L2) weight
+/// decay, applied to the gradient the way torch does first:
+/// `g = g / grad_scale`, `g = g * clip_coef` (torch's `clip_grad_norm_`
+/// multiplies the gradients before the step), `g = -g` if maximizing, then
+/// `g + wd * p`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct GradIn {
     pub unscale: Unscale,
+    /// Gradient-clipping factor (`g * clip` after unscaling), if any.
+    pub clip: Option<f32>,
     pub maximize: bool,
     /// L2 weight decay added to the gradient; 0 disables (torch skips the add).
     pub wd: f32,
@@ -455,12 +513,16 @@ impl Unscale {
 
 impl GradIn {
     pub(crate) fn new(plan: &Plan, maximize: bool, wd: f64) -> Self {
-        GradIn { unscale: plan.unscale, maximize, wd: wd as f32 }
+        GradIn { unscale: plan.unscale, clip: plan.clip, maximize, wd: wd as f32 }
     }
 
     #[inline(always)]
     pub(crate) fn apply<V: F32Vec>(self, p: V, g: V) -> V {
         let g = self.unscale.apply(g);
+        let g = match self.clip {
+            Some(c) => g * V::splat(c),
+            None => g,
+        };
         let g = if self.maximize { -g } else { g };
         if self.wd != 0.0 { g + V::splat(self.wd) * p } else { g }
     }

@@ -1,0 +1,63 @@
+//! Gradient clipping by global L2 norm: torch's
+//! `torch.nn.utils.clip_grad_norm_(params, max_norm)`, fused into the step.
+//!
+//! torch makes three passes before the optimizer runs: the norm (a read of
+//! every gradient), a multiply of every gradient by
+//! `min(max_norm / (norm + 1e-6), 1)` (a read and a write), then the step.
+//! [`Optimizer::set_max_grad_norm`](crate::Optimizer::set_max_grad_norm) does
+//! the norm pass, then multiplies inside the fused step: one pass over the
+//! gradients fewer, and nothing written to them.
+//!
+//! The norm pass also answers the non-finite question (a gradient is NaN or
+//! infinite exactly when the sum of squares is: f32 squares summed in f64
+//! cannot overflow), so with clipping on, [`NonFinitePolicy::SkipStep`]
+//! costs nothing more.
+//!
+//! The sum of squares is taken in f64 (as torch's CPU norm accumulates
+//! float in double) over a fixed tree of 16K-element leaves, so it has the
+//! same bits for any backend, thread count and chunk size.
+//!
+//! [`NonFinitePolicy::SkipStep`]: crate::NonFinitePolicy::SkipStep
+
+use crate::driver::{Plan, sum_of_squares as tree_sum};
+use crate::{Error, Exec};
+
+/// `sum(g^2)` over `grads`, in f64, deterministic (the same bits on every
+/// backend and thread count). For a sharded norm, each worker's partial sum
+/// is this over its shard; the sum of the partials equals the unsharded
+/// value up to f64 rounding, not bit for bit.
+///
+/// # Errors
+/// [`Error::BackendUnavailable`] for a forced backend this CPU lacks.
+pub fn sum_of_squares(grads: &[f32], exec: &Exec) -> Result<f64, Error> {
+    Ok(tree_sum(&Plan::new(exec)?, grads))
+}
+
+/// The L2 norm of `grads`: `sqrt(`[`sum_of_squares`]`)`. NaN or infinite if
+/// any gradient is.
+///
+/// # Errors
+/// As [`sum_of_squares`].
+pub fn grad_norm(grads: &[f32], exec: &Exec) -> Result<f64, Error> {
+    sum_of_squares(grads, exec).map(f64::sqrt)
+}
+
+/// torch's clipping factor for a total norm, in f32 as torch computes it on
+/// an f32 norm tensor: `clamp(max_norm / (norm + 1e-6), max = 1)`, where
+/// torch evaluates `scalar / tensor` as `tensor.reciprocal() * scalar`.
+/// An infinite norm gives 0 (`1 / inf`), a NaN norm NaN, as in torch.
+pub fn clip_coef(total_norm: f64, max_norm: f64) -> f32 {
+    let norm = total_norm as f32;
+    let coef = (1.0 / (norm + 1e-6_f32)) * max_norm as f32;
+    if coef.is_nan() { coef } else { coef.min(1.0) }
+}
+
+/// Checks a `max_norm`: finite and > 0.
+pub(crate) fn check_max_norm(max_norm: Option<f64>) -> Result<(), Error> {
+    match max_norm {
+        Some(m) if !(m.is_finite() && m > 0.0) => {
+            Err(Error::InvalidHyperparameter { name: "max_norm", value: m, requirement: "finite and > 0" })
+        }
+        _ => Ok(()),
+    }
+}
