@@ -60,6 +60,13 @@ pub enum Error {
         /// The first such element.
         index: usize,
     },
+    /// A global gradient norm handed to a sharded, clipped step is NaN or
+    /// infinite (some worker's gradients are), under
+    /// [`NonFinitePolicy::Error`](crate::NonFinitePolicy::Error).
+    NonFiniteGradNorm {
+        /// The norm given.
+        norm: f64,
+    },
     /// A checkpoint is truncated, corrupted, of another format or version,
     /// or does not match the optimizer.
     Checkpoint {
@@ -112,6 +119,7 @@ impl std::fmt::Display for Error {
                 write!(f, "unknown backend {name:?} (expected scalar, wide, avx2, avx512 or auto)")
             }
             Error::NonFiniteGradient { index } => write!(f, "gradient element {index} is NaN or infinite"),
+            Error::NonFiniteGradNorm { norm } => write!(f, "the global gradient norm is {norm}"),
             Error::Checkpoint { reason } => write!(f, "checkpoint: {reason}"),
             Error::Io { kind, message } => write!(f, "I/O error ({kind:?}): {message}"),
             Error::UnknownOptimizer { name } => write!(f, "unknown optimizer {name:?}"),

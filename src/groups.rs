@@ -90,6 +90,8 @@ pub struct GroupedOptimizer<A: Algorithm> {
     exec: Exec,
     non_finite: NonFinitePolicy,
     grad_scale: Option<f32>,
+    max_grad_norm: Option<f64>,
+    last_grad_norm: Option<f64>,
 }
 
 impl<A: Algorithm> Default for GroupedOptimizer<A> {
@@ -105,6 +107,8 @@ impl<A: Algorithm> Default for GroupedOptimizer<A> {
             exec: Exec::auto(),
             non_finite: NonFinitePolicy::Propagate,
             grad_scale: None,
+            max_grad_norm: None,
+            last_grad_norm: None,
         }
     }
 }
@@ -176,6 +180,50 @@ impl<A: Algorithm> GroupedOptimizer<A> {
     pub fn set_grad_scale(&mut self, grad_scale: Option<f32>) -> Result<(), Error> {
         crate::optim::check_grad_scale(grad_scale)?;
         self.grad_scale = grad_scale;
+        Ok(())
+    }
+
+    /// Clips all gradients to a total L2 norm of `max_norm` inside each
+    /// step, as torch's `clip_grad_norm_(model.parameters(), max_norm)` (see
+    /// [`Optimizer::set_max_grad_norm`](crate::Optimizer::set_max_grad_norm)):
+    /// [`step`](Self::step) measures the norm over the whole gradient arena.
+    /// A shard needs the global norm: sum [`grad_sum_of_squares`](Self::grad_sum_of_squares)
+    /// of every worker's range (an all-reduce), take the square root, and
+    /// call [`step_range_with_grad_norm`](Self::step_range_with_grad_norm);
+    /// plain [`step_range`](Self::step_range) on a part of the arena is then
+    /// an error. The padding between tensors counts in the norm; it is 0
+    /// unless written through [`grads_flat_mut`](Self::grads_flat_mut).
+    ///
+    /// # Errors
+    /// Unless finite and `> 0`; unchanged then.
+    pub fn set_max_grad_norm(&mut self, max_norm: Option<f64>) -> Result<(), Error> {
+        crate::clip::check_max_norm(max_norm)?;
+        self.max_grad_norm = max_norm;
+        Ok(())
+    }
+
+    /// The total gradient norm the last step used (clipping on), also for a
+    /// skipped step.
+    pub fn last_grad_norm(&self) -> Option<f64> {
+        self.last_grad_norm
+    }
+
+    /// `sum(g^2)` (f64, deterministic, gradients unscaled by the loss scale)
+    /// over the arena elements in `range`: a worker's part of the global norm.
+    ///
+    /// # Errors
+    /// A range outside the arena; an unavailable forced backend.
+    pub fn grad_sum_of_squares(&self, range: Range<usize>) -> Result<f64, Error> {
+        self.check_range(&range)?;
+        let mut plan = Plan::new(&self.exec)?;
+        plan.unscale = Unscale::new(self.grad_scale);
+        Ok(crate::driver::sum_of_squares(&plan, &self.grads[range]))
+    }
+
+    fn check_range(&self, range: &Range<usize>) -> Result<(), Error> {
+        if range.start > range.end || range.end > self.params.len() {
+            return Err(Error::LengthMismatch { what: "range end", expected: self.params.len(), actual: range.end });
+        }
         Ok(())
     }
 
@@ -294,15 +342,52 @@ impl<A: Algorithm> GroupedOptimizer<A> {
     /// # Errors
     /// A range outside the arena, an unavailable forced backend, or a
     /// schedule value a group's configuration rejects (or momentum cycling on
-    /// an optimizer without momentum). Nothing changes on error.
+    /// an optimizer without momentum); with clipping on, a range that is not
+    /// the whole arena ([`Error::IncompatibleConfig`]: use
+    /// [`step_range_with_grad_norm`](Self::step_range_with_grad_norm)).
+    /// Nothing changes on error.
     pub fn step_range(&mut self, range: Range<usize>) -> Result<StepReport, Error> {
-        if range.start > range.end || range.end > self.params.len() {
-            return Err(Error::LengthMismatch { what: "range end", expected: self.params.len(), actual: range.end });
+        if self.max_grad_norm.is_some() && range != (0..self.params.len()) {
+            self.check_range(&range)?;
+            return Err(Error::IncompatibleConfig {
+                reason: "clipping a shard needs the global gradient norm: use step_range_with_grad_norm",
+            });
         }
+        self.step_inner(range, None)
+    }
+
+    /// [`step_range`](Self::step_range) for a shard of a clipped model:
+    /// `total_norm` is the global gradient norm (the square root of the sum
+    /// of every worker's [`grad_sum_of_squares`](Self::grad_sum_of_squares)).
+    /// A non-finite `total_norm` is handled by the non-finite policy on
+    /// every worker alike (all skip, or all fail with
+    /// [`Error::NonFiniteGradNorm`] unless the bad gradient is local).
+    ///
+    /// # Errors
+    /// As [`step_range`](Self::step_range); [`Error::IncompatibleConfig`] if
+    /// clipping is off. Nothing changes on error.
+    pub fn step_range_with_grad_norm(&mut self, range: Range<usize>, total_norm: f64) -> Result<StepReport, Error> {
+        if self.max_grad_norm.is_none() {
+            return Err(Error::IncompatibleConfig { reason: "a gradient norm was given but clipping is off" });
+        }
+        self.step_inner(range, Some(total_norm))
+    }
+
+    fn step_inner(&mut self, range: Range<usize>, given_norm: Option<f64>) -> Result<StepReport, Error> {
+        self.check_range(&range)?;
         let mut plan = Plan::new(&self.exec)?;
         plan.unscale = Unscale::new(self.grad_scale);
         let guard = &self.grads[range.clone()];
-        if let Some(skipped) = crate::optim::non_finite_guard(self.non_finite, &plan, guard, range.start)? {
+        let (skipped, norm) = crate::optim::guard_and_clip(
+            self.non_finite,
+            &mut plan,
+            guard,
+            range.start,
+            self.max_grad_norm,
+            given_norm,
+        )?;
+        if let Some(skipped) = skipped {
+            self.last_grad_norm = norm;
             return Ok(skipped);
         }
         // Scheduled hyperparameters, checked for every group before any is set.
@@ -342,6 +427,9 @@ impl<A: Algorithm> GroupedOptimizer<A> {
             g.config.run(t, &mut g.aux, serial, &mut [], &[], &mut empty[..k]);
         }
         self.t = t;
+        if norm.is_some() {
+            self.last_grad_norm = norm;
+        }
         Ok(StepReport { backend: plan.backend, parallel, skipped: false })
     }
 }

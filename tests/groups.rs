@@ -202,3 +202,100 @@ fn group_skip_step_and_grad_scale() {
     assert!(matches!(a.step(), Err(Error::NonFiniteGradient { .. })));
     assert!(a.set_grad_scale(Some(0.0)).is_err());
 }
+
+/// Clipping over a grouped model: the global norm over every tensor, the
+/// factor applied to each, equal to each tensor stepped alone on gradients
+/// clipped by hand; on every path.
+#[test]
+fn group_clipping_equals_clipping_each_tensor_by_hand() {
+    let cfg = AdamWConfig { weight_decay: 0.1, ..Default::default() };
+    for (path, exec) in all_paths() {
+        let mut rng = Rng::new(33);
+        let mut opt = GroupedOptimizer::new();
+        opt.set_exec(exec);
+        opt.set_max_grad_norm(Some(0.5)).unwrap();
+        let ids: Vec<TensorId> =
+            [opt.add_group(cfg, &SIZES_A).unwrap(), opt.add_group(cfg, &SIZES_B).unwrap()].concat();
+        let mut lone: Vec<(AdamW, Vec<f32>)> = Vec::new();
+        for &id in &ids {
+            let p = rng.vec(opt.params(id).len(), 1.0);
+            opt.params_mut(id).copy_from_slice(&p);
+            lone.push((AdamW::new(cfg, p.len()).unwrap(), p));
+        }
+        for step in 0..3 {
+            let grads: Vec<Vec<f32>> =
+                ids.iter().map(|&id| rng.vec(opt.params(id).len(), if step == 1 { 1e-5 } else { 1.0 })).collect();
+            for (&id, g) in ids.iter().zip(&grads) {
+                opt.grads_mut(id).copy_from_slice(g);
+            }
+            opt.step().unwrap();
+            let norm = opt.last_grad_norm().unwrap();
+            let plain = grads.iter().flatten().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
+            assert!((norm - plain).abs() <= 1e-12 * plain, "{path}: {norm} vs {plain}");
+            let coef = adaoptim::clip::clip_coef(norm, 0.5);
+            assert_eq!(coef == 1.0, step == 1, "{path}: the tiny step is not clipped, the others are");
+            for ((o, p), g) in lone.iter_mut().zip(&grads) {
+                let clipped: Vec<f32> = g.iter().map(|&x| if coef == 1.0 { x } else { x * coef }).collect();
+                o.step(p, &clipped).unwrap();
+            }
+        }
+        for (k, &id) in ids.iter().enumerate() {
+            assert_same_bits(&format!("{path} tensor {k}"), opt.params(id), &lone[k].1);
+        }
+    }
+}
+
+/// Sharded clipping: each worker's partial sum of squares, all-reduced, gives
+/// the global norm; shards stepped with it equal the unsharded clipped step.
+/// A partial `step_range` under clipping is refused; a NaN global norm makes
+/// every shard skip (SkipStep) or fail (Error) without changing anything.
+#[test]
+fn sharded_clipping() {
+    let build = || {
+        let mut rng = Rng::new(5);
+        let mut opt = GroupedOptimizer::new();
+        opt.set_max_grad_norm(Some(1.0)).unwrap();
+        opt.add_group(AdamConfig::default(), &[3000, 17, 0, 40_000]).unwrap();
+        let n = opt.total_len();
+        opt.params_flat_mut().copy_from_slice(&rng.vec(n, 1.0));
+        opt
+    };
+    let mut full = build();
+    let workers = 3;
+    let mut shards: Vec<_> = (0..workers).map(|_| build()).collect();
+    let n = full.total_len();
+    let mut rng = Rng::new(9);
+    for _ in 0..3 {
+        let g = rng.vec(n, 1.0);
+        full.grads_flat_mut().copy_from_slice(&g);
+        shards.iter_mut().for_each(|s| s.grads_flat_mut().copy_from_slice(&g));
+        full.step().unwrap();
+        let partial: f64 =
+            (0..workers).map(|w| shards[w].grad_sum_of_squares(shard_range(n, w, workers)).unwrap()).sum();
+        let whole = full.grad_sum_of_squares(0..n).unwrap();
+        assert!((partial - whole).abs() <= 1e-12 * whole);
+        assert_eq!(full.last_grad_norm().unwrap().to_bits(), whole.sqrt().to_bits());
+        for (w, s) in shards.iter_mut().enumerate() {
+            s.step_range_with_grad_norm(shard_range(n, w, workers), whole.sqrt()).unwrap();
+        }
+    }
+    for (w, s) in shards.iter().enumerate() {
+        let r = shard_range(n, w, workers);
+        assert_same_bits(&format!("shard {w}"), &s.params_flat()[r.clone()], &full.params_flat()[r]);
+    }
+    // Refusals and non-finite global norms change nothing.
+    let s = &mut shards[1];
+    let before = (s.params_flat().to_vec(), s.step_count());
+    let r = shard_range(n, 1, workers);
+    assert!(matches!(s.step_range(r.clone()), Err(Error::IncompatibleConfig { .. })));
+    s.set_non_finite(NonFinitePolicy::SkipStep);
+    assert!(s.step_range_with_grad_norm(r.clone(), f64::NAN).unwrap().skipped);
+    assert!(s.last_grad_norm().unwrap().is_nan());
+    s.set_non_finite(NonFinitePolicy::Error);
+    let e = s.step_range_with_grad_norm(r.clone(), f64::INFINITY).unwrap_err();
+    assert!(matches!(e, Error::NonFiniteGradNorm { norm } if norm == f64::INFINITY), "{e:?}");
+    assert_eq!((s.params_flat().to_vec(), s.step_count()), before);
+    let mut plain = GroupedOptimizer::<AdamConfig>::new();
+    plain.add_group(AdamConfig::default(), &[8]).unwrap();
+    assert!(matches!(plain.step_range_with_grad_norm(0..8, 1.0), Err(Error::IncompatibleConfig { .. })));
+}

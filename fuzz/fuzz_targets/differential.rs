@@ -1,6 +1,7 @@
 //! Differential fuzzing: every backend, serial and parallel, against the
 //! scalar reference, with arbitrary valid hyperparameters, lengths, offsets
-//! and values (NaN, inf, subnormals, extreme magnitudes included). The crate
+//! and values (NaN, inf, subnormals, extreme magnitudes included), loss
+//! scales, gradient clipping and SkipStep. The crate
 //! documents 0 ULP between backends, so results must match bit for bit, NaN
 //! where the reference has NaN.
 #![no_main]
@@ -20,6 +21,7 @@ struct Input {
     steps: u8,
     chunk: u16,
     grad_scale: Option<f32>,
+    max_grad_norm: Option<f32>,
     skip: bool,
     values: Vec<u32>,
 }
@@ -40,6 +42,9 @@ fuzz_target!(|input: Input| -> Corpus {
         let mut opt = cfg.build(n).ok()?;
         opt.set_exec(exec);
         if opt.set_grad_scale(input.grad_scale).is_err() {
+            return None;
+        }
+        if opt.set_max_grad_norm(input.max_grad_norm.map(f64::from)).is_err() {
             return None;
         }
         if input.skip {

@@ -294,24 +294,12 @@ impl<A: Algorithm> Optimizer<A> {
         check_len("grads", self.n, grads.len())?;
         let mut plan = Plan::new(&self.exec)?;
         plan.unscale = Unscale::new(self.grad_scale);
-        let mut norm = None;
-        if let Some(max_norm) = self.max_grad_norm {
-            // The norm pass doubles as the non-finite scan.
-            let total = crate::driver::sum_of_squares(&plan, grads).sqrt();
-            if !total.is_finite()
-                && let Some(skipped) = non_finite_guard(self.non_finite, &plan, grads, 0)?
-            {
-                self.last_grad_norm = Some(total);
-                return Ok(skipped);
-            }
-            let coef = crate::clip::clip_coef(total, max_norm);
-            plan.clip = (coef != 1.0).then_some(coef);
-            norm = Some(total);
-        } else if let Some(skipped) = non_finite_guard(self.non_finite, &plan, grads, 0)? {
-            return Ok(skipped);
-        }
+        let (skipped, norm) = guard_and_clip(self.non_finite, &mut plan, grads, 0, self.max_grad_norm, None)?;
         if norm.is_some() {
             self.last_grad_norm = norm;
+        }
+        if let Some(skipped) = skipped {
+            return Ok(skipped);
         }
         let t = self.t + 1;
         let mut refs: [&mut [f32]; MAX_STATE] = Default::default();
@@ -461,6 +449,40 @@ pub(crate) fn non_finite_guard(
         return Err(Error::NonFiniteGradient { index: offset + index });
     }
     Ok(Some(StepReport { backend: plan.backend, parallel: false, skipped: true }))
+}
+
+/// The checks before a step: with clipping off, the non-finite policy's
+/// scan; with clipping on (`max_norm`), the norm pass instead — over
+/// `grads`, or `given_norm` when the caller has the global norm of a sharded
+/// model — whose non-finite result triggers the policy, and whose clip
+/// factor goes into `plan`. Returns the skip report if the step is skipped,
+/// and the total norm if clipping is on.
+pub(crate) fn guard_and_clip(
+    policy: NonFinitePolicy,
+    plan: &mut Plan,
+    grads: &[f32],
+    offset: usize,
+    max_norm: Option<f64>,
+    given_norm: Option<f64>,
+) -> Result<(Option<StepReport>, Option<f64>), Error> {
+    let Some(max_norm) = max_norm else {
+        return Ok((non_finite_guard(policy, plan, grads, offset)?, None));
+    };
+    let total = given_norm.unwrap_or_else(|| crate::driver::sum_of_squares(plan, grads).sqrt());
+    if !total.is_finite() && policy != NonFinitePolicy::Propagate {
+        // A non-finite norm means a non-finite gradient: here (find it), or
+        // in another shard (then there is no local index to report).
+        if let Some(skipped) = non_finite_guard(policy, plan, grads, offset)? {
+            return Ok((Some(skipped), Some(total)));
+        }
+        if policy == NonFinitePolicy::Error {
+            return Err(Error::NonFiniteGradNorm { norm: total });
+        }
+        return Ok((Some(StepReport { backend: plan.backend, parallel: false, skipped: true }), Some(total)));
+    }
+    let coef = crate::clip::clip_coef(total, max_norm);
+    plan.clip = (coef != 1.0).then_some(coef);
+    Ok((None, Some(total)))
 }
 
 /// Loss-scale removal, gradient clipping, `maximize` and coupled (L2) weight
