@@ -8,7 +8,8 @@
 //! ```
 //! Options: `--optimizers` (torch class names, case-insensitive, or `all`),
 //! `--sizes`, `--threads`, `--backend` (force one), `--json` (one object a line),
-//! `--guards` (also time each step with `NonFinitePolicy::SkipStep`, with a
+//! `--guards` (also time each step with `NonFinitePolicy::SkipStep`, gradient
+//! clipping to norm 1 (alone and with SkipStep), with a
 //! power-of-two `grad_scale` and with a non-power-of-two one, and print their
 //! cost relative to the plain step measured in the same run).
 
@@ -118,12 +119,15 @@ fn main() {
                     let mut backend = Backend::Scalar;
                     let dt = time_per_call(n, || backend = opt.step(&mut p, &g).expect("step").backend);
                     if args.guards {
-                        let variants: [(&str, NonFinitePolicy, Option<f32>); 3] = [
-                            ("skip-step", NonFinitePolicy::SkipStep, None),
-                            ("grad-scale-65536", NonFinitePolicy::Propagate, Some(65536.0)),
-                            ("grad-scale-3", NonFinitePolicy::Propagate, Some(3.0)),
+                        type Variant = (&'static str, NonFinitePolicy, Option<f32>, Option<f64>);
+                        let variants: [Variant; 5] = [
+                            ("skip-step", NonFinitePolicy::SkipStep, None, None),
+                            ("grad-scale-65536", NonFinitePolicy::Propagate, Some(65536.0), None),
+                            ("grad-scale-3", NonFinitePolicy::Propagate, Some(3.0), None),
+                            ("clip-norm-1", NonFinitePolicy::Propagate, None, Some(1.0)),
+                            ("clip-norm-1+skip-step", NonFinitePolicy::SkipStep, None, Some(1.0)),
                         ];
-                        for (label, policy, scale) in variants {
+                        for (label, policy, scale, max_norm) in variants {
                             // Alternate plain and guarded steps and take the
                             // median of the per-pair ratios: bandwidth drift
                             // on a shared machine cancels out.
@@ -134,6 +138,7 @@ fn main() {
                             for _ in 0..pairs {
                                 opt.set_non_finite(policy);
                                 opt.set_grad_scale(scale).expect("valid scale");
+                                opt.set_max_grad_norm(max_norm).expect("valid norm");
                                 let s = Instant::now();
                                 for _ in 0..calls {
                                     opt.step(&mut p, &g).expect("step");
@@ -141,6 +146,7 @@ fn main() {
                                 let a = s.elapsed().as_secs_f64() / calls as f64;
                                 opt.set_non_finite(NonFinitePolicy::Propagate);
                                 opt.set_grad_scale(None).expect("valid scale");
+                                opt.set_max_grad_norm(None).expect("valid norm");
                                 let s = Instant::now();
                                 for _ in 0..calls {
                                     opt.step(&mut p, &g).expect("step");
