@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""Adam with gradient clipping, torch against adaoptim, back to back.
+
+torch: `clip_grad_norm_([p], 1.0)` then fused Adam's `step()` (three passes
+over the gradients: norm, multiply, step). adaoptim: `set_max_grad_norm(1.0)`
+(norm pass, then the factor multiplied inside the step), timed by the
+throughput example's `--guards` mode. Gparam/s, medians; the plain steps of
+both are printed beside for reference.
+
+    python3 benches/compare_clip.py --sizes 1048576,67108864 --threads 2
+"""
+import argparse, json, os, statistics, subprocess, time
+
+import torch
+
+here = os.path.dirname(os.path.abspath(__file__))
+root = os.path.dirname(here)
+
+
+def torch_gps(n, clip, reps=7):
+    p = torch.nn.Parameter(torch.full((n,), 0.5))
+    g = torch.randn(n) * 0.01
+    p.grad = g.clone()
+    opt = torch.optim.Adam([p], lr=1e-3, fused=True)
+    steps = max(1, int(1.5e8 / n))
+    times = []
+    for r in range(reps + 1):
+        t = time.perf_counter()
+        for _ in range(steps):
+            if clip:
+                torch.nn.utils.clip_grad_norm_([p], 1.0)
+            opt.step()
+        if r:
+            times.append((time.perf_counter() - t) / steps)
+        p.grad.copy_(g)  # clipping shrinks the gradient in place; restore it
+    return n / statistics.median(times) / 1e9
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="1048576,67108864")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "throughput"], check=True, cwd=root)
+    ours_bin = os.path.join(root, "target", "release", "examples", "throughput")
+    for n in [int(s) for s in a.sizes.split(",")]:
+        out = subprocess.run([ours_bin, "--optimizers", "adam", "--sizes", str(n), "--threads", str(a.threads),
+                              "--json", "--guards"], check=True, capture_output=True, text=True).stdout
+        rows = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
+        clip = next(r for r in rows if r.get("variant") == "clip-norm-1")
+        t_plain, t_clip = torch_gps(n, False), torch_gps(n, True)
+        print(json.dumps({"n": n, "threads": a.threads,
+                          "adaoptim_plain": round(clip["plain_gparams_per_s"], 3),
+                          "adaoptim_clip": round(clip["gparams_per_s"], 3),
+                          "torch_fused_plain": round(t_plain, 3), "torch_fused_clip": round(t_clip, 3),
+                          "clip_ratio_ours_vs_torch": round(clip["gparams_per_s"] / t_clip, 2)}))
+
+
+if __name__ == "__main__":
+    main()
