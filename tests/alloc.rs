@@ -44,11 +44,17 @@ fn step_does_not_allocate() {
 
     let n = 100_000;
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-    for (name, cfg) in variety() {
+    for ((name, cfg), guarded) in variety().into_iter().flat_map(|v| [(v.clone(), false), (v, true)]) {
         for exec in [Exec::scalar(), Exec::serial(Backend::best()), Exec::parallel(Backend::best(), 4096), Exec::auto()]
         {
             let mut opt = cfg.build(n).unwrap();
             opt.set_exec(exec);
+            // Guarded: clipping (the norm pass), a loss scale, SkipStep.
+            if guarded {
+                opt.set_max_grad_norm(Some(1.0)).unwrap();
+                opt.set_grad_scale(Some(3.0)).unwrap();
+                opt.set_non_finite(adaoptim::NonFinitePolicy::SkipStep);
+            }
             let mut p = vec![0.5f32; n];
             let g = vec![0.25f32; n];
             pool.install(|| {
@@ -60,7 +66,7 @@ fn step_does_not_allocate() {
                     opt.step(&mut p, &g).unwrap();
                 }
                 let after = ALLOCS.load(Ordering::SeqCst);
-                assert_eq!(after, before, "{name} {exec:?}: step allocated {} times", after - before);
+                assert_eq!(after, before, "{name} guarded={guarded} {exec:?}: step allocated {} times", after - before);
             });
         }
     }
