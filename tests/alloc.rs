@@ -44,7 +44,7 @@ fn step_does_not_allocate() {
 
     let n = 100_000;
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-    for ((name, cfg), guarded) in variety().into_iter().flat_map(|v| [(v.clone(), false), (v, true)]) {
+    for ((name, cfg), guarded) in variety().into_iter().flat_map(|v| [(v, false), (v, true)]) {
         for exec in [Exec::scalar(), Exec::serial(Backend::best()), Exec::parallel(Backend::best(), 4096), Exec::auto()]
         {
             let mut opt = cfg.build(n).unwrap();
