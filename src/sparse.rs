@@ -257,13 +257,16 @@ impl RowSteps {
         w
     }
 
-    /// Opens a sparse checkpoint: the reader, its options and shape.
-    fn reader<'a>(bytes: &'a [u8], class: &str) -> Result<(Reader<'a>, serde_json::Value, usize, usize), Error> {
+    /// Opens a sparse checkpoint: the reader, its options, and the shape and
+    /// step count it restores.
+    fn reader<'a>(bytes: &'a [u8], class: &str) -> Result<(Reader<'a>, serde_json::Value, RowSteps), Error> {
         let r = Reader::open(bytes, class, "sparse")?;
         let (rows, dim): (usize, usize) = (r.parse("rows")?, r.parse("dim")?);
         let groups = r.json("param_groups")?;
         let g = groups.as_array().and_then(|g| g.first()).cloned().ok_or_else(|| bad("no param_groups entry"))?;
-        Ok((r, g, rows, dim))
+        let (mut steps, _) = RowSteps::new(rows, dim)?;
+        steps.t = r.step;
+        Ok((r, g, steps))
     }
 
     /// The shape and its element count.
@@ -474,7 +477,8 @@ impl SparseAdam {
     /// # Errors
     /// [`Error::Checkpoint`] for anything truncated, corrupted or mismatched.
     pub fn from_safetensors(bytes: &[u8]) -> Result<Self, Error> {
-        let (r, g, rows, dim) = RowSteps::reader(bytes, "SparseAdam")?;
+        let (r, g, steps) = RowSteps::reader(bytes, "SparseAdam")?;
+        let (rows, dim) = (steps.rows, steps.dim);
         let num = |k: &str| g[k].as_f64().ok_or_else(|| bad(format!("{k} missing")));
         let config = SparseAdamConfig {
             lr: num("lr")?,
@@ -488,8 +492,6 @@ impl SparseAdam {
         config.validate().map_err(|e| bad(e.to_string()))?;
         r.expect_count(3)?;
         let (exp_avg, exp_avg_sq) = (r.buffer("exp_avg", &[rows, dim])?, r.buffer("exp_avg_sq", &[rows, dim])?);
-        let (mut steps, _) = RowSteps::new(rows, dim)?;
-        steps.t = r.step;
         Ok(SparseAdam { config, steps, exp_avg, exp_avg_sq })
     }
 
@@ -591,15 +593,14 @@ impl SparseAdagrad {
     /// # Errors
     /// [`Error::Checkpoint`] for anything truncated, corrupted or mismatched.
     pub fn from_safetensors(bytes: &[u8]) -> Result<Self, Error> {
-        let (r, g, rows, dim) = RowSteps::reader(bytes, "Adagrad")?;
+        let (r, g, steps) = RowSteps::reader(bytes, "Adagrad")?;
         let crate::AnyConfig::Adagrad(config) = crate::checkpoint::options_from_json("Adagrad", &g, &[])? else {
             return Err(bad("hyperparameters of another kind"));
         };
         r.expect_count(2)?;
-        let sum = r.buffer("sum", &[rows, dim])?;
+        let sum = r.buffer("sum", &[steps.rows, steps.dim])?;
         let mut opt = SparseAdagrad::new(config, 0, 0).map_err(|e| bad(e.to_string()))?;
-        opt.steps = RowSteps::new(rows, dim)?.0;
-        opt.steps.t = r.step;
+        opt.steps = steps;
         opt.sum = sum;
         Ok(opt)
     }
@@ -687,14 +688,13 @@ impl RowWiseAdagrad {
     /// # Errors
     /// [`Error::Checkpoint`] for anything truncated, corrupted or mismatched.
     pub fn from_safetensors(bytes: &[u8]) -> Result<Self, Error> {
-        let (r, g, rows, dim) = RowSteps::reader(bytes, "RowWiseAdagrad")?;
+        let (r, g, steps) = RowSteps::reader(bytes, "RowWiseAdagrad")?;
         let lr = g["lr"].as_f64().ok_or_else(|| bad("lr missing"))?;
         let eps = g["eps"].as_f64().ok_or_else(|| bad("eps missing"))?;
         r.expect_count(2)?;
-        let acc = r.f32s("sum", &[rows])?;
-        let mut opt = RowWiseAdagrad::new(lr, eps, 0.0, 0, dim).map_err(|e| bad(e.to_string()))?;
-        opt.steps = RowSteps::new(rows, dim)?.0;
-        opt.steps.t = r.step;
+        let acc = r.f32s("sum", &[steps.rows])?;
+        let mut opt = RowWiseAdagrad::new(lr, eps, 0.0, 0, steps.dim).map_err(|e| bad(e.to_string()))?;
+        opt.steps = steps;
         opt.acc = acc;
         Ok(opt)
     }
