@@ -47,7 +47,7 @@ use crate::backend::Parallel;
 use crate::checkpoint::{Reader, Writer, options_from_json, options_json};
 use crate::driver::{Plan, StepReport};
 use crate::optim::sealed::Sealed;
-use crate::optim::{MAX_STATE, NonFinitePolicy, Unscale};
+use crate::optim::{Guards, MAX_STATE, NonFinitePolicy};
 use crate::schedule::{LrSchedule, Schedule};
 use crate::{Algorithm, Error, Exec};
 
@@ -88,10 +88,7 @@ pub struct GroupedOptimizer<A: Algorithm> {
     state_names: &'static [&'static str],
     t: u64,
     exec: Exec,
-    non_finite: NonFinitePolicy,
-    grad_scale: Option<f32>,
-    max_grad_norm: Option<f64>,
-    last_grad_norm: Option<f64>,
+    guards: Guards,
 }
 
 impl<A: Algorithm> Default for GroupedOptimizer<A> {
@@ -105,10 +102,7 @@ impl<A: Algorithm> Default for GroupedOptimizer<A> {
             state_names: &[],
             t: 0,
             exec: Exec::auto(),
-            non_finite: NonFinitePolicy::Propagate,
-            grad_scale: None,
-            max_grad_norm: None,
-            last_grad_norm: None,
+            guards: Guards::default(),
         }
     }
 }
@@ -169,7 +163,7 @@ impl<A: Algorithm> GroupedOptimizer<A> {
     /// [`Optimizer::set_non_finite`](crate::Optimizer::set_non_finite)); the
     /// check covers the range being stepped.
     pub fn set_non_finite(&mut self, policy: NonFinitePolicy) {
-        self.non_finite = policy;
+        self.guards.non_finite = policy;
     }
 
     /// Divides every gradient by `grad_scale` inside the step (see
@@ -178,9 +172,7 @@ impl<A: Algorithm> GroupedOptimizer<A> {
     /// # Errors
     /// Unless finite and nonzero; unchanged then.
     pub fn set_grad_scale(&mut self, grad_scale: Option<f32>) -> Result<(), Error> {
-        crate::optim::check_grad_scale(grad_scale)?;
-        self.grad_scale = grad_scale;
-        Ok(())
+        self.guards.set_grad_scale(grad_scale)
     }
 
     /// Clips all gradients to a total L2 norm of `max_norm` inside each
@@ -197,15 +189,13 @@ impl<A: Algorithm> GroupedOptimizer<A> {
     /// # Errors
     /// Unless finite and `> 0`; unchanged then.
     pub fn set_max_grad_norm(&mut self, max_norm: Option<f64>) -> Result<(), Error> {
-        crate::clip::check_max_norm(max_norm)?;
-        self.max_grad_norm = max_norm;
-        Ok(())
+        self.guards.set_max_grad_norm(max_norm)
     }
 
     /// The total gradient norm the last step used (clipping on), also for a
     /// skipped step.
     pub fn last_grad_norm(&self) -> Option<f64> {
-        self.last_grad_norm
+        self.guards.last_grad_norm
     }
 
     /// `sum(g^2)` (f64, deterministic, gradients unscaled by the loss scale)
@@ -215,8 +205,7 @@ impl<A: Algorithm> GroupedOptimizer<A> {
     /// A range outside the arena; an unavailable forced backend.
     pub fn grad_sum_of_squares(&self, range: Range<usize>) -> Result<f64, Error> {
         self.check_range(&range)?;
-        let mut plan = Plan::new(&self.exec)?;
-        plan.unscale = Unscale::new(self.grad_scale);
+        let plan = self.guards.plan(&self.exec)?;
         Ok(crate::driver::sum_of_squares(&plan, &self.grads[range]))
     }
 
@@ -347,7 +336,7 @@ impl<A: Algorithm> GroupedOptimizer<A> {
     /// [`step_range_with_grad_norm`](Self::step_range_with_grad_norm)).
     /// Nothing changes on error.
     pub fn step_range(&mut self, range: Range<usize>) -> Result<StepReport, Error> {
-        if self.max_grad_norm.is_some() && range != (0..self.params.len()) {
+        if self.guards.max_grad_norm.is_some() && range != (0..self.params.len()) {
             self.check_range(&range)?;
             return Err(Error::IncompatibleConfig {
                 reason: "clipping a shard needs the global gradient norm: use step_range_with_grad_norm",
@@ -367,7 +356,7 @@ impl<A: Algorithm> GroupedOptimizer<A> {
     /// As [`step_range`](Self::step_range); [`Error::IncompatibleConfig`] if
     /// clipping is off. Nothing changes on error.
     pub fn step_range_with_grad_norm(&mut self, range: Range<usize>, total_norm: f64) -> Result<StepReport, Error> {
-        if self.max_grad_norm.is_none() {
+        if self.guards.max_grad_norm.is_none() {
             return Err(Error::IncompatibleConfig { reason: "a gradient norm was given but clipping is off" });
         }
         self.step_inner(range, Some(total_norm))
@@ -375,19 +364,10 @@ impl<A: Algorithm> GroupedOptimizer<A> {
 
     fn step_inner(&mut self, range: Range<usize>, given_norm: Option<f64>) -> Result<StepReport, Error> {
         self.check_range(&range)?;
-        let mut plan = Plan::new(&self.exec)?;
-        plan.unscale = Unscale::new(self.grad_scale);
-        let guard = &self.grads[range.clone()];
-        let (skipped, norm) = crate::optim::guard_and_clip(
-            self.non_finite,
-            &mut plan,
-            guard,
-            range.start,
-            self.max_grad_norm,
-            given_norm,
-        )?;
+        let mut plan = self.guards.plan(&self.exec)?;
+        let (skipped, norm) = self.guards.check(&mut plan, &self.grads[range.clone()], range.start, given_norm)?;
         if let Some(skipped) = skipped {
-            self.last_grad_norm = norm;
+            self.guards.last_grad_norm = norm;
             return Ok(skipped);
         }
         // Scheduled hyperparameters, checked for every group before any is set.
@@ -428,7 +408,7 @@ impl<A: Algorithm> GroupedOptimizer<A> {
         }
         self.t = t;
         if norm.is_some() {
-            self.last_grad_norm = norm;
+            self.guards.last_grad_norm = norm;
         }
         Ok(StepReport { backend: plan.backend, parallel, skipped: false })
     }

@@ -164,10 +164,7 @@ pub struct Optimizer<A: Algorithm> {
     pub(crate) aux: <A as sealed::Sealed>::Aux,
     pub(crate) state: Vec<Buffer>,
     exec: Exec,
-    non_finite: NonFinitePolicy,
-    grad_scale: Option<f32>,
-    max_grad_norm: Option<f64>,
-    last_grad_norm: Option<f64>,
+    guards: Guards,
 }
 
 impl<A: Algorithm> Optimizer<A> {
@@ -179,18 +176,7 @@ impl<A: Algorithm> Optimizer<A> {
     pub fn new(config: A, n: usize) -> Result<Self, Error> {
         config.validate()?;
         let state = (0..config.state_names().len()).map(|i| crate::memory::filled(n, config.state_init(i))).collect();
-        Ok(Optimizer {
-            aux: config.aux_init(),
-            config,
-            n,
-            t: 0,
-            state,
-            exec: Exec::auto(),
-            non_finite: NonFinitePolicy::Propagate,
-            grad_scale: None,
-            max_grad_norm: None,
-            last_grad_norm: None,
-        })
+        Ok(Optimizer { aux: config.aux_init(), config, n, t: 0, state, exec: Exec::auto(), guards: Guards::default() })
     }
 
     /// Sets the execution policy (builder style).
@@ -211,18 +197,18 @@ impl<A: Algorithm> Optimizer<A> {
 
     /// Sets what a step does with NaN/inf gradients (builder style).
     pub fn with_non_finite(mut self, policy: NonFinitePolicy) -> Self {
-        self.non_finite = policy;
+        self.guards.non_finite = policy;
         self
     }
 
     /// Sets what a step does with NaN/inf gradients.
     pub fn set_non_finite(&mut self, policy: NonFinitePolicy) {
-        self.non_finite = policy;
+        self.guards.non_finite = policy;
     }
 
     /// What a step does with NaN/inf gradients.
     pub fn non_finite(&self) -> NonFinitePolicy {
-        self.non_finite
+        self.guards.non_finite
     }
 
     /// Divides every gradient by `grad_scale` inside the step (mixed-precision
@@ -235,14 +221,12 @@ impl<A: Algorithm> Optimizer<A> {
     /// [`Error::InvalidHyperparameter`] unless the scale is finite and
     /// nonzero; the scale is unchanged then.
     pub fn set_grad_scale(&mut self, grad_scale: Option<f32>) -> Result<(), Error> {
-        check_grad_scale(grad_scale)?;
-        self.grad_scale = grad_scale;
-        Ok(())
+        self.guards.set_grad_scale(grad_scale)
     }
 
     /// The loss scale gradients are divided by.
     pub fn grad_scale(&self) -> Option<f32> {
-        self.grad_scale
+        self.guards.grad_scale
     }
 
     /// Clips the gradients to a total L2 norm of `max_norm` inside each step,
@@ -262,21 +246,19 @@ impl<A: Algorithm> Optimizer<A> {
     /// [`Error::InvalidHyperparameter`] unless `max_norm` is finite and
     /// `> 0`; the setting is unchanged then.
     pub fn set_max_grad_norm(&mut self, max_norm: Option<f64>) -> Result<(), Error> {
-        crate::clip::check_max_norm(max_norm)?;
-        self.max_grad_norm = max_norm;
-        Ok(())
+        self.guards.set_max_grad_norm(max_norm)
     }
 
     /// The clipping norm, if clipping is on.
     pub fn max_grad_norm(&self) -> Option<f64> {
-        self.max_grad_norm
+        self.guards.max_grad_norm
     }
 
     /// The total gradient norm the last successful `step` measured (clipping
     /// on), also when that step was skipped for a non-finite gradient; for
     /// logging, as torch's `clip_grad_norm_` returns it.
     pub fn last_grad_norm(&self) -> Option<f64> {
-        self.last_grad_norm
+        self.guards.last_grad_norm
     }
 
     /// One optimizer step: updates `params` in place from `grads`.
@@ -292,11 +274,10 @@ impl<A: Algorithm> Optimizer<A> {
     pub fn step(&mut self, params: &mut [f32], grads: &[f32]) -> Result<StepReport, Error> {
         check_len("params", self.n, params.len())?;
         check_len("grads", self.n, grads.len())?;
-        let mut plan = Plan::new(&self.exec)?;
-        plan.unscale = Unscale::new(self.grad_scale);
-        let (skipped, norm) = guard_and_clip(self.non_finite, &mut plan, grads, 0, self.max_grad_norm, None)?;
+        let mut plan = self.guards.plan(&self.exec)?;
+        let (skipped, norm) = self.guards.check(&mut plan, grads, 0, None)?;
         if norm.is_some() {
-            self.last_grad_norm = norm;
+            self.guards.last_grad_norm = norm;
         }
         if let Some(skipped) = skipped {
             return Ok(skipped);
@@ -422,7 +403,7 @@ impl<A: Algorithm> Optimizer<A> {
 }
 
 /// A loss scale must be finite and nonzero.
-pub(crate) fn check_grad_scale(grad_scale: Option<f32>) -> Result<(), Error> {
+fn check_grad_scale(grad_scale: Option<f32>) -> Result<(), Error> {
     match grad_scale {
         Some(s) if !(s.is_finite() && s != 0.0) => {
             Err(Error::InvalidHyperparameter { name: "grad_scale", value: s as f64, requirement: "finite and nonzero" })
@@ -451,38 +432,72 @@ pub(crate) fn non_finite_guard(
     Ok(Some(StepReport { backend: plan.backend, parallel: false, skipped: true }))
 }
 
-/// The checks before a step: with clipping off, the non-finite policy's
-/// scan; with clipping on (`max_norm`), the norm pass instead — over
-/// `grads`, or `given_norm` when the caller has the global norm of a sharded
-/// model — whose non-finite result triggers the policy, and whose clip
-/// factor goes into `plan`. Returns the skip report if the step is skipped,
-/// and the total norm if clipping is on.
-pub(crate) fn guard_and_clip(
-    policy: NonFinitePolicy,
-    plan: &mut Plan,
-    grads: &[f32],
-    offset: usize,
-    max_norm: Option<f64>,
-    given_norm: Option<f64>,
-) -> Result<(Option<StepReport>, Option<f64>), Error> {
-    let Some(max_norm) = max_norm else {
-        return Ok((non_finite_guard(policy, plan, grads, offset)?, None));
-    };
-    let total = given_norm.unwrap_or_else(|| crate::driver::sum_of_squares(plan, grads).sqrt());
-    if !total.is_finite() && policy != NonFinitePolicy::Propagate {
-        // A non-finite norm means a non-finite gradient: here (find it), or
-        // in another shard (then there is no local index to report).
-        if let Some(skipped) = non_finite_guard(policy, plan, grads, offset)? {
-            return Ok((Some(skipped), Some(total)));
-        }
-        if policy == NonFinitePolicy::Error {
-            return Err(Error::NonFiniteGradNorm { norm: total });
-        }
-        return Ok((Some(StepReport { backend: plan.backend, parallel: false, skipped: true }), Some(total)));
+/// The gradient guards applied before a step updates anything: the
+/// non-finite policy, the loss scale and the clipping norm, plus the last
+/// norm measured. One copy serves [`Optimizer`] and
+/// [`GroupedOptimizer`](crate::groups::GroupedOptimizer).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Guards {
+    pub non_finite: NonFinitePolicy,
+    pub grad_scale: Option<f32>,
+    pub max_grad_norm: Option<f64>,
+    pub last_grad_norm: Option<f64>,
+}
+
+impl Guards {
+    pub(crate) fn set_grad_scale(&mut self, grad_scale: Option<f32>) -> Result<(), Error> {
+        check_grad_scale(grad_scale)?;
+        self.grad_scale = grad_scale;
+        Ok(())
     }
-    let coef = crate::clip::clip_coef(total, max_norm);
-    plan.clip = (coef != 1.0).then_some(coef);
-    Ok((None, Some(total)))
+
+    pub(crate) fn set_max_grad_norm(&mut self, max_norm: Option<f64>) -> Result<(), Error> {
+        crate::clip::check_max_norm(max_norm)?;
+        self.max_grad_norm = max_norm;
+        Ok(())
+    }
+
+    /// The plan for `exec`, with the loss scale.
+    pub(crate) fn plan(&self, exec: &Exec) -> Result<Plan, Error> {
+        let mut plan = Plan::new(exec)?;
+        plan.unscale = Unscale::new(self.grad_scale);
+        Ok(plan)
+    }
+
+    /// The checks before a step: with clipping off, the non-finite policy's
+    /// scan; with clipping on, the norm pass instead — over `grads`, or
+    /// `given_norm` when the caller has the global norm of a sharded model —
+    /// whose non-finite result triggers the policy, and whose clip factor
+    /// goes into `plan`. Returns the skip report if the step is skipped, and
+    /// the total norm if clipping is on (the caller records it in
+    /// `last_grad_norm` once nothing can fail any more).
+    pub(crate) fn check(
+        &self,
+        plan: &mut Plan,
+        grads: &[f32],
+        offset: usize,
+        given_norm: Option<f64>,
+    ) -> Result<(Option<StepReport>, Option<f64>), Error> {
+        let policy = self.non_finite;
+        let Some(max_norm) = self.max_grad_norm else {
+            return Ok((non_finite_guard(policy, plan, grads, offset)?, None));
+        };
+        let total = given_norm.unwrap_or_else(|| crate::driver::sum_of_squares(plan, grads).sqrt());
+        if !total.is_finite() && policy != NonFinitePolicy::Propagate {
+            // A non-finite norm means a non-finite gradient: here (find it),
+            // or in another shard (then there is no local index to report).
+            if let Some(skipped) = non_finite_guard(policy, plan, grads, offset)? {
+                return Ok((Some(skipped), Some(total)));
+            }
+            if policy == NonFinitePolicy::Error {
+                return Err(Error::NonFiniteGradNorm { norm: total });
+            }
+            return Ok((Some(StepReport { backend: plan.backend, parallel: false, skipped: true }), Some(total)));
+        }
+        let coef = crate::clip::clip_coef(total, max_norm);
+        plan.clip = (coef != 1.0).then_some(coef);
+        Ok((None, Some(total)))
+    }
 }
 
 /// Loss-scale removal, gradient clipping, `maximize` and coupled (L2) weight
