@@ -9,31 +9,29 @@ both are printed beside for reference.
 
     python3 benches/compare_clip.py --sizes 1048576,67108864 --threads 2
 """
-import argparse, json, os, statistics, subprocess, time
+import argparse, json, os, subprocess
 
 import torch
+
+from torch_timing import gparams_per_s
 
 here = os.path.dirname(os.path.abspath(__file__))
 root = os.path.dirname(here)
 
 
-def torch_gps(n, clip, reps=7):
+def torch_gps(n, clip):
     p = torch.nn.Parameter(torch.full((n,), 0.5))
     g = torch.randn(n) * 0.01
     p.grad = g.clone()
     opt = torch.optim.Adam([p], lr=1e-3, fused=True)
-    steps = max(1, int(1.5e8 / n))
-    times = []
-    for r in range(reps + 1):
-        t = time.perf_counter()
-        for _ in range(steps):
-            if clip:
-                torch.nn.utils.clip_grad_norm_([p], 1.0)
-            opt.step()
-        if r:
-            times.append((time.perf_counter() - t) / steps)
-        p.grad.copy_(g)  # clipping shrinks the gradient in place; restore it
-    return n / statistics.median(times) / 1e9
+
+    def step():
+        if clip:
+            torch.nn.utils.clip_grad_norm_([p], 1.0)
+        opt.step()
+
+    # clipping shrinks the gradient in place; restore it after each round
+    return gparams_per_s(n, step, after_round=lambda: p.grad.copy_(g))
 
 
 def main():

@@ -8,7 +8,8 @@
 //! ```
 //! Options: `--optimizers` (torch class names, case-insensitive, or `all`),
 //! `--sizes`, `--threads`, `--backend` (force one), `--json` (one object a line),
-//! `--guards` (also time each step with `NonFinitePolicy::SkipStep`, gradient
+//! `--guards` (also time each step with `NonFinitePolicy::SkipStep` (alone and
+//! with a loss scale of 65536, as mixed-precision training runs it), gradient
 //! clipping to norm 1 (alone and with SkipStep), with a
 //! power-of-two `grad_scale` and with a non-power-of-two one, and print their
 //! cost relative to the plain step measured in the same run).
@@ -120,8 +121,10 @@ fn main() {
                     let dt = time_per_call(n, || backend = opt.step(&mut p, &g).expect("step").backend);
                     if args.guards {
                         type Variant = (&'static str, NonFinitePolicy, Option<f32>, Option<f64>);
-                        let variants: [Variant; 5] = [
+                        let variants: [Variant; 6] = [
                             ("skip-step", NonFinitePolicy::SkipStep, None, None),
+                            // What torch's GradScaler asks of a fused optimizer.
+                            ("skip-step+grad-scale-65536", NonFinitePolicy::SkipStep, Some(65536.0), None),
                             ("grad-scale-65536", NonFinitePolicy::Propagate, Some(65536.0), None),
                             ("grad-scale-3", NonFinitePolicy::Propagate, Some(3.0), None),
                             ("clip-norm-1", NonFinitePolicy::Propagate, None, Some(1.0)),
