@@ -2,7 +2,9 @@
 //!
 //! Reads every `*.json` file in `ADAOPTIM_GOLDEN_DIR` (default: the
 //! repository's copy in `tests/golden`), dispatches on `kind`, `torch_class`
-//! and `options`, and fails on any file it cannot interpret. Tolerance, from
+//! and `options`, and fails on any file it cannot interpret. A second test
+//! does the same for `tests/golden_wide` (more option combinations, written
+//! by torch through `tests/golden_wide/generate.py`). Tolerance, from
 //! the golden README: `|p - expected| <= 1e-5 * |expected| + 1e-6`.
 
 mod common;
@@ -24,8 +26,7 @@ fn golden_dir() -> PathBuf {
     }
 }
 
-fn load_all() -> Vec<(String, Value)> {
-    let dir = golden_dir();
+fn load_all(dir: PathBuf) -> Vec<(String, Value)> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("cannot read golden dir {}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
@@ -91,10 +92,21 @@ fn check_optimizer(name: &str, v: &Value) -> f64 {
 
 #[test]
 fn golden() {
+    check_dir(golden_dir());
+}
+
+#[test]
+fn golden_wide() {
+    check_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden_wide"));
+}
+
+/// Checks every file of `dir`, printing per-file and per-class worst errors.
+fn check_dir(dir: PathBuf) {
+    println!("golden: {}", dir.display());
     let mut checked: BTreeMap<&str, usize> = BTreeMap::new();
     let mut worst_by_class: BTreeMap<String, f64> = BTreeMap::new();
     let mut worst_schedule: BTreeMap<String, f64> = BTreeMap::new();
-    for (name, v) in load_all() {
+    for (name, v) in load_all(dir) {
         let kind = v["kind"].as_str().unwrap_or_else(|| panic!("{name}: no kind"));
         match kind {
             "optimizer" => {
