@@ -74,10 +74,10 @@ impl Hyper for (f64, f64) {
 
 /// torch keyword arguments that pick one of torch's implementations and do
 /// not change the update rule; accepted and ignored.
-const IMPLEMENTATION_KEYS: [&str; 4] = ["foreach", "fused", "differentiable", "capturable"];
+pub(crate) const IMPLEMENTATION_KEYS: [&str; 4] = ["foreach", "fused", "differentiable", "capturable"];
 
 macro_rules! torch_options {
-    ($cfg:ty { $($field:ident),* $(,)? }) => {
+    ($cfg:ty { $($field:ident),* $(,)? } $(fixed { $($flag:ident = $value:literal),* })?) => {
         impl $cfg {
             /// Sets one keyword option by its torch name.
             ///
@@ -89,6 +89,13 @@ macro_rules! torch_options {
                     k if IMPLEMENTATION_KEYS.contains(&k) => {
                         bool::from_hyper(k, v)?;
                     }
+                    // A flag torch's `param_groups` holds with one value for
+                    // this class (AdamW's `decoupled_weight_decay = True`).
+                    $($(stringify!($flag) => {
+                        if bool::from_hyper(key, v)? != $value {
+                            return Err(Error::InvalidOption { name: key.to_string(), reason: concat!("is always ", stringify!($value), " for this optimizer") });
+                        }
+                    })*)?
                     _ => return Err(Error::InvalidOption { name: key.to_string(), reason: "unknown option" }),
                 }
                 Ok(())
@@ -107,7 +114,7 @@ torch_options!(AdagradConfig { lr, lr_decay, weight_decay, initial_accumulator_v
 torch_options!(RmsPropConfig { lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_inside_sqrt });
 torch_options!(AdadeltaConfig { lr, rho, eps, weight_decay, maximize });
 torch_options!(AdamConfig { lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay });
-torch_options!(AdamWConfig { lr, betas, eps, weight_decay, amsgrad, maximize });
+torch_options!(AdamWConfig { lr, betas, eps, weight_decay, amsgrad, maximize } fixed { decoupled_weight_decay = true });
 torch_options!(AdamaxConfig { lr, betas, eps, weight_decay, maximize });
 torch_options!(NAdamConfig { lr, betas, eps, weight_decay, momentum_decay, decoupled_weight_decay, maximize });
 

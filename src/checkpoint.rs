@@ -14,7 +14,7 @@
 //! | `torch_class` | `Adam`, `SGD`, ... |
 //! | `n` | parameter count |
 //! | `step` | the exact step count (the `step` tensor is f32, as in torch) |
-//! | `param_groups` | JSON, torch's `param_groups` entry: `[{"lr": 0.001, "betas": [0.9, 0.999], ...}]` |
+//! | `param_groups` | JSON, torch's `param_groups` entry: `[{"lr": 0.001, "betas": [0.9, 0.999], ...}]`; `eps_inside_sqrt` (not a torch option) appears only when on |
 //! | `layout` | `dense` ([`Optimizer`]), `grouped` ([`GroupedOptimizer`](crate::groups::GroupedOptimizer)) or `sparse` ([`sparse`](crate::sparse) optimizers) |
 //!
 //! A grouped checkpoint names each tensor's state `state.{i}.exp_avg`, ...
@@ -57,9 +57,17 @@ fn io(e: std::io::Error) -> Error {
     Error::Io { kind: e.kind(), message: e.to_string() }
 }
 
+/// Options of ours that torch's constructors do not take. They are written
+/// only when set, so that torch can take a `param_groups` entry as keyword
+/// arguments whenever the configuration is one torch has.
+const EXTENSION_KEYS: [&str; 1] = ["eps_inside_sqrt"];
+
 pub(crate) fn options_json(options: Vec<(&'static str, HyperValue)>) -> Map<String, Value> {
     let mut m = Map::new();
     for (k, v) in options {
+        if EXTENSION_KEYS.contains(&k) && v == HyperValue::Bool(false) {
+            continue;
+        }
         let j = match v {
             HyperValue::Number(x) => Value::from(x),
             HyperValue::Bool(b) => Value::from(b),
@@ -70,11 +78,20 @@ pub(crate) fn options_json(options: Vec<(&'static str, HyperValue)>) -> Map<Stri
     m
 }
 
-/// Keyword options from one `param_groups` entry (keys in `skip` ignored).
+/// Keys of a torch `param_groups` entry that are not optimizer options:
+/// the parameter indices, and the rate an `lr_scheduler` records at its start.
+const GROUP_KEYS: [&str; 2] = ["params", "initial_lr"];
+
+/// Keyword options from one `param_groups` entry (keys in `skip` and
+/// [`GROUP_KEYS`] ignored). torch's `None` (JSON `null`) is accepted for the
+/// implementation switches (`foreach`, `fused`, ...), which torch writes so.
 pub(crate) fn options_from_json(class: &str, group: &Value, skip: &[&str]) -> Result<AnyConfig, Error> {
     let obj = group.as_object().ok_or_else(|| bad("a param_groups entry is not an object"))?;
     let mut opts = Vec::with_capacity(obj.len());
-    for (k, v) in obj.iter().filter(|(k, _)| !skip.contains(&k.as_str())) {
+    let ignored = |k: &str, v: &Value| {
+        skip.contains(&k) || GROUP_KEYS.contains(&k) || (v.is_null() && crate::any::IMPLEMENTATION_KEYS.contains(&k))
+    };
+    for (k, v) in obj.iter().filter(|(k, v)| !ignored(k, v)) {
         let h = match v {
             Value::Bool(b) => HyperValue::Bool(*b),
             Value::Number(x) => HyperValue::Number(x.as_f64().ok_or_else(|| bad(format!("{k}: not a number")))?),

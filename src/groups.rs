@@ -556,8 +556,7 @@ impl<A: Algorithm> GroupedOptimizer<A> {
         let groups = groups.as_array().ok_or_else(|| bad("param_groups is not a list"))?;
         let mut opt = GroupedOptimizer::new();
         let mut next = 0usize;
-        let mut skip = vec!["params"];
-        skip.extend(A::AUX_NAME);
+        let skip: Vec<&str> = A::AUX_NAME.into_iter().collect();
         for (gi, g) in groups.iter().enumerate() {
             let config = A::from_any(&options_from_json(A::TORCH_CLASS, g, &skip)?)
                 .ok_or_else(|| bad("hyperparameters of another kind"))?;

@@ -287,3 +287,82 @@ fn sparse_resume_is_bit_exact() {
         assert!(SparseAdam::from_safetensors(&bytes[..cut]).is_err());
     }
 }
+
+/// Checkpoints written by torch itself: `tests/torch_interop/check.py` runs a
+/// torch optimizer for 7 steps and writes its `state_dict` in this format
+/// (tensors and `param_groups` as torch holds them, `foreach: null` and all).
+/// Loaded here and run for the remaining steps, each must end where torch,
+/// run straight through, ends (golden tolerance).
+#[test]
+fn torch_written_checkpoints_resume() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/torch_interop/fixtures");
+    let mut checked = 0;
+    let mut paths: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    paths.sort();
+    for ck in paths.iter().filter(|p| p.extension().is_some_and(|x| x == "safetensors")) {
+        let run: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(ck.with_extension("json")).unwrap()).unwrap();
+        let f32s = |v: &serde_json::Value| -> Vec<f32> {
+            v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+        };
+        let mut opt = AnyOptimizer::from_safetensors(&std::fs::read(ck).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", ck.display()));
+        assert_eq!(opt.step_count(), 7, "{}", ck.display());
+        let mut p = f32s(&run["params0"]);
+        for g in run["grads"].as_array().unwrap() {
+            opt.step(&mut p, &f32s(g)).unwrap();
+        }
+        for (i, (got, want)) in p.iter().zip(f32s(&run["expected"])).enumerate() {
+            let (g, w) = (f64::from(*got), f64::from(want));
+            assert!((g - w).abs() <= 1e-5 * w.abs() + 1e-6, "{} element {i}: got {g}, torch {w}", ck.display());
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 9, "one fixture per case of check.py");
+}
+
+/// Rewrites a checkpoint's `param_groups` metadata.
+fn with_param_groups(bytes: &[u8], groups: serde_json::Value) -> Vec<u8> {
+    let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).unwrap();
+    let mut meta = meta.metadata().clone().unwrap();
+    meta.insert("param_groups".into(), groups.to_string());
+    let tensors: Vec<(String, safetensors::tensor::TensorView<'_>)> = st.tensors();
+    safetensors::serialize(tensors, Some(meta)).unwrap()
+}
+
+#[test]
+fn param_groups_are_torch_keyword_arguments() {
+    // What we write, torch's constructors take: no extension flag at its
+    // default, no flag AdamW's constructor lacks.
+    for (cfg, absent) in [
+        (AnyConfig::from(AdagradConfig::default()), "eps_inside_sqrt"),
+        (AnyConfig::from(RmsPropConfig::default()), "eps_inside_sqrt"),
+        (AnyConfig::from(AdamWConfig::default()), "decoupled_weight_decay"),
+    ] {
+        let bytes = cfg.build(3).unwrap().to_safetensors().unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let groups: serde_json::Value =
+            serde_json::from_str(&meta.metadata().as_ref().unwrap()["param_groups"]).unwrap();
+        assert!(groups[0].get(absent).is_none(), "{} writes {absent}", cfg.torch_class());
+    }
+    // What torch writes, we read: its parameter indices, a scheduler's
+    // initial_lr, None for the implementation switches, AdamW's fixed flag.
+    let adamw = AdamW::new(AdamWConfig { lr: 0.01, ..Default::default() }, 3).unwrap().to_safetensors().unwrap();
+    let torch_group = serde_json::json!([{
+        "lr": 0.01, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01, "amsgrad": false,
+        "maximize": false, "foreach": null, "capturable": false, "differentiable": false, "fused": null,
+        "decoupled_weight_decay": true, "initial_lr": 0.02, "params": [0]
+    }]);
+    let loaded = AdamW::from_safetensors(&with_param_groups(&adamw, torch_group.clone())).unwrap();
+    assert_eq!(loaded.config().lr, 0.01);
+    // A None where torch needs a value, or AdamW without decoupling, is an error.
+    for (key, value) in [("lr", serde_json::Value::Null), ("decoupled_weight_decay", serde_json::json!(false))] {
+        let mut g = torch_group.clone();
+        g[0][key] = value;
+        let err = AdamW::from_safetensors(&with_param_groups(&adamw, g)).unwrap_err();
+        assert!(matches!(err, Error::Checkpoint { .. }), "{key}: {err}");
+    }
+    let flag = [("decoupled_weight_decay", HyperValue::Bool(false))];
+    assert!(matches!(AnyConfig::from_torch("AdamW", &flag), Err(Error::InvalidOption { .. })));
+}
