@@ -61,6 +61,14 @@ use crate::memory::{self, Buffer};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TensorId(usize);
 
+impl TensorId {
+    /// The tensor's index: its place in the order tensors were added, across
+    /// groups, as torch's `state_dict` numbers parameters.
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Tensor {
     group: usize,
@@ -277,6 +285,14 @@ impl<A: Algorithm> GroupedOptimizer<A> {
     /// Number of tensors.
     pub fn num_tensors(&self) -> usize {
         self.tensors.len()
+    }
+
+    /// The id of the tensor added `index`-th (counting across groups from 0),
+    /// which is the index torch's `state_dict` gives it; `None` past the last.
+    /// This is how tensors are found again in an optimizer loaded from a
+    /// checkpoint.
+    pub fn tensor_id(&self, index: usize) -> Option<TensorId> {
+        (index < self.tensors.len()).then_some(TensorId(index))
     }
 
     /// A group's configuration.

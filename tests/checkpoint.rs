@@ -290,35 +290,68 @@ fn sparse_resume_is_bit_exact() {
 
 /// Checkpoints written by torch itself: `tests/torch_interop/check.py` runs a
 /// torch optimizer for 7 steps and writes its `state_dict` in this format
-/// (tensors and `param_groups` as torch holds them, `foreach: null` and all).
-/// Loaded here and run for the remaining steps, each must end where torch,
-/// run straight through, ends (golden tolerance).
+/// (tensors and `param_groups` as torch holds them, `foreach: null` and all;
+/// `grouped_*`: three tensors in two parameter groups). Loaded here and run
+/// for the remaining steps, each must end where torch, run straight through,
+/// ends (golden tolerance).
 #[test]
 fn torch_written_checkpoints_resume() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/torch_interop/fixtures");
-    let mut checked = 0;
+    let (mut dense, mut grouped) = (0, 0);
     let mut paths: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
     paths.sort();
     for ck in paths.iter().filter(|p| p.extension().is_some_and(|x| x == "safetensors")) {
+        let what = ck.display().to_string();
         let run: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(ck.with_extension("json")).unwrap()).unwrap();
-        let f32s = |v: &serde_json::Value| -> Vec<f32> {
-            v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+        let bytes = std::fs::read(ck).unwrap();
+        let (got, want): (Vec<Vec<f32>>, Vec<Vec<f32>>) = if run.get("torch_class").is_some() {
+            grouped += 1;
+            let got = match run["torch_class"].as_str().unwrap() {
+                "Adam" => resume_grouped::<AdamConfig>(&bytes, &run),
+                "NAdam" => resume_grouped::<NAdamConfig>(&bytes, &run),
+                "SGD" => resume_grouped::<SgdConfig>(&bytes, &run),
+                "RMSprop" => resume_grouped::<RmsPropConfig>(&bytes, &run),
+                other => panic!("{what}: no grouped case for {other}"),
+            };
+            (got, run["expected"].as_array().unwrap().iter().map(json_f32s).collect())
+        } else {
+            dense += 1;
+            let mut opt = AnyOptimizer::from_safetensors(&bytes).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(opt.step_count(), 7, "{what}");
+            let mut p = json_f32s(&run["params0"]);
+            for g in run["grads"].as_array().unwrap() {
+                opt.step(&mut p, &json_f32s(g)).unwrap();
+            }
+            (vec![p], vec![json_f32s(&run["expected"])])
         };
-        let mut opt = AnyOptimizer::from_safetensors(&std::fs::read(ck).unwrap())
-            .unwrap_or_else(|e| panic!("{}: {e}", ck.display()));
-        assert_eq!(opt.step_count(), 7, "{}", ck.display());
-        let mut p = f32s(&run["params0"]);
-        for g in run["grads"].as_array().unwrap() {
-            opt.step(&mut p, &f32s(g)).unwrap();
+        assert_eq!(got.len(), want.len(), "{what}: tensors");
+        for (t, (got, want)) in got.iter().zip(&want).enumerate() {
+            for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                let (g, w) = (f64::from(*g), f64::from(*w));
+                assert!((g - w).abs() <= 1e-5 * w.abs() + 1e-6, "{what} tensor {t} element {i}: got {g}, torch {w}");
+            }
         }
-        for (i, (got, want)) in p.iter().zip(f32s(&run["expected"])).enumerate() {
-            let (g, w) = (f64::from(*got), f64::from(want));
-            assert!((g - w).abs() <= 1e-5 * w.abs() + 1e-6, "{} element {i}: got {g}, torch {w}", ck.display());
-        }
-        checked += 1;
     }
-    assert_eq!(checked, 9, "one fixture per case of check.py");
+    assert_eq!((dense, grouped), (9, 4), "the cases of check.py");
+}
+
+fn json_f32s(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+/// Loads a torch-written grouped checkpoint and runs `run`'s gradients.
+fn resume_grouped<A: Algorithm>(bytes: &[u8], run: &serde_json::Value) -> Vec<Vec<f32>> {
+    let mut opt = groups::GroupedOptimizer::<A>::from_safetensors(bytes).unwrap();
+    assert_eq!(opt.step_count(), 7);
+    for step in run["grads"].as_array().unwrap() {
+        for (i, g) in step.as_array().unwrap().iter().enumerate() {
+            let id = opt.tensor_id(i).unwrap();
+            opt.grads_mut(id).copy_from_slice(&json_f32s(g));
+        }
+        opt.step().unwrap();
+    }
+    (0..opt.num_tensors()).map(|i| opt.params(opt.tensor_id(i).unwrap()).to_vec()).collect()
 }
 
 /// Rewrites a checkpoint's `param_groups` metadata.

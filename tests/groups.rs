@@ -299,3 +299,20 @@ fn sharded_clipping() {
     plain.add_group(AdamConfig::default(), &[8]).unwrap();
     assert!(matches!(plain.step_range_with_grad_norm(0..8, 1.0), Err(Error::IncompatibleConfig { .. })));
 }
+
+#[test]
+fn tensor_ids_follow_torch_state_dict_order() {
+    let mut opt = GroupedOptimizer::<AdamConfig>::new();
+    let a = opt.add_group(AdamConfig::default(), &[3, 5]).unwrap();
+    let b = opt.add_group(AdamConfig { lr: 0.1, ..Default::default() }, &[2]).unwrap();
+    let ids: Vec<_> = a.into_iter().chain(b).collect();
+    for (k, id) in ids.iter().enumerate() {
+        assert_eq!(opt.tensor_id(k), Some(*id));
+        assert_eq!(id.index(), k);
+    }
+    assert_eq!(opt.tensor_id(3), None);
+    // and after a round trip through a checkpoint, the same index finds the same tensor
+    opt.params_mut(ids[1]).copy_from_slice(&[1.0, 2.0, 3.0, 4.0, 5.0]);
+    let loaded = GroupedOptimizer::<AdamConfig>::from_safetensors(&opt.to_safetensors().unwrap()).unwrap();
+    assert_eq!(loaded.params(loaded.tensor_id(1).unwrap()), &[1.0, 2.0, 3.0, 4.0, 5.0]);
+}

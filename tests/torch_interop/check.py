@@ -14,6 +14,11 @@ The torch-written checkpoints, their remaining gradients and the reference
 end points are also written to tests/torch_interop/fixtures/ for
 tests/checkpoint.rs (`torch_written_checkpoints_resume`), which needs no torch.
 
+The same is done for grouped optimizers (several tensors in two parameter
+groups with different options; layout `grouped`: `params.{i}`,
+`state.{i}.{name}`, one `step`, NAdam's `mu_product` per group in
+`param_groups`); their fixtures are the `grouped_*` files.
+
 Run from the repository root (torch, numpy and safetensors required):
     python3 tests/torch_interop/check.py
 """
@@ -39,6 +44,19 @@ CASES = [
     ("nadam_decoupled", "NAdam", {"lr": 0.01, "weight_decay": 0.01, "decoupled_weight_decay": True}),
 ]
 
+SIZES = [11, 5, 23]  # tensors 0, 1 in group 0; tensor 2 in group 1
+# (groups share one set of state buffers here, so amsgrad, centered and
+# momentum on/off agree across groups; the other options differ)
+GROUPED = [
+    ("grouped_adam", "Adam", {"lr": 0.01, "amsgrad": True}, {"lr": 0.003, "weight_decay": 0.1, "amsgrad": True,
+                                                         "betas": [0.8, 0.99]}),
+    ("grouped_nadam", "NAdam", {"lr": 0.01}, {"lr": 0.002, "momentum_decay": 0.01}),
+    ("grouped_sgd", "SGD", {"lr": 0.05, "momentum": 0.9}, {"lr": 0.01, "momentum": 0.5, "nesterov": True}),
+    ("grouped_rmsprop", "RMSprop", {"lr": 0.01, "centered": True, "momentum": 0.9},
+     {"lr": 0.001, "centered": True, "momentum": 0.3}),
+]
+AUX = {"NAdam": "mu_product"}  # scalar state kept per group in the grouped layout
+
 
 def f32list(t):
     return [float(str(x)) for x in t.detach().to(torch.float32).numpy().ravel()]
@@ -57,6 +75,16 @@ def run_rust(mode, run, ckpt):
         subprocess.run([exe, mode, rp, ckpt, op], check=True)
         with open(op) as f:
             return json.load(f)
+
+
+def finish(name, run, ref, w_rt, w_tr):
+    """Writes the fixture for tests/checkpoint.rs and prints the case's line."""
+    with open(os.path.join(FIXTURES, f"{name}.json"), "w") as f:
+        json.dump({**run, "expected": ref, "torch_version": torch.__version__}, f, separators=(",", ":"))
+    ok = w_rt <= 1 and w_tr <= 1
+    print(json.dumps({"case": name, "rust_to_torch_worst": round(w_rt, 4), "torch_to_rust_worst": round(w_tr, 4),
+                      "ok": ok}))
+    return ok
 
 
 def torch_steps(opt, p, grads):
@@ -108,13 +136,78 @@ def main():
         run = {"params0": f32list(p), "grads": grads[K:]}
         got = run_rust("resume", run, ck)
         w_tr = worst(got, ref)
-        with open(os.path.join(FIXTURES, f"{name}.json"), "w") as f:
-            json.dump({**run, "expected": ref, "torch_version": torch.__version__}, f, separators=(",", ":"))
+        failed |= not finish(name, run, ref, w_rt, w_tr)
+    for name, cls, opts0, opts1 in GROUPED:
+        p0 = [f32list(torch.randn(n)) for n in SIZES]
+        grads = [[f32list(torch.randn(n) * (0.1 if t % 2 else 2.0)) for n in SIZES] for t in range(STEPS)]
 
-        ok = w_rt <= 1 and w_tr <= 1
-        failed |= not ok
-        print(json.dumps({"case": name, "rust_to_torch_worst": round(w_rt, 4), "torch_to_rust_worst": round(w_tr, 4),
-                          "ok": ok}))
+        def torch_opt(params):
+            return getattr(torch.optim, cls)([{"params": params[:2], **opts0}, {"params": params[2:], **opts1}])
+
+        def steps(opt, params, gs):
+            for step in gs:
+                for p, g in zip(params, step):
+                    p.grad = torch.tensor(g, dtype=torch.float32)
+                opt.step()
+
+        params = [torch.nn.Parameter(torch.tensor(x)) for x in p0]
+        opt = torch_opt(params)
+        steps(opt, params, grads)
+        ref = [f32list(p) for p in params]
+
+        with tempfile.TemporaryDirectory() as d:
+            # rust -> torch
+            ck = os.path.join(d, "ours.safetensors")
+            run = {"torch_class": cls, "groups": [{"options": opts0, "sizes": SIZES[:2]},
+                                                   {"options": opts1, "sizes": SIZES[2:]}],
+                   "params0": p0, "grads": grads[:K]}
+            run_rust("grouped-save", run, ck)
+            meta = safe_open(ck, "pt").metadata()
+            t = load_file(ck)
+            groups = json.loads(meta["param_groups"])
+            params = [torch.nn.Parameter(t[f"params.{i}"].clone()) for i in range(len(SIZES))]
+            skip = {"params", AUX.get(cls)}
+            opt = getattr(torch.optim, cls)([{"params": [params[i] for i in g["params"]],
+                                              **{k: v for k, v in g.items() if k not in skip}} for g in groups])
+            sd = opt.state_dict()
+            state = {}
+            for g in groups:
+                for i in g["params"]:
+                    st = {k.split(".", 2)[2]: v for k, v in t.items() if k.startswith(f"state.{i}.")}
+                    st["step"] = t["step"].clone()
+                    if cls in AUX:
+                        st[AUX[cls]] = torch.tensor(g[AUX[cls]], dtype=torch.float32)
+                    state[i] = st
+            sd["state"] = state
+            opt.load_state_dict(sd)
+            steps(opt, params, grads[K:])
+            w_rt = max(worst(f32list(p), r) for p, r in zip(params, ref))
+
+        # torch -> rust
+        params = [torch.nn.Parameter(torch.tensor(x)) for x in p0]
+        opt = torch_opt(params)
+        steps(opt, params, grads[:K])
+        sd = opt.state_dict()
+        tensors = {"step": torch.tensor(float(K))}
+        groups = []
+        for g in sd["param_groups"]:
+            g = dict(g)
+            if cls in AUX:
+                g[AUX[cls]] = float(sd["state"][g["params"][0]][AUX[cls]])
+            groups.append(g)
+        for i, p in enumerate(params):
+            tensors[f"params.{i}"] = p.detach().clone()
+            for k, v in sd["state"].get(i, {}).items():
+                if v is not None and k not in ("step", AUX.get(cls)):
+                    tensors[f"state.{i}.{k}"] = v.contiguous()
+        meta = {"format": "adaoptim-optimizer", "format_version": "1", "torch_class": cls, "layout": "grouped",
+                "step": str(K), "param_groups": json.dumps(groups)}
+        ck = os.path.join(FIXTURES, f"{name}.safetensors")
+        save_file(tensors, ck, metadata=meta)
+        run = {"torch_class": cls, "grads": grads[K:]}
+        got = run_rust("grouped-resume", run, ck)
+        w_tr = max(worst(g, r) for g, r in zip(got, ref))
+        failed |= not finish(name, run, ref, w_rt, w_tr)
     sys.exit(1 if failed else 0)
 
 
