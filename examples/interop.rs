@@ -11,7 +11,10 @@
 //! Modes `grouped-save` and `grouped-resume` do the same for a
 //! [`GroupedOptimizer`]: `{"torch_class", "groups": [{"options", "sizes"}],
 //! "params0": [[...] per tensor], "grads": [[[...] per tensor] per step]}`
-//! (resume takes the parameters from the checkpoint).
+//! (resume takes the parameters from the checkpoint). Modes `sparse-save` and
+//! `sparse-resume` do it for `SparseAdam` and row-sparse `Adagrad`:
+//! `{"torch_class", "options", "rows", "dim", "params0" (the flat table),
+//! "grad_rows": [[...] per step], "grad_values": [[...] per step]}`.
 
 use adaoptim::groups::GroupedOptimizer;
 use adaoptim::*;
@@ -22,7 +25,7 @@ fn f32s(v: &Value) -> Vec<f32> {
 }
 
 fn options(v: &Value) -> Vec<(String, HyperValue)> {
-    let obj = v.as_object().expect("options object");
+    let Some(obj) = v.as_object() else { return Vec::new() };
     obj.iter()
         .map(|(k, x)| {
             let h = match x {
@@ -70,6 +73,69 @@ fn grouped<A: Algorithm>(mode: &str, run: &Value, ckpt: &str, typed: fn(AnyConfi
     ))
 }
 
+/// What the sparse modes need of a row-sparse optimizer.
+trait Rows {
+    fn step_rows(&mut self, table: &mut [f32], rows: &[usize], values: &[f32]) -> Result<()>;
+    fn bytes(&self) -> Result<Vec<u8>>;
+}
+
+macro_rules! rows_for {
+    ($($t:ty),*) => {$(
+        impl Rows for $t {
+            fn step_rows(&mut self, table: &mut [f32], rows: &[usize], values: &[f32]) -> Result<()> {
+                self.step(table, rows, values)?;
+                Ok(())
+            }
+            fn bytes(&self) -> Result<Vec<u8>> {
+                Ok(self.to_safetensors()?)
+            }
+        }
+    )*};
+}
+rows_for!(adaoptim::sparse::SparseAdam, adaoptim::sparse::SparseAdagrad);
+
+/// The sparse modes.
+fn sparse(mode: &str, run: &Value, ckpt: &str) -> Result<Vec<f32>> {
+    use adaoptim::sparse::{SparseAdagrad, SparseAdam, SparseAdamConfig};
+    let class = run["torch_class"].as_str().expect("torch_class");
+    let (rows, dim) = (run["rows"].as_u64().expect("rows") as usize, run["dim"].as_u64().expect("dim") as usize);
+    let saving = mode == "sparse-save";
+    let opts = options(&run["options"]);
+    let mut opt: Box<dyn Rows> = match (class, saving) {
+        ("SparseAdam", true) => {
+            let mut c = SparseAdamConfig::default();
+            for (k, v) in opts {
+                match (k.as_str(), v) {
+                    ("lr", HyperValue::Number(x)) => c.lr = x,
+                    ("eps", HyperValue::Number(x)) => c.eps = x,
+                    ("betas", HyperValue::Pair(a, b)) => c.betas = (a, b),
+                    ("maximize", HyperValue::Bool(b)) => c.maximize = b,
+                    other => return Err(format!("SparseAdam option {other:?}").into()),
+                }
+            }
+            Box::new(SparseAdam::new(c, rows, dim)?)
+        }
+        ("SparseAdam", false) => Box::new(SparseAdam::from_safetensors(&std::fs::read(ckpt)?)?),
+        ("Adagrad", true) => {
+            let opts: Vec<(&str, HyperValue)> = opts.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            let AnyConfig::Adagrad(c) = AnyConfig::from_torch("Adagrad", &opts)? else { unreachable!() };
+            Box::new(SparseAdagrad::new(c, rows, dim)?)
+        }
+        ("Adagrad", false) => Box::new(SparseAdagrad::from_safetensors(&std::fs::read(ckpt)?)?),
+        (other, _) => return Err(format!("no sparse {other}").into()),
+    };
+    let mut table = f32s(&run["params0"]);
+    let values = run["grad_values"].as_array().expect("grad_values");
+    for (r, v) in run["grad_rows"].as_array().expect("grad_rows").iter().zip(values) {
+        let r: Vec<usize> = r.as_array().expect("rows").iter().map(|x| x.as_u64().unwrap() as usize).collect();
+        opt.step_rows(&mut table, &r, &f32s(v))?;
+    }
+    if saving {
+        adaoptim::checkpoint::write_atomic(std::path::Path::new(ckpt), &opt.bytes()?)?;
+    }
+    Ok(table)
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [mode, run, ckpt, out] = args.as_slice() else {
@@ -78,6 +144,10 @@ fn main() -> Result<()> {
         );
     };
     let run: Value = serde_json::from_str(&std::fs::read_to_string(run)?)?;
+    if mode.starts_with("sparse-") {
+        std::fs::write(out, serde_json::to_string(&sparse(mode, &run, ckpt)?)?)?;
+        return Ok(());
+    }
     if mode.starts_with("grouped-") {
         macro_rules! by_class {
             ($($variant:ident($cfg:ty)),*) => {

@@ -291,13 +291,14 @@ fn sparse_resume_is_bit_exact() {
 /// Checkpoints written by torch itself: `tests/torch_interop/check.py` runs a
 /// torch optimizer for 7 steps and writes its `state_dict` in this format
 /// (tensors and `param_groups` as torch holds them, `foreach: null` and all;
-/// `grouped_*`: three tensors in two parameter groups). Loaded here and run
+/// `grouped_*`: three tensors in two parameter groups; `sparse_*`: an
+/// embedding table with row-sparse gradients). Loaded here and run
 /// for the remaining steps, each must end where torch, run straight through,
 /// ends (golden tolerance).
 #[test]
 fn torch_written_checkpoints_resume() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/torch_interop/fixtures");
-    let (mut dense, mut grouped) = (0, 0);
+    let (mut dense, mut grouped, mut row_sparse) = (0, 0, 0);
     let mut paths: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
     paths.sort();
     for ck in paths.iter().filter(|p| p.extension().is_some_and(|x| x == "safetensors")) {
@@ -305,7 +306,31 @@ fn torch_written_checkpoints_resume() {
         let run: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(ck.with_extension("json")).unwrap()).unwrap();
         let bytes = std::fs::read(ck).unwrap();
-        let (got, want): (Vec<Vec<f32>>, Vec<Vec<f32>>) = if run.get("torch_class").is_some() {
+        let (got, want): (Vec<Vec<f32>>, Vec<Vec<f32>>) = if run.get("rows").is_some() {
+            row_sparse += 1;
+            let mut step: RowStep = match run["torch_class"].as_str().unwrap() {
+                "SparseAdam" => {
+                    let mut o = sparse::SparseAdam::from_safetensors(&bytes).unwrap();
+                    Box::new(move |p, r, g| {
+                        o.step(p, r, g).unwrap();
+                    })
+                }
+                "Adagrad" => {
+                    let mut o = sparse::SparseAdagrad::from_safetensors(&bytes).unwrap();
+                    Box::new(move |p, r, g| {
+                        o.step(p, r, g).unwrap();
+                    })
+                }
+                other => panic!("{what}: no sparse case for {other}"),
+            };
+            let mut table = json_f32s(&run["params0"]);
+            let values = run["grad_values"].as_array().unwrap();
+            for (r, v) in run["grad_rows"].as_array().unwrap().iter().zip(values) {
+                let r: Vec<usize> = r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+                step(&mut table, &r, &json_f32s(v));
+            }
+            (vec![table], vec![json_f32s(&run["expected"])])
+        } else if run.get("torch_class").is_some() {
             grouped += 1;
             let got = match run["torch_class"].as_str().unwrap() {
                 "Adam" => resume_grouped::<AdamConfig>(&bytes, &run),
@@ -333,8 +358,11 @@ fn torch_written_checkpoints_resume() {
             }
         }
     }
-    assert_eq!((dense, grouped), (9, 4), "the cases of check.py");
+    assert_eq!((dense, grouped, row_sparse), (9, 4, 2), "the cases of check.py");
 }
+
+/// One step of a row-sparse optimizer: table, rows, values.
+type RowStep = Box<dyn FnMut(&mut [f32], &[usize], &[f32])>;
 
 fn json_f32s(v: &serde_json::Value) -> Vec<f32> {
     v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()

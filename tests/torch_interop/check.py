@@ -19,6 +19,10 @@ groups with different options; layout `grouped`: `params.{i}`,
 `state.{i}.{name}`, one `step`, NAdam's `mu_product` per group in
 `param_groups`); their fixtures are the `grouped_*` files.
 
+And for the row-sparse layout (`SparseAdam`, `Adagrad` with sparse
+gradients; an embedding table of ROWS x DIM, state tensors of that shape,
+repeated rows in a gradient added up); their fixtures are `sparse_*`.
+
 Run from the repository root (torch, numpy and safetensors required):
     python3 tests/torch_interop/check.py
 """
@@ -55,7 +59,12 @@ GROUPED = [
     ("grouped_rmsprop", "RMSprop", {"lr": 0.01, "centered": True, "momentum": 0.9},
      {"lr": 0.001, "centered": True, "momentum": 0.3}),
 ]
-AUX = {"NAdam": "mu_product"}  # scalar state kept per group in the grouped layout
+AUX = {"NAdam": "mu_product"}
+ROWS, DIM = 29, 6
+SPARSE = [
+    ("sparse_adam", "SparseAdam", {"lr": 0.02, "betas": [0.85, 0.995]}),
+    ("sparse_adagrad", "Adagrad", {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1}),
+]  # scalar state kept per group in the grouped layout
 
 
 def f32list(t):
@@ -208,6 +217,52 @@ def main():
         got = run_rust("grouped-resume", run, ck)
         w_tr = max(worst(g, r) for g, r in zip(got, ref))
         failed |= not finish(name, run, ref, w_rt, w_tr)
+    for name, cls, opts in SPARSE:
+        p0 = f32list(torch.randn(ROWS, DIM))
+        grad_rows = [[int(r) for r in torch.randint(0, ROWS, (5,))] for _ in range(STEPS)]
+        grad_values = [f32list(torch.randn(5, DIM)) for _ in range(STEPS)]
+
+        def steps(opt, table, first, last):
+            for r, v in zip(grad_rows[first:last], grad_values[first:last]):
+                table.grad = torch.sparse_coo_tensor(torch.tensor([r]), torch.tensor(v).reshape(5, DIM), (ROWS, DIM))
+                opt.step()
+
+        table = torch.nn.Parameter(torch.tensor(p0).reshape(ROWS, DIM))
+        opt = getattr(torch.optim, cls)([table], **opts)
+        steps(opt, table, 0, STEPS)
+        ref = f32list(table)
+
+        with tempfile.TemporaryDirectory() as d:
+            # rust -> torch
+            ck = os.path.join(d, "ours.safetensors")
+            run = {"torch_class": cls, "options": opts, "rows": ROWS, "dim": DIM, "params0": p0,
+                   "grad_rows": grad_rows[:K], "grad_values": grad_values[:K]}
+            mid = run_rust("sparse-save", run, ck)
+            meta = safe_open(ck, "pt").metadata()
+            group = json.loads(meta["param_groups"])[0]
+            table = torch.nn.Parameter(torch.tensor(mid).reshape(ROWS, DIM))
+            opt = getattr(torch.optim, cls)([table], **{k: v for k, v in group.items() if k != "params"})
+            sd = opt.state_dict()
+            sd["state"] = {0: load_file(ck)}
+            opt.load_state_dict(sd)
+            steps(opt, table, K, STEPS)
+            w_rt = worst(f32list(table), ref)
+
+        # torch -> rust
+        table = torch.nn.Parameter(torch.tensor(p0).reshape(ROWS, DIM))
+        opt = getattr(torch.optim, cls)([table], **opts)
+        steps(opt, table, 0, K)
+        sd = opt.state_dict()
+        meta = {"format": "adaoptim-optimizer", "format_version": "1", "torch_class": cls, "layout": "sparse",
+                "rows": str(ROWS), "dim": str(DIM), "step": str(K), "param_groups": json.dumps(sd["param_groups"])}
+        ck = os.path.join(FIXTURES, f"{name}.safetensors")
+        # SparseAdam keeps its step as a Python int
+        state = {k: v.contiguous() if torch.is_tensor(v) else torch.tensor(float(v)) for k, v in sd["state"][0].items()}
+        save_file(state, ck, metadata=meta)
+        run = {"torch_class": cls, "rows": ROWS, "dim": DIM, "params0": f32list(table),
+               "grad_rows": grad_rows[K:], "grad_values": grad_values[K:]}
+        got = run_rust("sparse-resume", run, ck)
+        failed |= not finish(name, run, ref, w_rt, worst(got, ref))
     sys.exit(1 if failed else 0)
 
 
