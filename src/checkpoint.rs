@@ -28,6 +28,12 @@
 //! From Python: `safetensors.torch.load_file(path)` gives the tensors and
 //! `safe_open(path, "pt").metadata()` the rest.
 //!
+//! Not saved, as torch's `state_dict` does not save them either: the
+//! execution policy, the guards (non-finite policy, loss scale, clipping
+//! norm; torch keeps these in `GradScaler` and the training loop) and
+//! schedules (code, not data). A loaded optimizer starts with the defaults;
+//! [`Optimizer::restore`] keeps the ones already set.
+//!
 //! Writes are atomic: the bytes go to a temporary file in the same folder,
 //! which is flushed to disk (`fsync`) and renamed over the target, and the
 //! folder is synced; a crash at any point leaves the previous checkpoint
@@ -348,8 +354,9 @@ impl<A: Algorithm> Optimizer<A> {
     }
 
     /// Replaces this optimizer's configuration, step count and state with a
-    /// checkpoint's, keeping the execution policy, non-finite policy and loss
-    /// scale. The checkpoint must be of the same kind and size.
+    /// checkpoint's, keeping its execution policy and guards (non-finite
+    /// policy, loss scale, clipping norm). The checkpoint must be of the same
+    /// kind and size.
     ///
     /// # Errors
     /// As [`from_safetensors`](Self::from_safetensors), and
