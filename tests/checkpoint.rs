@@ -427,3 +427,31 @@ fn param_groups_are_torch_keyword_arguments() {
     let flag = [("decoupled_weight_decay", HyperValue::Bool(false))];
     assert!(matches!(AnyConfig::from_torch("AdamW", &flag), Err(Error::InvalidOption { .. })));
 }
+
+#[test]
+fn restore_keeps_guards_and_load_starts_with_defaults() {
+    let mut saved = Adam::new(AdamConfig { lr: 0.01, ..Default::default() }, 4).unwrap();
+    let mut p = [1.0f32; 4];
+    saved.step(&mut p, &[0.5; 4]).unwrap();
+    let bytes = saved.to_safetensors().unwrap();
+
+    let mut target = Adam::new(AdamConfig::default(), 4).unwrap();
+    target.set_non_finite(NonFinitePolicy::SkipStep);
+    target.set_grad_scale(Some(1024.0)).unwrap();
+    target.set_max_grad_norm(Some(1.0)).unwrap();
+    target.restore(&bytes).unwrap();
+    assert_eq!(target.step_count(), 1);
+    assert_eq!(target.config().lr, 0.01);
+    assert_eq!(target.non_finite(), NonFinitePolicy::SkipStep);
+    assert_eq!(target.grad_scale(), Some(1024.0));
+    assert_eq!(target.max_grad_norm(), Some(1.0));
+    // and the kept SkipStep is in force: a NaN gradient changes nothing
+    let before = p;
+    assert!(target.step(&mut p, &[f32::NAN, 0.0, 0.0, 0.0]).unwrap().skipped);
+    assert_eq!(p, before);
+    assert_eq!(target.step_count(), 1);
+
+    let loaded = Adam::from_safetensors(&bytes).unwrap();
+    assert_eq!(loaded.non_finite(), NonFinitePolicy::Propagate);
+    assert_eq!((loaded.grad_scale(), loaded.max_grad_norm()), (None, None));
+}
