@@ -93,7 +93,8 @@ macro_rules! torch_options {
                     // this class (AdamW's `decoupled_weight_decay = True`).
                     $($(stringify!($flag) => {
                         if bool::from_hyper(key, v)? != $value {
-                            return Err(Error::InvalidOption { name: key.to_string(), reason: concat!("is always ", stringify!($value), " for this optimizer") });
+                            let reason = concat!("is always ", stringify!($value), " for this optimizer");
+                            return Err(Error::InvalidOption { name: key.to_string(), reason });
                         }
                     })*)?
                     _ => return Err(Error::InvalidOption { name: key.to_string(), reason: "unknown option" }),

@@ -572,9 +572,9 @@ impl<A: Algorithm> GroupedOptimizer<A> {
         let groups = groups.as_array().ok_or_else(|| bad("param_groups is not a list"))?;
         let mut opt = GroupedOptimizer::new();
         let mut next = 0usize;
-        let skip: Vec<&str> = A::AUX_NAME.into_iter().collect();
+        let skip = A::AUX_NAME.as_slice();
         for (gi, g) in groups.iter().enumerate() {
-            let config = A::from_any(&options_from_json(A::TORCH_CLASS, g, &skip)?)
+            let config = A::from_any(&options_from_json(A::TORCH_CLASS, g, skip)?)
                 .ok_or_else(|| bad("hyperparameters of another kind"))?;
             let ids: Vec<usize> = g["params"]
                 .as_array()
