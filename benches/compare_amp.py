@@ -13,11 +13,11 @@ beside, with each one's cost over its own plain step. Gparam/s, medians of
 
     python3 benches/compare_amp.py --sizes 1048576,67108864 --threads 2 --rounds 3
 """
-import argparse, json, os, statistics, subprocess
+import argparse, json, os, statistics
 
 import torch
 
-from torch_timing import gparams_per_s
+from torch_timing import adam_guard_variant, build_throughput, gparams_per_s
 
 here = os.path.dirname(os.path.abspath(__file__))
 root = os.path.dirname(here)
@@ -48,15 +48,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "throughput"], check=True, cwd=root)
-    ours_bin = os.path.join(root, "target", "release", "examples", "throughput")
+    exe = build_throughput(root)
     for n in [int(s) for s in a.sizes.split(",")]:
         got = {k: [] for k in ("ours_plain", "ours_amp", "torch_plain", "torch_amp")}
         for _ in range(a.rounds):
-            out = subprocess.run([ours_bin, "--optimizers", "adam", "--sizes", str(n), "--threads", str(a.threads),
-                                  "--json", "--guards"], check=True, capture_output=True, text=True).stdout
-            rows = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
-            amp = next(r for r in rows if r.get("variant") == "skip-step+grad-scale-65536")
+            amp = adam_guard_variant(exe, n, a.threads, "skip-step+grad-scale-65536")
             got["ours_plain"].append(amp["plain_gparams_per_s"])
             got["ours_amp"].append(amp["gparams_per_s"])
             got["torch_plain"].append(torch_gps(n, False))

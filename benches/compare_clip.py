@@ -9,11 +9,11 @@ both are printed beside for reference.
 
     python3 benches/compare_clip.py --sizes 1048576,67108864 --threads 2
 """
-import argparse, json, os, subprocess
+import argparse, json, os
 
 import torch
 
-from torch_timing import gparams_per_s
+from torch_timing import adam_guard_variant, build_throughput, gparams_per_s
 
 here = os.path.dirname(os.path.abspath(__file__))
 root = os.path.dirname(here)
@@ -40,13 +40,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "throughput"], check=True, cwd=root)
-    ours_bin = os.path.join(root, "target", "release", "examples", "throughput")
+    exe = build_throughput(root)
     for n in [int(s) for s in a.sizes.split(",")]:
-        out = subprocess.run([ours_bin, "--optimizers", "adam", "--sizes", str(n), "--threads", str(a.threads),
-                              "--json", "--guards"], check=True, capture_output=True, text=True).stdout
-        rows = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
-        clip = next(r for r in rows if r.get("variant") == "clip-norm-1")
+        clip = adam_guard_variant(exe, n, a.threads, "clip-norm-1")
         t_plain, t_clip = torch_gps(n, False), torch_gps(n, True)
         print(json.dumps({"n": n, "threads": a.threads,
                           "adaoptim_plain": round(clip["plain_gparams_per_s"], 3),
