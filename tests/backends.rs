@@ -3,7 +3,8 @@
 
 mod common;
 
-use adaoptim::{AnyConfig, Backend, Exec, step_slices};
+use adaoptim::clip::clip_coef;
+use adaoptim::{AnyConfig, Backend, Exec, StepOptions, step_slices_with};
 use approx::assert_relative_eq;
 use common::configs::variety;
 use common::{Rng, all_paths, assert_same_bits, same_bits};
@@ -109,16 +110,19 @@ impl AuxCarrier {
         }
     }
     fn step(&mut self, cfg: &AnyConfig, t: u64, p: &mut [f32], g: &[f32], s: &mut [&mut [f32]], exec: &Exec) {
+        self.step_with(cfg, t, p, g, s, &StepOptions { exec: *exec, ..StepOptions::default() });
+    }
+    fn step_with(&mut self, cfg: &AnyConfig, t: u64, p: &mut [f32], g: &[f32], s: &mut [&mut [f32]], o: &StepOptions) {
         let mut u = ();
         match (cfg, self) {
-            (AnyConfig::Sgd(c), _) => step_slices(c, t, &mut u, p, g, s, exec),
-            (AnyConfig::Adagrad(c), _) => step_slices(c, t, &mut u, p, g, s, exec),
-            (AnyConfig::RmsProp(c), _) => step_slices(c, t, &mut u, p, g, s, exec),
-            (AnyConfig::Adadelta(c), _) => step_slices(c, t, &mut u, p, g, s, exec),
-            (AnyConfig::Adam(c), _) => step_slices(c, t, &mut u, p, g, s, exec),
-            (AnyConfig::AdamW(c), _) => step_slices(c, t, &mut u, p, g, s, exec),
-            (AnyConfig::Adamax(c), _) => step_slices(c, t, &mut u, p, g, s, exec),
-            (AnyConfig::NAdam(c), AuxCarrier::NAdam(mu)) => step_slices(c, t, mu, p, g, s, exec),
+            (AnyConfig::Sgd(c), _) => step_slices_with(c, t, &mut u, p, g, s, o),
+            (AnyConfig::Adagrad(c), _) => step_slices_with(c, t, &mut u, p, g, s, o),
+            (AnyConfig::RmsProp(c), _) => step_slices_with(c, t, &mut u, p, g, s, o),
+            (AnyConfig::Adadelta(c), _) => step_slices_with(c, t, &mut u, p, g, s, o),
+            (AnyConfig::Adam(c), _) => step_slices_with(c, t, &mut u, p, g, s, o),
+            (AnyConfig::AdamW(c), _) => step_slices_with(c, t, &mut u, p, g, s, o),
+            (AnyConfig::Adamax(c), _) => step_slices_with(c, t, &mut u, p, g, s, o),
+            (AnyConfig::NAdam(c), AuxCarrier::NAdam(mu)) => step_slices_with(c, t, mu, p, g, s, o),
             (AnyConfig::NAdam(_), AuxCarrier::Unit) => unreachable!(),
         }
         .unwrap();
@@ -261,5 +265,44 @@ fn env_forced_backend_is_the_one_that_runs() {
     match std::env::var("ADAOPTIM_BACKEND") {
         Ok(v) if !v.is_empty() && v != "auto" => assert_eq!(r.backend.name(), v.to_ascii_lowercase()),
         _ => assert_eq!(r.backend, Backend::best()),
+    }
+}
+
+/// The free kernel with a loss scale and a clipping factor (`step_slices_with`)
+/// gives the bits of an optimizer with that `grad_scale` and clipping whose
+/// norm produced the factor, also when run as two shards with the same
+/// factor: the transform is the guards' one, in the same place.
+#[test]
+fn free_kernel_scale_and_clip_equal_the_guarded_optimizer() {
+    let mut rng = Rng::new(17);
+    let n = 3001;
+    for (name, cfg) in variety() {
+        for scale in [None, Some(1024.0f32), Some(3.0)] {
+            let mut opt = cfg.build(n).unwrap();
+            opt.set_grad_scale(scale).unwrap();
+            opt.set_max_grad_norm(Some(0.5)).unwrap();
+            let mut p_opt = rng.vec(n, 1.0);
+            let mut p_free = p_opt.clone();
+            let names = opt.state_names();
+            let mut state: Vec<Vec<f32>> = (0..names.len()).map(|i| vec![initial(&cfg, i); n]).collect();
+            let shards = [0..1000, 1000..n];
+            let mut aux = [AuxCarrier::new(&cfg), AuxCarrier::new(&cfg)];
+            for t in 1..=4u64 {
+                let g: Vec<f32> =
+                    rng.vec(n, if t == 3 { 1e-3 } else { 2.0 }).iter().map(|x| x * scale.unwrap_or(1.0)).collect();
+                opt.step(&mut p_opt, &g).unwrap();
+                let coef = clip_coef(opt.last_grad_norm().unwrap(), 0.5);
+                let o = StepOptions { grad_scale: scale, clip_coef: Some(coef), ..StepOptions::default() };
+                for (r, a) in shards.iter().zip(aux.iter_mut()) {
+                    let mut refs: Vec<&mut [f32]> = state.iter_mut().map(|s| &mut s[r.clone()]).collect();
+                    a.step_with(&cfg, t, &mut p_free[r.clone()], &g[r.clone()], &mut refs, &o);
+                }
+                let what = format!("{name} scale {scale:?} step {t} (coef {coef})");
+                assert_same_bits(&what, &p_free, &p_opt);
+                for (k, nm) in names.iter().enumerate() {
+                    assert_same_bits(&format!("{what} {nm}"), &state[k], opt.state(nm).unwrap());
+                }
+            }
+        }
     }
 }

@@ -181,3 +181,27 @@ fn unknown_names_and_options_are_typed_errors() {
         assert!(!e.to_string().is_empty());
     }
 }
+
+#[test]
+fn free_kernel_rejects_bad_scale_and_clip_factor_and_changes_nothing() {
+    let cfg = AdamConfig::default();
+    for (scale, coef, field) in [
+        (Some(0.0f32), None, "grad_scale"),
+        (Some(f32::NAN), None, "grad_scale"),
+        (Some(f32::INFINITY), None, "grad_scale"),
+        (None, Some(-0.5f32), "clip_coef"),
+        (None, Some(f32::NAN), "clip_coef"),
+        (None, Some(f32::INFINITY), "clip_coef"),
+    ] {
+        let mut p = [0.5f32; 4];
+        let mut bufs = vec![vec![0.25f32; 4]; 2];
+        let mut refs: Vec<&mut [f32]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+        let o = StepOptions { grad_scale: scale, clip_coef: coef, ..StepOptions::default() };
+        match step_slices_with(&cfg, 1, &mut (), &mut p, &[1.0; 4], &mut refs, &o) {
+            Err(Error::InvalidHyperparameter { name, .. }) => assert_eq!(name, field),
+            other => panic!("{scale:?} {coef:?}: {other:?}"),
+        }
+        assert_eq!(p, [0.5; 4]);
+        assert!(bufs.iter().all(|b| b == &[0.25; 4]));
+    }
+}

@@ -114,6 +114,64 @@ pub fn step_slices<A: Algorithm>(
     state: &mut [&mut [f32]],
     exec: &Exec,
 ) -> Result<StepReport, Error> {
+    step_slices_with(config, t, aux, params, grads, state, &StepOptions { exec: *exec, ..StepOptions::default() })
+}
+
+/// How [`step_slices_with`] runs, and what it does to the gradients inside
+/// the fused pass, in the order an [`Optimizer`]'s guards do it: divide by
+/// `grad_scale` (torch's fused `grad_scale`), then multiply by `clip_coef`
+/// (torch's `clip_grad_norm_` factor). The caller's gradients are never
+/// written.
+///
+/// For a sharded model, every worker uses the same `clip_coef`:
+/// [`clip::clip_coef`](crate::clip::clip_coef) of the global norm, the square
+/// root of the sum over workers of
+/// [`clip::sum_of_squares`](crate::clip::sum_of_squares) of their shard
+/// (divided by the loss scale squared if gradients are scaled). A caller who
+/// wants [`NonFinitePolicy::SkipStep`] checks that norm for finiteness first.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepOptions {
+    /// Backend and threads.
+    pub exec: Exec,
+    /// Loss scale divided out of every gradient (finite and nonzero), if any.
+    pub grad_scale: Option<f32>,
+    /// Clipping factor multiplied into every gradient after unscaling
+    /// (finite and >= 0), if any.
+    pub clip_coef: Option<f32>,
+}
+
+impl Default for StepOptions {
+    /// [`Exec::auto`], no loss scale, no clipping.
+    fn default() -> Self {
+        StepOptions { exec: Exec::auto(), grad_scale: None, clip_coef: None }
+    }
+}
+
+/// [`step_slices`] with a loss scale and a clipping factor applied inside the
+/// fused pass (see [`StepOptions`]); the same bits as an [`Optimizer`] with
+/// that `grad_scale` whose clipping produced that factor.
+///
+/// # Errors
+/// As [`step_slices`], and [`Error::InvalidHyperparameter`] for a
+/// `grad_scale` that is zero or not finite, or a `clip_coef` that is
+/// negative or not finite. Nothing is modified when an error is returned.
+pub fn step_slices_with<A: Algorithm>(
+    config: &A,
+    t: u64,
+    aux: &mut <A as sealed::Sealed>::Aux,
+    params: &mut [f32],
+    grads: &[f32],
+    state: &mut [&mut [f32]],
+    options: &StepOptions,
+) -> Result<StepReport, Error> {
+    check_grad_scale(options.grad_scale)?;
+    if let Some(c) = options.clip_coef.filter(|c| !(c.is_finite() && *c >= 0.0)) {
+        return Err(Error::InvalidHyperparameter {
+            name: "clip_coef",
+            value: c as f64,
+            requirement: "finite and >= 0",
+        });
+    }
     config.validate()?;
     if t == 0 {
         return Err(Error::InvalidStep { step: t });
@@ -127,7 +185,10 @@ pub fn step_slices<A: Algorithm>(
     for (name, s) in names.iter().zip(state.iter()) {
         check_len(name, n, s.len())?;
     }
-    let plan = Plan::new(exec)?;
+    let mut plan = Plan::new(&options.exec)?;
+    plan.unscale = Unscale::new(options.grad_scale);
+    // A factor of 1 changes no bits; skip the multiply, as the guards do.
+    plan.clip = options.clip_coef.filter(|&c| c != 1.0);
     Ok(config.run(t, aux, plan, params, grads, state))
 }
 
