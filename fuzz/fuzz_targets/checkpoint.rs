@@ -4,7 +4,7 @@
 
 use adaoptim::groups::GroupedOptimizer;
 use adaoptim::sparse::{RowWiseAdagrad, SparseAdagrad, SparseAdam};
-use adaoptim::{AdamConfig, AnyOptimizer, NAdamConfig};
+use adaoptim::{AdamConfig, AnyOptimizer, NAdamConfig, RmsPropConfig, SgdConfig};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|bytes: &[u8]| {
@@ -12,6 +12,12 @@ fuzz_target!(|bytes: &[u8]| {
         g.step().expect("a loaded grouped optimizer steps");
     }
     if let Ok(mut g) = GroupedOptimizer::<NAdamConfig>::from_safetensors(bytes) {
+        g.step().expect("a loaded grouped optimizer steps");
+    }
+    if let Ok(mut g) = GroupedOptimizer::<SgdConfig>::from_safetensors(bytes) {
+        g.step().expect("a loaded grouped optimizer steps");
+    }
+    if let Ok(mut g) = GroupedOptimizer::<RmsPropConfig>::from_safetensors(bytes) {
         g.step().expect("a loaded grouped optimizer steps");
     }
     let _ = SparseAdam::from_safetensors(bytes);
