@@ -24,18 +24,9 @@ fn f32s(v: &Value) -> Vec<f32> {
     v.as_array().expect("array").iter().map(|x| x.as_f64().expect("number") as f32).collect()
 }
 
-fn options(v: &Value) -> Vec<(String, HyperValue)> {
-    let Some(obj) = v.as_object() else { return Vec::new() };
-    obj.iter()
-        .map(|(k, x)| {
-            let h = match x {
-                Value::Bool(b) => HyperValue::Bool(*b),
-                Value::Array(a) => HyperValue::Pair(a[0].as_f64().unwrap(), a[1].as_f64().unwrap()),
-                _ => HyperValue::Number(x.as_f64().expect("number")),
-            };
-            (k.clone(), h)
-        })
-        .collect()
+/// The run's torch keyword arguments as a configuration.
+fn config(class: &str, options: &Value) -> Result<AnyConfig> {
+    Ok(AnyConfig::from_torch_json(class, &options.to_string())?)
 }
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -46,11 +37,9 @@ fn grouped<A: Algorithm>(mode: &str, run: &Value, ckpt: &str, typed: fn(AnyConfi
     let mut opt = if mode == "grouped-save" {
         let mut opt = GroupedOptimizer::<A>::new();
         for g in run["groups"].as_array().expect("groups") {
-            let opts = options(&g["options"]);
-            let opts: Vec<(&str, HyperValue)> = opts.iter().map(|(k, v)| (k.as_str(), *v)).collect();
             let sizes: Vec<usize> =
                 g["sizes"].as_array().expect("sizes").iter().map(|x| x.as_u64().unwrap() as usize).collect();
-            opt.add_group(typed(AnyConfig::from_torch(class, &opts)?).expect("class"), &sizes)?;
+            opt.add_group(typed(config(class, &g["options"])?).expect("class"), &sizes)?;
         }
         for (i, p0) in run["params0"].as_array().expect("params0").iter().enumerate() {
             opt.params_mut(opt.tensor_id(i).expect("tensor")).copy_from_slice(&f32s(p0));
@@ -100,25 +89,21 @@ fn sparse(mode: &str, run: &Value, ckpt: &str) -> Result<Vec<f32>> {
     let class = run["torch_class"].as_str().expect("torch_class");
     let (rows, dim) = (run["rows"].as_u64().expect("rows") as usize, run["dim"].as_u64().expect("dim") as usize);
     let saving = mode == "sparse-save";
-    let opts = options(&run["options"]);
+    let o = &run["options"];
     let mut opt: Box<dyn Rows> = match (class, saving) {
         ("SparseAdam", true) => {
-            let mut c = SparseAdamConfig::default();
-            for (k, v) in opts {
-                match (k.as_str(), v) {
-                    ("lr", HyperValue::Number(x)) => c.lr = x,
-                    ("eps", HyperValue::Number(x)) => c.eps = x,
-                    ("betas", HyperValue::Pair(a, b)) => c.betas = (a, b),
-                    ("maximize", HyperValue::Bool(b)) => c.maximize = b,
-                    other => return Err(format!("SparseAdam option {other:?}").into()),
-                }
-            }
+            let d = SparseAdamConfig::default();
+            let c = SparseAdamConfig {
+                lr: o["lr"].as_f64().unwrap_or(d.lr),
+                eps: o["eps"].as_f64().unwrap_or(d.eps),
+                betas: o["betas"].as_array().map_or(d.betas, |b| (b[0].as_f64().unwrap(), b[1].as_f64().unwrap())),
+                maximize: o["maximize"].as_bool().unwrap_or(d.maximize),
+            };
             Box::new(SparseAdam::new(c, rows, dim)?)
         }
         ("SparseAdam", false) => Box::new(SparseAdam::from_safetensors(&std::fs::read(ckpt)?)?),
         ("Adagrad", true) => {
-            let opts: Vec<(&str, HyperValue)> = opts.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-            let AnyConfig::Adagrad(c) = AnyConfig::from_torch("Adagrad", &opts)? else { unreachable!() };
+            let AnyConfig::Adagrad(c) = config("Adagrad", o)? else { unreachable!() };
             Box::new(SparseAdagrad::new(c, rows, dim)?)
         }
         ("Adagrad", false) => Box::new(SparseAdagrad::from_safetensors(&std::fs::read(ckpt)?)?),
@@ -176,12 +161,7 @@ fn main() -> Result<()> {
     let mut p = f32s(&run["params0"]);
     let grads: Vec<Vec<f32>> = run["grads"].as_array().expect("grads").iter().map(f32s).collect();
     let mut opt = match mode.as_str() {
-        "save" => {
-            let class = run["torch_class"].as_str().expect("torch_class");
-            let opts = options(&run["options"]);
-            let opts: Vec<(&str, HyperValue)> = opts.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-            AnyConfig::from_torch(class, &opts)?.build(p.len())?
-        }
+        "save" => config(run["torch_class"].as_str().expect("torch_class"), &run["options"])?.build(p.len())?,
         "resume" => AnyOptimizer::from_safetensors(&std::fs::read(ckpt)?)?,
         other => return Err(format!("unknown mode {other}").into()),
     };

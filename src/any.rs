@@ -360,4 +360,21 @@ impl AnyConfig {
         c.validate()?;
         Ok(c)
     }
+
+    /// A configuration from torch keyword arguments written as a JSON
+    /// object: `{"lr": 0.001, "betas": [0.9, 0.999], "amsgrad": true}`, or one
+    /// entry of a torch optimizer's `param_groups` as `json.dumps` writes it
+    /// (its `params` list and a scheduler's `initial_lr` are ignored, and
+    /// `null` is accepted for `foreach`, `fused`, `capturable` and
+    /// `differentiable`). Options not given keep torch's defaults.
+    ///
+    /// # Errors
+    /// As [`from_torch`](Self::from_torch), and [`Error::InvalidOption`] for
+    /// text that is not a JSON object or a value that is not a number, a
+    /// flag or a pair of numbers.
+    pub fn from_torch_json(torch_class: &str, kwargs: &str) -> Result<AnyConfig, Error> {
+        let v: serde_json::Value = serde_json::from_str(kwargs)
+            .map_err(|_| Error::InvalidOption { name: "kwargs".to_string(), reason: "not valid JSON" })?;
+        crate::checkpoint::config_from_kwargs(torch_class, &v, &[])
+    }
 }

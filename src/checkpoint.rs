@@ -88,11 +88,13 @@ pub(crate) fn options_json(options: Vec<(&'static str, HyperValue)>) -> Map<Stri
 /// the parameter indices, and the rate an `lr_scheduler` records at its start.
 const GROUP_KEYS: [&str; 2] = ["params", "initial_lr"];
 
-/// Keyword options from one `param_groups` entry (keys in `skip` and
-/// [`GROUP_KEYS`] ignored). torch's `None` (JSON `null`) is accepted for the
+/// A configuration from torch keyword arguments as JSON (see
+/// [`AnyConfig::from_torch_json`]); keys in `skip` and [`GROUP_KEYS`] are
+/// ignored, and torch's `None` (JSON `null`) is accepted for the
 /// implementation switches (`foreach`, `fused`, ...), which torch writes so.
-pub(crate) fn options_from_json(class: &str, group: &Value, skip: &[&str]) -> Result<AnyConfig, Error> {
-    let obj = group.as_object().ok_or_else(|| bad("a param_groups entry is not an object"))?;
+pub(crate) fn config_from_kwargs(class: &str, kwargs: &Value, skip: &[&str]) -> Result<AnyConfig, Error> {
+    let invalid = |name: &str, reason| Error::InvalidOption { name: name.to_string(), reason };
+    let obj = kwargs.as_object().ok_or_else(|| invalid("kwargs", "not a JSON object"))?;
     let mut opts = Vec::with_capacity(obj.len());
     let ignored = |k: &str, v: &Value| {
         skip.contains(&k) || GROUP_KEYS.contains(&k) || (v.is_null() && crate::any::IMPLEMENTATION_KEYS.contains(&k))
@@ -100,16 +102,21 @@ pub(crate) fn options_from_json(class: &str, group: &Value, skip: &[&str]) -> Re
     for (k, v) in obj.iter().filter(|(k, v)| !ignored(k, v)) {
         let h = match v {
             Value::Bool(b) => HyperValue::Bool(*b),
-            Value::Number(x) => HyperValue::Number(x.as_f64().ok_or_else(|| bad(format!("{k}: not a number")))?),
+            Value::Number(x) => HyperValue::Number(x.as_f64().ok_or_else(|| invalid(k, "not a number"))?),
             Value::Array(a) if a.len() == 2 => match (a[0].as_f64(), a[1].as_f64()) {
                 (Some(x), Some(y)) => HyperValue::Pair(x, y),
-                _ => return Err(bad(format!("{k}: not a pair of numbers"))),
+                _ => return Err(invalid(k, "not a pair of numbers")),
             },
-            _ => return Err(bad(format!("{k}: unsupported value {v}"))),
+            _ => return Err(invalid(k, "not a number, flag or pair of numbers")),
         };
         opts.push((k.as_str(), h));
     }
-    AnyConfig::from_torch(class, &opts).map_err(|e| bad(format!("hyperparameters: {e}")))
+    AnyConfig::from_torch(class, &opts)
+}
+
+/// The configuration of one `param_groups` entry of a checkpoint.
+pub(crate) fn options_from_json(class: &str, group: &Value, skip: &[&str]) -> Result<AnyConfig, Error> {
+    config_from_kwargs(class, group, skip).map_err(|e| bad(format!("hyperparameters: {e}")))
 }
 
 /// Builds a checkpoint: metadata and `F32` tensors.

@@ -205,3 +205,26 @@ fn free_kernel_rejects_bad_scale_and_clip_factor_and_changes_nothing() {
         assert!(bufs.iter().all(|b| b == &[0.25; 4]));
     }
 }
+
+#[test]
+fn torch_kwargs_from_json() {
+    let json = r#"{"lr": 0.01, "betas": [0.8, 0.99], "amsgrad": true, "foreach": null, "fused": null,
+                   "differentiable": false, "params": [0, 1], "initial_lr": 0.1}"#;
+    let want = AnyConfig::from(AdamConfig { lr: 0.01, betas: (0.8, 0.99), amsgrad: true, ..Default::default() });
+    assert_eq!(AnyConfig::from_torch_json("Adam", json).unwrap(), want);
+    for (text, field) in [
+        ("not json", "kwargs"),
+        ("[0.01]", "kwargs"),
+        (r#"{"lr": "fast"}"#, "lr"),
+        (r#"{"lr": null}"#, "lr"),
+        (r#"{"betas": [0.9]}"#, "betas"),
+        (r#"{"bogus": 1}"#, "bogus"),
+    ] {
+        match AnyConfig::from_torch_json("Adam", text) {
+            Err(Error::InvalidOption { name, .. }) => assert_eq!(name, field, "{text}"),
+            other => panic!("{text}: {other:?}"),
+        }
+    }
+    assert!(matches!(AnyConfig::from_torch_json("Adam", r#"{"lr": -1}"#), Err(Error::InvalidHyperparameter { .. })));
+    assert!(matches!(AnyConfig::from_torch_json("Adamm", "{}"), Err(Error::UnknownOptimizer { .. })));
+}
