@@ -81,6 +81,9 @@ struct Group<A: Algorithm> {
     config: A,
     aux: <A as Sealed>::Aux,
     schedule: Option<Schedule>,
+    /// Where each of the config's state buffers (in `state_names()` order)
+    /// lives among the optimizer's buffers.
+    slots: Vec<usize>,
 }
 
 /// Many tensors in groups with their own hyperparameters (and schedules),
@@ -92,8 +95,10 @@ pub struct GroupedOptimizer<A: Algorithm> {
     tensors: Vec<Tensor>,
     params: Buffer,
     grads: Buffer,
+    /// One arena-wide buffer per state name any group keeps (a group that
+    /// lacks a name leaves its range of that buffer unused, at 0).
     state: Vec<Buffer>,
-    state_names: &'static [&'static str],
+    state_names: Vec<&'static str>,
     t: u64,
     exec: Exec,
     guards: Guards,
@@ -107,7 +112,7 @@ impl<A: Algorithm> Default for GroupedOptimizer<A> {
             params: AVec::new(64),
             grads: AVec::new(64),
             state: Vec::new(),
-            state_names: &[],
+            state_names: Vec::new(),
             t: 0,
             exec: Exec::auto(),
             guards: Guards::default(),
@@ -132,18 +137,35 @@ impl<A: Algorithm> GroupedOptimizer<A> {
     /// with parameters and gradients zeroed and state initialised; returns
     /// their ids.
     ///
+    /// Groups may keep different state buffers, as torch allows (for
+    /// example `amsgrad` in one Adam group only): each state name gets one
+    /// arena-wide buffer, and a group without it leaves its range unused.
+    ///
     /// # Errors
-    /// Invalid hyperparameters, or a configuration keeping other state
-    /// buffers than the groups already added (for example `amsgrad` in one
-    /// Adam group only).
+    /// Invalid hyperparameters; nothing changes then.
     pub fn add_group(&mut self, config: A, sizes: &[usize]) -> Result<Vec<TensorId>, Error> {
         config.validate()?;
-        if self.groups.is_empty() {
-            self.state_names = config.state_names();
-            self.state = (0..self.state_names.len()).map(|_| AVec::new(64)).collect();
-        } else if config.state_names() != self.state_names {
-            return Err(Error::IncompatibleConfig { reason: "every group must keep the same state buffers" });
+        let mut names = self.state_names.clone();
+        let slots: Vec<usize> = config
+            .state_names()
+            .iter()
+            .map(|name| {
+                names.iter().position(|n| n == name).unwrap_or_else(|| {
+                    names.push(name);
+                    names.len() - 1
+                })
+            })
+            .collect();
+        if names.len() > MAX_STATE {
+            return Err(Error::IncompatibleConfig { reason: "the groups together keep too many state buffers" });
         }
+        // A new state name gets a buffer covering the tensors already added.
+        for _ in self.state_names.len()..names.len() {
+            let mut b = AVec::new(64);
+            memory::grow(&mut b, self.params.len(), 0.0);
+            self.state.push(b);
+        }
+        self.state_names = names;
         let group = self.groups.len();
         let mut ids = Vec::with_capacity(sizes.len());
         for &len in sizes {
@@ -151,14 +173,15 @@ impl<A: Algorithm> GroupedOptimizer<A> {
             let end = offset + len;
             memory::grow(&mut self.params, end, 0.0);
             memory::grow(&mut self.grads, end, 0.0);
-            for (i, s) in self.state.iter_mut().enumerate() {
+            for (j, s) in self.state.iter_mut().enumerate() {
                 memory::grow(s, offset, 0.0);
-                memory::grow(s, end, config.state_init(i));
+                let init = slots.iter().position(|&x| x == j).map_or(0.0, |i| config.state_init(i));
+                memory::grow(s, end, init);
             }
             ids.push(TensorId(self.tensors.len()));
             self.tensors.push(Tensor { group, offset, len });
         }
-        self.groups.push(Group { aux: config.aux_init(), config, schedule: None });
+        self.groups.push(Group { aux: config.aux_init(), config, schedule: None, slots });
         Ok(ids)
     }
 
@@ -255,11 +278,12 @@ impl<A: Algorithm> GroupedOptimizer<A> {
         &mut self.grads[t.offset..t.offset + t.len]
     }
 
-    /// A tensor's state buffer by torch name.
+    /// A tensor's state buffer by torch name; `None` if its group keeps no
+    /// such buffer.
     pub fn state(&self, name: &str, id: TensorId) -> Option<&[f32]> {
-        let i = self.state_names.iter().position(|s| *s == name)?;
         let t = self.tensor(id);
-        Some(&self.state[i][t.offset..t.offset + t.len])
+        let i = self.groups[t.group].config.state_names().iter().position(|s| *s == name)?;
+        Some(&self.state[self.groups[t.group].slots[i]][t.offset..t.offset + t.len])
     }
 
     /// The whole parameter arena (including padding between tensors).
@@ -300,17 +324,18 @@ impl<A: Algorithm> GroupedOptimizer<A> {
         self.groups.get(group).map(|g| &g.config)
     }
 
-    /// Replaces a group's configuration (same state buffers required).
+    /// Replaces a group's configuration (the group's state buffers must stay
+    /// the same).
     ///
     /// # Errors
     /// Invalid hyperparameters, another state layout, or no such group;
     /// nothing changes then.
     pub fn set_group_config(&mut self, group: usize, config: A) -> Result<(), Error> {
         config.validate()?;
-        if config.state_names() != self.state_names {
-            return Err(Error::IncompatibleConfig { reason: "every group must keep the same state buffers" });
-        }
         let g = self.groups.get_mut(group).ok_or(Error::IncompatibleConfig { reason: "no such group" })?;
+        if config.state_names() != g.config.state_names() {
+            return Err(Error::IncompatibleConfig { reason: "a group must keep its state buffers" });
+        }
         g.config = config;
         Ok(())
     }
@@ -420,7 +445,7 @@ impl<A: Algorithm> GroupedOptimizer<A> {
         // Advance each group's scalar state once (a zero-length run).
         for g in &mut self.groups {
             let mut empty: [&mut [f32]; MAX_STATE] = Default::default();
-            g.config.run(t, &mut g.aux, serial, &mut [], &[], &mut empty[..k]);
+            g.config.run(t, &mut g.aux, serial, &mut [], &[], &mut empty[..g.slots.len()]);
         }
         self.t = t;
         if norm.is_some() {
@@ -493,14 +518,17 @@ impl<A: Algorithm> Ctx<'_, A> {
             }
             let group = &self.groups[t.group];
             let mut pieces: [&mut [f32]; MAX_STATE] = Default::default();
-            for (piece, buf) in pieces.iter_mut().zip(s.iter_mut()).take(k) {
-                *piece = &mut buf[start..end];
+            for (j, buf) in s.iter_mut().enumerate().take(k) {
+                if let Some(i) = group.slots.iter().position(|&x| x == j) {
+                    pieces[i] = &mut buf[start..end];
+                }
             }
             // The kernel's scalars come from the group's scalar state before
             // this step; each piece works on a copy, the state advances once
             // per step in `step_range`.
             let mut aux = group.aux;
-            group.config.run(self.t, &mut aux, self.plan, &mut p[start..end], &g[start..end], &mut pieces[..k]);
+            let own = group.slots.len();
+            group.config.run(self.t, &mut aux, self.plan, &mut p[start..end], &g[start..end], &mut pieces[..own]);
         }
     }
 }
@@ -545,8 +573,9 @@ impl<A: Algorithm> GroupedOptimizer<A> {
         for (i, t) in self.tensors.iter().enumerate() {
             let r = t.offset..t.offset + t.len;
             w.tensor(format!("params.{i}"), vec![t.len], &self.params[r.clone()]);
-            for (name, buf) in self.state_names.iter().zip(&self.state) {
-                w.tensor(format!("state.{i}.{name}"), vec![t.len], &buf[r.clone()]);
+            let group = &self.groups[t.group];
+            for (name, &j) in group.config.state_names().iter().zip(&group.slots) {
+                w.tensor(format!("state.{i}.{name}"), vec![t.len], &self.state[j][r.clone()]);
             }
         }
         w.finish()
@@ -604,13 +633,14 @@ impl<A: Algorithm> GroupedOptimizer<A> {
                 opt.groups[gi].aux = A::aux_from_f32(x as f32).ok_or_else(|| bad(format!("bad {name}")))?;
             }
         }
-        r.expect_count(1 + next * (1 + opt.state_names.len()))?;
+        r.expect_count(1 + opt.tensors.iter().map(|t| 1 + opt.groups[t.group].slots.len()).sum::<usize>())?;
         for i in 0..next {
             let t = opt.tensors[i].clone();
             let range = t.offset..t.offset + t.len;
             opt.params[range.clone()].copy_from_slice(&r.f32s(&format!("params.{i}"), &[t.len])?);
-            for (k, name) in opt.state_names.iter().enumerate() {
-                opt.state[k][range.clone()].copy_from_slice(&r.f32s(&format!("state.{i}.{name}"), &[t.len])?);
+            let group = &opt.groups[t.group];
+            for (name, &j) in group.config.state_names().iter().zip(&group.slots) {
+                opt.state[j][range.clone()].copy_from_slice(&r.f32s(&format!("state.{i}.{name}"), &[t.len])?);
             }
         }
         opt.t = r.step;

@@ -455,3 +455,52 @@ fn restore_keeps_guards_and_load_starts_with_defaults() {
     assert_eq!(loaded.non_finite(), NonFinitePolicy::Propagate);
     assert_eq!((loaded.grad_scale(), loaded.max_grad_norm()), (None, None));
 }
+
+/// Groups with different state buffers (AMSGrad in one Adam group only)
+/// save each tensor's own buffers, torch-style, and resume bit-exactly.
+#[test]
+fn grouped_resume_with_mixed_state_layouts() {
+    use adaoptim::groups::GroupedOptimizer;
+    let mut rng = Rng::new(14);
+    let build = || {
+        let mut o = GroupedOptimizer::new();
+        let mut ids = o.add_group(AdamConfig::default(), &[50, 7]).unwrap();
+        ids.extend(o.add_group(AdamConfig { amsgrad: true, lr: 1e-2, ..Default::default() }, &[33]).unwrap());
+        (o, ids)
+    };
+    let (mut straight, ids) = build();
+    let total = straight.total_len();
+    let p0 = rng.vec(total, 1.0);
+    let grads: Vec<Vec<f32>> = (0..6).map(|_| rng.vec(total, 1.0)).collect();
+    straight.params_flat_mut().copy_from_slice(&p0);
+    let (mut first, _) = build();
+    first.params_flat_mut().copy_from_slice(&p0);
+    for (k, g) in grads.iter().enumerate() {
+        straight.grads_flat_mut().copy_from_slice(g);
+        straight.step().unwrap();
+        if k < 2 {
+            first.grads_flat_mut().copy_from_slice(g);
+            first.step().unwrap();
+        }
+    }
+    let bytes = first.to_safetensors().unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names = st.names();
+    names.sort();
+    assert!(names.contains(&"state.2.max_exp_avg_sq"));
+    assert!(!names.contains(&"state.0.max_exp_avg_sq"), "a group without AMSGrad saves no max_exp_avg_sq");
+    let mut resumed = GroupedOptimizer::<AdamConfig>::from_safetensors(&bytes).unwrap();
+    for g in &grads[2..] {
+        resumed.grads_flat_mut().copy_from_slice(g);
+        resumed.step().unwrap();
+    }
+    for &id in &ids {
+        assert_same_bits("mixed resume", resumed.params(id), straight.params(id));
+        for name in ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"] {
+            assert_eq!(resumed.state(name, id).is_some(), straight.state(name, id).is_some());
+            if let (Some(a), Some(b)) = (resumed.state(name, id), straight.state(name, id)) {
+                assert_same_bits(&format!("mixed resume {name}"), a, b);
+            }
+        }
+    }
+}

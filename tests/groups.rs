@@ -40,6 +40,11 @@ where
     }
     for (k, &(id, _)) in all.iter().enumerate() {
         assert_same_bits(&format!("{what} tensor {k}"), opt.params(id), &lone[k].1);
+        // A tensor has exactly its own group's state buffers.
+        for name in ["exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "momentum_buffer", "grad_avg", "sum"] {
+            let own = lone[k].0.state_names().contains(&name);
+            assert_eq!(opt.state(name, id).is_some(), own, "{what} tensor {k} {name}");
+        }
         for name in lone[k].0.state_names() {
             assert_same_bits(
                 &format!("{what} tensor {k} {name}"),
@@ -81,6 +86,23 @@ fn groups_equal_each_tensor_alone() {
                 AdagradConfig { lr_decay: 0.01, ..Default::default() },
                 exec,
                 &format!("adagrad {path}"),
+            );
+            // Groups with different state buffers, as torch allows; the
+            // second order adds a buffer after tensors exist.
+            let ams = AdamConfig { amsgrad: true, lr: 1e-2, ..Default::default() };
+            check_groups(ams, AdamConfig::default(), exec, &format!("adam amsgrad+plain {path}"));
+            check_groups(AdamConfig::default(), ams, exec, &format!("adam plain+amsgrad {path}"));
+            let centered = RmsPropConfig { centered: true, momentum: 0.9, ..Default::default() };
+            check_groups(RmsPropConfig::default(), centered, exec, &format!("rmsprop plain+centered {path}"));
+            let only_centered = RmsPropConfig { centered: true, ..Default::default() };
+            let only_momentum = RmsPropConfig { momentum: 0.5, ..Default::default() };
+            check_groups(only_centered, only_momentum, exec, &format!("rmsprop centered+momentum {path}"));
+            let plain_sgd = SgdConfig { lr: 0.1, ..Default::default() };
+            check_groups(
+                plain_sgd,
+                SgdConfig { momentum: 0.9, ..plain_sgd },
+                exec,
+                &format!("sgd plain+momentum {path}"),
             );
         });
     }
@@ -151,9 +173,10 @@ fn group_schedules_and_errors() {
         assert_eq!(opt.group_config(0).unwrap().lr, cos.lr_at(t));
         assert_eq!(opt.group_config(1).unwrap().lr, 1e-3, "the other group keeps its rate");
     }
-    // Another state layout is refused; so is a range past the arena.
-    let e = opt.add_group(AdamConfig { amsgrad: true, ..Default::default() }, &[4]).unwrap_err();
+    // A group cannot change its state layout; a range past the arena is refused.
+    let e = opt.set_group_config(1, AdamConfig { amsgrad: true, ..Default::default() }).unwrap_err();
     assert!(matches!(e, Error::IncompatibleConfig { .. }));
+    assert!(!opt.group_config(1).unwrap().amsgrad);
     let before = opt.params_flat().to_vec();
     assert!(opt.step_range(0..opt.total_len() + 1).is_err());
     assert_eq!(opt.params_flat(), &before[..]);
