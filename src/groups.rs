@@ -140,6 +140,8 @@ impl<A: Algorithm> GroupedOptimizer<A> {
     /// Groups may keep different state buffers, as torch allows (for
     /// example `amsgrad` in one Adam group only): each state name gets one
     /// arena-wide buffer, and a group without it leaves its range unused.
+    /// That range still takes memory, so a buffer kept by a small group
+    /// costs as much as one kept by all.
     ///
     /// # Errors
     /// Invalid hyperparameters; nothing changes then.
