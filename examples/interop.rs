@@ -92,14 +92,7 @@ fn sparse(mode: &str, run: &Value, ckpt: &str) -> Result<Vec<f32>> {
     let o = &run["options"];
     let mut opt: Box<dyn Rows> = match (class, saving) {
         ("SparseAdam", true) => {
-            let d = SparseAdamConfig::default();
-            let c = SparseAdamConfig {
-                lr: o["lr"].as_f64().unwrap_or(d.lr),
-                eps: o["eps"].as_f64().unwrap_or(d.eps),
-                betas: o["betas"].as_array().map_or(d.betas, |b| (b[0].as_f64().unwrap(), b[1].as_f64().unwrap())),
-                maximize: o["maximize"].as_bool().unwrap_or(d.maximize),
-            };
-            Box::new(SparseAdam::new(c, rows, dim)?)
+            Box::new(SparseAdam::new(SparseAdamConfig::from_torch_json(&o.to_string())?, rows, dim)?)
         }
         ("SparseAdam", false) => Box::new(SparseAdam::from_safetensors(&std::fs::read(ckpt)?)?),
         ("Adagrad", true) => {

@@ -118,6 +118,7 @@ torch_options!(AdamConfig { lr, betas, eps, weight_decay, amsgrad, maximize, dec
 torch_options!(AdamWConfig { lr, betas, eps, weight_decay, amsgrad, maximize } fixed { decoupled_weight_decay = true });
 torch_options!(AdamaxConfig { lr, betas, eps, weight_decay, maximize });
 torch_options!(NAdamConfig { lr, betas, eps, weight_decay, momentum_decay, decoupled_weight_decay, maximize });
+torch_options!(crate::sparse::SparseAdamConfig { lr, betas, eps, maximize });
 
 macro_rules! any_types {
     ($($variant:ident($cfg:ident)),* $(,)?) => {
@@ -373,8 +374,7 @@ impl AnyConfig {
     /// text that is not a JSON object or a value that is not a number, a
     /// flag or a pair of numbers.
     pub fn from_torch_json(torch_class: &str, kwargs: &str) -> Result<AnyConfig, Error> {
-        let v: serde_json::Value = serde_json::from_str(kwargs)
-            .map_err(|_| Error::InvalidOption { name: "kwargs".to_string(), reason: "not valid JSON" })?;
-        crate::checkpoint::config_from_kwargs(torch_class, &v, &[])
+        let v = crate::checkpoint::parse_kwargs(kwargs)?;
+        AnyConfig::from_torch(torch_class, &crate::checkpoint::kwargs_from_json(&v, &[])?)
     }
 }

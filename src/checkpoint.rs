@@ -88,11 +88,11 @@ pub(crate) fn options_json(options: Vec<(&'static str, HyperValue)>) -> Map<Stri
 /// the parameter indices, and the rate an `lr_scheduler` records at its start.
 const GROUP_KEYS: [&str; 2] = ["params", "initial_lr"];
 
-/// A configuration from torch keyword arguments as JSON (see
-/// [`AnyConfig::from_torch_json`]); keys in `skip` and [`GROUP_KEYS`] are
-/// ignored, and torch's `None` (JSON `null`) is accepted for the
-/// implementation switches (`foreach`, `fused`, ...), which torch writes so.
-pub(crate) fn config_from_kwargs(class: &str, kwargs: &Value, skip: &[&str]) -> Result<AnyConfig, Error> {
+/// torch keyword arguments from JSON (see [`AnyConfig::from_torch_json`]) as
+/// option pairs; keys in `skip` and [`GROUP_KEYS`] are ignored, and torch's
+/// `None` (JSON `null`) is accepted for the implementation switches
+/// (`foreach`, `fused`, ...), which torch writes so.
+pub(crate) fn kwargs_from_json<'a>(kwargs: &'a Value, skip: &[&str]) -> Result<Vec<(&'a str, HyperValue)>, Error> {
     let invalid = |name: &str, reason| Error::InvalidOption { name: name.to_string(), reason };
     let obj = kwargs.as_object().ok_or_else(|| invalid("kwargs", "not a JSON object"))?;
     let mut opts = Vec::with_capacity(obj.len());
@@ -111,12 +111,20 @@ pub(crate) fn config_from_kwargs(class: &str, kwargs: &Value, skip: &[&str]) -> 
         };
         opts.push((k.as_str(), h));
     }
-    AnyConfig::from_torch(class, &opts)
+    Ok(opts)
+}
+
+/// JSON text parsed as a value, or [`Error::InvalidOption`].
+pub(crate) fn parse_kwargs(kwargs: &str) -> Result<Value, Error> {
+    serde_json::from_str(kwargs)
+        .map_err(|_| Error::InvalidOption { name: "kwargs".to_string(), reason: "not valid JSON" })
 }
 
 /// The configuration of one `param_groups` entry of a checkpoint.
 pub(crate) fn options_from_json(class: &str, group: &Value, skip: &[&str]) -> Result<AnyConfig, Error> {
-    config_from_kwargs(class, group, skip).map_err(|e| bad(format!("hyperparameters: {e}")))
+    kwargs_from_json(group, skip)
+        .and_then(|opts| AnyConfig::from_torch(class, &opts))
+        .map_err(|e| bad(format!("hyperparameters: {e}")))
 }
 
 /// Builds a checkpoint: metadata and `F32` tensors.

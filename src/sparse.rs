@@ -369,6 +369,28 @@ impl Default for SparseAdamConfig {
 }
 
 impl SparseAdamConfig {
+    /// A configuration from torch keyword arguments written as JSON, as
+    /// [`AnyConfig::from_torch_json`](crate::AnyConfig::from_torch_json)
+    /// reads them: `{"lr": 0.01, "betas": [0.9, 0.99]}` or a `param_groups`
+    /// entry of `torch.optim.SparseAdam`. Options not given keep the defaults.
+    ///
+    /// # Errors
+    /// [`Error::InvalidOption`] for text that is not a JSON object, an
+    /// unknown option or a value of the wrong type;
+    /// [`Error::InvalidHyperparameter`] for a value out of its domain.
+    pub fn from_torch_json(kwargs: &str) -> Result<Self, Error> {
+        Self::from_kwargs(&crate::checkpoint::parse_kwargs(kwargs)?)
+    }
+
+    fn from_kwargs(kwargs: &serde_json::Value) -> Result<Self, Error> {
+        let mut c = SparseAdamConfig::default();
+        for (k, v) in crate::checkpoint::kwargs_from_json(kwargs, &[])? {
+            c.set_option(k, &v)?;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
     fn validate(&self) -> Result<(), Error> {
         non_negative("lr", self.lr)?;
         non_negative("eps", self.eps)?;
@@ -462,9 +484,7 @@ impl SparseAdam {
     /// # Errors
     /// [`Error::Checkpoint`] if serialization fails.
     pub fn to_safetensors(&self) -> Result<Vec<u8>, Error> {
-        let c = &self.config;
-        let opts =
-            serde_json::json!({"lr": c.lr, "betas": [c.betas.0, c.betas.1], "eps": c.eps, "maximize": c.maximize});
+        let opts = serde_json::Value::Object(crate::checkpoint::options_json(self.config.options()));
         let mut w = self.steps.writer("SparseAdam", opts);
         let shape = vec![self.steps.rows, self.steps.dim];
         w.tensor("exp_avg", shape.clone(), &self.exp_avg);
@@ -479,17 +499,7 @@ impl SparseAdam {
     pub fn from_safetensors(bytes: &[u8]) -> Result<Self, Error> {
         let (r, g, steps) = RowSteps::reader(bytes, "SparseAdam")?;
         let (rows, dim) = (steps.rows, steps.dim);
-        let num = |k: &str| g[k].as_f64().ok_or_else(|| bad(format!("{k} missing")));
-        let config = SparseAdamConfig {
-            lr: num("lr")?,
-            betas: (
-                g["betas"][0].as_f64().ok_or_else(|| bad("betas"))?,
-                g["betas"][1].as_f64().ok_or_else(|| bad("betas"))?,
-            ),
-            eps: num("eps")?,
-            maximize: g["maximize"].as_bool().ok_or_else(|| bad("maximize missing"))?,
-        };
-        config.validate().map_err(|e| bad(e.to_string()))?;
+        let config = SparseAdamConfig::from_kwargs(&g).map_err(|e| bad(format!("hyperparameters: {e}")))?;
         r.expect_count(3)?;
         let (exp_avg, exp_avg_sq) = (r.buffer("exp_avg", &[rows, dim])?, r.buffer("exp_avg_sq", &[rows, dim])?);
         Ok(SparseAdam { config, steps, exp_avg, exp_avg_sq })

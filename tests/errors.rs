@@ -228,3 +228,22 @@ fn torch_kwargs_from_json() {
     assert!(matches!(AnyConfig::from_torch_json("Adam", r#"{"lr": -1}"#), Err(Error::InvalidHyperparameter { .. })));
     assert!(matches!(AnyConfig::from_torch_json("Adamm", "{}"), Err(Error::UnknownOptimizer { .. })));
 }
+
+#[test]
+fn sparse_adam_kwargs_from_json() {
+    use adaoptim::sparse::SparseAdamConfig;
+    let json = r#"{"lr": 0.05, "betas": [0.8, 0.99], "eps": 1e-6, "maximize": true, "params": [0]}"#;
+    let want = SparseAdamConfig { lr: 0.05, betas: (0.8, 0.99), eps: 1e-6, maximize: true };
+    assert_eq!(SparseAdamConfig::from_torch_json(json).unwrap(), want);
+    assert_eq!(SparseAdamConfig::from_torch_json("{}").unwrap(), SparseAdamConfig::default());
+    for (text, field) in [("[1]", "kwargs"), (r#"{"weight_decay": 0.1}"#, "weight_decay"), (r#"{"lr": true}"#, "lr")] {
+        match SparseAdamConfig::from_torch_json(text) {
+            Err(Error::InvalidOption { name, .. }) => assert_eq!(name, field, "{text}"),
+            other => panic!("{text}: {other:?}"),
+        }
+    }
+    assert!(matches!(
+        SparseAdamConfig::from_torch_json(r#"{"betas": [1.0, 0.9]}"#),
+        Err(Error::InvalidHyperparameter { .. })
+    ));
+}
