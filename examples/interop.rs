@@ -42,7 +42,7 @@ fn grouped<A: Algorithm>(mode: &str, run: &Value, ckpt: &str, typed: fn(AnyConfi
             opt.add_group(typed(config(class, &g["options"])?).expect("class"), &sizes)?;
         }
         for (i, p0) in run["params0"].as_array().expect("params0").iter().enumerate() {
-            opt.params_mut(opt.tensor_id(i).expect("tensor")).copy_from_slice(&f32s(p0));
+            opt.params_mut(opt.tensor_id(i).expect("tensor")).unwrap().copy_from_slice(&f32s(p0));
         }
         opt
     } else {
@@ -50,7 +50,7 @@ fn grouped<A: Algorithm>(mode: &str, run: &Value, ckpt: &str, typed: fn(AnyConfi
     };
     for step in run["grads"].as_array().expect("grads") {
         for (i, g) in step.as_array().expect("per tensor").iter().enumerate() {
-            opt.grads_mut(opt.tensor_id(i).expect("tensor")).copy_from_slice(&f32s(g));
+            opt.grads_mut(opt.tensor_id(i).expect("tensor")).unwrap().copy_from_slice(&f32s(g));
         }
         opt.step()?;
     }
@@ -58,7 +58,9 @@ fn grouped<A: Algorithm>(mode: &str, run: &Value, ckpt: &str, typed: fn(AnyConfi
         opt.save(ckpt)?;
     }
     Ok(Value::from(
-        (0..opt.num_tensors()).map(|i| opt.params(opt.tensor_id(i).expect("tensor")).to_vec()).collect::<Vec<_>>(),
+        (0..opt.num_tensors())
+            .map(|i| opt.params(opt.tensor_id(i).expect("tensor")).unwrap().to_vec())
+            .collect::<Vec<_>>(),
     ))
 }
 

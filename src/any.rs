@@ -72,9 +72,7 @@ impl Hyper for (f64, f64) {
     }
 }
 
-/// torch keyword arguments that pick one of torch's implementations and do
-/// not change the update rule; accepted and ignored.
-pub(crate) const IMPLEMENTATION_KEYS: [&str; 4] = ["foreach", "fused", "differentiable", "capturable"];
+use crate::checkpoint::keywords::IMPLEMENTATION_KEYS;
 
 macro_rules! torch_options {
     ($cfg:ty { $($field:ident),* $(,)? } $(fixed { $($flag:ident = $value:literal),* })?) => {

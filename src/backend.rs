@@ -199,7 +199,10 @@ impl Exec {
 
     /// Chunk size for `n` elements, or `None` to stay serial.
     pub(crate) fn chunk_for(&self, n: usize) -> Option<usize> {
-        let round = |c: usize| c.max(1).div_ceil(16) * 16;
+        // A multiple of 16 (the widest lane count); a chunk past the largest
+        // one is the largest one (it holds any slice, so the step is serial
+        // in effect).
+        let round = |c: usize| c.max(1).checked_next_multiple_of(16).unwrap_or(usize::MAX / 16 * 16);
         match self.parallel {
             Parallel::Serial => None,
             Parallel::Chunks { chunk: 0 } => Some(auto_chunk(n)),

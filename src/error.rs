@@ -92,6 +92,27 @@ pub enum Error {
         /// What is wrong.
         reason: &'static str,
     },
+    /// A buffer of this many elements cannot be allocated, or its size or
+    /// offset overflows.
+    TooLarge {
+        /// Which buffer (`"state"`, `"params"`, `"table"`, ...).
+        what: &'static str,
+        /// The element count asked for.
+        elements: usize,
+    },
+    /// The step counter is at [`MAX_STEP`](crate::MAX_STEP): one more step
+    /// would leave the range where step counts (and the bias corrections
+    /// computed from them) are exact.
+    StepLimit {
+        /// The step count reached.
+        step: u64,
+    },
+    /// A [`TensorId`](crate::groups::TensorId) made by another
+    /// [`GroupedOptimizer`](crate::groups::GroupedOptimizer).
+    ForeignTensor {
+        /// The id's index.
+        index: usize,
+    },
     /// A new configuration needs a different set of state buffers than the
     /// optimizer holds (for example turning `amsgrad` on after construction).
     IncompatibleConfig {
@@ -124,12 +145,27 @@ impl std::fmt::Display for Error {
             Error::Io { kind, message } => write!(f, "I/O error ({kind:?}): {message}"),
             Error::UnknownOptimizer { name } => write!(f, "unknown optimizer {name:?}"),
             Error::InvalidOption { name, reason } => write!(f, "option {name:?}: {reason}"),
+            Error::TooLarge { what, elements } => {
+                write!(f, "{what}: a buffer of {elements} elements cannot be allocated")
+            }
+            Error::StepLimit { step } => {
+                write!(f, "step count {step} is at the limit of {}: no further step is taken", crate::MAX_STEP)
+            }
+            Error::ForeignTensor { index } => {
+                write!(f, "tensor id {index} was made by another GroupedOptimizer")
+            }
             Error::IncompatibleConfig { reason } => write!(f, "incompatible configuration: {reason}"),
         }
     }
 }
 
 impl std::error::Error for Error {}
+
+/// The step number after `t` steps, or [`Error::StepLimit`] at
+/// [`MAX_STEP`](crate::MAX_STEP).
+pub(crate) fn next_step(t: u64) -> Result<u64, Error> {
+    if t >= crate::MAX_STEP { Err(Error::StepLimit { step: t }) } else { Ok(t + 1) }
+}
 
 /// `value` must be finite and `>= 0`.
 pub(crate) fn non_negative(name: &'static str, value: f64) -> Result<(), Error> {

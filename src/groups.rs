@@ -30,10 +30,10 @@
 //! let mut opt = GroupedOptimizer::new();
 //! let decay = opt.add_group(AdamWConfig { weight_decay: 0.1, ..Default::default() }, &[64 * 64, 256 * 64])?;
 //! let no_decay = opt.add_group(AdamWConfig { weight_decay: 0.0, ..Default::default() }, &[64, 64])?;
-//! opt.params_mut(decay[0]).fill(0.02);
-//! opt.grads_mut(no_decay[1]).fill(0.5);
+//! opt.params_mut(decay[0])?.fill(0.02);
+//! opt.grads_mut(no_decay[1])?.fill(0.5);
 //! opt.step()?;
-//! assert!(opt.params(no_decay[1])[0] < 0.0);
+//! assert!(opt.params(no_decay[1])?[0] < 0.0);
 //! # Ok::<(), adaoptim::Error>(())
 //! ```
 
@@ -41,49 +41,53 @@ use std::ops::Range;
 
 use aligned_vec::AVec;
 
-use serde_json::Value;
-
 use crate::backend::Parallel;
-use crate::checkpoint::{Reader, Writer, options_from_json, options_json};
 use crate::driver::{Plan, StepReport};
 use crate::optim::sealed::Sealed;
 use crate::optim::{Guards, MAX_STATE, NonFinitePolicy};
 use crate::schedule::{LrSchedule, Schedule};
 use crate::{Algorithm, Error, Exec};
 
-fn bad(reason: impl Into<String>) -> Error {
-    Error::Checkpoint { reason: reason.into() }
-}
-
 use crate::memory::{self, Buffer};
 
-/// A tensor of a [`GroupedOptimizer`].
+/// A tensor of a [`GroupedOptimizer`]. It names the optimizer that made it
+/// (and its clones): handed to another optimizer it is
+/// [`Error::ForeignTensor`], never another tensor's data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct TensorId(usize);
+pub struct TensorId {
+    owner: u64,
+    index: usize,
+}
 
 impl TensorId {
     /// The tensor's index: its place in the order tensors were added, across
     /// groups, as torch's `state_dict` numbers parameters.
     pub fn index(self) -> usize {
-        self.0
+        self.index
     }
 }
 
-#[derive(Clone, Debug)]
-struct Tensor {
-    group: usize,
-    offset: usize,
-    len: usize,
+/// A fresh owner token per optimizer (clones share theirs: same layout).
+fn next_owner() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 #[derive(Clone, Debug)]
-struct Group<A: Algorithm> {
-    config: A,
-    aux: <A as Sealed>::Aux,
+pub(crate) struct Tensor {
+    pub(crate) group: usize,
+    pub(crate) offset: usize,
+    pub(crate) len: usize,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Group<A: Algorithm> {
+    pub(crate) config: A,
+    pub(crate) aux: <A as Sealed>::Aux,
     schedule: Option<Schedule>,
     /// Where each of the config's state buffers (in `state_names()` order)
     /// lives among the optimizer's buffers.
-    slots: Vec<usize>,
+    pub(crate) slots: Vec<usize>,
 }
 
 /// Many tensors in groups with their own hyperparameters (and schedules),
@@ -91,17 +95,18 @@ struct Group<A: Algorithm> {
 /// [module docs](self).
 #[derive(Clone, Debug)]
 pub struct GroupedOptimizer<A: Algorithm> {
-    groups: Vec<Group<A>>,
-    tensors: Vec<Tensor>,
-    params: Buffer,
+    pub(crate) groups: Vec<Group<A>>,
+    pub(crate) tensors: Vec<Tensor>,
+    pub(crate) params: Buffer,
     grads: Buffer,
     /// One arena-wide buffer per state name any group keeps (a group that
     /// lacks a name leaves its range of that buffer unused, at 0).
-    state: Vec<Buffer>,
+    pub(crate) state: Vec<Buffer>,
     state_names: Vec<&'static str>,
-    t: u64,
+    pub(crate) t: u64,
     exec: Exec,
     guards: Guards,
+    owner: u64,
 }
 
 impl<A: Algorithm> Default for GroupedOptimizer<A> {
@@ -116,6 +121,7 @@ impl<A: Algorithm> Default for GroupedOptimizer<A> {
             t: 0,
             exec: Exec::auto(),
             guards: Guards::default(),
+            owner: next_owner(),
         }
     }
 }
@@ -144,7 +150,9 @@ impl<A: Algorithm> GroupedOptimizer<A> {
     /// costs as much as one kept by all.
     ///
     /// # Errors
-    /// Invalid hyperparameters; nothing changes then.
+    /// Invalid hyperparameters; [`Error::TooLarge`] for sizes whose arena
+    /// offsets overflow or whose buffers cannot be allocated. Nothing changes
+    /// then.
     pub fn add_group(&mut self, config: A, sizes: &[usize]) -> Result<Vec<TensorId>, Error> {
         config.validate()?;
         let mut names = self.state_names.clone();
@@ -161,26 +169,48 @@ impl<A: Algorithm> GroupedOptimizer<A> {
         if names.len() > MAX_STATE {
             return Err(Error::IncompatibleConfig { reason: "the groups together keep too many state buffers" });
         }
-        // A new state name gets a buffer covering the tensors already added.
+        // Every offset first, with checked arithmetic, and every buffer's
+        // room reserved before any length changes: an error leaves the
+        // optimizer as it was.
+        let mut placed = Vec::with_capacity(sizes.len());
+        let mut end = self.params.len();
+        for &len in sizes {
+            let offset = end.checked_next_multiple_of(16).ok_or(Error::TooLarge { what: "params", elements: len })?;
+            end = offset.checked_add(len).ok_or(Error::TooLarge { what: "params", elements: len })?;
+            placed.push((offset, len));
+        }
+        if end > isize::MAX as usize / size_of::<f32>() {
+            return Err(Error::TooLarge { what: "params", elements: end });
+        }
+        let mut new_state = Vec::new();
         for _ in self.state_names.len()..names.len() {
             let mut b = AVec::new(64);
-            memory::grow(&mut b, self.params.len(), 0.0);
+            memory::reserve_total("state", &mut b, end)?;
+            new_state.push(b);
+        }
+        memory::reserve_total("params", &mut self.params, end)?;
+        memory::reserve_total("grads", &mut self.grads, end)?;
+        for s in &mut self.state {
+            memory::reserve_total("state", s, end)?;
+        }
+        // From here on nothing allocates beyond the reserved room, so nothing fails.
+        for mut b in new_state {
+            memory::grow("state", &mut b, self.params.len(), 0.0)?;
             self.state.push(b);
         }
         self.state_names = names;
         let group = self.groups.len();
         let mut ids = Vec::with_capacity(sizes.len());
-        for &len in sizes {
-            let offset = self.params.len().div_ceil(16) * 16;
+        for (offset, len) in placed {
             let end = offset + len;
-            memory::grow(&mut self.params, end, 0.0);
-            memory::grow(&mut self.grads, end, 0.0);
+            memory::grow("params", &mut self.params, end, 0.0)?;
+            memory::grow("grads", &mut self.grads, end, 0.0)?;
             for (j, s) in self.state.iter_mut().enumerate() {
-                memory::grow(s, offset, 0.0);
+                memory::grow("state", s, offset, 0.0)?;
                 let init = slots.iter().position(|&x| x == j).map_or(0.0, |i| config.state_init(i));
-                memory::grow(s, end, init);
+                memory::grow("state", s, end, init)?;
             }
-            ids.push(TensorId(self.tensors.len()));
+            ids.push(TensorId { owner: self.owner, index: self.tensors.len() });
             self.tensors.push(Tensor { group, offset, len });
         }
         self.groups.push(Group { aux: config.aux_init(), config, schedule: None, slots });
@@ -249,43 +279,57 @@ impl<A: Algorithm> GroupedOptimizer<A> {
         Ok(())
     }
 
-    fn tensor(&self, id: TensorId) -> &Tensor {
-        &self.tensors[id.0]
+    fn tensor(&self, id: TensorId) -> Result<&Tensor, Error> {
+        match self.tensors.get(id.index) {
+            Some(t) if id.owner == self.owner => Ok(t),
+            _ => Err(Error::ForeignTensor { index: id.index }),
+        }
+    }
+
+    fn range(&self, id: TensorId) -> Result<Range<usize>, Error> {
+        self.tensor(id).map(|t| t.offset..t.offset + t.len)
     }
 
     /// A tensor's parameters.
     ///
-    /// # Panics
-    /// If `id` comes from another optimizer (ids are only made by `add_group`).
-    pub fn params(&self, id: TensorId) -> &[f32] {
-        let t = self.tensor(id);
-        &self.params[t.offset..t.offset + t.len]
+    /// # Errors
+    /// [`Error::ForeignTensor`] for an id made by another optimizer.
+    pub fn params(&self, id: TensorId) -> Result<&[f32], Error> {
+        Ok(&self.params[self.range(id)?])
     }
 
     /// A tensor's parameters, to write.
     ///
-    /// # Panics
+    /// # Errors
     /// As [`params`](Self::params).
-    pub fn params_mut(&mut self, id: TensorId) -> &mut [f32] {
-        let t = self.tensors[id.0].clone();
-        &mut self.params[t.offset..t.offset + t.len]
+    pub fn params_mut(&mut self, id: TensorId) -> Result<&mut [f32], Error> {
+        let r = self.range(id)?;
+        Ok(&mut self.params[r])
     }
 
     /// A tensor's gradient buffer, to fill before a step.
     ///
-    /// # Panics
+    /// # Errors
     /// As [`params`](Self::params).
-    pub fn grads_mut(&mut self, id: TensorId) -> &mut [f32] {
-        let t = self.tensors[id.0].clone();
-        &mut self.grads[t.offset..t.offset + t.len]
+    pub fn grads_mut(&mut self, id: TensorId) -> Result<&mut [f32], Error> {
+        let r = self.range(id)?;
+        Ok(&mut self.grads[r])
     }
 
-    /// A tensor's state buffer by torch name; `None` if its group keeps no
-    /// such buffer.
-    pub fn state(&self, name: &str, id: TensorId) -> Option<&[f32]> {
-        let t = self.tensor(id);
-        let i = self.groups[t.group].config.state_names().iter().position(|s| *s == name)?;
-        Some(&self.state[self.groups[t.group].slots[i]][t.offset..t.offset + t.len])
+    /// A tensor's state buffer by torch name; `Ok(None)` if its group keeps
+    /// no such buffer.
+    ///
+    /// # Errors
+    /// As [`params`](Self::params).
+    pub fn state(&self, name: &str, id: TensorId) -> Result<Option<&[f32]>, Error> {
+        let t = self.tensor(id)?;
+        let group = &self.groups[t.group];
+        Ok(group
+            .config
+            .state_names()
+            .iter()
+            .position(|s| *s == name)
+            .map(|i| &self.state[group.slots[i]][t.offset..t.offset + t.len]))
     }
 
     /// The whole parameter arena (including padding between tensors).
@@ -318,7 +362,7 @@ impl<A: Algorithm> GroupedOptimizer<A> {
     /// This is how tensors are found again in an optimizer loaded from a
     /// checkpoint.
     pub fn tensor_id(&self, index: usize) -> Option<TensorId> {
-        (index < self.tensors.len()).then_some(TensorId(index))
+        (index < self.tensors.len()).then_some(TensorId { owner: self.owner, index })
     }
 
     /// A group's configuration.
@@ -407,6 +451,7 @@ impl<A: Algorithm> GroupedOptimizer<A> {
 
     fn step_inner(&mut self, range: Range<usize>, given_norm: Option<f64>) -> Result<StepReport, Error> {
         self.check_range(&range)?;
+        let t = crate::error::next_step(self.t)?;
         let mut plan = self.guards.plan(&self.exec)?;
         let (skipped, norm) = self.guards.check(&mut plan, &self.grads[range.clone()], range.start, given_norm)?;
         if let Some(skipped) = skipped {
@@ -424,7 +469,6 @@ impl<A: Algorithm> GroupedOptimizer<A> {
                 g.config = scheduled(&g.config, s, self.t)?;
             }
         }
-        let t = self.t + 1;
         let serial = Plan { exec: Exec { parallel: Parallel::Serial, ..plan.exec }, ..plan };
         let k = self.state_names.len();
         let (lo, hi) = (range.start, range.end);
@@ -544,116 +588,4 @@ fn split<A: Algorithm>(ctx: &Ctx<'_, A>, a: Arena<'_>, chunk: usize) {
     let mid = n.div_ceil(chunk) / 2 * chunk;
     let (x, y) = a.split_at(mid);
     rayon::join(|| split(ctx, x, chunk), || split(ctx, y, chunk));
-}
-
-impl<A: Algorithm> GroupedOptimizer<A> {
-    /// The optimizer as safetensors bytes: every tensor's parameters
-    /// (`params.{i}`) and state (`state.{i}.exp_avg`, ...), the step count, and
-    /// each group's hyperparameters and tensor indices in `param_groups` (see
-    /// [`checkpoint`](crate::checkpoint)). Schedules are code, not data: set
-    /// them again after loading.
-    ///
-    /// # Errors
-    /// [`Error::Checkpoint`] if serialization fails.
-    pub fn to_safetensors(&self) -> Result<Vec<u8>, Error> {
-        let mut w = Writer::new(A::TORCH_CLASS, "grouped", self.t);
-        let groups: Vec<Value> = self
-            .groups
-            .iter()
-            .enumerate()
-            .map(|(gi, g)| {
-                let mut m = options_json(g.config.to_any().options());
-                let params: Vec<usize> = (0..self.tensors.len()).filter(|&i| self.tensors[i].group == gi).collect();
-                m.insert("params".to_string(), Value::from(params));
-                if let Some(name) = A::AUX_NAME {
-                    m.insert(name.to_string(), Value::from(A::aux_to_f32(&g.aux) as f64));
-                }
-                Value::Object(m)
-            })
-            .collect();
-        w.meta("param_groups", Value::Array(groups));
-        for (i, t) in self.tensors.iter().enumerate() {
-            let r = t.offset..t.offset + t.len;
-            w.tensor(format!("params.{i}"), vec![t.len], &self.params[r.clone()]);
-            let group = &self.groups[t.group];
-            for (name, &j) in group.config.state_names().iter().zip(&group.slots) {
-                w.tensor(format!("state.{i}.{name}"), vec![t.len], &self.state[j][r.clone()]);
-            }
-        }
-        w.finish()
-    }
-
-    /// Saves atomically; see [`to_safetensors`](Self::to_safetensors).
-    ///
-    /// # Errors
-    /// [`Error::Io`] or [`Error::Checkpoint`]; a previous file is intact then.
-    pub fn save(&self, path: impl AsRef<std::path::Path>) -> Result<(), Error> {
-        crate::checkpoint::write_atomic(path.as_ref(), &self.to_safetensors()?)
-    }
-
-    /// A grouped optimizer from bytes written by
-    /// [`to_safetensors`](Self::to_safetensors): same groups, tensors (and
-    /// ids), parameters, state and step count; default execution policy.
-    ///
-    /// # Errors
-    /// [`Error::Checkpoint`] for anything truncated, corrupted or mismatched.
-    pub fn from_safetensors(bytes: &[u8]) -> Result<Self, Error> {
-        let r = Reader::open(bytes, A::TORCH_CLASS, "grouped")?;
-        let groups = r.json("param_groups")?;
-        let groups = groups.as_array().ok_or_else(|| bad("param_groups is not a list"))?;
-        let mut opt = GroupedOptimizer::new();
-        let mut next = 0usize;
-        let skip = A::AUX_NAME.as_slice();
-        for (gi, g) in groups.iter().enumerate() {
-            let config = A::from_any(&options_from_json(A::TORCH_CLASS, g, skip)?)
-                .ok_or_else(|| bad("hyperparameters of another kind"))?;
-            let ids: Vec<usize> = g["params"]
-                .as_array()
-                .ok_or_else(|| bad("a group has no params list"))?
-                .iter()
-                .map(|v| v.as_u64().map(|x| x as usize).ok_or_else(|| bad("a params entry is not an index")))
-                .collect::<Result<_, _>>()?;
-            if ids.iter().enumerate().any(|(k, &i)| i != next + k) {
-                return Err(bad("tensor indices must run in order across the groups"));
-            }
-            next += ids.len();
-            let mut sizes = Vec::with_capacity(ids.len());
-            for &i in &ids {
-                match r.shape(&format!("params.{i}"))?.as_slice() {
-                    [len] => sizes.push(*len),
-                    other => return Err(bad(format!("params.{i} has shape {other:?}"))),
-                }
-            }
-            // Refuse absurd sizes before allocating for them: every tensor
-            // must be backed by data in the file.
-            if sizes.iter().try_fold(0usize, |a, &b| a.checked_add(b)).is_none_or(|total| total > bytes.len()) {
-                return Err(bad("tensor sizes exceed the file"));
-            }
-            opt.add_group(config, &sizes).map_err(|e| bad(format!("group {gi}: {e}")))?;
-            if let Some(name) = A::AUX_NAME {
-                let x = g[name].as_f64().ok_or_else(|| bad(format!("group {gi} has no {name}")))?;
-                opt.groups[gi].aux = A::aux_from_f32(x as f32).ok_or_else(|| bad(format!("bad {name}")))?;
-            }
-        }
-        r.expect_count(1 + opt.tensors.iter().map(|t| 1 + opt.groups[t.group].slots.len()).sum::<usize>())?;
-        for i in 0..next {
-            let t = opt.tensors[i].clone();
-            let range = t.offset..t.offset + t.len;
-            opt.params[range.clone()].copy_from_slice(&r.f32s(&format!("params.{i}"), &[t.len])?);
-            let group = &opt.groups[t.group];
-            for (name, &j) in group.config.state_names().iter().zip(&group.slots) {
-                opt.state[j][range.clone()].copy_from_slice(&r.f32s(&format!("state.{i}.{name}"), &[t.len])?);
-            }
-        }
-        opt.t = r.step;
-        Ok(opt)
-    }
-
-    /// Loads a grouped optimizer saved with [`save`](Self::save).
-    ///
-    /// # Errors
-    /// [`Error::Io`] or [`Error::Checkpoint`].
-    pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self, Error> {
-        Self::from_safetensors(&crate::checkpoint::read(path.as_ref())?)
-    }
 }

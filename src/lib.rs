@@ -57,7 +57,9 @@ pub use optim::adamax::AdamaxConfig;
 pub use optim::nadam::NAdamConfig;
 pub use optim::rmsprop::RmsPropConfig;
 pub use optim::sgd::SgdConfig;
-pub use optim::{Algorithm, MAX_STATE, NonFinitePolicy, Optimizer, StepOptions, step_slices, step_slices_with};
+pub use optim::{
+    Algorithm, MAX_STATE, MAX_STEP, NonFinitePolicy, Optimizer, StepOptions, step_slices, step_slices_with,
+};
 
 /// `torch.optim.SGD` (momentum, dampening, Nesterov).
 pub type Sgd = Optimizer<SgdConfig>;

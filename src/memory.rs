@@ -14,6 +14,8 @@
 
 use aligned_vec::{AVec, ConstAlign};
 
+use crate::Error;
+
 /// f32s on 64-byte (cache line, AVX-512 register) boundaries; derefs to
 /// `[f32]`.
 pub type Buffer = AVec<f32, ConstAlign<64>>;
@@ -27,6 +29,22 @@ fn with_capacity(n: usize) -> Buffer {
     let mut b = Buffer::with_capacity(64, n);
     advise_huge(b.as_mut_ptr().cast(), n * size_of::<f32>());
     b
+}
+
+/// [`with_capacity`], or [`Error::TooLarge`] where the allocation fails or
+/// its size overflows (instead of aborting the process).
+fn try_with_capacity(what: &'static str, n: usize) -> Result<Buffer, Error> {
+    let mut b = Buffer::new(64);
+    b.try_reserve_exact(n).map_err(|_| Error::TooLarge { what, elements: n })?;
+    advise_huge(b.as_mut_ptr().cast(), n * size_of::<f32>());
+    Ok(b)
+}
+
+/// [`filled`], or [`Error::TooLarge`] for a buffer that cannot be allocated.
+pub(crate) fn try_filled(what: &'static str, n: usize, v: f32) -> Result<Buffer, Error> {
+    let mut b = try_with_capacity(what, n)?;
+    b.resize(n, v);
+    Ok(b)
 }
 
 /// A buffer of `n` copies of `v`.
@@ -50,15 +68,32 @@ pub fn copied(src: &[f32]) -> Buffer {
     b
 }
 
-/// Grows `b` to `n` elements, the new ones `v` (amortized doubling, as
-/// `Vec` grows; a new allocation is advised like [`filled`]'s).
-pub(crate) fn grow(b: &mut Buffer, n: usize, v: f32) {
+/// Makes room for `n` elements in `b` (amortized doubling), keeping its
+/// contents and length.
+///
+/// # Errors
+/// [`Error::TooLarge`] if the larger buffer cannot be allocated; `b` is
+/// unchanged then.
+pub(crate) fn reserve_total(what: &'static str, b: &mut Buffer, n: usize) -> Result<(), Error> {
     if n > b.capacity() {
-        let mut bigger = with_capacity(n.max(2 * b.capacity()));
+        let mut bigger =
+            try_with_capacity(what, n.max(b.capacity().saturating_mul(2))).or_else(|_| try_with_capacity(what, n))?;
         bigger.extend_from_slice(b);
         *b = bigger;
     }
+    Ok(())
+}
+
+/// Grows `b` to `n` elements, the new ones `v` (amortized doubling, as
+/// `Vec` grows; a new allocation is advised like [`filled`]'s).
+///
+/// # Errors
+/// [`Error::TooLarge`] if the larger buffer cannot be allocated; `b` is
+/// unchanged then.
+pub(crate) fn grow(what: &'static str, b: &mut Buffer, n: usize, v: f32) -> Result<(), Error> {
+    reserve_total(what, b, n)?;
     b.resize(n, v);
+    Ok(())
 }
 
 #[cfg(target_os = "linux")]
@@ -105,15 +140,15 @@ mod tests {
     #[test]
     fn grow_keeps_contents_and_doubles() {
         let mut b = filled(3, 1.0);
-        grow(&mut b, 5, 2.0);
+        grow("b", &mut b, 5, 2.0).unwrap();
         assert_eq!(&b[..], &[1.0, 1.0, 1.0, 2.0, 2.0]);
         let cap = b.capacity();
-        grow(&mut b, cap + 1, 3.0);
+        grow("b", &mut b, cap + 1, 3.0).unwrap();
         assert!(b.capacity() >= 2 * cap);
         assert_eq!(b.as_ptr() as usize % 64, 0);
         assert_eq!(&b[..5], &[1.0, 1.0, 1.0, 2.0, 2.0]);
         assert!(b[5..].iter().all(|&x| x == 3.0));
-        grow(&mut b, HUGE_MIN_BYTES, 4.0);
+        grow("b", &mut b, HUGE_MIN_BYTES, 4.0).unwrap();
         assert_eq!(b.len(), HUGE_MIN_BYTES);
         assert_eq!(b[HUGE_MIN_BYTES - 1], 4.0);
         assert_eq!(b[4], 2.0);

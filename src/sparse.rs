@@ -24,18 +24,13 @@
 
 use rayon::prelude::*;
 
-use crate::checkpoint::{Reader, Writer};
 use crate::driver::{Kernel, Plan, Slices, StepReport, runner};
 use crate::error::{non_negative, unit_half_open};
 use crate::optim::pow_step;
 use crate::simd::F32Vec;
 use crate::{Error, Exec, NonFinitePolicy};
 
-fn bad(reason: impl Into<String>) -> Error {
-    Error::Checkpoint { reason: reason.into() }
-}
-
-use crate::memory::{Buffer, filled as zeros};
+use crate::memory::{Buffer, try_filled};
 
 /// One coalesced gradient row: the table row, and where its values are
 /// (`src < n` is row `src` of the caller's values; otherwise row `src - n` of
@@ -48,25 +43,23 @@ struct Entry {
 
 /// Validates and coalesces row-sparse gradients into reusable buffers: the
 /// caller's values are not copied, only duplicated rows are summed. Finding
-/// duplicates is O(n) with a per-row stamp (8 bytes per table row), with no
-/// sort.
+/// duplicates sorts the (row, position) pairs in place, so the bookkeeping
+/// is bounded by the rows a gradient touches, never by the table's size.
 #[derive(Clone, Debug, Default)]
-struct Coalescer {
+pub(crate) struct Coalescer {
     entries: Vec<Entry>,
     sums: Vec<f32>,
-    /// `stamp[row] == epoch` if the row was seen in the current step ...
-    stamp: Vec<u32>,
-    /// ... at `entries[slot[row]]`.
-    slot: Vec<u32>,
-    epoch: u32,
+    /// For each summed row (row `k` of `sums`), the position of its first
+    /// occurrence in the caller's rows (to report a non-finite sum).
+    sum_first: Vec<usize>,
 }
 
-/// A coalesced gradient: unique rows (in order of first appearance) and a
-/// view of their values.
+/// A coalesced gradient: unique rows and a view of their values.
 struct Coalesced<'a> {
     entries: &'a [Entry],
     values: &'a [f32],
     sums: &'a [f32],
+    sum_first: &'a [usize],
     n: usize,
     dim: usize,
 }
@@ -89,12 +82,9 @@ impl Coalescer {
         if table_len != table_rows * dim {
             return Err(Error::LengthMismatch { what: "table", expected: table_rows * dim, actual: table_len });
         }
-        if values.len() != rows.len() * dim {
-            return Err(Error::LengthMismatch {
-                what: "grad_values",
-                expected: rows.len() * dim,
-                actual: values.len(),
-            });
+        let expected = rows.len().saturating_mul(dim);
+        if values.len() != expected {
+            return Err(Error::LengthMismatch { what: "grad_values", expected, actual: values.len() });
         }
         if let Some(&r) = rows.iter().find(|&&r| r >= table_rows) {
             return Err(Error::RowOutOfRange { row: r, rows: table_rows });
@@ -102,48 +92,46 @@ impl Coalescer {
         Ok(())
     }
 
-    /// Unique rows in order of first appearance; a duplicated row's values
-    /// are summed in the order given (torch's coalesce adds them up too).
-    fn coalesce<'a>(&'a mut self, table_rows: usize, rows: &[usize], values: &'a [f32], dim: usize) -> Coalesced<'a> {
+    /// Unique rows (in the order given when the rows are strictly
+    /// increasing, else in row order); a duplicated row's values are summed
+    /// in the order given (torch's coalesce adds them up too). Rows are
+    /// updated independently, so their order does not change any result.
+    fn coalesce<'a>(&'a mut self, rows: &[usize], values: &'a [f32], dim: usize) -> Coalesced<'a> {
         let n = rows.len();
         self.entries.clear();
+        self.sums.clear();
+        self.sum_first.clear();
         self.entries.extend(rows.iter().enumerate().map(|(src, &row)| Entry { row, src }));
         if !rows.windows(2).all(|w| w[0] < w[1]) {
-            if self.stamp.len() != table_rows {
-                self.stamp = vec![0; table_rows];
-                self.slot = vec![0; table_rows];
-                self.epoch = 0;
-            }
-            self.epoch = self.epoch.wrapping_add(1);
-            if self.epoch == 0 {
-                self.stamp.fill(0);
-                self.epoch = 1;
-            }
-            self.sums.clear();
-            let mut out = 0usize;
-            for i in 0..n {
-                let Entry { row, src } = self.entries[i];
-                if self.stamp[row] != self.epoch {
-                    self.stamp[row] = self.epoch;
-                    self.slot[row] = out as u32;
-                    self.entries[out] = Entry { row, src };
-                    out += 1;
-                    continue;
+            // (row, src) pairs are distinct, so the unstable sort is
+            // deterministic and keeps each row's occurrences in given order.
+            self.entries.sort_unstable_by_key(|e| (e.row, e.src));
+            let (mut out, mut i) = (0, 0);
+            while i < n {
+                let first = self.entries[i];
+                let mut j = i + 1;
+                while j < n && self.entries[j].row == first.row {
+                    j += 1;
                 }
-                let first = &mut self.entries[self.slot[row] as usize];
-                if first.src < n {
-                    // Second occurrence: start a sum from the first.
-                    let k = self.sums.len() / dim.max(1);
+                self.entries[out] = if j - i == 1 {
+                    first
+                } else {
+                    let k = self.sum_first.len();
+                    let start = self.sums.len();
                     self.sums.extend_from_slice(&values[first.src * dim..(first.src + 1) * dim]);
-                    first.src = n + k;
-                }
-                let start = (first.src - n) * dim;
-                let v = &values[src * dim..(src + 1) * dim];
-                self.sums[start..start + dim].iter_mut().zip(v).for_each(|(a, b)| *a += b);
+                    for e in &self.entries[i + 1..j] {
+                        let v = &values[e.src * dim..(e.src + 1) * dim];
+                        self.sums[start..].iter_mut().zip(v).for_each(|(a, b)| *a += b);
+                    }
+                    self.sum_first.push(first.src);
+                    Entry { row: first.row, src: n + k }
+                };
+                out += 1;
+                i = j;
             }
             self.entries.truncate(out);
         }
-        Coalesced { entries: &self.entries, values, sums: &self.sums, n, dim }
+        Coalesced { entries: &self.entries, values, sums: &self.sums, sum_first: &self.sum_first, n, dim }
     }
 }
 
@@ -230,10 +218,10 @@ fn update_rows<K: Kernel<S>, const S: usize>(
 /// What every row-sparse optimizer keeps besides its state: the table shape,
 /// the step count, the coalescing buffers and the execution policy.
 #[derive(Clone, Debug)]
-struct RowSteps {
-    rows: usize,
-    dim: usize,
-    t: u64,
+pub(crate) struct RowSteps {
+    pub(crate) rows: usize,
+    pub(crate) dim: usize,
+    pub(crate) t: u64,
     scratch: Coalescer,
     exec: Exec,
     non_finite: NonFinitePolicy,
@@ -248,31 +236,9 @@ enum Prepared<'a> {
 }
 
 impl RowSteps {
-    /// A checkpoint writer holding the shape and step count.
-    fn writer(&self, class: &str, options: serde_json::Value) -> Writer {
-        let mut w = Writer::new(class, "sparse", self.t);
-        w.meta("rows", self.rows);
-        w.meta("dim", self.dim);
-        w.meta("param_groups", serde_json::Value::Array(vec![options]));
-        w
-    }
-
-    /// Opens a sparse checkpoint: the reader, its options, and the shape and
-    /// step count it restores.
-    fn reader<'a>(bytes: &'a [u8], class: &str) -> Result<(Reader<'a>, serde_json::Value, RowSteps), Error> {
-        let r = Reader::open(bytes, class, "sparse")?;
-        let (rows, dim): (usize, usize) = (r.parse("rows")?, r.parse("dim")?);
-        let groups = r.json("param_groups")?;
-        let g = groups.as_array().and_then(|g| g.first()).cloned().ok_or_else(|| bad("no param_groups entry"))?;
-        let (mut steps, _) = RowSteps::new(rows, dim)?;
-        steps.t = r.step;
-        Ok((r, g, steps))
-    }
-
     /// The shape and its element count.
-    fn new(rows: usize, dim: usize) -> Result<(RowSteps, usize), Error> {
-        let n =
-            rows.checked_mul(dim).ok_or(Error::LengthMismatch { what: "table", expected: usize::MAX, actual: rows })?;
+    pub(crate) fn new(rows: usize, dim: usize) -> Result<(RowSteps, usize), Error> {
+        let n = rows.checked_mul(dim).ok_or(Error::TooLarge { what: "table", elements: usize::MAX })?;
         let steps = RowSteps {
             rows,
             dim,
@@ -294,7 +260,7 @@ impl RowSteps {
         grad_values: &[f32],
         state: [&mut [f32]; S],
     ) -> Result<StepReport, Error> {
-        let t = self.t + 1;
+        let t = crate::error::next_step(self.t)?;
         let (plan, parallel, grad) = match self.prepare(table.len(), grad_rows, grad_values)? {
             Prepared::Go(plan, parallel, grad) => (plan, parallel, grad),
             Prepared::Skip(report) => return Ok(report),
@@ -305,7 +271,9 @@ impl RowSteps {
     }
 
     /// Checks the gradient against the table (before anything is written),
-    /// applies the non-finite policy, resolves the plan and coalesces.
+    /// resolves the plan, coalesces, and applies the non-finite policy to the
+    /// coalesced gradient (duplicate rows of large values can sum to
+    /// infinity; torch's `GradScaler` coalesces before its check too).
     fn prepare<'a>(
         &'a mut self,
         table_len: usize,
@@ -313,12 +281,24 @@ impl RowSteps {
         grad_values: &'a [f32],
     ) -> Result<Prepared<'a>, Error> {
         Coalescer::check(self.rows, self.dim, table_len, grad_rows, grad_values)?;
+        crate::error::next_step(self.t)?;
         let plan = Plan::new(&self.exec)?;
-        if let Some(skipped) = crate::optim::non_finite_guard(self.non_finite, &plan, grad_values, 0)? {
+        let policy = self.non_finite;
+        let dim = self.dim;
+        if let Some(skipped) = crate::optim::non_finite_guard(policy, &plan, grad_values, 0)? {
             return Ok(Prepared::Skip(skipped));
         }
+        let grad = self.scratch.coalesce(grad_rows, grad_values, dim);
+        if policy != NonFinitePolicy::Propagate && crate::driver::any_non_finite(&plan, grad.sums) {
+            if policy == NonFinitePolicy::Error {
+                let at = grad.sums.iter().position(|x| !x.is_finite()).unwrap_or(0);
+                let index = grad.sum_first[at / dim.max(1)] * dim + at % dim.max(1);
+                return Err(Error::NonFiniteGradient { index });
+            }
+            return Ok(Prepared::Skip(StepReport { backend: plan.backend, parallel: false, skipped: true }));
+        }
         let parallel = plan.exec.chunk_for(grad_values.len()).is_some();
-        Ok(Prepared::Go(plan, parallel, self.scratch.coalesce(self.rows, grad_rows, grad_values, self.dim)))
+        Ok(Prepared::Go(plan, parallel, grad))
     }
 }
 
@@ -382,7 +362,7 @@ impl SparseAdamConfig {
         Self::from_kwargs(&crate::checkpoint::parse_kwargs(kwargs)?)
     }
 
-    fn from_kwargs(kwargs: &serde_json::Value) -> Result<Self, Error> {
+    pub(crate) fn from_kwargs(kwargs: &serde_json::Value) -> Result<Self, Error> {
         let mut c = SparseAdamConfig::default();
         for (k, v) in crate::checkpoint::kwargs_from_json(kwargs, &[])? {
             c.set_option(k, &v)?;
@@ -430,10 +410,10 @@ impl Kernel<2> for SparseAdamKernel {
 /// global step count.
 #[derive(Clone, Debug)]
 pub struct SparseAdam {
-    config: SparseAdamConfig,
-    steps: RowSteps,
-    exp_avg: Buffer,
-    exp_avg_sq: Buffer,
+    pub(crate) config: SparseAdamConfig,
+    pub(crate) steps: RowSteps,
+    pub(crate) exp_avg: Buffer,
+    pub(crate) exp_avg_sq: Buffer,
 }
 
 impl SparseAdam {
@@ -444,7 +424,12 @@ impl SparseAdam {
     pub fn new(config: SparseAdamConfig, rows: usize, dim: usize) -> Result<Self, Error> {
         config.validate()?;
         let (steps, n) = RowSteps::new(rows, dim)?;
-        Ok(SparseAdam { config, steps, exp_avg: zeros(n, 0.0), exp_avg_sq: zeros(n, 0.0) })
+        Ok(SparseAdam {
+            config,
+            steps,
+            exp_avg: try_filled("exp_avg", n, 0.0)?,
+            exp_avg_sq: try_filled("exp_avg_sq", n, 0.0)?,
+        })
     }
 
     /// One step from the gradient rows `grad_rows` with values `grad_values`
@@ -453,7 +438,7 @@ impl SparseAdam {
     /// # Errors
     /// [`Error::LengthMismatch`] or [`Error::RowOutOfRange`] before anything is written.
     pub fn step(&mut self, table: &mut [f32], grad_rows: &[usize], grad_values: &[f32]) -> Result<StepReport, Error> {
-        let t = self.steps.t + 1;
+        let t = crate::error::next_step(self.steps.t)?;
         let (b1, b2) = self.config.betas;
         let k = SparseAdamKernel {
             maximize: self.config.maximize,
@@ -478,33 +463,6 @@ impl SparseAdam {
         self.config.lr = lr;
         Ok(())
     }
-    /// The optimizer as safetensors bytes (`exp_avg`, `exp_avg_sq` of shape
-    /// `[rows, dim]`, `step`); see [`checkpoint`](crate::checkpoint).
-    ///
-    /// # Errors
-    /// [`Error::Checkpoint`] if serialization fails.
-    pub fn to_safetensors(&self) -> Result<Vec<u8>, Error> {
-        let opts = serde_json::Value::Object(crate::checkpoint::options_json(self.config.options()));
-        let mut w = self.steps.writer("SparseAdam", opts);
-        let shape = vec![self.steps.rows, self.steps.dim];
-        w.tensor("exp_avg", shape.clone(), &self.exp_avg);
-        w.tensor("exp_avg_sq", shape, &self.exp_avg_sq);
-        w.finish()
-    }
-
-    /// A SparseAdam from bytes written by [`to_safetensors`](Self::to_safetensors).
-    ///
-    /// # Errors
-    /// [`Error::Checkpoint`] for anything truncated, corrupted or mismatched.
-    pub fn from_safetensors(bytes: &[u8]) -> Result<Self, Error> {
-        let (r, g, steps) = RowSteps::reader(bytes, "SparseAdam")?;
-        let (rows, dim) = (steps.rows, steps.dim);
-        let config = SparseAdamConfig::from_kwargs(&g).map_err(|e| bad(format!("hyperparameters: {e}")))?;
-        r.expect_count(3)?;
-        let (exp_avg, exp_avg_sq) = (r.buffer("exp_avg", &[rows, dim])?, r.buffer("exp_avg_sq", &[rows, dim])?);
-        Ok(SparseAdam { config, steps, exp_avg, exp_avg_sq })
-    }
-
     /// First moments, `rows x dim`.
     pub fn exp_avg(&self) -> &[f32] {
         &self.exp_avg
@@ -540,9 +498,9 @@ impl Kernel<1> for SparseAdagradKernel {
 /// gradients.
 #[derive(Clone, Debug)]
 pub struct SparseAdagrad {
-    config: crate::AdagradConfig,
-    steps: RowSteps,
-    sum: Buffer,
+    pub(crate) config: crate::AdagradConfig,
+    pub(crate) steps: RowSteps,
+    pub(crate) sum: Buffer,
 }
 
 impl SparseAdagrad {
@@ -569,7 +527,8 @@ impl SparseAdagrad {
             });
         }
         let (steps, n) = RowSteps::new(rows, dim)?;
-        Ok(SparseAdagrad { config, steps, sum: zeros(n, config.initial_accumulator_value as f32) })
+        let sum = try_filled("sum", n, config.initial_accumulator_value as f32)?;
+        Ok(SparseAdagrad { config, steps, sum })
     }
 
     /// One step; see [`SparseAdam::step`].
@@ -577,42 +536,13 @@ impl SparseAdagrad {
     /// # Errors
     /// [`Error::LengthMismatch`] or [`Error::RowOutOfRange`] before anything is written.
     pub fn step(&mut self, table: &mut [f32], grad_rows: &[usize], grad_values: &[f32]) -> Result<StepReport, Error> {
-        let t = self.steps.t + 1;
+        let t = crate::error::next_step(self.steps.t)?;
         let k = SparseAdagradKernel {
             maximize: self.config.maximize,
             eps: self.config.eps as f32,
             neg_clr: self.config.neg_clr(t),
         };
         self.steps.run(&k, table, grad_rows, grad_values, [&mut self.sum])
-    }
-
-    /// The optimizer as safetensors bytes (`sum` of shape `[rows, dim]`,
-    /// `step`; torch class `Adagrad`, layout `sparse`).
-    ///
-    /// # Errors
-    /// [`Error::Checkpoint`] if serialization fails.
-    pub fn to_safetensors(&self) -> Result<Vec<u8>, Error> {
-        let opts = serde_json::Value::Object(crate::checkpoint::options_json(self.config.options()));
-        let mut w = self.steps.writer("Adagrad", opts);
-        w.tensor("sum", vec![self.steps.rows, self.steps.dim], &self.sum);
-        w.finish()
-    }
-
-    /// A sparse Adagrad from bytes written by [`to_safetensors`](Self::to_safetensors).
-    ///
-    /// # Errors
-    /// [`Error::Checkpoint`] for anything truncated, corrupted or mismatched.
-    pub fn from_safetensors(bytes: &[u8]) -> Result<Self, Error> {
-        let (r, g, steps) = RowSteps::reader(bytes, "Adagrad")?;
-        let crate::AnyConfig::Adagrad(config) = crate::checkpoint::options_from_json("Adagrad", &g, &[])? else {
-            return Err(bad("hyperparameters of another kind"));
-        };
-        r.expect_count(2)?;
-        let sum = r.buffer("sum", &[steps.rows, steps.dim])?;
-        let mut opt = SparseAdagrad::new(config, 0, 0).map_err(|e| bad(e.to_string()))?;
-        opt.steps = steps;
-        opt.sum = sum;
-        Ok(opt)
     }
 
     /// The accumulator, `rows x dim`.
@@ -631,10 +561,10 @@ impl SparseAdagrad {
 /// ```
 #[derive(Clone, Debug)]
 pub struct RowWiseAdagrad {
-    lr: f64,
-    eps: f64,
-    steps: RowSteps,
-    acc: Vec<f32>,
+    pub(crate) lr: f64,
+    pub(crate) eps: f64,
+    pub(crate) steps: RowSteps,
+    pub(crate) acc: Buffer,
 }
 
 impl RowWiseAdagrad {
@@ -648,7 +578,8 @@ impl RowWiseAdagrad {
         non_negative("eps", eps)?;
         non_negative("initial_accumulator_value", initial_accumulator_value)?;
         let (steps, _) = RowSteps::new(rows, dim)?;
-        Ok(RowWiseAdagrad { lr, eps, steps, acc: vec![initial_accumulator_value as f32; rows] })
+        let acc = try_filled("sum", rows, initial_accumulator_value as f32)?;
+        Ok(RowWiseAdagrad { lr, eps, steps, acc })
     }
 
     /// One step; see [`SparseAdam::step`].
@@ -680,33 +611,6 @@ impl RowWiseAdagrad {
         }
         self.steps.t += 1;
         Ok(StepReport { backend: crate::Backend::Scalar, parallel, skipped: false })
-    }
-
-    /// The optimizer as safetensors bytes (per-row `sum` of shape `[rows]`,
-    /// `step`; class `RowWiseAdagrad`, layout `sparse`).
-    ///
-    /// # Errors
-    /// [`Error::Checkpoint`] if serialization fails.
-    pub fn to_safetensors(&self) -> Result<Vec<u8>, Error> {
-        let mut w = self.steps.writer("RowWiseAdagrad", serde_json::json!({"lr": self.lr, "eps": self.eps}));
-        w.tensor("sum", vec![self.steps.rows], &self.acc);
-        w.finish()
-    }
-
-    /// A row-wise AdaGrad from bytes written by [`to_safetensors`](Self::to_safetensors).
-    ///
-    /// # Errors
-    /// [`Error::Checkpoint`] for anything truncated, corrupted or mismatched.
-    pub fn from_safetensors(bytes: &[u8]) -> Result<Self, Error> {
-        let (r, g, steps) = RowSteps::reader(bytes, "RowWiseAdagrad")?;
-        let lr = g["lr"].as_f64().ok_or_else(|| bad("lr missing"))?;
-        let eps = g["eps"].as_f64().ok_or_else(|| bad("eps missing"))?;
-        r.expect_count(2)?;
-        let acc = r.f32s("sum", &[steps.rows])?;
-        let mut opt = RowWiseAdagrad::new(lr, eps, 0.0, 0, steps.dim).map_err(|e| bad(e.to_string()))?;
-        opt.steps = steps;
-        opt.acc = acc;
-        Ok(opt)
     }
 
     /// The per-row accumulators.

@@ -15,6 +15,13 @@ use crate::driver::{Plan, StepReport};
 use crate::schedule::LrSchedule;
 use crate::simd::F32Vec;
 
+/// The largest step count: a step from `MAX_STEP` is
+/// [`Error::StepLimit`], and a checkpoint holding a
+/// larger count is refused. Beyond 2^53 a step count no longer converts to
+/// `f64` exactly, so bias corrections (`beta^t`) would drift; no training
+/// run comes near it (a step per nanosecond for 285 years).
+pub const MAX_STEP: u64 = 1 << 53;
+
 /// The most state buffers any optimizer keeps per parameter.
 pub const MAX_STATE: usize = 3;
 
@@ -173,7 +180,7 @@ pub fn step_slices_with<A: Algorithm>(
         });
     }
     config.validate()?;
-    if t == 0 {
+    if t == 0 || t > MAX_STEP {
         return Err(Error::InvalidStep { step: t });
     }
     let names = config.state_names();
@@ -233,10 +240,13 @@ impl<A: Algorithm> Optimizer<A> {
     /// state for `n` parameters.
     ///
     /// # Errors
-    /// [`Error::InvalidHyperparameter`] naming the bad field.
+    /// [`Error::InvalidHyperparameter`] naming the bad field;
+    /// [`Error::TooLarge`] if the state cannot be allocated.
     pub fn new(config: A, n: usize) -> Result<Self, Error> {
         config.validate()?;
-        let state = (0..config.state_names().len()).map(|i| crate::memory::filled(n, config.state_init(i))).collect();
+        let state = (0..config.state_names().len())
+            .map(|i| crate::memory::try_filled("state", n, config.state_init(i)))
+            .collect::<Result<_, _>>()?;
         Ok(Optimizer { aux: config.aux_init(), config, n, t: 0, state, exec: Exec::auto(), guards: Guards::default() })
     }
 
@@ -331,10 +341,12 @@ impl<A: Algorithm> Optimizer<A> {
     /// [`Error::LengthMismatch`] if `params` or `grads` is not of the length
     /// given to [`new`](Self::new); [`Error::BackendUnavailable`] for a forced
     /// backend this CPU lacks; [`Error::NonFiniteGradient`] under
-    /// [`NonFinitePolicy::Error`]. Nothing is modified on error.
+    /// [`NonFinitePolicy::Error`]; [`Error::StepLimit`] after
+    /// [`MAX_STEP`] steps. Nothing is modified on error.
     pub fn step(&mut self, params: &mut [f32], grads: &[f32]) -> Result<StepReport, Error> {
         check_len("params", self.n, params.len())?;
         check_len("grads", self.n, grads.len())?;
+        let t = crate::error::next_step(self.t)?;
         let mut plan = self.guards.plan(&self.exec)?;
         let (skipped, norm) = self.guards.check(&mut plan, grads, 0, None)?;
         if norm.is_some() {
@@ -343,7 +355,6 @@ impl<A: Algorithm> Optimizer<A> {
         if let Some(skipped) = skipped {
             return Ok(skipped);
         }
-        let t = self.t + 1;
         let mut refs: [&mut [f32]; MAX_STATE] = Default::default();
         let k = self.state.len();
         for (r, s) in refs.iter_mut().zip(self.state.iter_mut()) {
