@@ -184,5 +184,37 @@ fn bench_guards(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_optimizers, bench_guards);
+/// Row-sparse steps on an embedding table: 2^18 rows of 64, gradients of
+/// 16384 rows drawn at random (so about 3% of them are duplicates that are
+/// summed first), unsorted as a data loader hands them over, and the same
+/// rows sorted and unique. Throughput counts the bytes of the rows touched.
+fn bench_sparse(c: &mut Criterion) {
+    use adaoptim::sparse::{SparseAdam, SparseAdamConfig};
+    let (rows, dim, k) = (1usize << 18, 64usize, 16384usize);
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let random: Vec<usize> = (0..k).map(|_| (next() % rows as u64) as usize).collect();
+    let mut unique = random.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    let mut group = c.benchmark_group("sparse_adam");
+    group.measurement_time(Duration::from_secs(3));
+    for (name, idx) in [("random", &random), ("sorted_unique", &unique)] {
+        let values = vec![0.01f32; idx.len() * dim];
+        let mut table = adaoptim::memory::filled(rows * dim, 0.5);
+        let mut opt = SparseAdam::new(SparseAdamConfig::default(), rows, dim).unwrap();
+        group.throughput(Throughput::Bytes((idx.len() * dim * 4 * 4) as u64));
+        group.bench_function(BenchmarkId::new(name, k), |b| {
+            b.iter(|| opt.step(black_box(&mut table), black_box(idx), black_box(&values)).unwrap())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_optimizers, bench_guards, bench_sparse);
 criterion_main!(benches);
