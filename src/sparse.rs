@@ -43,7 +43,8 @@ struct Entry {
 
 /// Validates and coalesces row-sparse gradients into reusable buffers: the
 /// caller's values are not copied, only duplicated rows are summed. Finding
-/// duplicates sorts the (row, position) pairs in place, so the bookkeeping
+/// duplicates is O(n) with an open-addressing table sized by the gradient
+/// (twice its row count, rounded up to a power of two), so the bookkeeping
 /// is bounded by the rows a gradient touches, never by the table's size.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Coalescer {
@@ -52,7 +53,14 @@ pub(crate) struct Coalescer {
     /// For each summed row (row `k` of `sums`), the position of its first
     /// occurrence in the caller's rows (to report a non-finite sum).
     sum_first: Vec<usize>,
+    /// Hash table keys: a table row, or [`EMPTY`] ...
+    keys: Vec<usize>,
+    /// ... and where that row's entry is.
+    slots: Vec<usize>,
 }
+
+/// No table row is `usize::MAX` (rows are `< rows <= usize::MAX`).
+const EMPTY: usize = usize::MAX;
 
 /// A coalesced gradient: unique rows and a view of their values.
 struct Coalesced<'a> {
@@ -92,10 +100,8 @@ impl Coalescer {
         Ok(())
     }
 
-    /// Unique rows (in the order given when the rows are strictly
-    /// increasing, else in row order); a duplicated row's values are summed
-    /// in the order given (torch's coalesce adds them up too). Rows are
-    /// updated independently, so their order does not change any result.
+    /// Unique rows in order of first appearance; a duplicated row's values
+    /// are summed in the order given (torch's coalesce adds them up too).
     fn coalesce<'a>(&'a mut self, rows: &[usize], values: &'a [f32], dim: usize) -> Coalesced<'a> {
         let n = rows.len();
         self.entries.clear();
@@ -103,31 +109,39 @@ impl Coalescer {
         self.sum_first.clear();
         self.entries.extend(rows.iter().enumerate().map(|(src, &row)| Entry { row, src }));
         if !rows.windows(2).all(|w| w[0] < w[1]) {
-            // (row, src) pairs are distinct, so the unstable sort is
-            // deterministic and keeps each row's occurrences in given order.
-            self.entries.sort_unstable_by_key(|e| (e.row, e.src));
-            let (mut out, mut i) = (0, 0);
-            while i < n {
-                let first = self.entries[i];
-                let mut j = i + 1;
-                while j < n && self.entries[j].row == first.row {
-                    j += 1;
-                }
-                self.entries[out] = if j - i == 1 {
-                    first
-                } else {
-                    let k = self.sum_first.len();
-                    let start = self.sums.len();
-                    self.sums.extend_from_slice(&values[first.src * dim..(first.src + 1) * dim]);
-                    for e in &self.entries[i + 1..j] {
-                        let v = &values[e.src * dim..(e.src + 1) * dim];
-                        self.sums[start..].iter_mut().zip(v).for_each(|(a, b)| *a += b);
+            let cap = n.saturating_mul(2).next_power_of_two().max(16);
+            let shift = 64 - cap.trailing_zeros();
+            self.keys.clear();
+            self.keys.resize(cap, EMPTY);
+            self.slots.resize(cap, 0);
+            let mut out = 0usize;
+            for i in 0..n {
+                let Entry { row, src } = self.entries[i];
+                // Fibonacci hashing: the top bits of row * 2^64 / phi.
+                let mut h = ((row as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> shift) as usize;
+                loop {
+                    if self.keys[h] == EMPTY {
+                        self.keys[h] = row;
+                        self.slots[h] = out;
+                        self.entries[out] = Entry { row, src };
+                        out += 1;
+                        break;
                     }
-                    self.sum_first.push(first.src);
-                    Entry { row: first.row, src: n + k }
-                };
-                out += 1;
-                i = j;
+                    if self.keys[h] == row {
+                        let first = &mut self.entries[self.slots[h]];
+                        if first.src < n {
+                            // Second occurrence: start a sum from the first.
+                            self.sum_first.push(first.src);
+                            self.sums.extend_from_slice(&values[first.src * dim..(first.src + 1) * dim]);
+                            first.src = n + self.sum_first.len() - 1;
+                        }
+                        let start = (first.src - n) * dim;
+                        let v = &values[src * dim..(src + 1) * dim];
+                        self.sums[start..start + dim].iter_mut().zip(v).for_each(|(a, b)| *a += b);
+                        break;
+                    }
+                    h = (h + 1) & (cap - 1);
+                }
             }
             self.entries.truncate(out);
         }
