@@ -40,6 +40,7 @@ mod driver;
 mod error;
 pub mod groups;
 pub mod memory;
+pub mod multi;
 pub mod optim;
 pub mod roofline;
 pub mod schedule;

@@ -73,6 +73,7 @@ mod file;
 pub mod format;
 mod grouped;
 pub(crate) mod keywords;
+mod multi;
 mod sparse;
 
 pub(crate) use file::read;

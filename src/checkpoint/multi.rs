@@ -1,0 +1,136 @@
+//! Checkpoints of a [`MultiOptimizer`]: torch's `state_dict` layout, each
+//! tensor's state and its own step count (`state.{i}.exp_avg`, ...,
+//! `state.{i}.step`), each group's options and tensor indices.
+
+use serde_json::Value;
+
+use super::{Reader, Writer, bad, options_from_json, options_json, read, write_atomic};
+use crate::multi::MultiOptimizer;
+use crate::{Algorithm, Error};
+
+impl<A: Algorithm> MultiOptimizer<A> {
+    /// The optimizer's state as safetensors bytes: per tensor `i` its state
+    /// buffers `state.{i}.{name}`, its step count `state.{i}.step` (a 0-d
+    /// f32, as torch keeps it; the exact counts are the `steps` metadata
+    /// list) and NAdam's `state.{i}.mu_product`; `param_groups` with each
+    /// group's options and tensor indices; `sizes` the tensors' lengths
+    /// (layout `multi`). The parameters are the caller's and are not saved.
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] if serialization fails.
+    pub fn to_safetensors(&self) -> Result<Vec<u8>, Error> {
+        let max_t = self.tensors.iter().map(|s| s.t).max().unwrap_or(0);
+        let mut w = Writer::new(A::TORCH_CLASS, "multi", max_t);
+        let groups: Vec<Value> = self
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(gi, g)| {
+                let mut m = options_json(g.to_any().options());
+                let params: Vec<usize> = (0..self.tensors.len()).filter(|&i| self.tensors[i].group == gi).collect();
+                m.insert("params".to_string(), Value::from(params));
+                Value::Object(m)
+            })
+            .collect();
+        w.meta("param_groups", Value::Array(groups));
+        w.meta("sizes", Value::from(self.tensors.iter().map(|s| s.len).collect::<Vec<_>>()));
+        w.meta("steps", Value::from(self.tensors.iter().map(|s| s.t).collect::<Vec<_>>()));
+        for (i, s) in self.tensors.iter().enumerate() {
+            let names = self.groups[s.group].state_names();
+            for (name, buf) in names.iter().zip(&s.state) {
+                w.tensor(format!("state.{i}.{name}"), vec![s.len], buf);
+            }
+            w.scalar(format!("state.{i}.step"), s.t as f32);
+            if let Some(name) = A::AUX_NAME {
+                w.scalar(format!("state.{i}.{name}"), A::aux_to_f32(&s.aux));
+            }
+        }
+        w.finish()
+    }
+
+    /// Saves atomically; see [`to_safetensors`](Self::to_safetensors).
+    ///
+    /// # Errors
+    /// [`Error::Io`] or [`Error::Checkpoint`]; a previous file is intact then.
+    pub fn save(&self, path: impl AsRef<std::path::Path>) -> Result<(), Error> {
+        write_atomic(path.as_ref(), &self.to_safetensors()?)
+    }
+
+    /// An optimizer from bytes written by
+    /// [`to_safetensors`](Self::to_safetensors): same groups, tensors, state
+    /// and step counts; default execution policy and guards.
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] for anything truncated, corrupted or mismatched.
+    pub fn from_safetensors(bytes: &[u8]) -> Result<Self, Error> {
+        let r = Reader::open(bytes, A::TORCH_CLASS, "multi")?;
+        let list = |key: &str| -> Result<Vec<u64>, Error> {
+            r.json(key)?
+                .as_array()
+                .ok_or_else(|| bad(format!("{key} is not a list")))?
+                .iter()
+                .map(|v| v.as_u64().ok_or_else(|| bad(format!("a {key} entry is not a count"))))
+                .collect()
+        };
+        let (sizes, steps) = (list("sizes")?, list("steps")?);
+        if steps.len() != sizes.len() {
+            return Err(bad("sizes and steps differ in length"));
+        }
+        let groups = r.json("param_groups")?;
+        let groups = groups.as_array().ok_or_else(|| bad("param_groups is not a list"))?;
+        let mut opt = MultiOptimizer::new();
+        let mut next = 0usize;
+        for (gi, g) in groups.iter().enumerate() {
+            let config = A::from_any(&options_from_json(A::TORCH_CLASS, g, &[])?)
+                .ok_or_else(|| bad("hyperparameters of another kind"))?;
+            let ids = g["params"].as_array().ok_or_else(|| bad("a group has no params list"))?;
+            if ids.iter().enumerate().any(|(k, v)| v.as_u64() != Some((next + k) as u64)) {
+                return Err(bad("tensor indices must run in order across the groups"));
+            }
+            let group_sizes: Vec<usize> = sizes
+                .get(next..next + ids.len())
+                .ok_or_else(|| bad("param_groups name more tensors than sizes"))?
+                .iter()
+                .map(|&x| usize::try_from(x).map_err(|_| bad("a size overflows")))
+                .collect::<Result<_, _>>()?;
+            // Every element of state must be backed by data in the file
+            // before anything is allocated for it.
+            let elements = group_sizes.iter().try_fold(0usize, |a, &b| a.checked_add(b));
+            if !config.state_names().is_empty() && elements.is_none_or(|e| e / 4 > bytes.len()) {
+                return Err(bad("tensor sizes exceed the file"));
+            }
+            next += ids.len();
+            opt.add_group(config, &group_sizes).map_err(|e| bad(format!("group {gi}: {e}")))?;
+        }
+        if next != sizes.len() {
+            return Err(bad("sizes name tensors in no group"));
+        }
+        let per_tensor = |i: usize| opt.groups[opt.tensors[i].group].state_names().len() + 1;
+        let aux = usize::from(A::AUX_NAME.is_some());
+        r.expect_count(1 + (0..next).map(|i| per_tensor(i) + aux).sum::<usize>())?;
+        for (i, &t) in steps.iter().enumerate() {
+            if t > crate::MAX_STEP || r.scalar(&format!("state.{i}.step"))? != t as f32 {
+                return Err(bad(format!("tensor {i}: step {t} is out of range or disagrees with its step tensor")));
+            }
+            let slot = &mut opt.tensors[i];
+            slot.t = t;
+            let names = opt.groups[slot.group].state_names();
+            for (name, buf) in names.iter().zip(slot.state.iter_mut()) {
+                r.read_into(&format!("state.{i}.{name}"), &[slot.len], buf)?;
+            }
+            if let Some(name) = A::AUX_NAME {
+                let x = r.scalar(&format!("state.{i}.{name}"))?;
+                slot.aux = A::aux_from_f32(x).ok_or_else(|| bad(format!("tensor {i}: bad {name}")))?;
+            }
+        }
+        Ok(opt)
+    }
+
+    /// Loads an optimizer saved with [`save`](Self::save).
+    ///
+    /// # Errors
+    /// [`Error::Io`] or [`Error::Checkpoint`].
+    pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self, Error> {
+        Self::from_safetensors(&read(path.as_ref())?)
+    }
+}

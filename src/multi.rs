@@ -1,0 +1,411 @@
+//! Borrowed multi-tensor steps: the optimizer keeps each tensor's state, the
+//! caller keeps the tensors.
+//!
+//! Frameworks own their weights (a torch `Parameter`, a candle `Var`, a
+//! burn tensor), so an optimizer that owns the parameters, as
+//! [`GroupedOptimizer`](crate::groups::GroupedOptimizer) does, costs copies
+//! in and out on every step. A [`MultiOptimizer`] holds only the state:
+//! parameter groups with their own hyperparameters, and per tensor its state
+//! buffers, its own step count and scalar state, as torch's `state[p]`
+//! does. [`step`](MultiOptimizer::step) takes every tensor as a borrowed
+//! `(&mut params, Option<&grads>)` pair and updates all of them in **one**
+//! parallel region, split by element count (every element moves the same
+//! bytes), so a model of hundreds of small tensors is not hundreds of
+//! thread hand-offs.
+//!
+//! A tensor whose gradient is `None` is skipped as torch skips a parameter
+//! whose `.grad` is `None`: its parameters, state and step count do not
+//! move. Each tensor's update is the bits a lone [`Optimizer`](crate::Optimizer)
+//! over it gives (tested on every path).
+//!
+//! ```
+//! use adaoptim::multi::{MultiOptimizer, TensorStep};
+//! use adaoptim::AdamWConfig;
+//!
+//! let mut opt = MultiOptimizer::new();
+//! opt.add_group(AdamWConfig { weight_decay: 0.1, ..Default::default() }, &[6])?;
+//! opt.add_group(AdamWConfig { weight_decay: 0.0, ..Default::default() }, &[2])?;
+//! let (mut w, mut b) = (vec![0.5f32; 6], vec![0.0f32; 2]);
+//! let gw = vec![0.1f32; 6];
+//! // The bias has no gradient this step: it and its state stay as they are.
+//! opt.step(&mut [TensorStep::new(&mut w, Some(&gw)), TensorStep::new(&mut b, None)])?;
+//! assert_eq!((opt.step_count(0)?, opt.step_count(1)?), (1, 0));
+//! assert!(w[0] < 0.5);
+//! # Ok::<(), adaoptim::Error>(())
+//! ```
+//!
+//! A step allocates one list of work pieces (a few words per tensor, more
+//! for tensors split across threads); the state is allocated once, by
+//! [`add_group`](MultiOptimizer::add_group).
+//!
+//! Guards apply to the step as a whole: the non-finite policy looks at every
+//! present gradient (an index it reports counts through the present
+//! gradients in order), and clipping uses the global norm over all of them,
+//! as `torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)` does.
+
+use crate::driver::{Plan, StepReport};
+use crate::error::next_step;
+use crate::memory::{self, Buffer};
+use crate::optim::sealed::Sealed;
+use crate::optim::{Guards, MAX_STATE, NonFinitePolicy, non_finite_guard};
+use crate::{Algorithm, Error, Exec, Parallel};
+
+/// One tensor handed to [`MultiOptimizer::step`]: its parameters, updated in
+/// place, and its gradient (`None`: no gradient this step, skipped).
+#[derive(Debug)]
+pub struct TensorStep<'a> {
+    /// The parameters, updated in place.
+    pub params: &'a mut [f32],
+    /// The gradient, of the same length; `None` skips the tensor.
+    pub grads: Option<&'a [f32]>,
+}
+
+impl<'a> TensorStep<'a> {
+    /// A tensor and its gradient.
+    pub fn new(params: &'a mut [f32], grads: Option<&'a [f32]>) -> Self {
+        TensorStep { params, grads }
+    }
+}
+
+/// What the optimizer keeps for one tensor.
+#[derive(Clone, Debug)]
+pub(crate) struct Slot<A: Algorithm> {
+    pub(crate) group: usize,
+    pub(crate) len: usize,
+    pub(crate) t: u64,
+    pub(crate) aux: <A as Sealed>::Aux,
+    pub(crate) state: Vec<Buffer>,
+}
+
+/// State for many caller-owned tensors in groups; see the
+/// [module docs](self).
+#[derive(Clone, Debug)]
+pub struct MultiOptimizer<A: Algorithm> {
+    pub(crate) groups: Vec<A>,
+    pub(crate) tensors: Vec<Slot<A>>,
+    exec: Exec,
+    guards: Guards,
+}
+
+impl<A: Algorithm> Default for MultiOptimizer<A> {
+    fn default() -> Self {
+        MultiOptimizer { groups: Vec::new(), tensors: Vec::new(), exec: Exec::auto(), guards: Guards::default() }
+    }
+}
+
+/// One piece of a tensor's work: a sub-range of its parameters, gradient
+/// and state.
+struct Piece<'a, A: Algorithm> {
+    /// The tensor's step number for this step, its scalar state before it
+    /// (each piece works on a copy), its group and buffer count.
+    t: u64,
+    aux: <A as Sealed>::Aux,
+    group: usize,
+    k: usize,
+    p: &'a mut [f32],
+    g: &'a [f32],
+    s: [&'a mut [f32]; MAX_STATE],
+}
+
+impl<A: Algorithm> MultiOptimizer<A> {
+    /// An optimizer with no tensors yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a group of tensors of the given element counts, with state
+    /// initialised and step counts at 0; returns their indices (the order
+    /// tensors were added, across groups: the order [`step`](Self::step)
+    /// takes them in, and torch's `state_dict` numbering).
+    ///
+    /// # Errors
+    /// Invalid hyperparameters; [`Error::TooLarge`] for a tensor whose state
+    /// cannot be allocated. Nothing changes then.
+    pub fn add_group(&mut self, config: A, sizes: &[usize]) -> Result<Vec<usize>, Error> {
+        config.validate()?;
+        let mut slots = Vec::with_capacity(sizes.len());
+        for &len in sizes {
+            let state = (0..config.state_names().len())
+                .map(|i| memory::try_filled("state", len, config.state_init(i)))
+                .collect::<Result<Vec<_>, _>>()?;
+            slots.push(Slot { group: self.groups.len(), len, t: 0, aux: config.aux_init(), state });
+        }
+        let first = self.tensors.len();
+        self.tensors.extend(slots);
+        self.groups.push(config);
+        Ok((first..self.tensors.len()).collect())
+    }
+
+    /// Sets the execution policy.
+    pub fn set_exec(&mut self, exec: Exec) {
+        self.exec = exec;
+    }
+
+    /// The execution policy.
+    pub fn exec(&self) -> Exec {
+        self.exec
+    }
+
+    /// What a step does with NaN/inf gradients (see
+    /// [`Optimizer::set_non_finite`](crate::Optimizer::set_non_finite)).
+    pub fn set_non_finite(&mut self, policy: NonFinitePolicy) {
+        self.guards.non_finite = policy;
+    }
+
+    /// Divides every gradient by `grad_scale` inside the step (see
+    /// [`Optimizer::set_grad_scale`](crate::Optimizer::set_grad_scale)).
+    ///
+    /// # Errors
+    /// Unless finite and nonzero; unchanged then.
+    pub fn set_grad_scale(&mut self, grad_scale: Option<f32>) -> Result<(), Error> {
+        self.guards.set_grad_scale(grad_scale)
+    }
+
+    /// Clips the present gradients to a global L2 norm of `max_norm` inside
+    /// each step (see
+    /// [`Optimizer::set_max_grad_norm`](crate::Optimizer::set_max_grad_norm)).
+    ///
+    /// # Errors
+    /// Unless finite and `> 0`; unchanged then.
+    pub fn set_max_grad_norm(&mut self, max_norm: Option<f64>) -> Result<(), Error> {
+        self.guards.set_max_grad_norm(max_norm)
+    }
+
+    /// The global gradient norm the last step measured (clipping on).
+    pub fn last_grad_norm(&self) -> Option<f64> {
+        self.guards.last_grad_norm
+    }
+
+    /// Number of tensors.
+    pub fn num_tensors(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// Number of groups.
+    pub fn num_groups(&self) -> usize {
+        self.groups.len()
+    }
+
+    fn slot(&self, tensor: usize) -> Result<&Slot<A>, Error> {
+        self.tensors.get(tensor).ok_or(Error::LengthMismatch {
+            what: "tensor index",
+            expected: self.tensors.len(),
+            actual: tensor,
+        })
+    }
+
+    /// A tensor's element count.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] for an index past the last tensor.
+    pub fn len_of(&self, tensor: usize) -> Result<usize, Error> {
+        Ok(self.slot(tensor)?.len)
+    }
+
+    /// A tensor's own step count (steps in which it had a gradient).
+    ///
+    /// # Errors
+    /// As [`len_of`](Self::len_of).
+    pub fn step_count(&self, tensor: usize) -> Result<u64, Error> {
+        Ok(self.slot(tensor)?.t)
+    }
+
+    /// A tensor's state buffer by torch name; `Ok(None)` if its group keeps
+    /// no such buffer.
+    ///
+    /// # Errors
+    /// As [`len_of`](Self::len_of).
+    pub fn state(&self, tensor: usize, name: &str) -> Result<Option<&[f32]>, Error> {
+        let s = self.slot(tensor)?;
+        let names = self.groups[s.group].state_names();
+        Ok(names.iter().position(|n| *n == name).map(|i| s.state[i].as_slice()))
+    }
+
+    /// A tensor's group.
+    ///
+    /// # Errors
+    /// As [`len_of`](Self::len_of).
+    pub fn group_of(&self, tensor: usize) -> Result<usize, Error> {
+        Ok(self.slot(tensor)?.group)
+    }
+
+    /// A group's configuration.
+    pub fn group_config(&self, group: usize) -> Option<&A> {
+        self.groups.get(group)
+    }
+
+    /// Replaces a group's configuration (a new learning rate from a
+    /// schedule, say); its state buffers must stay the same.
+    ///
+    /// # Errors
+    /// Invalid hyperparameters, another state layout, or no such group;
+    /// nothing changes then.
+    pub fn set_group_config(&mut self, group: usize, config: A) -> Result<(), Error> {
+        config.validate()?;
+        let g = self.groups.get_mut(group).ok_or(Error::IncompatibleConfig { reason: "no such group" })?;
+        if config.state_names() != g.state_names() {
+            return Err(Error::IncompatibleConfig { reason: "a group must keep its state buffers" });
+        }
+        *g = config;
+        Ok(())
+    }
+
+    /// Sets every group's learning rate.
+    ///
+    /// # Errors
+    /// Unless `lr` is finite and `>= 0`; nothing changes then.
+    pub fn set_lr(&mut self, lr: f64) -> Result<(), Error> {
+        crate::error::non_negative("lr", lr)?;
+        self.groups.iter_mut().for_each(|g| g.set_lr_unchecked(lr));
+        Ok(())
+    }
+
+    /// One step over every tensor, in the order they were added. Tensors
+    /// whose `grads` is `None` are skipped (nothing of theirs changes).
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`] for another number of tensors, or a tensor
+    /// or gradient of another length; [`Error::StepLimit`] for a tensor at
+    /// [`MAX_STEP`](crate::MAX_STEP); an unavailable forced backend; the
+    /// non-finite policy's error. Nothing is modified on error.
+    pub fn step(&mut self, tensors: &mut [TensorStep<'_>]) -> Result<StepReport, Error> {
+        if tensors.len() != self.tensors.len() {
+            return Err(Error::LengthMismatch { what: "tensors", expected: self.tensors.len(), actual: tensors.len() });
+        }
+        let mut present = 0usize;
+        for (ts, slot) in tensors.iter().zip(&self.tensors) {
+            crate::optim::check_len("params", slot.len, ts.params.len())?;
+            if let Some(g) = ts.grads {
+                crate::optim::check_len("grads", slot.len, g.len())?;
+                next_step(slot.t)?;
+                present += slot.len;
+            }
+        }
+        let mut plan = self.guards.plan(&self.exec)?;
+        let (skipped, norm) = self.guard(&mut plan, tensors)?;
+        if let Some(skipped) = skipped {
+            self.guards.last_grad_norm = norm;
+            return Ok(skipped);
+        }
+        let serial = Plan { exec: Exec { parallel: Parallel::Serial, ..plan.exec }, ..plan };
+        let chunk = plan.exec.chunk_for(present);
+        let mut pieces = Vec::new();
+        for (ts, slot) in tensors.iter_mut().zip(self.tensors.iter_mut()) {
+            let Some(g) = ts.grads else { continue };
+            let k = slot.state.len();
+            let mut p: &mut [f32] = &mut *ts.params;
+            let mut g: &[f32] = g;
+            let mut s: [&mut [f32]; MAX_STATE] = Default::default();
+            for (r, b) in s.iter_mut().zip(slot.state.iter_mut()) {
+                *r = b.as_mut_slice();
+            }
+            let step = chunk.unwrap_or(usize::MAX).max(1);
+            loop {
+                let mid = p.len().min(step);
+                let (p0, p1) = std::mem::take(&mut p).split_at_mut(mid);
+                let (g0, g1) = g.split_at(mid);
+                let mut s0: [&mut [f32]; MAX_STATE] = Default::default();
+                for (a, b) in s0.iter_mut().zip(s.iter_mut()) {
+                    let cut = mid.min(b.len());
+                    let (x, y) = std::mem::take(b).split_at_mut(cut);
+                    *a = x;
+                    *b = y;
+                }
+                pieces.push(Piece { t: slot.t + 1, aux: slot.aux, group: slot.group, k, p: p0, g: g0, s: s0 });
+                (p, g) = (p1, g1);
+                if p.is_empty() {
+                    break;
+                }
+            }
+        }
+        let ctx = Ctx { groups: &self.groups, plan: serial };
+        let parallel = match chunk {
+            Some(chunk) => {
+                ctx.split(&mut pieces, chunk);
+                true
+            }
+            None => {
+                pieces.iter_mut().for_each(|piece| ctx.run(piece));
+                false
+            }
+        };
+        drop(pieces);
+        // Each stepped tensor's count and scalar state advance once.
+        for (ts, slot) in tensors.iter().zip(self.tensors.iter_mut()) {
+            if ts.grads.is_some() {
+                slot.t += 1;
+                let mut empty: [&mut [f32]; MAX_STATE] = Default::default();
+                let k = slot.state.len();
+                self.groups[slot.group].run(slot.t, &mut slot.aux, serial, &mut [], &[], &mut empty[..k]);
+            }
+        }
+        if norm.is_some() {
+            self.guards.last_grad_norm = norm;
+        }
+        Ok(StepReport { backend: plan.backend, parallel, skipped: false })
+    }
+
+    /// The guards over every present gradient: the non-finite policy, and
+    /// with clipping on the global norm, whose factor goes into `plan`.
+    fn guard(&self, plan: &mut Plan, tensors: &[TensorStep<'_>]) -> Result<(Option<StepReport>, Option<f64>), Error> {
+        let policy = self.guards.non_finite;
+        let present = || tensors.iter().filter_map(|t| t.grads);
+        let find = |plan: &Plan| -> Result<Option<StepReport>, Error> {
+            let mut offset = 0;
+            for g in present() {
+                if let Some(skip) = non_finite_guard(policy, plan, g, offset)? {
+                    return Ok(Some(skip));
+                }
+                offset += g.len();
+            }
+            Ok(None)
+        };
+        if self.guards.max_grad_norm.is_none() {
+            return Ok((find(plan)?, None));
+        }
+        let total = present().map(|g| crate::driver::sum_of_squares(plan, g)).sum::<f64>().sqrt();
+        if !total.is_finite()
+            && policy != NonFinitePolicy::Propagate
+            && let Some(skip) = find(plan)?
+        {
+            return Ok((Some(skip), Some(total)));
+        }
+        // A finite total (or Propagate): the factor, as a caller-given norm.
+        self.guards.check(plan, &[], 0, Some(total))
+    }
+}
+
+struct Ctx<'a, A: Algorithm> {
+    groups: &'a [A],
+    plan: Plan,
+}
+
+impl<A: Algorithm> Ctx<'_, A> {
+    /// Runs one piece with its tensor's step number and scalar state (a
+    /// copy: the state advances once per step, in `step`).
+    fn run(&self, piece: &mut Piece<'_, A>) {
+        let mut aux = piece.aux;
+        self.groups[piece.group].run(piece.t, &mut aux, self.plan, piece.p, piece.g, &mut piece.s[..piece.k]);
+    }
+
+    /// Splits the pieces in two halves of about equal element counts and
+    /// runs them with `rayon::join`, down to about `chunk` elements.
+    fn split(&self, pieces: &mut [Piece<'_, A>], chunk: usize) {
+        let total: usize = pieces.iter().map(|p| p.p.len()).sum();
+        if total <= chunk || pieces.len() == 1 {
+            pieces.iter_mut().for_each(|p| self.run(p));
+            return;
+        }
+        let mut acc = 0;
+        let mut mid = pieces.len() - 1;
+        for (i, p) in pieces.iter().enumerate() {
+            acc += p.p.len();
+            if acc >= total / 2 {
+                mid = (i + 1).min(pieces.len() - 1);
+                break;
+            }
+        }
+        let (a, b) = pieces.split_at_mut(mid);
+        rayon::join(|| self.split(a, chunk), || self.split(b, chunk));
+    }
+}
