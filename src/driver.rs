@@ -5,8 +5,62 @@
 //! thread count.
 
 use crate::backend::{Backend, Exec};
-use crate::optim::Unscale;
 use crate::simd::{F32Vec, Wide};
+
+/// How gradients are divided by a loss scale.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Unscale {
+    /// No scale.
+    None,
+    /// A power-of-two scale: multiplying by its exact reciprocal gives the
+    /// same bits as dividing, without the divider.
+    Mul(f32),
+    /// Any other scale: divide, as torch does.
+    Div(f32),
+}
+
+impl Unscale {
+    pub(crate) fn new(grad_scale: Option<f32>) -> Unscale {
+        match grad_scale {
+            None => Unscale::None,
+            Some(s) if s.is_normal() && (1.0 / s).is_normal() && (s.to_bits() & 0x007f_ffff) == 0 => {
+                Unscale::Mul(1.0 / s)
+            }
+            Some(s) => Unscale::Div(s),
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn apply<V: F32Vec>(self, g: V) -> V {
+        match self {
+            Unscale::None => g,
+            Unscale::Mul(r) => g * V::splat(r),
+            Unscale::Div(s) => g / V::splat(s),
+        }
+    }
+}
+
+/// What the driver does to every gradient before any kernel sees it: divide
+/// by the loss scale, then multiply by the clipping factor (torch's order:
+/// `GradScaler` unscales, `clip_grad_norm_` multiplies, then the step). It
+/// lives here, not in each kernel, so no optimizer and no path (dense,
+/// grouped, borrowed, row-sparse) can leave it out.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GradPre {
+    pub(crate) unscale: Unscale,
+    pub(crate) clip: Option<f32>,
+}
+
+impl GradPre {
+    #[inline(always)]
+    pub(crate) fn apply<V: F32Vec>(self, g: V) -> V {
+        let g = self.unscale.apply(g);
+        match self.clip {
+            Some(c) => g * V::splat(c),
+            None => g,
+        }
+    }
+}
 
 /// The per-element formula of one optimizer configuration with `S` state
 /// buffers. Written once, generic over the lane type.
@@ -43,7 +97,7 @@ impl<'a, const S: usize> Slices<'a, S> {
 
 /// Runs `k` over the slices with lane type `V`, then the tail with `f32`.
 #[inline(always)]
-fn run_lanes<V: F32Vec, K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>) {
+fn run_lanes<V: F32Vec, K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>, pre: GradPre) {
     let n = sl.len();
     // Soundness of the raw-pointer loop below rests on this; the public entry
     // points return an error before getting here, so it never fires.
@@ -59,7 +113,7 @@ fn run_lanes<V: F32Vec, K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>) 
         // i + U * LANES <= block <= n.
         unsafe {
             let mut pv: [V; U] = std::array::from_fn(|u| V::load(p.add(i + u * V::LANES)));
-            let gv: [V; U] = std::array::from_fn(|u| V::load(g.add(i + u * V::LANES)));
+            let gv: [V; U] = std::array::from_fn(|u| pre.apply(V::load(g.add(i + u * V::LANES))));
             let mut sv: [[V; S]; U] =
                 std::array::from_fn(|u| std::array::from_fn(|j| V::load(s[j].add(i + u * V::LANES))));
             for u in 0..U {
@@ -80,7 +134,7 @@ fn run_lanes<V: F32Vec, K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>) 
         // i + LANES <= body <= n.
         unsafe {
             let mut pv = V::load(p.add(i));
-            let gv = V::load(g.add(i));
+            let gv = pre.apply(V::load(g.add(i)));
             let mut sv: [V; S] = std::array::from_fn(|j| V::load(s[j].add(i)));
             k.apply(&mut pv, gv, &mut sv);
             pv.store(p.add(i));
@@ -94,7 +148,7 @@ fn run_lanes<V: F32Vec, K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>) 
         // SAFETY: i < n, the common length of all slices.
         unsafe {
             let mut pv = <f32 as F32Vec>::load(p.add(i));
-            let gv = <f32 as F32Vec>::load(g.add(i));
+            let gv = pre.apply(<f32 as F32Vec>::load(g.add(i)));
             let mut sv: [f32; S] = std::array::from_fn(|j| <f32 as F32Vec>::load(s[j].add(i)));
             k.apply(&mut pv, gv, &mut sv);
             pv.store(p.add(i));
@@ -106,39 +160,39 @@ fn run_lanes<V: F32Vec, K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>) 
     }
 }
 
-fn run_scalar<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>) {
-    run_lanes::<f32, K, S>(k, sl)
+fn run_scalar<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>, pre: GradPre) {
+    run_lanes::<f32, K, S>(k, sl, pre)
 }
 
-fn run_wide<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>) {
-    run_lanes::<Wide, K, S>(k, sl)
+fn run_wide<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>, pre: GradPre) {
+    run_lanes::<Wide, K, S>(k, sl, pre)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn run_avx2_tf<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>) {
-    run_lanes::<crate::simd::Avx2, K, S>(k, sl)
+fn run_avx2_tf<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>, pre: GradPre) {
+    run_lanes::<crate::simd::Avx2, K, S>(k, sl, pre)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn run_avx512_tf<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>) {
-    run_lanes::<crate::simd::Avx512, K, S>(k, sl)
+fn run_avx512_tf<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>, pre: GradPre) {
+    run_lanes::<crate::simd::Avx512, K, S>(k, sl, pre)
 }
 
 #[cfg(target_arch = "x86_64")]
-fn run_avx2<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>) {
+fn run_avx2<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>, pre: GradPre) {
     assert!(Backend::Avx2.is_available());
     // SAFETY: AVX2 and FMA were detected at run time (asserted above; `runner`
     // only hands out this function for an available backend).
-    unsafe { run_avx2_tf(k, sl) }
+    unsafe { run_avx2_tf(k, sl, pre) }
 }
 
 #[cfg(target_arch = "x86_64")]
-fn run_avx512<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>) {
+fn run_avx512<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>, pre: GradPre) {
     assert!(Backend::Avx512.is_available());
     // SAFETY: AVX-512F was detected at run time (asserted above).
-    unsafe { run_avx512_tf(k, sl) }
+    unsafe { run_avx512_tf(k, sl, pre) }
 }
 
 /// True if any `unscale(g[i])` is NaN or infinite. Accumulates `x * 0`
@@ -220,7 +274,7 @@ pub(crate) fn any_non_finite(plan: &Plan, g: &[f32]) -> bool {
     }
 }
 
-pub(crate) type Runner<K, const S: usize> = fn(&K, Slices<'_, S>);
+pub(crate) type Runner<K, const S: usize> = fn(&K, Slices<'_, S>, GradPre);
 
 pub(crate) fn runner<K: Kernel<S>, const S: usize>(b: Backend) -> Runner<K, S> {
     match b {
@@ -235,10 +289,10 @@ pub(crate) fn runner<K: Kernel<S>, const S: usize>(b: Backend) -> Runner<K, S> {
     }
 }
 
-fn par_split<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>, chunk: usize, run: Runner<K, S>) {
+fn par_split<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>, chunk: usize, run: Runner<K, S>, pre: GradPre) {
     let n = sl.len();
     if n <= chunk {
-        run(k, sl);
+        run(k, sl, pre);
         return;
     }
     // Split at a multiple of `chunk` counted from the start of the whole
@@ -246,7 +300,7 @@ fn par_split<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>, chunk: usiz
     let chunks = n.div_ceil(chunk);
     let mid = chunks / 2 * chunk;
     let (a, b) = sl.split_at(mid);
-    rayon::join(|| par_split(k, a, chunk, run), || par_split(k, b, chunk, run));
+    rayon::join(|| par_split(k, a, chunk, run, pre), || par_split(k, b, chunk, run, pre));
 }
 
 /// What a step did.
@@ -266,14 +320,19 @@ pub struct StepReport {
 pub struct Plan {
     pub(crate) backend: Backend,
     pub(crate) exec: Exec,
-    pub(crate) unscale: crate::optim::Unscale,
+    pub(crate) unscale: Unscale,
     /// Gradient-clipping factor, multiplied in after unscaling.
     pub(crate) clip: Option<f32>,
 }
 
 impl Plan {
     pub(crate) fn new(exec: &Exec) -> Result<Plan, crate::Error> {
-        Ok(Plan { backend: exec.resolve_backend()?, exec: *exec, unscale: crate::optim::Unscale::None, clip: None })
+        Ok(Plan { backend: exec.resolve_backend()?, exec: *exec, unscale: Unscale::None, clip: None })
+    }
+
+    /// What the driver applies to every gradient under this plan.
+    pub(crate) fn pre(&self) -> GradPre {
+        GradPre { unscale: self.unscale, clip: self.clip }
     }
 }
 
@@ -371,13 +430,14 @@ pub(crate) fn sum_of_squares(plan: &Plan, g: &[f32]) -> f64 {
 pub(crate) fn drive<K: Kernel<S>, const S: usize>(k: &K, plan: Plan, sl: Slices<'_, S>) -> StepReport {
     let backend = plan.backend;
     let run = runner::<K, S>(backend);
+    let pre = plan.pre();
     match plan.exec.chunk_for(sl.len()) {
         Some(chunk) => {
-            par_split(k, sl, chunk, run);
+            par_split(k, sl, chunk, run, pre);
             StepReport { backend, parallel: true, skipped: false }
         }
         None => {
-            run(k, sl);
+            run(k, sl, pre);
             StepReport { backend, parallel: false, skipped: false }
         }
     }

@@ -26,6 +26,7 @@ use rayon::prelude::*;
 
 use crate::driver::{Kernel, Plan, Slices, StepReport, runner};
 use crate::error::{non_negative, unit_half_open};
+use crate::optim::Guards;
 use crate::optim::pow_step;
 use crate::simd::F32Vec;
 use crate::{Error, Exec, NonFinitePolicy};
@@ -204,6 +205,7 @@ fn update_rows<K: Kernel<S>, const S: usize>(
 ) -> bool {
     let dim = grad.dim;
     let run = runner::<K, S>(plan.backend);
+    let pre = plan.pre();
     let table_base = RowBase(table.as_mut_ptr());
     let bases: [RowBase; S] = state.map(|s| RowBase(s.as_mut_ptr()));
     let task = |chunk: &[Entry]| {
@@ -218,7 +220,7 @@ fn update_rows<K: Kernel<S>, const S: usize>(
             let sl = unsafe {
                 Slices { p: table_base.row(e.row, dim), g: grad.values(e), s: bases.map(|b| b.row(e.row, dim)) }
             };
-            run(k, sl);
+            run(k, sl, pre);
         }
     };
     if parallel {
@@ -238,7 +240,7 @@ pub(crate) struct RowSteps {
     pub(crate) t: u64,
     scratch: Coalescer,
     exec: Exec,
-    non_finite: NonFinitePolicy,
+    guards: Guards,
 }
 
 /// What [`RowSteps::prepare`] decided.
@@ -253,14 +255,8 @@ impl RowSteps {
     /// The shape and its element count.
     pub(crate) fn new(rows: usize, dim: usize) -> Result<(RowSteps, usize), Error> {
         let n = rows.checked_mul(dim).ok_or(Error::TooLarge { what: "table", elements: usize::MAX })?;
-        let steps = RowSteps {
-            rows,
-            dim,
-            t: 0,
-            scratch: Coalescer::default(),
-            exec: Exec::auto(),
-            non_finite: NonFinitePolicy::Propagate,
-        };
+        let steps =
+            RowSteps { rows, dim, t: 0, scratch: Coalescer::default(), exec: Exec::auto(), guards: Guards::default() };
         Ok((steps, n))
     }
 
@@ -285,9 +281,11 @@ impl RowSteps {
     }
 
     /// Checks the gradient against the table (before anything is written),
-    /// resolves the plan, coalesces, and applies the non-finite policy to the
-    /// coalesced gradient (duplicate rows of large values can sum to
-    /// infinity; torch's `GradScaler` coalesces before its check too).
+    /// resolves the plan (with the loss scale), coalesces, and applies the
+    /// guards to the coalesced gradient: the non-finite policy (duplicate
+    /// rows of large values can sum to infinity; torch's `GradScaler`
+    /// coalesces before its check too) and clipping by the norm of the
+    /// coalesced gradient, the gradient torch's sparse tensor holds.
     fn prepare<'a>(
         &'a mut self,
         table_len: usize,
@@ -296,8 +294,8 @@ impl RowSteps {
     ) -> Result<Prepared<'a>, Error> {
         Coalescer::check(self.rows, self.dim, table_len, grad_rows, grad_values)?;
         crate::error::next_step(self.t)?;
-        let plan = Plan::new(&self.exec)?;
-        let policy = self.non_finite;
+        let mut plan = self.guards.plan(&self.exec)?;
+        let policy = self.guards.non_finite;
         let dim = self.dim;
         if let Some(skipped) = crate::optim::non_finite_guard(policy, &plan, grad_values, 0)? {
             return Ok(Prepared::Skip(skipped));
@@ -305,11 +303,21 @@ impl RowSteps {
         let grad = self.scratch.coalesce(grad_rows, grad_values, dim);
         if policy != NonFinitePolicy::Propagate && crate::driver::any_non_finite(&plan, grad.sums) {
             if policy == NonFinitePolicy::Error {
-                let at = grad.sums.iter().position(|x| !x.is_finite()).unwrap_or(0);
+                let at = grad.sums.iter().position(|&x| !plan.unscale.apply(x).is_finite()).unwrap_or(0);
                 let index = grad.sum_first[at / dim.max(1)] * dim + at % dim.max(1);
                 return Err(Error::NonFiniteGradient { index });
             }
             return Ok(Prepared::Skip(StepReport { backend: plan.backend, parallel: false, skipped: true }));
+        }
+        if self.guards.max_grad_norm.is_some() {
+            // Row by row, in the coalesced order: deterministic for any
+            // thread count.
+            let total = grad.entries.iter().map(|&e| crate::driver::sum_of_squares(&plan, grad.values(e))).sum::<f64>();
+            let (skip, norm) = self.guards.check(&mut plan, &[], 0, Some(total.sqrt()))?;
+            self.guards.last_grad_norm = norm;
+            if let Some(skip) = skip {
+                return Ok(Prepared::Skip(skip));
+            }
         }
         let parallel = plan.exec.chunk_for(grad_values.len()).is_some();
         Ok(Prepared::Go(plan, parallel, grad))
@@ -328,9 +336,37 @@ macro_rules! row_steps_accessors {
 
             /// What a step does with NaN/inf gradient values (see
             /// [`NonFinitePolicy`]); with `SkipStep` nothing changes, the step
-            /// count included.
+            /// count included. The check sees the coalesced, unscaled gradient.
             pub fn set_non_finite(&mut self, policy: NonFinitePolicy) {
-                self.steps.non_finite = policy;
+                self.steps.guards.non_finite = policy;
+            }
+
+            /// Divides every gradient value by `grad_scale` inside the step
+            /// (mixed-precision loss scaling; see
+            /// [`Optimizer::set_grad_scale`](crate::Optimizer::set_grad_scale)).
+            /// Duplicate rows are summed before the division; for a
+            /// power-of-two scale (`GradScaler`'s) that gives the same bits as
+            /// torch, which unscales before summing.
+            ///
+            /// # Errors
+            /// Unless finite and nonzero; unchanged then.
+            pub fn set_grad_scale(&mut self, grad_scale: Option<f32>) -> Result<(), Error> {
+                self.steps.guards.set_grad_scale(grad_scale)
+            }
+
+            /// Clips the coalesced gradient to an L2 norm of `max_norm` inside
+            /// each step (see
+            /// [`Optimizer::set_max_grad_norm`](crate::Optimizer::set_max_grad_norm)).
+            ///
+            /// # Errors
+            /// Unless finite and `> 0`; unchanged then.
+            pub fn set_max_grad_norm(&mut self, max_norm: Option<f64>) -> Result<(), Error> {
+                self.steps.guards.set_max_grad_norm(max_norm)
+            }
+
+            /// The gradient norm the last step measured (clipping on).
+            pub fn last_grad_norm(&self) -> Option<f64> {
+                self.steps.guards.last_grad_norm
             }
 
             /// Steps taken.
@@ -602,8 +638,8 @@ impl RowWiseAdagrad {
     /// [`Error::LengthMismatch`] or [`Error::RowOutOfRange`] before anything is written.
     pub fn step(&mut self, table: &mut [f32], grad_rows: &[usize], grad_values: &[f32]) -> Result<StepReport, Error> {
         let (lr, eps, dim) = (self.lr, self.eps as f32, self.steps.dim);
-        let (parallel, grad) = match self.steps.prepare(table.len(), grad_rows, grad_values)? {
-            Prepared::Go(_, parallel, grad) => (parallel, grad),
+        let (pre, parallel, grad) = match self.steps.prepare(table.len(), grad_rows, grad_values)? {
+            Prepared::Go(plan, parallel, grad) => (plan.pre(), parallel, grad),
             Prepared::Skip(report) => return Ok(report),
         };
         let table_base = RowBase(table.as_mut_ptr());
@@ -613,10 +649,14 @@ impl RowWiseAdagrad {
             // SAFETY: e.row < rows (checked); rows are unique, so each thread
             // owns its table row and its accumulator.
             let (p, acc) = unsafe { (table_base.row(e.row, dim), &mut acc_base.row(e.row, 1)[0]) };
-            let mean = if dim == 0 { 0.0 } else { g.iter().map(|&x| x as f64 * x as f64).sum::<f64>() / dim as f64 };
+            let mean = if dim == 0 {
+                0.0
+            } else {
+                g.iter().map(|&x| f64::from(pre.apply(x)) * f64::from(pre.apply(x))).sum::<f64>() / dim as f64
+            };
             *acc += mean as f32;
             let mult = (-lr / (acc.sqrt() + eps) as f64) as f32;
-            p.iter_mut().zip(g).for_each(|(p, g)| *p += mult * g);
+            p.iter_mut().zip(g).for_each(|(p, &g)| *p += mult * pre.apply(g));
         };
         if parallel {
             grad.entries.par_iter().with_min_len(ROWS_PER_TASK).for_each(one);

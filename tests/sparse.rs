@@ -133,3 +133,55 @@ fn non_finite_policies_on_row_sparse_steps() {
     assert!(!a.step(&mut table, &[3, 4], &vals).unwrap().skipped);
     assert_eq!(a.step_count(), 1);
 }
+
+/// Loss scaling and clipping reach the row-sparse optimizers through the
+/// driver: a scaled gradient with `grad_scale` is the unscaled one, and a
+/// clipped step is the step on the gradient multiplied by torch's factor for
+/// the coalesced gradient's norm.
+#[test]
+fn sparse_optimizers_take_loss_scale_and_clipping() {
+    let (rows, dim) = (6, 5);
+    let idx = [4usize, 1, 4, 0];
+    let mut rng = common::Rng::new(41);
+    let vals = rng.vec(idx.len() * dim, 3.0);
+    let scaled: Vec<f32> = vals.iter().map(|x| x * 1024.0).collect();
+    // The coalesced gradient (row 4 summed in the order given) and its norm.
+    let mut coalesced: Vec<(usize, Vec<f32>)> = Vec::new();
+    for (k, &r) in idx.iter().enumerate() {
+        let v = &vals[k * dim..(k + 1) * dim];
+        match coalesced.iter_mut().find(|(row, _)| *row == r) {
+            Some((_, acc)) => acc.iter_mut().zip(v).for_each(|(a, b)| *a += b),
+            None => coalesced.push((r, v.to_vec())),
+        }
+    }
+    let sq: f64 = coalesced.iter().map(|(_, v)| clip::sum_of_squares(v, &Exec::scalar()).unwrap()).sum();
+    let coef = clip::clip_coef(sq.sqrt(), 0.5);
+    assert!(coef < 1.0, "test setup: clipping is active");
+    let (c_rows, c_vals): (Vec<usize>, Vec<f32>) = (
+        coalesced.iter().map(|(r, _)| *r).collect(),
+        coalesced.iter().flat_map(|(_, v)| v.iter().map(|x| x * coef)).collect(),
+    );
+    macro_rules! check {
+        ($make:expr, $what:literal) => {{
+            let mut plain = $make;
+            let mut with_scale = $make;
+            with_scale.set_grad_scale(Some(1024.0)).unwrap();
+            let (mut t0, mut t1) = (vec![0.5f32; rows * dim], vec![0.5f32; rows * dim]);
+            plain.step(&mut t0, &idx, &vals).unwrap();
+            with_scale.step(&mut t1, &idx, &scaled).unwrap();
+            common::assert_same_bits(concat!($what, " grad_scale"), &t1, &t0);
+            let mut clipped = $make;
+            clipped.set_max_grad_norm(Some(0.5)).unwrap();
+            let mut reference = $make;
+            let (mut t2, mut t3) = (vec![0.5f32; rows * dim], vec![0.5f32; rows * dim]);
+            clipped.step(&mut t2, &idx, &vals).unwrap();
+            reference.step(&mut t3, &c_rows, &c_vals).unwrap();
+            common::assert_same_bits(concat!($what, " clipped"), &t2, &t3);
+            assert_eq!(clipped.last_grad_norm(), Some(sq.sqrt()));
+            assert!(matches!(clipped.set_grad_scale(Some(0.0)), Err(Error::InvalidHyperparameter { .. })));
+        }};
+    }
+    check!(SparseAdam::new(SparseAdamConfig::default(), rows, dim).unwrap(), "SparseAdam");
+    check!(SparseAdagrad::new(AdagradConfig::default(), rows, dim).unwrap(), "SparseAdagrad");
+    check!(RowWiseAdagrad::new(0.1, 1e-10, 0.0, rows, dim).unwrap(), "RowWiseAdagrad");
+}

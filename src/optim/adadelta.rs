@@ -75,7 +75,7 @@ impl sealed::Sealed for AdadeltaConfig {
         state: &mut [&mut [f32]],
     ) -> StepReport {
         let k = AdadeltaKernel {
-            grad: GradIn::new(&plan, self.maximize, self.weight_decay),
+            grad: GradIn::new(self.maximize, self.weight_decay),
             rho: self.rho as f32,
             one_minus_rho: (1.0 - self.rho) as f32,
             eps: self.eps as f32,

@@ -85,7 +85,7 @@ impl sealed::Sealed for AdagradConfig {
     type Aux = ();
     fn run(&self, t: u64, _aux: &mut (), plan: Plan, p: &mut [f32], g: &[f32], state: &mut [&mut [f32]]) -> StepReport {
         let k = AdagradKernel {
-            grad: GradIn::new(&plan, self.maximize, self.weight_decay),
+            grad: GradIn::new(self.maximize, self.weight_decay),
             neg_clr: self.neg_clr(t),
             eps: self.eps as f32,
             eps_inside: self.eps_inside_sqrt,

@@ -109,12 +109,12 @@ pub(crate) fn validate_betas(betas: (f64, f64)) -> Result<(), Error> {
 }
 
 impl AdamConfig {
-    fn kernel(&self, t: u64, plan: &Plan) -> AdamKernel {
+    fn kernel(&self, t: u64) -> AdamKernel {
         let (b1, b2) = self.betas;
         let bc1 = 1.0 - pow_step(b1, t);
         let bc2 = 1.0 - pow_step(b2, t);
         AdamKernel {
-            grad: GradIn::new(plan, self.maximize, if self.decoupled_weight_decay { 0.0 } else { self.weight_decay }),
+            grad: GradIn::new(self.maximize, if self.decoupled_weight_decay { 0.0 } else { self.weight_decay }),
             decay: if self.decoupled_weight_decay && self.weight_decay != 0.0 {
                 Some((1.0 - self.lr * self.weight_decay) as f32)
             } else {
@@ -184,7 +184,7 @@ impl Kernel<3> for AdamKernel {
 impl sealed::Sealed for AdamConfig {
     type Aux = ();
     fn run(&self, t: u64, _aux: &mut (), plan: Plan, p: &mut [f32], g: &[f32], state: &mut [&mut [f32]]) -> StepReport {
-        let k = self.kernel(t, &plan);
+        let k = self.kernel(t);
         match state {
             [m, v] => drive::<_, 2>(&k, plan, Slices { p, g, s: [m, v] }),
             [m, v, vmax] => drive::<_, 3>(&k, plan, Slices { p, g, s: [m, v, vmax] }),

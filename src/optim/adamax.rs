@@ -64,7 +64,7 @@ impl sealed::Sealed for AdamaxConfig {
     type Aux = ();
     fn run(&self, t: u64, _aux: &mut (), plan: Plan, p: &mut [f32], g: &[f32], state: &mut [&mut [f32]]) -> StepReport {
         let k = AdamaxKernel {
-            grad: GradIn::new(&plan, self.maximize, self.weight_decay),
+            grad: GradIn::new(self.maximize, self.weight_decay),
             m: Lerp::new(1.0 - self.betas.0),
             b2: self.betas.1 as f32,
             eps: self.eps as f32,

@@ -11,7 +11,7 @@ pub mod sgd;
 
 use crate::Error;
 use crate::backend::Exec;
-use crate::driver::{Plan, StepReport};
+use crate::driver::{Plan, StepReport, Unscale};
 use crate::schedule::LrSchedule;
 use crate::simd::F32Vec;
 
@@ -572,66 +572,24 @@ impl Guards {
     }
 }
 
-/// Loss-scale removal, gradient clipping, `maximize` and coupled (L2) weight
-/// decay, applied to the gradient the way torch does first:
-/// `g = g / grad_scale`, `g = g * clip_coef` (torch's `clip_grad_norm_`
-/// multiplies the gradients before the step), `g = -g` if maximizing, then
-/// `g + wd * p`.
+/// `maximize` and coupled (L2) weight decay, applied to the gradient the way
+/// torch does first: `g = -g` if maximizing, then `g + wd * p`. The loss
+/// scale and the clipping factor come before, applied by the driver to
+/// every gradient it hands any kernel ([`GradPre`](crate::driver::GradPre)).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct GradIn {
-    pub unscale: Unscale,
-    /// Gradient-clipping factor (`g * clip` after unscaling), if any.
-    pub clip: Option<f32>,
     pub maximize: bool,
     /// L2 weight decay added to the gradient; 0 disables (torch skips the add).
     pub wd: f32,
 }
 
-/// How gradients are divided by a loss scale.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) enum Unscale {
-    /// No scale.
-    None,
-    /// A power-of-two scale: multiplying by its exact reciprocal gives the
-    /// same bits as dividing, without the divider.
-    Mul(f32),
-    /// Any other scale: divide, as torch does.
-    Div(f32),
-}
-
-impl Unscale {
-    pub(crate) fn new(grad_scale: Option<f32>) -> Unscale {
-        match grad_scale {
-            None => Unscale::None,
-            Some(s) if s.is_normal() && (1.0 / s).is_normal() && (s.to_bits() & 0x007f_ffff) == 0 => {
-                Unscale::Mul(1.0 / s)
-            }
-            Some(s) => Unscale::Div(s),
-        }
-    }
-
-    #[inline(always)]
-    pub(crate) fn apply<V: F32Vec>(self, g: V) -> V {
-        match self {
-            Unscale::None => g,
-            Unscale::Mul(r) => g * V::splat(r),
-            Unscale::Div(s) => g / V::splat(s),
-        }
-    }
-}
-
 impl GradIn {
-    pub(crate) fn new(plan: &Plan, maximize: bool, wd: f64) -> Self {
-        GradIn { unscale: plan.unscale, clip: plan.clip, maximize, wd: wd as f32 }
+    pub(crate) fn new(maximize: bool, wd: f64) -> Self {
+        GradIn { maximize, wd: wd as f32 }
     }
 
     #[inline(always)]
     pub(crate) fn apply<V: F32Vec>(self, p: V, g: V) -> V {
-        let g = self.unscale.apply(g);
-        let g = match self.clip {
-            Some(c) => g * V::splat(c),
-            None => g,
-        };
         let g = if self.maximize { -g } else { g };
         if self.wd != 0.0 { g + V::splat(self.wd) * p } else { g }
     }

@@ -123,7 +123,7 @@ impl sealed::Sealed for NAdamConfig {
         let decoupled = self.decoupled_weight_decay;
         let bc2_sqrt = (1.0 - pow_step(b2, t)).sqrt();
         let k = NAdamKernel {
-            grad: GradIn::new(&plan, self.maximize, if decoupled { 0.0 } else { self.weight_decay }),
+            grad: GradIn::new(self.maximize, if decoupled { 0.0 } else { self.weight_decay }),
             decay: (decoupled && self.weight_decay != 0.0).then_some((1.0 - self.lr * self.weight_decay) as f32),
             m: Lerp::new(1.0 - b1),
             b2: b2 as f32,

@@ -135,7 +135,7 @@ impl sealed::Sealed for RmsPropConfig {
         state: &mut [&mut [f32]],
     ) -> StepReport {
         let k = RmsKernel {
-            grad: GradIn::new(&plan, self.maximize, self.weight_decay),
+            grad: GradIn::new(self.maximize, self.weight_decay),
             alpha: self.alpha as f32,
             one_minus_alpha: (1.0 - self.alpha) as f32,
             grad_avg: Lerp::new(1.0 - self.alpha),

@@ -74,7 +74,7 @@ impl sealed::Sealed for SgdConfig {
     type Aux = ();
     fn run(&self, t: u64, _aux: &mut (), plan: Plan, p: &mut [f32], g: &[f32], state: &mut [&mut [f32]]) -> StepReport {
         let k = SgdKernel {
-            grad: GradIn::new(&plan, self.maximize, self.weight_decay),
+            grad: GradIn::new(self.maximize, self.weight_decay),
             momentum: self.momentum as f32,
             one_minus_dampening: (1.0 - self.dampening) as f32,
             first: t == 1,
