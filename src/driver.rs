@@ -51,9 +51,66 @@ pub(crate) struct GradPre {
     pub(crate) clip: Option<f32>,
 }
 
-impl GradPre {
+/// A gradient transform the lane loop is compiled for, one type per shape
+/// of [`GradPre`], so the loop carries no per-vector branch (measured: a
+/// `match` inside the loop halved the throughput of a scaled or clipped
+/// step). Each applies the same roundings in the same order as `GradPre`:
+/// the division or multiplication by the loss scale's reciprocal, then the
+/// clipping factor.
+pub(crate) trait Pre: Copy {
+    fn apply<V: F32Vec>(self, g: V) -> V;
+}
+
+/// No loss scale and no clipping.
+#[derive(Clone, Copy)]
+struct Identity;
+/// `g * a` (a power-of-two scale's reciprocal, or the clipping factor alone).
+#[derive(Clone, Copy)]
+struct Mul1(f32);
+/// `(g * a) * b` (a power-of-two scale, then clipping).
+#[derive(Clone, Copy)]
+struct Mul2(f32, f32);
+/// `g / s` (any other scale).
+#[derive(Clone, Copy)]
+struct Div1(f32);
+/// `(g / s) * c` (any other scale, then clipping).
+#[derive(Clone, Copy)]
+struct DivMul(f32, f32);
+
+impl Pre for Identity {
     #[inline(always)]
-    pub(crate) fn apply<V: F32Vec>(self, g: V) -> V {
+    fn apply<V: F32Vec>(self, g: V) -> V {
+        g
+    }
+}
+impl Pre for Mul1 {
+    #[inline(always)]
+    fn apply<V: F32Vec>(self, g: V) -> V {
+        g * V::splat(self.0)
+    }
+}
+impl Pre for Mul2 {
+    #[inline(always)]
+    fn apply<V: F32Vec>(self, g: V) -> V {
+        g * V::splat(self.0) * V::splat(self.1)
+    }
+}
+impl Pre for Div1 {
+    #[inline(always)]
+    fn apply<V: F32Vec>(self, g: V) -> V {
+        g / V::splat(self.0)
+    }
+}
+impl Pre for DivMul {
+    #[inline(always)]
+    fn apply<V: F32Vec>(self, g: V) -> V {
+        g / V::splat(self.0) * V::splat(self.1)
+    }
+}
+
+impl Pre for GradPre {
+    #[inline(always)]
+    fn apply<V: F32Vec>(self, g: V) -> V {
         let g = self.unscale.apply(g);
         match self.clip {
             Some(c) => g * V::splat(c),
@@ -98,6 +155,18 @@ impl<'a, const S: usize> Slices<'a, S> {
 /// Runs `k` over the slices with lane type `V`, then the tail with `f32`.
 #[inline(always)]
 fn run_lanes<V: F32Vec, K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>, pre: GradPre) {
+    match (pre.unscale, pre.clip) {
+        (Unscale::None, None) => run_lanes_with::<V, K, S, _>(k, sl, Identity),
+        (Unscale::None, Some(c)) | (Unscale::Mul(c), None) => run_lanes_with::<V, K, S, _>(k, sl, Mul1(c)),
+        (Unscale::Mul(r), Some(c)) => run_lanes_with::<V, K, S, _>(k, sl, Mul2(r, c)),
+        (Unscale::Div(d), None) => run_lanes_with::<V, K, S, _>(k, sl, Div1(d)),
+        (Unscale::Div(d), Some(c)) => run_lanes_with::<V, K, S, _>(k, sl, DivMul(d, c)),
+    }
+}
+
+/// [`run_lanes`] for one gradient transform.
+#[inline(always)]
+fn run_lanes_with<V: F32Vec, K: Kernel<S>, const S: usize, P: Pre>(k: &K, sl: Slices<'_, S>, pre: P) {
     let n = sl.len();
     // Soundness of the raw-pointer loop below rests on this; the public entry
     // points return an error before getting here, so it never fires.

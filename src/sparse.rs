@@ -24,7 +24,7 @@
 
 use rayon::prelude::*;
 
-use crate::driver::{Kernel, Plan, Slices, StepReport, runner};
+use crate::driver::{Kernel, Plan, Pre, Slices, StepReport, runner};
 use crate::error::{non_negative, unit_half_open};
 use crate::optim::Guards;
 use crate::optim::pow_step;
