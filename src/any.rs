@@ -18,6 +18,7 @@ use crate::{
 
 /// A hyperparameter value as torch's keyword arguments carry it.
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
 pub enum HyperValue {
     /// A float or integer.
     Number(f64),
@@ -123,6 +124,7 @@ macro_rules! any_types {
         /// Any optimizer configuration of this crate.
         #[derive(Clone, Copy, Debug, PartialEq)]
         #[allow(missing_docs)]
+        #[non_exhaustive]
         pub enum AnyConfig {
             $($variant($cfg),)*
         }
@@ -130,6 +132,7 @@ macro_rules! any_types {
         /// Any optimizer of this crate, chosen at run time.
         #[derive(Clone, Debug)]
         #[allow(missing_docs)]
+        #[non_exhaustive]
         pub enum AnyOptimizer {
             $($variant(Optimizer<$cfg>),)*
         }

@@ -11,6 +11,7 @@ use crate::Error;
 /// fused multiply-add, no approximate reciprocals), so they are bitwise
 /// identical to [`Backend::Scalar`] on every non-NaN result: 0 ULP per step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
 pub enum Backend {
     /// Plain `f32` arithmetic, one element at a time: the reference.
     Scalar,
@@ -119,6 +120,7 @@ fn features() -> Features {
 
 /// How a step is split across threads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Parallel {
     /// Serial with one rayon thread, or below [`PAR_THRESHOLD`] elements
     /// ([`PAR_THRESHOLD_INSIDE`] when called from inside a rayon pool, where

@@ -79,6 +79,9 @@ pub enum Error {
         kind: std::io::ErrorKind,
         /// The operating system's message.
         message: String,
+        /// The underlying error, also given by
+        /// [`source`](std::error::Error::source).
+        source: IoSource,
     },
     /// A torch class name this crate does not implement.
     UnknownOptimizer {
@@ -142,7 +145,7 @@ impl std::fmt::Display for Error {
             Error::NonFiniteGradient { index } => write!(f, "gradient element {index} is NaN or infinite"),
             Error::NonFiniteGradNorm { norm } => write!(f, "the global gradient norm is {norm}"),
             Error::Checkpoint { reason } => write!(f, "checkpoint: {reason}"),
-            Error::Io { kind, message } => write!(f, "I/O error ({kind:?}): {message}"),
+            Error::Io { kind, message, .. } => write!(f, "I/O error ({kind:?}): {message}"),
             Error::UnknownOptimizer { name } => write!(f, "unknown optimizer {name:?}"),
             Error::InvalidOption { name, reason } => write!(f, "option {name:?}: {reason}"),
             Error::TooLarge { what, elements } => {
@@ -159,7 +162,31 @@ impl std::fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(&*source.0),
+            _ => None,
+        }
+    }
+}
+
+/// The `std::io::Error` behind an [`Error::Io`], shared so that `Error`
+/// stays `Clone`. Two are equal when their kinds and messages are.
+#[derive(Clone, Debug)]
+pub struct IoSource(pub std::sync::Arc<std::io::Error>);
+
+impl PartialEq for IoSource {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.kind() == other.0.kind() && self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Io { kind: e.kind(), message: e.to_string(), source: IoSource(std::sync::Arc::new(e)) }
+    }
+}
 
 /// The step number after `t` steps, or [`Error::StepLimit`] at
 /// [`MAX_STEP`](crate::MAX_STEP).

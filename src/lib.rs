@@ -19,6 +19,36 @@
 //! buffers, as the optimizers' own state is) and [`roofline`] (the
 //! bandwidth-ceiling kernel the benches compare against).
 //!
+//! # How the crate is built
+//! Layers, each using only those below it:
+//! 1. **Lanes and backends** (`simd`, `backend`): the lane types every
+//!    formula is written against (`f32`, `wide`, AVX2, AVX-512), runtime
+//!    detection, the [`Exec`] policy.
+//! 2. **The driver** (`driver`): the one loop that runs a kernel (SIMD body,
+//!    scalar tail, rayon split at fixed chunk boundaries), the non-finite
+//!    scan and the sum of squares. It divides out the loss scale and
+//!    multiplies in the clipping factor on every gradient before any kernel
+//!    sees it, so no optimizer and no path can leave them out.
+//! 3. **The optimizers** ([`optim`]): one file each, holding the config
+//!    (torch's names and defaults, validation), the state layout and the
+//!    per-element formula; `optim/mod.rs` holds the [`Algorithm`] trait, the
+//!    owning [`Optimizer`], the free kernel [`step_slices`] and the guards.
+//! 4. **Owners of many tensors**: [`groups`] (one arena, shardable),
+//!    [`multi`] (caller-owned tensors, per-tensor step counts), [`sparse`]
+//!    (row-sparse tables); [`schedule`] and [`clip`] beside them.
+//! 5. **Edges**: [`any`] (optimizers by torch class name) and
+//!    [`checkpoint`] (the I/O layer: format, files, torch keywords, one part
+//!    per owner).
+//!
+//! A step: [`Optimizer::step`] checks lengths and the step limit, runs the
+//! guards (non-finite scan, or the norm pass when clipping), resolves a plan
+//! (backend, loss scale, clip factor), and calls the configuration's
+//! `run`, which folds the step's scalars in f64 and hands its kernel to the
+//! driver. Adding an element-wise optimizer today: its file under
+//! `src/optim/`, its `pub mod` line there, its re-export and alias in
+//! `lib.rs`, and one line in each of the two registry macros in `any.rs`
+//! (`torch_options!`, `any_types!`).
+//!
 //! ```
 //! use adaoptim::{Adam, AdamConfig};
 //!
@@ -50,7 +80,7 @@ pub mod sparse;
 pub use any::{AnyConfig, AnyOptimizer, HyperValue};
 pub use backend::{AUTO_GRAIN, Backend, Exec, PAR_THRESHOLD, PAR_THRESHOLD_INSIDE, Parallel};
 pub use driver::StepReport;
-pub use error::Error;
+pub use error::{Error, IoSource};
 pub use optim::adadelta::AdadeltaConfig;
 pub use optim::adagrad::AdagradConfig;
 pub use optim::adam::{AdamConfig, AdamWConfig};

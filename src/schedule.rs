@@ -376,6 +376,7 @@ impl LrSchedule for CosineAnnealingWarmRestarts {
 
 /// `CyclicLR`'s policies.
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
 pub enum CyclicMode {
     /// Constant amplitude.
     Triangular,
@@ -484,6 +485,7 @@ impl LrSchedule for CyclicLR {
 
 /// `OneCycleLR`'s annealing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Anneal {
     /// Cosine annealing (torch's default).
     Cos,
@@ -509,7 +511,69 @@ pub struct OneCycleLR {
     cycle_momentum: bool,
 }
 
+/// [`OneCycleLR`]'s arguments with torch's names and defaults. torch has
+/// no default for `max_lr` and `total_steps`; here they default to 0, which
+/// [`OneCycleLR::from_config`] rejects, so set them:
+/// `OneCycleLRConfig { max_lr: 0.1, total_steps: 1000, ..Default::default() }`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OneCycleLRConfig {
+    /// The peak rate.
+    pub max_lr: f64,
+    /// Steps in the cycle.
+    pub total_steps: u64,
+    /// Fraction of the cycle spent raising the rate. Default `0.3`.
+    pub pct_start: f64,
+    /// Default [`Anneal::Cos`].
+    pub anneal_strategy: Anneal,
+    /// `initial_lr = max_lr / div_factor`. Default `25`.
+    pub div_factor: f64,
+    /// `min_lr = initial_lr / final_div_factor`. Default `1e4`.
+    pub final_div_factor: f64,
+    /// Default `false`.
+    pub three_phase: bool,
+    /// Cycle the momentum (or `beta1`) inversely to the rate. Default `true`.
+    pub cycle_momentum: bool,
+    /// Default `0.85`.
+    pub base_momentum: f64,
+    /// Default `0.95`.
+    pub max_momentum: f64,
+}
+
+impl Default for OneCycleLRConfig {
+    fn default() -> Self {
+        OneCycleLRConfig {
+            max_lr: 0.0,
+            total_steps: 0,
+            pct_start: 0.3,
+            anneal_strategy: Anneal::Cos,
+            div_factor: 25.0,
+            final_div_factor: 1e4,
+            three_phase: false,
+            cycle_momentum: true,
+            base_momentum: 0.85,
+            max_momentum: 0.95,
+        }
+    }
+}
+
 impl OneCycleLR {
+    /// The schedule from named arguments.
+    ///
+    /// # Errors
+    /// As [`new`](Self::new).
+    pub fn from_config(c: &OneCycleLRConfig) -> Result<Self, Error> {
+        Self::new(
+            c.max_lr,
+            c.total_steps,
+            c.pct_start,
+            c.anneal_strategy,
+            c.div_factor,
+            c.final_div_factor,
+            c.three_phase,
+            c.cycle_momentum.then_some((c.base_momentum, c.max_momentum)),
+        )
+    }
+
     /// `cycle_momentum = Some((base_momentum, max_momentum))`. The arguments
     /// mirror torch's signature, in its order.
     ///
@@ -607,6 +671,7 @@ impl LrSchedule for OneCycleLR {
 /// Any schedule of this module, for composition and configuration files.
 #[derive(Clone, Debug, PartialEq)]
 #[allow(missing_docs)]
+#[non_exhaustive]
 pub enum Schedule {
     Constant(ConstantLR),
     Step(StepLR),
@@ -835,7 +900,56 @@ pub enum PlateauMode {
     Max,
 }
 
+/// [`ReduceLROnPlateau`]'s arguments with torch's names and defaults
+/// (`lr` is the optimizer's rate, which torch reads from the optimizer;
+/// default `1e-3`, Adam's).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ReduceLROnPlateauConfig {
+    /// The starting rate.
+    pub lr: f64,
+    /// Default [`PlateauMode::Min`].
+    pub mode: PlateauMode,
+    /// Default `0.1`.
+    pub factor: f64,
+    /// Default `10`.
+    pub patience: u64,
+    /// Default `1e-4`.
+    pub threshold: f64,
+    /// torch's `threshold_mode`: `true` is `"rel"` (the default), `false` `"abs"`.
+    pub threshold_mode_rel: bool,
+    /// Default `0`.
+    pub cooldown: u64,
+    /// Default `0`.
+    pub min_lr: f64,
+    /// Default `1e-8`.
+    pub eps: f64,
+}
+
+impl Default for ReduceLROnPlateauConfig {
+    fn default() -> Self {
+        ReduceLROnPlateauConfig {
+            lr: 1e-3,
+            mode: PlateauMode::Min,
+            factor: 0.1,
+            patience: 10,
+            threshold: 1e-4,
+            threshold_mode_rel: true,
+            cooldown: 0,
+            min_lr: 0.0,
+            eps: 1e-8,
+        }
+    }
+}
+
 impl ReduceLROnPlateau {
+    /// The scheduler from named arguments.
+    ///
+    /// # Errors
+    /// As [`new`](Self::new).
+    pub fn from_config(c: &ReduceLROnPlateauConfig) -> Result<Self, Error> {
+        Self::new(c.lr, c.mode, c.factor, c.patience, c.threshold, c.threshold_mode_rel, c.cooldown, c.min_lr, c.eps)
+    }
+
     /// torch's defaults for everything but the starting rate.
     ///
     /// # Errors

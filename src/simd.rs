@@ -355,3 +355,126 @@ mod x86 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Every lane operation of every backend this CPU has, lane by lane,
+    //! against `f32`'s own operation (the scalar reference) over edge values
+    //! (signed zeros, infinities, NaN, subnormals, extremes) and random ones.
+
+    use super::*;
+    use crate::Backend;
+
+    fn edge_values() -> Vec<f32> {
+        let mut v = vec![
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::MIN_POSITIVE,
+            f32::MIN_POSITIVE / 8.0,
+            -f32::MIN_POSITIVE / 3.0,
+            f32::from_bits(1),
+            f32::MAX,
+            f32::MIN,
+            1e-30,
+            3e38,
+            0.5,
+            2.0,
+        ];
+        let mut x = 0x2545_F491_u32;
+        for _ in 0..110 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            v.push(f32::from_bits(x));
+        }
+        v
+    }
+
+    fn same(a: f32, b: f32) -> bool {
+        (a.is_nan() && b.is_nan()) || a.to_bits() == b.to_bits()
+    }
+
+    /// `op` on `V` lanes equals `op` on `f32`, for every pair of values.
+    fn lanes_match<V: F32Vec>(name: &str, op: impl Fn(V, V) -> V, op1: impl Fn(f32, f32) -> f32) {
+        let vals = edge_values();
+        let mut a = vec![0f32; V::LANES];
+        let mut b = vec![0f32; V::LANES];
+        let mut out = vec![0f32; V::LANES];
+        for (i, &x) in vals.iter().enumerate() {
+            for (j, &y) in vals.iter().enumerate() {
+                let lane = (i + j) % V::LANES;
+                // Lane `lane` holds the pair; the other lanes hold other pairs.
+                for l in 0..V::LANES {
+                    a[l] = vals[(i + l) % vals.len()];
+                    b[l] = vals[(j + 3 * l) % vals.len()];
+                }
+                a[lane] = x;
+                b[lane] = y;
+                // SAFETY: `a`, `b` and `out` hold LANES values each.
+                unsafe { op(V::load(a.as_ptr()), V::load(b.as_ptr())).store(out.as_mut_ptr()) };
+                for l in 0..V::LANES {
+                    let want = op1(a[l], b[l]);
+                    assert!(same(out[l], want), "{name} lane {l}: ({}, {}) gave {} want {}", a[l], b[l], out[l], want);
+                }
+            }
+        }
+    }
+
+    fn check_backend<V: F32Vec>() {
+        lanes_match::<V>("max_nan", |a, b| a.max_nan(b), |a, b| a.max_nan(b));
+        lanes_match::<V>("div_or_zero", |a, b| a.div_or_zero(b), |a, b| if b == 0.0 { 0.0 } else { a / b });
+        lanes_match::<V>("sqrt", |a, _| a.sqrt(), |a, _| a.sqrt());
+        lanes_match::<V>("abs", |a, _| a.abs(), |a, _| a.abs());
+        lanes_match::<V>("neg", |a, _| -a, |a, _| -a);
+        lanes_match::<V>("add", |a, b| a + b, |a, b| a + b);
+        lanes_match::<V>("mul", |a, b| a * b, |a, b| a * b);
+        lanes_match::<V>("div", |a, b| a / b, |a, b| a / b);
+        // max_nan is torch.maximum: NaN if either operand is.
+        assert!(f32::NAN.max_nan(1.0).is_nan() && 1.0f32.max_nan(f32::NAN).is_nan());
+        // any_non_finite: one non-finite lane anywhere is seen; finite lanes never.
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for lane in 0..V::LANES {
+                let mut a = vec![f32::MAX; V::LANES];
+                a[lane] = bad;
+                // SAFETY: `a` holds LANES values.
+                assert!(unsafe { V::load(a.as_ptr()) }.any_non_finite(), "{bad} in lane {lane}");
+            }
+        }
+        let finite = [f32::MAX, f32::MIN, 0.0, -0.0, f32::from_bits(1), 1.0, -3.5, 1e30];
+        let a: Vec<f32> = (0..V::LANES).map(|l| finite[l % finite.len()]).collect();
+        // SAFETY: `a` holds LANES values.
+        assert!(!unsafe { V::load(a.as_ptr()) }.any_non_finite());
+    }
+
+    #[test]
+    fn scalar_lanes() {
+        check_backend::<f32>();
+    }
+
+    #[test]
+    fn wide_lanes_match_scalar() {
+        check_backend::<Wide>();
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_lanes_match_scalar() {
+        if Backend::Avx2.is_available() {
+            check_backend::<Avx2>();
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_lanes_match_scalar() {
+        if Backend::Avx512.is_available() {
+            check_backend::<Avx512>();
+        }
+    }
+}

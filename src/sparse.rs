@@ -617,7 +617,33 @@ pub struct RowWiseAdagrad {
     pub(crate) acc: Buffer,
 }
 
+/// [`RowWiseAdagrad`]'s hyperparameters, with `torch.optim.Adagrad`'s
+/// names and defaults.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowWiseAdagradConfig {
+    /// Learning rate. Default `1e-2`.
+    pub lr: f64,
+    /// Added to the root of the accumulator. Default `1e-10`.
+    pub eps: f64,
+    /// The accumulators' start. Default `0`.
+    pub initial_accumulator_value: f64,
+}
+
+impl Default for RowWiseAdagradConfig {
+    fn default() -> Self {
+        RowWiseAdagradConfig { lr: 1e-2, eps: 1e-10, initial_accumulator_value: 0.0 }
+    }
+}
+
 impl RowWiseAdagrad {
+    /// State for a `rows x dim` table from named hyperparameters.
+    ///
+    /// # Errors
+    /// As [`new`](Self::new).
+    pub fn with_config(config: RowWiseAdagradConfig, rows: usize, dim: usize) -> Result<Self, Error> {
+        Self::new(config.lr, config.eps, config.initial_accumulator_value, rows, dim)
+    }
+
     /// State for a `rows x dim` table: `rows` accumulators starting at
     /// `initial_accumulator_value`.
     ///

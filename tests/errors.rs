@@ -247,3 +247,28 @@ fn sparse_adam_kwargs_from_json() {
         Err(Error::InvalidHyperparameter { .. })
     ));
 }
+
+/// An I/O error keeps the operating system's error as its `source()`.
+#[test]
+fn io_errors_keep_their_source() {
+    let e = Adam::load("/nonexistent/dir/x.safetensors").unwrap_err();
+    assert!(matches!(e, Error::Io { kind: std::io::ErrorKind::NotFound, .. }));
+    let source = std::error::Error::source(&e).expect("a source");
+    let io = source.downcast_ref::<std::io::Error>().expect("an io::Error");
+    assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
+    // Still Clone and comparable.
+    assert_eq!(e.clone(), e);
+    assert!(std::error::Error::source(&Error::StepLimit { step: 1 }).is_none());
+}
+
+/// Row-wise AdaGrad from its config struct: torch Adagrad's names and
+/// defaults, the same optimizer as the positional constructor.
+#[test]
+fn row_wise_adagrad_config() {
+    use adaoptim::sparse::{RowWiseAdagrad, RowWiseAdagradConfig};
+    let a = RowWiseAdagrad::with_config(RowWiseAdagradConfig::default(), 4, 3).unwrap();
+    let b = RowWiseAdagrad::new(0.01, 1e-10, 0.0, 4, 3).unwrap();
+    assert_eq!(a.to_safetensors().unwrap(), b.to_safetensors().unwrap());
+    let bad = RowWiseAdagradConfig { lr: -1.0, ..Default::default() };
+    assert!(matches!(RowWiseAdagrad::with_config(bad, 4, 3), Err(Error::InvalidHyperparameter { name: "lr", .. })));
+}

@@ -322,3 +322,37 @@ fn regression_cosine_rate_near_max() {
     }
     assert_eq!(c.lr_at(0), f64::MAX);
 }
+
+/// The config structs carry torch's names and defaults and build the same
+/// schedule as the positional constructors.
+#[test]
+fn config_structs_match_the_positional_constructors() {
+    let c = OneCycleLRConfig { max_lr: 0.1, total_steps: 100, ..Default::default() };
+    assert_eq!(
+        OneCycleLR::from_config(&c).unwrap(),
+        OneCycleLR::new(0.1, 100, 0.3, Anneal::Cos, 25.0, 1e4, false, Some((0.85, 0.95))).unwrap()
+    );
+    let c = OneCycleLRConfig { three_phase: true, cycle_momentum: false, anneal_strategy: Anneal::Linear, ..c };
+    assert_eq!(
+        OneCycleLR::from_config(&c).unwrap(),
+        OneCycleLR::new(0.1, 100, 0.3, Anneal::Linear, 25.0, 1e4, true, None).unwrap()
+    );
+    // torch has no default for max_lr or total_steps: the placeholders are refused.
+    assert!(matches!(OneCycleLR::from_config(&OneCycleLRConfig::default()), Err(Error::InvalidHyperparameter { .. })));
+    assert_eq!(
+        ReduceLROnPlateau::from_config(&ReduceLROnPlateauConfig::default()).unwrap(),
+        ReduceLROnPlateau::with_defaults(1e-3).unwrap()
+    );
+    let c = ReduceLROnPlateauConfig {
+        lr: 0.5,
+        mode: PlateauMode::Max,
+        patience: 2,
+        threshold_mode_rel: false,
+        ..Default::default()
+    };
+    assert_eq!(
+        ReduceLROnPlateau::from_config(&c).unwrap(),
+        ReduceLROnPlateau::new(0.5, PlateauMode::Max, 0.1, 2, 1e-4, false, 0, 0.0, 1e-8).unwrap()
+    );
+    assert!(ReduceLROnPlateau::from_config(&ReduceLROnPlateauConfig { factor: 1.0, ..Default::default() }).is_err());
+}

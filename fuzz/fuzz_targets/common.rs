@@ -36,6 +36,8 @@ impl RawConfig {
                     fi += 1;
                     HyperValue::Bool(self.flags[(fi - 1) % 6])
                 }
+                // A kind of value this target does not know yet: leave the default.
+                other => other,
             };
             cfg.set_option(name, &v).ok()?;
         }

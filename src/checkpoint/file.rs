@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use crate::Error;
 
 pub(crate) fn io(e: std::io::Error) -> Error {
-    Error::Io { kind: e.kind(), message: e.to_string() }
+    Error::from(e)
 }
 
 /// The temporary-file name pattern of saves to `name`:
@@ -106,7 +106,10 @@ mod libc_flags {
 }
 
 fn not_regular(path: &Path) -> Error {
-    Error::Io { kind: std::io::ErrorKind::InvalidInput, message: format!("{} is not a regular file", path.display()) }
+    Error::from(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("{} is not a regular file", path.display()),
+    ))
 }
 
 /// Reads a whole regular file, never more than the length it has when

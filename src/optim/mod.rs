@@ -207,6 +207,7 @@ use crate::memory::Buffer;
 
 /// What a step does with NaN or infinite gradients.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum NonFinitePolicy {
     /// torch's behaviour: the arithmetic runs, and a NaN/inf gradient makes
     /// its parameter and state NaN/inf (other elements are unaffected).

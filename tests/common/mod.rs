@@ -3,7 +3,7 @@
 
 pub mod configs;
 
-use adaoptim::{AnyConfig, Backend, Exec, HyperValue};
+use adaoptim::{AnyConfig, Backend, Exec};
 use serde_json::Value;
 
 /// A small deterministic generator (xorshift64*), so tests need no RNG crate.
@@ -37,27 +37,15 @@ impl Rng {
     }
 }
 
-/// torch keyword arguments from JSON.
-pub fn hyper(key: &str, v: &Value) -> HyperValue {
-    match v {
-        Value::Bool(b) => HyperValue::Bool(*b),
-        Value::Number(x) => HyperValue::Number(x.as_f64().unwrap()),
-        Value::Array(a) if a.len() == 2 => HyperValue::Pair(a[0].as_f64().unwrap(), a[1].as_f64().unwrap()),
-        other => panic!("option {key}: cannot interpret {other}"),
-    }
-}
-
+/// A configuration from a golden file's torch keyword arguments, through
+/// the crate's own parser ([`AnyConfig::from_torch_json`]). A `null` option
+/// is torch's `None`, which for every option the golden files use means the
+/// default, so it is left out first (the crate's parser accepts `null` only
+/// for torch's implementation switches).
 pub fn config_from_json(class: &str, options: &Value) -> Result<AnyConfig, adaoptim::Error> {
-    // A null option is torch's `None`: the default.
-    let opts: Vec<(String, HyperValue)> = options
-        .as_object()
-        .expect("options is an object")
-        .iter()
-        .filter(|(_, v)| !v.is_null())
-        .map(|(k, v)| (k.clone(), hyper(k, v)))
-        .collect();
-    let refs: Vec<(&str, HyperValue)> = opts.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-    AnyConfig::from_torch(class, &refs)
+    let mut obj = options.as_object().expect("options is an object").clone();
+    obj.retain(|_, v| !v.is_null());
+    AnyConfig::from_torch_json(class, &Value::Object(obj).to_string())
 }
 
 pub fn f32s(v: &Value) -> Vec<f32> {
