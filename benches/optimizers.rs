@@ -59,6 +59,12 @@ mod textbook {
         x.iter_mut().zip(y).for_each(|(x, y)| *x = x.max(*y));
     }
 
+    /// Whether a textbook version of `class` is written here (a new
+    /// optimizer is benched without one until it is).
+    pub fn has(class: &str) -> bool {
+        ["SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "NAdam", "Adamax"].contains(&class)
+    }
+
     /// One step of `class` with torch's default hyperparameters at step 10.
     pub fn step(class: &str, p: &mut [f32], g: &[f32], s: &mut [Vec<f32>], tmp: &mut [f32]) {
         let (b1, b2, t) = (0.9f32, 0.999f32, 10);
@@ -109,7 +115,7 @@ mod textbook {
                 maximum(&mut s[1], tmp);
                 addcdiv(p, -2e-3 / bc1, &s[0], &s[1]);
             }
-            other => unreachable!("{other}"),
+            _ => {}
         }
     }
 }
@@ -146,10 +152,12 @@ fn bench_optimizers(c: &mut Criterion) {
                     roofline::step(black_box(&mut p), &g, &mut refs, &exec1).unwrap()
                 })
             });
-            let mut tmp = vec![0.0f32; n];
-            group.bench_function(BenchmarkId::new("textbook-1t", n), |b| {
-                b.iter(|| textbook::step(class, black_box(&mut p), &g, &mut bufs, &mut tmp))
-            });
+            if textbook::has(class) {
+                let mut tmp = vec![0.0f32; n];
+                group.bench_function(BenchmarkId::new("textbook-1t", n), |b| {
+                    b.iter(|| textbook::step(class, black_box(&mut p), &g, &mut bufs, &mut tmp))
+                });
+            }
         }
         group.finish();
     }

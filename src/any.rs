@@ -11,10 +11,8 @@
 //! # Ok::<(), adaoptim::Error>(())
 //! ```
 
-use crate::{
-    AdadeltaConfig, AdagradConfig, AdamConfig, AdamWConfig, AdamaxConfig, Algorithm, Error, Exec, NAdamConfig,
-    NonFinitePolicy, Optimizer, RmsPropConfig, SgdConfig, StepReport,
-};
+use crate::optim::registered::*;
+use crate::{Algorithm, Error, Exec, NonFinitePolicy, Optimizer, StepReport};
 
 /// A hyperparameter value as torch's keyword arguments carry it.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -28,7 +26,7 @@ pub enum HyperValue {
     Pair(f64, f64),
 }
 
-trait Hyper: Sized {
+pub(crate) trait Hyper: Sized {
     fn from_hyper(name: &str, v: &HyperValue) -> Result<Self, Error>;
     fn to_hyper(&self) -> HyperValue;
 }
@@ -73,19 +71,23 @@ impl Hyper for (f64, f64) {
     }
 }
 
-use crate::checkpoint::keywords::IMPLEMENTATION_KEYS;
-
+/// A configuration's torch keyword options: `set_option` and `options` from
+/// the list of its fields that torch's constructor takes (and flags torch's
+/// `param_groups` holds with one fixed value). Invoked in each optimizer's
+/// own file.
 macro_rules! torch_options {
     ($cfg:ty { $($field:ident),* $(,)? } $(fixed { $($flag:ident = $value:literal),* })?) => {
         impl $cfg {
             /// Sets one keyword option by its torch name.
             ///
             /// # Errors
-            /// [`Error::InvalidOption`] for an unknown name or a value of the wrong type.
-            pub fn set_option(&mut self, key: &str, v: &HyperValue) -> Result<(), Error> {
+            /// [`Error::InvalidOption`](crate::Error::InvalidOption) for an
+            /// unknown name or a value of the wrong type.
+            pub fn set_option(&mut self, key: &str, v: &$crate::HyperValue) -> Result<(), $crate::Error> {
+                use $crate::any::Hyper;
                 match key {
                     $(stringify!($field) => self.$field = Hyper::from_hyper(key, v)?,)*
-                    k if IMPLEMENTATION_KEYS.contains(&k) => {
+                    k if $crate::checkpoint::keywords::IMPLEMENTATION_KEYS.contains(&k) => {
                         bool::from_hyper(k, v)?;
                     }
                     // A flag torch's `param_groups` holds with one value for
@@ -93,34 +95,29 @@ macro_rules! torch_options {
                     $($(stringify!($flag) => {
                         if bool::from_hyper(key, v)? != $value {
                             let reason = concat!("is always ", stringify!($value), " for this optimizer");
-                            return Err(Error::InvalidOption { name: key.to_string(), reason });
+                            return Err($crate::Error::InvalidOption { name: key.to_string(), reason });
                         }
                     })*)?
-                    _ => return Err(Error::InvalidOption { name: key.to_string(), reason: "unknown option" }),
+                    _ => return Err($crate::Error::InvalidOption { name: key.to_string(), reason: "unknown option" }),
                 }
                 Ok(())
             }
 
             /// Every option with its torch name and current value.
-            pub fn options(&self) -> Vec<(&'static str, HyperValue)> {
+            pub fn options(&self) -> Vec<(&'static str, $crate::HyperValue)> {
+                use $crate::any::Hyper;
                 vec![$((stringify!($field), self.$field.to_hyper())),*]
             }
         }
     };
 }
-
-torch_options!(SgdConfig { lr, momentum, dampening, weight_decay, nesterov, maximize });
-torch_options!(AdagradConfig { lr, lr_decay, weight_decay, initial_accumulator_value, eps, maximize, eps_inside_sqrt });
-torch_options!(RmsPropConfig { lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_inside_sqrt });
-torch_options!(AdadeltaConfig { lr, rho, eps, weight_decay, maximize });
-torch_options!(AdamConfig { lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay });
-torch_options!(AdamWConfig { lr, betas, eps, weight_decay, amsgrad, maximize } fixed { decoupled_weight_decay = true });
-torch_options!(AdamaxConfig { lr, betas, eps, weight_decay, maximize });
-torch_options!(NAdamConfig { lr, betas, eps, weight_decay, momentum_decay, decoupled_weight_decay, maximize });
-torch_options!(crate::sparse::SparseAdamConfig { lr, betas, eps, maximize });
+pub(crate) use torch_options;
 
 macro_rules! any_types {
-    ($($variant:ident($cfg:ident)),* $(,)?) => {
+    ($($module:ident { $($variant:ident($cfg:ident)),+ })*) => {
+        any_types!(@flat $($($variant($cfg)),+),*);
+    };
+    (@flat $($variant:ident($cfg:ident)),* $(,)?) => {
         /// Any optimizer configuration of this crate.
         #[derive(Clone, Copy, Debug, PartialEq)]
         #[allow(missing_docs)]
@@ -205,6 +202,46 @@ macro_rules! any_types {
             /// State buffer names, torch's `state_dict` names, in kernel order.
             pub fn state_names(&self) -> &'static [&'static str] {
                 match self { $(AnyConfig::$variant(c) => c.state_names(),)* }
+            }
+
+            /// Initial value of state buffer `i` (0 except Adagrad's `sum`).
+            pub fn state_init(&self, i: usize) -> f32 {
+                match self { $(AnyConfig::$variant(c) => c.state_init(i),)* }
+            }
+
+            /// The initial scalar state as torch stores it: NAdam's
+            /// `mu_product` (1); 0 for the optimizers without one.
+            pub fn aux_init(&self) -> f32 {
+                use crate::optim::sealed::Sealed;
+                match self { $(AnyConfig::$variant(c) => <$cfg as Sealed>::aux_to_f32(&c.aux_init()),)* }
+            }
+
+            /// [`step_slices_with`](crate::step_slices_with) for whatever
+            /// configuration this is: the free kernel over caller-owned state,
+            /// chosen at run time. `aux` is the scalar state as torch stores
+            /// it (start from [`aux_init`](Self::aux_init)), carried exactly.
+            ///
+            /// # Errors
+            /// As [`step_slices_with`](crate::step_slices_with); nothing is
+            /// modified then.
+            pub fn step_slices_with(
+                &self,
+                t: u64,
+                aux: &mut f32,
+                params: &mut [f32],
+                grads: &[f32],
+                state: &mut [&mut [f32]],
+                options: &crate::StepOptions,
+            ) -> Result<StepReport, Error> {
+                use crate::optim::sealed::Sealed;
+                match self {
+                    $(AnyConfig::$variant(c) => {
+                        let mut a = <$cfg as Sealed>::aux_from_f32(*aux).unwrap_or_else(|| c.aux_init());
+                        let r = crate::step_slices_with(c, t, &mut a, params, grads, state, options)?;
+                        *aux = <$cfg as Sealed>::aux_to_f32(&a);
+                        Ok(r)
+                    })*
+                }
             }
 
             /// An optimizer over `n` parameters.
@@ -336,16 +373,7 @@ macro_rules! any_types {
     };
 }
 
-any_types!(
-    Sgd(SgdConfig),
-    Adagrad(AdagradConfig),
-    RmsProp(RmsPropConfig),
-    Adadelta(AdadeltaConfig),
-    Adam(AdamConfig),
-    AdamW(AdamWConfig),
-    Adamax(AdamaxConfig),
-    NAdam(NAdamConfig),
-);
+crate::optim::for_each_optimizer!(any_types);
 
 impl AnyConfig {
     /// A configuration from a torch class name and keyword arguments;

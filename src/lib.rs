@@ -44,10 +44,15 @@
 //! guards (non-finite scan, or the norm pass when clipping), resolves a plan
 //! (backend, loss scale, clip factor), and calls the configuration's
 //! `run`, which folds the step's scalars in f64 and hands its kernel to the
-//! driver. Adding an element-wise optimizer today: its file under
-//! `src/optim/`, its `pub mod` line there, its re-export and alias in
-//! `lib.rs`, and one line in each of the two registry macros in `any.rs`
-//! (`torch_options!`, `any_types!`).
+//! driver.
+//!
+//! Adding an element-wise optimizer: one file under `src/optim/` (its
+//! config with torch's names and defaults, `validate`, its state names, its
+//! kernel, and its `torch_options!` line naming the keyword options) and one
+//! line in the registry, `for_each_optimizer!` in `src/optim/mod.rs`. The
+//! module, the re-export, the `Optimizer<Config>` alias, `AnyConfig`,
+//! `AnyOptimizer` and `AnyConfig::TORCH_CLASSES` (which the tests, benches,
+//! fuzz targets and the throughput report iterate) follow from that line.
 //!
 //! ```
 //! use adaoptim::{Adam, AdamConfig};
@@ -81,33 +86,10 @@ pub use any::{AnyConfig, AnyOptimizer, HyperValue};
 pub use backend::{AUTO_GRAIN, Backend, Exec, PAR_THRESHOLD, PAR_THRESHOLD_INSIDE, Parallel};
 pub use driver::StepReport;
 pub use error::{Error, IoSource};
-pub use optim::adadelta::AdadeltaConfig;
-pub use optim::adagrad::AdagradConfig;
-pub use optim::adam::{AdamConfig, AdamWConfig};
-pub use optim::adamax::AdamaxConfig;
-pub use optim::nadam::NAdamConfig;
-pub use optim::rmsprop::RmsPropConfig;
-pub use optim::sgd::SgdConfig;
+pub use optim::registered::*;
 pub use optim::{
     Algorithm, MAX_STATE, MAX_STEP, NonFinitePolicy, Optimizer, StepOptions, step_slices, step_slices_with,
 };
-
-/// `torch.optim.SGD` (momentum, dampening, Nesterov).
-pub type Sgd = Optimizer<SgdConfig>;
-/// `torch.optim.Adagrad`.
-pub type Adagrad = Optimizer<AdagradConfig>;
-/// `torch.optim.RMSprop`.
-pub type RmsProp = Optimizer<RmsPropConfig>;
-/// `torch.optim.Adadelta`.
-pub type Adadelta = Optimizer<AdadeltaConfig>;
-/// `torch.optim.Adam` (and AMSGrad with `amsgrad: true`).
-pub type Adam = Optimizer<AdamConfig>;
-/// `torch.optim.AdamW`.
-pub type AdamW = Optimizer<AdamWConfig>;
-/// `torch.optim.Adamax`.
-pub type Adamax = Optimizer<AdamaxConfig>;
-/// `torch.optim.NAdam`.
-pub type NAdam = Optimizer<NAdamConfig>;
 
 /// The README's examples, compiled and run as doc-tests.
 #[doc = include_str!("../README.md")]

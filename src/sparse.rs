@@ -698,3 +698,6 @@ impl RowWiseAdagrad {
         &self.acc
     }
 }
+
+// The torch keyword options: the fields torch's constructor takes.
+crate::any::torch_options!(SparseAdamConfig { lr, betas, eps, maximize });

@@ -4,7 +4,7 @@
 mod common;
 
 use adaoptim::clip::clip_coef;
-use adaoptim::{AnyConfig, Backend, Exec, StepOptions, step_slices_with};
+use adaoptim::{AnyConfig, Backend, Exec, StepOptions};
 use approx::assert_relative_eq;
 use common::configs::variety;
 use common::{Rng, all_paths, assert_same_bits, same_bits};
@@ -89,46 +89,23 @@ fn unaligned_subslices_match_scalar() {
 }
 
 fn initial(cfg: &AnyConfig, i: usize) -> f32 {
-    // Adagrad's `sum` starts at initial_accumulator_value; everything else at 0.
-    match cfg {
-        AnyConfig::Adagrad(c) if i == 0 => c.initial_accumulator_value as f32,
-        _ => 0.0,
-    }
+    cfg.state_init(i)
 }
 
-/// Carries the scalar state of the free-kernel layer for any config.
-enum AuxCarrier {
-    Unit,
-    NAdam(f32),
-}
+/// The free kernel's scalar state for any configuration, through the
+/// registry's dispatch (`AnyConfig::step_slices_with`): no list of
+/// optimizers to keep in step here.
+struct AuxCarrier(f32);
 
 impl AuxCarrier {
     fn new(cfg: &AnyConfig) -> Self {
-        match cfg {
-            AnyConfig::NAdam(_) => AuxCarrier::NAdam(1.0),
-            _ => AuxCarrier::Unit,
-        }
+        AuxCarrier(cfg.aux_init())
     }
     fn step(&mut self, cfg: &AnyConfig, t: u64, p: &mut [f32], g: &[f32], s: &mut [&mut [f32]], exec: &Exec) {
         self.step_with(cfg, t, p, g, s, &StepOptions { exec: *exec, ..StepOptions::default() });
     }
     fn step_with(&mut self, cfg: &AnyConfig, t: u64, p: &mut [f32], g: &[f32], s: &mut [&mut [f32]], o: &StepOptions) {
-        let mut u = ();
-        match (cfg, self) {
-            (AnyConfig::Sgd(c), _) => step_slices_with(c, t, &mut u, p, g, s, o),
-            (AnyConfig::Adagrad(c), _) => step_slices_with(c, t, &mut u, p, g, s, o),
-            (AnyConfig::RmsProp(c), _) => step_slices_with(c, t, &mut u, p, g, s, o),
-            (AnyConfig::Adadelta(c), _) => step_slices_with(c, t, &mut u, p, g, s, o),
-            (AnyConfig::Adam(c), _) => step_slices_with(c, t, &mut u, p, g, s, o),
-            (AnyConfig::AdamW(c), _) => step_slices_with(c, t, &mut u, p, g, s, o),
-            (AnyConfig::Adamax(c), _) => step_slices_with(c, t, &mut u, p, g, s, o),
-            (AnyConfig::NAdam(c), AuxCarrier::NAdam(mu)) => step_slices_with(c, t, mu, p, g, s, o),
-            (AnyConfig::NAdam(_), AuxCarrier::Unit) => unreachable!(),
-            // `AnyConfig` is non-exhaustive: a new optimizer fails here, loudly,
-            // until it is given its free-kernel dispatch.
-            (other, _) => panic!("{other:?}: no free-kernel dispatch in this test yet"),
-        }
-        .unwrap();
+        cfg.step_slices_with(t, &mut self.0, p, g, s, o).unwrap();
     }
 }
 

@@ -106,3 +106,6 @@ impl Algorithm for AdadeltaConfig {
         self.lr = lr;
     }
 }
+
+// The torch keyword options: the fields torch's constructor takes.
+crate::any::torch_options!(AdadeltaConfig { lr, rho, eps, weight_decay, maximize });

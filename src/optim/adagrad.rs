@@ -119,3 +119,6 @@ impl Algorithm for AdagradConfig {
         self.lr = lr;
     }
 }
+
+// The torch keyword options: the fields torch's constructor takes.
+crate::any::torch_options!(AdagradConfig { lr, lr_decay, weight_decay, initial_accumulator_value, eps, maximize, eps_inside_sqrt });

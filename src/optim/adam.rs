@@ -244,3 +244,8 @@ impl Algorithm for AdamWConfig {
         true
     }
 }
+
+// The torch keyword options: the fields torch's constructor takes.
+crate::any::torch_options!(AdamConfig { lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay });
+
+crate::any::torch_options!(AdamWConfig { lr, betas, eps, weight_decay, amsgrad, maximize } fixed { decoupled_weight_decay = true });

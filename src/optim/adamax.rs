@@ -99,3 +99,6 @@ impl Algorithm for AdamaxConfig {
         true
     }
 }
+
+// The torch keyword options: the fields torch's constructor takes.
+crate::any::torch_options!(AdamaxConfig { lr, betas, eps, weight_decay, maximize });

@@ -1,13 +1,48 @@
 //! The optimizers: one file each, holding the config (torch's names and
 //! defaults), the per-element formula and the state layout.
 
-pub mod adadelta;
-pub mod adagrad;
-pub mod adam;
-pub mod adamax;
-pub mod nadam;
-pub mod rmsprop;
-pub mod sgd;
+/// The registry: every element-wise optimizer, once, as
+/// `module { Variant(Config), ... }`. Adding an optimizer is its file under
+/// `src/optim/` and one line here; everything else is generated from this
+/// list by the macros it is handed to:
+/// - [`declare`] (below): the `pub mod`, the config re-export, the
+///   `Optimizer<Config>` type alias named after the variant;
+/// - `any_types!` in `any.rs`: [`AnyConfig`](crate::AnyConfig),
+///   [`AnyOptimizer`](crate::AnyOptimizer) and their conversions, so
+///   [`AnyConfig::TORCH_CLASSES`](crate::AnyConfig::TORCH_CLASSES) (which
+///   tests, benches, fuzz targets and examples iterate) lists it.
+macro_rules! for_each_optimizer {
+    ($m:ident) => {
+        $m! {
+            sgd { Sgd(SgdConfig) }
+            adagrad { Adagrad(AdagradConfig) }
+            rmsprop { RmsProp(RmsPropConfig) }
+            adadelta { Adadelta(AdadeltaConfig) }
+            adam { Adam(AdamConfig), AdamW(AdamWConfig) }
+            adamax { Adamax(AdamaxConfig) }
+            nadam { NAdam(NAdamConfig) }
+        }
+    };
+}
+pub(crate) use for_each_optimizer;
+
+/// The module declarations, re-exports and aliases of the registry.
+macro_rules! declare {
+    ($($module:ident { $($variant:ident($cfg:ident)),+ })*) => {
+        $(pub mod $module;)*
+
+        /// Every registered configuration and its optimizer alias
+        /// (re-exported at the crate root).
+        pub mod registered {
+            $($(
+                pub use super::$module::$cfg;
+                #[doc = concat!("The optimizer of [`", stringify!($cfg), "`]: `Optimizer<", stringify!($cfg), ">`.")]
+                pub type $variant = super::Optimizer<$cfg>;
+            )+)*
+        }
+    };
+}
+for_each_optimizer!(declare);
 
 use crate::Error;
 use crate::backend::Exec;

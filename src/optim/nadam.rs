@@ -166,3 +166,6 @@ impl Algorithm for NAdamConfig {
         true
     }
 }
+
+// The torch keyword options: the fields torch's constructor takes.
+crate::any::torch_options!(NAdamConfig { lr, betas, eps, weight_decay, momentum_decay, decoupled_weight_decay, maximize });

@@ -184,3 +184,6 @@ impl Algorithm for RmsPropConfig {
         true
     }
 }
+
+// The torch keyword options: the fields torch's constructor takes.
+crate::any::torch_options!(RmsPropConfig { lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_inside_sqrt });

@@ -120,3 +120,6 @@ impl Algorithm for SgdConfig {
         true
     }
 }
+
+// The torch keyword options: the fields torch's constructor takes.
+crate::any::torch_options!(SgdConfig { lr, momentum, dampening, weight_decay, nesterov, maximize });

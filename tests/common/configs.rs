@@ -2,7 +2,18 @@
 
 use adaoptim::*;
 
+/// The hand-picked spread below, then torch's defaults of every registered
+/// optimizer (`AnyConfig::TORCH_CLASSES`), so a newly registered one is
+/// covered by every test that iterates this list without editing it.
 pub fn variety() -> Vec<(&'static str, AnyConfig)> {
+    let mut v = spread();
+    for class in AnyConfig::TORCH_CLASSES {
+        v.push((class, AnyConfig::default_for(class).unwrap()));
+    }
+    v
+}
+
+fn spread() -> Vec<(&'static str, AnyConfig)> {
     vec![
         ("sgd", SgdConfig { lr: 0.1, ..Default::default() }.into()),
         (
