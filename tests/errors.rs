@@ -96,6 +96,13 @@ fn adam_family_rejects_what_torch_rejects() {
     rejects(NAdamConfig { lr: -1.0, ..Default::default() }, "lr");
     rejects(NAdamConfig { eps: INF, ..Default::default() }, "eps");
     rejects(NAdamConfig { weight_decay: -1.0, ..Default::default() }, "weight_decay");
+    // torch.optim.RAdam's ValueErrors: lr, eps, betas, weight_decay.
+    rejects(RAdamConfig { lr: -1.0, ..Default::default() }, "lr");
+    rejects(RAdamConfig { eps: -1e-8, ..Default::default() }, "eps");
+    rejects(RAdamConfig { betas: (1.0, 0.999), ..Default::default() }, "betas[0]");
+    rejects(RAdamConfig { betas: (0.9, -0.5), ..Default::default() }, "betas[1]");
+    rejects(RAdamConfig { weight_decay: -1.0, ..Default::default() }, "weight_decay");
+    rejects(RAdamConfig { lr: NAN, ..Default::default() }, "lr");
 }
 
 #[test]

@@ -21,6 +21,7 @@ macro_rules! for_each_optimizer {
             adam { Adam(AdamConfig), AdamW(AdamWConfig) }
             adamax { Adamax(AdamaxConfig) }
             nadam { NAdam(NAdamConfig) }
+            radam { RAdam(RAdamConfig) }
         }
     };
 }

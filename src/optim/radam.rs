@@ -1,0 +1,183 @@
+//! RAdam (`torch.optim.RAdam`): Adam with the variance of the adaptive rate
+//! rectified. Liu et al., *On the Variance of the Adaptive Learning Rate and
+//! Beyond*, ICLR 2020 (<https://arxiv.org/abs/1908.03265>).
+//!
+//! Per element, with `t` the step number (1 for the first step), as torch's
+//! single-tensor path:
+//! ```text
+//! if maximize: g = -g
+//! if weight_decay != 0:
+//!     if decoupled_weight_decay: p = p * (1 - lr * weight_decay)
+//!     else:                      g = g + weight_decay * p
+//! exp_avg    = lerp(exp_avg, g, 1 - beta1)
+//! exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * g * g
+//! rho_inf = 2 / (1 - beta2) - 1
+//! rho_t   = rho_inf - 2 t beta2^t / (1 - beta2^t)
+//! if rho_t > 5:
+//!     rect = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))
+//!     p = p - exp_avg / (1 - beta1^t) * lr * sqrt(1 - beta2^t) / (sqrt(exp_avg_sq) + eps) * rect
+//! else:
+//!     p = p - exp_avg / (1 - beta1^t) * lr
+//! ```
+//! The scalars (`rho_t`, `rect`, the bias corrections) are computed in f64
+//! per step and folded into one f32 factor, so the adaptive update is one
+//! division per element, as Adam's kernel does; torch rounds each product
+//! separately (a few ULP apart, well inside the golden tolerance). Whether
+//! `rho_t > 5` depends only on `t`, so each step runs one of two kernels,
+//! with no branch per element.
+
+use super::adam::validate_betas;
+use super::{GradIn, Lerp, Quot, pow_step, sealed};
+use crate::driver::{Kernel, Plan, Slices, StepReport, drive};
+use crate::error::non_negative;
+use crate::simd::F32Vec;
+use crate::{Algorithm, Error};
+
+/// Hyperparameters of [`RAdam`](crate::RAdam), with `torch.optim.RAdam`'s
+/// names and defaults.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RAdamConfig {
+    /// Learning rate. Default `1e-3`.
+    pub lr: f64,
+    /// Decay rates of the first and second moments. Default `(0.9, 0.999)`.
+    pub betas: (f64, f64),
+    /// Added to the root of the second moment. Default `1e-8`.
+    pub eps: f64,
+    /// Weight decay: an L2 penalty added to the gradient, or with
+    /// `decoupled_weight_decay` a shrink of the parameters. Default `0`.
+    pub weight_decay: f64,
+    /// Decoupled (AdamW-style) weight decay. Default `false`.
+    pub decoupled_weight_decay: bool,
+    /// Maximize the objective. Default `false`.
+    pub maximize: bool,
+}
+
+impl Default for RAdamConfig {
+    fn default() -> Self {
+        RAdamConfig {
+            lr: 1e-3,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.0,
+            decoupled_weight_decay: false,
+            maximize: false,
+        }
+    }
+}
+
+/// What both RAdam kernels share: the gradient transform, the decoupled
+/// decay and the moment updates.
+struct Moments {
+    grad: GradIn,
+    decay: Option<f32>,
+    m: Lerp,
+    b2: f32,
+    one_minus_b2: f32,
+}
+
+impl Moments {
+    #[inline(always)]
+    fn update<V: F32Vec>(&self, p: &mut V, g: V, m: &mut V, v: &mut V) {
+        if let Some(d) = self.decay {
+            *p = *p * V::splat(d);
+        }
+        let g = self.grad.apply(*p, g);
+        *m = self.m.apply(*m, g);
+        *v = *v * V::splat(self.b2) + V::splat(self.one_minus_b2) * g * g;
+    }
+}
+
+/// `rho_t > 5`: the rectified adaptive step.
+struct Rectified {
+    moments: Moments,
+    eps: f32,
+    /// `-(lr * sqrt(1 - beta2^t) * rect / (1 - beta1^t))`.
+    neg_step: f32,
+    div: Quot,
+}
+
+impl Kernel<2> for Rectified {
+    #[inline(always)]
+    fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 2]) {
+        let [m, v] = s;
+        self.moments.update(p, g, m, v);
+        let denom = v.sqrt() + V::splat(self.eps);
+        *p = *p + self.div.apply(V::splat(self.neg_step) * *m, denom);
+    }
+}
+
+/// `rho_t <= 5`: the un-adapted step (SGD with momentum, bias-corrected).
+struct Plain {
+    moments: Moments,
+    /// `-(lr / (1 - beta1^t))`.
+    neg_step: f32,
+}
+
+impl Kernel<2> for Plain {
+    #[inline(always)]
+    fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 2]) {
+        let [m, v] = s;
+        self.moments.update(p, g, m, v);
+        *p = *p + V::splat(self.neg_step) * *m;
+    }
+}
+
+impl sealed::Sealed for RAdamConfig {
+    type Aux = ();
+    fn run(&self, t: u64, _aux: &mut (), plan: Plan, p: &mut [f32], g: &[f32], state: &mut [&mut [f32]]) -> StepReport {
+        let (b1, b2) = self.betas;
+        let decoupled = self.decoupled_weight_decay && self.weight_decay != 0.0;
+        let moments = Moments {
+            grad: GradIn::new(self.maximize, if self.decoupled_weight_decay { 0.0 } else { self.weight_decay }),
+            decay: decoupled.then_some((1.0 - self.lr * self.weight_decay) as f32),
+            m: Lerp::new(1.0 - b1),
+            b2: b2 as f32,
+            one_minus_b2: (1.0 - b2) as f32,
+        };
+        let bc1 = 1.0 - pow_step(b1, t);
+        let bc2 = 1.0 - pow_step(b2, t);
+        let rho_inf = 2.0 / (1.0 - b2) - 1.0;
+        let rho_t = rho_inf - 2.0 * t as f64 * pow_step(b2, t) / bc2;
+        let [m, v] = state else { unreachable!("state count is checked by the callers") };
+        let sl = Slices { p, g, s: [m, v] };
+        if rho_t > 5.0 {
+            let rect = ((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)).sqrt();
+            let k = Rectified {
+                moments,
+                eps: self.eps as f32,
+                neg_step: (-(self.lr * bc2.sqrt() * rect / bc1)) as f32,
+                div: Quot::new(self.eps),
+            };
+            drive::<_, 2>(&k, plan, sl)
+        } else {
+            drive::<_, 2>(&Plain { moments, neg_step: (-(self.lr / bc1)) as f32 }, plan, sl)
+        }
+    }
+}
+
+impl Algorithm for RAdamConfig {
+    const TORCH_CLASS: &'static str = "RAdam";
+    fn validate(&self) -> Result<(), Error> {
+        non_negative("lr", self.lr)?;
+        non_negative("eps", self.eps)?;
+        validate_betas(self.betas)?;
+        non_negative("weight_decay", self.weight_decay)
+    }
+    fn state_names(&self) -> &'static [&'static str] {
+        &["exp_avg", "exp_avg_sq"]
+    }
+    fn aux_init(&self) {}
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+    fn set_lr_unchecked(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+    fn set_cycled_momentum_unchecked(&mut self, m: f64) -> bool {
+        self.betas.0 = m;
+        true
+    }
+}
+
+// The torch keyword options: the fields torch's constructor takes.
+crate::any::torch_options!(RAdamConfig { lr, betas, eps, weight_decay, decoupled_weight_decay, maximize });
