@@ -44,7 +44,7 @@ use aligned_vec::AVec;
 use crate::backend::Parallel;
 use crate::driver::{Plan, StepReport};
 use crate::optim::sealed::Sealed;
-use crate::optim::{Guards, MAX_STATE, NonFinitePolicy};
+use crate::optim::{Guards, MAX_STATE};
 use crate::schedule::{LrSchedule, Schedule};
 use crate::{Algorithm, Error, Exec};
 
@@ -217,49 +217,10 @@ impl<A: Algorithm> GroupedOptimizer<A> {
         Ok(ids)
     }
 
-    /// Sets the execution policy.
-    pub fn set_exec(&mut self, exec: Exec) {
-        self.exec = exec;
-    }
-
-    /// What a step does with NaN/inf gradients (see
-    /// [`Optimizer::set_non_finite`](crate::Optimizer::set_non_finite)); the
-    /// check covers the range being stepped.
-    pub fn set_non_finite(&mut self, policy: NonFinitePolicy) {
-        self.guards.non_finite = policy;
-    }
-
-    /// Divides every gradient by `grad_scale` inside the step (see
-    /// [`Optimizer::set_grad_scale`](crate::Optimizer::set_grad_scale)).
-    ///
-    /// # Errors
-    /// Unless finite and nonzero; unchanged then.
-    pub fn set_grad_scale(&mut self, grad_scale: Option<f32>) -> Result<(), Error> {
-        self.guards.set_grad_scale(grad_scale)
-    }
-
-    /// Clips all gradients to a total L2 norm of `max_norm` inside each
-    /// step, as torch's `clip_grad_norm_(model.parameters(), max_norm)` (see
-    /// [`Optimizer::set_max_grad_norm`](crate::Optimizer::set_max_grad_norm)):
-    /// [`step`](Self::step) measures the norm over the whole gradient arena.
-    /// A shard needs the global norm: sum [`grad_sum_of_squares`](Self::grad_sum_of_squares)
-    /// of every worker's range (an all-reduce), take the square root, and
-    /// call [`step_range_with_grad_norm`](Self::step_range_with_grad_norm);
-    /// plain [`step_range`](Self::step_range) on a part of the arena is then
-    /// an error. The padding between tensors counts in the norm; it is 0
-    /// unless written through [`grads_flat_mut`](Self::grads_flat_mut).
-    ///
-    /// # Errors
-    /// Unless finite and `> 0`; unchanged then.
-    pub fn set_max_grad_norm(&mut self, max_norm: Option<f64>) -> Result<(), Error> {
-        self.guards.set_max_grad_norm(max_norm)
-    }
-
-    /// The total gradient norm the last step used (clipping on), also for a
-    /// skipped step.
-    pub fn last_grad_norm(&self) -> Option<f64> {
-        self.guards.last_grad_norm
-    }
+    // The controls (exec, non-finite policy, loss scale, clipping). With
+    // clipping on, `step` measures the norm over the whole gradient arena; a
+    // shard needs the global norm: see `step_range_with_grad_norm`.
+    crate::optim::controls!(exec; guards);
 
     /// `sum(g^2)` (f64, deterministic, gradients unscaled by the loss scale)
     /// over the arena elements in `range`: a worker's part of the global norm.

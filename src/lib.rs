@@ -1,8 +1,9 @@
 //! # adaoptim
 //!
 //! Fast, torch-exact CPU optimizers over flat `f32` slices: SGD (momentum,
-//! Nesterov), AdaGrad, RMSprop, AdaDelta, Adam / AMSGrad / AdamW, AdaMax and
-//! NAdam, with `torch.optim`'s semantics, argument names and defaults.
+//! Nesterov), AdaGrad, RMSprop, AdaDelta, Adam / AMSGrad / AdamW, AdaMax,
+//! NAdam and RAdam, with `torch.optim`'s semantics, argument names and
+//! defaults.
 //!
 //! Every optimizer's per-element formula is written once, generic over a lane
 //! type, and driven by three paths: the scalar reference ([`Backend::Scalar`]),

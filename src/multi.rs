@@ -136,45 +136,8 @@ impl<A: Algorithm> MultiOptimizer<A> {
         Ok((first..self.tensors.len()).collect())
     }
 
-    /// Sets the execution policy.
-    pub fn set_exec(&mut self, exec: Exec) {
-        self.exec = exec;
-    }
-
-    /// The execution policy.
-    pub fn exec(&self) -> Exec {
-        self.exec
-    }
-
-    /// What a step does with NaN/inf gradients (see
-    /// [`Optimizer::set_non_finite`](crate::Optimizer::set_non_finite)).
-    pub fn set_non_finite(&mut self, policy: NonFinitePolicy) {
-        self.guards.non_finite = policy;
-    }
-
-    /// Divides every gradient by `grad_scale` inside the step (see
-    /// [`Optimizer::set_grad_scale`](crate::Optimizer::set_grad_scale)).
-    ///
-    /// # Errors
-    /// Unless finite and nonzero; unchanged then.
-    pub fn set_grad_scale(&mut self, grad_scale: Option<f32>) -> Result<(), Error> {
-        self.guards.set_grad_scale(grad_scale)
-    }
-
-    /// Clips the present gradients to a global L2 norm of `max_norm` inside
-    /// each step (see
-    /// [`Optimizer::set_max_grad_norm`](crate::Optimizer::set_max_grad_norm)).
-    ///
-    /// # Errors
-    /// Unless finite and `> 0`; unchanged then.
-    pub fn set_max_grad_norm(&mut self, max_norm: Option<f64>) -> Result<(), Error> {
-        self.guards.set_max_grad_norm(max_norm)
-    }
-
-    /// The global gradient norm the last step measured (clipping on).
-    pub fn last_grad_norm(&self) -> Option<f64> {
-        self.guards.last_grad_norm
-    }
+    // The controls; clipping uses the global norm over every present gradient.
+    crate::optim::controls!(exec; guards);
 
     /// Number of tensors.
     pub fn num_tensors(&self) -> usize {

@@ -328,46 +328,11 @@ impl RowSteps {
 macro_rules! row_steps_accessors {
     ($($t:ty),*) => {$(
         impl $t {
-            /// Sets the execution policy (rows are split across threads when
-            /// there is enough work).
-            pub fn set_exec(&mut self, exec: Exec) {
-                self.steps.exec = exec;
-            }
-
-            /// What a step does with NaN/inf gradient values (see
-            /// [`NonFinitePolicy`]); with `SkipStep` nothing changes, the step
-            /// count included. The check sees the coalesced, unscaled gradient.
-            pub fn set_non_finite(&mut self, policy: NonFinitePolicy) {
-                self.steps.guards.non_finite = policy;
-            }
-
-            /// Divides every gradient value by `grad_scale` inside the step
-            /// (mixed-precision loss scaling; see
-            /// [`Optimizer::set_grad_scale`](crate::Optimizer::set_grad_scale)).
-            /// Duplicate rows are summed before the division; for a
-            /// power-of-two scale (`GradScaler`'s) that gives the same bits as
-            /// torch, which unscales before summing.
-            ///
-            /// # Errors
-            /// Unless finite and nonzero; unchanged then.
-            pub fn set_grad_scale(&mut self, grad_scale: Option<f32>) -> Result<(), Error> {
-                self.steps.guards.set_grad_scale(grad_scale)
-            }
-
-            /// Clips the coalesced gradient to an L2 norm of `max_norm` inside
-            /// each step (see
-            /// [`Optimizer::set_max_grad_norm`](crate::Optimizer::set_max_grad_norm)).
-            ///
-            /// # Errors
-            /// Unless finite and `> 0`; unchanged then.
-            pub fn set_max_grad_norm(&mut self, max_norm: Option<f64>) -> Result<(), Error> {
-                self.steps.guards.set_max_grad_norm(max_norm)
-            }
-
-            /// The gradient norm the last step measured (clipping on).
-            pub fn last_grad_norm(&self) -> Option<f64> {
-                self.steps.guards.last_grad_norm
-            }
+            // The controls. The non-finite check and the clipping norm see the
+            // coalesced gradient (duplicate rows summed). Duplicates are summed
+            // before the loss scale is divided out; for a power-of-two scale
+            // (`GradScaler`'s) that gives torch's bits, which unscales first.
+            crate::optim::controls!(steps.exec; steps.guards);
 
             /// Steps taken.
             pub fn step_count(&self) -> u64 {

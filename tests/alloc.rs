@@ -109,12 +109,28 @@ fn step_does_not_allocate() {
                 // Warm-up: the first cross-thread call may set up rayon's
                 // thread-local latches.
                 opt.step(&mut p, &g).unwrap();
-                let before = ALLOCS.load(Ordering::SeqCst);
-                for _ in 0..5 {
-                    opt.step(&mut p, &g).unwrap();
+                // rayon sets up a worker's per-thread state the first time
+                // that worker steals work, which on a loaded machine can
+                // happen in any later step (seen: one allocation, once in
+                // six runs). A step that allocates does so every time, so one
+                // window of five steps without any allocation, out of four,
+                // is the requirement.
+                let mut counts = Vec::new();
+                for _ in 0..4 {
+                    let before = ALLOCS.load(Ordering::SeqCst);
+                    for _ in 0..5 {
+                        opt.step(&mut p, &g).unwrap();
+                    }
+                    counts.push(ALLOCS.load(Ordering::SeqCst) - before);
+                    if counts.last() == Some(&0) {
+                        break;
+                    }
                 }
-                let after = ALLOCS.load(Ordering::SeqCst);
-                assert_eq!(after, before, "{name} guarded={guarded} {exec:?}: step allocated {} times", after - before);
+                assert_eq!(
+                    counts.last(),
+                    Some(&0),
+                    "{name} guarded={guarded} {exec:?}: allocations per window {counts:?}"
+                );
             });
         }
     }

@@ -257,6 +257,85 @@ pub enum NonFinitePolicy {
     Error,
 }
 
+/// The controls every optimizer type shares (execution policy, non-finite
+/// policy, loss scale, clipping, the last norm), written once and expanded
+/// into each type's `impl` with the paths of its [`Exec`] and [`Guards`].
+macro_rules! controls {
+    ($($exec:ident).+; $($guards:ident).+) => {
+        /// Sets the execution policy (backend and threads).
+        pub fn set_exec(&mut self, exec: $crate::Exec) {
+            self.$($exec).+ = exec;
+        }
+
+        /// The execution policy.
+        pub fn exec(&self) -> $crate::Exec {
+            self.$($exec).+
+        }
+
+        /// Sets what a step does with NaN/inf gradients (see
+        /// [`NonFinitePolicy`](crate::NonFinitePolicy)); with `SkipStep` a step
+        /// that sees one changes nothing, its step count included.
+        pub fn set_non_finite(&mut self, policy: $crate::NonFinitePolicy) {
+            self.$($guards).+.non_finite = policy;
+        }
+
+        /// What a step does with NaN/inf gradients.
+        pub fn non_finite(&self) -> $crate::NonFinitePolicy {
+            self.$($guards).+.non_finite
+        }
+
+        /// Divides every gradient by `grad_scale` inside the step (mixed-precision
+        /// loss scaling, torch's fused `grad_scale`); `None` turns it off. A
+        /// power-of-two scale is applied as an exact multiplication by its
+        /// reciprocal. With `SkipStep` the non-finite check sees the unscaled
+        /// gradients, like torch's `found_inf`.
+        ///
+        /// # Errors
+        /// [`Error::InvalidHyperparameter`](crate::Error::InvalidHyperparameter)
+        /// unless the scale is finite and nonzero; the scale is unchanged then.
+        pub fn set_grad_scale(&mut self, grad_scale: Option<f32>) -> Result<(), $crate::Error> {
+            self.$($guards).+.set_grad_scale(grad_scale)
+        }
+
+        /// The loss scale gradients are divided by.
+        pub fn grad_scale(&self) -> Option<f32> {
+            self.$($guards).+.grad_scale
+        }
+
+        /// Clips the gradients to a total L2 norm of `max_norm` inside each step,
+        /// as `torch.nn.utils.clip_grad_norm_(params, max_norm)` before
+        /// `optimizer.step()` would (see [`clip`](crate::clip)); `None` turns it
+        /// off. The gradients are read once for the norm and multiplied by
+        /// [`clip_coef`](crate::clip::clip_coef) inside the fused step; the
+        /// caller's gradients are not written. The norm is of the unscaled
+        /// gradients, as with torch's `scaler.unscale_(opt)` before clipping. A
+        /// non-finite norm means a non-finite gradient, which the non-finite
+        /// policy handles (under `Propagate`, as torch, the factor is NaN or 0
+        /// and so are the updates). Not part of a checkpoint (it is not
+        /// optimizer state in torch either).
+        ///
+        /// # Errors
+        /// [`Error::InvalidHyperparameter`](crate::Error::InvalidHyperparameter)
+        /// unless `max_norm` is finite and `> 0`; the setting is unchanged then.
+        pub fn set_max_grad_norm(&mut self, max_norm: Option<f64>) -> Result<(), $crate::Error> {
+            self.$($guards).+.set_max_grad_norm(max_norm)
+        }
+
+        /// The clipping norm, if clipping is on.
+        pub fn max_grad_norm(&self) -> Option<f64> {
+            self.$($guards).+.max_grad_norm
+        }
+
+        /// The total gradient norm the last successful step measured (clipping
+        /// on), also when that step was skipped for a non-finite gradient; for
+        /// logging, as torch's `clip_grad_norm_` returns it.
+        pub fn last_grad_norm(&self) -> Option<f64> {
+            self.$($guards).+.last_grad_norm
+        }
+    };
+}
+pub(crate) use controls;
+
 /// An optimizer that owns its state: `n` parameters, 64-byte aligned state
 /// buffers, a step count and an execution policy.
 ///
@@ -293,81 +372,13 @@ impl<A: Algorithm> Optimizer<A> {
         self
     }
 
-    /// Sets the execution policy.
-    pub fn set_exec(&mut self, exec: Exec) {
-        self.exec = exec;
-    }
-
-    /// The execution policy.
-    pub fn exec(&self) -> Exec {
-        self.exec
-    }
-
     /// Sets what a step does with NaN/inf gradients (builder style).
     pub fn with_non_finite(mut self, policy: NonFinitePolicy) -> Self {
         self.guards.non_finite = policy;
         self
     }
 
-    /// Sets what a step does with NaN/inf gradients.
-    pub fn set_non_finite(&mut self, policy: NonFinitePolicy) {
-        self.guards.non_finite = policy;
-    }
-
-    /// What a step does with NaN/inf gradients.
-    pub fn non_finite(&self) -> NonFinitePolicy {
-        self.guards.non_finite
-    }
-
-    /// Divides every gradient by `grad_scale` inside the step (mixed-precision
-    /// loss scaling, torch's fused `grad_scale`); `None` turns it off. A
-    /// power-of-two scale is applied as an exact multiplication by its
-    /// reciprocal. With [`NonFinitePolicy::SkipStep`] the non-finite check
-    /// sees the unscaled gradients, like torch's `found_inf`.
-    ///
-    /// # Errors
-    /// [`Error::InvalidHyperparameter`] unless the scale is finite and
-    /// nonzero; the scale is unchanged then.
-    pub fn set_grad_scale(&mut self, grad_scale: Option<f32>) -> Result<(), Error> {
-        self.guards.set_grad_scale(grad_scale)
-    }
-
-    /// The loss scale gradients are divided by.
-    pub fn grad_scale(&self) -> Option<f32> {
-        self.guards.grad_scale
-    }
-
-    /// Clips the gradients to a total L2 norm of `max_norm` inside each step,
-    /// as `torch.nn.utils.clip_grad_norm_(params, max_norm)` before
-    /// `optimizer.step()` would (see [`crate::clip`]); `None` turns it off.
-    /// The gradients are read once for the norm and multiplied by
-    /// [`clip_coef`](crate::clip::clip_coef) inside the fused step; the
-    /// caller's gradient slice is not written. The norm is of the unscaled
-    /// gradients (after [`set_grad_scale`](Self::set_grad_scale)), as with
-    /// torch's `scaler.unscale_(opt)` before clipping. A non-finite norm
-    /// means a non-finite gradient, which the [`NonFinitePolicy`] handles
-    /// (under `Propagate`, as torch, the factor is NaN or 0 and so are the
-    /// updates). Not part of a checkpoint (it is not optimizer state in torch
-    /// either).
-    ///
-    /// # Errors
-    /// [`Error::InvalidHyperparameter`] unless `max_norm` is finite and
-    /// `> 0`; the setting is unchanged then.
-    pub fn set_max_grad_norm(&mut self, max_norm: Option<f64>) -> Result<(), Error> {
-        self.guards.set_max_grad_norm(max_norm)
-    }
-
-    /// The clipping norm, if clipping is on.
-    pub fn max_grad_norm(&self) -> Option<f64> {
-        self.guards.max_grad_norm
-    }
-
-    /// The total gradient norm the last successful `step` measured (clipping
-    /// on), also when that step was skipped for a non-finite gradient; for
-    /// logging, as torch's `clip_grad_norm_` returns it.
-    pub fn last_grad_norm(&self) -> Option<f64> {
-        self.guards.last_grad_norm
-    }
+    controls!(exec; guards);
 
     /// One optimizer step: updates `params` in place from `grads`.
     ///
