@@ -82,106 +82,111 @@ OPTIONS = {
                       "decoupled_weight_decay": rng.choice([False, True])},
 }
 
-files = {}
-for cls, draw in OPTIONS.items():
-    for k, style in enumerate(["dense", "sparse", "scales"]):
-        opts = draw()
-        opts["maximize"] = k == 1  # maximize once per class
-        if cls == "SGD" and k == 2:
-            opts.update(momentum=0.9, dampening=0.0, nesterov=True)
-        files[f"{cls.lower()}_{style}.json"] = optimizer_case(f"{cls} {style}", cls, opts, style)
-# combinations worth naming
-files["adam_amsgrad_maximize.json"] = optimizer_case(
-    "Adam amsgrad maximize", "Adam", {"lr": 0.01, "amsgrad": True, "maximize": True}, "scales")
-files["adamw_amsgrad.json"] = optimizer_case("AdamW amsgrad", "AdamW", {"lr": 0.01, "amsgrad": True}, "sparse")
-files["rmsprop_centered_only.json"] = optimizer_case(
-    "RMSprop centered", "RMSprop", {"lr": 0.01, "centered": True}, "scales")
-files["sgd_plain_large.json"] = optimizer_case("SGD plain", "SGD", {"lr": 0.1}, "dense", n=257, steps=20)
+def main():
+    files = {}
+    for cls, draw in OPTIONS.items():
+        for k, style in enumerate(["dense", "sparse", "scales"]):
+            opts = draw()
+            opts["maximize"] = k == 1  # maximize once per class
+            if cls == "SGD" and k == 2:
+                opts.update(momentum=0.9, dampening=0.0, nesterov=True)
+            files[f"{cls.lower()}_{style}.json"] = optimizer_case(f"{cls} {style}", cls, opts, style)
+    # combinations worth naming
+    files["adam_amsgrad_maximize.json"] = optimizer_case(
+        "Adam amsgrad maximize", "Adam", {"lr": 0.01, "amsgrad": True, "maximize": True}, "scales")
+    files["adamw_amsgrad.json"] = optimizer_case("AdamW amsgrad", "AdamW", {"lr": 0.01, "amsgrad": True}, "sparse")
+    files["rmsprop_centered_only.json"] = optimizer_case(
+        "RMSprop centered", "RMSprop", {"lr": 0.01, "centered": True}, "scales")
+    files["sgd_plain_large.json"] = optimizer_case("SGD plain", "SGD", {"lr": 0.1}, "dense", n=257, steps=20)
 
 
-def schedule_case(name, cls, options, steps, base_lr=0.1):
-    p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([p], lr=base_lr)
+    def schedule_case(name, cls, options, steps, base_lr=0.1):
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([p], lr=base_lr)
 
-    def build(c, o):
-        o = dict(o)
-        if c == "SequentialLR":
-            kids = [build(k["torch_class"], {a: b for a, b in k.items() if a != "torch_class"})
-                    for k in o.pop("schedulers")]
-            return torch.optim.lr_scheduler.SequentialLR(opt, kids, **o)
-        return getattr(torch.optim.lr_scheduler, c)(opt, **o)
+        def build(c, o):
+            o = dict(o)
+            if c == "SequentialLR":
+                kids = [build(k["torch_class"], {a: b for a, b in k.items() if a != "torch_class"})
+                        for k in o.pop("schedulers")]
+                return torch.optim.lr_scheduler.SequentialLR(opt, kids, **o)
+            return getattr(torch.optim.lr_scheduler, c)(opt, **o)
 
-    sched = build(cls, options)
-    lrs = []
-    for _ in range(steps):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    return {"kind": "schedule", "name": name, "torch_class": cls, "base_lr": base_lr, "options": options,
-            "steps": steps, "lrs": lrs}
-
-
-SCHEDULES = [
-    ("schedule_step_gamma.json", "StepLR", {"step_size": 3, "gamma": 0.7}, 30),
-    ("schedule_multistep_repeated.json", "MultiStepLR", {"milestones": [4, 4, 9, 20], "gamma": 0.5}, 30),
-    ("schedule_exponential_fast.json", "ExponentialLR", {"gamma": 0.8}, 40),
-    ("schedule_constant.json", "ConstantLR", {"factor": 0.25, "total_iters": 6}, 15),
-    ("schedule_linear_decay.json", "LinearLR", {"start_factor": 1.0, "end_factor": 0.05, "total_iters": 17}, 30),
-    ("schedule_polynomial_sqrt.json", "PolynomialLR", {"total_iters": 23, "power": 0.5}, 30),
-    ("schedule_cosine_long.json", "CosineAnnealingLR", {"T_max": 7}, 50),
-    ("schedule_restarts_tmult3.json", "CosineAnnealingWarmRestarts", {"T_0": 3, "T_mult": 3, "eta_min": 0.001}, 60),
-    ("schedule_restarts_t1.json", "CosineAnnealingWarmRestarts", {"T_0": 5}, 30),
-    ("schedule_cyclic_down.json", "CyclicLR",
-     {"base_lr": 0.01, "max_lr": 0.2, "step_size_up": 3, "step_size_down": 8, "cycle_momentum": False}, 50),
-    ("schedule_cyclic_exp_asym.json", "CyclicLR",
-     {"base_lr": 0.002, "max_lr": 0.05, "step_size_up": 6, "step_size_down": 2, "mode": "exp_range",
-      "gamma": 0.9, "cycle_momentum": False}, 50),
-    ("schedule_onecycle_linear.json", "OneCycleLR",
-     {"max_lr": 0.3, "total_steps": 40, "pct_start": 0.25, "anneal_strategy": "linear", "cycle_momentum": False}, 40),
-    ("schedule_onecycle_three_phase.json", "OneCycleLR",
-     {"max_lr": 0.5, "epochs": 4, "steps_per_epoch": 9, "three_phase": True, "div_factor": 10.0,
-      "final_div_factor": 100.0, "cycle_momentum": False}, 36),
-    ("schedule_sequential_three.json", "SequentialLR",
-     {"schedulers": [{"torch_class": "ConstantLR", "factor": 0.5, "total_iters": 3},
-                     {"torch_class": "ExponentialLR", "gamma": 0.9},
-                     {"torch_class": "StepLR", "step_size": 4, "gamma": 0.5}],
-      "milestones": [3, 10]}, 30),
-]
-for fname, cls, opts, steps in SCHEDULES:
-    files[fname] = schedule_case(fname[:-5], cls, opts, steps)
+        sched = build(cls, options)
+        lrs = []
+        for _ in range(steps):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return {"kind": "schedule", "name": name, "torch_class": cls, "base_lr": base_lr, "options": options,
+                "steps": steps, "lrs": lrs}
 
 
-def sparse_case(name, cls, options, rows=23, dim=5, steps=25):
-    table = torch.nn.Parameter(torch.randn(rows, dim, dtype=torch.float32))
-    p0 = f32list(table)
-    opt = getattr(torch.optim, cls)([table], **options)
-    grad_rows, grad_values, params = [], [], []
-    for t in range(steps):
-        k = rng.randint(1, 6)
-        idx = [rng.randrange(rows) for _ in range(k)]
-        if t % 4 == 0:
-            idx.append(idx[0])  # a repeated row: torch adds its gradients
-        vals = torch.randn(len(idx), dim) * (10.0 ** rng.uniform(-3, 2))
-        table.grad = torch.sparse_coo_tensor(torch.tensor([idx]), vals, (rows, dim))
-        opt.step()
-        grad_rows.append(idx)
-        grad_values.append(f32list(vals))
-        params.append(f32list(table))
-    return {"kind": "sparse_optimizer", "name": name, "torch_class": cls, "options": options, "rows": rows,
-            "dim": dim, "steps": steps, "params0": p0, "grad_rows": grad_rows, "grad_values": grad_values,
-            "params": params}
+    SCHEDULES = [
+        ("schedule_step_gamma.json", "StepLR", {"step_size": 3, "gamma": 0.7}, 30),
+        ("schedule_multistep_repeated.json", "MultiStepLR", {"milestones": [4, 4, 9, 20], "gamma": 0.5}, 30),
+        ("schedule_exponential_fast.json", "ExponentialLR", {"gamma": 0.8}, 40),
+        ("schedule_constant.json", "ConstantLR", {"factor": 0.25, "total_iters": 6}, 15),
+        ("schedule_linear_decay.json", "LinearLR", {"start_factor": 1.0, "end_factor": 0.05, "total_iters": 17}, 30),
+        ("schedule_polynomial_sqrt.json", "PolynomialLR", {"total_iters": 23, "power": 0.5}, 30),
+        ("schedule_cosine_long.json", "CosineAnnealingLR", {"T_max": 7}, 50),
+        ("schedule_restarts_tmult3.json", "CosineAnnealingWarmRestarts", {"T_0": 3, "T_mult": 3, "eta_min": 0.001}, 60),
+        ("schedule_restarts_t1.json", "CosineAnnealingWarmRestarts", {"T_0": 5}, 30),
+        ("schedule_cyclic_down.json", "CyclicLR",
+         {"base_lr": 0.01, "max_lr": 0.2, "step_size_up": 3, "step_size_down": 8, "cycle_momentum": False}, 50),
+        ("schedule_cyclic_exp_asym.json", "CyclicLR",
+         {"base_lr": 0.002, "max_lr": 0.05, "step_size_up": 6, "step_size_down": 2, "mode": "exp_range",
+          "gamma": 0.9, "cycle_momentum": False}, 50),
+        ("schedule_onecycle_linear.json", "OneCycleLR",
+         {"max_lr": 0.3, "total_steps": 40, "pct_start": 0.25, "anneal_strategy": "linear", "cycle_momentum": False}, 40),
+        ("schedule_onecycle_three_phase.json", "OneCycleLR",
+         {"max_lr": 0.5, "epochs": 4, "steps_per_epoch": 9, "three_phase": True, "div_factor": 10.0,
+          "final_div_factor": 100.0, "cycle_momentum": False}, 36),
+        ("schedule_sequential_three.json", "SequentialLR",
+         {"schedulers": [{"torch_class": "ConstantLR", "factor": 0.5, "total_iters": 3},
+                         {"torch_class": "ExponentialLR", "gamma": 0.9},
+                         {"torch_class": "StepLR", "step_size": 4, "gamma": 0.5}],
+          "milestones": [3, 10]}, 30),
+    ]
+    for fname, cls, opts, steps in SCHEDULES:
+        files[fname] = schedule_case(fname[:-5], cls, opts, steps)
 
 
-files["sparse_adam_options.json"] = sparse_case(
-    "SparseAdam options", "SparseAdam", {"lr": 0.05, "betas": [0.8, 0.99], "eps": 1e-6})
-files["sparse_adam_maximize.json"] = sparse_case("SparseAdam maximize", "SparseAdam", {"lr": 0.01, "maximize": True})
-files["sparse_adagrad_options.json"] = sparse_case(
-    "sparse Adagrad options", "Adagrad",
-    {"lr": 0.2, "lr_decay": 0.02, "initial_accumulator_value": 0.3, "eps": 1e-6})
-files["sparse_adagrad_maximize.json"] = sparse_case("sparse Adagrad maximize", "Adagrad", {"lr": 0.05, "maximize": True})
+    def sparse_case(name, cls, options, rows=23, dim=5, steps=25):
+        table = torch.nn.Parameter(torch.randn(rows, dim, dtype=torch.float32))
+        p0 = f32list(table)
+        opt = getattr(torch.optim, cls)([table], **options)
+        grad_rows, grad_values, params = [], [], []
+        for t in range(steps):
+            k = rng.randint(1, 6)
+            idx = [rng.randrange(rows) for _ in range(k)]
+            if t % 4 == 0:
+                idx.append(idx[0])  # a repeated row: torch adds its gradients
+            vals = torch.randn(len(idx), dim) * (10.0 ** rng.uniform(-3, 2))
+            table.grad = torch.sparse_coo_tensor(torch.tensor([idx]), vals, (rows, dim))
+            opt.step()
+            grad_rows.append(idx)
+            grad_values.append(f32list(vals))
+            params.append(f32list(table))
+        return {"kind": "sparse_optimizer", "name": name, "torch_class": cls, "options": options, "rows": rows,
+                "dim": dim, "steps": steps, "params0": p0, "grad_rows": grad_rows, "grad_values": grad_values,
+                "params": params}
 
-for fname, v in files.items():
-    v["torch_version"] = torch.__version__
-    with open(os.path.join(OUT, fname), "w") as f:
-        json.dump(v, f, separators=(",", ":"))
-print(f"wrote {len(files)} files to {OUT}")
+
+    files["sparse_adam_options.json"] = sparse_case(
+        "SparseAdam options", "SparseAdam", {"lr": 0.05, "betas": [0.8, 0.99], "eps": 1e-6})
+    files["sparse_adam_maximize.json"] = sparse_case("SparseAdam maximize", "SparseAdam", {"lr": 0.01, "maximize": True})
+    files["sparse_adagrad_options.json"] = sparse_case(
+        "sparse Adagrad options", "Adagrad",
+        {"lr": 0.2, "lr_decay": 0.02, "initial_accumulator_value": 0.3, "eps": 1e-6})
+    files["sparse_adagrad_maximize.json"] = sparse_case("sparse Adagrad maximize", "Adagrad", {"lr": 0.05, "maximize": True})
+
+    for fname, v in files.items():
+        v["torch_version"] = torch.__version__
+        with open(os.path.join(OUT, fname), "w") as f:
+            json.dump(v, f, separators=(",", ":"))
+    print(f"wrote {len(files)} files to {OUT}")
+
+
+if __name__ == "__main__":
+    main()
