@@ -44,8 +44,8 @@ use aligned_vec::AVec;
 use crate::backend::Parallel;
 use crate::driver::{Plan, StepReport};
 use crate::optim::sealed::Sealed;
-use crate::optim::{Guards, MAX_STATE};
-use crate::schedule::{LrSchedule, Schedule};
+use crate::optim::{Guards, MAX_STATE, scheduled};
+use crate::schedule::Schedule;
 use crate::{Algorithm, Error, Exec};
 
 use crate::memory::{self, Buffer};
@@ -460,22 +460,6 @@ impl<A: Algorithm> GroupedOptimizer<A> {
         }
         Ok(StepReport { backend: plan.backend, parallel, skipped: false })
     }
-}
-
-/// `config` with the schedule's learning rate (and momentum) for step `t`.
-fn scheduled<A: Algorithm>(config: &A, s: &Schedule, t: u64) -> Result<A, Error> {
-    let mut c = config.clone();
-    c.set_lr_unchecked(s.lr_at(t));
-    if let Some(m) = s.momentum_at(t)
-        && !c.set_cycled_momentum_unchecked(m)
-    {
-        return Err(Error::IncompatibleConfig { reason: "the schedule cycles momentum; this optimizer has none" });
-    }
-    c.validate()?;
-    if c.state_names() != config.state_names() {
-        return Err(Error::IncompatibleConfig { reason: "the schedule changes the state layout" });
-    }
-    Ok(c)
 }
 
 /// A contiguous piece of the arenas starting at arena element `offset`.

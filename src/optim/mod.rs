@@ -444,17 +444,10 @@ impl<A: Algorithm> Optimizer<A> {
         params: &mut [f32],
         grads: &[f32],
     ) -> Result<StepReport, Error> {
-        let mut config = self.config.clone();
-        config.set_lr_unchecked(schedule.lr_at(self.t));
-        if let Some(m) = schedule.momentum_at(self.t)
-            && !config.set_cycled_momentum_unchecked(m)
-        {
-            return Err(Error::IncompatibleConfig { reason: "the schedule cycles momentum; this optimizer has none" });
-        }
-        let old = self.config.clone();
-        self.set_config(config)?;
-        // `set_config` succeeded, so only `step`'s own checks can fail now;
-        // restore the old configuration if they do.
+        let config = scheduled(&self.config, schedule, self.t)?;
+        let old = std::mem::replace(&mut self.config, config);
+        // The scheduled configuration is valid, so only `step`'s own checks
+        // can fail now; restore the old configuration if they do.
         match self.step(params, grads) {
             Ok(r) => Ok(r),
             Err(e) => {
@@ -520,6 +513,24 @@ impl<A: Algorithm> Optimizer<A> {
     pub fn aux(&self) -> <A as sealed::Sealed>::Aux {
         self.aux
     }
+}
+
+/// `config` with a schedule's learning rate (and, for schedules that cycle
+/// it, momentum) for the step after `t` steps, validated, with the same state
+/// layout: the one schedule application of every optimizer type.
+pub(crate) fn scheduled<A: Algorithm, S: LrSchedule + ?Sized>(config: &A, s: &S, t: u64) -> Result<A, Error> {
+    let mut c = config.clone();
+    c.set_lr_unchecked(s.lr_at(t));
+    if let Some(m) = s.momentum_at(t)
+        && !c.set_cycled_momentum_unchecked(m)
+    {
+        return Err(Error::IncompatibleConfig { reason: "the schedule cycles momentum; this optimizer has none" });
+    }
+    c.validate()?;
+    if c.state_names() != config.state_names() {
+        return Err(Error::IncompatibleConfig { reason: "the schedule changes the state layout" });
+    }
+    Ok(c)
 }
 
 /// A loss scale must be finite and nonzero.
