@@ -114,15 +114,7 @@ impl AdamConfig {
         let bc1 = 1.0 - pow_step(b1, t);
         let bc2 = 1.0 - pow_step(b2, t);
         AdamKernel {
-            grad: GradIn::new(self.maximize, if self.decoupled_weight_decay { 0.0 } else { self.weight_decay }),
-            decay: if self.decoupled_weight_decay && self.weight_decay != 0.0 {
-                Some((1.0 - self.lr * self.weight_decay) as f32)
-            } else {
-                None
-            },
-            m: Lerp::new(1.0 - b1),
-            b2: b2 as f32,
-            one_minus_b2: (1.0 - b2) as f32,
+            moments: Moments::new(self.lr, b1, b2, self.weight_decay, self.decoupled_weight_decay, self.maximize),
             eps_scaled: (self.eps * bc2.sqrt()) as f32,
             neg_step_scaled: (-(self.lr / bc1) * bc2.sqrt()) as f32,
             div: Quot::new(self.eps),
@@ -130,13 +122,43 @@ impl AdamConfig {
     }
 }
 
-/// Step scalars of one Adam step.
-pub(crate) struct AdamKernel {
+/// The first lines of the Adam family's formula, shared by Adam and RAdam:
+/// `maximize`, the weight decay (coupled into the gradient, or decoupled as
+/// a shrink of the parameters), and the two moment updates.
+pub(crate) struct Moments {
     grad: GradIn,
     decay: Option<f32>,
     m: Lerp,
     b2: f32,
     one_minus_b2: f32,
+}
+
+impl Moments {
+    pub(crate) fn new(lr: f64, b1: f64, b2: f64, weight_decay: f64, decoupled: bool, maximize: bool) -> Self {
+        Moments {
+            grad: GradIn::new(maximize, if decoupled { 0.0 } else { weight_decay }),
+            decay: (decoupled && weight_decay != 0.0).then_some((1.0 - lr * weight_decay) as f32),
+            m: Lerp::new(1.0 - b1),
+            b2: b2 as f32,
+            one_minus_b2: (1.0 - b2) as f32,
+        }
+    }
+
+    /// `p` decayed (decoupled), then `m` and `v` updated from the gradient.
+    #[inline(always)]
+    pub(crate) fn update<V: F32Vec>(&self, p: &mut V, g: V, m: &mut V, v: &mut V) {
+        if let Some(d) = self.decay {
+            *p = *p * V::splat(d);
+        }
+        let g = self.grad.apply(*p, g);
+        *m = self.m.apply(*m, g);
+        *v = *v * V::splat(self.b2) + V::splat(self.one_minus_b2) * g * g;
+    }
+}
+
+/// Step scalars of one Adam step.
+pub(crate) struct AdamKernel {
+    moments: Moments,
     /// `eps * sqrt(1 - beta2^t)`
     eps_scaled: f32,
     /// `-lr * sqrt(1 - beta2^t) / (1 - beta1^t)`
@@ -147,12 +169,7 @@ pub(crate) struct AdamKernel {
 impl AdamKernel {
     #[inline(always)]
     fn body<V: F32Vec>(&self, p: &mut V, g: V, m: &mut V, v: &mut V, vmax: Option<&mut V>) {
-        if let Some(d) = self.decay {
-            *p = *p * V::splat(d);
-        }
-        let g = self.grad.apply(*p, g);
-        *m = self.m.apply(*m, g);
-        *v = *v * V::splat(self.b2) + V::splat(self.one_minus_b2) * g * g;
+        self.moments.update(p, g, m, v);
         let vv = match vmax {
             Some(vmax) => {
                 *vmax = vmax.max_nan(*v);

@@ -26,8 +26,8 @@
 //! `rho_t > 5` depends only on `t`, so each step runs one of two kernels,
 //! with no branch per element.
 
-use super::adam::validate_betas;
-use super::{GradIn, Lerp, Quot, pow_step, sealed};
+use super::adam::{Moments, validate_betas};
+use super::{Quot, pow_step, sealed};
 use crate::driver::{Kernel, Plan, Slices, StepReport, drive};
 use crate::error::non_negative;
 use crate::simd::F32Vec;
@@ -62,28 +62,6 @@ impl Default for RAdamConfig {
             decoupled_weight_decay: false,
             maximize: false,
         }
-    }
-}
-
-/// What both RAdam kernels share: the gradient transform, the decoupled
-/// decay and the moment updates.
-struct Moments {
-    grad: GradIn,
-    decay: Option<f32>,
-    m: Lerp,
-    b2: f32,
-    one_minus_b2: f32,
-}
-
-impl Moments {
-    #[inline(always)]
-    fn update<V: F32Vec>(&self, p: &mut V, g: V, m: &mut V, v: &mut V) {
-        if let Some(d) = self.decay {
-            *p = *p * V::splat(d);
-        }
-        let g = self.grad.apply(*p, g);
-        *m = self.m.apply(*m, g);
-        *v = *v * V::splat(self.b2) + V::splat(self.one_minus_b2) * g * g;
     }
 }
 
@@ -126,14 +104,7 @@ impl sealed::Sealed for RAdamConfig {
     type Aux = ();
     fn run(&self, t: u64, _aux: &mut (), plan: Plan, p: &mut [f32], g: &[f32], state: &mut [&mut [f32]]) -> StepReport {
         let (b1, b2) = self.betas;
-        let decoupled = self.decoupled_weight_decay && self.weight_decay != 0.0;
-        let moments = Moments {
-            grad: GradIn::new(self.maximize, if self.decoupled_weight_decay { 0.0 } else { self.weight_decay }),
-            decay: decoupled.then_some((1.0 - self.lr * self.weight_decay) as f32),
-            m: Lerp::new(1.0 - b1),
-            b2: b2 as f32,
-            one_minus_b2: (1.0 - b2) as f32,
-        };
+        let moments = Moments::new(self.lr, b1, b2, self.weight_decay, self.decoupled_weight_decay, self.maximize);
         let bc1 = 1.0 - pow_step(b1, t);
         let bc2 = 1.0 - pow_step(b2, t);
         let rho_inf = 2.0 / (1.0 - b2) - 1.0;
