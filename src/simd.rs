@@ -7,9 +7,10 @@
 //!
 //! # Numeric contract
 //! Every operation here is a single correctly rounded IEEE-754 operation
-//! (`+ - * /`, `sqrt`) or exact (`neg`, `abs`, `max_nan`). No backend fuses a
-//! multiply and an add, and none uses an approximate reciprocal or reciprocal
-//! square root. The formulas are evaluated in the same order on every backend,
+//! (`+ - * /`, `sqrt`) or exact (`neg`, `abs`, `max_nan`, `min_nan`, `sign`,
+//! `lt_select`). No backend fuses a multiply and an add on its own (`a * b + c`
+//! is two roundings everywhere), and none uses an approximate reciprocal or
+//! reciprocal square root. The formulas are evaluated in the same order on every backend,
 //! so **every backend is bitwise identical to the scalar reference** for finite
 //! and infinite values (0 ULP per step); NaN results are NaN on every backend,
 //! though the NaN payload bits may differ.
@@ -48,6 +49,14 @@ pub(crate) trait F32Vec:
     fn div_or_zero(self, den: Self) -> Self;
     /// True if any lane is NaN or infinite.
     fn any_non_finite(self) -> bool;
+    /// `torch.sign`: `1` for positive lanes, `-1` for negative ones, `+0` for
+    /// zeros of either sign and for NaN (torch's `(0 < x) - (x < 0)`).
+    fn sign(self) -> Self;
+    /// Per lane `if self < other { a } else { b }` (ordered: a NaN operand
+    /// picks `b`).
+    fn lt_select(self, other: Self, a: Self, b: Self) -> Self;
+    /// `torch.minimum`: the smaller value, NaN if either operand is NaN.
+    fn min_nan(self, other: Self) -> Self;
 }
 
 impl F32Vec for f32 {
@@ -86,6 +95,19 @@ impl F32Vec for f32 {
     #[inline(always)]
     fn any_non_finite(self) -> bool {
         !self.is_finite()
+    }
+    #[inline(always)]
+    fn sign(self) -> Self {
+        f32::from(u8::from(self > 0.0)) - f32::from(u8::from(self < 0.0))
+    }
+    #[inline(always)]
+    fn lt_select(self, other: Self, a: Self, b: Self) -> Self {
+        if self < other { a } else { b }
+    }
+    #[inline(always)]
+    fn min_nan(self, other: Self) -> Self {
+        // Same selection as x86 `minps(a, b)` (`a < b ? a : b`) plus NaN in `a` kept.
+        if self.is_nan() || self < other { self } else { other }
     }
 }
 
@@ -183,6 +205,20 @@ impl F32Vec for Wide {
     #[inline(always)]
     fn any_non_finite(self) -> bool {
         !self.0.is_finite().all()
+    }
+    #[inline(always)]
+    fn sign(self) -> Self {
+        let (zero, one) = (wide::f32x8::splat(0.0), wide::f32x8::splat(1.0));
+        Wide(self.0.simd_gt(zero).select(one, zero) - self.0.simd_lt(zero).select(one, zero))
+    }
+    #[inline(always)]
+    fn lt_select(self, other: Self, a: Self, b: Self) -> Self {
+        Wide(self.0.simd_lt(other.0).select(a.0, b.0))
+    }
+    #[inline(always)]
+    fn min_nan(self, other: Self) -> Self {
+        let picked = self.0.simd_lt(other.0).select(self.0, other.0);
+        Wide(self.0.is_nan().select(self.0, picked))
     }
 }
 
@@ -298,6 +334,30 @@ mod x86 {
                 _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(d, d)) != 0
             }
         }
+        #[inline(always)]
+        fn sign(self) -> Self {
+            // SAFETY: see the module comment.
+            unsafe {
+                let (zero, one) = (_mm256_setzero_ps(), _mm256_set1_ps(1.0));
+                let pos = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(self.0, zero), one);
+                let neg = _mm256_and_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(self.0, zero), one);
+                Avx2(_mm256_sub_ps(pos, neg))
+            }
+        }
+        #[inline(always)]
+        fn lt_select(self, other: Self, a: Self, b: Self) -> Self {
+            // SAFETY: see the module comment.
+            unsafe { Avx2(_mm256_blendv_ps(b.0, a.0, _mm256_cmp_ps::<_CMP_LT_OQ>(self.0, other.0))) }
+        }
+        #[inline(always)]
+        fn min_nan(self, other: Self) -> Self {
+            // SAFETY: see the module comment; the NaN handling of `max_nan`.
+            unsafe {
+                let m = _mm256_min_ps(self.0, other.0);
+                let a_nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(self.0, self.0);
+                Avx2(_mm256_blendv_ps(m, self.0, a_nan))
+            }
+        }
     }
 
     impl F32Vec for Avx512 {
@@ -353,6 +413,30 @@ mod x86 {
                 _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(d, d) != 0
             }
         }
+        #[inline(always)]
+        fn sign(self) -> Self {
+            // SAFETY: see the module comment.
+            unsafe {
+                let (zero, one) = (_mm512_setzero_ps(), _mm512_set1_ps(1.0));
+                let pos = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(self.0, zero), one);
+                let neg = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(self.0, zero), one);
+                Avx512(_mm512_sub_ps(pos, neg))
+            }
+        }
+        #[inline(always)]
+        fn lt_select(self, other: Self, a: Self, b: Self) -> Self {
+            // SAFETY: see the module comment.
+            unsafe { Avx512(_mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(self.0, other.0), b.0, a.0)) }
+        }
+        #[inline(always)]
+        fn min_nan(self, other: Self) -> Self {
+            // SAFETY: see the module comment; the NaN handling of `max_nan`.
+            unsafe {
+                let m = _mm512_min_ps(self.0, other.0);
+                let a_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(self.0, self.0);
+                Avx512(_mm512_mask_blend_ps(a_nan, m, self.0))
+            }
+        }
     }
 }
 
@@ -396,6 +480,19 @@ mod tests {
         v
     }
 
+    /// torch.sign as torch's CPU kernel computes it (checked against torch
+    /// 2.15: `sign([-0., 0., nan, -inf, 1e-45, -3.]) = [0, 0, 0, -1, 1, -1]`,
+    /// all zeros positive).
+    fn torch_sign(x: f32, _: f32) -> f32 {
+        if x > 0.0 {
+            1.0
+        } else if x < 0.0 {
+            -1.0
+        } else {
+            0.0
+        }
+    }
+
     fn same(a: f32, b: f32) -> bool {
         (a.is_nan() && b.is_nan()) || a.to_bits() == b.to_bits()
     }
@@ -435,6 +532,15 @@ mod tests {
         lanes_match::<V>("add", |a, b| a + b, |a, b| a + b);
         lanes_match::<V>("mul", |a, b| a * b, |a, b| a * b);
         lanes_match::<V>("div", |a, b| a / b, |a, b| a / b);
+        lanes_match::<V>("min_nan", |a, b| a.min_nan(b), |a, b| a.min_nan(b));
+        lanes_match::<V>("sign", |a, _| a.sign(), torch_sign);
+        lanes_match::<V>(
+            "lt_select",
+            |a, b| a.lt_select(b, V::splat(1.5), a - b),
+            |a, b| if a < b { 1.5 } else { a - b },
+        );
+        // min_nan is torch.minimum: NaN if either operand is.
+        assert!(f32::NAN.min_nan(1.0).is_nan() && 1.0f32.min_nan(f32::NAN).is_nan());
         // max_nan is torch.maximum: NaN if either operand is.
         assert!(f32::NAN.max_nan(1.0).is_nan() && 1.0f32.max_nan(f32::NAN).is_nan());
         // any_non_finite: one non-finite lane anywhere is seen; finite lanes never.

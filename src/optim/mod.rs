@@ -22,6 +22,7 @@ macro_rules! for_each_optimizer {
             adamax { Adamax(AdamaxConfig) }
             nadam { NAdam(NAdamConfig) }
             radam { RAdam(RAdamConfig) }
+            rprop { Rprop(RpropConfig) }
         }
     };
 }
