@@ -7,7 +7,8 @@
 //!
 //! # Numeric contract
 //! Every operation here is a single correctly rounded IEEE-754 operation
-//! (`+ - * /`, `sqrt`) or exact (`neg`, `abs`, `max_nan`, `min_nan`, `sign`,
+//! (`+ - * /`, `sqrt`, and `mul_add`, the fused multiply-add, where a formula
+//! asks for it by name) or exact (`neg`, `abs`, `max_nan`, `min_nan`, `sign`,
 //! `lt_select`). No backend fuses a multiply and an add on its own (`a * b + c`
 //! is two roundings everywhere), and none uses an approximate reciprocal or
 //! reciprocal square root. The formulas are evaluated in the same order on every backend,
@@ -49,6 +50,9 @@ pub(crate) trait F32Vec:
     fn div_or_zero(self, den: Self) -> Self;
     /// True if any lane is NaN or infinite.
     fn any_non_finite(self) -> bool;
+    /// `self * b + c` with one rounding (fused multiply-add), as torch's
+    /// vectorized CPU kernels evaluate `add_(x, alpha=a)` and `addcmul_`.
+    fn mul_add(self, b: Self, c: Self) -> Self;
     /// `torch.sign`: `1` for positive lanes, `-1` for negative ones, `+0` for
     /// zeros of either sign and for NaN (torch's `(0 < x) - (x < 0)`).
     fn sign(self) -> Self;
@@ -95,6 +99,11 @@ impl F32Vec for f32 {
     #[inline(always)]
     fn any_non_finite(self) -> bool {
         !self.is_finite()
+    }
+    #[inline(always)]
+    fn mul_add(self, b: Self, c: Self) -> Self {
+        // Hardware FMA where the build has it, else libm's correctly rounded fmaf.
+        f32::mul_add(self, b, c)
     }
     #[inline(always)]
     fn sign(self) -> Self {
@@ -205,6 +214,16 @@ impl F32Vec for Wide {
     #[inline(always)]
     fn any_non_finite(self) -> bool {
         !self.0.is_finite().all()
+    }
+    #[inline(always)]
+    fn mul_add(self, b: Self, c: Self) -> Self {
+        // Lane by lane through `f32::mul_add`, never `wide`'s `mul_add`, which
+        // falls back to a multiply and a separate add (two roundings) where the
+        // build lacks FMA: this way the portable path gives the scalar
+        // reference's bits on every target (vector FMA where the target has
+        // it, libm's exact `fmaf` where it does not).
+        let (x, y, z) = (self.0.to_array(), b.0.to_array(), c.0.to_array());
+        Wide(wide::f32x8::new(core::array::from_fn(|i| x[i].mul_add(y[i], z[i]))))
     }
     #[inline(always)]
     fn sign(self) -> Self {
@@ -335,6 +354,11 @@ mod x86 {
             }
         }
         #[inline(always)]
+        fn mul_add(self, b: Self, c: Self) -> Self {
+            // SAFETY: see the module comment (FMA is detected with AVX2).
+            Avx2(unsafe { _mm256_fmadd_ps(self.0, b.0, c.0) })
+        }
+        #[inline(always)]
         fn sign(self) -> Self {
             // SAFETY: see the module comment.
             unsafe {
@@ -412,6 +436,11 @@ mod x86 {
                 let d = _mm512_sub_ps(self.0, self.0);
                 _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(d, d) != 0
             }
+        }
+        #[inline(always)]
+        fn mul_add(self, b: Self, c: Self) -> Self {
+            // SAFETY: see the module comment (FMA is part of AVX-512F).
+            Avx512(unsafe { _mm512_fmadd_ps(self.0, b.0, c.0) })
         }
         #[inline(always)]
         fn sign(self) -> Self {
@@ -539,6 +568,20 @@ mod tests {
             |a, b| a.lt_select(b, V::splat(1.5), a - b),
             |a, b| if a < b { 1.5 } else { a - b },
         );
+        // Fused multiply-add: every pair with every third value as addend,
+        // against `f32::mul_add` (one rounding).
+        let vals = edge_values();
+        for &c in vals.iter().step_by(3) {
+            lanes_match::<V>("mul_add", |a, b| a.mul_add(b, V::splat(c)), |a, b| f32::mul_add(a, b, c));
+        }
+        // The fused form differs from two roundings: 1 + 2^-23 squared minus the
+        // rounded square keeps its last term only when fused.
+        let x = 1.0 + f32::EPSILON;
+        let fused = V::splat(x).mul_add(V::splat(x), V::splat(-(x * x)));
+        let mut out = vec![0f32; V::LANES];
+        // SAFETY: `out` holds LANES values.
+        unsafe { fused.store(out.as_mut_ptr()) };
+        assert!(out.iter().all(|&y| y == f32::EPSILON * f32::EPSILON), "mul_add is not fused: {out:?}");
         // min_nan is torch.minimum: NaN if either operand is.
         assert!(f32::NAN.min_nan(1.0).is_nan() && 1.0f32.min_nan(f32::NAN).is_nan());
         // max_nan is torch.maximum: NaN if either operand is.

@@ -23,6 +23,7 @@ macro_rules! for_each_optimizer {
             nadam { NAdam(NAdamConfig) }
             radam { RAdam(RAdamConfig) }
             rprop { Rprop(RpropConfig) }
+            lion { Lion(LionConfig) }
         }
     };
 }
