@@ -209,9 +209,17 @@ macro_rules! any_types {
                 match self { $(AnyConfig::$variant(c) => c.state_init(i),)* }
             }
 
-            /// The initial scalar state as torch stores it: NAdam's
-            /// `mu_product` (1); 0 for the optimizers without one.
-            pub fn aux_init(&self) -> f32 {
+            /// The torch names of the scalar states (NAdam's `mu_product`,
+            /// ASGD's `eta` and `mu`; none for most optimizers).
+            pub fn aux_names(&self) -> &'static [&'static str] {
+                use crate::optim::sealed::Sealed;
+                match self { $(AnyConfig::$variant(_) => <$cfg as Sealed>::AUX_NAMES,)* }
+            }
+
+            /// The initial scalar state as torch stores it, in the order of
+            /// [`aux_names`](Self::aux_names) (NAdam's `mu_product` = 1),
+            /// unused entries 0.
+            pub fn aux_init(&self) -> crate::AuxState {
                 use crate::optim::sealed::Sealed;
                 match self { $(AnyConfig::$variant(c) => <$cfg as Sealed>::aux_to_f32(&c.aux_init()),)* }
             }
@@ -227,7 +235,7 @@ macro_rules! any_types {
             pub fn step_slices_with(
                 &self,
                 t: u64,
-                aux: &mut f32,
+                aux: &mut crate::AuxState,
                 params: &mut [f32],
                 grads: &[f32],
                 state: &mut [&mut [f32]],

@@ -89,7 +89,8 @@ pub use driver::StepReport;
 pub use error::{Error, IoSource};
 pub use optim::registered::*;
 pub use optim::{
-    Algorithm, MAX_STATE, MAX_STEP, NonFinitePolicy, Optimizer, StepOptions, step_slices, step_slices_with,
+    Algorithm, AuxState, MAX_AUX, MAX_STATE, MAX_STEP, NonFinitePolicy, Optimizer, StepOptions, step_slices,
+    step_slices_with,
 };
 
 /// The README's examples, compiled and run as doc-tests.

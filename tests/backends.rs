@@ -95,7 +95,7 @@ fn initial(cfg: &AnyConfig, i: usize) -> f32 {
 /// The free kernel's scalar state for any configuration, through the
 /// registry's dispatch (`AnyConfig::step_slices_with`): no list of
 /// optimizers to keep in step here.
-struct AuxCarrier(f32);
+struct AuxCarrier(adaoptim::AuxState);
 
 impl AuxCarrier {
     fn new(cfg: &AnyConfig) -> Self {

@@ -19,8 +19,8 @@ impl<A: Algorithm> Optimizer<A> {
         for (name, buf) in self.config.state_names().iter().zip(&self.state) {
             w.tensor(*name, vec![self.n], buf);
         }
-        if let Some(name) = A::AUX_NAME {
-            w.scalar(name, A::aux_to_f32(&self.aux));
+        for (name, x) in A::AUX_NAMES.iter().zip(A::aux_to_f32(&self.aux)) {
+            w.scalar(*name, x);
         }
         w.finish()
     }
@@ -52,11 +52,8 @@ impl<A: Algorithm> Optimizer<A> {
         let any = options_from_json(A::TORCH_CLASS, group, &[])?;
         let config = A::from_any(&any).ok_or_else(|| bad("hyperparameters of another kind"))?;
         let names = config.state_names();
-        r.expect_count(names.len() + 1 + usize::from(A::AUX_NAME.is_some()))?;
-        let aux = match A::AUX_NAME {
-            Some(name) => A::aux_from_f32(r.scalar(name)?).ok_or_else(|| bad(format!("bad {name}")))?,
-            None => config.aux_init(),
-        };
+        r.expect_count(names.len() + 1 + A::AUX_NAMES.len())?;
+        let aux = super::read_aux::<A>("", |name| r.scalar(name))?.unwrap_or_else(|| config.aux_init());
         // Sizes are checked against the tensors before anything is allocated for them.
         let state = names.iter().map(|name| r.buffer(name, &[n])).collect::<Result<Vec<_>, _>>()?;
         let mut opt = Optimizer::new(config, 0)?;

@@ -26,8 +26,8 @@ impl<A: Algorithm> GroupedOptimizer<A> {
                 let mut m = options_json(g.config.to_any().options());
                 let params: Vec<usize> = (0..self.tensors.len()).filter(|&i| self.tensors[i].group == gi).collect();
                 m.insert("params".to_string(), Value::from(params));
-                if let Some(name) = A::AUX_NAME {
-                    m.insert(name.to_string(), Value::from(A::aux_to_f32(&g.aux) as f64));
+                for (name, x) in A::AUX_NAMES.iter().zip(A::aux_to_f32(&g.aux)) {
+                    m.insert(name.to_string(), Value::from(x as f64));
                 }
                 Value::Object(m)
             })
@@ -64,7 +64,7 @@ impl<A: Algorithm> GroupedOptimizer<A> {
         let groups = groups.as_array().ok_or_else(|| bad("param_groups is not a list"))?;
         let mut opt = GroupedOptimizer::new();
         let mut next = 0usize;
-        let skip = A::AUX_NAME.as_slice();
+        let skip = A::AUX_NAMES;
         for (gi, g) in groups.iter().enumerate() {
             let config = A::from_any(&options_from_json(A::TORCH_CLASS, g, skip)?)
                 .ok_or_else(|| bad("hyperparameters of another kind"))?;
@@ -91,9 +91,11 @@ impl<A: Algorithm> GroupedOptimizer<A> {
                 return Err(bad("tensor sizes exceed the file"));
             }
             opt.add_group(config, &sizes).map_err(|e| bad(format!("group {gi}: {e}")))?;
-            if let Some(name) = A::AUX_NAME {
-                let x = g[name].as_f64().ok_or_else(|| bad(format!("group {gi} has no {name}")))?;
-                opt.groups[gi].aux = A::aux_from_f32(x as f32).ok_or_else(|| bad(format!("bad {name}")))?;
+            let group_scalar = |name: &'static str| {
+                g[name].as_f64().map(|x| x as f32).ok_or_else(|| bad(format!("group {gi} has no {name}")))
+            };
+            if let Some(aux) = super::read_aux::<A>(&format!("group {gi}: "), group_scalar)? {
+                opt.groups[gi].aux = aux;
             }
         }
         r.expect_count(1 + opt.tensors.iter().map(|t| 1 + opt.groups[t.group].slots.len()).sum::<usize>())?;

@@ -3,8 +3,8 @@
 //! A checkpoint holds the whole optimizer: its kind, hyperparameters, step
 //! count and every state buffer. Tensors carry torch's `state_dict` names
 //! (`exp_avg`, `exp_avg_sq`, `max_exp_avg_sq`, `sum`, `square_avg`,
-//! `acc_delta`, `grad_avg`, `momentum_buffer`, `exp_inf`, `mu_product`,
-//! `step`), all `F32` (`step` and `mu_product` as 0-d tensors, as torch keeps
+//! `acc_delta`, `grad_avg`, `momentum_buffer`, `exp_inf`, `prev`, `step_size`, `ax`, `mu_product`, `eta`, `mu`,
+//! `step`), all `F32` (`step` and the scalar states `mu_product`, `eta`, `mu` as 0-d tensors, as torch keeps
 //! them). The metadata holds:
 //!
 //! | key | value |
@@ -87,4 +87,20 @@ use crate::Error;
 /// [`Error::Checkpoint`] with this reason.
 pub(crate) fn bad(reason: impl Into<String>) -> Error {
     Error::Checkpoint { reason: reason.into() }
+}
+
+/// Reads an optimizer's scalar states through `scalar` (by torch name), or
+/// `None` for an optimizer without any.
+pub(crate) fn read_aux<A: crate::Algorithm>(
+    what: &str,
+    mut scalar: impl FnMut(&'static str) -> Result<f32, Error>,
+) -> Result<Option<<A as crate::optim::sealed::Sealed>::Aux>, Error> {
+    if A::AUX_NAMES.is_empty() {
+        return Ok(None);
+    }
+    let mut x = [0.0; crate::MAX_AUX];
+    for (k, name) in A::AUX_NAMES.iter().enumerate() {
+        x[k] = scalar(name)?;
+    }
+    A::aux_from_f32(x).map(Some).ok_or_else(|| bad(format!("{what}bad {}", A::AUX_NAMES.join(", "))))
 }

@@ -41,8 +41,8 @@ impl<A: Algorithm> MultiOptimizer<A> {
                 w.tensor(format!("state.{i}.{name}"), vec![s.len], buf);
             }
             w.scalar(format!("state.{i}.step"), s.t as f32);
-            if let Some(name) = A::AUX_NAME {
-                w.scalar(format!("state.{i}.{name}"), A::aux_to_f32(&s.aux));
+            for (name, x) in A::AUX_NAMES.iter().zip(A::aux_to_f32(&s.aux)) {
+                w.scalar(format!("state.{i}.{name}"), x);
             }
         }
         w.finish()
@@ -106,7 +106,7 @@ impl<A: Algorithm> MultiOptimizer<A> {
             return Err(bad("sizes name tensors in no group"));
         }
         let per_tensor = |i: usize| opt.groups[opt.tensors[i].group].state_names().len() + 1;
-        let aux = usize::from(A::AUX_NAME.is_some());
+        let aux = A::AUX_NAMES.len();
         r.expect_count(1 + (0..next).map(|i| per_tensor(i) + aux).sum::<usize>())?;
         for (i, &t) in steps.iter().enumerate() {
             if t > crate::MAX_STEP || r.scalar(&format!("state.{i}.step"))? != t as f32 {
@@ -118,9 +118,10 @@ impl<A: Algorithm> MultiOptimizer<A> {
             for (name, buf) in names.iter().zip(slot.state.iter_mut()) {
                 r.read_into(&format!("state.{i}.{name}"), &[slot.len], buf)?;
             }
-            if let Some(name) = A::AUX_NAME {
-                let x = r.scalar(&format!("state.{i}.{name}"))?;
-                slot.aux = A::aux_from_f32(x).ok_or_else(|| bad(format!("tensor {i}: bad {name}")))?;
+            if let Some(aux) =
+                super::read_aux::<A>(&format!("tensor {i}: "), |name| r.scalar(&format!("state.{i}.{name}")))?
+            {
+                slot.aux = aux;
             }
         }
         Ok(opt)

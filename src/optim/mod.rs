@@ -63,6 +63,15 @@ pub const MAX_STEP: u64 = 1 << 53;
 /// The most state buffers any optimizer keeps per parameter.
 pub const MAX_STATE: usize = 3;
 
+/// The most scalar states any optimizer keeps per parameter tensor (ASGD's
+/// `eta` and `mu`).
+pub const MAX_AUX: usize = 2;
+
+/// An optimizer's scalar state as torch stores it: one f32 per name of
+/// [`AnyConfig::aux_names`](crate::AnyConfig::aux_names) (NAdam's
+/// `mu_product`; ASGD's `eta`, `mu`), unused entries 0.
+pub type AuxState = [f32; MAX_AUX];
+
 pub(crate) mod sealed {
     use super::*;
 
@@ -79,14 +88,16 @@ pub(crate) mod sealed {
     pub trait Sealed {
         /// Scalar state carried from step to step (NAdam's `mu_product`).
         type Aux: Copy + std::fmt::Debug + PartialEq + Send + Sync;
-        /// The torch name of the scalar state, if there is one.
-        const AUX_NAME: Option<&'static str> = None;
-        /// The scalar state as the f32 torch stores.
-        fn aux_to_f32(_aux: &Self::Aux) -> f32 {
-            0.0
+        /// The torch names of the scalar states (at most [`MAX_AUX`]).
+        const AUX_NAMES: &'static [&'static str] = &[];
+        /// The scalar state as the f32 values torch stores, in the order of
+        /// `AUX_NAMES`.
+        fn aux_to_f32(_aux: &Self::Aux) -> AuxState {
+            [0.0; MAX_AUX]
         }
-        /// The scalar state from the f32 torch stores.
-        fn aux_from_f32(_x: f32) -> Option<Self::Aux> {
+        /// The scalar state from the f32 values torch stores; `None` if they
+        /// are not a valid state.
+        fn aux_from_f32(_x: AuxState) -> Option<Self::Aux> {
             None
         }
         /// Runs step `t` (>= 1) with validated lengths and a resolved backend,

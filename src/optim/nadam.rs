@@ -99,12 +99,12 @@ impl Kernel<2> for NAdamKernel {
 impl sealed::Sealed for NAdamConfig {
     /// `mu_product`, kept in f32 like torch's state tensor.
     type Aux = f32;
-    const AUX_NAME: Option<&'static str> = Some("mu_product");
-    fn aux_to_f32(aux: &f32) -> f32 {
-        *aux
+    const AUX_NAMES: &'static [&'static str] = &["mu_product"];
+    fn aux_to_f32(aux: &f32) -> super::AuxState {
+        [*aux, 0.0]
     }
-    fn aux_from_f32(x: f32) -> Option<f32> {
-        Some(x)
+    fn aux_from_f32(x: super::AuxState) -> Option<f32> {
+        Some(x[0])
     }
     fn run(
         &self,
