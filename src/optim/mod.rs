@@ -24,6 +24,7 @@ macro_rules! for_each_optimizer {
             radam { RAdam(RAdamConfig) }
             rprop { Rprop(RpropConfig) }
             lion { Lion(LionConfig) }
+            asgd { Asgd(AsgdConfig) }
         }
     };
 }
