@@ -100,6 +100,13 @@ fn golden_wide() {
     check_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden_wide"));
 }
 
+/// torch's own test matrix (`optim_db`), written by
+/// `tests/golden_optimdb/generate.py`.
+#[test]
+fn golden_optim_db() {
+    check_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden_optimdb"));
+}
+
 /// Checks every file of `dir`, printing per-file and per-class worst errors.
 fn check_dir(dir: PathBuf) {
     println!("golden: {}", dir.display());

@@ -56,10 +56,12 @@ impl Kernel<2> for AdadeltaKernel {
         let [sq, acc] = s;
         let g = self.grad.apply(*p, g);
         let (rho, omr, eps) = (V::splat(self.rho), V::splat(self.one_minus_rho), V::splat(self.eps));
-        *sq = *sq * rho + omr * g * g;
+        // torch: x.mul_(rho).addcmul_(y, y, value=1 - rho) and
+        // param.add_(delta, alpha=-lr), each one fused multiply-add.
+        *sq = (omr * g).mul_add(g, *sq * rho);
         let delta = self.div.apply(*acc + eps, *sq + eps).sqrt() * g;
-        *acc = *acc * rho + omr * delta * delta;
-        *p = *p + V::splat(self.neg_lr) * delta;
+        *acc = (omr * delta).mul_add(delta, *acc * rho);
+        *p = delta.mul_add(V::splat(self.neg_lr), *p);
     }
 }
 

@@ -74,7 +74,8 @@ impl Kernel<1> for AdagradKernel {
     fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 1]) {
         let [sum] = s;
         let g = self.grad.apply(*p, g);
-        *sum = *sum + g * g;
+        // torch: state_sum.addcmul_(g, g, value=1), one fused multiply-add.
+        *sum = g.mul_add(g, *sum);
         let eps = V::splat(self.eps);
         let std = if self.eps_inside { (*sum + eps).sqrt() } else { sum.sqrt() + eps };
         *p = *p + self.div.apply(V::splat(self.neg_clr) * g, std);

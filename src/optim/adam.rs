@@ -152,7 +152,8 @@ impl Moments {
         }
         let g = self.grad.apply(*p, g);
         *m = self.m.apply(*m, g);
-        *v = *v * V::splat(self.b2) + V::splat(self.one_minus_b2) * g * g;
+        // torch: exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        *v = (V::splat(self.one_minus_b2) * g).mul_add(g, *v * V::splat(self.b2));
     }
 }
 

@@ -661,10 +661,11 @@ impl GradIn {
         GradIn { maximize, wd: wd as f32 }
     }
 
+    /// torch's `grad.add(param, alpha=weight_decay)`: one fused multiply-add.
     #[inline(always)]
     pub(crate) fn apply<V: F32Vec>(self, p: V, g: V) -> V {
         let g = if self.maximize { -g } else { g };
-        if self.wd != 0.0 { g + V::splat(self.wd) * p } else { g }
+        if self.wd != 0.0 { p.mul_add(V::splat(self.wd), g) } else { g }
     }
 }
 
@@ -690,7 +691,8 @@ impl Quot {
 }
 
 /// torch's `lerp(a, b, w)`: `a + w (b - a)` for `w < 0.5`, else
-/// `b - (b - a)(1 - w)`.
+/// `b - (b - a)(1 - w)`, each with the product and the sum fused as torch's
+/// vectorized CPU kernel does (`fmadd`, `fnmadd`).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Lerp {
     w: f32,
@@ -706,7 +708,7 @@ impl Lerp {
 
     #[inline(always)]
     pub(crate) fn apply<V: F32Vec>(self, a: V, b: V) -> V {
-        if self.high { b - (b - a) * V::splat(self.one_minus_w) } else { a + V::splat(self.w) * (b - a) }
+        if self.high { (a - b).mul_add(V::splat(self.one_minus_w), b) } else { V::splat(self.w).mul_add(b - a, a) }
     }
 }
 

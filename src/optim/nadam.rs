@@ -90,9 +90,12 @@ impl Kernel<2> for NAdamKernel {
         }
         let g = self.grad.apply(*p, g);
         *m = self.m.apply(*m, g);
-        *v = *v * V::splat(self.b2) + V::splat(self.one_minus_b2) * g * g;
+        // torch: exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        *v = (V::splat(self.one_minus_b2) * g).mul_add(g, *v * V::splat(self.b2));
         let denom = v.sqrt() + V::splat(self.eps_scaled);
-        *p = *p + self.div.apply(V::splat(self.c_g) * g + V::splat(self.c_m) * *m, denom);
+        // torch's two addcdiv_, in its order: p += (c_g g) / denom; p += (c_m m) / denom.
+        *p = *p + self.div.apply(V::splat(self.c_g) * g, denom);
+        *p = *p + self.div.apply(V::splat(self.c_m) * *m, denom);
     }
 }
 

@@ -79,11 +79,14 @@ impl RmsKernel {
     #[inline(always)]
     fn body<V: F32Vec>(&self, p: &mut V, g: V, sq: &mut V, ga: Option<&mut V>, buf: Option<&mut V>) {
         let g = self.grad.apply(*p, g);
-        *sq = *sq * V::splat(self.alpha) + V::splat(self.one_minus_alpha) * g * g;
+        // torch: square_avg.mul_(alpha).addcmul_(g, g, value=1 - alpha)
+        *sq = (V::splat(self.one_minus_alpha) * g).mul_add(g, *sq * V::splat(self.alpha));
         let x = match ga {
             Some(ga) => {
                 *ga = self.grad_avg.apply(*ga, g);
-                (*sq - *ga * *ga).max_nan(V::splat(0.0))
+                // torch: square_avg.addcmul(grad_avg, grad_avg, value=-1), fused;
+                // clamped at 0 here where rounding makes it negative.
+                (-*ga).mul_add(*ga, *sq).max_nan(V::splat(0.0))
             }
             None => *sq,
         };
@@ -92,7 +95,8 @@ impl RmsKernel {
         match buf {
             Some(buf) => {
                 *buf = *buf * V::splat(self.momentum) + self.div.apply(g, avg);
-                *p = *p + V::splat(self.neg_lr) * *buf;
+                // torch: param.add_(buf, alpha=-lr)
+                *p = buf.mul_add(V::splat(self.neg_lr), *p);
             }
             None => *p = *p + self.div.apply(V::splat(self.neg_lr) * g, avg),
         }

@@ -1,15 +1,16 @@
 //! Stochastic gradient descent with momentum (`torch.optim.SGD`): the baseline
 //! the adaptive methods are compared against.
 //!
-//! Per element:
+//! Per element, with `fma(a, b, c) = a * b + c` rounded once (torch's
+//! vectorized CPU `add(x, alpha=a)`):
 //! ```text
 //! if maximize: g = -g
-//! if weight_decay != 0: g = g + weight_decay * p
+//! if weight_decay != 0: g = fma(p, weight_decay, g)
 //! if momentum != 0:
 //!     buf = g                                         on the first step
-//!     buf = momentum * buf + (1 - dampening) * g      afterwards
-//!     g = g + momentum * buf  if nesterov  else  buf
-//! p = p + (-lr) * g
+//!     buf = fma(g, 1 - dampening, buf * momentum)     afterwards
+//!     g = fma(buf, momentum, g)  if nesterov  else  buf
+//! p = fma(g, -lr, p)
 //! ```
 //! Nesterov momentum: Sutskever et al., ICML 2013.
 
@@ -55,7 +56,7 @@ impl Kernel<0> for SgdKernel {
     #[inline(always)]
     fn apply<V: F32Vec>(&self, p: &mut V, g: V, _s: &mut [V; 0]) {
         let g = self.grad.apply(*p, g);
-        *p = *p + V::splat(self.neg_lr) * g;
+        *p = g.mul_add(V::splat(self.neg_lr), *p);
     }
 }
 
@@ -64,9 +65,9 @@ impl Kernel<1> for SgdKernel {
     fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 1]) {
         let [buf] = s;
         let g = self.grad.apply(*p, g);
-        *buf = if self.first { g } else { *buf * V::splat(self.momentum) + V::splat(self.one_minus_dampening) * g };
-        let g = if self.nesterov { g + V::splat(self.momentum) * *buf } else { *buf };
-        *p = *p + V::splat(self.neg_lr) * g;
+        *buf = if self.first { g } else { g.mul_add(V::splat(self.one_minus_dampening), *buf * V::splat(self.momentum)) };
+        let g = if self.nesterov { buf.mul_add(V::splat(self.momentum), g) } else { *buf };
+        *p = g.mul_add(V::splat(self.neg_lr), *p);
     }
 }
 
