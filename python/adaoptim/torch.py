@@ -1,0 +1,292 @@
+"""Drop-in ``torch.optim`` optimizers whose step runs in adaoptim's Rust core.
+
+Each class subclasses the ``torch.optim`` class of the same name, so its
+constructor (signature, defaults, ``ValueError`` messages), ``param_groups``,
+``add_param_group``, ``zero_grad``, ``state_dict``/``load_state_dict``, hooks
+and ``torch.optim.lr_scheduler`` support are torch's own; only ``step`` is
+replaced. State lives in torch tensors under torch's names and layout, so a
+``state_dict`` moves between these classes and torch's in both directions.
+
+``step()`` hands every parameter of every group to Rust in one call, which
+updates parameters and state in place (zero copy, through the tensors' data
+pointers) in one parallel region, with the GIL released. Every tensor is
+checked first: a parameter, gradient or state tensor that is not on the CPU,
+not contiguous or not float32, or a gradient of another shape, raises
+``TypeError``/``ValueError`` naming the parameter before anything is modified.
+Parameters whose ``.grad`` is ``None`` are skipped, as torch skips them.
+"""
+
+import json
+
+import torch
+
+from . import _core
+
+__all__ = [
+    "SGD",
+    "Adagrad",
+    "RMSprop",
+    "Adadelta",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "NAdam",
+    "RAdam",
+    "Rprop",
+    "ASGD",
+    "Lion",
+    "set_num_threads",
+]
+
+_STRIDE = _core.STRIDE
+_MAX_STATE = _core.MAX_STATE
+_MAX_AUX = _core.MAX_AUX
+# torch options with no meaning for a CPU step that runs in Rust; True is refused.
+_REFUSED_TRUE = ("differentiable", "capturable")
+_F32 = torch.float32
+_STRIDED = torch.strided
+
+
+def set_num_threads(n):
+    """Threads every later step uses (0: one per core, rayon's default)."""
+    _core.set_num_threads(int(n))
+
+
+def _plain(v):
+    if torch.is_tensor(v):
+        return v.item()
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def _where(i, gi):
+    return f"parameter {i} of param_groups[{gi}]"
+
+
+def _check_tensor(t, what, where, shape):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{where}: {what} is not a tensor")
+    if t.is_sparse or t.layout != torch.strided:
+        raise TypeError(f"{where}: {what} is sparse; this optimizer takes dense gradients")
+    if t.device.type != "cpu":
+        raise TypeError(f"{where}: {what} is on {t.device}; adaoptim steps CPU tensors only")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{where}: {what} has dtype {t.dtype}; adaoptim steps float32 tensors")
+    if not t.is_contiguous():
+        raise ValueError(f"{where}: {what} is not contiguous")
+    if shape is not None and t.shape != shape:
+        raise ValueError(f"{where}: {what} has shape {tuple(t.shape)}, the parameter {tuple(shape)}")
+
+
+class _RustStep:
+    """The ``step`` shared by every class: collect, check, call Rust once."""
+
+    _adaoptim_class = None  # the torch class name the Rust core knows
+
+    def _adaoptim_setup(self):
+        self._adaoptim_names = set(_core.option_names(self._adaoptim_class))
+        self._adaoptim_layouts = {}
+        for gi, group in enumerate(self.param_groups):
+            self._adaoptim_options(group, gi)
+
+    def _adaoptim_options(self, group, gi):
+        for key in _REFUSED_TRUE:
+            if group.get(key):
+                raise ValueError(f"param_groups[{gi}]: {key}=True is not supported by adaoptim")
+        opts = {k: _plain(v) for k, v in group.items() if k in self._adaoptim_names}
+        text = json.dumps(opts, sort_keys=True)
+        if text not in self._adaoptim_layouts:
+            if len(self._adaoptim_layouts) > 64:  # a schedule writes a new lr every step
+                self._adaoptim_layouts.clear()
+            # Validates (ValueError with the crate's message) and gives the layout.
+            names, init, aux_names, aux_init = _core.layout(self._adaoptim_class, text)
+            keys = tuple(names) + tuple(aux_names) + (("step",) if self._adaoptim_has_step else ())
+            keys = self.__dict__.setdefault("_adaoptim_interned", {}).setdefault(keys, keys)
+            self._adaoptim_layouts[text] = (names, init, aux_names, aux_init, keys)
+        return text, self._adaoptim_layouts[text]
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        if hasattr(self, "_adaoptim_names"):
+            self._adaoptim_options(self.param_groups[-1], len(self.param_groups) - 1)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        cache = self.__dict__.setdefault("_adaoptim_cache", {})
+        if self.__dict__.get("_adaoptim_state_obj") is not self.state:
+            # load_state_dict (or a user) replaced the state: rebuild the cache.
+            cache.clear()
+            self._adaoptim_state_obj = self.state
+        groups = []
+        pending = []  # (group slot, p, g, where, layout): checked, then given state, after the loop
+        for gi, group in enumerate(self.param_groups):
+            text, layout = self._adaoptim_options(group, gi)
+            keys = layout[4]
+            flat = []
+            for i, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                # The fast checks (torch itself keeps a gradient on its
+                # parameter's device); the slow path names what is wrong.
+                if not (g.dtype is _F32 and g.layout is _STRIDED and g.is_contiguous()):
+                    _check_tensor(g, "its gradient", _where(i, gi), p.shape)
+                entry = cache.get(id(p))
+                # A cached parameter is stepped with its cached state tensors:
+                # load_state_dict replaces the whole state (seen above); a state
+                # tensor swapped by hand is seen through its first buffer.
+                # A parameter whose memory moved (`p.data = ...`) or whose
+                # gradient has another size goes through the full checks again.
+                ptr = p.data_ptr()
+                if (
+                    entry is None
+                    or entry[0] is not p
+                    or entry[1] is not keys
+                    or entry[5].get(entry[2]) is not entry[6]
+                    or entry[8] != ptr
+                    or g.numel() != entry[4]
+                ):
+                    pending.append((len(groups), p, g, _where(i, gi), layout))
+                    continue
+                flat.append(ptr)
+                flat.append(g.data_ptr())
+                flat.extend(entry[3])
+            groups.append((text, flat))
+        if pending:
+            self._adaoptim_prepare(pending, groups, cache)
+        _core.step(self._adaoptim_class, groups)
+        return loss
+
+    def _adaoptim_prepare(self, pending, groups, cache):
+        """Checks, then creates state for and caches the parameters seen for
+        the first time (or whose state was replaced, as load_state_dict does).
+        A cache entry holds the parameter, the state keys, the first key, the
+        per-tensor integers for the Rust call, the element count, the
+        parameter's state dict and its first state tensor, every state tensor
+        (kept alive, so a cached pointer never dangles) and the parameter's
+        data pointer."""
+        for _, p, g, where, layout in pending:
+            names = layout[0]
+            _check_tensor(p, "the parameter", where, None)
+            _check_tensor(g, "its gradient", where, p.shape)
+            st = self.state.get(p)
+            if st:
+                for n in names:
+                    if st.get(n) is not None:
+                        _check_tensor(st[n], f"state {n!r}", where, p.shape)
+        # Parameters must not overlap: they are written in parallel.
+        spans = sorted(
+            (p.data_ptr(), p.data_ptr() + 4 * p.numel(), id(p))
+            for grp in self.param_groups
+            for p in grp["params"]
+            if p.numel()
+        )
+        for (_a0, a1, _), (b0, _b1, _) in zip(spans, spans[1:]):
+            if b0 < a1:
+                raise ValueError("two parameters share memory; adaoptim writes them in parallel")
+        # Everything is checked: from here on, state is created.
+        for slot, p, g, _, layout in pending:
+            names, init, aux_names, aux_init, keys = layout
+            # An optimizer without per-parameter state (SGD without momentum)
+            # leaves torch's `state` empty, as torch does.
+            st = self.state[p] if keys else {}
+            first = self._adaoptim_init_state(st, p, names, init, aux_names, aux_init)
+            static = [p.numel()]
+            static += [st[n].data_ptr() for n in names]
+            static += [0] * (_MAX_STATE - len(names))
+            if self._adaoptim_has_step:
+                static += [st["step"].data_ptr(), 0]
+            else:
+                static += [0, 0 if first else 1]
+            static += [st[n].data_ptr() for n in aux_names]
+            static += [0] * (_MAX_AUX - len(aux_names))
+            flat = groups[slot][1]
+            flat.append(p.data_ptr())
+            flat.append(g.data_ptr())
+            flat.extend(static)
+            if self._adaoptim_has_step or not first:
+                first_key = keys[0] if keys else None
+                held = tuple(st[k] for k in keys)  # every state tensor stays alive
+                cache[id(p)] = (p, keys, first_key, static, p.numel(), st, st.get(first_key), held, p.data_ptr())
+            else:
+                # SGD's first step (t = 1, a fresh buffer): cached with t = 2 from now on.
+                later = static[: -(2 + _MAX_AUX)] + [0, 1] + static[len(static) - _MAX_AUX :]
+                first_key = keys[0] if keys else None
+                held = tuple(st[k] for k in keys)  # every state tensor stays alive
+                cache[id(p)] = (p, keys, first_key, later, p.numel(), st, st.get(first_key), held, p.data_ptr())
+
+    _adaoptim_has_step = True
+
+    def _adaoptim_init_state(self, st, p, names, init, aux_names, aux_init):
+        """Creates missing state as torch would; returns True on a first step."""
+        first = len(st) == 0
+        for n, v in zip(names, init):
+            if st.get(n) is None:
+                st[n] = torch.full_like(p, v, memory_format=torch.contiguous_format)
+                first = True
+        for n, v in zip(aux_names, aux_init):
+            if n not in st or not _scalar_ok(st[n]):
+                st[n] = torch.tensor(float(_plain(st.get(n, v))), dtype=torch.float32)
+        if self._adaoptim_has_step and ("step" not in st or not _scalar_ok(st["step"])):
+            st["step"] = torch.tensor(float(_plain(st.get("step", 0.0))), dtype=torch.float32)
+        return first
+
+
+def _scalar_ok(s):
+    return (
+        torch.is_tensor(s) and s.dtype == torch.float32 and s.device.type == "cpu" and s.numel() == 1 and s.dim() == 0
+    )
+
+
+def _make(base, class_name, doc_extra=""):
+    cls = type(
+        base.__name__,
+        (_RustStep, base),
+        {
+            "_adaoptim_class": class_name,
+            "__doc__": f"``torch.optim.{base.__name__}`` with its step in adaoptim's Rust core.{doc_extra}",
+            "__module__": __name__,
+        },
+    )
+
+    def __init__(self, params, *args, **kwargs):
+        base.__init__(self, params, *args, **kwargs)
+        self._adaoptim_setup()
+
+    __init__.__doc__ = base.__init__.__doc__
+    cls.__init__ = __init__
+    return cls
+
+
+SGD = _make(torch.optim.SGD, "SGD")
+SGD._adaoptim_has_step = False  # torch's SGD state is momentum_buffer alone
+Adagrad = _make(torch.optim.Adagrad, "Adagrad")
+RMSprop = _make(torch.optim.RMSprop, "RMSprop")
+Adadelta = _make(torch.optim.Adadelta, "Adadelta")
+Adam = _make(torch.optim.Adam, "Adam")
+AdamW = _make(torch.optim.AdamW, "AdamW")
+Adamax = _make(torch.optim.Adamax, "Adamax")
+NAdam = _make(torch.optim.NAdam, "NAdam")
+RAdam = _make(torch.optim.RAdam, "RAdam")
+Rprop = _make(torch.optim.Rprop, "Rprop")
+ASGD = _make(torch.optim.ASGD, "ASGD")
+
+
+class Lion(_RustStep, torch.optim.Optimizer):
+    """Lion (Chen et al. 2023) with ``lion_pytorch.Lion``'s names and defaults."""
+
+    _adaoptim_class = "Lion"
+    _adaoptim_has_step = False  # lion-pytorch keeps exp_avg alone
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0):
+        if not lr > 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not all(0.0 <= b <= 1.0 for b in betas):
+            raise ValueError(f"Invalid beta parameters: {betas}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
+        self._adaoptim_setup()

@@ -1,0 +1,239 @@
+//! `adaoptim._core`: the Rust side of the Python package.
+//!
+//! The Python layer (`adaoptim/torch.py`) owns every tensor: parameters,
+//! gradients and optimizer state all live in torch tensors, so a `state_dict`
+//! is plain torch. It checks each tensor (CPU, contiguous, float32, the
+//! parameter's shape, no two tensors sharing memory) and then hands this
+//! module the tensors' data pointers; [`step`] updates them all in place in
+//! one parallel region with the GIL released. No optimizer math lives here or
+//! in Python: every element goes through the crate's free kernel
+//! ([`AnyConfig::step_slices_with`]).
+
+use std::sync::{Arc, RwLock};
+
+use adaoptim::{AnyConfig, AuxState, Backend, Exec, MAX_AUX, MAX_STATE, MAX_STEP, StepOptions};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use rayon::prelude::*;
+
+/// Integers per tensor in [`step`]'s flat list: parameter, gradient, element
+/// count, `MAX_STATE` state pointers, the step tensor (or 0), the step to use
+/// when there is no step tensor, `MAX_AUX` scalar-state pointers.
+const STRIDE: usize = 3 + MAX_STATE + 2 + MAX_AUX;
+
+/// Elements per piece of work: big tensors are cut so that every thread gets
+/// a share, small ones go whole. Element-wise kernels give the same bits for
+/// any cut.
+const PIECE: usize = 1 << 16;
+
+static POOL: RwLock<Option<Arc<rayon::ThreadPool>>> = RwLock::new(None);
+
+fn config(class: &str, options: &str) -> PyResult<AnyConfig> {
+    let cfg = AnyConfig::from_torch_json(class, options).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    cfg.validate().map_err(|e| PyValueError::new_err(e.to_string()))?;
+    Ok(cfg)
+}
+
+/// The torch keyword options `class` takes.
+#[pyfunction]
+fn option_names(class: &str) -> PyResult<Vec<&'static str>> {
+    let cfg = AnyConfig::default_for(class).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    Ok(cfg.options().into_iter().map(|(k, _)| k).collect())
+}
+
+/// State names, their initial values, scalar-state names, their initial values.
+type Layout = (Vec<&'static str>, Vec<f32>, Vec<&'static str>, Vec<f32>);
+
+/// `(state names, initial values, scalar-state names, their initial values)`
+/// for a configuration given as torch keyword JSON; `ValueError` for an
+/// invalid one (torch's message where torch has one).
+#[pyfunction]
+fn layout(class: &str, options: &str) -> PyResult<Layout> {
+    let cfg = config(class, options)?;
+    let names = cfg.state_names();
+    let init = (0..names.len()).map(|i| cfg.state_init(i)).collect();
+    let aux_names = cfg.aux_names();
+    let aux_init = cfg.aux_init()[..aux_names.len()].to_vec();
+    Ok((names.to_vec(), init, aux_names.to_vec(), aux_init))
+}
+
+/// The torch class names this build implements.
+#[pyfunction]
+fn torch_classes() -> Vec<&'static str> {
+    AnyConfig::TORCH_CLASSES.to_vec()
+}
+
+/// Uses `n` threads for every later step (0: rayon's default, one per core).
+#[pyfunction]
+fn set_num_threads(n: usize) -> PyResult<()> {
+    let pool = if n == 0 {
+        None
+    } else {
+        let p = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        Some(Arc::new(p))
+    };
+    *POOL.write().unwrap_or_else(|e| e.into_inner()) = pool;
+    Ok(())
+}
+
+/// The backend steps run on (`avx512`, `avx2`, `wide` or `scalar`).
+#[pyfunction]
+fn backend() -> &'static str {
+    Backend::best().name()
+}
+
+/// One tensor's work: a piece of its elements and its own copies of the step
+/// count and scalar state.
+struct Piece {
+    group: usize,
+    tensor: usize,
+    t: u64,
+    aux: AuxState,
+    p: &'static mut [f32],
+    g: &'static [f32],
+    s: Vec<&'static mut [f32]>,
+}
+
+/// Steps every tensor of every group once.
+///
+/// `groups` holds, per parameter group, its hyperparameters as torch keyword
+/// JSON and a flat list of `STRIDE` integers per tensor (see the constant).
+/// Everything is checked before any memory is touched: hyperparameters
+/// (`ValueError`), step counts (`ValueError` past torch's float32 step
+/// limit). Returns nothing; steps and scalar states are written through their
+/// pointers.
+///
+/// # Safety contract (Python side)
+/// Every pointer is the data pointer of a live, contiguous, CPU float32
+/// tensor of the stated length (0-d for the step and scalar states), no two
+/// tensors overlap, and none is touched by another thread during the call.
+/// `adaoptim.torch` checks all of this before calling; this module is
+/// private (`_core`).
+#[pyfunction]
+fn step(py: Python<'_>, class: &str, groups: Vec<(String, Vec<usize>)>) -> PyResult<()> {
+    let mut configs = Vec::with_capacity(groups.len());
+    let mut pieces: Vec<Piece> = Vec::new();
+    // Where each tensor writes back: (step pointer, aux pointers, aux count).
+    let mut writeback: Vec<(usize, [usize; MAX_AUX], usize)> = Vec::new();
+    for (gi, (options, flat)) in groups.iter().enumerate() {
+        let cfg = config(class, options)?;
+        if flat.len() % STRIDE != 0 {
+            return Err(PyValueError::new_err("internal: tensor list of the wrong stride"));
+        }
+        let k = cfg.state_names().len();
+        let n_aux = cfg.aux_names().len();
+        for e in flat.chunks_exact(STRIDE) {
+            let (p_ptr, g_ptr, n) = (e[0], e[1], e[2]);
+            let state_ptrs = &e[3..3 + MAX_STATE];
+            let (step_ptr, step_given) = (e[3 + MAX_STATE], e[4 + MAX_STATE]);
+            let aux_ptrs: [usize; MAX_AUX] = std::array::from_fn(|i| e[5 + MAX_STATE + i]);
+            if aux_ptrs[..n_aux].contains(&0) || (n > 0 && (p_ptr == 0 || g_ptr == 0 || state_ptrs[..k].contains(&0))) {
+                return Err(PyValueError::new_err("internal: null tensor pointer"));
+            }
+            // An empty tensor's data pointer may be null; its slices are empty.
+            let dangling = std::ptr::NonNull::<f32>::dangling().as_ptr() as usize;
+            let fix = |ptr: usize| if n == 0 { dangling } else { ptr };
+            let (p_ptr, g_ptr) = (fix(p_ptr), fix(g_ptr));
+            let state_ptrs: [usize; MAX_STATE] = std::array::from_fn(|i| fix(state_ptrs[i]));
+            // SAFETY: the step tensor is a live 0-d float32 tensor (contract above).
+            let t_old = if step_ptr != 0 { f64::from(unsafe { *(step_ptr as *const f32) }) } else { step_given as f64 };
+            // torch keeps the step in float32; past 2^24 its count stops moving.
+            if !(t_old >= 0.0 && t_old < (1u64 << 24) as f64 && t_old.fract() == 0.0) || t_old as u64 >= MAX_STEP {
+                return Err(PyValueError::new_err(format!("step count {t_old} is not a float32 integer in [0, 2^24)")));
+            }
+            let mut aux: AuxState = [0.0; MAX_AUX];
+            for i in 0..n_aux {
+                // SAFETY: a live 0-d float32 tensor (contract above).
+                aux[i] = unsafe { *(aux_ptrs[i] as *const f32) };
+            }
+            let tensor = writeback.len();
+            writeback.push((step_ptr, aux_ptrs, n_aux));
+            let t = t_old as u64 + 1;
+            let mut off = 0;
+            loop {
+                let len = PIECE.min(n - off);
+                // SAFETY: each pointer addresses `n` f32 of a tensor no other
+                // tensor overlaps; the pieces of one tensor are disjoint ranges
+                // `off..off + len`, so every `&mut` slice is unique. The
+                // `'static` lifetime never escapes this call: the pieces are
+                // dropped before it returns, while Python keeps the tensors alive.
+                let piece = unsafe {
+                    Piece {
+                        group: gi,
+                        tensor,
+                        t,
+                        aux,
+                        p: std::slice::from_raw_parts_mut((p_ptr as *mut f32).add(off), len),
+                        g: std::slice::from_raw_parts((g_ptr as *const f32).add(off), len),
+                        s: state_ptrs[..k]
+                            .iter()
+                            .map(|&s| std::slice::from_raw_parts_mut((s as *mut f32).add(off), len))
+                            .collect(),
+                    }
+                };
+                pieces.push(piece);
+                off += len;
+                if off >= n {
+                    break;
+                }
+            }
+        }
+        configs.push(cfg);
+    }
+    let pool = POOL.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let serial = StepOptions { exec: Exec::serial(Backend::best()), ..StepOptions::default() };
+    let run = |pieces: &mut Vec<Piece>| -> Result<(), String> {
+        pieces.par_iter_mut().try_for_each(|pc| {
+            let mut refs: Vec<&mut [f32]> = pc.s.iter_mut().map(|s| &mut **s).collect();
+            configs[pc.group]
+                .step_slices_with(pc.t, &mut pc.aux, pc.p, pc.g, &mut refs, &serial)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    };
+    let result = py.detach(|| match &pool {
+        Some(pool) => pool.install(|| run(&mut pieces)),
+        None => run(&mut pieces),
+    });
+    // Only a length mismatch could fail here, and lengths are built above;
+    // an error would mean a bug, reported rather than hidden.
+    result.map_err(PyRuntimeError::new_err)?;
+    // Every piece of a tensor left the same step and scalar state; the first
+    // piece of each tensor writes them back.
+    let mut done = vec![false; writeback.len()];
+    for pc in &pieces {
+        if std::mem::replace(&mut done[pc.tensor], true) {
+            continue;
+        }
+        let (step_ptr, aux_ptrs, n_aux) = writeback[pc.tensor];
+        // SAFETY: live 0-d float32 tensors (contract above); `t < 2^24 + 1`
+        // converts exactly.
+        unsafe {
+            if step_ptr != 0 {
+                *(step_ptr as *mut f32) = pc.t as f32;
+            }
+            for (&ptr, &x) in aux_ptrs[..n_aux].iter().zip(&pc.aux) {
+                *(ptr as *mut f32) = x;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The compiled part of `adaoptim`.
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(option_names, m)?)?;
+    m.add_function(wrap_pyfunction!(layout, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_classes, m)?)?;
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(backend, m)?)?;
+    m.add_function(wrap_pyfunction!(step, m)?)?;
+    m.add("STRIDE", STRIDE)?;
+    m.add("MAX_STATE", MAX_STATE)?;
+    m.add("MAX_AUX", MAX_AUX)?;
+    Ok(())
+}

@@ -1,0 +1,360 @@
+"""adaoptim.torch against real torch.optim: golden trajectories, torch's own
+test matrix (optim_db), state_dict interchange both ways, schedulers,
+GradScaler, clipping, skipped parameters and every bad input."""
+
+import copy
+import glob
+import json
+import os
+
+import pytest
+import torch
+
+import adaoptim.torch as ada
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+RTOL, ATOL = 1e-5, 1e-6  # the golden tolerance (tests/golden/README.md)
+
+CLASSES = ["SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Rprop", "ASGD"]
+
+
+def golden_files():
+    dirs = [os.path.join(ROOT, "tests", d) for d in ("golden", "golden_wide", "golden_optimdb")]
+    if os.environ.get("ADAOPTIM_GOLDEN_DIR"):
+        dirs.append(os.environ["ADAOPTIM_GOLDEN_DIR"])
+    files = []
+    for d in dirs:
+        files += sorted(glob.glob(os.path.join(d, "*.json")))
+    assert files, "no golden files found"
+    return files
+
+
+def close(got, want, what):
+    assert torch.allclose(got, want, rtol=RTOL, atol=ATOL, equal_nan=True), (
+        f"{what}: worst {((got - want).abs() / (RTOL * want.abs() + ATOL)).max().item():.3f} x tolerance"
+    )
+
+
+@pytest.mark.parametrize("path", golden_files(), ids=os.path.basename)
+def test_golden(path):
+    with open(path) as f:
+        case = json.load(f)
+    if case["kind"] != "optimizer":
+        pytest.skip(f"{case['kind']} files are checked by the Rust tests (row-sparse and schedules)")
+    cls = getattr(ada, case["torch_class"])
+    p = torch.nn.Parameter(torch.tensor(case["params0"], dtype=torch.float32))
+    opt = cls([p], **case["options"])
+    for t, (g, want) in enumerate(zip(case["grads"], case["params"])):
+        p.grad = torch.tensor(g, dtype=torch.float32)
+        opt.step()
+        close(p.detach(), torch.tensor(want, dtype=torch.float32), f"{os.path.basename(path)} step {t + 1}")
+
+
+def optim_db_cases():
+    try:
+        from torch.testing._internal.common_optimizers import optim_db
+    except Exception as e:  # expecttest missing
+        pytest.skip(f"optim_db not importable: {e}", allow_module_level=False)
+    cases = []
+    for info in optim_db:
+        name = info.optim_cls.__name__
+        if name not in CLASSES:
+            continue
+        for i, inp in enumerate(info.optim_inputs_func(device="cpu")):
+            cases.append(pytest.param(name, inp.kwargs, id=f"{name}-{i}-{inp.desc}"))
+    return cases
+
+
+def run_pair(name, kwargs, steps=12, shapes=((5, 7), (13,), (2, 3, 4)), scales=False, seed=0):
+    """The same gradients through torch.optim.<name> and adaoptim.torch.<name>."""
+    gen = torch.Generator().manual_seed(seed)
+    ref = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    o_ref = getattr(torch.optim, name)(ref, **copy.deepcopy(kwargs))
+    o_ours = getattr(ada, name)(ours, **copy.deepcopy(kwargs))
+    for _ in range(steps):
+        for a, b in zip(ref, ours):
+            g = torch.randn(a.shape, generator=gen)
+            if scales:
+                g = g * torch.pow(10.0, torch.empty(a.shape).uniform_(-8, 6, generator=gen))
+            a.grad, b.grad = g.clone(), g.clone()
+        o_ref.step()
+        o_ours.step()
+    return ref, ours, o_ref, o_ours
+
+
+@pytest.mark.parametrize("name,kwargs", optim_db_cases())
+@pytest.mark.parametrize("scales", [False, True], ids=["dense", "scales"])
+def test_optim_db(name, kwargs, scales):
+    ref, ours, _, _ = run_pair(name, kwargs, scales=scales)
+    for i, (a, b) in enumerate(zip(ref, ours)):
+        close(b.detach(), a.detach(), f"{name} {kwargs} tensor {i}")
+
+
+INTERCHANGE = {
+    "SGD": {"lr": 0.05, "momentum": 0.9, "nesterov": True},
+    "Adagrad": {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1},
+    "RMSprop": {"lr": 0.01, "momentum": 0.5, "centered": True},
+    "Adadelta": {"lr": 0.5, "weight_decay": 0.01},
+    "Adam": {"lr": 0.01, "amsgrad": True},
+    "AdamW": {"lr": 0.01, "weight_decay": 0.1},
+    "Adamax": {"lr": 0.01},
+    "NAdam": {"lr": 0.01, "momentum_decay": 0.006},
+    "RAdam": {"lr": 0.01},
+    "Rprop": {"lr": 0.01},
+    "ASGD": {"lr": 0.01, "t0": 3},
+}
+
+
+@pytest.mark.parametrize("name", CLASSES)
+@pytest.mark.parametrize("direction", ["torch_to_ours", "ours_to_torch"])
+def test_state_dict_interchange(name, direction):
+    kwargs = INTERCHANGE[name]
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(4, 3), (6,)]
+    a = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    first, second = (torch.optim, ada) if direction == "torch_to_ours" else (ada, torch.optim)
+    o1 = getattr(first, name)(a, **kwargs)
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(8)]
+    for gs in grads[:4]:
+        for p, g in zip(a, gs):
+            p.grad = g.clone()
+        o1.step()
+    sd = o1.state_dict()
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    o2 = getattr(second, name)(b, **kwargs)
+    o2.load_state_dict(copy.deepcopy(sd))
+    # Both continue: the one that saved, and the other class that loaded.
+    for gs in grads[4:]:
+        for p, q, g in zip(a, b, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        o1.step()
+        o2.step()
+    for i, (p, q) in enumerate(zip(a, b)):
+        close(q.detach(), p.detach(), f"{name} {direction} tensor {i}")
+    # The saved layout is torch's: same keys per parameter.
+    torch_sd = o1.state_dict() if first is torch.optim else o2.state_dict()
+    ours_sd = o2.state_dict() if first is torch.optim else o1.state_dict()
+    for k in torch_sd["state"]:
+        assert set(ours_sd["state"][k]) == set(torch_sd["state"][k]), (name, k)
+
+
+def test_lion_matches_lion_pytorch():
+    lion_pytorch = pytest.importorskip("lion_pytorch")
+    gen = torch.Generator().manual_seed(5)
+    a = torch.nn.Parameter(torch.randn(50, generator=gen))
+    b = torch.nn.Parameter(a.detach().clone())
+    o1 = lion_pytorch.Lion([a], lr=3e-3, weight_decay=0.1)
+    o2 = ada.Lion([b], lr=3e-3, weight_decay=0.1)
+    for _ in range(20):
+        g = torch.randn(50, generator=gen)
+        a.grad, b.grad = g.clone(), g.clone()
+        o1.step()
+        o2.step()
+    assert torch.equal(a, b)
+    assert torch.equal(o1.state[a]["exp_avg"], o2.state[b]["exp_avg"])
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "RMSprop", "NAdam"])
+def test_one_cycle_with_momentum_cycling(name):
+    kwargs = {"SGD": {"lr": 0.1, "momentum": 0.9}, "RMSprop": {"lr": 0.01, "momentum": 0.9}}.get(name, {"lr": 0.01})
+    gen = torch.Generator().manual_seed(7)
+    a = torch.nn.Parameter(torch.randn(20, generator=gen))
+    b = torch.nn.Parameter(a.detach().clone())
+    o1, o2 = getattr(torch.optim, name)([a], **kwargs), getattr(ada, name)([b], **kwargs)
+    s1 = torch.optim.lr_scheduler.OneCycleLR(o1, max_lr=0.05, total_steps=30)
+    s2 = torch.optim.lr_scheduler.OneCycleLR(o2, max_lr=0.05, total_steps=30)
+    for _ in range(30):
+        g = torch.randn(20, generator=gen)
+        a.grad, b.grad = g.clone(), g.clone()
+        o1.step()
+        o2.step()
+        s1.step()
+        s2.step()
+    close(b.detach(), a.detach(), name)
+
+
+def test_cosine_and_step_schedulers():
+    gen = torch.Generator().manual_seed(8)
+    a = torch.nn.Parameter(torch.randn(20, generator=gen))
+    b = torch.nn.Parameter(a.detach().clone())
+    o1, o2 = torch.optim.Adam([a], lr=0.01), ada.Adam([b], lr=0.01)
+    sched = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=10) for o in (o1, o2)]
+    for _ in range(25):
+        g = torch.randn(20, generator=gen)
+        a.grad, b.grad = g.clone(), g.clone()
+        o1.step()
+        o2.step()
+        for s in sched:
+            s.step()
+    close(b.detach(), a.detach(), "cosine")
+
+
+def test_grad_scaler_and_clipping():
+    torch.manual_seed(0)
+    model_a = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    model_b = copy.deepcopy(model_a)
+    o1 = torch.optim.AdamW(model_a.parameters(), lr=1e-2)
+    o2 = ada.AdamW(model_b.parameters(), lr=1e-2)
+    sc1, sc2 = torch.amp.GradScaler("cpu", init_scale=1024.0), torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+    for _step in range(10):
+        for model, opt, sc in ((model_a, o1, sc1), (model_b, o2, sc2)):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            sc.scale(loss).backward()
+            sc.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            sc.step(opt)
+            sc.update()
+    for p, q in zip(model_a.parameters(), model_b.parameters()):
+        close(q.detach(), p.detach(), "GradScaler + clip_grad_norm_")
+
+
+def test_parameters_without_grad_are_skipped():
+    a = torch.nn.Parameter(torch.ones(4))
+    b = torch.nn.Parameter(torch.ones(4))
+    opt = ada.Adam([a, b], lr=0.1)
+    a.grad = torch.ones(4)
+    opt.step()
+    assert torch.equal(b, torch.ones(4)) and b not in opt.state
+    assert opt.state[a]["step"].item() == 1.0
+    b.grad = torch.ones(4)
+    opt.step()
+    assert opt.state[a]["step"].item() == 2.0 and opt.state[b]["step"].item() == 1.0
+    # torch's own optimizer agrees on every value.
+    c, d = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    ref = torch.optim.Adam([c, d], lr=0.1)
+    c.grad = torch.ones(4)
+    ref.step()
+    d.grad = torch.ones(4)
+    ref.step()
+    close(a.detach(), c.detach(), "skipped-then-stepped a")
+    close(b.detach(), d.detach(), "skipped-then-stepped b")
+
+
+def test_groups_and_add_param_group():
+    gen = torch.Generator().manual_seed(9)
+    a1, a2 = torch.nn.Parameter(torch.randn(6, generator=gen)), torch.nn.Parameter(torch.randn(3, generator=gen))
+    b1, b2 = torch.nn.Parameter(a1.detach().clone()), torch.nn.Parameter(a2.detach().clone())
+    o1 = torch.optim.AdamW([{"params": [a1], "weight_decay": 0.0}], lr=0.01)
+    o2 = ada.AdamW([{"params": [b1], "weight_decay": 0.0}], lr=0.01)
+    o1.add_param_group({"params": [a2], "lr": 0.1, "betas": (0.8, 0.99)})
+    o2.add_param_group({"params": [b2], "lr": 0.1, "betas": (0.8, 0.99)})
+    for _ in range(6):
+        for p, q in ((a1, b1), (a2, b2)):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = g.clone(), g.clone()
+        o1.step()
+        o2.step()
+    close(b1.detach(), a1.detach(), "group 0")
+    close(b2.detach(), a2.detach(), "group 1")
+
+
+def unchanged_after(opt, params, fn, exc):
+    before = [p.detach().clone() for p in params]
+    state = copy.deepcopy(opt.state_dict())
+    with pytest.raises(exc) as info:
+        fn()
+    for p, q in zip(params, before):
+        assert torch.equal(p.detach(), q), "a failed step modified a parameter"
+    after = opt.state_dict()
+    assert after["state"].keys() == state["state"].keys()
+    for k in state["state"]:
+        for n, v in state["state"][k].items():
+            assert torch.equal(torch.as_tensor(after["state"][k][n]), torch.as_tensor(v)), (
+                "a failed step modified state"
+            )
+    return str(info.value)
+
+
+def test_bad_inputs_raise_before_anything_changes():
+    a = torch.nn.Parameter(torch.randn(4, 4))
+    b = torch.nn.Parameter(torch.randn(5))
+    opt = ada.Adam([a, b], lr=0.1)
+    a.grad, b.grad = torch.randn(4, 4), torch.randn(5)
+    opt.step()  # state exists for both
+    # A gradient of the wrong shape on the second parameter (torch refuses the
+    # assignment; `.data` swaps it behind torch's back): the first is untouched too.
+    a.grad, b.grad = torch.randn(4, 4), torch.randn(5)
+    b.grad.data = torch.randn(6)
+    msg = unchanged_after(opt, [a, b], opt.step, ValueError)
+    assert "parameter 1" in msg and "shape" in msg
+    # A float64 gradient (torch refuses it unless grad_dtype is cleared).
+    b.grad_dtype = None
+    b.grad = torch.randn(5, dtype=torch.float64)
+    assert "float32" in unchanged_after(opt, [a, b], opt.step, TypeError)
+    # Non-contiguous gradient.
+    b.grad = torch.randn(10)[::2]
+    assert "contiguous" in unchanged_after(opt, [a, b], opt.step, ValueError)
+    # Sparse gradient.
+    b.grad = torch.randn(5).to_sparse()
+    assert "sparse" in unchanged_after(opt, [a, b], opt.step, TypeError)
+    # A hyperparameter made invalid after construction (torch checks only in __init__).
+    b.grad = torch.randn(5)
+    opt.param_groups[0]["lr"] = -1.0
+    assert "lr" in unchanged_after(opt, [a, b], opt.step, ValueError)
+    opt.param_groups[0]["lr"] = 0.1
+    opt.param_groups[0]["betas"] = (1.5, 0.999)
+    assert "betas" in unchanged_after(opt, [a, b], opt.step, ValueError)
+    opt.param_groups[0]["betas"] = (0.9, 0.999)
+    opt.step()
+
+
+def test_bad_parameters():
+    p = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    opt = ada.SGD([p], lr=0.1)
+    p.grad = torch.randn(3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float32"):
+        opt.step()
+    base = torch.randn(4, 4)
+    p = torch.nn.Parameter(base.t())  # a non-contiguous parameter
+    opt = ada.SGD([p], lr=0.1)
+    p.grad = torch.randn(4, 4).t()
+    with pytest.raises(ValueError, match="contiguous"):
+        opt.step()
+    # torch's own ValueError messages for bad constructor arguments.
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        ada.Adam([torch.nn.Parameter(torch.ones(1))], lr=-1)
+    with pytest.raises(ValueError, match="Invalid beta parameter"):
+        ada.AdamW([torch.nn.Parameter(torch.ones(1))], betas=(1.0, 0.9))
+    with pytest.raises(ValueError, match="differentiable"):
+        ada.Adam([torch.nn.Parameter(torch.ones(1))], differentiable=True)
+
+
+def test_is_a_torch_optimizer_and_threads():
+    p = torch.nn.Parameter(torch.ones(100_000))
+    opt = ada.AdamW([p])
+    assert isinstance(opt, torch.optim.Optimizer) and isinstance(opt, torch.optim.AdamW)
+    ref = torch.nn.Parameter(torch.ones(100_000))
+    ropt = torch.optim.AdamW([ref])
+    g = torch.randn(100_000)
+    for n in (1, 2, 3):
+        ada.set_num_threads(n)
+        p.grad, ref.grad = g.clone(), g.clone()
+        opt.step()
+        ropt.step()
+    ada.set_num_threads(0)
+    close(p.detach(), ref.detach(), "threads")
+
+
+def test_moved_parameter_memory_and_empty_state():
+    # `p.data = ...` moves a parameter's memory: the next step uses the new memory.
+    a = torch.nn.Parameter(torch.ones(6))
+    opt = ada.SGD([a], lr=0.5)
+    a.grad = torch.ones(6)
+    opt.step()
+    a.data = torch.full((6,), 10.0)
+    opt.step()
+    assert torch.equal(a.detach(), torch.full((6,), 9.5))
+    # A parameter resized behind the optimizer's back is checked again, not overrun.
+    b = torch.nn.Parameter(torch.ones(6))
+    ob = ada.Adam([b], lr=0.1)
+    b.grad = torch.ones(6)
+    ob.step()
+    b.data = torch.ones(3)
+    b.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="state 'exp_avg' has shape"):
+        ob.step()
+    # SGD without momentum keeps no state, as torch's.
+    assert len(opt.state) == 0 and len(torch.optim.SGD([a], lr=0.5).state) == 0
