@@ -15,7 +15,7 @@
 //! mu  = 1 / max(1, t - t0)                               (f64, stored as f32)
 //! ```
 //! The two `add(alpha=...)` are fused multiply-adds in torch's vectorized CPU
-//! kernels and here on every backend ([`F32Vec::mul_add`]). `eta` and `mu`
+//! kernels and here on every backend (`mul_add`). `eta` and `mu`
 //! are per-tensor scalars (torch's 0-d `eta` and `mu` state tensors, f32),
 //! computed from the learning rate in force at the step that wrote them, so a
 //! schedule acts one step late, as in torch. `ax`, the averaged parameters,

@@ -12,7 +12,7 @@
 //! exp_avg = fma(g, 1 - beta2, exp_avg * beta2)
 //! ```
 //! torch's vectorized CPU kernels evaluate `add(x, alpha=a)` as one fused
-//! multiply-add, so the moment updates here use [`F32Vec::mul_add`], on every
+//! multiply-add, so the moment updates here use `mul_add`, on every
 //! backend. The update has magnitude `lr` in every coordinate, so Lion wants
 //! a learning rate 3-10x smaller than AdamW's and a weight decay as much
 //! larger.
