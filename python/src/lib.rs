@@ -21,10 +21,14 @@ use rayon::prelude::*;
 /// when there is no step tensor, `MAX_AUX` scalar-state pointers.
 const STRIDE: usize = 3 + MAX_STATE + 2 + MAX_AUX;
 
-/// Elements per piece of work: big tensors are cut so that every thread gets
-/// a share, small ones go whole. Element-wise kernels give the same bits for
-/// any cut.
+/// Elements per piece of work: mid-sized tensors are cut so that every
+/// thread gets a share, small ones go whole. Element-wise kernels give the
+/// same bits for any cut.
 const PIECE: usize = 1 << 16;
+
+/// A tensor this large is stepped on its own by the crate's parallel driver
+/// (which splits it by thread), before the pieces of the others.
+const BIG: usize = 1 << 21;
 
 static POOL: RwLock<Option<Arc<rayon::ThreadPool>>> = RwLock::new(None);
 
@@ -95,6 +99,8 @@ struct Piece {
     p: &'static mut [f32],
     g: &'static [f32],
     s: Vec<&'static mut [f32]>,
+    /// A whole tensor of at least `BIG` elements.
+    big: bool,
 }
 
 /// Steps every tensor of every group once.
@@ -153,8 +159,9 @@ fn step(py: Python<'_>, class: &str, groups: Vec<(String, Vec<usize>)>) -> PyRes
             writeback.push((step_ptr, aux_ptrs, n_aux));
             let t = t_old as u64 + 1;
             let mut off = 0;
+            let cut = if n >= BIG { n } else { PIECE };
             loop {
-                let len = PIECE.min(n - off);
+                let len = cut.min(n - off);
                 // SAFETY: each pointer addresses `n` f32 of a tensor no other
                 // tensor overlaps; the pieces of one tensor are disjoint ranges
                 // `off..off + len`, so every `&mut` slice is unique. The
@@ -172,6 +179,7 @@ fn step(py: Python<'_>, class: &str, groups: Vec<(String, Vec<usize>)>) -> PyRes
                             .iter()
                             .map(|&s| std::slice::from_raw_parts_mut((s as *mut f32).add(off), len))
                             .collect(),
+                        big: n >= BIG,
                     }
                 };
                 pieces.push(piece);
@@ -185,14 +193,19 @@ fn step(py: Python<'_>, class: &str, groups: Vec<(String, Vec<usize>)>) -> PyRes
     }
     let pool = POOL.read().unwrap_or_else(|e| e.into_inner()).clone();
     let serial = StepOptions { exec: Exec::serial(Backend::best()), ..StepOptions::default() };
+    let parallel = StepOptions { exec: Exec::parallel(Backend::best(), 0), ..StepOptions::default() };
+    let one = |pc: &mut Piece, options: &StepOptions| -> Result<(), String> {
+        let mut refs: Vec<&mut [f32]> = pc.s.iter_mut().map(|s| &mut **s).collect();
+        configs[pc.group]
+            .step_slices_with(pc.t, &mut pc.aux, pc.p, pc.g, &mut refs, options)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
     let run = |pieces: &mut Vec<Piece>| -> Result<(), String> {
-        pieces.par_iter_mut().try_for_each(|pc| {
-            let mut refs: Vec<&mut [f32]> = pc.s.iter_mut().map(|s| &mut **s).collect();
-            configs[pc.group]
-                .step_slices_with(pc.t, &mut pc.aux, pc.p, pc.g, &mut refs, &serial)
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        })
+        for pc in pieces.iter_mut().filter(|pc| pc.big) {
+            one(pc, &parallel)?;
+        }
+        pieces.par_iter_mut().filter(|pc| !pc.big).try_for_each(|pc| one(pc, &serial))
     };
     let result = py.detach(|| match &pool {
         Some(pool) => pool.install(|| run(&mut pieces)),

@@ -323,19 +323,38 @@ def test_bad_parameters():
 
 
 def test_is_a_torch_optimizer_and_threads():
-    p = torch.nn.Parameter(torch.ones(100_000))
+    p = torch.nn.Parameter(torch.ones(10))
     opt = ada.AdamW([p])
     assert isinstance(opt, torch.optim.Optimizer) and isinstance(opt, torch.optim.AdamW)
-    ref = torch.nn.Parameter(torch.ones(100_000))
-    ropt = torch.optim.AdamW([ref])
-    g = torch.randn(100_000)
+    # Small tensors (whole pieces), a mid-sized one (cut into pieces) and one
+    # past 2^21 elements (the crate's parallel driver): the same bits for any
+    # thread count, and torch's values.
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(7,), (300_001,), (2_100_003,)]
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
+    results = []
     for n in (1, 2, 3):
         ada.set_num_threads(n)
-        p.grad, ref.grad = g.clone(), g.clone()
-        opt.step()
-        ropt.step()
+        ps = [torch.nn.Parameter(x.clone()) for x in init]
+        o = ada.AdamW(ps, lr=1e-2, weight_decay=0.1)
+        for gs in grads:
+            for q, g in zip(ps, gs):
+                q.grad = g.clone()
+            o.step()
+        results.append(ps)
     ada.set_num_threads(0)
-    close(p.detach(), ref.detach(), "threads")
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b), "thread count changed the bits"
+    ref = [torch.nn.Parameter(x.clone()) for x in init]
+    ro = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1)
+    for gs in grads:
+        for q, g in zip(ref, gs):
+            q.grad = g.clone()
+        ro.step()
+    for a, b in zip(results[0], ref):
+        close(a.detach(), b.detach(), "threads")
 
 
 def test_moved_parameter_memory_and_empty_state():
