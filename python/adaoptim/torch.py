@@ -196,29 +196,25 @@ class _RustStep:
             # leaves torch's `state` empty, as torch does.
             st = self.state[p] if keys else {}
             first = self._adaoptim_init_state(st, p, names, init, aux_names, aux_init)
-            static = [p.numel()]
-            static += [st[n].data_ptr() for n in names]
-            static += [0] * (_MAX_STATE - len(names))
-            if self._adaoptim_has_step:
-                static += [st["step"].data_ptr(), 0]
-            else:
-                static += [0, 0 if first else 1]
-            static += [st[n].data_ptr() for n in aux_names]
-            static += [0] * (_MAX_AUX - len(aux_names))
+
             flat = groups[slot][1]
             flat.append(p.data_ptr())
             flat.append(g.data_ptr())
-            flat.extend(static)
-            if self._adaoptim_has_step or not first:
-                first_key = keys[0] if keys else None
-                held = tuple(st[k] for k in keys)  # every state tensor stays alive
-                cache[id(p)] = (p, keys, first_key, static, p.numel(), st, st.get(first_key), held, p.data_ptr())
-            else:
-                # SGD's first step (t = 1, a fresh buffer): cached with t = 2 from now on.
-                later = static[: -(2 + _MAX_AUX)] + [0, 1] + static[len(static) - _MAX_AUX :]
-                first_key = keys[0] if keys else None
-                held = tuple(st[k] for k in keys)  # every state tensor stays alive
-                cache[id(p)] = (p, keys, first_key, later, p.numel(), st, st.get(first_key), held, p.data_ptr())
+            flat.extend(self._adaoptim_integers(p, st, names, aux_names, 0 if first else 1))
+            # Cached for the next steps (a step count of 1 for SGD's and Lion's
+            # "not the first step"); every state tensor stays alive in it.
+            first_key = keys[0] if keys else None
+            held = tuple(st[k] for k in keys)
+            ints = self._adaoptim_integers(p, st, names, aux_names, 1)
+            cache[id(p)] = (p, keys, first_key, ints, p.numel(), st, st.get(first_key), held, p.data_ptr())
+
+    def _adaoptim_integers(self, p, st, names, aux_names, given):
+        """The per-tensor integers after the two data pointers (element count,
+        state, step and scalar-state pointers); `given` is the step count of an
+        optimizer torch keeps none for (SGD, Lion)."""
+        out = [p.numel()] + [st[n].data_ptr() for n in names] + [0] * (_MAX_STATE - len(names))
+        out += [st["step"].data_ptr(), 0] if self._adaoptim_has_step else [0, given]
+        return out + [st[n].data_ptr() for n in aux_names] + [0] * (_MAX_AUX - len(aux_names))
 
     _adaoptim_has_step = True
 
