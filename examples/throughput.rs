@@ -12,10 +12,20 @@
 //! with a loss scale of 65536, as mixed-precision training runs it), gradient
 //! clipping to norm 1 (alone and with SkipStep), with a
 //! power-of-two `grad_scale` and with a non-power-of-two one, and print their
-//! cost relative to the plain step measured in the same run).
+//! cost relative to the plain step measured in the same run),
+//! `--precision P,...` (storage combinations, see below; each row then
+//! carries `precision`, `bytes_per_param` and the roofline of those bytes,
+//! and the precisions are timed in alternated rounds, `--rounds R`, medians
+//! reported).
+//!
+//! Precisions (AdamW's names from the mixed-precision issue):
+//! `f32` (everything f32), `bf16-grads` (bf16 grads in, f32 master params
+//! and states, bf16 param copy out), `bf16-f32states` (bf16 params and
+//! grads, f32 states), `bf16` (bf16 params, grads and states).
 
 use std::time::Instant;
 
+use adaoptim::storage::{Dtype, Grads, ParamCopy, Params, StateBuf, bf16};
 use adaoptim::{AnyConfig, Backend, Exec, NonFinitePolicy, Parallel, roofline};
 use aligned_vec::{AVec, ConstAlign};
 
@@ -26,6 +36,8 @@ struct Args {
     backend: Option<Backend>,
     json: bool,
     guards: bool,
+    precision: Vec<String>,
+    rounds: usize,
 }
 
 fn parse_args() -> Args {
@@ -36,6 +48,8 @@ fn parse_args() -> Args {
         backend: None,
         json: false,
         guards: false,
+        precision: Vec::new(),
+        rounds: 5,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -52,6 +66,8 @@ fn parse_args() -> Args {
             "--backend" => a.backend = Some(Backend::from_name(&value()).expect("backend name")),
             "--json" => a.json = true,
             "--guards" => a.guards = true,
+            "--precision" => a.precision = value().split(',').map(|s| s.trim().to_string()).collect(),
+            "--rounds" => a.rounds = value().parse().expect("round count"),
             "--bench" => {} // passed by `cargo bench`-style runners
             other => panic!("unknown flag {other}"),
         }
@@ -97,6 +113,9 @@ fn time_per_call(n: usize, mut f: impl FnMut()) -> f64 {
 fn main() {
     let args = parse_args();
     let exec = Exec { backend: args.backend, parallel: Parallel::Auto };
+    if !args.precision.is_empty() {
+        return precisions(&args, exec);
+    }
     if !args.json {
         println!(
             "{:<9} {:>10} {:>3} {:>8} {:>9} {:>8} {:>11} {:>7}",
@@ -208,6 +227,162 @@ fn main() {
                             roof,
                             gps / roof
                         );
+                    }
+                }
+            }
+        });
+    }
+}
+
+type Buf<T> = AVec<T, ConstAlign<64>>;
+
+fn filled<T: Copy>(n: usize, x: T) -> Buf<T> {
+    AVec::from_iter(64, std::iter::repeat_n(x, n))
+}
+
+/// The buffers of one precision.
+struct Setup {
+    name: String,
+    p32: Buf<f32>,
+    p16: Buf<bf16>,
+    g32: Buf<f32>,
+    g16: Buf<bf16>,
+    s32: Vec<Buf<f32>>,
+    s16: Vec<Buf<bf16>>,
+    copy: Buf<bf16>,
+    t: u64,
+    aux: adaoptim::AuxState,
+}
+
+/// (params, grads, state, copy) storage of a precision.
+fn layout(name: &str) -> (Dtype, Dtype, Dtype, Option<Dtype>) {
+    match name {
+        "f32" => (Dtype::F32, Dtype::F32, Dtype::F32, None),
+        "bf16-grads" => (Dtype::F32, Dtype::Bf16, Dtype::F32, Some(Dtype::Bf16)),
+        "bf16-f32states" => (Dtype::Bf16, Dtype::Bf16, Dtype::F32, None),
+        "bf16" => (Dtype::Bf16, Dtype::Bf16, Dtype::Bf16, None),
+        other => panic!("unknown precision {other}; known: f32, bf16-grads, bf16-f32states, bf16"),
+    }
+}
+
+impl Setup {
+    fn new(name: &str, n: usize, k: usize) -> Setup {
+        let (p, g, s, c) = layout(name);
+        let sized = |on: bool| if on { n } else { 0 };
+        let grad = |i: usize| ((i % 97) as f32 - 48.0) * 1e-3;
+        Setup {
+            name: name.to_string(),
+            p32: filled(sized(p == Dtype::F32), 0.5),
+            p16: filled(sized(p == Dtype::Bf16), bf16::from_f32(0.5)),
+            g32: AVec::from_iter(64, (0..sized(g == Dtype::F32)).map(grad)),
+            g16: AVec::from_iter(64, (0..sized(g == Dtype::Bf16)).map(|i| bf16::from_f32(grad(i)))),
+            s32: (0..k).map(|_| filled(sized(s == Dtype::F32), 0.0)).collect(),
+            s16: (0..k).map(|_| filled(sized(s == Dtype::Bf16), bf16::from_f32(0.0))).collect(),
+            copy: filled(sized(c.is_some()), bf16::from_f32(0.0)),
+            t: 0,
+            aux: [0.0; adaoptim::MAX_AUX],
+        }
+    }
+
+    fn bytes(&self, k: usize) -> usize {
+        let (p, g, s, c) = layout(&self.name);
+        roofline::bytes_per_param_of(p, g, &vec![s; k], c)
+    }
+
+    /// One optimizer step (`roof` false) or one roofline pass (`roof` true).
+    fn step(&mut self, cfg: &AnyConfig, exec: &Exec, roof: bool) -> Backend {
+        let (p, g, s, _) = layout(&self.name);
+        let params = if p == Dtype::F32 { Params::F32(&mut self.p32) } else { Params::Bf16(&mut self.p16) };
+        let grads = if g == Dtype::F32 { Grads::F32(&self.g32) } else { Grads::Bf16(&self.g16) };
+        let mut state: Vec<StateBuf<'_>> = if s == Dtype::F32 {
+            self.s32.iter_mut().map(|b| StateBuf::F32(b)).collect()
+        } else {
+            self.s16.iter_mut().map(|b| StateBuf::Bf16(b)).collect()
+        };
+        let copy = if self.copy.is_empty() { None } else { Some(ParamCopy::Bf16(&mut self.copy)) };
+        if roof {
+            return roofline::step_mixed(params, grads, &mut state, copy, exec).expect("roofline").backend;
+        }
+        if self.t == 0 {
+            self.aux = cfg.aux_init();
+        }
+        self.t += 1;
+        let options = adaoptim::StepOptions { exec: *exec, ..Default::default() };
+        cfg.step_mixed(self.t, &mut self.aux, params, grads, &mut state, copy, &options).expect("step").backend
+    }
+}
+
+/// Seconds per call of `f` over about 0.2 s of work.
+fn seconds_per_call(n: usize, f: &mut dyn FnMut()) -> f64 {
+    let calls = (2e8 / n as f64).ceil().clamp(1.0, 20000.0) as usize;
+    let t = Instant::now();
+    for _ in 0..calls {
+        f();
+    }
+    t.elapsed().as_secs_f64() / calls as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// `--precision`: every precision's step and roofline, timed in alternated
+/// rounds, medians reported.
+fn precisions(args: &Args, exec: Exec) {
+    if !args.json {
+        println!(
+            "{:<9} {:<15} {:>10} {:>3} {:>5} {:>9} {:>11} {:>7}",
+            "optimizer", "precision", "n", "thr", "B/par", "Gparam/s", "roofline", "ratio"
+        );
+    }
+    for &threads in &args.threads {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool");
+        pool.install(|| {
+            for &n in &args.sizes {
+                for name in &args.optimizers {
+                    let cfg = AnyConfig::default_for(class_of(name)).expect("known class");
+                    let k = cfg.state_names().len();
+                    let mut setups: Vec<Setup> = args.precision.iter().map(|p| Setup::new(p, n, k)).collect();
+                    let mut times: Vec<(Vec<f64>, Vec<f64>)> = setups.iter().map(|_| (vec![], vec![])).collect();
+                    let mut backend = Backend::Scalar;
+                    for s in setups.iter_mut() {
+                        s.step(&cfg, &exec, false); // warm-up: touch every page
+                        s.step(&cfg, &exec, true);
+                    }
+                    for _ in 0..args.rounds {
+                        for (s, t) in setups.iter_mut().zip(times.iter_mut()) {
+                            t.0.push(seconds_per_call(n, &mut || backend = s.step(&cfg, &exec, false)));
+                            t.1.push(seconds_per_call(n, &mut || {
+                                s.step(&cfg, &exec, true);
+                            }));
+                        }
+                    }
+                    for (s, (ts, tr)) in setups.iter().zip(times) {
+                        let gps = n as f64 / median(ts) / 1e9;
+                        let roof = n as f64 / median(tr) / 1e9;
+                        let bytes = s.bytes(k);
+                        if args.json {
+                            println!(
+                                "{{\"optimizer\": \"{}\", \"precision\": \"{}\", \"n\": {n}, \"threads\": {threads}, \"backend\": \"{backend}\", \"bytes_per_param\": {bytes}, \"gparams_per_s\": {gps:.4}, \"roofline_gparams_per_s\": {roof:.4}, \"ratio_to_roofline\": {:.4}, \"rounds\": {}}}",
+                                cfg.torch_class().to_ascii_lowercase(),
+                                s.name,
+                                gps / roof,
+                                args.rounds
+                            );
+                        } else {
+                            println!(
+                                "{:<9} {:<15} {:>10} {:>3} {:>5} {:>9.3} {:>11.3} {:>7.3}",
+                                cfg.torch_class(),
+                                s.name,
+                                n,
+                                threads,
+                                bytes,
+                                gps,
+                                roof,
+                                gps / roof
+                            );
+                        }
                     }
                 }
             }

@@ -252,6 +252,34 @@ macro_rules! any_types {
                 }
             }
 
+            /// [`step_mixed`](crate::step_mixed) for whatever configuration
+            /// this is: a step over buffers in any storage type, `aux` as in
+            /// [`step_slices_with`](Self::step_slices_with).
+            ///
+            /// # Errors
+            /// As [`step_mixed`](crate::step_mixed); nothing is modified then.
+            #[allow(clippy::too_many_arguments)]
+            pub fn step_mixed(
+                &self,
+                t: u64,
+                aux: &mut crate::AuxState,
+                params: crate::storage::Params<'_>,
+                grads: crate::storage::Grads<'_>,
+                state: &mut [crate::storage::StateBuf<'_>],
+                param_copy: Option<crate::storage::ParamCopy<'_>>,
+                options: &crate::StepOptions,
+            ) -> Result<StepReport, Error> {
+                use crate::optim::sealed::Sealed;
+                match self {
+                    $(AnyConfig::$variant(c) => {
+                        let mut a = <$cfg as Sealed>::aux_from_f32(*aux).unwrap_or_else(|| c.aux_init());
+                        let r = crate::step_mixed(c, t, &mut a, params, grads, state, param_copy, options)?;
+                        *aux = <$cfg as Sealed>::aux_to_f32(&a);
+                        Ok(r)
+                    })*
+                }
+            }
+
             /// An optimizer over `n` parameters.
             ///
             /// # Errors

@@ -6,6 +6,7 @@
 
 use crate::backend::{Backend, Exec};
 use crate::simd::{F32Vec, Wide};
+use crate::storage::{Grads, ParamCopy, Params, StateBuf, TILE, narrow, widen};
 
 /// How gradients are divided by a loss scale.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -152,6 +153,211 @@ impl<'a, const S: usize> Slices<'a, S> {
     }
 }
 
+/// The most buffers of state a kernel takes.
+pub(crate) const MAX_BUFS: usize = 3;
+
+/// The buffers of one step in their storage types, with the state count
+/// known only at run time: what an optimizer's `run` receives and hands to
+/// [`drive`] with its kernel's const state count. Lengths are checked by the
+/// callers.
+pub struct Bufs<'a> {
+    pub(crate) p: Params<'a>,
+    pub(crate) g: Grads<'a>,
+    pub(crate) s: [StateBuf<'a>; MAX_BUFS],
+    pub(crate) k: usize,
+    pub(crate) copy: Option<ParamCopy<'a>>,
+}
+
+impl<'a> Bufs<'a> {
+    /// All buffers `f32`, no copy.
+    pub(crate) fn dense(p: &'a mut [f32], g: &'a [f32], state: &'a mut [&mut [f32]]) -> Self {
+        let k = state.len();
+        assert!(k <= MAX_BUFS, "state count is checked by the callers");
+        let mut it = state.iter_mut();
+        let s = std::array::from_fn(|_| StateBuf::F32(it.next().map_or(&mut [][..], |x| &mut **x)));
+        Bufs { p: Params::F32(p), g: Grads::F32(g), s, k, copy: None }
+    }
+
+    /// Buffers in any storage (`state` at most [`MAX_BUFS`], checked by the callers).
+    pub(crate) fn new(p: Params<'a>, g: Grads<'a>, state: &'a mut [StateBuf<'_>], copy: Option<ParamCopy<'a>>) -> Self {
+        let k = state.len();
+        assert!(k <= MAX_BUFS, "state count is checked by the callers");
+        let mut it = state.iter_mut();
+        let s = std::array::from_fn(|_| it.next().map_or(StateBuf::F32(&mut []), |x| x.reborrow()));
+        Bufs { p, g, s, k, copy }
+    }
+
+    /// The number of state buffers.
+    pub(crate) fn states(&self) -> usize {
+        self.k
+    }
+
+    fn fixed<const S: usize>(self) -> Mixed<'a, S> {
+        assert!(self.k == S, "state count is checked by the callers");
+        let mut it = self.s.into_iter();
+        Mixed { p: self.p, g: self.g, s: std::array::from_fn(|_| it.next().expect("S <= MAX_BUFS")), copy: self.copy }
+    }
+}
+
+/// A step's buffers in their storage types, `S` state buffers.
+pub(crate) struct Mixed<'a, const S: usize> {
+    p: Params<'a>,
+    g: Grads<'a>,
+    s: [StateBuf<'a>; S],
+    copy: Option<ParamCopy<'a>>,
+}
+
+impl<'a, const S: usize> Mixed<'a, S> {
+    /// The `f32` slices, if every buffer is `f32` and there is no copy.
+    fn into_dense(self) -> Result<Slices<'a, S>, Self> {
+        let dense = matches!(self.p, Params::F32(_))
+            && matches!(self.g, Grads::F32(_))
+            && self.s.iter().all(|s| matches!(s, StateBuf::F32(_)))
+            && self.copy.is_none();
+        if !dense {
+            return Err(self);
+        }
+        let (Params::F32(p), Grads::F32(g)) = (self.p, self.g) else { unreachable!() };
+        let s = self.s.map(|s| match s {
+            StateBuf::F32(s) => s,
+            _ => unreachable!(),
+        });
+        Ok(Slices { p, g, s })
+    }
+}
+
+/// Buffers the driver can split at an element index and run on a backend.
+pub(crate) trait Lanes<K>: Sized + Send {
+    fn len(&self) -> usize;
+    fn split_at(self, mid: usize) -> (Self, Self);
+    /// Runs `k` over all elements with lane type `V`.
+    fn run<V: F32Vec>(self, k: &K, pre: GradPre);
+}
+
+impl<K: Kernel<S>, const S: usize> Lanes<K> for Slices<'_, S> {
+    fn len(&self) -> usize {
+        Slices::len(self)
+    }
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        Slices::split_at(self, mid)
+    }
+    #[inline(always)]
+    fn run<V: F32Vec>(self, k: &K, pre: GradPre) {
+        run_lanes::<V, K, S>(k, self, pre)
+    }
+}
+
+impl<K: Kernel<S>, const S: usize> Lanes<K> for Mixed<'_, S> {
+    fn len(&self) -> usize {
+        self.p.len()
+    }
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        let (p0, p1) = self.p.split_at(mid);
+        let (g0, g1) = self.g.split_at(mid);
+        let mut lo: [Option<StateBuf<'_>>; S] = std::array::from_fn(|_| None);
+        let mut hi: [Option<StateBuf<'_>>; S] = std::array::from_fn(|_| None);
+        for (j, s) in self.s.into_iter().enumerate() {
+            let (a, b) = s.split_at(mid);
+            lo[j] = Some(a);
+            hi[j] = Some(b);
+        }
+        let (c0, c1) = match self.copy {
+            Some(c) => {
+                let (a, b) = c.split_at(mid);
+                (Some(a), Some(b))
+            }
+            None => (None, None),
+        };
+        (
+            Mixed { p: p0, g: g0, s: lo.map(|x| x.expect("S entries")), copy: c0 },
+            Mixed { p: p1, g: g1, s: hi.map(|x| x.expect("S entries")), copy: c1 },
+        )
+    }
+    #[inline(always)]
+    fn run<V: F32Vec>(self, k: &K, pre: GradPre) {
+        match (pre.unscale, pre.clip) {
+            (Unscale::None, None) => run_tiles::<V, K, S, _>(k, self, Identity),
+            (Unscale::None, Some(c)) | (Unscale::Mul(c), None) => run_tiles::<V, K, S, _>(k, self, Mul1(c)),
+            (Unscale::Mul(r), Some(c)) => run_tiles::<V, K, S, _>(k, self, Mul2(r, c)),
+            (Unscale::Div(d), None) => run_tiles::<V, K, S, _>(k, self, Div1(d)),
+            (Unscale::Div(d), Some(c)) => run_tiles::<V, K, S, _>(k, self, DivMul(d, c)),
+        }
+    }
+}
+
+/// The mixed-storage loop: per tile of [`TILE`] elements, widen every
+/// non-`f32` buffer into an `f32` tile (an `f32` buffer is used in place),
+/// run the `f32` lane loop over the tiles, narrow the parameters and state
+/// back, and write the parameter copy. The kernel sees exactly the `f32`
+/// values an `f32` step on the widened buffers would.
+#[inline(always)]
+fn run_tiles<V: F32Vec, K: Kernel<S>, const S: usize, P: Pre>(k: &K, mut sl: Mixed<'_, S>, pre: P) {
+    let n = sl.p.len();
+    let mut pt = [0f32; TILE];
+    let mut gt = [0f32; TILE];
+    let mut st = [[0f32; TILE]; S];
+    let mut i = 0;
+    while i < n {
+        let len = TILE.min(n - i);
+        let r = i..i + len;
+        {
+            let p: &mut [f32] = match &mut sl.p {
+                Params::F32(x) => &mut x[r.clone()],
+                Params::Bf16(x) => {
+                    widen(&x[r.clone()], &mut pt[..len]);
+                    &mut pt[..len]
+                }
+            };
+            let g: &[f32] = match sl.g {
+                Grads::F32(x) => &x[r.clone()],
+                Grads::Bf16(x) => {
+                    widen(&x[r.clone()], &mut gt[..len]);
+                    &gt[..len]
+                }
+                Grads::F16(x) => {
+                    widen(&x[r.clone()], &mut gt[..len]);
+                    &gt[..len]
+                }
+            };
+            // Widen outside the closure below: a closure is compiled without
+            // the backend's target features unless inlined.
+            for (b, t) in sl.s.iter().zip(st.iter_mut()) {
+                if let StateBuf::Bf16(x) = b {
+                    widen(&x[r.clone()], &mut t[..len]);
+                }
+            }
+            let mut it = sl.s.iter_mut().zip(st.iter_mut());
+            let s: [&mut [f32]; S] = std::array::from_fn(|_| {
+                let (b, t) = it.next().expect("S entries");
+                match b {
+                    StateBuf::F32(x) => &mut x[r.clone()],
+                    StateBuf::Bf16(_) => &mut t[..len],
+                }
+            });
+            run_lanes_with::<V, K, S, P>(k, Slices { p, g, s }, pre);
+        }
+        if let Params::Bf16(x) = &mut sl.p {
+            narrow(&pt[..len], &mut x[r.clone()]);
+        }
+        for (b, t) in sl.s.iter_mut().zip(&st) {
+            if let StateBuf::Bf16(x) = b {
+                narrow(&t[..len], &mut x[r.clone()]);
+            }
+        }
+        if let Some(c) = &mut sl.copy {
+            let src: &[f32] = match &sl.p {
+                Params::F32(x) => &x[r.clone()],
+                Params::Bf16(_) => &pt[..len],
+            };
+            match c {
+                ParamCopy::Bf16(x) => narrow(src, &mut x[r]),
+                ParamCopy::F16(x) => narrow(src, &mut x[r]),
+            }
+        }
+        i += len;
+    }
+}
+
 /// Runs `k` over the slices with lane type `V`, then the tail with `f32`.
 #[inline(always)]
 fn run_lanes<V: F32Vec, K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>, pre: GradPre) {
@@ -229,28 +435,28 @@ fn run_lanes_with<V: F32Vec, K: Kernel<S>, const S: usize, P: Pre>(k: &K, sl: Sl
     }
 }
 
-fn run_scalar<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>, pre: GradPre) {
-    run_lanes::<f32, K, S>(k, sl, pre)
+fn run_scalar<K, L: Lanes<K>>(k: &K, sl: L, pre: GradPre) {
+    sl.run::<f32>(k, pre)
 }
 
-fn run_wide<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>, pre: GradPre) {
-    run_lanes::<Wide, K, S>(k, sl, pre)
+fn run_wide<K, L: Lanes<K>>(k: &K, sl: L, pre: GradPre) {
+    sl.run::<Wide>(k, pre)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn run_avx2_tf<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>, pre: GradPre) {
-    run_lanes::<crate::simd::Avx2, K, S>(k, sl, pre)
+fn run_avx2_tf<K, L: Lanes<K>>(k: &K, sl: L, pre: GradPre) {
+    sl.run::<crate::simd::Avx2>(k, pre)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn run_avx512_tf<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>, pre: GradPre) {
-    run_lanes::<crate::simd::Avx512, K, S>(k, sl, pre)
+fn run_avx512_tf<K, L: Lanes<K>>(k: &K, sl: L, pre: GradPre) {
+    sl.run::<crate::simd::Avx512>(k, pre)
 }
 
 #[cfg(target_arch = "x86_64")]
-fn run_avx2<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>, pre: GradPre) {
+fn run_avx2<K, L: Lanes<K>>(k: &K, sl: L, pre: GradPre) {
     assert!(Backend::Avx2.is_available());
     // SAFETY: AVX2 and FMA were detected at run time (asserted above; `runner`
     // only hands out this function for an available backend).
@@ -258,7 +464,7 @@ fn run_avx2<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>, pre: GradPre
 }
 
 #[cfg(target_arch = "x86_64")]
-fn run_avx512<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>, pre: GradPre) {
+fn run_avx512<K, L: Lanes<K>>(k: &K, sl: L, pre: GradPre) {
     assert!(Backend::Avx512.is_available());
     // SAFETY: AVX-512F was detected at run time (asserted above).
     unsafe { run_avx512_tf(k, sl, pre) }
@@ -343,33 +549,57 @@ pub(crate) fn any_non_finite(plan: &Plan, g: &[f32]) -> bool {
     }
 }
 
-pub(crate) type Runner<K, const S: usize> = fn(&K, Slices<'_, S>, GradPre);
+pub(crate) type Runner<K, L> = fn(&K, L, GradPre);
 
-pub(crate) fn runner<K: Kernel<S>, const S: usize>(b: Backend) -> Runner<K, S> {
+pub(crate) fn runner<K, L: Lanes<K>>(b: Backend) -> Runner<K, L> {
     match b {
-        Backend::Scalar => run_scalar::<K, S>,
-        Backend::Wide => run_wide::<K, S>,
+        Backend::Scalar => run_scalar::<K, L>,
+        Backend::Wide => run_wide::<K, L>,
         #[cfg(target_arch = "x86_64")]
-        Backend::Avx2 => run_avx2::<K, S>,
+        Backend::Avx2 => run_avx2::<K, L>,
         #[cfg(target_arch = "x86_64")]
-        Backend::Avx512 => run_avx512::<K, S>,
+        Backend::Avx512 => run_avx512::<K, L>,
         #[cfg(not(target_arch = "x86_64"))]
-        _ => run_wide::<K, S>,
+        _ => run_wide::<K, L>,
     }
 }
 
-fn par_split<K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>, chunk: usize, run: Runner<K, S>, pre: GradPre) {
-    let n = sl.len();
+/// Splits `x` at multiples of `chunk` counted from its start (so the chunk
+/// boundaries are the same whatever the recursion depth) and runs `f` on
+/// every piece, the halves of each split on `rayon::join`. The one
+/// split-and-join recursion of the element-wise drivers.
+pub(crate) fn split_join<T: Send>(
+    x: T,
+    chunk: usize,
+    len: &(impl Fn(&T) -> usize + Sync),
+    split: &(impl Fn(T, usize) -> (T, T) + Sync),
+    f: &(impl Fn(T) + Sync),
+) {
+    let n = len(&x);
     if n <= chunk {
-        run(k, sl, pre);
+        f(x);
         return;
     }
-    // Split at a multiple of `chunk` counted from the start of the whole
-    // range, so chunk boundaries are the same whatever the recursion depth.
-    let chunks = n.div_ceil(chunk);
-    let mid = chunks / 2 * chunk;
-    let (a, b) = sl.split_at(mid);
-    rayon::join(|| par_split(k, a, chunk, run, pre), || par_split(k, b, chunk, run, pre));
+    let mid = n.div_ceil(chunk) / 2 * chunk;
+    let (a, b) = split(x, mid);
+    rayon::join(|| split_join(a, chunk, len, split, f), || split_join(b, chunk, len, split, f));
+}
+
+fn drive_lanes<K: Sync, L: Lanes<K>>(k: &K, plan: Plan, sl: L, chunk_multiple: usize) -> StepReport {
+    let backend = plan.backend;
+    let run = runner::<K, L>(backend);
+    let pre = plan.pre();
+    match plan.exec.chunk_for(sl.len()) {
+        Some(chunk) => {
+            let chunk = chunk.next_multiple_of(chunk_multiple);
+            split_join(sl, chunk, &|x: &L| x.len(), &|x: L, mid| x.split_at(mid), &|x| run(k, x, pre));
+            StepReport { backend, parallel: true, skipped: false }
+        }
+        None => {
+            run(k, sl, pre);
+            StepReport { backend, parallel: false, skipped: false }
+        }
+    }
 }
 
 /// What a step did.
@@ -495,19 +725,12 @@ pub(crate) fn sum_of_squares(plan: &Plan, g: &[f32]) -> f64 {
     sumsq_tree(plan.backend, g, plan.unscale, plan.exec.chunk_for(g.len()).is_some())
 }
 
-/// Runs kernel `k` under the plan. Lengths must already be checked.
-pub(crate) fn drive<K: Kernel<S>, const S: usize>(k: &K, plan: Plan, sl: Slices<'_, S>) -> StepReport {
-    let backend = plan.backend;
-    let run = runner::<K, S>(backend);
-    let pre = plan.pre();
-    match plan.exec.chunk_for(sl.len()) {
-        Some(chunk) => {
-            par_split(k, sl, chunk, run, pre);
-            StepReport { backend, parallel: true, skipped: false }
-        }
-        None => {
-            run(k, sl, pre);
-            StepReport { backend, parallel: false, skipped: false }
-        }
+/// Runs kernel `k` under the plan: the `f32` loop when every buffer is
+/// `f32`, else the tiled mixed-storage loop (split at multiples of [`TILE`]).
+/// Lengths must already be checked.
+pub(crate) fn drive<K: Kernel<S>, const S: usize>(k: &K, plan: Plan, bufs: Bufs<'_>) -> StepReport {
+    match bufs.fixed::<S>().into_dense() {
+        Ok(sl) => drive_lanes(k, plan, sl, 1),
+        Err(mixed) => drive_lanes(k, plan, mixed, TILE),
     }
 }

@@ -122,6 +122,16 @@ pub enum Error {
         /// Why.
         reason: &'static str,
     },
+    /// A buffer's storage type is not accepted where it was given (for
+    /// example a parameter copy next to `bf16` parameters).
+    Storage {
+        /// Which buffer (`"param_copy"`, `"exp_avg"`, ...).
+        what: &'static str,
+        /// Its storage type.
+        dtype: crate::storage::Dtype,
+        /// What is accepted.
+        reason: &'static str,
+    },
 }
 
 impl std::fmt::Display for Error {
@@ -158,6 +168,7 @@ impl std::fmt::Display for Error {
                 write!(f, "tensor id {index} was made by another GroupedOptimizer")
             }
             Error::IncompatibleConfig { reason } => write!(f, "incompatible configuration: {reason}"),
+            Error::Storage { what, dtype, reason } => write!(f, "{what} in {dtype} storage: {reason}"),
         }
     }
 }

@@ -42,7 +42,7 @@ use std::ops::Range;
 use aligned_vec::AVec;
 
 use crate::backend::Parallel;
-use crate::driver::{Plan, StepReport};
+use crate::driver::{Bufs, Plan, StepReport};
 use crate::optim::sealed::Sealed;
 use crate::optim::{Guards, MAX_STATE, scheduled};
 use crate::schedule::Schedule;
@@ -452,7 +452,7 @@ impl<A: Algorithm> GroupedOptimizer<A> {
         // Advance each group's scalar state once (a zero-length run).
         for g in &mut self.groups {
             let mut empty: [&mut [f32]; MAX_STATE] = Default::default();
-            g.config.run(t, &mut g.aux, serial, &mut [], &[], &mut empty[..g.slots.len()]);
+            g.config.run(t, &mut g.aux, serial, Bufs::dense(&mut [], &[], &mut empty[..g.slots.len()]));
         }
         self.t = t;
         if norm.is_some() {
@@ -519,7 +519,12 @@ impl<A: Algorithm> Ctx<'_, A> {
             // per step in `step_range`.
             let mut aux = group.aux;
             let own = group.slots.len();
-            group.config.run(self.t, &mut aux, self.plan, &mut p[start..end], &g[start..end], &mut pieces[..own]);
+            group.config.run(
+                self.t,
+                &mut aux,
+                self.plan,
+                Bufs::dense(&mut p[start..end], &g[start..end], &mut pieces[..own]),
+            );
         }
     }
 }

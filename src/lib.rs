@@ -82,6 +82,7 @@ pub mod roofline;
 pub mod schedule;
 mod simd;
 pub mod sparse;
+pub mod storage;
 
 pub use any::{AnyConfig, AnyOptimizer, HyperValue};
 pub use backend::{AUTO_GRAIN, Backend, Exec, PAR_THRESHOLD, PAR_THRESHOLD_INSIDE, Parallel};
@@ -89,8 +90,8 @@ pub use driver::StepReport;
 pub use error::{Error, IoSource};
 pub use optim::registered::*;
 pub use optim::{
-    Algorithm, AuxState, MAX_AUX, MAX_STATE, MAX_STEP, NonFinitePolicy, Optimizer, StepOptions, step_slices,
-    step_slices_with,
+    Algorithm, AuxState, MAX_AUX, MAX_STATE, MAX_STEP, NonFinitePolicy, Optimizer, StepOptions, step_mixed,
+    step_slices, step_slices_with,
 };
 
 /// The README's examples, compiled and run as doc-tests.

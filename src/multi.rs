@@ -43,7 +43,7 @@
 //! gradients in order), and clipping uses the global norm over all of them,
 //! as `torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)` does.
 
-use crate::driver::{Plan, StepReport};
+use crate::driver::{Bufs, Plan, StepReport};
 use crate::error::next_step;
 use crate::memory::{self, Buffer};
 use crate::optim::sealed::Sealed;
@@ -299,7 +299,7 @@ impl<A: Algorithm> MultiOptimizer<A> {
                 slot.t += 1;
                 let mut empty: [&mut [f32]; MAX_STATE] = Default::default();
                 let k = slot.state.len();
-                self.groups[slot.group].run(slot.t, &mut slot.aux, serial, &mut [], &[], &mut empty[..k]);
+                self.groups[slot.group].run(slot.t, &mut slot.aux, serial, Bufs::dense(&mut [], &[], &mut empty[..k]));
             }
         }
         if norm.is_some() {
@@ -348,7 +348,12 @@ impl<A: Algorithm> Ctx<'_, A> {
     /// copy: the state advances once per step, in `step`).
     fn run(&self, piece: &mut Piece<'_, A>) {
         let mut aux = piece.aux;
-        self.groups[piece.group].run(piece.t, &mut aux, self.plan, piece.p, piece.g, &mut piece.s[..piece.k]);
+        self.groups[piece.group].run(
+            piece.t,
+            &mut aux,
+            self.plan,
+            Bufs::dense(piece.p, piece.g, &mut piece.s[..piece.k]),
+        );
     }
 
     /// Splits the pieces in two halves of about equal element counts and

@@ -5,9 +5,10 @@
 //! the same run as the optimizers, so a ratio to it says how close a step is
 //! to the machine's memory bandwidth.
 
-use crate::driver::{Kernel, Plan, Slices, drive};
+use crate::driver::{Bufs, Kernel, Plan, drive};
 use crate::optim::check_len;
 use crate::simd::F32Vec;
+use crate::storage::{Dtype, Grads, ParamCopy, Params, StateBuf};
 use crate::{Error, Exec, StepReport};
 
 struct Roofline;
@@ -40,12 +41,65 @@ pub fn step(params: &mut [f32], grads: &[f32], state: &mut [&mut [f32]], exec: &
         check_len("state", n, s.len())?;
     }
     let plan = Plan::new(exec)?;
-    let (p, g) = (params, grads);
-    Ok(match state {
-        [] => drive::<_, 0>(&Roofline, plan, Slices { p, g, s: [] }),
-        [a] => drive::<_, 1>(&Roofline, plan, Slices { p, g, s: [a] }),
-        [a, b] => drive::<_, 2>(&Roofline, plan, Slices { p, g, s: [a, b] }),
-        [a, b, c] => drive::<_, 3>(&Roofline, plan, Slices { p, g, s: [a, b, c] }),
-        _ => return Err(Error::StateCount { expected: 3, actual: state.len() }),
+    if state.len() > 3 {
+        return Err(Error::StateCount { expected: 3, actual: state.len() });
+    }
+    let bufs = Bufs::dense(params, grads, state);
+    Ok(match bufs.states() {
+        0 => drive::<_, 0>(&Roofline, plan, bufs),
+        1 => drive::<_, 1>(&Roofline, plan, bufs),
+        2 => drive::<_, 2>(&Roofline, plan, bufs),
+        _ => drive::<_, 3>(&Roofline, plan, bufs),
+    })
+}
+
+/// Bytes one step touches per parameter with these storage types: read and
+/// write the params and every state buffer, read the grads, write the
+/// parameter copy if there is one.
+pub fn bytes_per_param_of(params: Dtype, grads: Dtype, state: &[Dtype], param_copy: Option<Dtype>) -> usize {
+    2 * params.size()
+        + grads.size()
+        + state.iter().map(|d| 2 * d.size()).sum::<usize>()
+        + param_copy.map_or(0, Dtype::size)
+}
+
+/// The roofline pass over buffers in their storage types, through the same
+/// tiled driver as [`step_mixed`](crate::step_mixed): what the memory system
+/// gives a step that moves these bytes.
+///
+/// # Errors
+/// As [`step`], and [`Error::Storage`] for a copy next to non-`f32` params.
+pub fn step_mixed(
+    params: Params<'_>,
+    grads: Grads<'_>,
+    state: &mut [StateBuf<'_>],
+    param_copy: Option<ParamCopy<'_>>,
+    exec: &Exec,
+) -> Result<StepReport, Error> {
+    let n = params.len();
+    check_len("grads", n, grads.len())?;
+    for s in state.iter() {
+        check_len("state", n, s.len())?;
+    }
+    if state.len() > 3 {
+        return Err(Error::StateCount { expected: 3, actual: state.len() });
+    }
+    if let Some(c) = &param_copy {
+        if params.dtype() != Dtype::F32 {
+            return Err(Error::Storage {
+                what: "params",
+                dtype: params.dtype(),
+                reason: "a param_copy needs f32 params",
+            });
+        }
+        check_len("param_copy", n, c.len())?;
+    }
+    let plan = Plan::new(exec)?;
+    let bufs = Bufs::new(params, grads, state, param_copy);
+    Ok(match bufs.states() {
+        0 => drive::<_, 0>(&Roofline, plan, bufs),
+        1 => drive::<_, 1>(&Roofline, plan, bufs),
+        2 => drive::<_, 2>(&Roofline, plan, bufs),
+        _ => drive::<_, 3>(&Roofline, plan, bufs),
     })
 }

@@ -204,7 +204,7 @@ fn update_rows<K: Kernel<S>, const S: usize>(
     state: [&mut [f32]; S],
 ) -> bool {
     let dim = grad.dim;
-    let run = runner::<K, S>(plan.backend);
+    let run = runner::<K, Slices<'_, S>>(plan.backend);
     let pre = plan.pre();
     let table_base = RowBase(table.as_mut_ptr());
     let bases: [RowBase; S] = state.map(|s| RowBase(s.as_mut_ptr()));

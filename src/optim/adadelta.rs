@@ -15,7 +15,7 @@
 //! rounding at most).
 
 use super::{GradIn, Quot, sealed};
-use crate::driver::{Kernel, Plan, Slices, StepReport, drive};
+use crate::driver::{Bufs, Kernel, Plan, StepReport, drive};
 use crate::error::{non_negative, unit_closed};
 use crate::simd::F32Vec;
 use crate::{Algorithm, Error};
@@ -72,9 +72,7 @@ impl sealed::Sealed for AdadeltaConfig {
         _t: u64,
         _aux: &mut (),
         plan: Plan,
-        p: &mut [f32],
-        g: &[f32],
-        state: &mut [&mut [f32]],
+        bufs: Bufs<'_>,
     ) -> StepReport {
         let k = AdadeltaKernel {
             grad: GradIn::new(self.maximize, self.weight_decay),
@@ -84,8 +82,7 @@ impl sealed::Sealed for AdadeltaConfig {
             neg_lr: -self.lr as f32,
             div: Quot::new(self.eps),
         };
-        let [sq, acc] = state else { unreachable!("state count is checked by the callers") };
-        drive::<_, 2>(&k, plan, Slices { p, g, s: [sq, acc] })
+        drive::<_, 2>(&k, plan, bufs)
     }
 }
 

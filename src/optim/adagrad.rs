@@ -12,7 +12,7 @@
 //! ```
 
 use super::{GradIn, Quot, sealed};
-use crate::driver::{Kernel, Plan, Slices, StepReport, drive};
+use crate::driver::{Bufs, Kernel, Plan, StepReport, drive};
 use crate::error::non_negative;
 use crate::simd::F32Vec;
 use crate::{Algorithm, Error};
@@ -84,7 +84,7 @@ impl Kernel<1> for AdagradKernel {
 
 impl sealed::Sealed for AdagradConfig {
     type Aux = ();
-    fn run(&self, t: u64, _aux: &mut (), plan: Plan, p: &mut [f32], g: &[f32], state: &mut [&mut [f32]]) -> StepReport {
+    fn run(&self, t: u64, _aux: &mut (), plan: Plan, bufs: Bufs<'_>) -> StepReport {
         let k = AdagradKernel {
             grad: GradIn::new(self.maximize, self.weight_decay),
             neg_clr: self.neg_clr(t),
@@ -92,8 +92,7 @@ impl sealed::Sealed for AdagradConfig {
             eps_inside: self.eps_inside_sqrt,
             div: Quot::new(self.eps),
         };
-        let [sum] = state else { unreachable!("state count is checked by the callers") };
-        drive::<_, 1>(&k, plan, Slices { p, g, s: [sum] })
+        drive::<_, 1>(&k, plan, bufs)
     }
 }
 

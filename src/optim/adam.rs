@@ -26,7 +26,7 @@
 //! 1/10 of their tolerance).
 
 use super::{GradIn, Lerp, Quot, pow_step, sealed};
-use crate::driver::{Kernel, Plan, Slices, StepReport, drive};
+use crate::driver::{Bufs, Kernel, Plan, StepReport, drive};
 use crate::error::{non_negative, unit_half_open};
 use crate::simd::F32Vec;
 use crate::{Algorithm, Error};
@@ -201,11 +201,11 @@ impl Kernel<3> for AdamKernel {
 
 impl sealed::Sealed for AdamConfig {
     type Aux = ();
-    fn run(&self, t: u64, _aux: &mut (), plan: Plan, p: &mut [f32], g: &[f32], state: &mut [&mut [f32]]) -> StepReport {
+    fn run(&self, t: u64, _aux: &mut (), plan: Plan, bufs: Bufs<'_>) -> StepReport {
         let k = self.kernel(t);
-        match state {
-            [m, v] => drive::<_, 2>(&k, plan, Slices { p, g, s: [m, v] }),
-            [m, v, vmax] => drive::<_, 3>(&k, plan, Slices { p, g, s: [m, v, vmax] }),
+        match bufs.states() {
+            2 => drive::<_, 2>(&k, plan, bufs),
+            3 => drive::<_, 3>(&k, plan, bufs),
             _ => unreachable!("state count is checked by the callers"),
         }
     }
@@ -237,8 +237,8 @@ impl Algorithm for AdamConfig {
 
 impl sealed::Sealed for AdamWConfig {
     type Aux = ();
-    fn run(&self, t: u64, aux: &mut (), plan: Plan, p: &mut [f32], g: &[f32], state: &mut [&mut [f32]]) -> StepReport {
-        AdamConfig::from(*self).run(t, aux, plan, p, g, state)
+    fn run(&self, t: u64, aux: &mut (), plan: Plan, bufs: Bufs<'_>) -> StepReport {
+        AdamConfig::from(*self).run(t, aux, plan, bufs)
     }
 }
 

@@ -14,7 +14,7 @@
 
 use super::adam::validate_betas;
 use super::{GradIn, Lerp, Quot, pow_step, sealed};
-use crate::driver::{Kernel, Plan, Slices, StepReport, drive};
+use crate::driver::{Bufs, Kernel, Plan, StepReport, drive};
 use crate::error::non_negative;
 use crate::simd::F32Vec;
 use crate::{Algorithm, Error};
@@ -62,7 +62,7 @@ impl Kernel<2> for AdamaxKernel {
 
 impl sealed::Sealed for AdamaxConfig {
     type Aux = ();
-    fn run(&self, t: u64, _aux: &mut (), plan: Plan, p: &mut [f32], g: &[f32], state: &mut [&mut [f32]]) -> StepReport {
+    fn run(&self, t: u64, _aux: &mut (), plan: Plan, bufs: Bufs<'_>) -> StepReport {
         let k = AdamaxKernel {
             grad: GradIn::new(self.maximize, self.weight_decay),
             m: Lerp::new(1.0 - self.betas.0),
@@ -71,8 +71,7 @@ impl sealed::Sealed for AdamaxConfig {
             neg_clr: (-(self.lr / (1.0 - pow_step(self.betas.0, t)))) as f32,
             div: Quot::new(self.eps),
         };
-        let [m, u] = state else { unreachable!("state count is checked by the callers") };
-        drive::<_, 2>(&k, plan, Slices { p, g, s: [m, u] })
+        drive::<_, 2>(&k, plan, bufs)
     }
 }
 

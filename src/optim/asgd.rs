@@ -23,7 +23,7 @@
 //! iterate.
 
 use super::{AuxState, sealed};
-use crate::driver::{Kernel, Plan, Slices, StepReport, drive};
+use crate::driver::{Bufs, Kernel, Plan, StepReport, drive};
 use crate::error::{finite, non_negative};
 use crate::simd::F32Vec;
 use crate::{Algorithm, Error};
@@ -92,12 +92,11 @@ impl sealed::Sealed for AsgdConfig {
     fn aux_from_f32(x: AuxState) -> Option<AsgdAux> {
         Some(AsgdAux { eta: x[0], mu: x[1] })
     }
-    fn run(&self, t: u64, aux: &mut AsgdAux, plan: Plan, p: &mut [f32], g: &[f32], state: &mut [&mut [f32]]) -> StepReport {
-        let [ax] = state else { unreachable!("state count is checked by the callers") };
+    fn run(&self, t: u64, aux: &mut AsgdAux, plan: Plan, bufs: Bufs<'_>) -> StepReport {
         let eta = f64::from(aux.eta);
         let (maximize, wd) = (self.maximize, self.weight_decay as f32);
         let (decay, neg_eta, mu) = ((1.0 - self.lambd * eta) as f32, (-eta) as f32, aux.mu);
-        let sl = Slices { p, g, s: [ax] };
+        let sl = bufs;
         let report = if aux.mu != 1.0 {
             drive::<_, 1>(&AsgdKernel::<true> { maximize, wd, decay, neg_eta, mu }, plan, sl)
         } else {

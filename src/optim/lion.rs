@@ -22,7 +22,7 @@
 //! value a configuration does not hold); `use_triton` (a GPU kernel).
 
 use super::sealed;
-use crate::driver::{Kernel, Plan, Slices, StepReport, drive};
+use crate::driver::{Bufs, Kernel, Plan, StepReport, drive};
 use crate::error::{non_negative, unit_closed};
 use crate::simd::F32Vec;
 use crate::{Algorithm, Error};
@@ -72,8 +72,7 @@ impl Kernel<1> for LionKernel {
 
 impl sealed::Sealed for LionConfig {
     type Aux = ();
-    fn run(&self, _t: u64, _aux: &mut (), plan: Plan, p: &mut [f32], g: &[f32], state: &mut [&mut [f32]]) -> StepReport {
-        let [m] = state else { unreachable!("state count is checked by the callers") };
+    fn run(&self, _t: u64, _aux: &mut (), plan: Plan, bufs: Bufs<'_>) -> StepReport {
         let (b1, b2) = self.betas;
         let k = LionKernel {
             decay: (1.0 - self.lr * self.weight_decay) as f32,
@@ -83,7 +82,7 @@ impl sealed::Sealed for LionConfig {
             b2: b2 as f32,
             one_minus_b2: (1.0 - b2) as f32,
         };
-        drive::<_, 1>(&k, plan, Slices { p, g, s: [m] })
+        drive::<_, 1>(&k, plan, bufs)
     }
 }
 

@@ -50,9 +50,10 @@ for_each_optimizer!(declare);
 
 use crate::Error;
 use crate::backend::Exec;
-use crate::driver::{Plan, StepReport, Unscale};
+use crate::driver::{Bufs, Plan, StepReport, Unscale};
 use crate::schedule::LrSchedule;
 use crate::simd::F32Vec;
+use crate::storage::{Dtype, Grads, ParamCopy, Params, StateBuf};
 
 /// The largest step count: a step from `MAX_STEP` is
 /// [`Error::StepLimit`], and a checkpoint holding a
@@ -103,15 +104,7 @@ pub(crate) mod sealed {
         }
         /// Runs step `t` (>= 1) with validated lengths and a resolved backend,
         /// updating `aux`.
-        fn run(
-            &self,
-            t: u64,
-            aux: &mut Self::Aux,
-            plan: Plan,
-            params: &mut [f32],
-            grads: &[f32],
-            state: &mut [&mut [f32]],
-        ) -> StepReport;
+        fn run(&self, t: u64, aux: &mut Self::Aux, plan: Plan, bufs: Bufs<'_>) -> StepReport;
     }
 }
 
@@ -221,6 +214,44 @@ pub fn step_slices_with<A: Algorithm>(
     state: &mut [&mut [f32]],
     options: &StepOptions,
 ) -> Result<StepReport, Error> {
+    if state.len() > MAX_STATE {
+        return Err(Error::StateCount { expected: config.state_names().len(), actual: state.len() });
+    }
+    let k = state.len();
+    let mut it = state.iter_mut();
+    let mut bufs: [StateBuf<'_>; MAX_STATE] =
+        std::array::from_fn(|_| StateBuf::F32(it.next().map_or(&mut [][..], |x| &mut **x)));
+    step_mixed(config, t, aux, Params::F32(params), Grads::F32(grads), &mut bufs[..k], None, options)
+}
+
+/// One step over caller-owned buffers in any [`storage`](crate::storage)
+/// type: `f32`, `bf16` or `f16` gradients, `f32` or `bf16` parameters, each
+/// state buffer `f32` or `bf16`, and optionally a `bf16`/`f16` copy of the
+/// updated `f32` parameters written in the same pass (`param_copy`).
+///
+/// The formula runs in `f32` on the widened values, so the parameters and
+/// state come out as the [`step_slices_with`] step on the widened buffers
+/// would leave them, rounded to nearest-even into their storage; an all-`f32`
+/// call is exactly [`step_slices_with`]. Loss scale and clipping factor apply
+/// to half-precision gradients as to `f32` ones, inside the pass. Every
+/// backend, thread count and chunk size gives the same bits.
+///
+/// # Errors
+/// As [`step_slices_with`]; [`Error::Storage`] for a `param_copy` next to
+/// parameters that are not `f32`; [`Error::LengthMismatch`] for a
+/// `param_copy` of another length. Nothing is modified when an error is
+/// returned.
+#[allow(clippy::too_many_arguments)]
+pub fn step_mixed<A: Algorithm>(
+    config: &A,
+    t: u64,
+    aux: &mut <A as sealed::Sealed>::Aux,
+    params: Params<'_>,
+    grads: Grads<'_>,
+    state: &mut [StateBuf<'_>],
+    param_copy: Option<ParamCopy<'_>>,
+    options: &StepOptions,
+) -> Result<StepReport, Error> {
     check_grad_scale(options.grad_scale)?;
     if let Some(c) = options.clip_coef.filter(|c| !(c.is_finite() && *c >= 0.0)) {
         return Err(Error::InvalidHyperparameter {
@@ -242,11 +273,21 @@ pub fn step_slices_with<A: Algorithm>(
     for (name, s) in names.iter().zip(state.iter()) {
         check_len(name, n, s.len())?;
     }
+    if let Some(c) = &param_copy {
+        if params.dtype() != Dtype::F32 {
+            return Err(Error::Storage {
+                what: "params",
+                dtype: params.dtype(),
+                reason: "a param_copy is written from f32 master parameters only",
+            });
+        }
+        check_len("param_copy", n, c.len())?;
+    }
     let mut plan = Plan::new(&options.exec)?;
     plan.unscale = Unscale::new(options.grad_scale);
     // A factor of 1 changes no bits; skip the multiply, as the guards do.
     plan.clip = options.clip_coef.filter(|&c| c != 1.0);
-    Ok(config.run(t, aux, plan, params, grads, state))
+    Ok(config.run(t, aux, plan, Bufs::new(params, grads, state, param_copy)))
 }
 
 pub(crate) fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<(), Error> {
@@ -422,7 +463,7 @@ impl<A: Algorithm> Optimizer<A> {
         for (r, s) in refs.iter_mut().zip(self.state.iter_mut()) {
             *r = s.as_mut_slice();
         }
-        let report = self.config.run(t, &mut self.aux, plan, params, grads, &mut refs[..k]);
+        let report = self.config.run(t, &mut self.aux, plan, Bufs::dense(params, grads, &mut refs[..k]));
         self.t = t;
         Ok(report)
     }

@@ -28,7 +28,7 @@
 
 use super::adam::validate_betas;
 use super::{GradIn, Lerp, Quot, pow_step, sealed};
-use crate::driver::{Kernel, Plan, Slices, StepReport, drive};
+use crate::driver::{Bufs, Kernel, Plan, StepReport, drive};
 use crate::error::non_negative;
 use crate::simd::F32Vec;
 use crate::{Algorithm, Error};
@@ -114,9 +114,7 @@ impl sealed::Sealed for NAdamConfig {
         t: u64,
         mu_product: &mut f32,
         plan: Plan,
-        p: &mut [f32],
-        g: &[f32],
-        state: &mut [&mut [f32]],
+        bufs: Bufs<'_>,
     ) -> StepReport {
         let (b1, b2) = self.betas;
         let mu = b1 * (1.0 - 0.5 * 0.96f64.powf(t as f64 * self.momentum_decay));
@@ -136,8 +134,7 @@ impl sealed::Sealed for NAdamConfig {
             c_m: (-self.lr * mu_next / (1.0 - prod_next) * bc2_sqrt) as f32,
             div: Quot::new(self.eps),
         };
-        let [m, v] = state else { unreachable!("state count is checked by the callers") };
-        let report = drive::<_, 2>(&k, plan, Slices { p, g, s: [m, v] });
+        let report = drive::<_, 2>(&k, plan, bufs);
         *mu_product = prod;
         report
     }

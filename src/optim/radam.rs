@@ -28,7 +28,7 @@
 
 use super::adam::{Moments, validate_betas};
 use super::{Quot, pow_step, sealed};
-use crate::driver::{Kernel, Plan, Slices, StepReport, drive};
+use crate::driver::{Bufs, Kernel, Plan, StepReport, drive};
 use crate::error::non_negative;
 use crate::simd::F32Vec;
 use crate::{Algorithm, Error};
@@ -102,15 +102,14 @@ impl Kernel<2> for Plain {
 
 impl sealed::Sealed for RAdamConfig {
     type Aux = ();
-    fn run(&self, t: u64, _aux: &mut (), plan: Plan, p: &mut [f32], g: &[f32], state: &mut [&mut [f32]]) -> StepReport {
+    fn run(&self, t: u64, _aux: &mut (), plan: Plan, bufs: Bufs<'_>) -> StepReport {
         let (b1, b2) = self.betas;
         let moments = Moments::new(self.lr, b1, b2, self.weight_decay, self.decoupled_weight_decay, self.maximize);
         let bc1 = 1.0 - pow_step(b1, t);
         let bc2 = 1.0 - pow_step(b2, t);
         let rho_inf = 2.0 / (1.0 - b2) - 1.0;
         let rho_t = rho_inf - 2.0 * t as f64 * pow_step(b2, t) / bc2;
-        let [m, v] = state else { unreachable!("state count is checked by the callers") };
-        let sl = Slices { p, g, s: [m, v] };
+        let sl = bufs;
         if rho_t > 5.0 {
             let rect = ((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)).sqrt();
             let k = Rectified {

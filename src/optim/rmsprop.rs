@@ -20,7 +20,7 @@
 //! not NaN the clamp changes nothing.
 
 use super::{GradIn, Lerp, Quot, sealed};
-use crate::driver::{Kernel, Plan, Slices, StepReport, drive};
+use crate::driver::{Bufs, Kernel, Plan, StepReport, drive};
 use crate::error::non_negative;
 use crate::simd::F32Vec;
 use crate::{Algorithm, Error};
@@ -134,9 +134,7 @@ impl sealed::Sealed for RmsPropConfig {
         _t: u64,
         _aux: &mut (),
         plan: Plan,
-        p: &mut [f32],
-        g: &[f32],
-        state: &mut [&mut [f32]],
+        bufs: Bufs<'_>,
     ) -> StepReport {
         let k = RmsKernel {
             grad: GradIn::new(self.maximize, self.weight_decay),
@@ -150,10 +148,10 @@ impl sealed::Sealed for RmsPropConfig {
             centered: self.centered,
             div: Quot::new(self.eps),
         };
-        match state {
-            [a] => drive::<_, 1>(&k, plan, Slices { p, g, s: [a] }),
-            [a, b] => drive::<_, 2>(&k, plan, Slices { p, g, s: [a, b] }),
-            [a, b, c] => drive::<_, 3>(&k, plan, Slices { p, g, s: [a, b, c] }),
+        match bufs.states() {
+            1 => drive::<_, 1>(&k, plan, bufs),
+            2 => drive::<_, 2>(&k, plan, bufs),
+            3 => drive::<_, 3>(&k, plan, bufs),
             _ => unreachable!("state count is checked by the callers"),
         }
     }

@@ -23,7 +23,7 @@
 //! step (a scheduler's warm-up) is honoured the same way.
 
 use super::sealed;
-use crate::driver::{Kernel, Plan, Slices, StepReport, drive};
+use crate::driver::{Bufs, Kernel, Plan, StepReport, drive};
 use crate::error::non_negative;
 use crate::simd::F32Vec;
 use crate::{Algorithm, Error};
@@ -78,9 +78,8 @@ impl<const FIRST: bool> Kernel<2> for RpropKernel<FIRST> {
 
 impl sealed::Sealed for RpropConfig {
     type Aux = ();
-    fn run(&self, t: u64, _aux: &mut (), plan: Plan, p: &mut [f32], g: &[f32], state: &mut [&mut [f32]]) -> StepReport {
-        let [prev, step] = state else { unreachable!("state count is checked by the callers") };
-        let sl = Slices { p, g, s: [prev, step] };
+    fn run(&self, t: u64, _aux: &mut (), plan: Plan, bufs: Bufs<'_>) -> StepReport {
+        let sl = bufs;
         let (lr, etaminus, etaplus) = (self.lr as f32, self.etas.0 as f32, self.etas.1 as f32);
         let (min, max, maximize) = (self.step_sizes.0 as f32, self.step_sizes.1 as f32, self.maximize);
         if t == 1 {

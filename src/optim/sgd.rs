@@ -15,7 +15,7 @@
 //! Nesterov momentum: Sutskever et al., ICML 2013.
 
 use super::{GradIn, sealed};
-use crate::driver::{Kernel, Plan, Slices, StepReport, drive};
+use crate::driver::{Bufs, Kernel, Plan, StepReport, drive};
 use crate::error::{finite, non_negative};
 use crate::simd::F32Vec;
 use crate::{Algorithm, Error};
@@ -73,7 +73,7 @@ impl Kernel<1> for SgdKernel {
 
 impl sealed::Sealed for SgdConfig {
     type Aux = ();
-    fn run(&self, t: u64, _aux: &mut (), plan: Plan, p: &mut [f32], g: &[f32], state: &mut [&mut [f32]]) -> StepReport {
+    fn run(&self, t: u64, _aux: &mut (), plan: Plan, bufs: Bufs<'_>) -> StepReport {
         let k = SgdKernel {
             grad: GradIn::new(self.maximize, self.weight_decay),
             momentum: self.momentum as f32,
@@ -82,9 +82,9 @@ impl sealed::Sealed for SgdConfig {
             nesterov: self.nesterov,
             neg_lr: -self.lr as f32,
         };
-        match state {
-            [] => drive::<_, 0>(&k, plan, Slices { p, g, s: [] }),
-            [buf] => drive::<_, 1>(&k, plan, Slices { p, g, s: [buf] }),
+        match bufs.states() {
+            0 => drive::<_, 0>(&k, plan, bufs),
+            1 => drive::<_, 1>(&k, plan, bufs),
             _ => unreachable!("state count is checked by the callers"),
         }
     }

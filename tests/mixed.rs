@@ -1,0 +1,372 @@
+//! Mixed-precision storage: every optimizer, every storage combination,
+//! every backend and parallel split, against an independent reference (the
+//! `f32` step on the widened buffers, rounded with the `half` crate's own
+//! conversions), plus the errors and the one-step accuracy against f64.
+
+mod common;
+
+use adaoptim::storage::{Dtype, Grads, ParamCopy, Params, StateBuf, bf16, f16};
+use adaoptim::*;
+use common::{Rng, configs::variety};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum P {
+    F32,
+    Bf16,
+}
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum G {
+    F32,
+    Bf16,
+    F16,
+}
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum C {
+    None,
+    Bf16,
+    F16,
+}
+
+/// Every combination the crate accepts.
+fn combos() -> Vec<(P, G, Dtype, C)> {
+    let mut v = Vec::new();
+    for g in [G::F32, G::Bf16, G::F16] {
+        for s in [Dtype::F32, Dtype::Bf16] {
+            for c in [C::None, C::Bf16, C::F16] {
+                v.push((P::F32, g, s, c));
+            }
+            v.push((P::Bf16, g, s, C::None));
+        }
+    }
+    v
+}
+
+/// Buffers of one run, held as f32 values that are exactly representable in
+/// their storage (so the reference and the crate start from the same values).
+#[derive(Clone, Debug, PartialEq)]
+struct Run {
+    p: Vec<f32>,
+    s: Vec<Vec<f32>>,
+    copy: Vec<f32>,
+    aux: AuxState,
+}
+
+fn round_bf16(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()
+}
+fn round_f16(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| f16::from_f32(v).to_f32()).collect()
+}
+
+fn bits(x: &[f32]) -> Vec<u32> {
+    x.iter().map(|v| v.to_bits()).collect()
+}
+
+fn grads_rounded(g: G, grads: &[f32]) -> Vec<f32> {
+    match g {
+        G::F32 => grads.to_vec(),
+        G::Bf16 => round_bf16(grads),
+        G::F16 => round_f16(grads),
+    }
+}
+
+fn start(cfg: &AnyConfig, combo: (P, G, Dtype, C), n: usize, rng: &mut Rng) -> Run {
+    let (p, _, s, _) = combo;
+    let params = rng.vec(n, 1.0);
+    let params = if p == P::Bf16 { round_bf16(&params) } else { params };
+    let k = cfg.state_names().len();
+    // Nonzero state (as after some steps), non-negative where a formula takes a root.
+    let state: Vec<Vec<f32>> = (0..k)
+        .map(|_| {
+            let v: Vec<f32> = rng.vec(n, 0.1).into_iter().map(f32::abs).collect();
+            if s == Dtype::Bf16 { round_bf16(&v) } else { v }
+        })
+        .collect();
+    Run { p: params, s: state, copy: vec![0.0; n], aux: cfg.aux_init() }
+}
+
+/// The reference: the f32 free kernel on the widened values, then the
+/// `half` crate's round-to-nearest-even into each buffer's storage.
+fn reference_step(cfg: &AnyConfig, t: u64, combo: (P, G, Dtype, C), run: &mut Run, grads: &[f32], opt: &StepOptions) {
+    let (p, g, s, c) = combo;
+    let g32 = grads_rounded(g, grads);
+    let mut refs: Vec<&mut [f32]> = run.s.iter_mut().map(|v| v.as_mut_slice()).collect();
+    let opts = StepOptions { exec: Exec::serial(Backend::Scalar), ..*opt };
+    cfg.step_slices_with(t, &mut run.aux, &mut run.p, &g32, &mut refs, &opts).unwrap();
+    if p == P::Bf16 {
+        run.p = round_bf16(&run.p);
+    }
+    if s == Dtype::Bf16 {
+        for v in &mut run.s {
+            *v = round_bf16(v);
+        }
+    }
+    match c {
+        C::None => {}
+        C::Bf16 => run.copy = round_bf16(&run.p),
+        C::F16 => run.copy = round_f16(&run.p),
+    }
+}
+
+/// The crate's mixed step, on buffers of the combination's storage types.
+fn mixed_step(
+    cfg: &AnyConfig,
+    t: u64,
+    combo: (P, G, Dtype, C),
+    run: &mut Run,
+    grads: &[f32],
+    opt: &StepOptions,
+) -> Result<StepReport, Error> {
+    let (p, g, s, c) = combo;
+    let mut p32 = run.p.clone();
+    let mut p16: Vec<bf16> = run.p.iter().map(|&v| bf16::from_f32(v)).collect();
+    let gb: Vec<bf16> = grads.iter().map(|&v| bf16::from_f32(v)).collect();
+    let gh: Vec<f16> = grads.iter().map(|&v| f16::from_f32(v)).collect();
+    let mut s32 = run.s.clone();
+    let mut s16: Vec<Vec<bf16>> = run.s.iter().map(|v| v.iter().map(|&x| bf16::from_f32(x)).collect()).collect();
+    let mut cb = vec![bf16::from_f32(0.0); run.p.len()];
+    let mut ch = vec![f16::from_f32(0.0); run.p.len()];
+    let params = match p {
+        P::F32 => Params::F32(&mut p32),
+        P::Bf16 => Params::Bf16(&mut p16),
+    };
+    let grads = match g {
+        G::F32 => Grads::F32(grads),
+        G::Bf16 => Grads::Bf16(&gb),
+        G::F16 => Grads::F16(&gh),
+    };
+    let mut state: Vec<StateBuf<'_>> = match s {
+        Dtype::Bf16 => s16.iter_mut().map(|v| StateBuf::Bf16(v)).collect(),
+        _ => s32.iter_mut().map(|v| StateBuf::F32(v)).collect(),
+    };
+    let copy = match c {
+        C::None => None,
+        C::Bf16 => Some(ParamCopy::Bf16(&mut cb)),
+        C::F16 => Some(ParamCopy::F16(&mut ch)),
+    };
+    let r = cfg.step_mixed(t, &mut run.aux, params, grads, &mut state, copy, opt)?;
+    drop(state);
+    run.p = match p {
+        P::F32 => p32,
+        P::Bf16 => p16.iter().map(|v| v.to_f32()).collect(),
+    };
+    run.s = match s {
+        Dtype::Bf16 => s16.iter().map(|v| v.iter().map(|x| x.to_f32()).collect()).collect(),
+        _ => s32,
+    };
+    match c {
+        C::None => {}
+        C::Bf16 => run.copy = cb.iter().map(|v| v.to_f32()).collect(),
+        C::F16 => run.copy = ch.iter().map(|v| v.to_f32()).collect(),
+    }
+    Ok(r)
+}
+
+fn paths() -> Vec<(String, Exec)> {
+    let mut v = common::all_paths();
+    // chunks that cut tiles (not multiples of 256) and many tiles per chunk
+    v.push(("parallel-best-300".into(), Exec::parallel(Backend::best(), 300)));
+    v.push(("parallel-wide-1024".into(), Exec::parallel(Backend::Wide, 1024)));
+    v
+}
+
+#[test]
+fn every_combination_matches_the_f32_step_on_widened_values_on_every_path() {
+    let n = 1000; // four tiles minus 24: a partial last tile and a scalar tail
+    let steps = 3;
+    for (name, cfg) in variety() {
+        for combo in combos() {
+            let mut rng = Rng::new(7);
+            let init = start(&cfg, combo, n, &mut rng);
+            let grads: Vec<Vec<f32>> = (0..steps).map(|_| rng.vec(n, 0.3)).collect();
+            let opt = StepOptions::default();
+            let mut want = init.clone();
+            for (t, g) in grads.iter().enumerate() {
+                reference_step(&cfg, t as u64 + 1, combo, &mut want, g, &opt);
+            }
+            for (path, exec) in paths() {
+                let mut got = init.clone();
+                let opt = StepOptions { exec, ..StepOptions::default() };
+                for (t, g) in grads.iter().enumerate() {
+                    mixed_step(&cfg, t as u64 + 1, combo, &mut got, g, &opt).unwrap();
+                }
+                let what = format!("{name} {combo:?} {path}");
+                assert_eq!(bits(&got.p), bits(&want.p), "{what}: params");
+                for (j, (a, b)) in got.s.iter().zip(&want.s).enumerate() {
+                    assert_eq!(bits(a), bits(b), "{what}: state {j}");
+                }
+                assert_eq!(bits(&got.copy), bits(&want.copy), "{what}: copy");
+                assert_eq!(got.aux.map(f32::to_bits), want.aux.map(f32::to_bits), "{what}: aux");
+            }
+        }
+    }
+}
+
+#[test]
+fn loss_scale_and_clipping_apply_to_half_gradients_in_the_pass() {
+    let n = 700;
+    let cfg: AnyConfig = AdamWConfig::default().into();
+    for (scale, clip) in [(Some(1024.0f32), None), (Some(3.0), Some(0.5f32)), (None, Some(0.25))] {
+        for combo in combos() {
+            let mut rng = Rng::new(11);
+            let init = start(&cfg, combo, n, &mut rng);
+            // gradients as the loss-scaled values a half-precision backward gives
+            let g: Vec<f32> = rng.vec(n, 0.3).into_iter().map(|x| x * scale.unwrap_or(1.0)).collect();
+            let opt = StepOptions { grad_scale: scale, clip_coef: clip, ..StepOptions::default() };
+            let mut want = init.clone();
+            reference_step(&cfg, 1, combo, &mut want, &g, &opt);
+            for (path, exec) in paths() {
+                let mut got = init.clone();
+                mixed_step(&cfg, 1, combo, &mut got, &g, &StepOptions { exec, ..opt }).unwrap();
+                assert_eq!(bits(&got.p), bits(&want.p), "{combo:?} {scale:?} {clip:?} {path}");
+                assert_eq!(bits(&got.copy), bits(&want.copy), "{combo:?} {path}: copy");
+            }
+        }
+    }
+}
+
+#[test]
+fn all_f32_mixed_step_is_the_f32_step() {
+    let n = 513;
+    for (name, cfg) in variety() {
+        let mut rng = Rng::new(3);
+        let combo = (P::F32, G::F32, Dtype::F32, C::None);
+        let mut a = start(&cfg, combo, n, &mut rng);
+        let mut b = a.clone();
+        let g = rng.vec(n, 0.2);
+        let opt = StepOptions { exec: Exec::serial(Backend::best()), ..StepOptions::default() };
+        mixed_step(&cfg, 1, combo, &mut a, &g, &opt).unwrap();
+        let mut refs: Vec<&mut [f32]> = b.s.iter_mut().map(|v| v.as_mut_slice()).collect();
+        cfg.step_slices_with(1, &mut b.aux, &mut b.p, &g, &mut refs, &opt).unwrap();
+        assert_eq!(bits(&a.p), bits(&b.p), "{name}");
+    }
+}
+
+#[test]
+fn non_finite_half_gradients_propagate_as_in_f32() {
+    // inf and NaN in bf16/f16 gradients reach the formula as inf and NaN
+    let cfg: AnyConfig = AdamConfig::default().into();
+    let mut p = vec![1.0f32; 4];
+    let g = [f16::INFINITY, f16::NAN, f16::from_f32(1.0), f16::from_f32(65504.0)];
+    let mut m = vec![0.0f32; 4];
+    let mut v = vec![0.0f32; 4];
+    let mut aux = cfg.aux_init();
+    let mut state = [StateBuf::F32(&mut m), StateBuf::F32(&mut v)];
+    cfg.step_mixed(1, &mut aux, Params::F32(&mut p), Grads::F16(&g), &mut state, None, &StepOptions::default())
+        .unwrap();
+    assert!(p[0].is_nan() && p[1].is_nan(), "{p:?}");
+    assert!(p[2].is_finite() && p[3].is_finite(), "{p:?}");
+}
+
+#[test]
+fn bad_storage_and_lengths_are_typed_errors_and_change_nothing() {
+    let cfg: AnyConfig = AdamConfig::default().into();
+    let n = 300;
+    let mut p = vec![bf16::from_f32(0.5); n];
+    let g = vec![bf16::from_f32(0.1); n];
+    let mut m = vec![0.25f32; n];
+    let mut v = vec![0.5f32; n];
+    let mut copy = vec![bf16::from_f32(9.0); n];
+    let mut aux = cfg.aux_init();
+    let opt = StepOptions::default();
+    {
+        let mut state = [StateBuf::F32(&mut m), StateBuf::F32(&mut v)];
+        let e = cfg
+            .step_mixed(
+                1,
+                &mut aux,
+                Params::Bf16(&mut p),
+                Grads::Bf16(&g),
+                &mut state,
+                Some(ParamCopy::Bf16(&mut copy)),
+                &opt,
+            )
+            .unwrap_err();
+        assert!(matches!(e, Error::Storage { what: "params", dtype: Dtype::Bf16, .. }), "{e:?}");
+        assert!(e.to_string().contains("BF16"), "{e}");
+    }
+    let mut p32 = vec![0.5f32; n];
+    {
+        let mut short = vec![bf16::from_f32(9.0); n - 1];
+        let mut state = [StateBuf::F32(&mut m), StateBuf::F32(&mut v)];
+        let e = cfg
+            .step_mixed(
+                1,
+                &mut aux,
+                Params::F32(&mut p32),
+                Grads::Bf16(&g),
+                &mut state,
+                Some(ParamCopy::Bf16(&mut short)),
+                &opt,
+            )
+            .unwrap_err();
+        assert_eq!(e, Error::LengthMismatch { what: "param_copy", expected: n, actual: n - 1 });
+        assert!(short.iter().all(|x| x.to_f32() == 9.0));
+    }
+    {
+        let mut v16 = vec![bf16::from_f32(0.5); n + 1];
+        let mut state = [StateBuf::F32(&mut m), StateBuf::Bf16(&mut v16)];
+        let e =
+            cfg.step_mixed(1, &mut aux, Params::F32(&mut p32), Grads::Bf16(&g), &mut state, None, &opt).unwrap_err();
+        assert_eq!(e, Error::LengthMismatch { what: "exp_avg_sq", expected: n, actual: n + 1 });
+    }
+    {
+        let mut state = [StateBuf::F32(&mut m)];
+        let e = cfg
+            .step_mixed(1, &mut aux, Params::F32(&mut p32), Grads::Bf16(&g[..n]), &mut state, None, &opt)
+            .unwrap_err();
+        assert_eq!(e, Error::StateCount { expected: 2, actual: 1 });
+    }
+    assert!(p.iter().all(|x| x.to_f32() == 0.5));
+    assert!(p32.iter().all(|&x| x == 0.5));
+    assert!(m.iter().all(|&x| x == 0.25) && v.iter().all(|&x| x == 0.5));
+    assert!(copy.iter().all(|x| x.to_f32() == 9.0));
+}
+
+/// One AdamW step of each storage combination against the same math in f64
+/// on the values the buffers hold. Bound (documented in the README): every
+/// output within one unit in the last place of its storage type (the final
+/// rounding), plus 1e-6 of the magnitude of the terms it sums (the f32
+/// arithmetic before it).
+#[test]
+#[allow(clippy::needless_range_loop)]
+fn one_step_is_within_one_storage_ulp_of_f64() {
+    let n = 4096;
+    let (lr, b1, b2, eps, wd) = (1e-3f64, 0.9f64, 0.999f64, 1e-8f64, 0.01f64);
+    let cfg: AnyConfig = AdamWConfig { lr, betas: (b1, b2), eps, weight_decay: wd, ..Default::default() }.into();
+    let t = 10u64;
+    for combo in combos() {
+        let mut rng = Rng::new(5);
+        let mut run = start(&cfg, combo, n, &mut rng);
+        let g = rng.vec(n, 0.3);
+        let g_held = grads_rounded(combo.1, &g);
+        let before = run.clone();
+        mixed_step(&cfg, t, combo, &mut run, &g, &StepOptions::default()).unwrap();
+        let ulp =
+            |dtype_bits: i32, x: f64| 2f64.powi(x.abs().max(f64::MIN_POSITIVE).log2().floor() as i32 - dtype_bits);
+        let p_bits = if combo.0 == P::Bf16 { 7 } else { 23 };
+        let s_bits = if combo.2 == Dtype::Bf16 { 7 } else { 23 };
+        for i in 0..n {
+            let (p0, m0, v0, gi) =
+                (f64::from(before.p[i]), f64::from(before.s[0][i]), f64::from(before.s[1][i]), f64::from(g_held[i]));
+            let p1 = p0 * (1.0 - lr * wd);
+            let m = b1 * m0 + (1.0 - b1) * gi;
+            let v = b2 * v0 + (1.0 - b2) * gi * gi;
+            let bc1 = 1.0 - b1.powi(t as i32);
+            let bc2 = 1.0 - b2.powi(t as i32);
+            let update = lr / bc1 * m / (v.sqrt() / bc2.sqrt() + eps);
+            let p = p1 - update;
+            // the magnitude the f32 arithmetic works at (sums may cancel)
+            let (scale_p, scale_m) = (p1.abs() + update.abs(), (b1 * m0).abs() + ((1.0 - b1) * gi).abs());
+            for (what, got, want, bits, scale) in [
+                ("param", run.p[i], p, p_bits, scale_p),
+                ("exp_avg", run.s[0][i], m, s_bits, scale_m),
+                ("exp_avg_sq", run.s[1][i], v, s_bits, v),
+            ] {
+                let err = (f64::from(got) - want).abs();
+                let bound = ulp(bits, want) + 1e-6 * scale;
+                assert!(err <= bound, "{combo:?} {what}[{i}]: {got:e} vs {want:e}, error {err:e} > {bound:e}");
+            }
+        }
+    }
+}
