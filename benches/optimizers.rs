@@ -6,7 +6,8 @@
 //!
 //! `cargo bench` runs everything (about half an hour); narrow it with
 //! criterion's filter, e.g. `cargo bench -- adam/`, and the sizes with
-//! `ADAOPTIM_BENCH_SIZES=65536,1048576`. Parallel paths use the global rayon
+//! `ADAOPTIM_BENCH_SIZES=65536,1048576`. `precision/` benches AdamW over each
+//! mixed-precision storage combination beside its roofline. Parallel paths use the global rayon
 //! pool (`RAYON_NUM_THREADS` sets its size).
 
 use std::hint::black_box;
@@ -224,5 +225,63 @@ fn bench_sparse(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_optimizers, bench_guards, bench_sparse);
+/// AdamW over each mixed-precision storage combination (best backend,
+/// parallel), beside the roofline pass over the same storage; throughput in
+/// bytes moved. Filter with `cargo bench -- precision/`.
+fn bench_precision(c: &mut Criterion) {
+    use adaoptim::storage::{Dtype, Grads, ParamCopy, Params, StateBuf, bf16};
+    let cfg = AnyConfig::default_for("AdamW").unwrap();
+    let mut group = c.benchmark_group("precision");
+    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    let exec = Exec { backend: Some(Backend::best()), parallel: Parallel::Auto };
+    let options = adaoptim::StepOptions { exec, ..Default::default() };
+    // (name, bf16 params, bf16 grads, bf16 states, bf16 copy)
+    let combos = [
+        ("f32", false, false, false, false),
+        ("bf16-grads", false, true, false, true),
+        ("bf16-f32states", true, true, false, false),
+        ("bf16", true, true, true, false),
+    ];
+    for n in sizes() {
+        for (name, bp, bg, bs, bc) in combos {
+            let d = |half: bool| if half { Dtype::Bf16 } else { Dtype::F32 };
+            let bytes = roofline::bytes_per_param_of(d(bp), d(bg), &[d(bs); 2], bc.then_some(Dtype::Bf16));
+            group.throughput(Throughput::Bytes((bytes * n) as u64));
+            let mut p32 = vec![0.5f32; if bp { 0 } else { n }];
+            let mut p16 = vec![bf16::from_f32(0.5); if bp { n } else { 0 }];
+            let g32: Vec<f32> = (0..if bg { 0 } else { n }).map(|i| ((i % 97) as f32 - 48.0) * 1e-3).collect();
+            let g16: Vec<bf16> =
+                (0..if bg { n } else { 0 }).map(|i| bf16::from_f32(((i % 97) as f32 - 48.0) * 1e-3)).collect();
+            let mut s32 = vec![vec![0.0f32; if bs { 0 } else { n }]; 2];
+            let mut s16 = vec![vec![bf16::from_f32(0.0); if bs { n } else { 0 }]; 2];
+            let mut copy = vec![bf16::from_f32(0.0); if bc { n } else { 0 }];
+            for roof in [false, true] {
+                let mut t = 0u64;
+                let mut aux = cfg.aux_init();
+                let label = if roof { format!("roofline-{name}") } else { format!("adamw-{name}") };
+                group.bench_function(BenchmarkId::new(label, n), |b| {
+                    b.iter(|| {
+                        let params = if bp { Params::Bf16(&mut p16) } else { Params::F32(&mut p32) };
+                        let grads = if bg { Grads::Bf16(&g16) } else { Grads::F32(&g32) };
+                        let mut state: Vec<StateBuf<'_>> = if bs {
+                            s16.iter_mut().map(|x| StateBuf::Bf16(x)).collect()
+                        } else {
+                            s32.iter_mut().map(|x| StateBuf::F32(x)).collect()
+                        };
+                        let c = if bc { Some(ParamCopy::Bf16(&mut copy)) } else { None };
+                        if roof {
+                            roofline::step_mixed(params, grads, &mut state, c, &exec).unwrap();
+                        } else {
+                            t += 1;
+                            cfg.step_mixed(t, &mut aux, params, grads, &mut state, c, &options).unwrap();
+                        }
+                    })
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_optimizers, bench_guards, bench_sparse, bench_precision);
 criterion_main!(benches);

@@ -21,11 +21,13 @@
 //! Precisions (AdamW's names from the mixed-precision issue):
 //! `f32` (everything f32), `bf16-grads` (bf16 grads in, f32 master params
 //! and states, bf16 param copy out), `bf16-f32states` (bf16 params and
-//! grads, f32 states), `bf16` (bf16 params, grads and states).
+//! grads, f32 states), `bf16` (bf16 params, grads and states), `q8` (f32
+//! params and grads, 8-bit block-wise states), `bf16-q8` (bf16 params and
+//! grads, 8-bit states).
 
 use std::time::Instant;
 
-use adaoptim::storage::{Dtype, Grads, ParamCopy, Params, StateBuf, bf16};
+use adaoptim::storage::{Dtype, Grads, ParamCopy, Params, Q8State, QMap, StateBuf, bf16};
 use adaoptim::{AnyConfig, Backend, Exec, NonFinitePolicy, Parallel, roofline};
 use aligned_vec::{AVec, ConstAlign};
 
@@ -249,6 +251,7 @@ struct Setup {
     g16: Buf<bf16>,
     s32: Vec<Buf<f32>>,
     s16: Vec<Buf<bf16>>,
+    q8: Vec<(Buf<u8>, Buf<f32>, &'static QMap)>,
     copy: Buf<bf16>,
     t: u64,
     aux: adaoptim::AuxState,
@@ -261,12 +264,15 @@ fn layout(name: &str) -> (Dtype, Dtype, Dtype, Option<Dtype>) {
         "bf16-grads" => (Dtype::F32, Dtype::Bf16, Dtype::F32, Some(Dtype::Bf16)),
         "bf16-f32states" => (Dtype::Bf16, Dtype::Bf16, Dtype::F32, None),
         "bf16" => (Dtype::Bf16, Dtype::Bf16, Dtype::Bf16, None),
-        other => panic!("unknown precision {other}; known: f32, bf16-grads, bf16-f32states, bf16"),
+        "q8" => (Dtype::F32, Dtype::F32, Dtype::Q8, None),
+        "bf16-q8" => (Dtype::Bf16, Dtype::Bf16, Dtype::Q8, None),
+        other => panic!("unknown precision {other}; known: f32, bf16-grads, bf16-f32states, bf16, q8, bf16-q8"),
     }
 }
 
 impl Setup {
-    fn new(name: &str, n: usize, k: usize) -> Setup {
+    fn new(name: &str, n: usize, names: &[&str]) -> Setup {
+        let k = names.len();
         let (p, g, s, c) = layout(name);
         let sized = |on: bool| if on { n } else { 0 };
         let grad = |i: usize| ((i % 97) as f32 - 48.0) * 1e-3;
@@ -278,6 +284,13 @@ impl Setup {
             g16: AVec::from_iter(64, (0..sized(g == Dtype::Bf16)).map(|i| bf16::from_f32(grad(i)))),
             s32: (0..k).map(|_| filled(sized(s == Dtype::F32), 0.0)).collect(),
             s16: (0..k).map(|_| filled(sized(s == Dtype::Bf16), bf16::from_f32(0.0))).collect(),
+            q8: names
+                .iter()
+                .map(|name| {
+                    let m = sized(s == Dtype::Q8);
+                    (filled(m, 0u8), filled(m.div_ceil(256), 0f32), QMap::for_state(name))
+                })
+                .collect(),
             copy: filled(sized(c.is_some()), bf16::from_f32(0.0)),
             t: 0,
             aux: [0.0; adaoptim::MAX_AUX],
@@ -294,10 +307,10 @@ impl Setup {
         let (p, g, s, _) = layout(&self.name);
         let params = if p == Dtype::F32 { Params::F32(&mut self.p32) } else { Params::Bf16(&mut self.p16) };
         let grads = if g == Dtype::F32 { Grads::F32(&self.g32) } else { Grads::Bf16(&self.g16) };
-        let mut state: Vec<StateBuf<'_>> = if s == Dtype::F32 {
-            self.s32.iter_mut().map(|b| StateBuf::F32(b)).collect()
-        } else {
-            self.s16.iter_mut().map(|b| StateBuf::Bf16(b)).collect()
+        let mut state: Vec<StateBuf<'_>> = match s {
+            Dtype::F32 => self.s32.iter_mut().map(|b| StateBuf::F32(b)).collect(),
+            Dtype::Bf16 => self.s16.iter_mut().map(|b| StateBuf::Bf16(b)).collect(),
+            _ => self.q8.iter_mut().map(|(codes, absmax, map)| StateBuf::Q8(Q8State { codes, absmax, map })).collect(),
         };
         let copy = if self.copy.is_empty() { None } else { Some(ParamCopy::Bf16(&mut self.copy)) };
         if roof {
@@ -343,7 +356,8 @@ fn precisions(args: &Args, exec: Exec) {
                 for name in &args.optimizers {
                     let cfg = AnyConfig::default_for(class_of(name)).expect("known class");
                     let k = cfg.state_names().len();
-                    let mut setups: Vec<Setup> = args.precision.iter().map(|p| Setup::new(p, n, k)).collect();
+                    let mut setups: Vec<Setup> =
+                        args.precision.iter().map(|p| Setup::new(p, n, cfg.state_names())).collect();
                     let mut times: Vec<(Vec<f64>, Vec<f64>)> = setups.iter().map(|_| (vec![], vec![])).collect();
                     let mut backend = Backend::Scalar;
                     for s in setups.iter_mut() {

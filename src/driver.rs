@@ -6,7 +6,7 @@
 
 use crate::backend::{Backend, Exec};
 use crate::simd::{F32Vec, Wide};
-use crate::storage::{Grads, ParamCopy, Params, StateBuf, TILE, narrow, widen};
+use crate::storage::{Grads, ParamCopy, Params, StateBuf, TILE, dequantize, narrow, quantize, widen};
 
 /// How gradients are divided by a loss scale.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -322,8 +322,10 @@ fn run_tiles<V: F32Vec, K: Kernel<S>, const S: usize, P: Pre>(k: &K, mut sl: Mix
             // Widen outside the closure below: a closure is compiled without
             // the backend's target features unless inlined.
             for (b, t) in sl.s.iter().zip(st.iter_mut()) {
-                if let StateBuf::Bf16(x) = b {
-                    widen(&x[r.clone()], &mut t[..len]);
+                match b {
+                    StateBuf::F32(_) => {}
+                    StateBuf::Bf16(x) => widen(&x[r.clone()], &mut t[..len]),
+                    StateBuf::Q8(q) => dequantize(&q.codes[r.clone()], q.absmax[i / TILE], q.map, &mut t[..len]),
                 }
             }
             let mut it = sl.s.iter_mut().zip(st.iter_mut());
@@ -331,7 +333,7 @@ fn run_tiles<V: F32Vec, K: Kernel<S>, const S: usize, P: Pre>(k: &K, mut sl: Mix
                 let (b, t) = it.next().expect("S entries");
                 match b {
                     StateBuf::F32(x) => &mut x[r.clone()],
-                    StateBuf::Bf16(_) => &mut t[..len],
+                    StateBuf::Bf16(_) | StateBuf::Q8(_) => &mut t[..len],
                 }
             });
             run_lanes_with::<V, K, S, P>(k, Slices { p, g, s }, pre);
@@ -340,8 +342,10 @@ fn run_tiles<V: F32Vec, K: Kernel<S>, const S: usize, P: Pre>(k: &K, mut sl: Mix
             narrow(&pt[..len], &mut x[r.clone()]);
         }
         for (b, t) in sl.s.iter_mut().zip(&st) {
-            if let StateBuf::Bf16(x) = b {
-                narrow(&t[..len], &mut x[r.clone()]);
+            match b {
+                StateBuf::F32(_) => {}
+                StateBuf::Bf16(x) => narrow(&t[..len], &mut x[r.clone()]),
+                StateBuf::Q8(q) => q.absmax[i / TILE] = quantize(&t[..len], q.map, &mut q.codes[r.clone()]),
             }
         }
         if let Some(c) = &mut sl.copy {

@@ -80,6 +80,9 @@ pub fn step_mixed(
     check_len("grads", n, grads.len())?;
     for s in state.iter() {
         check_len("state", n, s.len())?;
+        if let StateBuf::Q8(q) = s {
+            check_len("absmax", n.div_ceil(crate::storage::Q8_BLOCK), q.absmax.len())?;
+        }
     }
     if state.len() > 3 {
         return Err(Error::StateCount { expected: 3, actual: state.len() });

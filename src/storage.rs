@@ -45,23 +45,29 @@ pub enum Dtype {
     Bf16,
     /// IEEE-754 half precision (`binary16`).
     F16,
+    /// Block-wise 8-bit codes ([`Q8State`]): one byte per element plus one
+    /// `f32` absmax per block of [`Q8_BLOCK`].
+    Q8,
 }
 
 impl Dtype {
-    /// Bytes per element.
+    /// Bytes per element (8-bit states: the code byte; the absmax adds
+    /// 4/256 of a byte).
     pub fn size(self) -> usize {
         match self {
             Dtype::F32 => 4,
             Dtype::Bf16 | Dtype::F16 => 2,
+            Dtype::Q8 => 1,
         }
     }
 
-    /// The safetensors / torch name: `"F32"`, `"BF16"`, `"F16"`.
+    /// The safetensors / torch name: `"F32"`, `"BF16"`, `"F16"`, `"U8"`.
     pub fn name(self) -> &'static str {
         match self {
             Dtype::F32 => "F32",
             Dtype::Bf16 => "BF16",
             Dtype::F16 => "F16",
+            Dtype::Q8 => "U8",
         }
     }
 }
@@ -99,6 +105,9 @@ pub enum StateBuf<'a> {
     F32(&'a mut [f32]),
     /// `bf16` state: widened, updated in `f32`, rounded back each step.
     Bf16(&'a mut [bf16]),
+    /// Block-wise 8-bit state: dequantized per block, updated in `f32`,
+    /// quantized back with the block's new absmax each step.
+    Q8(Q8State<'a>),
 }
 
 /// Where a step writes a half-precision copy of the updated `f32` parameters.
@@ -126,7 +135,6 @@ macro_rules! storage_common {
 }
 storage_common!(Params, F32, Bf16);
 storage_common!(Grads, F32, Bf16, F16);
-storage_common!(StateBuf, F32, Bf16);
 storage_common!(ParamCopy, Bf16, F16);
 
 impl Params<'_> {
@@ -158,11 +166,24 @@ impl Grads<'_> {
 }
 
 impl StateBuf<'_> {
+    /// Elements in the buffer.
+    pub fn len(&self) -> usize {
+        match self {
+            StateBuf::F32(x) => x.len(),
+            StateBuf::Bf16(x) => x.len(),
+            StateBuf::Q8(q) => q.codes.len(),
+        }
+    }
+    /// True if the buffer holds no element.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// The storage type.
     pub fn dtype(&self) -> Dtype {
         match self {
             StateBuf::F32(_) => Dtype::F32,
             StateBuf::Bf16(_) => Dtype::Bf16,
+            StateBuf::Q8(_) => Dtype::Q8,
         }
     }
     /// A shorter borrow of the same buffer.
@@ -170,6 +191,7 @@ impl StateBuf<'_> {
         match self {
             StateBuf::F32(x) => StateBuf::F32(x),
             StateBuf::Bf16(x) => StateBuf::Bf16(x),
+            StateBuf::Q8(q) => StateBuf::Q8(Q8State { codes: q.codes, absmax: q.absmax, map: q.map }),
         }
     }
 }
@@ -236,6 +258,16 @@ impl<'a> StateBuf<'a> {
                 let (a, b) = x.split_at_mut(mid);
                 (StateBuf::Bf16(a), StateBuf::Bf16(b))
             }
+            StateBuf::Q8(q) => {
+                // The driver splits mixed buffers at multiples of TILE = Q8_BLOCK.
+                assert!(mid.is_multiple_of(Q8_BLOCK), "8-bit states split at block boundaries");
+                let (c0, c1) = q.codes.split_at_mut(mid);
+                let (a0, a1) = q.absmax.split_at_mut(mid / Q8_BLOCK);
+                (
+                    StateBuf::Q8(Q8State { codes: c0, absmax: a0, map: q.map }),
+                    StateBuf::Q8(Q8State { codes: c1, absmax: a1, map: q.map }),
+                )
+            }
         }
     }
 }
@@ -253,6 +285,310 @@ impl<'a> ParamCopy<'a> {
             }
         }
     }
+}
+
+/// Elements per block of an 8-bit state: one `f32` absmax per block
+/// (bitsandbytes' and torchao's block size).
+pub const Q8_BLOCK: usize = TILE;
+
+/// A block-wise 8-bit state buffer, bitsandbytes' layout: `codes[i]` indexes
+/// `map`, and element `i` is `map.code()[codes[i]] * absmax[i / Q8_BLOCK]`
+/// (bitsandbytes' `state1`/`state2`, `absmax1`/`absmax2`, `qmap1`/`qmap2`).
+///
+/// Each step dequantizes a block, updates it in `f32`, takes the block's new
+/// absmax (the largest magnitude) and quantizes every element to the nearest
+/// code of `value / absmax` (see [`QMap`] for the search and how ties
+/// round). A block whose absmax is 0 holds zeros. 8-bit codes cannot hold
+/// NaN or infinity: a block with a NaN element gets a NaN absmax, one with an
+/// infinite element an infinite absmax, and either dequantizes as NaN, so a
+/// blow-up stays visible instead of being clipped away.
+#[derive(Debug)]
+pub struct Q8State<'a> {
+    /// One code per element.
+    pub codes: &'a mut [u8],
+    /// One scale per block of [`Q8_BLOCK`] elements: `codes.len().div_ceil(256)` entries.
+    pub absmax: &'a mut [f32],
+    /// The code map: [`QMap::signed`] for `exp_avg`, [`QMap::unsigned`] for `exp_avg_sq`.
+    pub map: &'a QMap,
+}
+
+/// The 256 values of an 8-bit state's codes, sorted, with the search
+/// structure that finds the nearest one.
+///
+/// Quantization reproduces bitsandbytes' CPU `quantize_blockwise`: with
+/// `x = value / absmax` (in `[-1, 1]`), take the largest index `i` whose code
+/// is `<= x`, searching a copy of the map whose first entry is `-1` (as
+/// bitsandbytes sets it, so every `x` has one), then move to `i + 1` if its
+/// code is strictly nearer (`|x - c[i+1]| < |x - c[i]|` in `f32`): **ties go to
+/// the lower code**. The search is exact: a 65536-entry table indexed by the
+/// top 16 bits of `x`'s order-preserving bit pattern gives the largest index
+/// at or below the bucket, and a short scan finishes it.
+#[derive(Clone)]
+pub struct QMap {
+    code: [f32; 256],
+    /// `code` with `search[0] = -1` and `search[256] = inf` (so index `i + 1`
+    /// needs no bound check and never wins).
+    search: [f32; 257],
+    bucket: Box<[u8]>,
+    /// The most codes above a bucket's start inside one bucket (1 for the
+    /// dynamic maps: one branch-free step finishes the search).
+    max_steps: usize,
+}
+
+impl std::fmt::Debug for QMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QMap").field("code", &self.code).finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for QMap {
+    fn eq(&self, other: &Self) -> bool {
+        self.code.map(f32::to_bits) == other.code.map(f32::to_bits)
+    }
+}
+
+/// The order-preserving key of an f32 (negative values reversed).
+#[inline(always)]
+fn order_key(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b & 0x8000_0000 != 0 { !b } else { b | 0x8000_0000 }
+}
+
+impl QMap {
+    /// A map from 256 sorted values in `[-1, 1]` whose last is `1`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidOption`](crate::Error::InvalidOption) if the values are
+    /// not finite, not sorted ascending, outside `[-1, 1]`, or the last is not 1.
+    pub fn from_code(code: [f32; 256]) -> Result<QMap, crate::Error> {
+        let bad = |reason| Err(crate::Error::InvalidOption { name: "qmap".into(), reason });
+        if code.iter().any(|c| !c.is_finite() || c.abs() > 1.0) {
+            return bad("every code must be finite and within [-1, 1]");
+        }
+        if code.windows(2).any(|w| w[0] > w[1]) {
+            return bad("codes must be sorted ascending");
+        }
+        if code[255] != 1.0 {
+            return bad("the last code must be 1");
+        }
+        let mut search = [f32::INFINITY; 257];
+        search[..256].copy_from_slice(&code);
+        search[0] = -1.0;
+        let left = |x: f32| search[1..256].iter().filter(|&&c| c <= x).count() as u8;
+        let start = |k: u32| {
+            let key = k << 16;
+            let x = f32::from_bits(if key & 0x8000_0000 != 0 { key & 0x7fff_ffff } else { !key });
+            if x.is_nan() { 0 } else { left(x.clamp(-1.0, 1.0)) }
+        };
+        let bucket: Box<[u8]> = (0..=u32::from(u16::MAX)).map(start).collect();
+        // codes inside each bucket: the next bucket's start minus this one's
+        let max_steps = (0..u16::MAX as usize).map(|k| bucket[k + 1].saturating_sub(bucket[k])).max().unwrap_or(0);
+        Ok(QMap { code, search, bucket, max_steps: usize::from(max_steps) })
+    }
+
+    /// bitsandbytes' signed dynamic map (`create_dynamic_map(signed=True)`),
+    /// for `exp_avg`.
+    pub fn signed() -> &'static QMap {
+        static MAP: std::sync::OnceLock<QMap> = std::sync::OnceLock::new();
+        MAP.get_or_init(|| QMap::from_code(dynamic_map(true)).expect("the dynamic map is valid"))
+    }
+
+    /// bitsandbytes' unsigned dynamic map (`create_dynamic_map(signed=False)`),
+    /// for `exp_avg_sq`.
+    pub fn unsigned() -> &'static QMap {
+        static MAP: std::sync::OnceLock<QMap> = std::sync::OnceLock::new();
+        MAP.get_or_init(|| QMap::from_code(dynamic_map(false)).expect("the dynamic map is valid"))
+    }
+
+    /// The map for a state buffer of this torch name: [`unsigned`](Self::unsigned)
+    /// for the states that are never negative (`exp_avg_sq`,
+    /// `max_exp_avg_sq`, `square_avg`, `sum`, `acc_delta`, `exp_inf`,
+    /// `step_size`), [`signed`](Self::signed) for the rest.
+    pub fn for_state(name: &str) -> &'static QMap {
+        match name {
+            "exp_avg_sq" | "max_exp_avg_sq" | "square_avg" | "sum" | "acc_delta" | "exp_inf" | "step_size" => {
+                QMap::unsigned()
+            }
+            _ => QMap::signed(),
+        }
+    }
+
+    /// The 256 code values.
+    pub fn code(&self) -> &[f32; 256] {
+        &self.code
+    }
+
+    /// The code of `x` (a value divided by its block's absmax; NaN, from a
+    /// block of zeros, counts as 0).
+    #[inline(always)]
+    pub fn quantize(&self, x: f32) -> u8 {
+        if self.max_steps <= 1 { self.quantize_with::<true>(x) } else { self.quantize_with::<false>(x) }
+    }
+
+    /// The search; `ONE_STEP` when no bucket holds more than one code.
+    #[inline(always)]
+    fn quantize_with<const ONE_STEP: bool>(&self, x: f32) -> u8 {
+        let x = if x.is_nan() { 0.0 } else { x };
+        let mut i = usize::from(self.bucket[(order_key(x) >> 16) as usize]);
+        if ONE_STEP {
+            i += usize::from(self.search[i + 1] <= x);
+        } else {
+            while self.search[i + 1] <= x {
+                i += 1;
+            }
+        }
+        // search[256] is infinite: never nearer, so i stays <= 255
+        i += usize::from((x - self.search[i + 1]).abs() < (x - self.search[i]).abs());
+        i as u8
+    }
+}
+
+/// bitsandbytes' dynamic code map, `create_dynamic_map(signed,
+/// max_exponent_bits=7, total_bits=8)`: for each exponent `e` in `0..7`, the
+/// midpoints of `linspace(0.1, 1, k)` scaled by `10^(e-6)`, with
+/// `k = 2^e + 1` (signed, both signs) or `2^(e+1) + 1` (unsigned), plus 0
+/// and 1, sorted. The values are the ones bitsandbytes 0.50.2 computes on
+/// torch 2.15's CPU (whose vectorized float32 `linspace` rounds differently
+/// from the formula evaluated element by element, and differently per SIMD
+/// width), stored as bit patterns, so a map is the same on every machine; a
+/// checkpoint made elsewhere carries its own map ([`QMap::from_code`]).
+pub fn dynamic_map(signed: bool) -> [f32; 256] {
+    (if signed { SIGNED_MAP_BITS } else { UNSIGNED_MAP_BITS }).map(f32::from_bits)
+}
+
+/// bitsandbytes' `create_dynamic_map(signed=True)` (0.50.2, torch 2.15, AVX2
+/// capability), as f32 bit patterns.
+const SIGNED_MAP_BITS: [u32; 256] = [
+    0xbf7e3333, 0xbf7a999a, 0xbf770000, 0xbf736666, 0xbf6fcccd, 0xbf6c3333, 0xbf68999a, 0xbf650000, 0xbf616666,
+    0xbf5dcccd, 0xbf5a3333, 0xbf56999a, 0xbf530000, 0xbf4f6666, 0xbf4bcccd, 0xbf483333, 0xbf44999a, 0xbf410000,
+    0xbf3d6666, 0xbf39cccd, 0xbf363334, 0xbf32999a, 0xbf2f0000, 0xbf2b6666, 0xbf27cccd, 0xbf243334, 0xbf20999a,
+    0xbf1d0000, 0xbf196666, 0xbf15cccd, 0xbf123334, 0xbf0e999a, 0xbf0b0000, 0xbf076666, 0xbf03cccc, 0xbf003333,
+    0xbef93332, 0xbef20000, 0xbeeacccc, 0xbee3999a, 0xbedc6666, 0xbed53333, 0xbece0000, 0xbec6cccc, 0xbebf999a,
+    0xbeb86666, 0xbeb13333, 0xbeaa0000, 0xbea2cccc, 0xbe9b999a, 0xbe946666, 0xbe8d3334, 0xbe860000, 0xbe7d9999,
+    0xbe6f3333, 0xbe60cccd, 0xbe526666, 0xbe440000, 0xbe35999a, 0xbe273333, 0xbe18cccd, 0xbe0a6666, 0xbdf80000,
+    0xbddb3334, 0xbdc9eb85, 0xbdc428f7, 0xbdbe6667, 0xbdb8a3d7, 0xbdb2e148, 0xbdad1eb8, 0xbda75c2a, 0xbda1999a,
+    0xbd9bd70a, 0xbd96147b, 0xbd9051eb, 0xbd8a8f5d, 0xbd84cccd, 0xbd7e147b, 0xbd728f5d, 0xbd670a3d, 0xbd5b851f,
+    0xbd500000, 0xbd447ae1, 0xbd38f5c3, 0xbd2d70a3, 0xbd21eb85, 0xbd166667, 0xbd0ae148, 0xbcfeb852, 0xbce7ae15,
+    0xbcd0a3d7, 0xbcb9999a, 0xbca28f5d, 0xbc8b851f, 0xbc68f5c3, 0xbc3ae148, 0xbc1f3b64, 0xbc160418, 0xbc0ccccd,
+    0xbc039581, 0xbbf4bc6a, 0xbbe24dd3, 0xbbcfdf3b, 0xbbbd70a4, 0xbbab020d, 0xbb989374, 0xbb8624dd, 0xbb676c8a,
+    0xbb428f5c, 0xbb1db22d, 0xbaf1a9fc, 0xbaa7ef9d, 0xba7765ff, 0xba59e83e, 0xba3c6a80, 0xba1eecc1, 0xba016f01,
+    0xb9c7e283, 0xb98ce705, 0xb923d70b, 0xb8ba1f4b, 0xb88aefb3, 0xb8378034, 0xb7b24206, 0xb70205ff, 0xb65a1a94,
+    0xb513a3b7, 0x00000000, 0x3513a3b7, 0x365a1a94, 0x370205ff, 0x37b24206, 0x38378034, 0x388aefb3, 0x38ba1f4b,
+    0x3923d70b, 0x398ce705, 0x39c7e283, 0x3a016f01, 0x3a1eecc1, 0x3a3c6a80, 0x3a59e83e, 0x3a7765ff, 0x3aa7ef9d,
+    0x3af1a9fc, 0x3b1db22d, 0x3b428f5c, 0x3b676c8a, 0x3b8624dd, 0x3b989374, 0x3bab020d, 0x3bbd70a4, 0x3bcfdf3b,
+    0x3be24dd3, 0x3bf4bc6a, 0x3c039581, 0x3c0ccccd, 0x3c160418, 0x3c1f3b64, 0x3c3ae148, 0x3c68f5c3, 0x3c8b851f,
+    0x3ca28f5d, 0x3cb9999a, 0x3cd0a3d7, 0x3ce7ae15, 0x3cfeb852, 0x3d0ae148, 0x3d166667, 0x3d21eb85, 0x3d2d70a3,
+    0x3d38f5c3, 0x3d447ae1, 0x3d500000, 0x3d5b851f, 0x3d670a3d, 0x3d728f5d, 0x3d7e147b, 0x3d84cccd, 0x3d8a8f5d,
+    0x3d9051eb, 0x3d96147b, 0x3d9bd70a, 0x3da1999a, 0x3da75c2a, 0x3dad1eb8, 0x3db2e148, 0x3db8a3d7, 0x3dbe6667,
+    0x3dc428f7, 0x3dc9eb85, 0x3ddb3334, 0x3df80000, 0x3e0a6666, 0x3e18cccd, 0x3e273333, 0x3e35999a, 0x3e440000,
+    0x3e526666, 0x3e60cccd, 0x3e6f3333, 0x3e7d9999, 0x3e860000, 0x3e8d3334, 0x3e946666, 0x3e9b999a, 0x3ea2cccc,
+    0x3eaa0000, 0x3eb13333, 0x3eb86666, 0x3ebf999a, 0x3ec6cccc, 0x3ece0000, 0x3ed53333, 0x3edc6666, 0x3ee3999a,
+    0x3eeacccc, 0x3ef20000, 0x3ef93332, 0x3f003333, 0x3f03cccc, 0x3f076666, 0x3f0b0000, 0x3f0e999a, 0x3f123334,
+    0x3f15cccd, 0x3f196666, 0x3f1d0000, 0x3f20999a, 0x3f243334, 0x3f27cccd, 0x3f2b6666, 0x3f2f0000, 0x3f32999a,
+    0x3f363334, 0x3f39cccd, 0x3f3d6666, 0x3f410000, 0x3f44999a, 0x3f483333, 0x3f4bcccd, 0x3f4f6666, 0x3f530000,
+    0x3f56999a, 0x3f5a3333, 0x3f5dcccd, 0x3f616666, 0x3f650000, 0x3f68999a, 0x3f6c3333, 0x3f6fcccd, 0x3f736666,
+    0x3f770000, 0x3f7a999a, 0x3f7e3333, 0x3f800000,
+];
+
+/// bitsandbytes' `create_dynamic_map(signed=False)`, as f32 bit patterns.
+const UNSIGNED_MAP_BITS: [u32; 256] = [
+    0x00000000, 0x34ae7baa, 0x35500998, 0x360e9b38, 0x3692ccf6, 0x36de4c51, 0x3714e5d5, 0x3783126e, 0x37e171a0,
+    0x381fe868, 0x384f1800, 0x387e479a, 0x3896bb99, 0x38ae5364, 0x38c5eb31, 0x3906594b, 0x394154ca, 0x397c5049,
+    0x399ba5e4, 0x39b923a2, 0x39d6a163, 0x39f41f22, 0x3a08ce71, 0x3a178d50, 0x3a264c30, 0x3a350b10, 0x3a43c9ef,
+    0x3a5288d0, 0x3a6147af, 0x3a70068e, 0x3a7ec56e, 0x3a958106, 0x3aba5e35, 0x3adf3b64, 0x3b020c4a, 0x3b147ae1,
+    0x3b26e978, 0x3b395810, 0x3b4bc6a7, 0x3b5e3540, 0x3b70a3d7, 0x3b818937, 0x3b8ac082, 0x3b93f7cf, 0x3b9d2f1a,
+    0x3ba66666, 0x3baf9db2, 0x3bb8d4fd, 0x3bc20c4a, 0x3bcb4395, 0x3bd47ae1, 0x3bddb22e, 0x3be6e978, 0x3bf020c5,
+    0x3bf9580f, 0x3c0147ae, 0x3c05e354, 0x3c0a7ef9, 0x3c0f1aa0, 0x3c13b645, 0x3c1851eb, 0x3c1ced92, 0x3c218937,
+    0x3c2f5c2a, 0x3c466667, 0x3c5d70a3, 0x3c747ae2, 0x3c85c28f, 0x3c9147af, 0x3c9ccccd, 0x3ca851eb, 0x3cb3d70b,
+    0x3cbf5c29, 0x3ccae147, 0x3cd66667, 0x3ce1eb87, 0x3ced70a3, 0x3cf8f5c3, 0x3d023d70, 0x3d080000, 0x3d0dc28f,
+    0x3d13851f, 0x3d1947af, 0x3d1f0a3d, 0x3d24cccd, 0x3d2a8f5c, 0x3d3051eb, 0x3d36147b, 0x3d3bd70a, 0x3d41999a,
+    0x3d475c28, 0x3d4d1eb8, 0x3d52e147, 0x3d58a3d7, 0x3d5e6667, 0x3d6428f7, 0x3d69eb87, 0x3d6fae15, 0x3d7570a3,
+    0x3d7b3333, 0x3d807ae2, 0x3d835c2a, 0x3d863d71, 0x3d891eb8, 0x3d8c0000, 0x3d8ee148, 0x3d91c290, 0x3d94a3d7,
+    0x3d97851f, 0x3d9a6667, 0x3d9d47af, 0x3da028f6, 0x3da30a3e, 0x3da5eb85, 0x3da8cccd, 0x3dabae15, 0x3dae8f5c,
+    0x3db170a4, 0x3db451eb, 0x3db73333, 0x3dba147b, 0x3dbcf5c3, 0x3dbfd70b, 0x3dc2b852, 0x3dc5999a, 0x3dc87ae2,
+    0x3dcb5c29, 0x3dd40000, 0x3de26666, 0x3df0cccd, 0x3dff3333, 0x3e06cccc, 0x3e0e0000, 0x3e153334, 0x3e1c6666,
+    0x3e23999a, 0x3e2acccc, 0x3e320000, 0x3e393334, 0x3e406666, 0x3e47999a, 0x3e4ecccc, 0x3e560000, 0x3e5d3334,
+    0x3e646666, 0x3e6b999a, 0x3e72cccc, 0x3e7a0000, 0x3e809999, 0x3e843333, 0x3e87cccd, 0x3e8b6666, 0x3e8f0000,
+    0x3e92999a, 0x3e963333, 0x3e99cccc, 0x3e9d6666, 0x3ea10000, 0x3ea4999a, 0x3ea83333, 0x3eabcccc, 0x3eaf6666,
+    0x3eb30000, 0x3eb6999a, 0x3eba3333, 0x3ebdcccc, 0x3ec16666, 0x3ec50000, 0x3ec8999a, 0x3ecc3333, 0x3ecfcccc,
+    0x3ed36666, 0x3ed70000, 0x3eda999a, 0x3ede3333, 0x3ee1cccc, 0x3ee56666, 0x3ee90000, 0x3eec999a, 0x3ef03333,
+    0x3ef3cccc, 0x3ef76666, 0x3efb0000, 0x3efe9999, 0x3f01199a, 0x3f02e666, 0x3f04b333, 0x3f068000, 0x3f084ccc,
+    0x3f0a199a, 0x3f0be666, 0x3f0db334, 0x3f0f8000, 0x3f114ccd, 0x3f13199a, 0x3f14e666, 0x3f16b334, 0x3f188000,
+    0x3f1a4ccd, 0x3f1c199a, 0x3f1de666, 0x3f1fb334, 0x3f218000, 0x3f234ccd, 0x3f25199a, 0x3f26e666, 0x3f28b334,
+    0x3f2a8000, 0x3f2c4ccd, 0x3f2e199a, 0x3f2fe666, 0x3f31b334, 0x3f338000, 0x3f354ccd, 0x3f37199a, 0x3f38e666,
+    0x3f3ab334, 0x3f3c8000, 0x3f3e4ccd, 0x3f40199a, 0x3f41e666, 0x3f43b334, 0x3f458000, 0x3f474ccc, 0x3f49199a,
+    0x3f4ae666, 0x3f4cb334, 0x3f4e8000, 0x3f504ccc, 0x3f52199a, 0x3f53e666, 0x3f55b334, 0x3f578000, 0x3f594ccc,
+    0x3f5b199a, 0x3f5ce666, 0x3f5eb334, 0x3f608000, 0x3f624ccc, 0x3f64199a, 0x3f65e666, 0x3f67b334, 0x3f698000,
+    0x3f6b4ccc, 0x3f6d199a, 0x3f6ee666, 0x3f70b334, 0x3f728000, 0x3f744ccc, 0x3f76199a, 0x3f77e666, 0x3f79b334,
+    0x3f7b8000, 0x3f7d4ccc, 0x3f7f199a, 0x3f800000,
+];
+
+/// Quantizes `src` block by block ([`Q8_BLOCK`]) as a step does: each
+/// block's absmax, then every element's nearest code. Converts an `f32`
+/// state (torch's `exp_avg`, say) into an 8-bit one.
+///
+/// # Errors
+/// [`Error::LengthMismatch`](crate::Error::LengthMismatch) unless `codes` has
+/// `src.len()` entries and `absmax` `src.len().div_ceil(256)`; nothing is written then.
+pub fn quantize_blockwise(src: &[f32], map: &QMap, codes: &mut [u8], absmax: &mut [f32]) -> Result<(), crate::Error> {
+    crate::optim::check_len("codes", src.len(), codes.len())?;
+    crate::optim::check_len("absmax", src.len().div_ceil(Q8_BLOCK), absmax.len())?;
+    for ((s, c), a) in src.chunks(Q8_BLOCK).zip(codes.chunks_mut(Q8_BLOCK)).zip(absmax.iter_mut()) {
+        *a = quantize(s, map, c);
+    }
+    Ok(())
+}
+
+/// The `f32` values of an 8-bit state: `map.code()[codes[i]] * absmax[i / 256]`.
+///
+/// # Errors
+/// [`Error::LengthMismatch`](crate::Error::LengthMismatch) unless `dst` has
+/// `codes.len()` entries and `absmax` `codes.len().div_ceil(256)`; nothing is written then.
+pub fn dequantize_blockwise(codes: &[u8], absmax: &[f32], map: &QMap, dst: &mut [f32]) -> Result<(), crate::Error> {
+    crate::optim::check_len("dst", codes.len(), dst.len())?;
+    crate::optim::check_len("absmax", codes.len().div_ceil(Q8_BLOCK), absmax.len())?;
+    for ((c, d), &a) in codes.chunks(Q8_BLOCK).zip(dst.chunks_mut(Q8_BLOCK)).zip(absmax) {
+        dequantize(c, a, map, d);
+    }
+    Ok(())
+}
+
+/// Dequantizes `codes` of one block into `dst`.
+#[inline(always)]
+pub(crate) fn dequantize(codes: &[u8], absmax: f32, map: &QMap, dst: &mut [f32]) {
+    for (d, &c) in dst.iter_mut().zip(codes) {
+        *d = map.code[usize::from(c)] * absmax;
+    }
+}
+
+/// Quantizes one block `src` into `codes`, returning its absmax.
+#[inline(always)]
+pub(crate) fn quantize(src: &[f32], map: &QMap, codes: &mut [u8]) -> f32 {
+    // `maxps`-style selects and a separate NaN flag, so the loop vectorizes
+    let mut m = 0.0f32;
+    let mut nan = false;
+    for &x in src {
+        let a = x.abs();
+        nan |= x.is_nan();
+        m = if a > m { a } else { m };
+    }
+    let absmax = if nan { f32::NAN } else { m };
+    // the divisions vectorize apart from the table search
+    let mut normed = [0f32; Q8_BLOCK];
+    for (y, &x) in normed.iter_mut().zip(src) {
+        *y = x / absmax;
+    }
+    let normed = &normed[..src.len()];
+    if map.max_steps <= 1 {
+        for (c, &y) in codes.iter_mut().zip(normed) {
+            *c = map.quantize_with::<true>(y);
+        }
+    } else {
+        for (c, &y) in codes.iter_mut().zip(normed) {
+            *c = map.quantize_with::<false>(y);
+        }
+    }
+    absmax
 }
 
 /// A 16-bit float format the driver widens and narrows.

@@ -145,7 +145,6 @@ fn mixed_step(
         C::F16 => Some(ParamCopy::F16(&mut ch)),
     };
     let r = cfg.step_mixed(t, &mut run.aux, params, grads, &mut state, copy, opt)?;
-    drop(state);
     run.p = match p {
         P::F32 => p32,
         P::Bf16 => p16.iter().map(|v| v.to_f32()).collect(),

@@ -272,6 +272,9 @@ pub fn step_mixed<A: Algorithm>(
     check_len("grads", n, grads.len())?;
     for (name, s) in names.iter().zip(state.iter()) {
         check_len(name, n, s.len())?;
+        if let StateBuf::Q8(q) = s {
+            check_len("absmax", n.div_ceil(crate::storage::Q8_BLOCK), q.absmax.len())?;
+        }
     }
     if let Some(c) = &param_copy {
         if params.dtype() != Dtype::F32 {
