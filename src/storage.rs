@@ -320,19 +320,27 @@ pub struct Q8State<'a> {
 /// is `<= x`, searching a copy of the map whose first entry is `-1` (as
 /// bitsandbytes sets it, so every `x` has one), then move to `i + 1` if its
 /// code is strictly nearer (`|x - c[i+1]| < |x - c[i]|` in `f32`): **ties go to
-/// the lower code**. The search is exact: a 65536-entry table indexed by the
-/// top 16 bits of `x`'s order-preserving bit pattern gives the largest index
-/// at or below the bucket, and a short scan finishes it.
+/// the lower code**. The rule is monotonic in `x`, so it is a step function
+/// with 255 jumps, found once when the map is built (by bisection over the
+/// `f32` values, against the rule itself). A step then reads the code of
+/// `x`'s bucket (a 65536-entry table indexed by the top 16 bits of `x`'s
+/// order-preserving bit pattern) and adds one if `x` is at or past the
+/// bucket's jump: exact, since no bucket of the dynamic maps holds two jumps
+/// (checked when a map is built; a map where one does is searched directly).
 #[derive(Clone)]
 pub struct QMap {
     code: [f32; 256],
     /// `code` with `search[0] = -1` and `search[256] = inf` (so index `i + 1`
     /// needs no bound check and never wins).
     search: [f32; 257],
+    /// The code of each bucket's smallest value.
     bucket: Box<[u8]>,
-    /// The most codes above a bucket's start inside one bucket (1 for the
-    /// dynamic maps: one branch-free step finishes the search).
-    max_steps: usize,
+    /// `jump[j]`: the smallest `x` whose code is `>= j` (the rule above is
+    /// monotonic in `x`), `jump[256] = inf`.
+    jump: [f32; 257],
+    /// No bucket holds more than one jump: a lookup and one comparison
+    /// give the code (true for the dynamic maps; checked when built).
+    one_jump: bool,
 }
 
 impl std::fmt::Debug for QMap {
@@ -374,16 +382,26 @@ impl QMap {
         let mut search = [f32::INFINITY; 257];
         search[..256].copy_from_slice(&code);
         search[0] = -1.0;
-        let left = |x: f32| search[1..256].iter().filter(|&&c| c <= x).count() as u8;
+        let reference = |x: f32| reference_search(&search, x);
+        // jump[j]: bisect the order keys between the codes j-1 and j
+        let mut jump = [f32::INFINITY; 257];
+        jump[0] = f32::NEG_INFINITY;
+        for j in 1..256 {
+            let (mut lo, mut hi) = (order_key(search[j - 1]), order_key(search[j]));
+            // reference(key lo) < j <= reference(key hi)
+            while hi - lo > 1 {
+                let mid = lo + (hi - lo) / 2;
+                if usize::from(reference(from_order_key(mid))) >= j { hi = mid } else { lo = mid }
+            }
+            jump[j] = from_order_key(hi);
+        }
         let start = |k: u32| {
-            let key = k << 16;
-            let x = f32::from_bits(if key & 0x8000_0000 != 0 { key & 0x7fff_ffff } else { !key });
-            if x.is_nan() { 0 } else { left(x.clamp(-1.0, 1.0)) }
+            let x = from_order_key(k << 16);
+            if x.is_nan() { 0 } else { reference(x.clamp(-1.0, 1.0)) }
         };
         let bucket: Box<[u8]> = (0..=u32::from(u16::MAX)).map(start).collect();
-        // codes inside each bucket: the next bucket's start minus this one's
-        let max_steps = (0..u16::MAX as usize).map(|k| bucket[k + 1].saturating_sub(bucket[k])).max().unwrap_or(0);
-        Ok(QMap { code, search, bucket, max_steps: usize::from(max_steps) })
+        let one_jump = (0..u16::MAX as usize).all(|k| bucket[k + 1].saturating_sub(bucket[k]) <= 1);
+        Ok(QMap { code, search, bucket, jump, one_jump })
     }
 
     /// bitsandbytes' signed dynamic map (`create_dynamic_map(signed=True)`),
@@ -422,25 +440,34 @@ impl QMap {
     /// block of zeros, counts as 0).
     #[inline(always)]
     pub fn quantize(&self, x: f32) -> u8 {
-        if self.max_steps <= 1 { self.quantize_with::<true>(x) } else { self.quantize_with::<false>(x) }
+        if self.one_jump {
+            self.quantize_fast(x)
+        } else {
+            reference_search(&self.search, if x.is_nan() { 0.0 } else { x })
+        }
     }
 
-    /// The search; `ONE_STEP` when no bucket holds more than one code.
+    /// The bucket's code, plus one if `x` is at or past the bucket's jump.
     #[inline(always)]
-    fn quantize_with<const ONE_STEP: bool>(&self, x: f32) -> u8 {
+    fn quantize_fast(&self, x: f32) -> u8 {
         let x = if x.is_nan() { 0.0 } else { x };
-        let mut i = usize::from(self.bucket[(order_key(x) >> 16) as usize]);
-        if ONE_STEP {
-            i += usize::from(self.search[i + 1] <= x);
-        } else {
-            while self.search[i + 1] <= x {
-                i += 1;
-            }
-        }
-        // search[256] is infinite: never nearer, so i stays <= 255
-        i += usize::from((x - self.search[i + 1]).abs() < (x - self.search[i]).abs());
-        i as u8
+        let b = self.bucket[(order_key(x) >> 16) as usize];
+        b + u8::from(x >= self.jump[usize::from(b) + 1])
     }
+}
+
+/// bitsandbytes' rule, evaluated directly: the largest `i` with
+/// `search[i] <= x`, then `i + 1` if strictly nearer.
+fn reference_search(search: &[f32; 257], x: f32) -> u8 {
+    let mut i = search[1..256].iter().filter(|&&c| c <= x).count();
+    i += usize::from((x - search[i + 1]).abs() < (x - search[i]).abs());
+    i as u8
+}
+
+/// The f32 of an order key (see [`order_key`]).
+#[inline(always)]
+fn from_order_key(key: u32) -> f32 {
+    f32::from_bits(if key & 0x8000_0000 != 0 { key & 0x7fff_ffff } else { !key })
 }
 
 /// bitsandbytes' dynamic code map, `create_dynamic_map(signed,
@@ -579,13 +606,13 @@ pub(crate) fn quantize(src: &[f32], map: &QMap, codes: &mut [u8]) -> f32 {
         *y = x / absmax;
     }
     let normed = &normed[..src.len()];
-    if map.max_steps <= 1 {
+    if map.one_jump {
         for (c, &y) in codes.iter_mut().zip(normed) {
-            *c = map.quantize_with::<true>(y);
+            *c = map.quantize_fast(y);
         }
     } else {
         for (c, &y) in codes.iter_mut().zip(normed) {
-            *c = map.quantize_with::<false>(y);
+            *c = map.quantize(y);
         }
     }
     absmax
@@ -736,6 +763,33 @@ mod tests {
                 continue;
             }
             assert_eq!(bf16::narrow(h.widen()).to_bits(), h.to_bits());
+        }
+    }
+
+    #[test]
+    fn fast_quantization_is_the_reference_rule() {
+        for map in [QMap::signed(), QMap::unsigned()] {
+            assert!(map.one_jump);
+            let check = |x: f32| {
+                let want = reference_search(&map.search, x);
+                assert_eq!(map.quantize_fast(x), want, "{x:e} ({:#x})", x.to_bits());
+            };
+            // a stride through every f32 in [-1, 1], by order key
+            let (lo, hi) = (order_key(-1.0), order_key(1.0));
+            let mut k = lo;
+            while k <= hi {
+                check(from_order_key(k));
+                k += 251;
+            }
+            // every code, every jump, and their neighbours
+            for &c in map.code.iter().chain(&map.jump[1..256]) {
+                for d in -3i32..=3 {
+                    let x = from_order_key(order_key(c).wrapping_add_signed(d));
+                    if (-1.0..=1.0).contains(&x) {
+                        check(x);
+                    }
+                }
+            }
         }
     }
 

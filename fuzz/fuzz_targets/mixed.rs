@@ -1,0 +1,128 @@
+//! Mixed-precision and 8-bit storage: every backend, serial and parallel
+//! with an arbitrary chunk, against the scalar reference, bit for bit, for
+//! arbitrary configurations, storage combinations (bf16/f16 grads, bf16
+//! params, f32/bf16/8-bit states, a bf16/f16 param copy) and values (NaN,
+//! inf, subnormals, extreme magnitudes included). Stability on top: finite
+//! inputs of moderate size keep an 8-bit state's absmax finite and >= 0.
+#![no_main]
+
+mod common;
+
+use adaoptim::storage::{Grads, ParamCopy, Params, Q8State, QMap, StateBuf, bf16, f16};
+use adaoptim::{Backend, Exec, StepOptions};
+use arbitrary::Arbitrary;
+use common::{RawConfig, same};
+use libfuzzer_sys::{Corpus, fuzz_target};
+
+#[derive(Arbitrary, Debug)]
+struct Input {
+    config: RawConfig,
+    len: u16,
+    steps: u8,
+    chunk: u16,
+    grads: u8,
+    params_bf16: bool,
+    state: u8,
+    copy: u8,
+    values: Vec<u32>,
+}
+
+type Out = (Vec<u32>, Vec<Vec<u32>>, Vec<u32>);
+
+fuzz_target!(|input: Input| -> Corpus {
+    let Some(cfg) = input.config.build(|_, x| x) else { return Corpus::Reject };
+    if input.values.is_empty() {
+        return Corpus::Reject;
+    }
+    let n = input.len as usize % 700;
+    let steps = 1 + input.steps as usize % 3;
+    let val = |i: usize| f32::from_bits(input.values[i % input.values.len()]);
+    let p0: Vec<f32> = (0..n).map(val).collect();
+    let gs: Vec<Vec<f32>> = (0..steps).map(|s| (0..n).map(|i| val(i * 7 + s * 13 + 1)).collect()).collect();
+    let names = cfg.state_names();
+    let (gkind, skind, ckind) = (input.grads % 3, input.state % 3, if input.params_bf16 { 0 } else { input.copy % 3 });
+
+    let run = |exec: Exec| -> Out {
+        let mut p32 = p0.clone();
+        let mut p16: Vec<bf16> = p0.iter().map(|&x| bf16::from_f32(x)).collect();
+        let mut s32 = vec![vec![0f32; n]; names.len()];
+        let mut s16 = vec![vec![bf16::ZERO; n]; names.len()];
+        let mut codes = vec![vec![0u8; n]; names.len()];
+        let mut absmax = vec![vec![0f32; n.div_ceil(256)]; names.len()];
+        let mut cb = vec![bf16::ZERO; n];
+        let mut ch = vec![f16::ZERO; n];
+        let mut aux = cfg.aux_init();
+        for (t, g) in gs.iter().enumerate() {
+            let gb: Vec<bf16> = g.iter().map(|&x| bf16::from_f32(x)).collect();
+            let gh: Vec<f16> = g.iter().map(|&x| f16::from_f32(x)).collect();
+            let params = if input.params_bf16 { Params::Bf16(&mut p16) } else { Params::F32(&mut p32) };
+            let grads = match gkind {
+                0 => Grads::F32(g),
+                1 => Grads::Bf16(&gb),
+                _ => Grads::F16(&gh),
+            };
+            let mut state: Vec<StateBuf<'_>> = match skind {
+                0 => s32.iter_mut().map(|x| StateBuf::F32(x)).collect(),
+                1 => s16.iter_mut().map(|x| StateBuf::Bf16(x)).collect(),
+                _ => codes
+                    .iter_mut()
+                    .zip(absmax.iter_mut())
+                    .zip(names)
+                    .map(|((c, a), name)| StateBuf::Q8(Q8State { codes: c, absmax: a, map: QMap::for_state(name) }))
+                    .collect(),
+            };
+            let copy = match ckind {
+                0 => None,
+                1 => Some(ParamCopy::Bf16(&mut cb)),
+                _ => Some(ParamCopy::F16(&mut ch)),
+            };
+            let options = StepOptions { exec, ..StepOptions::default() };
+            cfg.step_mixed(t as u64 + 1, &mut aux, params, grads, &mut state, copy, &options).expect("valid step");
+        }
+        let p: Vec<u32> = if input.params_bf16 { p16.iter().map(|x| u32::from(x.to_bits())).collect() } else { p32.iter().map(|x| x.to_bits()).collect() };
+        let s: Vec<Vec<u32>> = match skind {
+            0 => s32.iter().map(|v| v.iter().map(|x| x.to_bits()).collect()).collect(),
+            1 => s16.iter().map(|v| v.iter().map(|x| u32::from(x.to_bits())).collect()).collect(),
+            _ => codes
+                .iter()
+                .zip(&absmax)
+                .map(|(c, a)| c.iter().map(|&x| u32::from(x)).chain(a.iter().map(|x| x.to_bits())).collect())
+                .collect(),
+        };
+        let c: Vec<u32> = match ckind {
+            1 => cb.iter().map(|x| u32::from(x.to_bits())).collect(),
+            2 => ch.iter().map(|x| u32::from(x.to_bits())).collect(),
+            _ => vec![],
+        };
+        (p, s, c)
+    };
+    let reference = run(Exec::scalar());
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let nan_eq = |a: &[u32], b: &[u32], what: &str| {
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            // compare as f32 where the value is one (bf16/f16 bits compare as integers)
+            assert!(x == y || same(f32::from_bits(*x), f32::from_bits(*y)) && *x > 0xffff, "{cfg:?} {what}[{i}]: {x:#x} vs {y:#x}");
+        }
+    };
+    for b in Backend::available() {
+        for exec in [Exec::serial(b), Exec::parallel(b, input.chunk as usize % 2000)] {
+            let (p, s, c) = pool.install(|| run(exec));
+            nan_eq(&p, &reference.0, "param");
+            for (a, r) in s.iter().zip(&reference.1) {
+                nan_eq(a, r, "state");
+            }
+            nan_eq(&c, &reference.2, "copy");
+        }
+    }
+    // stability: moderate finite values keep 8-bit absmax finite and >= 0
+    let moderate = |x: f32| x.is_finite() && x.abs() < 1e3;
+    if skind == 2 && p0.iter().all(|&x| moderate(x)) && gs.iter().flatten().all(|&x| moderate(x)) && cfg.torch_class() != "Rprop" {
+        for s in &reference.1 {
+            for &a in &s[n..] {
+                let a = f32::from_bits(a);
+                assert!(a.is_finite() && a >= 0.0, "{cfg:?}: absmax {a:e}");
+            }
+        }
+    }
+    Corpus::Keep
+});
