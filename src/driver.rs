@@ -275,13 +275,29 @@ impl<K: Kernel<S>, const S: usize> Lanes<K> for Mixed<'_, S> {
     }
     #[inline(always)]
     fn run<V: F32Vec>(self, k: &K, pre: GradPre) {
-        match (pre.unscale, pre.clip) {
-            (Unscale::None, None) => run_tiles::<V, K, S, _>(k, self, Identity),
-            (Unscale::None, Some(c)) | (Unscale::Mul(c), None) => run_tiles::<V, K, S, _>(k, self, Mul1(c)),
-            (Unscale::Mul(r), Some(c)) => run_tiles::<V, K, S, _>(k, self, Mul2(r, c)),
-            (Unscale::Div(d), None) => run_tiles::<V, K, S, _>(k, self, Div1(d)),
-            (Unscale::Div(d), Some(c)) => run_tiles::<V, K, S, _>(k, self, DivMul(d, c)),
+        run_tiles::<V, K, S>(k, self, pre)
+    }
+}
+
+/// Applies the gradient transform to a gradient tile, with the roundings of
+/// the [`Pre`] types in the same order (so the kernel sees the bits the
+/// `f32` loop's transform gives). One loop per shape, the shape chosen once
+/// per tile: the mixed loop is then compiled once per kernel, not once per
+/// transform.
+#[inline(always)]
+fn pre_tile(pre: GradPre, g: &mut [f32]) {
+    #[inline(always)]
+    fn each(g: &mut [f32], p: impl Pre) {
+        for x in g {
+            *x = p.apply(*x);
         }
+    }
+    match (pre.unscale, pre.clip) {
+        (Unscale::None, None) => {}
+        (Unscale::None, Some(c)) | (Unscale::Mul(c), None) => each(g, Mul1(c)),
+        (Unscale::Mul(r), Some(c)) => each(g, Mul2(r, c)),
+        (Unscale::Div(d), None) => each(g, Div1(d)),
+        (Unscale::Div(d), Some(c)) => each(g, DivMul(d, c)),
     }
 }
 
@@ -291,7 +307,7 @@ impl<K: Kernel<S>, const S: usize> Lanes<K> for Mixed<'_, S> {
 /// back, and write the parameter copy. The kernel sees exactly the `f32`
 /// values an `f32` step on the widened buffers would.
 #[inline(always)]
-fn run_tiles<V: F32Vec, K: Kernel<S>, const S: usize, P: Pre>(k: &K, mut sl: Mixed<'_, S>, pre: P) {
+fn run_tiles<V: F32Vec, K: Kernel<S>, const S: usize>(k: &K, mut sl: Mixed<'_, S>, pre: GradPre) {
     let n = sl.p.len();
     let mut pt = [0f32; TILE];
     let mut gt = [0f32; TILE];
@@ -308,14 +324,22 @@ fn run_tiles<V: F32Vec, K: Kernel<S>, const S: usize, P: Pre>(k: &K, mut sl: Mix
                     &mut pt[..len]
                 }
             };
+            let identity = matches!((pre.unscale, pre.clip), (Unscale::None, None));
             let g: &[f32] = match sl.g {
-                Grads::F32(x) => &x[r.clone()],
+                Grads::F32(x) if identity => &x[r.clone()],
+                Grads::F32(x) => {
+                    gt[..len].copy_from_slice(&x[r.clone()]);
+                    pre_tile(pre, &mut gt[..len]);
+                    &gt[..len]
+                }
                 Grads::Bf16(x) => {
                     widen(&x[r.clone()], &mut gt[..len]);
+                    pre_tile(pre, &mut gt[..len]);
                     &gt[..len]
                 }
                 Grads::F16(x) => {
                     widen(&x[r.clone()], &mut gt[..len]);
+                    pre_tile(pre, &mut gt[..len]);
                     &gt[..len]
                 }
             };
@@ -336,7 +360,7 @@ fn run_tiles<V: F32Vec, K: Kernel<S>, const S: usize, P: Pre>(k: &K, mut sl: Mix
                     StateBuf::Bf16(_) | StateBuf::Q8(_) => &mut t[..len],
                 }
             });
-            run_lanes_with::<V, K, S, P>(k, Slices { p, g, s }, pre);
+            run_lanes_with::<V, K, S, _>(k, Slices { p, g, s }, Identity);
         }
         if let Params::Bf16(x) = &mut sl.p {
             narrow(&pt[..len], &mut x[r.clone()]);
