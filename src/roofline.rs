@@ -76,27 +76,10 @@ pub fn step_mixed(
     param_copy: Option<ParamCopy<'_>>,
     exec: &Exec,
 ) -> Result<StepReport, Error> {
-    let n = params.len();
-    check_len("grads", n, grads.len())?;
-    for s in state.iter() {
-        check_len("state", n, s.len())?;
-        if let StateBuf::Q8(q) = s {
-            check_len("absmax", n.div_ceil(crate::storage::Q8_BLOCK), q.absmax.len())?;
-        }
-    }
     if state.len() > 3 {
         return Err(Error::StateCount { expected: 3, actual: state.len() });
     }
-    if let Some(c) = &param_copy {
-        if params.dtype() != Dtype::F32 {
-            return Err(Error::Storage {
-                what: "params",
-                dtype: params.dtype(),
-                reason: "a param_copy needs f32 params",
-            });
-        }
-        check_len("param_copy", n, c.len())?;
-    }
+    crate::optim::check_storage(&params, &grads, &["state"; 3][..state.len()], state, param_copy.as_ref())?;
     let plan = Plan::new(exec)?;
     let bufs = Bufs::new(params, grads, state, param_copy);
     Ok(match bufs.states() {

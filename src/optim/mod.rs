@@ -268,6 +268,24 @@ pub fn step_mixed<A: Algorithm>(
     if state.len() != names.len() {
         return Err(Error::StateCount { expected: names.len(), actual: state.len() });
     }
+    check_storage(&params, &grads, names, state, param_copy.as_ref())?;
+    let mut plan = Plan::new(&options.exec)?;
+    plan.unscale = Unscale::new(options.grad_scale);
+    // A factor of 1 changes no bits; skip the multiply, as the guards do.
+    plan.clip = options.clip_coef.filter(|&c| c != 1.0);
+    Ok(config.run(t, aux, plan, Bufs::new(params, grads, state, param_copy)))
+}
+
+/// The length and storage checks of a mixed step: grads, each state buffer
+/// (named by `names`) and an 8-bit state's absmax, the copy (only next to
+/// `f32` params).
+pub(crate) fn check_storage(
+    params: &Params<'_>,
+    grads: &Grads<'_>,
+    names: &[&'static str],
+    state: &[StateBuf<'_>],
+    param_copy: Option<&ParamCopy<'_>>,
+) -> Result<(), Error> {
     let n = params.len();
     check_len("grads", n, grads.len())?;
     for (name, s) in names.iter().zip(state.iter()) {
@@ -276,7 +294,7 @@ pub fn step_mixed<A: Algorithm>(
             check_len("absmax", n.div_ceil(crate::storage::Q8_BLOCK), q.absmax.len())?;
         }
     }
-    if let Some(c) = &param_copy {
+    if let Some(c) = param_copy {
         if params.dtype() != Dtype::F32 {
             return Err(Error::Storage {
                 what: "params",
@@ -286,11 +304,7 @@ pub fn step_mixed<A: Algorithm>(
         }
         check_len("param_copy", n, c.len())?;
     }
-    let mut plan = Plan::new(&options.exec)?;
-    plan.unscale = Unscale::new(options.grad_scale);
-    // A factor of 1 changes no bits; skip the multiply, as the guards do.
-    plan.clip = options.clip_coef.filter(|&c| c != 1.0);
-    Ok(config.run(t, aux, plan, Bufs::new(params, grads, state, param_copy)))
+    Ok(())
 }
 
 pub(crate) fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<(), Error> {
