@@ -223,3 +223,22 @@ fn checkpoints_resume_bit_for_bit_with_per_tensor_steps() {
     }
     assert!(matches!(MultiOptimizer::<AdamConfig>::from_safetensors(&bytes), Err(Error::Checkpoint { .. })));
 }
+
+#[test]
+fn extra_metadata_is_kept_and_may_not_replace_the_checkpoints_own() {
+    let (opt, _, _) = two();
+    let bytes = opt.to_safetensors_with(&[("adapter.names", "[\"w\",\"b\"]".to_string())]).unwrap();
+    let meta = adaoptim::checkpoint::format::metadata(&bytes).unwrap();
+    assert_eq!(meta["adapter.names"], "[\"w\",\"b\"]");
+    assert_eq!(meta["torch_class"], "Adam");
+    // The extra entry does not disturb loading, and the plain bytes lack it.
+    let loaded = MultiOptimizer::<AdamConfig>::from_safetensors(&bytes).unwrap();
+    assert_eq!(loaded.num_tensors(), opt.num_tensors());
+    assert!(
+        !adaoptim::checkpoint::format::metadata(&opt.to_safetensors().unwrap()).unwrap().contains_key("adapter.names")
+    );
+    for key in ["torch_class", "steps", "crc32", "param_groups"] {
+        assert!(opt.to_safetensors_with(&[(key, "x".to_string())]).is_err(), "{key}");
+    }
+    assert!(adaoptim::checkpoint::format::metadata(b"not safetensors").is_err());
+}

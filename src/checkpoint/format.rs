@@ -42,6 +42,16 @@ impl<'a> Writer<'a> {
         self.meta.insert(key.to_string(), value.to_string());
     }
 
+    /// Adds a key that is not there yet (and is not the checksum key);
+    /// false, and nothing added, otherwise.
+    pub(crate) fn meta_new(&mut self, key: &str, value: &str) -> bool {
+        if key == CHECKSUM_KEY || self.meta.contains_key(key) {
+            return false;
+        }
+        self.meta(key, value);
+        true
+    }
+
     pub(crate) fn tensor(&mut self, name: impl Into<String>, shape: Vec<usize>, data: &'a [f32]) {
         self.tensors.insert(name.into(), (shape, Cow::Borrowed(data)));
     }
@@ -246,6 +256,18 @@ impl<'a> Reader<'a> {
         self.read_into(name, &[], &mut x)?;
         Ok(x[0])
     }
+}
+
+/// A checkpoint's metadata entries (its own, and any a caller added with
+/// [`MultiOptimizer::to_safetensors_with`](crate::multi::MultiOptimizer::to_safetensors_with)).
+/// Only the header is read; nothing is checked beyond its being
+/// safetensors with metadata.
+///
+/// # Errors
+/// [`Error::Checkpoint`] if the bytes are not safetensors with metadata.
+pub fn metadata(bytes: &[u8]) -> Result<std::collections::HashMap<String, String>, Error> {
+    let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not safetensors: {e}")))?;
+    metadata.metadata().clone().ok_or_else(|| bad("no metadata"))
 }
 
 /// The `torch_class` a checkpoint holds.

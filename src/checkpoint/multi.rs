@@ -19,6 +19,19 @@ impl<A: Algorithm> MultiOptimizer<A> {
     /// # Errors
     /// [`Error::Checkpoint`] if serialization fails.
     pub fn to_safetensors(&self) -> Result<Vec<u8>, Error> {
+        self.to_safetensors_with(&[])
+    }
+
+    /// As [`to_safetensors`](Self::to_safetensors), with extra metadata
+    /// entries for the caller's own use (a framework adapter's tensor names
+    /// and shapes, say), read back with
+    /// [`format::metadata`](crate::checkpoint::format::metadata) and
+    /// ignored by [`from_safetensors`](Self::from_safetensors).
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] for a key the checkpoint itself uses, or if
+    /// serialization fails.
+    pub fn to_safetensors_with(&self, extra: &[(&str, String)]) -> Result<Vec<u8>, Error> {
         let max_t = self.tensors.iter().map(|s| s.t).max().unwrap_or(0);
         let mut w = Writer::new(A::TORCH_CLASS, "multi", max_t);
         let groups: Vec<Value> = self
@@ -35,6 +48,11 @@ impl<A: Algorithm> MultiOptimizer<A> {
         w.meta("param_groups", Value::Array(groups));
         w.meta("sizes", Value::from(self.tensors.iter().map(|s| s.len).collect::<Vec<_>>()));
         w.meta("steps", Value::from(self.tensors.iter().map(|s| s.t).collect::<Vec<_>>()));
+        for (k, v) in extra {
+            if !w.meta_new(k, v) {
+                return Err(bad(format!("metadata key {k:?} is the checkpoint's own")));
+            }
+        }
         for (i, s) in self.tensors.iter().enumerate() {
             let names = self.groups[s.group].state_names();
             for (name, buf) in names.iter().zip(&s.state) {

@@ -10,7 +10,12 @@
 /// - `any_types!` in `any.rs`: [`AnyConfig`](crate::AnyConfig),
 ///   [`AnyOptimizer`](crate::AnyOptimizer) and their conversions, so
 ///   [`AnyConfig::TORCH_CLASSES`](crate::AnyConfig::TORCH_CLASSES) (which
-///   tests, benches, fuzz targets and examples iterate) lists it.
+///   tests, benches, fuzz targets and examples iterate) lists it;
+/// - the framework adapters' type aliases (`adaoptim_candle::AdamW`, ...),
+///   which is why it is exported (hidden from the docs: the list's format
+///   is for this workspace's crates, not a stable API).
+#[doc(hidden)]
+#[macro_export]
 macro_rules! for_each_optimizer {
     ($m:ident) => {
         $m! {

@@ -1,0 +1,437 @@
+//! The candle adapter against adaoptim on raw slices (bit for bit),
+//! against candle's own AdamW (within tolerance), and its errors.
+
+use adaoptim::multi::{MultiOptimizer, TensorStep};
+use adaoptim::{Algorithm, NonFinitePolicy};
+use adaoptim_candle::{AdamW, AdamWConfig, Optim, Sgd, SgdConfig};
+use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_nn::{Optimizer, VarBuilder, VarMap};
+
+/// Deterministic values in [-1, 1) (a 64-bit LCG).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 23) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn var(shape: &[usize], seed: u64) -> Var {
+    let n = shape.iter().product();
+    Var::from_tensor(&Tensor::from_vec(values(n, seed), shape, &Device::Cpu).unwrap()).unwrap()
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// A two-layer MLP's loss on fixed data, for gradients that come from
+/// candle's backprop.
+fn mlp_loss(w1: &Var, b1: &Var, w2: &Var, x: &Tensor, y: &Tensor) -> Tensor {
+    let h = x.matmul(&w1.t().unwrap()).unwrap().broadcast_add(b1).unwrap().tanh().unwrap();
+    let out = h.matmul(&w2.t().unwrap()).unwrap();
+    (out - y).unwrap().sqr().unwrap().mean_all().unwrap()
+}
+
+struct Model {
+    vars: Vec<Var>,
+    x: Tensor,
+    y: Tensor,
+}
+
+impl Model {
+    fn new(seed: u64) -> Model {
+        let vars = vec![var(&[16, 8], seed), var(&[16], seed + 1), var(&[3, 16], seed + 2)];
+        let x = Tensor::from_vec(values(32 * 8, seed + 3), (32, 8), &Device::Cpu).unwrap();
+        let y = Tensor::from_vec(values(32 * 3, seed + 4), (32, 3), &Device::Cpu).unwrap();
+        Model { vars, x, y }
+    }
+    fn loss(&self) -> Tensor {
+        mlp_loss(&self.vars[0], &self.vars[1], &self.vars[2], &self.x, &self.y)
+    }
+    fn grads(&self) -> Vec<Vec<f32>> {
+        let g = self.loss().backward().unwrap();
+        self.vars.iter().map(|v| flat(g.get(v).unwrap())).collect()
+    }
+    fn params(&self) -> Vec<Vec<f32>> {
+        self.vars.iter().map(|v| flat(v.as_tensor())).collect()
+    }
+}
+
+/// Steps `raw` over copies of the parameters with the given gradients.
+fn raw_step<C: Algorithm>(raw: &mut MultiOptimizer<C>, params: &mut [Vec<f32>], grads: &[Option<Vec<f32>>]) {
+    let mut steps: Vec<TensorStep<'_>> =
+        params.iter_mut().zip(grads).map(|(p, g)| TensorStep::new(p, g.as_deref())).collect();
+    raw.step(&mut steps).unwrap();
+}
+
+#[test]
+fn backward_step_is_adaoptim_on_raw_slices_bit_for_bit() {
+    let m = Model::new(1);
+    let config = AdamWConfig { lr: 1e-2, weight_decay: 0.1, amsgrad: true, ..Default::default() };
+    let mut opt = AdamW::new(m.vars.clone(), config).unwrap();
+    let mut raw = MultiOptimizer::new();
+    raw.add_group(config, &[128, 16, 48]).unwrap();
+    let mut params = m.params();
+    for _ in 0..5 {
+        let g = m.grads();
+        opt.backward_step(&m.loss()).unwrap();
+        raw_step(&mut raw, &mut params, &g.into_iter().map(Some).collect::<Vec<_>>());
+        for (p, v) in params.iter().zip(&m.vars) {
+            assert_eq!(bits(p), bits(&flat(v.as_tensor())));
+        }
+    }
+    for i in 0..3 {
+        assert_eq!(opt.inner().step_count(i).unwrap(), 5);
+        assert_eq!(opt.inner().state(i, "exp_avg").unwrap(), raw.state(i, "exp_avg").unwrap());
+    }
+}
+
+#[test]
+fn var_without_gradient_is_left_untouched() {
+    let m = Model::new(2);
+    let unused = var(&[5], 99);
+    let before = flat(unused.as_tensor());
+    let mut vars = m.vars.clone();
+    vars.push(unused.clone());
+    let mut opt = AdamW::new(vars, AdamWConfig::default()).unwrap();
+    for _ in 0..3 {
+        opt.backward_step(&m.loss()).unwrap();
+    }
+    assert_eq!(bits(&flat(unused.as_tensor())), bits(&before));
+    assert_eq!(opt.inner().step_count(3).unwrap(), 0);
+    assert_eq!(opt.inner().step_count(0).unwrap(), 3);
+    assert!(opt.inner().state(3, "exp_avg").unwrap().unwrap().iter().all(|&x| x == 0.0));
+}
+
+#[test]
+fn step_with_skips_a_none_gradient_per_step() {
+    let m = Model::new(3);
+    let config = SgdConfig { lr: 0.1, momentum: 0.9, ..Default::default() };
+    let mut opt = Sgd::new(m.vars.clone(), config).unwrap();
+    let mut raw = MultiOptimizer::new();
+    raw.add_group(config, &[128, 16, 48]).unwrap();
+    let mut params = m.params();
+    for step in 0..4 {
+        let g = m.grads();
+        let present: Vec<Option<Vec<f32>>> =
+            g.iter().enumerate().map(|(i, g)| if i == step % 3 { None } else { Some(g.clone()) }).collect();
+        let tensors: Vec<Option<Tensor>> = present
+            .iter()
+            .zip(&m.vars)
+            .map(|(g, v)| g.as_ref().map(|g| Tensor::from_vec(g.clone(), v.shape(), &Device::Cpu).unwrap()))
+            .collect();
+        opt.step_with(&tensors.iter().map(Option::as_ref).collect::<Vec<_>>()).unwrap();
+        raw_step(&mut raw, &mut params, &present);
+        for (p, v) in params.iter().zip(&m.vars) {
+            assert_eq!(bits(p), bits(&flat(v.as_tensor())));
+        }
+    }
+    assert_eq!((0..3).map(|i| opt.inner().step_count(i).unwrap()).collect::<Vec<_>>(), [2, 3, 3]);
+}
+
+#[test]
+fn strided_gradient_is_copied_and_gives_the_same_bits() {
+    let a = var(&[4, 6], 5);
+    let b = var(&[4, 6], 5);
+    let g = Tensor::from_vec(values(24, 6), (6, 4), &Device::Cpu).unwrap();
+    let strided = g.t().unwrap();
+    assert!(!strided.is_contiguous());
+    let contiguous = strided.contiguous().unwrap();
+    let mut oa = AdamW::new(vec![a.clone()], AdamWConfig::default()).unwrap();
+    let mut ob = AdamW::new(vec![b.clone()], AdamWConfig::default()).unwrap();
+    oa.step_with(&[Some(&strided)]).unwrap();
+    ob.step_with(&[Some(&contiguous)]).unwrap();
+    assert_eq!(bits(&flat(a.as_tensor())), bits(&flat(b.as_tensor())));
+    assert_ne!(bits(&flat(a.as_tensor())), bits(&values(24, 5)));
+}
+
+#[test]
+fn adamw_matches_candle_nn_adamw() {
+    let (ours, theirs) = (Model::new(4), Model::new(4));
+    let mut opt = AdamW::new(ours.vars.clone(), AdamWConfig { lr: 1e-2, ..Default::default() }).unwrap();
+    let mut cn =
+        candle_nn::AdamW::new(theirs.vars.clone(), candle_nn::ParamsAdamW { lr: 1e-2, ..Default::default() }).unwrap();
+    for _ in 0..50 {
+        let (l1, l2) = (ours.loss(), theirs.loss());
+        let (a, b) = (l1.to_scalar::<f32>().unwrap(), l2.to_scalar::<f32>().unwrap());
+        assert!((a - b).abs() <= 1e-5 * b.abs(), "loss {a} vs {b}");
+        opt.backward_step(&l1).unwrap();
+        cn.backward_step(&l2).unwrap();
+    }
+    for (p, q) in ours.params().iter().zip(theirs.params()) {
+        for (x, y) in p.iter().zip(q) {
+            assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
+        }
+    }
+}
+
+#[test]
+fn varmap_groups_by_name_pattern() {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let l1 = candle_nn::linear(8, 16, vb.pp("fc1")).unwrap();
+    let l2 = candle_nn::linear(16, 3, vb.pp("fc2")).unwrap();
+    let decay = AdamWConfig { lr: 1e-2, weight_decay: 0.5, ..Default::default() };
+    let no_decay = AdamWConfig { lr: 1e-2, weight_decay: 0.0, ..Default::default() };
+    let mut opt = AdamW::from_varmap(&varmap, decay, &[("*.bias", no_decay)]).unwrap();
+    assert_eq!(opt.names().unwrap(), ["fc1.weight", "fc2.weight", "fc1.bias", "fc2.bias"]);
+    assert_eq!((0..4).map(|i| opt.inner().group_of(i).unwrap()).collect::<Vec<_>>(), [0, 0, 1, 1]);
+    let x = Tensor::from_vec(values(32 * 8, 7), (32, 8), &Device::Cpu).unwrap();
+    let loss = l2.forward(&l1.forward(&x).unwrap().relu().unwrap()).unwrap().sqr().unwrap().mean_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let vars = opt.vars().to_vec();
+    let mut params: Vec<Vec<f32>> = vars.iter().map(|v| flat(v.as_tensor())).collect();
+    let g: Vec<Option<Vec<f32>>> = vars.iter().map(|v| Some(flat(grads.get(v).unwrap()))).collect();
+    opt.step(&grads).unwrap();
+    let mut raw = MultiOptimizer::new();
+    raw.add_group(decay, &[128, 48]).unwrap();
+    raw.add_group(no_decay, &[16, 3]).unwrap();
+    raw_step(&mut raw, &mut params, &g);
+    for (p, v) in params.iter().zip(&vars) {
+        assert_eq!(bits(p), bits(&flat(v.as_tensor())));
+    }
+}
+
+#[test]
+fn pattern_matching() {
+    use adaoptim_candle::matches;
+    assert!(matches("*.bias", "fc1.bias"));
+    assert!(!matches("*.bias", "fc1.bias_extra"));
+    assert!(matches("*norm*", "layer.0.layernorm.weight"));
+    assert!(matches("fc1.*", "fc1.weight"));
+    assert!(!matches("fc1.*", "fc10"));
+    assert!(matches("*", ""));
+    assert!(matches("a*b*c", "aXXbYYc"));
+    assert!(!matches("a*b*c", "aXXbYY"));
+}
+
+#[test]
+fn global_norm_clipping_matches_raw_slices() {
+    let m = Model::new(8);
+    let config = SgdConfig { lr: 0.5, ..Default::default() };
+    let mut opt = Sgd::new(m.vars.clone(), config).unwrap();
+    opt.set_max_grad_norm(Some(0.01)).unwrap();
+    let mut raw = MultiOptimizer::new();
+    raw.add_group(config, &[128, 16, 48]).unwrap();
+    raw.set_max_grad_norm(Some(0.01)).unwrap();
+    let mut params = m.params();
+    let g = m.grads();
+    let norm = g.iter().flatten().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt();
+    assert!(norm > 0.01, "the test must clip: norm {norm}");
+    opt.backward_step(&m.loss()).unwrap();
+    raw_step(&mut raw, &mut params, &g.into_iter().map(Some).collect::<Vec<_>>());
+    for (p, v) in params.iter().zip(&m.vars) {
+        assert_eq!(bits(p), bits(&flat(v.as_tensor())));
+    }
+    let last = opt.last_grad_norm().unwrap();
+    assert!((last - norm).abs() <= 1e-6 * norm, "{last} vs {norm}");
+}
+
+#[test]
+fn attached_schedule_is_set_learning_rate_by_hand() {
+    use adaoptim::schedule::{LrSchedule, StepLR};
+    let (a, b) = (Model::new(9), Model::new(9));
+    let config = AdamWConfig { lr: 1e-2, ..Default::default() };
+    let sched = StepLR::new(1e-2, 2, 0.5).unwrap();
+    let mut oa = AdamW::new(a.vars.clone(), config).unwrap();
+    oa.set_schedule(Some(Box::new(sched.clone())));
+    let mut ob = AdamW::new(b.vars.clone(), config).unwrap();
+    for t in 0..6 {
+        oa.backward_step(&a.loss()).unwrap();
+        ob.set_learning_rate(sched.lr_at(t));
+        ob.backward_step(&b.loss()).unwrap();
+        assert_eq!(oa.learning_rate(), sched.lr_at(t));
+    }
+    assert_eq!(oa.steps(), 6);
+    for (p, q) in a.params().iter().zip(b.params()) {
+        assert_eq!(bits(p), bits(&q));
+    }
+}
+
+#[test]
+fn checkpoint_round_trip_resumes_bit_for_bit() {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let layer = candle_nn::linear(6, 4, vb.pp("fc")).unwrap();
+    let x = Tensor::from_vec(values(10 * 6, 11), (10, 6), &Device::Cpu).unwrap();
+    let loss = |l: &candle_nn::Linear| l.forward(&x).unwrap().sqr().unwrap().mean_all().unwrap();
+    let config = AdamWConfig { lr: 1e-2, ..Default::default() };
+    let mut opt = AdamW::from_varmap(&varmap, config, &[]).unwrap();
+    opt.set_schedule(Some(Box::new(adaoptim::schedule::ExponentialLR::new(1e-2, 0.9).unwrap())));
+    for _ in 0..3 {
+        opt.backward_step(&loss(&layer)).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("opt.safetensors");
+    opt.save(&path).unwrap();
+    let saved: Vec<Vec<f32>> = opt.vars().iter().map(|v| flat(v.as_tensor())).collect();
+    for _ in 0..2 {
+        opt.backward_step(&loss(&layer)).unwrap();
+    }
+    let after: Vec<Vec<f32>> = opt.vars().iter().map(|v| flat(v.as_tensor())).collect();
+    // Back to the saved weights, a fresh optimizer loads the checkpoint and
+    // takes the same two steps.
+    for (v, s) in opt.vars().iter().zip(&saved) {
+        v.set(&Tensor::from_vec(s.clone(), v.shape(), &Device::Cpu).unwrap()).unwrap();
+    }
+    let mut fresh = AdamW::from_varmap(&varmap, config, &[]).unwrap();
+    fresh.set_schedule(Some(Box::new(adaoptim::schedule::ExponentialLR::new(1e-2, 0.9).unwrap())));
+    fresh.load(&path).unwrap();
+    assert_eq!(fresh.steps(), 3);
+    for _ in 0..2 {
+        fresh.backward_step(&loss(&layer)).unwrap();
+    }
+    for (v, a) in fresh.vars().iter().zip(&after) {
+        assert_eq!(bits(&flat(v.as_tensor())), bits(a));
+    }
+}
+
+#[test]
+fn checkpoint_of_other_vars_is_refused_and_changes_nothing() {
+    let m = Model::new(12);
+    let mut opt = AdamW::new(m.vars.clone(), AdamWConfig::default()).unwrap();
+    opt.backward_step(&m.loss()).unwrap();
+    let bytes = opt.to_safetensors().unwrap();
+    // Other shapes.
+    let mut other = AdamW::new(vec![var(&[128], 1), var(&[16], 2), var(&[48], 3)], AdamWConfig::default()).unwrap();
+    let before = other.to_safetensors().unwrap();
+    assert!(other.load_safetensors(&bytes).is_err());
+    assert_eq!(other.to_safetensors().unwrap(), before);
+    // Another optimizer class.
+    let mut sgd = Sgd::new(m.vars.clone(), SgdConfig::default()).unwrap();
+    assert!(sgd.load_safetensors(&bytes).is_err());
+    // Corrupted bytes.
+    let mut bad = bytes.clone();
+    let n = bad.len();
+    bad[n - 3] ^= 0x40;
+    let mut same = AdamW::new(m.vars.clone(), AdamWConfig::default()).unwrap();
+    assert!(same.load_safetensors(&bad).is_err());
+    assert_eq!(same.inner().step_count(0).unwrap(), 0);
+    // Other names.
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let _ = candle_nn::linear(6, 4, vb.pp("a")).unwrap();
+    let named = AdamW::from_varmap(&varmap, AdamWConfig::default(), &[]).unwrap();
+    let varmap2 = VarMap::new();
+    let vb2 = VarBuilder::from_varmap(&varmap2, DType::F32, &Device::Cpu);
+    let _ = candle_nn::linear(6, 4, vb2.pp("b")).unwrap();
+    let mut renamed = AdamW::from_varmap(&varmap2, AdamWConfig::default(), &[]).unwrap();
+    let err = renamed.load_safetensors(&named.to_safetensors().unwrap()).unwrap_err();
+    assert!(err.to_string().contains("named"), "{err}");
+}
+
+#[test]
+fn bad_vars_are_refused() {
+    let f64_var = Var::zeros(4, DType::F64, &Device::Cpu).unwrap();
+    let err = AdamW::new(vec![f64_var], AdamWConfig::default()).unwrap_err();
+    assert!(err.to_string().contains("F64") && err.to_string().contains("only f32"), "{err}");
+    let bf16 = Var::zeros(4, DType::BF16, &Device::Cpu).unwrap();
+    assert!(AdamW::new(vec![bf16], AdamWConfig::default()).is_err());
+    let v = var(&[3], 1);
+    let err = AdamW::new(vec![v.clone(), v.clone()], AdamWConfig::default()).unwrap_err();
+    assert!(err.to_string().contains("twice"), "{err}");
+    // An integer Var is not optimized, as candle's optimizers skip it.
+    let ints = Var::zeros(4, DType::U32, &Device::Cpu).unwrap();
+    let opt = AdamW::new(vec![ints, v], AdamWConfig::default()).unwrap();
+    assert_eq!(opt.vars().len(), 1);
+    // torch's ValueError conditions, as adaoptim's typed error.
+    let err = AdamW::new(vec![var(&[3], 2)], AdamWConfig { lr: -1.0, ..Default::default() }).unwrap_err();
+    assert!(err.to_string().contains("lr"), "{err}");
+}
+
+#[test]
+fn bad_gradients_are_refused_and_change_nothing() {
+    let v = var(&[2, 3], 1);
+    let mut opt = AdamW::new(vec![v.clone()], AdamWConfig::default()).unwrap();
+    let before = bits(&flat(v.as_tensor()));
+    let wrong_shape = Tensor::zeros((3, 2), DType::F32, &Device::Cpu).unwrap();
+    assert!(opt.step_with(&[Some(&wrong_shape)]).is_err());
+    let f64_grad = Tensor::zeros((2, 3), DType::F64, &Device::Cpu).unwrap();
+    assert!(opt.step_with(&[Some(&f64_grad)]).is_err());
+    assert!(opt.step_with(&[]).is_err());
+    // A gradient that is the Var itself: refused, not a deadlock.
+    let err = opt.step_with(&[Some(v.as_tensor())]).unwrap_err();
+    assert!(err.to_string().contains("shares its storage"), "{err}");
+    // NaN under the Error policy.
+    opt.set_non_finite(NonFinitePolicy::Error);
+    let nan = Tensor::from_vec(vec![0.0f32, f32::NAN, 0.0, 0.0, 0.0, 0.0], (2, 3), &Device::Cpu).unwrap();
+    assert!(opt.step_with(&[Some(&nan)]).is_err());
+    assert_eq!(bits(&flat(v.as_tensor())), before);
+    assert_eq!(opt.inner().step_count(0).unwrap(), 0);
+    assert!(opt.inner().state(0, "exp_avg").unwrap().unwrap().iter().all(|&x| x == 0.0));
+}
+
+#[test]
+fn invalid_learning_rate_is_not_applied_and_fails_the_next_step() {
+    let v = var(&[3], 1);
+    let g = Tensor::from_vec(vec![0.1f32, 0.2, 0.3], 3, &Device::Cpu).unwrap();
+    let mut opt = AdamW::new(vec![v.clone()], AdamWConfig { lr: 1e-3, ..Default::default() }).unwrap();
+    let before = bits(&flat(v.as_tensor()));
+    for bad in [-1.0, f64::NAN, f64::INFINITY] {
+        opt.set_learning_rate(bad);
+        assert_eq!(opt.learning_rate(), 1e-3);
+        let err = opt.step_with(&[Some(&g)]).unwrap_err();
+        assert!(err.to_string().contains("lr"), "{err}");
+        assert_eq!(bits(&flat(v.as_tensor())), before);
+    }
+    opt.set_learning_rate(2e-3);
+    opt.step_with(&[Some(&g)]).unwrap();
+    assert_ne!(bits(&flat(v.as_tensor())), before);
+}
+
+#[test]
+fn every_alias_steps() {
+    fn one<C: Algorithm + Default>() {
+        let v = var(&[7], 3);
+        let before = flat(v.as_tensor());
+        let g = Tensor::from_vec(values(7, 4), 7, &Device::Cpu).unwrap();
+        let mut opt = Optim::<C>::new(vec![v.clone()], C::default()).unwrap();
+        opt.step_with(&[Some(&g)]).unwrap();
+        assert_ne!(bits(&flat(v.as_tensor())), bits(&before), "{}", C::TORCH_CLASS);
+    }
+    one::<adaoptim_candle::SgdConfig>();
+    one::<adaoptim_candle::AdagradConfig>();
+    one::<adaoptim_candle::RmsPropConfig>();
+    one::<adaoptim_candle::AdadeltaConfig>();
+    one::<adaoptim_candle::AdamConfig>();
+    one::<adaoptim_candle::AdamWConfig>();
+    one::<adaoptim_candle::AdamaxConfig>();
+    one::<adaoptim_candle::NAdamConfig>();
+    one::<adaoptim_candle::RAdamConfig>();
+    one::<adaoptim_candle::RpropConfig>();
+    one::<adaoptim_candle::LionConfig>();
+    one::<adaoptim_candle::AsgdConfig>();
+}
+
+#[test]
+fn parallel_step_over_many_vars_is_the_serial_bits() {
+    use adaoptim::{Exec, Parallel};
+    let shapes: [&[usize]; 4] = [&[300, 200], &[200], &[1000, 70], &[5]];
+    let vars: Vec<Var> = shapes.iter().enumerate().map(|(i, s)| var(s, 40 + i as u64)).collect();
+    let copies: Vec<Var> = vars.iter().map(|v| Var::from_tensor(&v.as_tensor().copy().unwrap()).unwrap()).collect();
+    let grads: Vec<Tensor> = vars
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Tensor::from_vec(values(v.elem_count(), 50 + i as u64), v.shape(), &Device::Cpu).unwrap())
+        .collect();
+    let config = AdamWConfig { lr: 1e-2, ..Default::default() };
+    let mut par = AdamW::new(vars.clone(), config).unwrap();
+    par.set_exec(Exec { parallel: Parallel::Chunks { chunk: 4096 }, ..Exec::auto() });
+    let mut ser = AdamW::new(copies.clone(), config).unwrap();
+    ser.set_exec(Exec { parallel: Parallel::Serial, ..Exec::auto() });
+    let g: Vec<Option<&Tensor>> = grads.iter().map(Some).collect();
+    for _ in 0..3 {
+        par.step_with(&g).unwrap();
+        ser.step_with(&g).unwrap();
+    }
+    for (a, b) in vars.iter().zip(&copies) {
+        assert_eq!(bits(&flat(a.as_tensor())), bits(&flat(b.as_tensor())));
+    }
+}
