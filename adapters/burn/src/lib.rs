@@ -1,0 +1,209 @@
+//! [adaoptim]'s CPU optimizers for [burn](https://burn.dev) 0.22:
+//! [`Optim<C>`] implements burn's per-parameter [`burn::optim::Optimizer`]
+//! for every adaoptim configuration `C`, so it drives a whole module through
+//! burn's own [`ModuleOptimizer`](burn::optim::ModuleOptimizer): parameter
+//! groups (`with_group`), learning-rate schedules, per-parameter gradient
+//! clipping, and records (`to_record`/`save`/`load`).
+//!
+//! ```
+//! use adaoptim_burn::{AdamW, AdamWConfig};
+//! use burn::optim::ModuleOptimizer;
+//!
+//! let mut optim: ModuleOptimizer = AdamW::new(AdamWConfig { weight_decay: 0.1, ..Default::default() }).into();
+//! // model = optim.step(1e-3, model, GradientsParams::from_grads(loss.backward(), &model));
+//! ```
+//!
+//! # How a step runs, and what it copies
+//! burn hands the optimizer one parameter at a time, by value, with its
+//! gradient and its state. The adapter takes the parameter's and the
+//! gradient's data out of burn ([`Tensor::into_data`]), runs adaoptim's
+//! fused step on the `f32` slices (SIMD, and parallel for large tensors),
+//! and gives the parameter back ([`Tensor::from_data`]). The state is an
+//! adaoptim [`Optimizer`](adaoptim::Optimizer) per parameter (64-byte
+//! aligned buffers, torch's state names), moved, never copied, from step to
+//! step. Whether taking the data out and back in copies is up to burn's
+//! backend; on the ndarray backend the measured cost is in the repository
+//! README ("burn"). The learning rate is burn's (the `lr` of `step` or its
+//! scheduler); the configuration's own `lr` is not used.
+//!
+//! # What it accepts, and errors
+//! burn's trait returns no `Result`. A step that cannot run (a parameter or
+//! gradient that is not `f32`, an invalid learning rate from a schedule, a
+//! state of another length) leaves that parameter and its state as they
+//! were and records the reason in the [`StepErrors`] shared by every clone of
+//! the optimizer ([`Optim::errors`]); nothing panics. Check it after a step
+//! where that matters.
+
+#![deny(missing_docs)]
+
+use std::sync::{Arc, Mutex};
+
+use adaoptim::{Algorithm, Exec};
+use burn::optim::{LearningRate, RecordState, StateSink, StateSource};
+use burn::tensor::{DType, Device, Tensor, TensorData};
+
+pub use adaoptim;
+/// Every adaoptim configuration, to build an optimizer with.
+pub use adaoptim::optim::registered::*;
+
+/// The reasons of the steps that could not run, shared by the clones of an
+/// [`Optim`] (burn keeps its own clone inside `ModuleOptimizer`).
+#[derive(Clone, Debug, Default)]
+pub struct StepErrors(Arc<Mutex<Vec<String>>>);
+
+impl StepErrors {
+    /// Takes the recorded reasons, oldest first, leaving none.
+    pub fn take(&self) -> Vec<String> {
+        match self.0.lock() {
+            Ok(mut v) => std::mem::take(&mut *v),
+            Err(p) => std::mem::take(&mut *p.into_inner()),
+        }
+    }
+
+    /// True if no step failed since the last [`take`](Self::take).
+    pub fn is_empty(&self) -> bool {
+        match self.0.lock() {
+            Ok(v) => v.is_empty(),
+            Err(p) => p.into_inner().is_empty(),
+        }
+    }
+
+    fn push(&self, reason: String) {
+        match self.0.lock() {
+            Ok(mut v) => v.push(reason),
+            Err(p) => p.into_inner().push(reason),
+        }
+    }
+}
+
+/// An adaoptim optimizer as burn's per-parameter optimizer; see the
+/// [crate docs](crate).
+#[derive(Clone, Debug)]
+pub struct Optim<C: Algorithm> {
+    config: C,
+    exec: Exec,
+    errors: StepErrors,
+}
+
+// One alias per optimizer of adaoptim's registry, named as adaoptim's own.
+macro_rules! aliases {
+    ($($module:ident { $($alias:ident($cfg:ident)),+ })*) => {$($(
+        #[doc = concat!("`Optim<", stringify!($cfg), ">`: the burn optimizer of [`", stringify!($cfg), "`].")]
+        pub type $alias = Optim<$cfg>;
+    )+)*};
+}
+adaoptim::for_each_optimizer!(aliases);
+
+impl<C: Algorithm> Optim<C> {
+    /// An optimizer with these hyperparameters (the learning rate comes from
+    /// burn at each step).
+    pub fn new(config: C) -> Self {
+        Optim { config, exec: Exec::auto(), errors: StepErrors::default() }
+    }
+
+    /// The same, with an execution policy (backend, threads) for every step.
+    pub fn with_exec(mut self, exec: Exec) -> Self {
+        self.exec = exec;
+        self
+    }
+
+    /// The hyperparameters.
+    pub fn config(&self) -> &C {
+        &self.config
+    }
+
+    /// The reasons of steps that could not run (shared with every clone).
+    pub fn errors(&self) -> StepErrors {
+        self.errors.clone()
+    }
+
+    /// One parameter's step on its data; a state is made when `state` is
+    /// `None`. On error the data and the state are as they were.
+    fn step_data(
+        &self,
+        lr: LearningRate,
+        params: &mut TensorData,
+        grads: &TensorData,
+        state: &mut Option<State<C>>,
+    ) -> Result<(), String> {
+        if params.dtype() != DType::F32 || grads.dtype() != DType::F32 {
+            return Err(format!(
+                "parameter {:?} and gradient {:?}: only f32 is supported",
+                params.dtype(),
+                grads.dtype()
+            ));
+        }
+        let mut fresh = None;
+        let opt = match state {
+            Some(s) => &mut s.0,
+            None => fresh.insert(
+                adaoptim::Optimizer::new(self.config.clone(), params.num_elements()).map_err(|e| e.to_string())?,
+            ),
+        };
+        opt.set_exec(self.exec);
+        opt.set_lr(lr).map_err(|e| e.to_string())?;
+        let g = grads.as_slice::<f32>().map_err(|e| format!("gradient: {e:?}"))?;
+        let p = params.as_mut_slice::<f32>().map_err(|e| format!("parameter: {e:?}"))?;
+        opt.step(p, g).map_err(|e| e.to_string())?;
+        if let Some(f) = fresh {
+            *state = Some(State(f));
+        }
+        Ok(())
+    }
+}
+
+impl<C: Algorithm + Default> Default for Optim<C> {
+    fn default() -> Self {
+        Self::new(C::default())
+    }
+}
+
+/// One parameter's state: an adaoptim optimizer over its elements (state
+/// buffers by torch name, its own step count). In a burn record it is one
+/// `U8` tensor named `adaoptim`, holding adaoptim's safetensors checkpoint
+/// of that optimizer (so the state names inside are torch's).
+#[derive(Clone, Debug)]
+pub struct State<C: Algorithm>(pub adaoptim::Optimizer<C>);
+
+impl<C: Algorithm> RecordState for State<C> {
+    fn state_flatten(&self, prefix: &str, out: &mut StateSink) {
+        // A checkpoint of an existing optimizer only fails on an internal
+        // inconsistency; an empty tensor then makes the load fail (`None`)
+        // rather than restore a wrong state.
+        let bytes = self.0.to_safetensors().unwrap_or_default();
+        let n = bytes.len();
+        out.push_tensor(prefix, "adaoptim", TensorData::new(bytes, [n]));
+    }
+
+    fn state_unflatten(prefix: &str, src: &mut StateSource, _device: &Device) -> Option<Self> {
+        let data = src.take_tensor(prefix, "adaoptim")?;
+        let bytes = data.as_slice::<u8>().ok()?;
+        adaoptim::Optimizer::from_safetensors(bytes).ok().map(State)
+    }
+}
+
+impl<C: Algorithm> burn::optim::Optimizer for Optim<C> {
+    type State<const D: usize> = State<C>;
+
+    fn step<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<State<C>>,
+    ) -> (Tensor<D>, Option<State<C>>) {
+        let device = tensor.device();
+        let mut params = tensor.into_data();
+        let grads = grad.into_data();
+        let mut state = state;
+        if let Err(reason) = self.step_data(lr, &mut params, &grads, &mut state) {
+            self.errors.push(reason);
+        }
+        (Tensor::from_data(params, &device), state)
+    }
+
+    fn to_device<const D: usize>(state: State<C>, _device: &Device) -> State<C> {
+        // The state is host memory, used on the CPU wherever the tensors are.
+        state
+    }
+}

@@ -1,0 +1,275 @@
+//! The burn adapter against adaoptim on raw slices (bit for bit), against
+//! burn's own AdamW (within tolerance), and its errors.
+
+use adaoptim::Algorithm;
+use adaoptim_burn::{AdamW, AdamWConfig, Optim, Sgd, SgdConfig};
+use burn::module::{Module, Param};
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::{GradientsParams, ModuleOptimizer, Optimizer};
+use burn::tensor::{Device, Tensor, TensorData};
+
+/// Deterministic values in [-1, 1) (a 64-bit LCG).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 23) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn flat<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().try_to_vec::<f32>().unwrap()
+}
+
+#[derive(Module, Debug)]
+struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+    /// Not used by `forward`: it never has a gradient.
+    unused: Linear,
+}
+
+fn device() -> Device {
+    Device::default().autodiff()
+}
+
+fn mlp(seed: u64) -> Mlp {
+    let dev = device();
+    let mut m = Mlp {
+        fc1: LinearConfig::new(8, 16).init(&dev),
+        fc2: LinearConfig::new(16, 3).init(&dev),
+        unused: LinearConfig::new(2, 2).init(&dev),
+    };
+    // A fixed initialization (burn's own is not seeded).
+    let set = |p: Param<Tensor<2>>, s: u64| {
+        let dims = p.val().dims();
+        p.map(|_| Tensor::from_data(TensorData::new(values(dims[0] * dims[1], s), dims), &device()).require_grad())
+    };
+    let set1 = |p: Param<Tensor<1>>, s: u64| {
+        let dims = p.val().dims();
+        p.map(|_| Tensor::from_data(TensorData::new(values(dims[0], s), dims), &device()).require_grad())
+    };
+    m.fc1.weight = set(m.fc1.weight, seed);
+    m.fc1.bias = m.fc1.bias.map(|b| set1(b, seed + 1));
+    m.fc2.weight = set(m.fc2.weight, seed + 2);
+    m.fc2.bias = m.fc2.bias.map(|b| set1(b, seed + 3));
+    m
+}
+
+impl Mlp {
+    fn loss(&self, x: &Tensor<2>, y: &Tensor<2>) -> Tensor<1> {
+        let h = burn::tensor::activation::tanh(self.fc1.forward(x.clone()));
+        (self.fc2.forward(h) - y.clone()).powi_scalar(2).mean()
+    }
+    /// The four trained parameters, flattened, in a fixed order.
+    fn params(&self) -> Vec<Vec<f32>> {
+        vec![
+            flat(self.fc1.weight.val()),
+            flat(self.fc1.bias.as_ref().unwrap().val()),
+            flat(self.fc2.weight.val()),
+            flat(self.fc2.bias.as_ref().unwrap().val()),
+        ]
+    }
+    fn grads(&self, g: &GradientsParams) -> Vec<Vec<f32>> {
+        vec![
+            flat(g.get::<2>(self.fc1.weight.id).unwrap()),
+            flat(g.get::<1>(self.fc1.bias.as_ref().unwrap().id).unwrap()),
+            flat(g.get::<2>(self.fc2.weight.id).unwrap()),
+            flat(g.get::<1>(self.fc2.bias.as_ref().unwrap().id).unwrap()),
+        ]
+    }
+}
+
+fn data() -> (Tensor<2>, Tensor<2>) {
+    let dev = device();
+    (
+        Tensor::from_data(TensorData::new(values(32 * 8, 90), [32, 8]), &dev),
+        Tensor::from_data(TensorData::new(values(32 * 3, 91), [32, 3]), &dev),
+    )
+}
+
+#[test]
+fn module_step_is_adaoptim_on_raw_slices_bit_for_bit() {
+    let (x, y) = data();
+    let mut m = mlp(1);
+    let config = AdamWConfig { weight_decay: 0.1, amsgrad: true, ..Default::default() };
+    let mut optim: ModuleOptimizer = AdamW::new(config).into();
+    let mut raw: Vec<adaoptim::AdamW> =
+        m.params().iter().map(|p| adaoptim::AdamW::new(config, p.len()).unwrap()).collect();
+    let mut params = m.params();
+    let unused_before = flat(m.unused.weight.val());
+    let lr = 1e-2;
+    for _ in 0..5 {
+        let grads = GradientsParams::from_grads(m.loss(&x, &y).backward(), &m);
+        for ((o, p), g) in raw.iter_mut().zip(&mut params).zip(m.grads(&grads)) {
+            o.set_lr(lr).unwrap();
+            o.step(p, &g).unwrap();
+        }
+        m = optim.step(lr, m, grads);
+        for (p, q) in params.iter().zip(m.params()) {
+            assert_eq!(bits(p), bits(&q));
+        }
+    }
+    // A parameter without a gradient is left untouched.
+    assert_eq!(bits(&flat(m.unused.weight.val())), bits(&unused_before));
+}
+
+#[test]
+fn adamw_matches_burns_adamw() {
+    let (x, y) = data();
+    let (mut a, mut b) = (mlp(2), mlp(2));
+    let mut ours: ModuleOptimizer =
+        AdamW::new(AdamWConfig { eps: 1e-8, weight_decay: 0.01, ..Default::default() }).into();
+    let mut theirs = burn::optim::AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(0.01).init();
+    for _ in 0..50 {
+        let (la, lb) = (a.loss(&x, &y), b.loss(&x, &y));
+        let (va, vb) = (flat(la.clone())[0], flat(lb.clone())[0]);
+        assert!((va - vb).abs() <= 1e-5 * vb.abs(), "loss {va} vs {vb}");
+        let ga = GradientsParams::from_grads(la.backward(), &a);
+        let gb = GradientsParams::from_grads(lb.backward(), &b);
+        a = ours.step(1e-2, a, ga);
+        b = theirs.step(1e-2, b, gb);
+    }
+    for (p, q) in a.params().iter().zip(b.params()) {
+        for (u, v) in p.iter().zip(&q) {
+            assert!((u - v).abs() <= 1e-5 * (1.0 + v.abs()), "{u} vs {v}");
+        }
+    }
+}
+
+#[test]
+fn groups_through_burns_module_optimizer() {
+    use burn::module::ParamGroup;
+    let (x, y) = data();
+    let mut m = mlp(3);
+    let decay = AdamWConfig { weight_decay: 0.5, ..Default::default() };
+    let no_decay = AdamWConfig { weight_decay: 0.0, ..Default::default() };
+    let mut optim: ModuleOptimizer = ModuleOptimizer::from(AdamW::new(decay)).with_group(
+        ParamGroup::from_predicate("bias"),
+        AdamW::new(no_decay),
+        None,
+    );
+    let mut params = m.params();
+    let configs = [decay, no_decay, decay, no_decay];
+    let mut raw: Vec<adaoptim::AdamW> =
+        params.iter().zip(configs).map(|(p, c)| adaoptim::AdamW::new(c, p.len()).unwrap()).collect();
+    for _ in 0..3 {
+        let grads = GradientsParams::from_grads(m.loss(&x, &y).backward(), &m);
+        for ((o, p), g) in raw.iter_mut().zip(&mut params).zip(m.grads(&grads)) {
+            o.set_lr(1e-2).unwrap();
+            o.step(p, &g).unwrap();
+        }
+        m = optim.step(1e-2, m, grads);
+    }
+    for (p, q) in params.iter().zip(m.params()) {
+        assert_eq!(bits(p), bits(&q));
+    }
+}
+
+#[test]
+fn record_round_trip_resumes_bit_for_bit() {
+    let (x, y) = data();
+    let mut m = mlp(4);
+    let config = AdamWConfig::default();
+    let mut optim: ModuleOptimizer = AdamW::new(config).into();
+    for _ in 0..3 {
+        let g = GradientsParams::from_grads(m.loss(&x, &y).backward(), &m);
+        m = optim.step(1e-2, m, g);
+    }
+    let bytes = optim.into_bytes().unwrap();
+    let mut restored: ModuleOptimizer = ModuleOptimizer::from(AdamW::new(config)).from_bytes(bytes).unwrap();
+    let (mut a, mut b) = (m.clone(), m);
+    for _ in 0..2 {
+        let ga = GradientsParams::from_grads(a.loss(&x, &y).backward(), &a);
+        let gb = GradientsParams::from_grads(b.loss(&x, &y).backward(), &b);
+        a = optim.step(1e-2, a, ga);
+        b = restored.step(1e-2, b, gb);
+    }
+    for (p, q) in a.params().iter().zip(b.params()) {
+        assert_eq!(bits(p), bits(&q));
+    }
+}
+
+#[test]
+fn a_step_that_cannot_run_changes_nothing_and_is_recorded() {
+    let dev = Device::default();
+    let opt = AdamW::new(AdamWConfig::default());
+    let errors = opt.errors();
+    let p = Tensor::<1>::from_data(TensorData::new(vec![1.0f32, 2.0, 3.0], [3]), &dev);
+    let g = Tensor::<1>::from_data(TensorData::new(vec![0.1f32, 0.2, 0.3], [3]), &dev);
+    // A first good step makes a state.
+    let (p, state) = opt.step(1e-2, p, g.clone(), None);
+    let after_one = flat(p.clone());
+    let state = state.unwrap();
+    assert_eq!(state.0.step_count(), 1);
+    assert!(errors.is_empty());
+    // An invalid learning rate: nothing moves, the reason is recorded.
+    for bad in [-1.0, f64::NAN, f64::INFINITY] {
+        let (p2, s2) = opt.step(bad, p.clone(), g.clone(), Some(state.clone()));
+        assert_eq!(bits(&flat(p2)), bits(&after_one));
+        assert_eq!(s2.unwrap().0.step_count(), 1);
+        let e = errors.take();
+        assert_eq!(e.len(), 1);
+        assert!(e[0].contains("lr"), "{e:?}");
+    }
+    // A state of another length (not this parameter's).
+    let other = Tensor::<1>::from_data(TensorData::new(vec![1.0f32; 5], [5]), &dev);
+    let (o2, s2) =
+        opt.step(1e-2, other, Tensor::from_data(TensorData::new(vec![0.1f32; 5], [5]), &dev), Some(state.clone()));
+    assert_eq!(flat(o2), vec![1.0; 5]);
+    assert_eq!(s2.unwrap().0.step_count(), 1);
+    assert!(!errors.take().is_empty());
+    // An f64 parameter.
+    let p64 = Tensor::<1>::from_data(TensorData::new(vec![1.0f64, 2.0], [2]), &dev);
+    let g64 = Tensor::<1>::from_data(TensorData::new(vec![0.5f64, 0.5], [2]), &dev);
+    if p64.dtype() != burn::tensor::DType::F32 {
+        let (q, s) = opt.step(1e-2, p64, g64, None);
+        assert!(s.is_none());
+        assert_eq!(q.into_data().try_to_vec::<f64>().unwrap(), vec![1.0, 2.0]);
+        let e = errors.take();
+        assert!(e[0].contains("only f32"), "{e:?}");
+    }
+    // Invalid hyperparameters are refused when the first state is made.
+    let bad = AdamW::new(AdamWConfig { eps: -1.0, ..Default::default() });
+    let (q, s) = bad.step(
+        1e-2,
+        Tensor::<1>::from_data(TensorData::new(vec![1.0f32], [1]), &dev),
+        Tensor::from_data(TensorData::new(vec![1.0f32], [1]), &dev),
+        None,
+    );
+    assert!(s.is_none());
+    assert_eq!(flat(q), vec![1.0]);
+    assert!(bad.errors().take()[0].contains("eps"));
+}
+
+#[test]
+fn every_alias_steps() {
+    fn one<C: Algorithm + Default>() {
+        let dev = Device::default();
+        let opt = Optim::<C>::default();
+        let p = Tensor::<1>::from_data(TensorData::new(values(7, 3), [7]), &dev);
+        let g = Tensor::<1>::from_data(TensorData::new(values(7, 4), [7]), &dev);
+        let (q, s) = opt.step(1e-2, p, g, None);
+        assert!(s.is_some() && opt.errors().is_empty(), "{}", C::TORCH_CLASS);
+        assert_ne!(bits(&flat(q)), bits(&values(7, 3)), "{}", C::TORCH_CLASS);
+    }
+    one::<adaoptim_burn::SgdConfig>();
+    one::<adaoptim_burn::AdagradConfig>();
+    one::<adaoptim_burn::RmsPropConfig>();
+    one::<adaoptim_burn::AdadeltaConfig>();
+    one::<adaoptim_burn::AdamConfig>();
+    one::<adaoptim_burn::AdamWConfig>();
+    one::<adaoptim_burn::AdamaxConfig>();
+    one::<adaoptim_burn::NAdamConfig>();
+    one::<adaoptim_burn::RAdamConfig>();
+    one::<adaoptim_burn::RpropConfig>();
+    one::<adaoptim_burn::LionConfig>();
+    one::<adaoptim_burn::AsgdConfig>();
+    let _ = Sgd::new(SgdConfig::default());
+}
