@@ -68,6 +68,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod adafactor;
 pub mod any;
 mod backend;
 pub mod checkpoint;
@@ -84,6 +85,7 @@ mod simd;
 pub mod sparse;
 pub mod storage;
 
+pub use adafactor::{Adafactor, AdafactorConfig};
 pub use any::{AnyConfig, AnyOptimizer, HyperValue};
 pub use backend::{AUTO_GRAIN, Backend, Exec, PAR_THRESHOLD, PAR_THRESHOLD_INSIDE, Parallel};
 pub use driver::StepReport;

@@ -65,16 +65,76 @@ fn worst_fraction(name: &str, path: &str, step: usize, got: &[f32], want: &[f32]
     worst
 }
 
+/// An optimizer file's start, gradients and torch's parameters.
+struct Trajectory {
+    n: usize,
+    steps: usize,
+    p0: Vec<f32>,
+    grads: Vec<Vec<f32>>,
+    want: Vec<Vec<f32>>,
+}
+
+impl Trajectory {
+    fn of(name: &str, v: &Value) -> Self {
+        let n = v["n"].as_u64().expect("n") as usize;
+        let steps = v["steps"].as_u64().expect("steps") as usize;
+        let p0 = f32s(&v["params0"]);
+        let grads: Vec<Vec<f32>> = v["grads"].as_array().expect("grads").iter().map(f32s).collect();
+        let want: Vec<Vec<f32>> = v["params"].as_array().expect("params").iter().map(f32s).collect();
+        assert_eq!(p0.len(), n, "{name}: params0 length");
+        assert!(grads.len() == steps && want.len() == steps, "{name}: steps");
+        Trajectory { n, steps, p0, grads, want }
+    }
+}
+
+/// The file's `shape` (absent: a vector of `n`); its element count must be `n`.
+fn shape_of(name: &str, v: &Value, n: usize) -> Vec<usize> {
+    let shape: Vec<usize> = match v.get("shape") {
+        None => vec![n],
+        Some(s) => s
+            .as_array()
+            .unwrap_or_else(|| panic!("{name}: shape must be an array"))
+            .iter()
+            .map(|d| d.as_u64().unwrap_or_else(|| panic!("{name}: shape entries must be integers")) as usize)
+            .collect(),
+    };
+    assert_eq!(shape.iter().product::<usize>(), n, "{name}: shape {shape:?} does not hold n = {n} elements");
+    shape
+}
+
+/// torch.optim.Adafactor (shape-aware, not a registry kernel): serial, and
+/// inside a 3-thread pool.
+fn check_adafactor(name: &str, v: &Value) -> f64 {
+    let cfg = adaoptim::AdafactorConfig::from_torch_kwargs(&v["options"])
+        .unwrap_or_else(|e| panic!("{name}: cannot build Adafactor: {e}"));
+    let Trajectory { n, steps, p0, grads, want } = Trajectory::of(name, v);
+    let shape = shape_of(name, v, n);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+    let mut worst: f64 = 0.0;
+    for path in ["serial", "pool-3"] {
+        let mut opt = adaoptim::Adafactor::new(cfg, &shape).unwrap();
+        let mut p = p0.clone();
+        for t in 0..steps {
+            if path == "serial" {
+                opt.step(&mut p, &grads[t]).unwrap();
+            } else {
+                pool.install(|| opt.step(&mut p, &grads[t])).unwrap();
+            }
+            worst = worst.max(worst_fraction(name, path, t, &p, &want[t]));
+        }
+    }
+    worst
+}
+
 fn check_optimizer(name: &str, v: &Value) -> f64 {
     let class = v["torch_class"].as_str().expect("torch_class");
+    if class == "Adafactor" {
+        return check_adafactor(name, v);
+    }
     let cfg = config_from_json(class, &v["options"]).unwrap_or_else(|e| panic!("{name}: cannot build {class}: {e}"));
-    let n = v["n"].as_u64().expect("n") as usize;
-    let steps = v["steps"].as_u64().expect("steps") as usize;
-    let p0 = f32s(&v["params0"]);
-    let grads: Vec<Vec<f32>> = v["grads"].as_array().expect("grads").iter().map(f32s).collect();
-    let want: Vec<Vec<f32>> = v["params"].as_array().expect("params").iter().map(f32s).collect();
-    assert_eq!(p0.len(), n, "{name}: params0 length");
-    assert!(grads.len() == steps && want.len() == steps, "{name}: steps");
+    let Trajectory { n, steps, p0, grads, want } = Trajectory::of(name, v);
+    // Element-wise optimizers ignore the shape, but it must be coherent.
+    shape_of(name, v, n);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
     let mut worst: f64 = 0.0;
     for (path, exec) in all_paths() {
@@ -105,6 +165,13 @@ fn golden_wide() {
 #[test]
 fn golden_optim_db() {
     check_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden_optimdb"));
+}
+
+/// torch.optim.Adafactor on its `optim_db` configurations, for vector,
+/// matrix and 3-d shapes, written by `tests/golden_adafactor/generate.py`.
+#[test]
+fn golden_adafactor() {
+    check_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden_adafactor"));
 }
 
 /// Checks every file of `dir`, printing per-file and per-class worst errors.

@@ -1,0 +1,643 @@
+//! Adafactor (Shazeer and Stern, *Adafactor: Adaptive Learning Rates with
+//! Sublinear Memory Cost*, 2018), as `torch.optim.Adafactor` (torch 2.5 and
+//! later) defines it: its names, defaults, `ValueError` conditions, state
+//! names and arithmetic.
+//!
+//! Adafactor is not element-wise, so it is not one of the registry's
+//! kernels ([`crate::optim`]): a parameter of two or more dimensions keeps a
+//! *factored* second moment, one value per row (`row_var`, shape
+//! `[.., rows, 1]`) and one per column (`col_var`, `[.., 1, cols]`) of its
+//! last two dimensions, and every step needs whole-tensor reductions (the
+//! parameter's RMS before the step, the update's RMS before it is applied).
+//! So an [`Adafactor`] is made for one tensor *shape*; a vector (or a 0-d
+//! tensor) keeps an unfactored `variance` like Adam's `exp_avg_sq`.
+//!
+//! One step, with `t` the step number and everything as torch evaluates it
+//! (hyperparameter arithmetic in f64 as Python does, tensors in f32):
+//! ```text
+//! w      = t ^ beta2_decay                              (1 - beta2_t)
+//! rho    = min(lr, 1 / sqrt(t))
+//! alpha  = max(eps2, ||p|| / sqrt(numel)) * rho         ||p|| before the step
+//! p      = p * (1 - lr * weight_decay)                  (only when weight_decay != 0)
+//! matrix: row_var = lerp(row_var, ||g_row||^2 / cols, w)
+//!         col_var = lerp(col_var, ||g_col||^2 / rows, w)
+//!         v = row_var * col_var / max(mean(row_var), eps1)
+//! vector: variance = lerp(variance, g * g, w);  v = variance
+//! u      = g * (1 / sqrt(max(v, eps1^2)))
+//! p      = fma(-alpha / max(1, ||u|| / (sqrt(numel) * d)), u, p)
+//! ```
+//! `eps1` defaults to f32's machine epsilon (torch's `finfo(dtype).eps` for
+//! `eps = (None, 1e-3)`); `maximize` negates the gradient. torch squares each
+//! row and column norm after rounding it to f32 (`vector_norm(..).square_()`),
+//! and so does this; torch's `lerp_` and `add_(.., alpha=)` are fused
+//! multiply-adds on CPU, as here. The norms are summed in f64 (torch sums
+//! them in f32 in an order of its own), so a step can differ from torch's in
+//! the last bit of a norm; the golden files measure the result (the
+//! `optim_db` set in `tests/golden_adafactor`).
+//!
+//! Every reduction runs over a fixed partition of the tensor (blocks of rows,
+//! blocks of columns, fixed-size chunks) whose partial sums are combined in
+//! one order, so the result is bitwise the same serial or parallel, for any
+//! rayon thread count. The per-element arithmetic is plain scalar code (the
+//! compiler vectorizes what it can); there is no hand-written SIMD kernel for
+//! Adafactor yet.
+//!
+//! Not supported: gradient clipping, loss-scale removal and the non-finite
+//! policy of [`Optimizer`](crate::Optimizer) (torch's Adafactor has none: a
+//! NaN in a gradient propagates as in torch), reduced-precision storage,
+//! and the multi-tensor entry points (one [`Adafactor`] per tensor).
+
+use rayon::prelude::*;
+use serde_json::{Value, json};
+
+use crate::checkpoint::{Reader, Writer, bad, read, write_atomic};
+use crate::error::{finite, next_step};
+use crate::optim::Lerp;
+use crate::{Error, Exec, Parallel};
+
+/// Hyperparameters of [`Adafactor`], with `torch.optim.Adafactor`'s names
+/// and defaults.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdafactorConfig {
+    /// The maximum relative step size `rho` and the weight-decay factor.
+    /// Default `1e-2`.
+    pub lr: f64,
+    /// The exponent of `1 - beta2_t = t ^ beta2_decay`; `<= 0`. Default `-0.8`.
+    pub beta2_decay: f64,
+    /// `(eps1, eps2)`: `eps1` floors the second-moment estimate (`None`:
+    /// f32's machine epsilon, `2^-23`), `eps2` the parameter RMS that scales
+    /// the step. Default `(None, 1e-3)`.
+    pub eps: (Option<f64>, f64),
+    /// The update-clipping threshold: an update whose RMS exceeds `d` is
+    /// scaled down to it. `>= 1`. Default `1`.
+    pub d: f64,
+    /// Decoupled weight decay: parameters shrink by `lr * weight_decay`
+    /// before each step. Default `0`.
+    pub weight_decay: f64,
+    /// Maximize the objective (the gradient is negated). Default `false`.
+    pub maximize: bool,
+}
+
+impl Default for AdafactorConfig {
+    fn default() -> Self {
+        AdafactorConfig { lr: 1e-2, beta2_decay: -0.8, eps: (None, 1e-3), d: 1.0, weight_decay: 0.0, maximize: false }
+    }
+}
+
+fn invalid(name: &'static str, value: f64, requirement: &'static str) -> Error {
+    Error::InvalidHyperparameter { name, value, requirement }
+}
+
+impl AdafactorConfig {
+    /// The torch class name, `"Adafactor"`.
+    pub const TORCH_CLASS: &'static str = "Adafactor";
+
+    /// Checks torch's conditions (`lr >= 0`, `beta2_decay <= 0`,
+    /// `eps1 >= 0`, `eps2 >= 0`, `d >= 1`, `weight_decay >= 0`) and that
+    /// every value is finite.
+    ///
+    /// # Errors
+    /// [`Error::InvalidHyperparameter`] naming the first bad field.
+    pub fn validate(&self) -> Result<(), Error> {
+        let check = |name, v: f64, ok: bool, req| if v.is_finite() && ok { Ok(()) } else { Err(invalid(name, v, req)) };
+        check("lr", self.lr, self.lr >= 0.0, "finite and >= 0")?;
+        check("beta2_decay", self.beta2_decay, self.beta2_decay <= 0.0, "finite and <= 0")?;
+        if let Some(e1) = self.eps.0 {
+            check("eps[0]", e1, e1 >= 0.0, "finite and >= 0")?;
+        }
+        check("eps[1]", self.eps.1, self.eps.1 >= 0.0, "finite and >= 0")?;
+        check("d", self.d, self.d >= 1.0, "finite and >= 1")?;
+        check("weight_decay", self.weight_decay, self.weight_decay >= 0.0, "finite and >= 0")
+    }
+
+    /// `eps1` as the step uses it: the configured value, or f32's machine
+    /// epsilon for `None`.
+    pub fn eps1(&self) -> f64 {
+        self.eps.0.unwrap_or(f64::from(f32::EPSILON))
+    }
+
+    /// The configuration from torch's keyword arguments as a JSON object
+    /// (`{"lr": 0.01, "eps": [null, 0.001], "d": 1.5}`); absent keys take
+    /// torch's defaults. `foreach` (any value) is accepted and ignored: it
+    /// picks torch's implementation, not the arithmetic.
+    ///
+    /// # Errors
+    /// [`Error::InvalidOption`] for an unknown key or a value of the wrong
+    /// type, [`Error::InvalidHyperparameter`] for a value out of range.
+    pub fn from_torch_kwargs(kwargs: &Value) -> Result<Self, Error> {
+        let map = kwargs
+            .as_object()
+            .ok_or(Error::InvalidOption { name: "kwargs".into(), reason: "must be a JSON object" })?;
+        let mut c = AdafactorConfig::default();
+        let num =
+            |k: &str, v: &Value| v.as_f64().ok_or(Error::InvalidOption { name: k.into(), reason: "must be a number" });
+        for (k, v) in map {
+            match k.as_str() {
+                "lr" => c.lr = num(k, v)?,
+                "beta2_decay" => c.beta2_decay = num(k, v)?,
+                "d" => c.d = num(k, v)?,
+                "weight_decay" => c.weight_decay = num(k, v)?,
+                "maximize" => {
+                    c.maximize =
+                        v.as_bool().ok_or(Error::InvalidOption { name: k.clone(), reason: "must be a boolean" })?
+                }
+                "eps" => {
+                    let pair = match v.as_array() {
+                        Some(a) if a.len() == 2 => a,
+                        _ => {
+                            return Err(Error::InvalidOption {
+                                name: k.clone(),
+                                reason: "must be [eps1 or null, eps2]",
+                            });
+                        }
+                    };
+                    let e1 = if pair[0].is_null() { None } else { Some(num("eps[0]", &pair[0])?) };
+                    c.eps = (e1, num("eps[1]", &pair[1])?);
+                }
+                "foreach" => {}
+                _ => return Err(Error::InvalidOption { name: k.clone(), reason: "not an option of Adafactor" }),
+            }
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// torch's keyword arguments for this configuration, as a JSON object.
+    pub fn torch_kwargs(&self) -> Value {
+        json!({
+            "lr": self.lr,
+            "beta2_decay": self.beta2_decay,
+            "eps": [self.eps.0, self.eps.1],
+            "d": self.d,
+            "weight_decay": self.weight_decay,
+            "maximize": self.maximize,
+        })
+    }
+}
+
+/// The rows, columns and leading (batch) count of a factored shape, or
+/// `None` for a vector or 0-d tensor.
+fn factored(shape: &[usize]) -> Option<(usize, usize, usize)> {
+    let k = shape.len();
+    (k >= 2).then(|| (shape[..k - 2].iter().product(), shape[k - 2], shape[k - 1]))
+}
+
+/// Elements per reduction chunk: partial sums over chunks of this size are
+/// combined in chunk order, whatever runs them.
+const CHUNK: usize = 1 << 14;
+
+/// `sum(x^2)` in f64 over fixed chunks (8 accumulators each, then chunk
+/// partials in order): the same bits serial or parallel.
+fn sumsq(x: &[f32], par: bool) -> f64 {
+    fn chunk(c: &[f32]) -> f64 {
+        let mut acc = [0f64; 8];
+        let mut it = c.chunks_exact(8);
+        for b in &mut it {
+            for (a, &v) in acc.iter_mut().zip(b) {
+                let v = f64::from(v);
+                *a += v * v;
+            }
+        }
+        for (a, &v) in acc.iter_mut().zip(it.remainder()) {
+            let v = f64::from(v);
+            *a += v * v;
+        }
+        ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+    }
+    let parts: Vec<f64> =
+        if par { x.par_chunks(CHUNK).map(chunk).collect() } else { x.chunks(CHUNK).map(chunk).collect() };
+    parts.iter().sum()
+}
+
+/// An f32 tensor's 2-norm as torch returns it from `norm(2).item()`: the
+/// norm rounded to f32, then widened.
+fn norm(sumsq: f64) -> f64 {
+    f64::from(sumsq.sqrt() as f32)
+}
+
+/// torch's `clamp_min` on f32: NaN stays NaN.
+#[inline(always)]
+fn clamp_min(x: f32, lo: f32) -> f32 {
+    if x < lo { lo } else { x }
+}
+
+/// Python's `max(a, b)`: `b` only when it is greater (a NaN `b` gives `a`).
+fn py_max(a: f64, b: f64) -> f64 {
+    if b > a { b } else { a }
+}
+
+/// Python's `min(a, b)`: `b` only when it is smaller.
+fn py_min(a: f64, b: f64) -> f64 {
+    if b < a { b } else { a }
+}
+
+/// What every element's update needs besides its own values.
+#[derive(Clone, Copy)]
+struct Factors {
+    neg: bool,
+    eps1: f32,
+    eps1_sq: f32,
+}
+
+/// `torch.optim.Adafactor` for one tensor of a given shape: owns the state
+/// (`row_var`/`col_var` or `variance`) and the step count; parameters and
+/// gradients are borrowed each step.
+///
+/// ```
+/// use adaoptim::adafactor::{Adafactor, AdafactorConfig};
+/// let mut opt = Adafactor::new(AdafactorConfig::default(), &[2, 3]).unwrap();
+/// let mut w = vec![0.5f32; 6];
+/// opt.step(&mut w, &[0.1, -0.2, 0.3, 0.0, 1.0, -1.0]).unwrap();
+/// assert_eq!(opt.row_var().len(), 2);
+/// assert_eq!(opt.col_var().len(), 3);
+/// ```
+#[derive(Clone, Debug)]
+pub struct Adafactor {
+    config: AdafactorConfig,
+    shape: Vec<usize>,
+    n: usize,
+    t: u64,
+    row_var: Vec<f32>,
+    col_var: Vec<f32>,
+    variance: Vec<f32>,
+    parallel: Parallel,
+}
+
+impl Adafactor {
+    /// A fresh optimizer (step 0, zero state) for a tensor of `shape`
+    /// (row-major; `[]` is a 0-d tensor of one element).
+    ///
+    /// # Errors
+    /// [`Error::InvalidHyperparameter`]; [`Error::TooLarge`] if the element
+    /// count overflows.
+    pub fn new(config: AdafactorConfig, shape: &[usize]) -> Result<Self, Error> {
+        config.validate()?;
+        let n = shape
+            .iter()
+            .try_fold(1usize, |a, &b| a.checked_mul(b))
+            .filter(|n| n.checked_mul(4).is_some())
+            .ok_or(Error::TooLarge { what: "params", elements: usize::MAX })?;
+        let (row_var, col_var, variance) = match factored(shape) {
+            Some((b, r, c)) => (vec![0.0; b * r], vec![0.0; b * c], Vec::new()),
+            None => (Vec::new(), Vec::new(), vec![0.0; n]),
+        };
+        Ok(Adafactor { config, shape: shape.to_vec(), n, t: 0, row_var, col_var, variance, parallel: Parallel::Auto })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &AdafactorConfig {
+        &self.config
+    }
+
+    /// Replaces the configuration (state and step count kept).
+    ///
+    /// # Errors
+    /// [`Error::InvalidHyperparameter`]; nothing changes then.
+    pub fn set_config(&mut self, config: AdafactorConfig) -> Result<(), Error> {
+        config.validate()?;
+        self.config = config;
+        Ok(())
+    }
+
+    /// How steps use threads: [`Parallel::Auto`] (the default: rayon's pool
+    /// from [`PAR_THRESHOLD`](crate::PAR_THRESHOLD) elements), `Serial`, or
+    /// `Chunks` (always through rayon; the chunk size is not used, the
+    /// partition is fixed). The result is the same bits for every policy
+    /// and thread count.
+    pub fn set_parallel(&mut self, parallel: Parallel) {
+        self.parallel = parallel;
+    }
+
+    /// The learning rate.
+    pub fn lr(&self) -> f64 {
+        self.config.lr
+    }
+
+    /// Sets the learning rate (what a schedule writes).
+    ///
+    /// # Errors
+    /// [`Error::InvalidHyperparameter`] for a negative or non-finite value;
+    /// nothing changes then.
+    pub fn set_lr(&mut self, lr: f64) -> Result<(), Error> {
+        finite("lr", lr)?;
+        self.set_config(AdafactorConfig { lr, ..self.config })
+    }
+
+    /// The tensor shape this optimizer was made for.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Elements of the tensor.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Whether the tensor has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> u64 {
+        self.t
+    }
+
+    /// Whether the second moment is factored (two or more dimensions).
+    pub fn is_factored(&self) -> bool {
+        factored(&self.shape).is_some()
+    }
+
+    /// The row factor (`[.., rows, 1]` flattened); empty for a vector.
+    pub fn row_var(&self) -> &[f32] {
+        &self.row_var
+    }
+
+    /// The column factor (`[.., 1, cols]` flattened); empty for a vector.
+    pub fn col_var(&self) -> &[f32] {
+        &self.col_var
+    }
+
+    /// The unfactored second moment of a vector; empty for a matrix.
+    pub fn variance(&self) -> &[f32] {
+        &self.variance
+    }
+
+    /// torch's shapes of the state tensors, by state name.
+    fn state_shapes(&self) -> Vec<(&'static str, Vec<usize>)> {
+        let k = self.shape.len();
+        if k >= 2 {
+            let mut row = self.shape.clone();
+            row[k - 1] = 1;
+            let mut col = self.shape.clone();
+            col[k - 2] = 1;
+            vec![("row_var", row), ("col_var", col)]
+        } else {
+            vec![("variance", self.shape.clone())]
+        }
+    }
+
+    /// One step of `torch.optim.Adafactor` on `params` with `grads` (both
+    /// row-major, of the optimizer's shape), threads as
+    /// [`set_parallel`](Self::set_parallel) says.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`], [`Error::StepLimit`]; nothing is modified
+    /// then.
+    pub fn step(&mut self, params: &mut [f32], grads: &[f32]) -> Result<(), Error> {
+        let n = self.n;
+        for (what, len) in [("params", params.len()), ("grads", grads.len())] {
+            if len != n {
+                return Err(Error::LengthMismatch { what, expected: n, actual: len });
+            }
+        }
+        let t = next_step(self.t)?;
+        self.t = t;
+        if n == 0 {
+            return Ok(());
+        }
+        let c = self.config;
+        let par = match self.parallel {
+            Parallel::Serial => false,
+            Parallel::Chunks { .. } => true,
+            _ => Exec { backend: None, parallel: Parallel::Auto }.chunk_for(n).is_some(),
+        };
+        let tf = t as f64;
+        let w = Lerp::new(tf.powf(c.beta2_decay));
+        let rho = py_min(c.lr, 1.0 / tf.powf(0.5));
+        let sqrt_n = (n as f64).powf(0.5);
+        let alpha = py_max(c.eps.1, norm(sumsq(params, par)) / sqrt_n) * rho;
+        let eps1 = c.eps1();
+        let f = Factors { neg: c.maximize, eps1: eps1 as f32, eps1_sq: (eps1 * eps1) as f32 };
+        let decay = (c.weight_decay != 0.0).then_some((1.0 - c.lr * c.weight_decay) as f32);
+
+        let upd_sumsq = match factored(&self.shape) {
+            Some((batches, rows, cols)) => {
+                for b in 0..batches {
+                    let g = &grads[b * rows * cols..(b + 1) * rows * cols];
+                    let rv = &mut self.row_var[b * rows..(b + 1) * rows];
+                    let cv = &mut self.col_var[b * cols..(b + 1) * cols];
+                    factor_update(g, rows, cols, rv, cv, w, par);
+                }
+                let mut total = 0.0;
+                for b in 0..batches {
+                    let g = &grads[b * rows * cols..(b + 1) * rows * cols];
+                    let (rv, cv) = (&self.row_var[b * rows..(b + 1) * rows], &self.col_var[b * cols..(b + 1) * cols]);
+                    let rmean = row_mean(rv, f);
+                    total += map_rows(g, cols, par, |i, gr| {
+                        let mut acc = 0.0;
+                        for (j, &gj) in gr.iter().enumerate() {
+                            let u = f64::from(factored_u(rv[i], cv[j], rmean, gj, f));
+                            acc += u * u;
+                        }
+                        acc
+                    });
+                }
+                total
+            }
+            None => {
+                let v = &mut self.variance;
+                let parts: Vec<f64> = if par {
+                    v.par_chunks_mut(CHUNK).zip(grads.par_chunks(CHUNK)).map(|(v, g)| vector_pass(v, g, w, f)).collect()
+                } else {
+                    v.chunks_mut(CHUNK).zip(grads.chunks(CHUNK)).map(|(v, g)| vector_pass(v, g, w, f)).collect()
+                };
+                parts.iter().sum()
+            }
+        };
+        let denom = py_max(1.0, norm(upd_sumsq) / (sqrt_n * c.d));
+        let a = (-alpha / denom) as f32;
+        let apply = |p: &mut f32, u: f32| {
+            let q = match decay {
+                Some(k) => *p * k,
+                None => *p,
+            };
+            *p = a.mul_add(u, q);
+        };
+        match factored(&self.shape) {
+            Some((batches, rows, cols)) => {
+                for b in 0..batches {
+                    let range = b * rows * cols..(b + 1) * rows * cols;
+                    let (g, p) = (&grads[range.clone()], &mut params[range]);
+                    let (rv, cv) = (&self.row_var[b * rows..(b + 1) * rows], &self.col_var[b * cols..(b + 1) * cols]);
+                    let rmean = row_mean(rv, f);
+                    let body = |(i, (pr, gr)): (usize, (&mut [f32], &[f32]))| {
+                        for (j, (p, &gj)) in pr.iter_mut().zip(gr).enumerate() {
+                            apply(p, factored_u(rv[i], cv[j], rmean, gj, f));
+                        }
+                    };
+                    if par {
+                        p.par_chunks_mut(cols).zip(g.par_chunks(cols)).enumerate().for_each(body);
+                    } else {
+                        p.chunks_mut(cols).zip(g.chunks(cols)).enumerate().for_each(body);
+                    }
+                }
+            }
+            None => {
+                let v = &self.variance;
+                let body = |((p, g), v): ((&mut [f32], &[f32]), &[f32])| {
+                    for ((p, &g), &v) in p.iter_mut().zip(g).zip(v) {
+                        apply(p, update(v, g, f));
+                    }
+                };
+                if par {
+                    params.par_chunks_mut(CHUNK).zip(grads.par_chunks(CHUNK)).zip(v.par_chunks(CHUNK)).for_each(body);
+                } else {
+                    params.chunks_mut(CHUNK).zip(grads.chunks(CHUNK)).zip(v.chunks(CHUNK)).for_each(body);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The optimizer as safetensors bytes: torch's state names and shapes
+    /// (`step`, `row_var`/`col_var` or `variance`), the configuration as
+    /// torch's keyword arguments, the tensor shape, per-tensor checksums
+    /// (the crate's checkpoint format, layout `"adafactor"`).
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] if serialization fails (it does not for valid
+    /// state).
+    pub fn to_safetensors(&self) -> Result<Vec<u8>, Error> {
+        let mut w = Writer::new(AdafactorConfig::TORCH_CLASS, "adafactor", self.t);
+        w.meta("shape", Value::from(self.shape.clone()));
+        w.meta("param_groups", Value::Array(vec![self.config.torch_kwargs()]));
+        for (name, shape) in self.state_shapes() {
+            let data = match name {
+                "row_var" => &self.row_var,
+                "col_var" => &self.col_var,
+                _ => &self.variance,
+            };
+            w.tensor(name, shape, data);
+        }
+        w.finish()
+    }
+
+    /// An optimizer from bytes written by [`to_safetensors`](Self::to_safetensors).
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] naming what is wrong (format, kind, shape, a
+    /// missing, extra or mis-sized tensor, bad hyperparameters).
+    pub fn from_safetensors(bytes: &[u8]) -> Result<Self, Error> {
+        let r = Reader::open(bytes, AdafactorConfig::TORCH_CLASS, "adafactor")?;
+        let shape: Vec<usize> = serde_json::from_str(r.meta("shape")?).map_err(|e| bad(format!("shape: {e}")))?;
+        let groups = r.json("param_groups")?;
+        let group = match &groups {
+            Value::Array(g) if g.len() == 1 => &g[0],
+            _ => return Err(bad("param_groups must hold exactly one group")),
+        };
+        let config = AdafactorConfig::from_torch_kwargs(group).map_err(|e| bad(format!("param_groups: {e}")))?;
+        let mut opt = Adafactor::new(config, &shape).map_err(|e| bad(format!("shape {shape:?}: {e}")))?;
+        let names = opt.state_shapes();
+        r.expect_count(names.len() + 1)?;
+        for (name, shape) in names {
+            let out = match name {
+                "row_var" => &mut opt.row_var,
+                "col_var" => &mut opt.col_var,
+                _ => &mut opt.variance,
+            };
+            r.read_into(name, &shape, out)?;
+        }
+        opt.t = r.step;
+        Ok(opt)
+    }
+
+    /// Saves the optimizer to `path` atomically.
+    ///
+    /// # Errors
+    /// [`Error::Io`]; the previous file at `path`, if any, is intact then.
+    pub fn save(&self, path: impl AsRef<std::path::Path>) -> Result<(), Error> {
+        write_atomic(path.as_ref(), &self.to_safetensors()?)
+    }
+
+    /// Loads an optimizer saved with [`save`](Self::save).
+    ///
+    /// # Errors
+    /// [`Error::Io`] or [`Error::Checkpoint`].
+    pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self, Error> {
+        Self::from_safetensors(&read(path.as_ref())?)
+    }
+}
+
+/// `max(mean(row_var), eps1)`, the mean over the rows as torch's
+/// `mean(dim=-2)` gives it (rounded to f32).
+fn row_mean(rv: &[f32], f: Factors) -> f32 {
+    let s: f64 = rv.iter().map(|&x| f64::from(x)).sum();
+    clamp_min((s / rv.len() as f64) as f32, f.eps1)
+}
+
+/// `g / sqrt(max(v, eps1^2))` with torch's `rsqrt` (an f32 square root,
+/// then an f32 division).
+#[inline(always)]
+fn update(v: f32, g: f32, f: Factors) -> f32 {
+    let g = if f.neg { -g } else { g };
+    (1.0 / clamp_min(v, f.eps1_sq).sqrt()) * g
+}
+
+#[inline(always)]
+fn factored_u(r: f32, c: f32, rmean: f32, g: f32, f: Factors) -> f32 {
+    update((r * c) / rmean, g, f)
+}
+
+/// The vector path's state update and the update's partial sum of squares
+/// over one chunk.
+fn vector_pass(v: &mut [f32], g: &[f32], w: Lerp, f: Factors) -> f64 {
+    let mut acc = 0.0;
+    for (v, &g) in v.iter_mut().zip(g) {
+        *v = w.apply::<f32>(*v, g * g);
+        let u = f64::from(update(*v, g, f));
+        acc += u * u;
+    }
+    acc
+}
+
+/// `sum over rows i of body(i, row i)`, rows in parallel or not, partials
+/// added in row order.
+fn map_rows(g: &[f32], cols: usize, par: bool, body: impl Fn(usize, &[f32]) -> f64 + Sync) -> f64 {
+    let parts: Vec<f64> = if par {
+        g.par_chunks(cols).enumerate().map(|(i, r)| body(i, r)).collect()
+    } else {
+        g.chunks(cols).enumerate().map(|(i, r)| body(i, r)).collect()
+    };
+    parts.iter().sum()
+}
+
+/// Columns per task of the column reduction.
+const COL_BLOCK: usize = 64;
+
+/// The factored moments' update for one matrix: each row's and each
+/// column's mean square (the norm rounded to f32, squared in f32, divided
+/// in f32, as torch), interpolated into `rv` and `cv`.
+fn factor_update(g: &[f32], rows: usize, cols: usize, rv: &mut [f32], cv: &mut [f32], w: Lerp, par: bool) {
+    let mean_sq = |s: f64, count: usize| {
+        let nrm = s.sqrt() as f32;
+        (nrm * nrm) / count as f32
+    };
+    let row = |(r, gr): (&mut f32, &[f32])| *r = w.apply::<f32>(*r, mean_sq(sumsq(gr, false), cols));
+    if par {
+        rv.par_iter_mut().zip(g.par_chunks(cols)).for_each(row);
+    } else {
+        rv.iter_mut().zip(g.chunks(cols)).for_each(row);
+    }
+    // Columns in blocks: each block walks every row, so each column's sum
+    // runs over the rows in order, whatever runs the blocks.
+    let col = |(b, cb): (usize, &mut [f32])| {
+        let j0 = b * COL_BLOCK;
+        let mut acc = vec![0f64; cb.len()];
+        for i in 0..rows {
+            let gr = &g[i * cols + j0..i * cols + j0 + cb.len()];
+            for (a, &x) in acc.iter_mut().zip(gr) {
+                let x = f64::from(x);
+                *a += x * x;
+            }
+        }
+        for (c, s) in cb.iter_mut().zip(acc) {
+            *c = w.apply::<f32>(*c, mean_sq(s, rows));
+        }
+    };
+    if par {
+        cv.par_chunks_mut(COL_BLOCK).enumerate().for_each(col);
+    } else {
+        cv.chunks_mut(COL_BLOCK).enumerate().for_each(col);
+    }
+}

@@ -1,0 +1,201 @@
+//! Adafactor beyond the golden files (`tests/golden_adafactor`, checked in
+//! `tests/golden.rs`): serial and parallel give the same bits for any thread
+//! count, bad input changes nothing, checkpoints round-trip, extreme
+//! magnitudes stay finite.
+
+mod common;
+
+use adaoptim::{Adafactor, AdafactorConfig, Error, Parallel};
+use common::{Rng, assert_same_bits};
+use serde_json::json;
+
+fn trajectory(
+    shape: &[usize],
+    cfg: AdafactorConfig,
+    par: Parallel,
+    threads: usize,
+    seed: u64,
+) -> (Vec<f32>, Adafactor) {
+    let n: usize = shape.iter().product();
+    let mut rng = Rng::new(seed);
+    let mut p = rng.vec(n, 1.0);
+    let mut opt = Adafactor::new(cfg, shape).unwrap();
+    opt.set_parallel(par);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    for _ in 0..3 {
+        let g: Vec<f32> = (0..n).map(|_| rng.log_uniform(-6.0, 2.0)).collect();
+        pool.install(|| opt.step(&mut p, &g)).unwrap();
+    }
+    (p, opt)
+}
+
+#[test]
+fn parallel_is_bitwise_serial_for_any_thread_count() {
+    let cfg = AdafactorConfig { weight_decay: 0.1, d: 1.5, ..Default::default() };
+    // Past PAR_THRESHOLD, so Auto runs in parallel too; odd sizes leave
+    // partial chunks and column blocks.
+    for shape in [&[613, 457][..], &[3, 211, 433], &[300_007], &[1, 262_145]] {
+        let (p0, o0) = trajectory(shape, cfg, Parallel::Serial, 1, 7);
+        for (par, threads) in [(Parallel::Auto, 2), (Parallel::Chunks { chunk: 0 }, 3), (Parallel::Auto, 1)] {
+            let (p, o) = trajectory(shape, cfg, par, threads, 7);
+            let what = format!("{shape:?} {par:?} {threads} threads");
+            assert_same_bits(&what, &p, &p0);
+            assert_same_bits(&what, o.row_var(), o0.row_var());
+            assert_same_bits(&what, o.col_var(), o0.col_var());
+            assert_same_bits(&what, o.variance(), o0.variance());
+        }
+    }
+}
+
+#[test]
+fn state_layout_follows_torch() {
+    let o = Adafactor::new(AdafactorConfig::default(), &[2, 3, 4]).unwrap();
+    assert!(o.is_factored());
+    assert_eq!((o.row_var().len(), o.col_var().len(), o.variance().len()), (6, 8, 0));
+    for shape in [&[5][..], &[]] {
+        let o = Adafactor::new(AdafactorConfig::default(), shape).unwrap();
+        assert!(!o.is_factored());
+        assert_eq!(o.variance().len(), shape.iter().product::<usize>());
+    }
+}
+
+#[test]
+fn first_step_matches_the_formula() {
+    // A vector of 4, default config, step 1: w = 1, so variance = g^2 and
+    // u = g / |g| = sign(g); ||u|| / sqrt(4) = 1 = d, so no clipping; alpha =
+    // max(1e-3, RMS(p)) * min(0.01, 1) = 0.01 * RMS(p).
+    let mut p = vec![3.0f32, -4.0, 0.0, 0.0]; // RMS 2.5
+    let g = [0.5f32, -2.0, 1e-3, -7.0];
+    let mut o = Adafactor::new(AdafactorConfig::default(), &[4]).unwrap();
+    o.step(&mut p, &g).unwrap();
+    let a = 0.025f32;
+    assert_eq!(p, vec![3.0 - a, -4.0 + a, -a, a]);
+    assert_eq!(o.variance(), &[0.25, 4.0, 1e-3 * 1e-3, 49.0]);
+}
+
+#[test]
+fn bad_input_changes_nothing() {
+    let mut o = Adafactor::new(AdafactorConfig::default(), &[3, 4]).unwrap();
+    let mut p = vec![1.0f32; 12];
+    o.step(&mut p, &[0.5; 12]).unwrap();
+    let (p1, snap) = (p.clone(), o.to_safetensors().unwrap());
+    assert_eq!(o.step(&mut p, &[0.5; 11]), Err(Error::LengthMismatch { what: "grads", expected: 12, actual: 11 }));
+    assert_eq!(
+        o.step(&mut p[..10], &[0.5; 12]),
+        Err(Error::LengthMismatch { what: "params", expected: 12, actual: 10 })
+    );
+    assert!(matches!(o.set_lr(-1.0), Err(Error::InvalidHyperparameter { name: "lr", .. })));
+    assert!(matches!(o.set_lr(f64::NAN), Err(Error::InvalidHyperparameter { name: "lr", .. })));
+    assert_eq!(p, p1);
+    assert_eq!(o.to_safetensors().unwrap(), snap);
+    assert_eq!(o.steps(), 1);
+}
+
+#[test]
+fn hyperparameters_are_checked_as_torch_does() {
+    let bad = |c: AdafactorConfig, field: &str| match Adafactor::new(c, &[2]) {
+        Err(Error::InvalidHyperparameter { name, .. }) => assert_eq!(name, field),
+        other => panic!("{field}: {other:?}"),
+    };
+    let d = AdafactorConfig::default();
+    bad(AdafactorConfig { lr: -1e-3, ..d }, "lr");
+    bad(AdafactorConfig { beta2_decay: 0.1, ..d }, "beta2_decay");
+    bad(AdafactorConfig { eps: (Some(-1e-30), 1e-3), ..d }, "eps[0]");
+    bad(AdafactorConfig { eps: (None, -1.0), ..d }, "eps[1]");
+    bad(AdafactorConfig { d: 0.5, ..d }, "d");
+    bad(AdafactorConfig { weight_decay: -0.1, ..d }, "weight_decay");
+    bad(AdafactorConfig { lr: f64::INFINITY, ..d }, "lr");
+    // torch accepts the boundaries.
+    Adafactor::new(AdafactorConfig { lr: 0.0, beta2_decay: 0.0, eps: (Some(0.0), 0.0), d: 1.0, ..d }, &[2]).unwrap();
+}
+
+#[test]
+fn torch_keywords() {
+    let c = AdafactorConfig::from_torch_kwargs(
+        &json!({"lr": 0.02, "eps": [null, 0.01], "d": 1.5, "maximize": true, "foreach": null}),
+    )
+    .unwrap();
+    assert_eq!(c, AdafactorConfig { lr: 0.02, eps: (None, 0.01), d: 1.5, maximize: true, ..Default::default() });
+    assert_eq!(AdafactorConfig::from_torch_kwargs(&c.torch_kwargs()).unwrap(), c);
+    for bad in [json!({"betas": [0.9, 0.99]}), json!({"eps": 1e-3}), json!({"lr": "x"}), json!([1])] {
+        assert!(matches!(AdafactorConfig::from_torch_kwargs(&bad), Err(Error::InvalidOption { .. })), "{bad}");
+    }
+    assert!(matches!(
+        AdafactorConfig::from_torch_kwargs(&json!({"d": 0.9})),
+        Err(Error::InvalidHyperparameter { name: "d", .. })
+    ));
+}
+
+#[test]
+fn checkpoints_round_trip_and_resume_bitwise() {
+    for shape in [&[7, 9][..], &[2, 3, 5], &[11]] {
+        let n: usize = shape.iter().product();
+        let cfg = AdafactorConfig { weight_decay: 0.05, eps: (Some(1e-6), 1e-3), maximize: true, ..Default::default() };
+        let mut rng = Rng::new(3);
+        let grads: Vec<Vec<f32>> = (0..6).map(|_| rng.vec(n, 2.0)).collect();
+        let mut a = Adafactor::new(cfg, shape).unwrap();
+        let mut pa = rng.vec(n, 1.0);
+        for g in &grads[..3] {
+            a.step(&mut pa, g).unwrap();
+        }
+        let bytes = a.to_safetensors().unwrap();
+        let mut b = Adafactor::from_safetensors(&bytes).unwrap();
+        assert_eq!((b.steps(), b.shape(), b.config()), (3, shape, &cfg));
+        assert_eq!(b.to_safetensors().unwrap(), bytes, "{shape:?}: the same bytes again");
+        let mut pb = pa.clone();
+        for g in &grads[3..] {
+            a.step(&mut pa, g).unwrap();
+            b.step(&mut pb, g).unwrap();
+        }
+        assert_same_bits(&format!("{shape:?} resumed"), &pb, &pa);
+        // torch's state names and shapes.
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut names: Vec<&str> = st.names();
+        names.sort();
+        if shape.len() >= 2 {
+            assert_eq!(names, ["col_var", "row_var", "step"]);
+            let k = shape.len();
+            assert_eq!(st.tensor("row_var").unwrap().shape()[k - 1], 1);
+            assert_eq!(st.tensor("col_var").unwrap().shape()[k - 2], 1);
+        } else {
+            assert_eq!(names, ["step", "variance"]);
+        }
+        // A flipped byte in a tensor is caught; nothing is built.
+        let mut bad = bytes.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(matches!(Adafactor::from_safetensors(&bad), Err(Error::Checkpoint { .. })));
+    }
+    let adam = adaoptim::Adam::new(Default::default(), 4).unwrap().to_safetensors().unwrap();
+    assert!(matches!(Adafactor::from_safetensors(&adam), Err(Error::Checkpoint { .. })));
+}
+
+#[test]
+fn extreme_magnitudes_stay_finite() {
+    let mut rng = Rng::new(11);
+    for shape in [&[9, 13][..], &[117]] {
+        let n: usize = shape.iter().product();
+        // Squares of gradients past ~1.8e19 overflow f32 (in torch too), so the
+        // top range stops at 1e18; the bottom one is subnormal.
+        for (lo, hi) in [(-45.0f64, -38.0f64), (10.0, 18.0), (-30.0, 18.0)] {
+            let mut o = Adafactor::new(AdafactorConfig { weight_decay: 0.01, ..Default::default() }, shape).unwrap();
+            let mut p: Vec<f32> = (0..n).map(|_| rng.log_uniform(lo.max(-37.0), hi)).collect();
+            for t in 0..20 {
+                let mut g: Vec<f32> = (0..n).map(|_| rng.log_uniform(lo, hi)).collect();
+                if t % 3 == 0 {
+                    g.iter_mut().step_by(4).for_each(|x| *x = 0.0);
+                }
+                o.step(&mut p, &g).unwrap();
+                assert!(p.iter().all(|x| x.is_finite()), "{shape:?} 1e{lo}..1e{hi} step {t}: params");
+                for s in [o.row_var(), o.col_var(), o.variance()] {
+                    assert!(s.iter().all(|x| x.is_finite() && *x >= 0.0), "{shape:?} 1e{lo}..1e{hi} step {t}: state");
+                }
+            }
+        }
+        // All-zero gradients move parameters only by weight decay.
+        let mut o = Adafactor::new(AdafactorConfig { weight_decay: 0.5, ..Default::default() }, shape).unwrap();
+        let mut p = vec![2.0f32; n];
+        o.step(&mut p, &vec![0.0; n]).unwrap();
+        assert!(p.iter().all(|&x| x == 2.0 * (1.0 - 0.01 * 0.5) as f32), "{shape:?}: zero gradient");
+    }
+}
