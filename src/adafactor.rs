@@ -385,108 +385,11 @@ impl Adafactor {
     /// [`Error::LengthMismatch`], [`Error::StepLimit`]; nothing is modified
     /// then.
     pub fn step(&mut self, params: &mut [f32], grads: &[f32]) -> Result<(), Error> {
-        let n = self.n;
-        for (what, len) in [("params", params.len()), ("grads", grads.len())] {
-            if len != n {
-                return Err(Error::LengthMismatch { what, expected: n, actual: len });
-            }
-        }
         let t = next_step(self.t)?;
+        let state =
+            AdafactorState { row_var: &mut self.row_var, col_var: &mut self.col_var, variance: &mut self.variance };
+        step_slices(&self.config, &self.shape, t, params, grads, state, self.parallel)?;
         self.t = t;
-        if n == 0 {
-            return Ok(());
-        }
-        let c = self.config;
-        let par = match self.parallel {
-            Parallel::Serial => false,
-            Parallel::Chunks { .. } => true,
-            _ => Exec { backend: None, parallel: Parallel::Auto }.chunk_for(n).is_some(),
-        };
-        let tf = t as f64;
-        let w = Lerp::new(tf.powf(c.beta2_decay));
-        let rho = py_min(c.lr, 1.0 / tf.powf(0.5));
-        let sqrt_n = (n as f64).powf(0.5);
-        let alpha = py_max(c.eps.1, norm(sumsq(params, par)) / sqrt_n) * rho;
-        let eps1 = c.eps1();
-        let f = Factors { neg: c.maximize, eps1: eps1 as f32, eps1_sq: (eps1 * eps1) as f32 };
-        let decay = (c.weight_decay != 0.0).then_some((1.0 - c.lr * c.weight_decay) as f32);
-
-        let upd_sumsq = match factored(&self.shape) {
-            Some((batches, rows, cols)) => {
-                for b in 0..batches {
-                    let g = &grads[b * rows * cols..(b + 1) * rows * cols];
-                    let rv = &mut self.row_var[b * rows..(b + 1) * rows];
-                    let cv = &mut self.col_var[b * cols..(b + 1) * cols];
-                    factor_update(g, rows, cols, rv, cv, w, par);
-                }
-                let mut total = 0.0;
-                for b in 0..batches {
-                    let g = &grads[b * rows * cols..(b + 1) * rows * cols];
-                    let (rv, cv) = (&self.row_var[b * rows..(b + 1) * rows], &self.col_var[b * cols..(b + 1) * cols]);
-                    let rmean = row_mean(rv, f);
-                    total += map_rows(g, cols, par, |i, gr| {
-                        let mut acc = 0.0;
-                        for (j, &gj) in gr.iter().enumerate() {
-                            let u = f64::from(factored_u(rv[i], cv[j], rmean, gj, f));
-                            acc += u * u;
-                        }
-                        acc
-                    });
-                }
-                total
-            }
-            None => {
-                let v = &mut self.variance;
-                let parts: Vec<f64> = if par {
-                    v.par_chunks_mut(CHUNK).zip(grads.par_chunks(CHUNK)).map(|(v, g)| vector_pass(v, g, w, f)).collect()
-                } else {
-                    v.chunks_mut(CHUNK).zip(grads.chunks(CHUNK)).map(|(v, g)| vector_pass(v, g, w, f)).collect()
-                };
-                parts.iter().sum()
-            }
-        };
-        let denom = py_max(1.0, norm(upd_sumsq) / (sqrt_n * c.d));
-        let a = (-alpha / denom) as f32;
-        let apply = |p: &mut f32, u: f32| {
-            let q = match decay {
-                Some(k) => *p * k,
-                None => *p,
-            };
-            *p = a.mul_add(u, q);
-        };
-        match factored(&self.shape) {
-            Some((batches, rows, cols)) => {
-                for b in 0..batches {
-                    let range = b * rows * cols..(b + 1) * rows * cols;
-                    let (g, p) = (&grads[range.clone()], &mut params[range]);
-                    let (rv, cv) = (&self.row_var[b * rows..(b + 1) * rows], &self.col_var[b * cols..(b + 1) * cols]);
-                    let rmean = row_mean(rv, f);
-                    let body = |(i, (pr, gr)): (usize, (&mut [f32], &[f32]))| {
-                        for (j, (p, &gj)) in pr.iter_mut().zip(gr).enumerate() {
-                            apply(p, factored_u(rv[i], cv[j], rmean, gj, f));
-                        }
-                    };
-                    if par {
-                        p.par_chunks_mut(cols).zip(g.par_chunks(cols)).enumerate().for_each(body);
-                    } else {
-                        p.chunks_mut(cols).zip(g.chunks(cols)).enumerate().for_each(body);
-                    }
-                }
-            }
-            None => {
-                let v = &self.variance;
-                let body = |((p, g), v): ((&mut [f32], &[f32]), &[f32])| {
-                    for ((p, &g), &v) in p.iter_mut().zip(g).zip(v) {
-                        apply(p, update(v, g, f));
-                    }
-                };
-                if par {
-                    params.par_chunks_mut(CHUNK).zip(grads.par_chunks(CHUNK)).zip(v.par_chunks(CHUNK)).for_each(body);
-                } else {
-                    params.chunks_mut(CHUNK).zip(grads.chunks(CHUNK)).zip(v.chunks(CHUNK)).for_each(body);
-                }
-            }
-        }
         Ok(())
     }
 
@@ -557,6 +460,158 @@ impl Adafactor {
     pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self, Error> {
         Self::from_safetensors(&read(path.as_ref())?)
     }
+}
+
+/// The state of one tensor, borrowed: `row_var` (`[.., rows, 1]` flattened)
+/// and `col_var` (`[.., 1, cols]`) for two or more dimensions, else
+/// `variance` (the tensor's size); the unused ones empty.
+#[derive(Debug)]
+pub struct AdafactorState<'a> {
+    /// The row factor.
+    pub row_var: &'a mut [f32],
+    /// The column factor.
+    pub col_var: &'a mut [f32],
+    /// The unfactored second moment.
+    pub variance: &'a mut [f32],
+}
+
+/// Step number `t` (1 for the first step) of `torch.optim.Adafactor` on one
+/// tensor of `shape`, with caller-owned state: what [`Adafactor::step`]
+/// runs, for callers that keep the state themselves (the Python package
+/// keeps it in torch tensors). The caller counts steps.
+///
+/// # Errors
+/// [`Error::InvalidHyperparameter`], [`Error::InvalidStep`] for `t = 0` or
+/// past [`MAX_STEP`](crate::MAX_STEP), [`Error::LengthMismatch`] for a
+/// parameter, gradient or state slice of the wrong length for `shape`;
+/// nothing is modified then.
+pub fn step_slices(
+    config: &AdafactorConfig,
+    shape: &[usize],
+    t: u64,
+    params: &mut [f32],
+    grads: &[f32],
+    state: AdafactorState<'_>,
+    parallel: Parallel,
+) -> Result<(), Error> {
+    config.validate()?;
+    if t == 0 || t > crate::MAX_STEP {
+        return Err(Error::InvalidStep { step: t });
+    }
+    let n = shape
+        .iter()
+        .try_fold(1usize, |a, &b| a.checked_mul(b))
+        .ok_or(Error::TooLarge { what: "params", elements: usize::MAX })?;
+    let (rows_len, cols_len, var_len) = match factored(shape) {
+        Some((b, r, c)) => (b * r, b * c, 0),
+        None => (0, 0, n),
+    };
+    for (what, expected, actual) in [
+        ("params", n, params.len()),
+        ("grads", n, grads.len()),
+        ("row_var", rows_len, state.row_var.len()),
+        ("col_var", cols_len, state.col_var.len()),
+        ("variance", var_len, state.variance.len()),
+    ] {
+        if expected != actual {
+            return Err(Error::LengthMismatch { what, expected, actual });
+        }
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let c = *config;
+    let par = match parallel {
+        Parallel::Serial => false,
+        Parallel::Chunks { .. } => true,
+        _ => Exec { backend: None, parallel: Parallel::Auto }.chunk_for(n).is_some(),
+    };
+    let tf = t as f64;
+    let w = Lerp::new(tf.powf(c.beta2_decay));
+    let rho = py_min(c.lr, 1.0 / tf.powf(0.5));
+    let sqrt_n = (n as f64).powf(0.5);
+    let alpha = py_max(c.eps.1, norm(sumsq(params, par)) / sqrt_n) * rho;
+    let eps1 = c.eps1();
+    let f = Factors { neg: c.maximize, eps1: eps1 as f32, eps1_sq: (eps1 * eps1) as f32 };
+    let decay = (c.weight_decay != 0.0).then_some((1.0 - c.lr * c.weight_decay) as f32);
+
+    let upd_sumsq = match factored(shape) {
+        Some((batches, rows, cols)) => {
+            for b in 0..batches {
+                let g = &grads[b * rows * cols..(b + 1) * rows * cols];
+                let rv = &mut state.row_var[b * rows..(b + 1) * rows];
+                let cv = &mut state.col_var[b * cols..(b + 1) * cols];
+                factor_update(g, rows, cols, rv, cv, w, par);
+            }
+            let mut total = 0.0;
+            for b in 0..batches {
+                let g = &grads[b * rows * cols..(b + 1) * rows * cols];
+                let (rv, cv) = (&state.row_var[b * rows..(b + 1) * rows], &state.col_var[b * cols..(b + 1) * cols]);
+                let rmean = row_mean(rv, f);
+                total += map_rows(g, cols, par, |i, gr| {
+                    let mut acc = 0.0;
+                    for (j, &gj) in gr.iter().enumerate() {
+                        let u = f64::from(factored_u(rv[i], cv[j], rmean, gj, f));
+                        acc += u * u;
+                    }
+                    acc
+                });
+            }
+            total
+        }
+        None => {
+            let v = &mut *state.variance;
+            let parts: Vec<f64> = if par {
+                v.par_chunks_mut(CHUNK).zip(grads.par_chunks(CHUNK)).map(|(v, g)| vector_pass(v, g, w, f)).collect()
+            } else {
+                v.chunks_mut(CHUNK).zip(grads.chunks(CHUNK)).map(|(v, g)| vector_pass(v, g, w, f)).collect()
+            };
+            parts.iter().sum()
+        }
+    };
+    let denom = py_max(1.0, norm(upd_sumsq) / (sqrt_n * c.d));
+    let a = (-alpha / denom) as f32;
+    let apply = |p: &mut f32, u: f32| {
+        let q = match decay {
+            Some(k) => *p * k,
+            None => *p,
+        };
+        *p = a.mul_add(u, q);
+    };
+    match factored(shape) {
+        Some((batches, rows, cols)) => {
+            for b in 0..batches {
+                let range = b * rows * cols..(b + 1) * rows * cols;
+                let (g, p) = (&grads[range.clone()], &mut params[range]);
+                let (rv, cv) = (&state.row_var[b * rows..(b + 1) * rows], &state.col_var[b * cols..(b + 1) * cols]);
+                let rmean = row_mean(rv, f);
+                let body = |(i, (pr, gr)): (usize, (&mut [f32], &[f32]))| {
+                    for (j, (p, &gj)) in pr.iter_mut().zip(gr).enumerate() {
+                        apply(p, factored_u(rv[i], cv[j], rmean, gj, f));
+                    }
+                };
+                if par {
+                    p.par_chunks_mut(cols).zip(g.par_chunks(cols)).enumerate().for_each(body);
+                } else {
+                    p.chunks_mut(cols).zip(g.chunks(cols)).enumerate().for_each(body);
+                }
+            }
+        }
+        None => {
+            let v = &*state.variance;
+            let body = |((p, g), v): ((&mut [f32], &[f32]), &[f32])| {
+                for ((p, &g), &v) in p.iter_mut().zip(g).zip(v) {
+                    apply(p, update(v, g, f));
+                }
+            };
+            if par {
+                params.par_chunks_mut(CHUNK).zip(grads.par_chunks(CHUNK)).zip(v.par_chunks(CHUNK)).for_each(body);
+            } else {
+                params.chunks_mut(CHUNK).zip(grads.chunks(CHUNK)).zip(v.chunks(CHUNK)).for_each(body);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `max(mean(row_var), eps1)`, the mean over the rows as torch's

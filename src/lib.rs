@@ -85,7 +85,7 @@ mod simd;
 pub mod sparse;
 pub mod storage;
 
-pub use adafactor::{Adafactor, AdafactorConfig};
+pub use adafactor::{Adafactor, AdafactorConfig, AdafactorState};
 pub use any::{AnyConfig, AnyOptimizer, HyperValue};
 pub use backend::{AUTO_GRAIN, Backend, Exec, PAR_THRESHOLD, PAR_THRESHOLD_INSIDE, Parallel};
 pub use driver::StepReport;

@@ -92,6 +92,35 @@ fn bad_input_changes_nothing() {
 }
 
 #[test]
+fn borrowed_state_is_checked_before_anything_moves() {
+    use adaoptim::AdafactorState;
+    use adaoptim::adafactor::step_slices;
+    let cfg = AdafactorConfig::default();
+    let (mut p, g) = (vec![1.0f32; 6], vec![0.5f32; 6]);
+    let (mut r, mut c, mut v) = (vec![0.0f32; 2], vec![0.0f32; 3], Vec::<f32>::new());
+    let mut run = |t, r: &mut [f32], c: &mut [f32], v: &mut [f32], p: &mut [f32]| {
+        step_slices(&cfg, &[2, 3], t, p, &g, AdafactorState { row_var: r, col_var: c, variance: v }, Parallel::Auto)
+    };
+    assert_eq!(run(0, &mut r, &mut c, &mut v, &mut p), Err(Error::InvalidStep { step: 0 }));
+    assert_eq!(
+        run(1, &mut r[..1], &mut c, &mut v, &mut p),
+        Err(Error::LengthMismatch { what: "row_var", expected: 2, actual: 1 })
+    );
+    let mut v6 = vec![0.0f32; 6];
+    assert_eq!(
+        run(1, &mut r, &mut c, &mut v6, &mut p),
+        Err(Error::LengthMismatch { what: "variance", expected: 0, actual: 6 })
+    );
+    assert_eq!((&p, &r, &c), (&vec![1.0; 6], &vec![0.0; 2], &vec![0.0; 3]));
+    // The owning optimizer runs the same function: same bits.
+    run(1, &mut r, &mut c, &mut v, &mut p).unwrap();
+    let mut o = Adafactor::new(cfg, &[2, 3]).unwrap();
+    let mut q = vec![1.0f32; 6];
+    o.step(&mut q, &g).unwrap();
+    assert_eq!((q, o.row_var(), o.col_var()), (p, &r[..], &c[..]));
+}
+
+#[test]
 fn hyperparameters_are_checked_as_torch_does() {
     let bad = |c: AdafactorConfig, field: &str| match Adafactor::new(c, &[2]) {
         Err(Error::InvalidHyperparameter { name, .. }) => assert_eq!(name, field),
