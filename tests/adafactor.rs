@@ -98,7 +98,7 @@ fn borrowed_state_is_checked_before_anything_moves() {
     let cfg = AdafactorConfig::default();
     let (mut p, g) = (vec![1.0f32; 6], vec![0.5f32; 6]);
     let (mut r, mut c, mut v) = (vec![0.0f32; 2], vec![0.0f32; 3], Vec::<f32>::new());
-    let mut run = |t, r: &mut [f32], c: &mut [f32], v: &mut [f32], p: &mut [f32]| {
+    let run = |t, r: &mut [f32], c: &mut [f32], v: &mut [f32], p: &mut [f32]| {
         step_slices(&cfg, &[2, 3], t, p, &g, AdafactorState { row_var: r, col_var: c, variance: v }, Parallel::Auto)
     };
     assert_eq!(run(0, &mut r, &mut c, &mut v, &mut p), Err(Error::InvalidStep { step: 0 }));
