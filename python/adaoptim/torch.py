@@ -35,6 +35,7 @@ __all__ = [
     "Rprop",
     "ASGD",
     "Lion",
+    "Adafactor",
     "set_num_threads",
 ]
 
@@ -79,6 +80,20 @@ def _check_tensor(t, what, where, shape):
         raise ValueError(f"{where}: {what} has shape {tuple(t.shape)}, the parameter {tuple(shape)}")
 
 
+def _refuse_unsupported(group, gi):
+    for key in _REFUSED_TRUE:
+        if group.get(key):
+            raise ValueError(f"param_groups[{gi}]: {key}=True is not supported by adaoptim")
+
+
+def _check_no_overlap(params):
+    """Parameters must not overlap: they are written in parallel."""
+    spans = sorted((p.data_ptr(), p.data_ptr() + 4 * p.numel()) for p in params if p.numel())
+    for (_a0, a1), (b0, _b1) in zip(spans, spans[1:]):
+        if b0 < a1:
+            raise ValueError("two parameters share memory; adaoptim writes them in parallel")
+
+
 class _RustStep:
     """The ``step`` shared by every class: collect, check, call Rust once."""
 
@@ -91,9 +106,7 @@ class _RustStep:
             self._adaoptim_options(group, gi)
 
     def _adaoptim_options(self, group, gi):
-        for key in _REFUSED_TRUE:
-            if group.get(key):
-                raise ValueError(f"param_groups[{gi}]: {key}=True is not supported by adaoptim")
+        _refuse_unsupported(group, gi)
         opts = {k: _plain(v) for k, v in group.items() if k in self._adaoptim_names}
         text = json.dumps(opts, sort_keys=True)
         if text not in self._adaoptim_layouts:
@@ -179,16 +192,7 @@ class _RustStep:
                 for n in names:
                     if st.get(n) is not None:
                         _check_tensor(st[n], f"state {n!r}", where, p.shape)
-        # Parameters must not overlap: they are written in parallel.
-        spans = sorted(
-            (p.data_ptr(), p.data_ptr() + 4 * p.numel(), id(p))
-            for grp in self.param_groups
-            for p in grp["params"]
-            if p.numel()
-        )
-        for (_a0, a1, _), (b0, _b1, _) in zip(spans, spans[1:]):
-            if b0 < a1:
-                raise ValueError("two parameters share memory; adaoptim writes them in parallel")
+        _check_no_overlap(p for grp in self.param_groups for p in grp["params"])
         # Everything is checked: from here on, state is created.
         for slot, p, g, _, layout in pending:
             names, init, aux_names, aux_init, keys = layout
@@ -286,3 +290,99 @@ class Lion(_RustStep, torch.optim.Optimizer):
             raise ValueError(f"Invalid beta parameters: {betas}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
         self._adaoptim_setup()
+
+
+class Adafactor(torch.optim.Adafactor):
+    """``torch.optim.Adafactor`` with its step in adaoptim's Rust core.
+
+    Constructor, ``param_groups``, ``state_dict`` and schedulers are torch's;
+    the state is torch's (``step``, ``row_var``/``col_var`` for parameters of
+    two or more dimensions, ``variance`` for vectors), so state dicts move
+    between this class and torch's both ways. Adafactor's reductions span a
+    whole tensor, so each tensor is stepped in parallel on its own (one Rust
+    call for all of them, the GIL released). Checked before anything changes:
+    every tensor CPU, float32, contiguous, of the parameter's shape.
+    """
+
+    def __init__(self, params, *args, **kwargs):
+        super().__init__(params, *args, **kwargs)
+        for gi, group in enumerate(self.param_groups):
+            self._adaoptim_options(group, gi)
+
+    def _adaoptim_options(self, group, gi):
+        _refuse_unsupported(group, gi)
+        eps = _plain(group["eps"])
+        opts = {
+            "lr": _plain(group["lr"]),
+            "beta2_decay": _plain(group["beta2_decay"]),
+            "eps": [eps[0], eps[1]],
+            "d": _plain(group["d"]),
+            "weight_decay": _plain(group["weight_decay"]),
+            "maximize": bool(group["maximize"]),
+        }
+        text = json.dumps(opts, sort_keys=True)
+        _core.adafactor_check(text)
+        return text
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        self._adaoptim_options(self.param_groups[-1], len(self.param_groups) - 1)
+
+    @staticmethod
+    def _adaoptim_state_shapes(p):
+        if p.dim() > 1:
+            row, col = list(p.shape), list(p.shape)
+            row[-1] = 1
+            col[-2] = 1
+            return {"row_var": torch.Size(row), "col_var": torch.Size(col)}
+        return {"variance": p.shape}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Check everything first: nothing (state included) is created or
+        # modified when a check fails.
+        todo = []
+        for gi, group in enumerate(self.param_groups):
+            text = self._adaoptim_options(group, gi)
+            items = []
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                where = _where(i, gi)
+                _check_tensor(p, "the parameter", where, None)
+                _check_tensor(p.grad, "its gradient", where, p.shape)
+                st = self.state.get(p)
+                shapes = self._adaoptim_state_shapes(p)
+                if st:
+                    for name, shape in shapes.items():
+                        if name not in st:
+                            raise ValueError(f"{where}: state has no {name!r} (a state of another shape?)")
+                        _check_tensor(st[name], f"state {name!r}", where, shape)
+                    step = st.get("step")
+                    if not _scalar_ok(step):
+                        raise TypeError(f"{where}: state 'step' must be a 0-d float32 CPU tensor")
+                items.append((p, shapes))
+            todo.append((text, items))
+        _check_no_overlap(p for _, items in todo for p, _ in items)
+        groups = []
+        for text, items in todo:
+            tensors = []
+            for p, shapes in items:
+                st = self.state[p]
+                if len(st) == 0:
+                    # As torch's _init_group creates it.
+                    st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    for name, shape in shapes.items():
+                        st[name] = torch.zeros(shape, dtype=torch.float32)
+                ptrs = [p.data_ptr(), p.grad.data_ptr()]
+                for name in ("row_var", "col_var", "variance"):
+                    ptrs.append(st[name].data_ptr() if name in shapes else 0)
+                ptrs.append(st["step"].data_ptr())
+                tensors.append((list(p.shape), ptrs))
+            groups.append((text, tensors))
+        _core.adafactor_step(groups)
+        return loss

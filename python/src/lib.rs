@@ -11,7 +11,8 @@
 
 use std::sync::{Arc, RwLock};
 
-use adaoptim::{AnyConfig, AuxState, Backend, Exec, MAX_AUX, MAX_STATE, MAX_STEP, StepOptions};
+use adaoptim::adafactor::{self, AdafactorConfig, AdafactorState};
+use adaoptim::{AnyConfig, AuxState, Backend, Exec, MAX_AUX, MAX_STATE, MAX_STEP, Parallel, StepOptions};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use rayon::prelude::*;
@@ -236,6 +237,116 @@ fn step(py: Python<'_>, class: &str, groups: Vec<(String, Vec<usize>)>) -> PyRes
     Ok(())
 }
 
+/// Pointers per tensor in [`adafactor_step`]: parameter, gradient,
+/// `row_var`, `col_var`, `variance` (0 where unused or empty), step.
+const ADAFACTOR_PTRS: usize = 6;
+
+/// One tensor of [`adafactor_step`]: its shape and pointers.
+type AdafactorTensor = (Vec<usize>, [usize; ADAFACTOR_PTRS]);
+
+fn adafactor_config(options: &str) -> PyResult<AdafactorConfig> {
+    let v: serde_json::Value = serde_json::from_str(options).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    AdafactorConfig::from_torch_kwargs(&v).map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+/// Checks Adafactor's torch keyword JSON (`ValueError` naming the field).
+#[pyfunction]
+fn adafactor_check(options: &str) -> PyResult<()> {
+    adafactor_config(options).map(|_| ())
+}
+
+/// One `torch.optim.Adafactor` step of every tensor of every group: per
+/// group its keyword JSON and, per tensor, its shape and
+/// [`ADAFACTOR_PTRS`] data pointers. Everything (hyperparameters, step
+/// counts) is checked before any memory is touched; the tensors then go one
+/// after another, each in parallel over the pool (Adafactor's reductions
+/// span the whole tensor), with the GIL released.
+///
+/// # Safety contract (Python side)
+/// As [`step`]'s: live, contiguous, CPU float32 tensors of the sizes the
+/// shape gives (`row_var` `[.., rows, 1]`, `col_var` `[.., 1, cols]` for two
+/// or more dimensions, else `variance` of the parameter's size; the step
+/// 0-d), none overlapping, none touched by another thread during the call.
+#[pyfunction]
+fn adafactor_step(py: Python<'_>, groups: Vec<(String, Vec<AdafactorTensor>)>) -> PyResult<()> {
+    struct Work {
+        cfg: AdafactorConfig,
+        shape: Vec<usize>,
+        t: u64,
+        p: &'static mut [f32],
+        g: &'static [f32],
+        r: &'static mut [f32],
+        c: &'static mut [f32],
+        v: &'static mut [f32],
+        step_ptr: usize,
+    }
+    let mut work = Vec::new();
+    for (options, tensors) in &groups {
+        let cfg = adafactor_config(options)?;
+        for (shape, ptrs) in tensors {
+            let n = shape
+                .iter()
+                .try_fold(1usize, |a, &b| a.checked_mul(b))
+                .ok_or_else(|| PyValueError::new_err("shape overflows"))?;
+            let (rl, cl, vl) = match shape.len() {
+                k if k >= 2 => {
+                    let b: usize = shape[..k - 2].iter().product();
+                    (b * shape[k - 2], b * shape[k - 1], 0)
+                }
+                _ => (0, 0, n),
+            };
+            let lens = [n, n, rl, cl, vl];
+            if ptrs[5] == 0 || lens.iter().zip(ptrs).any(|(&len, &ptr)| len > 0 && ptr == 0) {
+                return Err(PyValueError::new_err("internal: null tensor pointer"));
+            }
+            // SAFETY: a live 0-d float32 tensor (contract above).
+            let t_old = f64::from(unsafe { *(ptrs[5] as *const f32) });
+            if !(t_old >= 0.0 && t_old < (1u64 << 24) as f64 && t_old.fract() == 0.0) {
+                return Err(PyValueError::new_err(format!("step count {t_old} is not a float32 integer in [0, 2^24)")));
+            }
+            let dangling = std::ptr::NonNull::<f32>::dangling().as_ptr() as usize;
+            let at = |i: usize| if lens[i] == 0 { dangling } else { ptrs[i] };
+            // SAFETY: each pointer addresses the stated number of f32 of a
+            // live tensor no other overlaps (contract above); the `'static`
+            // slices are dropped before this call returns.
+            let w = unsafe {
+                Work {
+                    cfg,
+                    shape: shape.clone(),
+                    t: t_old as u64 + 1,
+                    p: std::slice::from_raw_parts_mut(at(0) as *mut f32, n),
+                    g: std::slice::from_raw_parts(at(1) as *const f32, n),
+                    r: std::slice::from_raw_parts_mut(at(2) as *mut f32, rl),
+                    c: std::slice::from_raw_parts_mut(at(3) as *mut f32, cl),
+                    v: std::slice::from_raw_parts_mut(at(4) as *mut f32, vl),
+                    step_ptr: ptrs[5],
+                }
+            };
+            work.push(w);
+        }
+    }
+    let pool = POOL.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let run = |work: &mut Vec<Work>| -> Result<(), String> {
+        for w in work.iter_mut() {
+            let state = AdafactorState { row_var: w.r, col_var: w.c, variance: w.v };
+            adafactor::step_slices(&w.cfg, &w.shape, w.t, w.p, w.g, state, Parallel::Auto)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    };
+    let result = py.detach(|| match &pool {
+        Some(pool) => pool.install(|| run(&mut work)),
+        None => run(&mut work),
+    });
+    // Everything the crate checks was checked above; an error is a bug.
+    result.map_err(PyRuntimeError::new_err)?;
+    for w in &work {
+        // SAFETY: a live 0-d float32 tensor; `t < 2^24 + 1` converts exactly.
+        unsafe { *(w.step_ptr as *mut f32) = w.t as f32 };
+    }
+    Ok(())
+}
+
 /// The compiled part of `adaoptim`.
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -245,6 +356,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(backend, m)?)?;
     m.add_function(wrap_pyfunction!(step, m)?)?;
+    m.add_function(wrap_pyfunction!(adafactor_check, m)?)?;
+    m.add_function(wrap_pyfunction!(adafactor_step, m)?)?;
     m.add("STRIDE", STRIDE)?;
     m.add("MAX_STATE", MAX_STATE)?;
     m.add("MAX_AUX", MAX_AUX)?;

@@ -16,11 +16,24 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 RTOL, ATOL = 1e-5, 1e-6  # the golden tolerance (tests/golden/README.md)
 
 BITWISE = {"SGD", "Adamax", "Rprop", "ASGD", "Lion"}
-CLASSES = ["SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Rprop", "ASGD"]
+CLASSES = [
+    "SGD",
+    "Adagrad",
+    "RMSprop",
+    "Adadelta",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "NAdam",
+    "RAdam",
+    "Rprop",
+    "ASGD",
+    "Adafactor",
+]
 
 
 def golden_files():
-    dirs = [os.path.join(ROOT, "tests", d) for d in ("golden", "golden_wide", "golden_optimdb")]
+    dirs = [os.path.join(ROOT, "tests", d) for d in ("golden", "golden_wide", "golden_optimdb", "golden_adafactor")]
     if os.environ.get("ADAOPTIM_GOLDEN_DIR"):
         dirs.append(os.environ["ADAOPTIM_GOLDEN_DIR"])
     files = []
@@ -43,17 +56,21 @@ def test_golden(path):
     if case["kind"] != "optimizer":
         pytest.skip(f"{case['kind']} files are checked by the Rust tests (row-sparse and schedules)")
     cls = getattr(ada, case["torch_class"])
-    p = torch.nn.Parameter(torch.tensor(case["params0"], dtype=torch.float32))
-    opt = cls([p], **case["options"])
+    shape = case.get("shape", [case["n"]])  # Adafactor's files give the shape
+    p = torch.nn.Parameter(torch.tensor(case["params0"], dtype=torch.float32).reshape(shape))
+    options = dict(case["options"])
+    if "eps" in options and isinstance(options["eps"], list):
+        options["eps"] = tuple(options["eps"])
+    opt = cls([p], **options)
     # These evaluate torch's operations in torch's order, fused where torch
     # fuses: on the repository's own golden files they are torch's bits.
     bitwise = case["torch_class"] in BITWISE and os.path.dirname(os.path.abspath(path)).startswith(
         os.path.abspath(ROOT)
     )
     for t, (g, want) in enumerate(zip(case["grads"], case["params"])):
-        p.grad = torch.tensor(g, dtype=torch.float32)
+        p.grad = torch.tensor(g, dtype=torch.float32).reshape(shape)
         opt.step()
-        want = torch.tensor(want, dtype=torch.float32)
+        want = torch.tensor(want, dtype=torch.float32).reshape(shape)
         close(p.detach(), want, f"{os.path.basename(path)} step {t + 1}")
         if bitwise:
             assert torch.equal(p.detach(), want), f"{os.path.basename(path)} step {t + 1}: not torch's bits"
@@ -112,6 +129,7 @@ INTERCHANGE = {
     "RAdam": {"lr": 0.01},
     "Rprop": {"lr": 0.01},
     "ASGD": {"lr": 0.01, "t0": 3},
+    "Adafactor": {"lr": 0.02, "weight_decay": 0.01},
 }
 
 
@@ -386,3 +404,50 @@ def test_moved_parameter_memory_and_empty_state():
         ob.step()
     # SGD without momentum keeps no state, as torch's.
     assert len(opt.state) == 0 and len(torch.optim.SGD([a], lr=0.5).state) == 0
+
+
+def test_adafactor_checks_large_tensors_and_schedules():
+    # Past the parallel threshold (262144 elements), a 3-d and a vector
+    # parameter, a scheduler writing lr, a parameter without gradient.
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(600, 500), (3, 20, 30), (700,), (4, 4)]
+    ref = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    o_ref = torch.optim.Adafactor(ref, lr=0.05, weight_decay=0.1, d=1.5)
+    o_ours = ada.Adafactor(ours, lr=0.05, weight_decay=0.1, d=1.5)
+    s_ref = torch.optim.lr_scheduler.CosineAnnealingLR(o_ref, T_max=5)
+    s_ours = torch.optim.lr_scheduler.CosineAnnealingLR(o_ours, T_max=5)
+    for _ in range(6):
+        for a, b in zip(ref[:3], ours[:3]):
+            g = torch.randn(a.shape, generator=gen)
+            a.grad, b.grad = g.clone(), g.clone()
+        o_ref.step()
+        o_ours.step()
+        s_ref.step()
+        s_ours.step()
+    for i, (a, b) in enumerate(zip(ref, ours)):
+        close(b.detach(), a.detach(), f"Adafactor tensor {i}")
+    assert ours[3] not in o_ours.state and torch.equal(ours[3], ref[3])
+
+
+def test_adafactor_bad_inputs_raise_before_anything_changes():
+    a = torch.nn.Parameter(torch.randn(4, 4))
+    b = torch.nn.Parameter(torch.randn(5))
+    opt = ada.Adafactor([a, b])
+    a.grad, b.grad = torch.randn(4, 4), torch.randn(5)
+    b.grad.data = torch.randn(6)
+    # Nothing is created on a failed first step, not even the first tensor's state.
+    assert "shape" in unchanged_after(opt, [a, b], opt.step, ValueError)
+    assert len(opt.state) == 0
+    b.grad = torch.randn(5)
+    opt.step()
+    b.grad = torch.randn(10)[::2]
+    assert "contiguous" in unchanged_after(opt, [a, b], opt.step, ValueError)
+    b.grad = torch.randn(5)
+    opt.param_groups[0]["d"] = 0.5
+    assert "d" in unchanged_after(opt, [a, b], opt.step, ValueError)
+    opt.param_groups[0]["d"] = 1.0
+    opt.state[a]["row_var"] = torch.zeros(4, 2)
+    assert "row_var" in unchanged_after(opt, [a, b], opt.step, ValueError)
+    with pytest.raises(ValueError, match="Clipping threshold d should be >= 1"):
+        ada.Adafactor([torch.nn.Parameter(torch.ones(2))], d=0.5)
