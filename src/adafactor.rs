@@ -53,7 +53,8 @@ use serde_json::{Value, json};
 use crate::checkpoint::{Reader, Writer, bad, read, write_atomic};
 use crate::error::{finite, next_step};
 use crate::optim::Lerp;
-use crate::{Error, Exec, Parallel};
+use crate::simd::{F32Vec, Wide};
+use crate::{Backend, Error, Exec, Parallel};
 
 /// Hyperparameters of [`Adafactor`], with `torch.optim.Adafactor`'s names
 /// and defaults.
@@ -188,22 +189,9 @@ const CHUNK: usize = 1 << 14;
 
 /// `sum(x^2)` in f64 over fixed chunks (8 accumulators each, then chunk
 /// partials in order): the same bits serial or parallel.
-fn sumsq(x: &[f32], par: bool) -> f64 {
-    fn chunk(c: &[f32]) -> f64 {
-        let mut acc = [0f64; 8];
-        let mut it = c.chunks_exact(8);
-        for b in &mut it {
-            for (a, &v) in acc.iter_mut().zip(b) {
-                let v = f64::from(v);
-                *a += v * v;
-            }
-        }
-        for (a, &v) in acc.iter_mut().zip(it.remainder()) {
-            let v = f64::from(v);
-            *a += v * v;
-        }
-        ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
-    }
+#[inline(always)]
+fn sumsq(x: &[f32], par: bool, lanes: Lanes) -> f64 {
+    let chunk = |c: &[f32]| lanes.sq_sum(c);
     let parts: Vec<f64> =
         if par { x.par_chunks(CHUNK).map(chunk).collect() } else { x.chunks(CHUNK).map(chunk).collect() };
     parts.iter().sum()
@@ -260,7 +248,7 @@ pub struct Adafactor {
     row_var: Vec<f32>,
     col_var: Vec<f32>,
     variance: Vec<f32>,
-    parallel: Parallel,
+    exec: Exec,
 }
 
 impl Adafactor {
@@ -281,7 +269,7 @@ impl Adafactor {
             Some((b, r, c)) => (vec![0.0; b * r], vec![0.0; b * c], Vec::new()),
             None => (Vec::new(), Vec::new(), vec![0.0; n]),
         };
-        Ok(Adafactor { config, shape: shape.to_vec(), n, t: 0, row_var, col_var, variance, parallel: Parallel::Auto })
+        Ok(Adafactor { config, shape: shape.to_vec(), n, t: 0, row_var, col_var, variance, exec: Exec::auto() })
     }
 
     /// The configuration.
@@ -299,13 +287,16 @@ impl Adafactor {
         Ok(())
     }
 
-    /// How steps use threads: [`Parallel::Auto`] (the default: rayon's pool
-    /// from [`PAR_THRESHOLD`](crate::PAR_THRESHOLD) elements), `Serial`, or
-    /// `Chunks` (always through rayon; the chunk size is not used, the
-    /// partition is fixed). The result is the same bits for every policy
-    /// and thread count.
-    pub fn set_parallel(&mut self, parallel: Parallel) {
-        self.parallel = parallel;
+    /// The execution policy. Threads: [`Parallel::Auto`] (the default:
+    /// rayon's pool from [`PAR_THRESHOLD`](crate::PAR_THRESHOLD) elements),
+    /// `Serial`, or `Chunks` (always through rayon; the chunk size is not
+    /// used, the partition is fixed). Backend: `Avx2`/`Avx512` run the step
+    /// compiled for AVX2 and FMA, `Scalar`/`Wide` the baseline build (there
+    /// is no hand-written lane code for Adafactor); a forced backend this CPU
+    /// lacks fails the next step with [`Error::BackendUnavailable`]. Every
+    /// policy and thread count gives the same bits.
+    pub fn set_exec(&mut self, exec: Exec) {
+        self.exec = exec;
     }
 
     /// The learning rate.
@@ -379,7 +370,7 @@ impl Adafactor {
 
     /// One step of `torch.optim.Adafactor` on `params` with `grads` (both
     /// row-major, of the optimizer's shape), threads as
-    /// [`set_parallel`](Self::set_parallel) says.
+    /// [`set_exec`](Self::set_exec) says.
     ///
     /// # Errors
     /// [`Error::LengthMismatch`], [`Error::StepLimit`]; nothing is modified
@@ -388,7 +379,7 @@ impl Adafactor {
         let t = next_step(self.t)?;
         let state =
             AdafactorState { row_var: &mut self.row_var, col_var: &mut self.col_var, variance: &mut self.variance };
-        step_slices(&self.config, &self.shape, t, params, grads, state, self.parallel)?;
+        step_slices(&self.config, &self.shape, t, params, grads, state, self.exec)?;
         self.t = t;
         Ok(())
     }
@@ -492,9 +483,10 @@ pub fn step_slices(
     params: &mut [f32],
     grads: &[f32],
     state: AdafactorState<'_>,
-    parallel: Parallel,
+    exec: Exec,
 ) -> Result<(), Error> {
     config.validate()?;
+    let backend = exec.resolve_backend()?;
     if t == 0 || t > crate::MAX_STEP {
         return Err(Error::InvalidStep { step: t });
     }
@@ -520,17 +512,41 @@ pub fn step_slices(
     if n == 0 {
         return Ok(());
     }
-    let c = *config;
-    let par = match parallel {
+    let par = match exec.parallel {
         Parallel::Serial => false,
         Parallel::Chunks { .. } => true,
-        _ => Exec { backend: None, parallel: Parallel::Auto }.chunk_for(n).is_some(),
+        _ => exec.chunk_for(n).is_some(),
     };
+    let lanes = match backend {
+        Backend::Scalar => Lanes::Scalar,
+        Backend::Wide => Lanes::Wide,
+        #[cfg(target_arch = "x86_64")]
+        _ if Backend::Avx2.is_available() => Lanes::Avx2,
+        _ => Lanes::Wide,
+    };
+    run(config, shape, t, n, params, grads, state, par, lanes);
+    Ok(())
+}
+
+/// The step after every check: reductions, state update, parameter update.
+#[allow(clippy::too_many_arguments)]
+fn run(
+    config: &AdafactorConfig,
+    shape: &[usize],
+    t: u64,
+    n: usize,
+    params: &mut [f32],
+    grads: &[f32],
+    state: AdafactorState<'_>,
+    par: bool,
+    lanes: Lanes,
+) {
+    let c = *config;
     let tf = t as f64;
     let w = Lerp::new(tf.powf(c.beta2_decay));
     let rho = py_min(c.lr, 1.0 / tf.powf(0.5));
     let sqrt_n = (n as f64).powf(0.5);
-    let alpha = py_max(c.eps.1, norm(sumsq(params, par)) / sqrt_n) * rho;
+    let alpha = py_max(c.eps.1, norm(sumsq(params, par, lanes)) / sqrt_n) * rho;
     let eps1 = c.eps1();
     let f = Factors { neg: c.maximize, eps1: eps1 as f32, eps1_sq: (eps1 * eps1) as f32 };
     let decay = (c.weight_decay != 0.0).then_some((1.0 - c.lr * c.weight_decay) as f32);
@@ -541,43 +557,30 @@ pub fn step_slices(
                 let g = &grads[b * rows * cols..(b + 1) * rows * cols];
                 let rv = &mut state.row_var[b * rows..(b + 1) * rows];
                 let cv = &mut state.col_var[b * cols..(b + 1) * cols];
-                factor_update(g, rows, cols, rv, cv, w, par);
+                factor_update(g, rows, cols, rv, cv, w, par, lanes);
             }
             let mut total = 0.0;
             for b in 0..batches {
                 let g = &grads[b * rows * cols..(b + 1) * rows * cols];
                 let (rv, cv) = (&state.row_var[b * rows..(b + 1) * rows], &state.col_var[b * cols..(b + 1) * cols]);
                 let rmean = row_mean(rv, f);
-                total += map_rows(g, cols, par, |i, gr| {
-                    let mut acc = 0.0;
-                    for (j, &gj) in gr.iter().enumerate() {
-                        let u = f64::from(factored_u(rv[i], cv[j], rmean, gj, f));
-                        acc += u * u;
-                    }
-                    acc
-                });
+                total += map_rows(g, cols, par, |i, gr| lanes.row_usq(rv[i], cv, rmean, gr, f));
             }
             total
         }
         None => {
             let v = &mut *state.variance;
             let parts: Vec<f64> = if par {
-                v.par_chunks_mut(CHUNK).zip(grads.par_chunks(CHUNK)).map(|(v, g)| vector_pass(v, g, w, f)).collect()
+                v.par_chunks_mut(CHUNK).zip(grads.par_chunks(CHUNK)).map(|(v, g)| lanes.vec_usq(v, g, w, f)).collect()
             } else {
-                v.chunks_mut(CHUNK).zip(grads.chunks(CHUNK)).map(|(v, g)| vector_pass(v, g, w, f)).collect()
+                v.chunks_mut(CHUNK).zip(grads.chunks(CHUNK)).map(|(v, g)| lanes.vec_usq(v, g, w, f)).collect()
             };
             parts.iter().sum()
         }
     };
     let denom = py_max(1.0, norm(upd_sumsq) / (sqrt_n * c.d));
     let a = (-alpha / denom) as f32;
-    let apply = |p: &mut f32, u: f32| {
-        let q = match decay {
-            Some(k) => *p * k,
-            None => *p,
-        };
-        *p = a.mul_add(u, q);
-    };
+    let ap = Apply { a, decay: decay.unwrap_or(1.0), f };
     match factored(shape) {
         Some((batches, rows, cols)) => {
             for b in 0..batches {
@@ -585,11 +588,7 @@ pub fn step_slices(
                 let (g, p) = (&grads[range.clone()], &mut params[range]);
                 let (rv, cv) = (&state.row_var[b * rows..(b + 1) * rows], &state.col_var[b * cols..(b + 1) * cols]);
                 let rmean = row_mean(rv, f);
-                let body = |(i, (pr, gr)): (usize, (&mut [f32], &[f32]))| {
-                    for (j, (p, &gj)) in pr.iter_mut().zip(gr).enumerate() {
-                        apply(p, factored_u(rv[i], cv[j], rmean, gj, f));
-                    }
-                };
+                let body = |(i, (pr, gr)): (usize, (&mut [f32], &[f32]))| lanes.row_apply(rv[i], cv, rmean, gr, pr, ap);
                 if par {
                     p.par_chunks_mut(cols).zip(g.par_chunks(cols)).enumerate().for_each(body);
                 } else {
@@ -599,11 +598,7 @@ pub fn step_slices(
         }
         None => {
             let v = &*state.variance;
-            let body = |((p, g), v): ((&mut [f32], &[f32]), &[f32])| {
-                for ((p, &g), &v) in p.iter_mut().zip(g).zip(v) {
-                    apply(p, update(v, g, f));
-                }
-            };
+            let body = |((p, g), v): ((&mut [f32], &[f32]), &[f32])| lanes.vec_apply(v, g, p, ap);
             if par {
                 params.par_chunks_mut(CHUNK).zip(grads.par_chunks(CHUNK)).zip(v.par_chunks(CHUNK)).for_each(body);
             } else {
@@ -611,43 +606,19 @@ pub fn step_slices(
             }
         }
     }
-    Ok(())
 }
 
 /// `max(mean(row_var), eps1)`, the mean over the rows as torch's
 /// `mean(dim=-2)` gives it (rounded to f32).
+#[inline(always)]
 fn row_mean(rv: &[f32], f: Factors) -> f32 {
     let s: f64 = rv.iter().map(|&x| f64::from(x)).sum();
     clamp_min((s / rv.len() as f64) as f32, f.eps1)
 }
 
-/// `g / sqrt(max(v, eps1^2))` with torch's `rsqrt` (an f32 square root,
-/// then an f32 division).
-#[inline(always)]
-fn update(v: f32, g: f32, f: Factors) -> f32 {
-    let g = if f.neg { -g } else { g };
-    (1.0 / clamp_min(v, f.eps1_sq).sqrt()) * g
-}
-
-#[inline(always)]
-fn factored_u(r: f32, c: f32, rmean: f32, g: f32, f: Factors) -> f32 {
-    update((r * c) / rmean, g, f)
-}
-
-/// The vector path's state update and the update's partial sum of squares
-/// over one chunk.
-fn vector_pass(v: &mut [f32], g: &[f32], w: Lerp, f: Factors) -> f64 {
-    let mut acc = 0.0;
-    for (v, &g) in v.iter_mut().zip(g) {
-        *v = w.apply::<f32>(*v, g * g);
-        let u = f64::from(update(*v, g, f));
-        acc += u * u;
-    }
-    acc
-}
-
 /// `sum over rows i of body(i, row i)`, rows in parallel or not, partials
 /// added in row order.
+#[inline(always)]
 fn map_rows(g: &[f32], cols: usize, par: bool, body: impl Fn(usize, &[f32]) -> f64 + Sync) -> f64 {
     let parts: Vec<f64> = if par {
         g.par_chunks(cols).enumerate().map(|(i, r)| body(i, r)).collect()
@@ -663,12 +634,23 @@ const COL_BLOCK: usize = 64;
 /// The factored moments' update for one matrix: each row's and each
 /// column's mean square (the norm rounded to f32, squared in f32, divided
 /// in f32, as torch), interpolated into `rv` and `cv`.
-fn factor_update(g: &[f32], rows: usize, cols: usize, rv: &mut [f32], cv: &mut [f32], w: Lerp, par: bool) {
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn factor_update(
+    g: &[f32],
+    rows: usize,
+    cols: usize,
+    rv: &mut [f32],
+    cv: &mut [f32],
+    w: Lerp,
+    par: bool,
+    lanes: Lanes,
+) {
     let mean_sq = |s: f64, count: usize| {
         let nrm = s.sqrt() as f32;
         (nrm * nrm) / count as f32
     };
-    let row = |(r, gr): (&mut f32, &[f32])| *r = w.apply::<f32>(*r, mean_sq(sumsq(gr, false), cols));
+    let row = |(r, gr): (&mut f32, &[f32])| *r = w.apply::<f32>(*r, mean_sq(sumsq(gr, false, lanes), cols));
     if par {
         rv.par_iter_mut().zip(g.par_chunks(cols)).for_each(row);
     } else {
@@ -680,11 +662,7 @@ fn factor_update(g: &[f32], rows: usize, cols: usize, rv: &mut [f32], cv: &mut [
         let j0 = b * COL_BLOCK;
         let mut acc = vec![0f64; cb.len()];
         for i in 0..rows {
-            let gr = &g[i * cols + j0..i * cols + j0 + cb.len()];
-            for (a, &x) in acc.iter_mut().zip(gr) {
-                let x = f64::from(x);
-                *a += x * x;
-            }
+            lanes.col_acc(&mut acc, &g[i * cols + j0..i * cols + j0 + cb.len()]);
         }
         for (c, s) in cb.iter_mut().zip(acc) {
             *c = w.apply::<f32>(*c, mean_sq(s, rows));
@@ -694,5 +672,268 @@ fn factor_update(g: &[f32], rows: usize, cols: usize, rv: &mut [f32], cv: &mut [
         cv.par_chunks_mut(COL_BLOCK).enumerate().for_each(col);
     } else {
         cv.chunks_mut(COL_BLOCK).enumerate().for_each(col);
+    }
+}
+
+/// The parameter update of the last pass: `p = fma(a, u, p * decay)`
+/// (`decay` 1 without weight decay: a multiply by 1 is exact).
+#[derive(Clone, Copy)]
+struct Apply {
+    a: f32,
+    decay: f32,
+    f: Factors,
+}
+
+/// Which lane type the per-element passes run on. Every one evaluates the
+/// same IEEE operations in the same order, so they give the same bits.
+#[derive(Clone, Copy)]
+enum Lanes {
+    Scalar,
+    Wide,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+/// `g / sqrt(max(v, eps1^2))` with torch's `rsqrt` (an f32 square root,
+/// then an f32 division), negated gradient for `maximize`.
+#[inline(always)]
+fn u_of<V: F32Vec>(v: V, g: V, f: Factors) -> V {
+    let g = if f.neg { -g } else { g };
+    let lo = V::splat(f.eps1_sq);
+    (V::splat(1.0) / v.lt_select(lo, lo, v).sqrt()) * g
+}
+
+/// One row of a factored update: `v = (r * c) / rmean`.
+#[inline(always)]
+fn factored_v<V: F32Vec>(r: f32, c: V, rmean: f32) -> V {
+    (V::splat(r) * c) / V::splat(rmean)
+}
+
+/// Adds `u^2` for `LANES` elements starting at element `j` into the 8
+/// accumulators (element `j` into accumulator `j % 8`).
+#[inline(always)]
+fn accumulate<V: F32Vec>(acc: &mut [f64; 8], j: usize, u: V) {
+    let mut tmp = [0f32; 16];
+    // SAFETY: `tmp` holds 16 >= LANES floats.
+    unsafe { u.store(tmp.as_mut_ptr()) };
+    if V::LANES == 8 && j.is_multiple_of(8) {
+        // The same adds, in a form the compiler vectorizes.
+        for (a, &x) in acc.iter_mut().zip(&tmp[..8]) {
+            let x = f64::from(x);
+            *a += x * x;
+        }
+        return;
+    }
+    for (l, &x) in tmp[..V::LANES].iter().enumerate() {
+        let x = f64::from(x);
+        acc[(j + l) % 8] += x * x;
+    }
+}
+
+#[inline(always)]
+fn fold8(acc: [f64; 8]) -> f64 {
+    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+}
+
+/// The lane kernels. Each walks its slices in `V::LANES` steps and finishes
+/// the tail with plain `f32`, the same operations.
+#[inline(always)]
+fn row_usq<V: F32Vec>(r: f32, cv: &[f32], rmean: f32, g: &[f32], f: Factors) -> f64 {
+    let n = g.len();
+    let cv = &cv[..n];
+    let mut acc = [0f64; 8];
+    let full = n / V::LANES * V::LANES;
+    let mut j = 0;
+    while j < full {
+        // SAFETY: `j + LANES <= n`, the length of both slices.
+        let (c, gj) = unsafe { (V::load(cv.as_ptr().add(j)), V::load(g.as_ptr().add(j))) };
+        accumulate(&mut acc, j, u_of(factored_v(r, c, rmean), gj, f));
+        j += V::LANES;
+    }
+    for j in full..n {
+        accumulate(&mut acc, j, u_of(factored_v(r, cv[j], rmean), g[j], f));
+    }
+    fold8(acc)
+}
+
+#[inline(always)]
+fn row_apply<V: F32Vec>(r: f32, cv: &[f32], rmean: f32, g: &[f32], p: &mut [f32], ap: Apply) {
+    let n = g.len();
+    let (cv, p) = (&cv[..n], &mut p[..n]);
+    let full = n / V::LANES * V::LANES;
+    let mut j = 0;
+    while j < full {
+        // SAFETY: `j + LANES <= n`, the length of all three slices.
+        unsafe {
+            let (c, gj, pj) = (V::load(cv.as_ptr().add(j)), V::load(g.as_ptr().add(j)), V::load(p.as_ptr().add(j)));
+            let u = u_of(factored_v(r, c, rmean), gj, ap.f);
+            V::splat(ap.a).mul_add(u, pj * V::splat(ap.decay)).store(p.as_mut_ptr().add(j));
+        }
+        j += V::LANES;
+    }
+    for j in full..n {
+        let u = u_of(factored_v(r, cv[j], rmean), g[j], ap.f);
+        p[j] = ap.a.mul_add(u, p[j] * ap.decay);
+    }
+}
+
+/// The vector path: the state update `v = lerp(v, g^2, w)`, then `sum(u^2)`.
+#[inline(always)]
+fn vec_usq<V: F32Vec>(v: &mut [f32], g: &[f32], w: Lerp, f: Factors) -> f64 {
+    let n = g.len();
+    let v = &mut v[..n];
+    let mut acc = [0f64; 8];
+    let full = n / V::LANES * V::LANES;
+    let mut j = 0;
+    while j < full {
+        // SAFETY: `j + LANES <= n`, the length of both slices.
+        unsafe {
+            let gj = V::load(g.as_ptr().add(j));
+            let vj = w.apply(V::load(v.as_ptr().add(j)), gj * gj);
+            vj.store(v.as_mut_ptr().add(j));
+            accumulate(&mut acc, j, u_of(vj, gj, f));
+        }
+        j += V::LANES;
+    }
+    for j in full..n {
+        v[j] = w.apply(v[j], g[j] * g[j]);
+        accumulate(&mut acc, j, u_of(v[j], g[j], f));
+    }
+    fold8(acc)
+}
+
+#[inline(always)]
+fn vec_apply<V: F32Vec>(v: &[f32], g: &[f32], p: &mut [f32], ap: Apply) {
+    let n = g.len();
+    let (v, p) = (&v[..n], &mut p[..n]);
+    let full = n / V::LANES * V::LANES;
+    let mut j = 0;
+    while j < full {
+        // SAFETY: `j + LANES <= n`, the length of all three slices.
+        unsafe {
+            let (vj, gj, pj) = (V::load(v.as_ptr().add(j)), V::load(g.as_ptr().add(j)), V::load(p.as_ptr().add(j)));
+            V::splat(ap.a).mul_add(u_of(vj, gj, ap.f), pj * V::splat(ap.decay)).store(p.as_mut_ptr().add(j));
+        }
+        j += V::LANES;
+    }
+    for j in full..n {
+        p[j] = ap.a.mul_add(u_of(v[j], g[j], ap.f), p[j] * ap.decay);
+    }
+}
+
+/// `acc[j] += g[j]^2` in f64: one column block of one row.
+#[inline(always)]
+fn col_acc(acc: &mut [f64], g: &[f32]) {
+    for (a, &x) in acc.iter_mut().zip(g) {
+        let x = f64::from(x);
+        *a += x * x;
+    }
+}
+
+/// `sum(x^2)` over one chunk in f64 with 8 accumulators (element `i` into
+/// accumulator `i % 8`), added pairwise at the end: one fixed order, and
+/// independent chains the compiler vectorizes.
+#[inline(always)]
+fn sq_sum(x: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let mut it = x.chunks_exact(8);
+    for c in &mut it {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            let v = f64::from(v);
+            *a += v * v;
+        }
+    }
+    for (a, &v) in acc.iter_mut().zip(it.remainder()) {
+        let v = f64::from(v);
+        *a += v * v;
+    }
+    fold8(acc)
+}
+
+/// The AVX2 instantiations, compiled with AVX2 and FMA (the f64 reductions
+/// too: the compiler vectorizes them without reordering any sum).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+    use crate::simd::Avx2;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn sq_sum(x: &[f32]) -> f64 {
+        super::sq_sum(x)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn col_acc(acc: &mut [f64], g: &[f32]) {
+        super::col_acc(acc, g)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn row_usq(r: f32, cv: &[f32], rmean: f32, g: &[f32], f: Factors) -> f64 {
+        super::row_usq::<Avx2>(r, cv, rmean, g, f)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn row_apply(r: f32, cv: &[f32], rmean: f32, g: &[f32], p: &mut [f32], ap: Apply) {
+        super::row_apply::<Avx2>(r, cv, rmean, g, p, ap)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn vec_usq(v: &mut [f32], g: &[f32], w: Lerp, f: Factors) -> f64 {
+        super::vec_usq::<Avx2>(v, g, w, f)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn vec_apply(v: &[f32], g: &[f32], p: &mut [f32], ap: Apply) {
+        super::vec_apply::<Avx2>(v, g, p, ap)
+    }
+}
+
+impl Lanes {
+    fn sq_sum(self, x: &[f32]) -> f64 {
+        match self {
+            Lanes::Scalar | Lanes::Wide => sq_sum(x),
+            // SAFETY: `Lanes::Avx2` is chosen only where AVX2 and FMA were detected.
+            #[cfg(target_arch = "x86_64")]
+            Lanes::Avx2 => unsafe { avx2::sq_sum(x) },
+        }
+    }
+    fn col_acc(self, acc: &mut [f64], g: &[f32]) {
+        match self {
+            Lanes::Scalar | Lanes::Wide => col_acc(acc, g),
+            // SAFETY: `Lanes::Avx2` is chosen only where AVX2 and FMA were detected.
+            #[cfg(target_arch = "x86_64")]
+            Lanes::Avx2 => unsafe { avx2::col_acc(acc, g) },
+        }
+    }
+    fn row_usq(self, r: f32, cv: &[f32], rmean: f32, g: &[f32], f: Factors) -> f64 {
+        match self {
+            Lanes::Scalar => row_usq::<f32>(r, cv, rmean, g, f),
+            Lanes::Wide => row_usq::<Wide>(r, cv, rmean, g, f),
+            // SAFETY: `Lanes::Avx2` is chosen only where AVX2 and FMA were detected.
+            #[cfg(target_arch = "x86_64")]
+            Lanes::Avx2 => unsafe { avx2::row_usq(r, cv, rmean, g, f) },
+        }
+    }
+    fn row_apply(self, r: f32, cv: &[f32], rmean: f32, g: &[f32], p: &mut [f32], ap: Apply) {
+        match self {
+            Lanes::Scalar => row_apply::<f32>(r, cv, rmean, g, p, ap),
+            Lanes::Wide => row_apply::<Wide>(r, cv, rmean, g, p, ap),
+            // SAFETY: `Lanes::Avx2` is chosen only where AVX2 and FMA were detected.
+            #[cfg(target_arch = "x86_64")]
+            Lanes::Avx2 => unsafe { avx2::row_apply(r, cv, rmean, g, p, ap) },
+        }
+    }
+    fn vec_usq(self, v: &mut [f32], g: &[f32], w: Lerp, f: Factors) -> f64 {
+        match self {
+            Lanes::Scalar => vec_usq::<f32>(v, g, w, f),
+            Lanes::Wide => vec_usq::<Wide>(v, g, w, f),
+            // SAFETY: `Lanes::Avx2` is chosen only where AVX2 and FMA were detected.
+            #[cfg(target_arch = "x86_64")]
+            Lanes::Avx2 => unsafe { avx2::vec_usq(v, g, w, f) },
+        }
+    }
+    fn vec_apply(self, v: &[f32], g: &[f32], p: &mut [f32], ap: Apply) {
+        match self {
+            Lanes::Scalar => vec_apply::<f32>(v, g, p, ap),
+            Lanes::Wide => vec_apply::<Wide>(v, g, p, ap),
+            // SAFETY: `Lanes::Avx2` is chosen only where AVX2 and FMA were detected.
+            #[cfg(target_arch = "x86_64")]
+            Lanes::Avx2 => unsafe { avx2::vec_apply(v, g, p, ap) },
+        }
     }
 }

@@ -5,22 +5,16 @@
 
 mod common;
 
-use adaoptim::{Adafactor, AdafactorConfig, Error, Parallel};
+use adaoptim::{Adafactor, AdafactorConfig, Backend, Error, Exec, Parallel};
 use common::{Rng, assert_same_bits};
 use serde_json::json;
 
-fn trajectory(
-    shape: &[usize],
-    cfg: AdafactorConfig,
-    par: Parallel,
-    threads: usize,
-    seed: u64,
-) -> (Vec<f32>, Adafactor) {
+fn trajectory(shape: &[usize], cfg: AdafactorConfig, exec: Exec, threads: usize, seed: u64) -> (Vec<f32>, Adafactor) {
     let n: usize = shape.iter().product();
     let mut rng = Rng::new(seed);
     let mut p = rng.vec(n, 1.0);
     let mut opt = Adafactor::new(cfg, shape).unwrap();
-    opt.set_parallel(par);
+    opt.set_exec(exec);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
     for _ in 0..3 {
         let g: Vec<f32> = (0..n).map(|_| rng.log_uniform(-6.0, 2.0)).collect();
@@ -30,15 +24,21 @@ fn trajectory(
 }
 
 #[test]
-fn parallel_is_bitwise_serial_for_any_thread_count() {
+fn every_backend_and_thread_count_gives_the_scalar_bits() {
     let cfg = AdafactorConfig { weight_decay: 0.1, d: 1.5, ..Default::default() };
     // Past PAR_THRESHOLD, so Auto runs in parallel too; odd sizes leave
     // partial chunks and column blocks.
     for shape in [&[613, 457][..], &[3, 211, 433], &[300_007], &[1, 262_145]] {
-        let (p0, o0) = trajectory(shape, cfg, Parallel::Serial, 1, 7);
-        for (par, threads) in [(Parallel::Auto, 2), (Parallel::Chunks { chunk: 0 }, 3), (Parallel::Auto, 1)] {
-            let (p, o) = trajectory(shape, cfg, par, threads, 7);
-            let what = format!("{shape:?} {par:?} {threads} threads");
+        let (p0, o0) = trajectory(shape, cfg, Exec::scalar(), 1, 7);
+        let mut runs = vec![(Exec::auto(), 2), (Exec::auto(), 1)];
+        for b in Backend::available() {
+            runs.push((Exec::serial(b), 1));
+            runs.push((Exec::parallel(b, 0), 3));
+            runs.push((Exec { backend: Some(b), parallel: Parallel::Auto }, 2));
+        }
+        for (exec, threads) in runs {
+            let (p, o) = trajectory(shape, cfg, exec, threads, 7);
+            let what = format!("{shape:?} {exec:?} {threads} threads");
             assert_same_bits(&what, &p, &p0);
             assert_same_bits(&what, o.row_var(), o0.row_var());
             assert_same_bits(&what, o.col_var(), o0.col_var());
@@ -99,7 +99,7 @@ fn borrowed_state_is_checked_before_anything_moves() {
     let (mut p, g) = (vec![1.0f32; 6], vec![0.5f32; 6]);
     let (mut r, mut c, mut v) = (vec![0.0f32; 2], vec![0.0f32; 3], Vec::<f32>::new());
     let run = |t, r: &mut [f32], c: &mut [f32], v: &mut [f32], p: &mut [f32]| {
-        step_slices(&cfg, &[2, 3], t, p, &g, AdafactorState { row_var: r, col_var: c, variance: v }, Parallel::Auto)
+        step_slices(&cfg, &[2, 3], t, p, &g, AdafactorState { row_var: r, col_var: c, variance: v }, Exec::auto())
     };
     assert_eq!(run(0, &mut r, &mut c, &mut v, &mut p), Err(Error::InvalidStep { step: 0 }));
     assert_eq!(

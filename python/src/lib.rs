@@ -12,7 +12,7 @@
 use std::sync::{Arc, RwLock};
 
 use adaoptim::adafactor::{self, AdafactorConfig, AdafactorState};
-use adaoptim::{AnyConfig, AuxState, Backend, Exec, MAX_AUX, MAX_STATE, MAX_STEP, Parallel, StepOptions};
+use adaoptim::{AnyConfig, AuxState, Backend, Exec, MAX_AUX, MAX_STATE, MAX_STEP, StepOptions};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use rayon::prelude::*;
@@ -329,7 +329,7 @@ fn adafactor_step(py: Python<'_>, groups: Vec<(String, Vec<AdafactorTensor>)>) -
     let run = |work: &mut Vec<Work>| -> Result<(), String> {
         for w in work.iter_mut() {
             let state = AdafactorState { row_var: w.r, col_var: w.c, variance: w.v };
-            adafactor::step_slices(&w.cfg, &w.shape, w.t, w.p, w.g, state, Parallel::Auto)
+            adafactor::step_slices(&w.cfg, &w.shape, w.t, w.p, w.g, state, Exec::auto())
                 .map_err(|e| e.to_string())?;
         }
         Ok(())
