@@ -102,8 +102,8 @@ fn shape_of(name: &str, v: &Value, n: usize) -> Vec<usize> {
     shape
 }
 
-/// torch.optim.Adafactor (shape-aware, not a registry kernel): serial, and
-/// inside a 3-thread pool.
+/// torch.optim.Adafactor (shape-aware, not a registry kernel): every
+/// backend, serial and through a 3-thread pool.
 fn check_adafactor(name: &str, v: &Value) -> f64 {
     let cfg = adaoptim::AdafactorConfig::from_torch_kwargs(&v["options"])
         .unwrap_or_else(|e| panic!("{name}: cannot build Adafactor: {e}"));
@@ -111,16 +111,16 @@ fn check_adafactor(name: &str, v: &Value) -> f64 {
     let shape = shape_of(name, v, n);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
     let mut worst: f64 = 0.0;
-    for path in ["serial", "pool-3"] {
-        let mut opt = adaoptim::Adafactor::new(cfg, &shape).unwrap();
-        let mut p = p0.clone();
-        for t in 0..steps {
-            if path == "serial" {
-                opt.step(&mut p, &grads[t]).unwrap();
-            } else {
+    for b in adaoptim::Backend::available() {
+        for (path, exec) in [("serial", adaoptim::Exec::serial(b)), ("pool-3", adaoptim::Exec::parallel(b, 0))] {
+            let path = format!("{path}-{}", b.name());
+            let mut opt = adaoptim::Adafactor::new(cfg, &shape).unwrap();
+            opt.set_exec(exec);
+            let mut p = p0.clone();
+            for t in 0..steps {
                 pool.install(|| opt.step(&mut p, &grads[t])).unwrap();
+                worst = worst.max(worst_fraction(name, &path, t, &p, &want[t]));
             }
-            worst = worst.max(worst_fraction(name, path, t, &p, &want[t]));
         }
     }
     worst
