@@ -546,7 +546,8 @@ fn run(
     let w = Lerp::new(tf.powf(c.beta2_decay));
     let rho = py_min(c.lr, 1.0 / tf.powf(0.5));
     let sqrt_n = (n as f64).powf(0.5);
-    let alpha = py_max(c.eps.1, norm(sumsq(params, par, lanes)) / sqrt_n) * rho;
+    // The matrix path reads the parameters' squares in its first pass.
+    let mut p_sumsq = 0.0;
     let eps1 = c.eps1();
     let f = Factors { neg: c.maximize, eps1: eps1 as f32, eps1_sq: (eps1 * eps1) as f32 };
     let decay = (c.weight_decay != 0.0).then_some((1.0 - c.lr * c.weight_decay) as f32);
@@ -554,10 +555,10 @@ fn run(
     let upd_sumsq = match factored(shape) {
         Some((batches, rows, cols)) => {
             for b in 0..batches {
-                let g = &grads[b * rows * cols..(b + 1) * rows * cols];
+                let range = b * rows * cols..(b + 1) * rows * cols;
                 let rv = &mut state.row_var[b * rows..(b + 1) * rows];
                 let cv = &mut state.col_var[b * cols..(b + 1) * cols];
-                factor_update(g, rows, cols, rv, cv, w, par, lanes);
+                p_sumsq += factor_update(&params[range.clone()], &grads[range], rows, cols, rv, cv, w, par, lanes);
             }
             let mut total = 0.0;
             for b in 0..batches {
@@ -569,6 +570,7 @@ fn run(
             total
         }
         None => {
+            p_sumsq = sumsq(params, par, lanes);
             let v = &mut *state.variance;
             let parts: Vec<f64> = if par {
                 v.par_chunks_mut(CHUNK).zip(grads.par_chunks(CHUNK)).map(|(v, g)| lanes.vec_usq(v, g, w, f)).collect()
@@ -578,6 +580,7 @@ fn run(
             parts.iter().sum()
         }
     };
+    let alpha = py_max(c.eps.1, norm(p_sumsq) / sqrt_n) * rho;
     let denom = py_max(1.0, norm(upd_sumsq) / (sqrt_n * c.d));
     let a = (-alpha / denom) as f32;
     let ap = Apply { a, decay: decay.unwrap_or(1.0), f };
@@ -628,15 +631,21 @@ fn map_rows(g: &[f32], cols: usize, par: bool, body: impl Fn(usize, &[f32]) -> f
     parts.iter().sum()
 }
 
-/// Columns per task of the column reduction.
-const COL_BLOCK: usize = 64;
+/// Rows per task of the first pass (a fixed partition: each column's sum
+/// is the sum of the groups' partial sums, in group order).
+const ROW_GROUP: usize = 256;
 
-/// The factored moments' update for one matrix: each row's and each
-/// column's mean square (the norm rounded to f32, squared in f32, divided
-/// in f32, as torch), interpolated into `rv` and `cv`.
-#[inline(always)]
+/// The first pass over one matrix: the parameters' sum of squares
+/// (returned), and each row's and each column's mean square (the norm
+/// rounded to f32, squared in f32, divided in f32, as torch's
+/// `vector_norm(..).square_().div_(..)`), interpolated into `rv` and `cv`.
+/// Tasks are (group of [`ROW_GROUP`] rows) x (block of [`CHUNK`] columns);
+/// each walks its rows in order, so the partial sums and their combination
+/// are the same for any thread count.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn factor_update(
+    p: &[f32],
     g: &[f32],
     rows: usize,
     cols: usize,
@@ -645,34 +654,53 @@ fn factor_update(
     w: Lerp,
     par: bool,
     lanes: Lanes,
-) {
+) -> f64 {
     let mean_sq = |s: f64, count: usize| {
         let nrm = s.sqrt() as f32;
         (nrm * nrm) / count as f32
     };
-    let row = |(r, gr): (&mut f32, &[f32])| *r = w.apply::<f32>(*r, mean_sq(sumsq(gr, false, lanes), cols));
-    if par {
-        rv.par_iter_mut().zip(g.par_chunks(cols)).for_each(row);
-    } else {
-        rv.iter_mut().zip(g.chunks(cols)).for_each(row);
-    }
-    // Columns in blocks: each block walks every row, so each column's sum
-    // runs over the rows in order, whatever runs the blocks.
-    let col = |(b, cb): (usize, &mut [f32])| {
-        let j0 = b * COL_BLOCK;
-        let mut acc = vec![0f64; cb.len()];
-        for i in 0..rows {
-            lanes.col_acc(&mut acc, &g[i * cols + j0..i * cols + j0 + cb.len()]);
+    let (groups, blocks) = (rows.div_ceil(ROW_GROUP), cols.div_ceil(CHUNK));
+    // Per task: the parameters' partial, each row's partial, each column's.
+    let task = |k: usize| -> (f64, Vec<f64>, Vec<f64>) {
+        let (gi, bi) = (k / blocks, k % blocks);
+        let (r0, r1) = (gi * ROW_GROUP, ((gi + 1) * ROW_GROUP).min(rows));
+        let (j0, j1) = (bi * CHUNK, ((bi + 1) * CHUNK).min(cols));
+        let mut psq = 0.0;
+        let mut row_sq = Vec::with_capacity(r1 - r0);
+        let mut col_sq = vec![0f64; j1 - j0];
+        for r in r0..r1 {
+            let (pr, gr) = (&p[r * cols + j0..r * cols + j1], &g[r * cols + j0..r * cols + j1]);
+            psq += lanes.sq_sum(pr);
+            row_sq.push(lanes.sq_sum(gr));
+            lanes.col_acc(&mut col_sq, gr);
         }
-        for (c, s) in cb.iter_mut().zip(acc) {
-            *c = w.apply::<f32>(*c, mean_sq(s, rows));
-        }
+        (psq, row_sq, col_sq)
     };
-    if par {
-        cv.par_chunks_mut(COL_BLOCK).enumerate().for_each(col);
+    let parts: Vec<(f64, Vec<f64>, Vec<f64>)> = if par {
+        (0..groups * blocks).into_par_iter().map(task).collect()
     } else {
-        cv.chunks_mut(COL_BLOCK).enumerate().for_each(col);
+        (0..groups * blocks).map(task).collect()
+    };
+    let mut psq = 0.0;
+    let mut row_sq = vec![0f64; rows];
+    let mut col_sq = vec![0f64; cols];
+    for (k, (p_part, r_part, c_part)) in parts.iter().enumerate() {
+        let (gi, bi) = (k / blocks, k % blocks);
+        psq += p_part;
+        for (acc, x) in row_sq[gi * ROW_GROUP..].iter_mut().zip(r_part) {
+            *acc += x;
+        }
+        for (acc, x) in col_sq[bi * CHUNK..].iter_mut().zip(c_part) {
+            *acc += x;
+        }
     }
+    for (r, s) in rv.iter_mut().zip(row_sq) {
+        *r = w.apply::<f32>(*r, mean_sq(s, cols));
+    }
+    for (c, s) in cv.iter_mut().zip(col_sq) {
+        *c = w.apply::<f32>(*c, mean_sq(s, rows));
+    }
+    psq
 }
 
 /// The parameter update of the last pass: `p = fma(a, u, p * decay)`
