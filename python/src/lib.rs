@@ -258,9 +258,8 @@ fn adafactor_check(options: &str) -> PyResult<()> {
 /// One `torch.optim.Adafactor` step of every tensor of every group: per
 /// group its keyword JSON and, per tensor, its shape and
 /// [`ADAFACTOR_PTRS`] data pointers. Everything (hyperparameters, step
-/// counts) is checked before any memory is touched; the tensors then go one
-/// after another, each in parallel over the pool (Adafactor's reductions
-/// span the whole tensor), with the GIL released.
+/// counts) is checked before any memory is touched; the tensors then run
+/// in parallel over the pool, each also split inside, with the GIL released.
 ///
 /// # Safety contract (Python side)
 /// As [`step`]'s: live, contiguous, CPU float32 tensors of the sizes the
@@ -327,12 +326,13 @@ fn adafactor_step(py: Python<'_>, groups: Vec<(String, Vec<AdafactorTensor>)>) -
     }
     let pool = POOL.read().unwrap_or_else(|e| e.into_inner()).clone();
     let run = |work: &mut Vec<Work>| -> Result<(), String> {
-        for w in work.iter_mut() {
-            let state = AdafactorState { row_var: w.r, col_var: w.c, variance: w.v };
-            adafactor::step_slices(&w.cfg, &w.shape, w.t, w.p, w.g, state, Exec::auto())
-                .map_err(|e| e.to_string())?;
-        }
-        Ok(())
+        // Tensors side by side, each also split inside (its result does not
+        // depend on how: Adafactor's reductions use a fixed partition).
+        work.par_iter_mut().try_for_each(|w| {
+            let state = AdafactorState { row_var: &mut *w.r, col_var: &mut *w.c, variance: &mut *w.v };
+            adafactor::step_slices(&w.cfg, &w.shape, w.t, &mut *w.p, w.g, state, Exec::auto())
+                .map_err(|e| e.to_string())
+        })
     };
     let result = py.detach(|| match &pool {
         Some(pool) => pool.install(|| run(&mut work)),
