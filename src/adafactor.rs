@@ -67,7 +67,9 @@ pub struct AdafactorConfig {
     pub beta2_decay: f64,
     /// `(eps1, eps2)`: `eps1` floors the second-moment estimate (`None`:
     /// f32's machine epsilon, `2^-23`), `eps2` the parameter RMS that scales
-    /// the step. Default `(None, 1e-3)`.
+    /// the step. Default `(None, 1e-3)`. An `eps1` whose square rounds to 0
+    /// in f32 (below about `1e-19`, `0` included) lets an exactly zero
+    /// gradient divide 0 by 0: NaN, as in torch.
     pub eps: (Option<f64>, f64),
     /// The update-clipping threshold: an update whose RMS exceeds `d` is
     /// scaled down to it. `>= 1`. Default `1`.

@@ -79,7 +79,11 @@ fuzz_target!(|input: Input| -> Corpus {
             let options = StepOptions { exec, ..StepOptions::default() };
             cfg.step_mixed(t as u64 + 1, &mut aux, params, grads, &mut state, copy, &options).expect("valid step");
         }
-        let p: Vec<u32> = if input.params_bf16 { p16.iter().map(|x| u32::from(x.to_bits())).collect() } else { p32.iter().map(|x| x.to_bits()).collect() };
+        let p: Vec<u32> = if input.params_bf16 {
+            p16.iter().map(|x| u32::from(x.to_bits())).collect()
+        } else {
+            p32.iter().map(|x| x.to_bits()).collect()
+        };
         let s: Vec<Vec<u32>> = match skind {
             0 => s32.iter().map(|v| v.iter().map(|x| x.to_bits()).collect()).collect(),
             1 => s16.iter().map(|v| v.iter().map(|x| u32::from(x.to_bits())).collect()).collect(),
@@ -101,7 +105,10 @@ fuzz_target!(|input: Input| -> Corpus {
     let nan_eq = |a: &[u32], b: &[u32], what: &str| {
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
             // compare as f32 where the value is one (bf16/f16 bits compare as integers)
-            assert!(x == y || same(f32::from_bits(*x), f32::from_bits(*y)) && *x > 0xffff, "{cfg:?} {what}[{i}]: {x:#x} vs {y:#x}");
+            assert!(
+                x == y || same(f32::from_bits(*x), f32::from_bits(*y)) && *x > 0xffff,
+                "{cfg:?} {what}[{i}]: {x:#x} vs {y:#x}"
+            );
         }
     };
     for b in Backend::available() {
@@ -116,7 +123,11 @@ fuzz_target!(|input: Input| -> Corpus {
     }
     // stability: moderate finite values keep 8-bit absmax finite and >= 0
     let moderate = |x: f32| x.is_finite() && x.abs() < 1e3;
-    if skind == 2 && p0.iter().all(|&x| moderate(x)) && gs.iter().flatten().all(|&x| moderate(x)) && cfg.torch_class() != "Rprop" {
+    if skind == 2
+        && p0.iter().all(|&x| moderate(x))
+        && gs.iter().flatten().all(|&x| moderate(x))
+        && cfg.torch_class() != "Rprop"
+    {
         for s in &reference.1 {
             for &a in &s[n..] {
                 let a = f32::from_bits(a);
