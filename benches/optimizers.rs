@@ -13,7 +13,7 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use adaoptim::{AnyConfig, Backend, Exec, NonFinitePolicy, Parallel, roofline};
+use adaoptim::{Adafactor, AdafactorConfig, AnyConfig, Backend, Exec, NonFinitePolicy, Parallel, roofline};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
 fn sizes() -> Vec<usize> {
@@ -283,5 +283,37 @@ fn bench_precision(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_optimizers, bench_guards, bench_sparse, bench_precision);
+/// Adafactor (shape-aware, outside the registry) on a square-ish matrix
+/// (the factored path) and a vector of each size, every path, beside the
+/// roofline pass over the same parameters and gradients (12 bytes per
+/// parameter; Adafactor needs three passes, 24 bytes, see the README).
+/// Filter with `cargo bench -- adafactor/`.
+fn bench_adafactor(c: &mut Criterion) {
+    let mut group = c.benchmark_group("adafactor");
+    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    for n in sizes() {
+        let rows = (n as f64).sqrt() as usize;
+        let mut p = vec![0.5f32; n];
+        let g: Vec<f32> = (0..n).map(|i| ((i % 97) as f32 - 48.0) * 1e-3).collect();
+        group.throughput(Throughput::Bytes((roofline::bytes_per_param(0) * n) as u64));
+        for (kind, shape) in [("matrix", vec![rows, n / rows]), ("vector", vec![n])] {
+            let m: usize = shape.iter().product();
+            for (name, exec) in paths() {
+                let mut opt =
+                    Adafactor::new(AdafactorConfig { weight_decay: 0.01, ..Default::default() }, &shape).unwrap();
+                opt.set_exec(exec);
+                group.bench_function(BenchmarkId::new(format!("{kind}-{name}"), n), |b| {
+                    b.iter(|| opt.step(black_box(&mut p[..m]), &g[..m]).unwrap())
+                });
+            }
+        }
+        let exec = Exec::auto();
+        group.bench_function(BenchmarkId::new("roofline-parallel", n), |b| {
+            b.iter(|| roofline::step(black_box(&mut p), &g, &mut [], &exec).unwrap())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_optimizers, bench_guards, bench_sparse, bench_precision, bench_adafactor);
 criterion_main!(benches);
