@@ -408,6 +408,65 @@ struct SparseAdamKernel {
     neg_step: f32,
 }
 
+impl SparseAdamKernel {
+    /// The kernel of step number `t` (bias corrections folded into the step size).
+    fn new(c: &SparseAdamConfig, t: u64) -> Self {
+        let (b1, b2) = c.betas;
+        SparseAdamKernel {
+            maximize: c.maximize,
+            omb1: (1.0 - b1) as f32,
+            omb2: (1.0 - b2) as f32,
+            eps: c.eps as f32,
+            neg_step: (-(c.lr * (1.0 - pow_step(b2, t)).sqrt() / (1.0 - pow_step(b1, t)))) as f32,
+        }
+    }
+}
+
+/// Step number `t` (1 for the first) of `torch.optim.SparseAdam` on a
+/// `table` of rows of `dim` elements with caller-owned state (`exp_avg`,
+/// `exp_avg_sq`, the table's size): what [`SparseAdam::step`] runs, for
+/// callers that keep the state themselves (the Python package keeps it in
+/// torch tensors). Duplicate rows are summed first, as torch coalesces; the
+/// rows not named keep their values and state. The caller counts steps.
+///
+/// # Errors
+/// [`Error::InvalidHyperparameter`], [`Error::InvalidStep`] for `t = 0` or
+/// past [`MAX_STEP`](crate::MAX_STEP), [`Error::LengthMismatch`] (a table
+/// that is not whole rows, a state of another size, values that are not
+/// `grad_rows.len() * dim`), [`Error::RowOutOfRange`]; nothing is written
+/// then.
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_adam_step_slices(
+    config: &SparseAdamConfig,
+    t: u64,
+    dim: usize,
+    table: &mut [f32],
+    exp_avg: &mut [f32],
+    exp_avg_sq: &mut [f32],
+    grad_rows: &[usize],
+    grad_values: &[f32],
+    exec: Exec,
+) -> Result<StepReport, Error> {
+    config.validate()?;
+    if t == 0 || t > crate::MAX_STEP {
+        return Err(Error::InvalidStep { step: t });
+    }
+    let n = table.len();
+    let rows = n.checked_div(dim).unwrap_or(0);
+    if rows * dim != n {
+        return Err(Error::LengthMismatch { what: "table", expected: rows * dim, actual: n });
+    }
+    for (what, len) in [("exp_avg", exp_avg.len()), ("exp_avg_sq", exp_avg_sq.len())] {
+        if len != n {
+            return Err(Error::LengthMismatch { what, expected: n, actual: len });
+        }
+    }
+    let (mut steps, _) = RowSteps::new(rows, dim)?;
+    steps.t = t - 1;
+    steps.exec = exec;
+    steps.run(&SparseAdamKernel::new(config, t), table, grad_rows, grad_values, [exp_avg, exp_avg_sq])
+}
+
 impl Kernel<2> for SparseAdamKernel {
     #[inline(always)]
     fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 2]) {
@@ -454,14 +513,7 @@ impl SparseAdam {
     /// [`Error::LengthMismatch`] or [`Error::RowOutOfRange`] before anything is written.
     pub fn step(&mut self, table: &mut [f32], grad_rows: &[usize], grad_values: &[f32]) -> Result<StepReport, Error> {
         let t = crate::error::next_step(self.steps.t)?;
-        let (b1, b2) = self.config.betas;
-        let k = SparseAdamKernel {
-            maximize: self.config.maximize,
-            omb1: (1.0 - b1) as f32,
-            omb2: (1.0 - b2) as f32,
-            eps: self.config.eps as f32,
-            neg_step: (-(self.config.lr * (1.0 - pow_step(b2, t)).sqrt() / (1.0 - pow_step(b1, t)))) as f32,
-        };
+        let k = SparseAdamKernel::new(&self.config, t);
         self.steps.run(&k, table, grad_rows, grad_values, [&mut self.exp_avg, &mut self.exp_avg_sq])
     }
 

@@ -185,3 +185,35 @@ fn sparse_optimizers_take_loss_scale_and_clipping() {
     check!(SparseAdagrad::new(AdagradConfig::default(), rows, dim).unwrap(), "SparseAdagrad");
     check!(RowWiseAdagrad::new(0.1, 1e-10, 0.0, rows, dim).unwrap(), "RowWiseAdagrad");
 }
+
+#[test]
+fn sparse_adam_over_caller_owned_state_is_the_owning_step() {
+    use adaoptim::sparse::sparse_adam_step_slices;
+    let (rows, dim) = (9, 5);
+    let cfg = SparseAdamConfig { lr: 0.05, betas: (0.8, 0.99), maximize: true, ..Default::default() };
+    let mut rng = Rng::new(21);
+    let mut t_own = rng.vec(rows * dim, 1.0);
+    let mut t_bor = t_own.clone();
+    let (mut m, mut v) = (vec![0.0f32; rows * dim], vec![0.0f32; rows * dim]);
+    let mut own = SparseAdam::new(cfg, rows, dim).unwrap();
+    for t in 1..=5u64 {
+        let grad_rows = [t as usize % rows, 3, (2 * t as usize) % rows, 3];
+        let values = rng.vec(grad_rows.len() * dim, 1.0);
+        own.step(&mut t_own, &grad_rows, &values).unwrap();
+        sparse_adam_step_slices(&cfg, t, dim, &mut t_bor, &mut m, &mut v, &grad_rows, &values, Exec::auto()).unwrap();
+        assert_same_bits("table", &t_bor, &t_own);
+        assert_same_bits("exp_avg", &m, own.exp_avg());
+        assert_same_bits("exp_avg_sq", &v, own.exp_avg_sq());
+    }
+    // Errors before any write.
+    let (t0, m0) = (t_bor.clone(), m.clone());
+    let values = vec![1.0f32; dim];
+    let mut run = |t, rows_: &[usize], vals: &[f32], m: &mut [f32]| {
+        sparse_adam_step_slices(&cfg, t, dim, &mut t_bor, m, &mut v, rows_, vals, Exec::auto())
+    };
+    assert_eq!(run(0, &[1], &values, &mut m), Err(Error::InvalidStep { step: 0 }));
+    assert_eq!(run(6, &[rows], &values, &mut m), Err(Error::RowOutOfRange { row: rows, rows }));
+    assert!(matches!(run(6, &[1], &values, &mut m[..10]), Err(Error::LengthMismatch { what: "exp_avg", .. })));
+    assert!(matches!(run(6, &[1, 2], &values, &mut m), Err(Error::LengthMismatch { .. })));
+    assert_eq!((&t_bor, &m), (&t0, &m0));
+}

@@ -36,6 +36,7 @@ __all__ = [
     "ASGD",
     "Lion",
     "Adafactor",
+    "SparseAdam",
     "set_num_threads",
 ]
 
@@ -385,4 +386,112 @@ class Adafactor(torch.optim.Adafactor):
                 tensors.append((list(p.shape), ptrs))
             groups.append((text, tensors))
         _core.adafactor_step(groups)
+        return loss
+
+
+class SparseAdam(torch.optim.SparseAdam):
+    """``torch.optim.SparseAdam`` with its step in adaoptim's Rust core.
+
+    Constructor, ``param_groups``, ``state_dict`` and state (``step``,
+    ``exp_avg``, ``exp_avg_sq``) are torch's, so state dicts move between
+    this class and torch's both ways. Gradients are sparse COO tensors (an
+    ``nn.Embedding(..., sparse=True)`` gives them); the rows they name update
+    their moments and values, the others keep theirs (torch's lazy update).
+    One Rust call steps every parameter, the GIL released; everything is
+    checked first (CPU float32 contiguous parameters and state, a sparse
+    float32 gradient of the parameter's shape, row indices in range), and a
+    failed check changes nothing.
+    """
+
+    def __init__(self, params, *args, **kwargs):
+        super().__init__(params, *args, **kwargs)
+        for gi, group in enumerate(self.param_groups):
+            self._adaoptim_options(group, gi)
+
+    def _adaoptim_options(self, group, gi):
+        _refuse_unsupported(group, gi)
+        opts = {
+            "lr": _plain(group["lr"]),
+            "betas": _plain(list(group["betas"])),
+            "eps": _plain(group["eps"]),
+            "maximize": bool(group.get("maximize", False)),
+        }
+        text = json.dumps(opts, sort_keys=True)
+        _core.sparse_adam_check(text)
+        return text
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        self._adaoptim_options(self.param_groups[-1], len(self.param_groups) - 1)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        todo = []
+        for gi, group in enumerate(self.param_groups):
+            text = self._adaoptim_options(group, gi)
+            items = []
+            for i, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                where = _where(i, gi)
+                if not g.is_sparse:
+                    raise RuntimeError("SparseAdam does not support dense gradients, please consider Adam instead")
+                _check_tensor(p, "the parameter", where, None)
+                if g.shape != p.shape:
+                    raise ValueError(
+                        f"{where}: its gradient has shape {tuple(g.shape)}, the parameter {tuple(p.shape)}"
+                    )
+                if g.device.type != "cpu" or g.dtype != _F32:
+                    raise TypeError(f"{where}: its gradient must be a float32 CPU tensor, not {g.dtype} on {g.device}")
+                g = g.coalesce()
+                sd = g.sparse_dim()
+                idx, vals = g._indices(), g._values()
+                dim = 1
+                for d in p.shape[sd:]:
+                    dim *= d
+                # Row index over the sparse dimensions, row-major.
+                rows = torch.zeros(idx.shape[1], dtype=torch.int64)
+                for k in range(sd):
+                    rows = rows * p.shape[k] + idx[k]
+                rows = rows.contiguous()
+                vals = vals.contiguous()
+                n_rows = p.numel() // dim if dim else 0
+                if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n_rows):
+                    raise ValueError(f"{where}: its gradient names a row outside the parameter's {n_rows} rows")
+                st = self.state.get(p)
+                if st:
+                    for name in ("exp_avg", "exp_avg_sq"):
+                        if name not in st:
+                            raise ValueError(f"{where}: state has no {name!r}")
+                        _check_tensor(st[name], f"state {name!r}", where, p.shape)
+                    step = _plain(st.get("step", 0))
+                    if not float(step).is_integer() or step < 0:
+                        raise ValueError(f"{where}: state 'step' is {step}, not a step count")
+                items.append((p, dim, rows, vals))
+            todo.append((text, items))
+        _check_no_overlap(p for _, items in todo for p, *_ in items)
+        groups, keep, counted = [], [], []
+        for text, items in todo:
+            tensors = []
+            for p, dim, rows, vals in items:
+                st = self.state[p]
+                if len(st) == 0:
+                    # As torch's step creates it.
+                    st["step"] = 0
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                t = int(_plain(st["step"])) + 1
+                ptrs = [p.data_ptr(), st["exp_avg"].data_ptr(), st["exp_avg_sq"].data_ptr()]
+                tensors.append((dim, p.numel(), ptrs, t, rows.data_ptr(), rows.numel(), vals.data_ptr()))
+                keep.append((rows, vals))
+                counted.append((st, t))
+            groups.append((text, tensors))
+        _core.sparse_adam_step(groups)
+        for st, t in counted:
+            st["step"] = t
         return loss

@@ -12,6 +12,7 @@
 use std::sync::{Arc, RwLock};
 
 use adaoptim::adafactor::{self, AdafactorConfig, AdafactorState};
+use adaoptim::sparse::{self, SparseAdamConfig};
 use adaoptim::{AnyConfig, AuxState, Backend, Exec, MAX_AUX, MAX_STATE, MAX_STEP, StepOptions};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -347,6 +348,114 @@ fn adafactor_step(py: Python<'_>, groups: Vec<(String, Vec<AdafactorTensor>)>) -
     Ok(())
 }
 
+/// One tensor of [`sparse_adam_step`]: elements per row, element count,
+/// the table, `exp_avg` and `exp_avg_sq` pointers, the step number to take,
+/// the coalesced gradient's row indices (int64) pointer, their count, and
+/// its values pointer (`count * dim` float32).
+type SparseTensor = (usize, usize, [usize; 3], u64, usize, usize, usize);
+
+fn sparse_adam_config(options: &str) -> PyResult<SparseAdamConfig> {
+    SparseAdamConfig::from_torch_json(options).map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+/// Checks SparseAdam's torch keyword JSON (`ValueError` naming the field).
+#[pyfunction]
+fn sparse_adam_check(options: &str) -> PyResult<()> {
+    sparse_adam_config(options).map(|_| ())
+}
+
+/// One `torch.optim.SparseAdam` step of every tensor of every group (per
+/// group its keyword JSON and its tensors, see [`SparseTensor`]). Every
+/// hyperparameter, step number and row index is checked before any memory
+/// is touched; the tensors then run in parallel over the pool with the GIL
+/// released.
+///
+/// # Safety contract (Python side)
+/// Every pointer is the data pointer of a live, contiguous CPU tensor of the
+/// stated size (float32, the indices int64), no two written tensors overlap,
+/// and none is touched by another thread during the call.
+#[pyfunction]
+fn sparse_adam_step(py: Python<'_>, groups: Vec<(String, Vec<SparseTensor>)>) -> PyResult<()> {
+    struct Work {
+        cfg: SparseAdamConfig,
+        t: u64,
+        dim: usize,
+        p: &'static mut [f32],
+        m: &'static mut [f32],
+        v: &'static mut [f32],
+        rows: Vec<usize>,
+        values: &'static [f32],
+    }
+    let mut work = Vec::new();
+    for (options, tensors) in &groups {
+        let cfg = sparse_adam_config(options)?;
+        for &(dim, n, [p_ptr, m_ptr, v_ptr], t, rows_ptr, nnz, values_ptr) in tensors {
+            if t == 0 || t > MAX_STEP {
+                return Err(PyValueError::new_err(format!("step count {} is out of range", t.saturating_sub(1))));
+            }
+            let table_rows = n.checked_div(dim).unwrap_or(0);
+            let values_len = nnz.checked_mul(dim).ok_or_else(|| PyValueError::new_err("gradient too large"))?;
+            if (n > 0 && [p_ptr, m_ptr, v_ptr].contains(&0))
+                || (nnz > 0 && rows_ptr == 0)
+                || (values_len > 0 && values_ptr == 0)
+            {
+                return Err(PyValueError::new_err("internal: null tensor pointer"));
+            }
+            let mut rows = Vec::with_capacity(nnz);
+            for i in 0..nnz {
+                // SAFETY: `nnz` live int64 values at `rows_ptr` (contract above).
+                let r = unsafe { *(rows_ptr as *const i64).add(i) };
+                if r < 0 || r as u64 >= table_rows as u64 {
+                    return Err(PyValueError::new_err(format!("gradient row {r} is outside the {table_rows} rows")));
+                }
+                rows.push(r as usize);
+            }
+            let dangling = std::ptr::NonNull::<f32>::dangling().as_ptr() as usize;
+            let at = |ptr: usize, len: usize| if len == 0 { dangling } else { ptr };
+            // SAFETY: each pointer addresses the stated number of float32 of a
+            // live tensor no written one overlaps (contract above); the
+            // `'static` slices are dropped before this call returns.
+            let w = unsafe {
+                Work {
+                    cfg,
+                    t,
+                    dim,
+                    p: std::slice::from_raw_parts_mut(at(p_ptr, n) as *mut f32, n),
+                    m: std::slice::from_raw_parts_mut(at(m_ptr, n) as *mut f32, n),
+                    v: std::slice::from_raw_parts_mut(at(v_ptr, n) as *mut f32, n),
+                    rows,
+                    values: std::slice::from_raw_parts(at(values_ptr, values_len) as *const f32, values_len),
+                }
+            };
+            work.push(w);
+        }
+    }
+    let pool = POOL.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let run = |work: &mut Vec<Work>| -> Result<(), String> {
+        work.par_iter_mut().try_for_each(|w| {
+            sparse::sparse_adam_step_slices(
+                &w.cfg,
+                w.t,
+                w.dim,
+                &mut *w.p,
+                &mut *w.m,
+                &mut *w.v,
+                &w.rows,
+                w.values,
+                Exec::auto(),
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        })
+    };
+    let result = py.detach(|| match &pool {
+        Some(pool) => pool.install(|| run(&mut work)),
+        None => run(&mut work),
+    });
+    // Everything the crate checks was checked above; an error is a bug.
+    result.map_err(PyRuntimeError::new_err)
+}
+
 /// The compiled part of `adaoptim`.
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -358,6 +467,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(step, m)?)?;
     m.add_function(wrap_pyfunction!(adafactor_check, m)?)?;
     m.add_function(wrap_pyfunction!(adafactor_step, m)?)?;
+    m.add_function(wrap_pyfunction!(sparse_adam_check, m)?)?;
+    m.add_function(wrap_pyfunction!(sparse_adam_step, m)?)?;
     m.add("STRIDE", STRIDE)?;
     m.add("MAX_STATE", MAX_STATE)?;
     m.add("MAX_AUX", MAX_AUX)?;

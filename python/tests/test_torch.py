@@ -451,3 +451,77 @@ def test_adafactor_bad_inputs_raise_before_anything_changes():
     assert "row_var" in unchanged_after(opt, [a, b], opt.step, ValueError)
     with pytest.raises(ValueError, match="Clipping threshold d should be >= 1"):
         ada.Adafactor([torch.nn.Parameter(torch.ones(2))], d=0.5)
+
+
+def sparse_grad(shape, rows, gen):
+    """A row-sparse COO gradient (sparse_dim 1, duplicates included) for a 2-d parameter."""
+    idx = torch.tensor([rows], dtype=torch.int64)
+    vals = torch.randn(len(rows), *shape[1:], generator=gen)
+    return torch.sparse_coo_tensor(idx, vals, shape, check_invariants=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"lr": 0.01, "betas": (0.8, 0.99)}, {"lr": 0.05, "eps": 1e-6, "maximize": True}], ids=str
+)
+def test_sparse_adam_matches_torch(kwargs):
+    gen = torch.Generator().manual_seed(9)
+    shapes = [(50, 8), (20, 3)]
+    ref = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    o_ref, o_ours = torch.optim.SparseAdam(ref, **kwargs), ada.SparseAdam(ours, **kwargs)
+    for t in range(15):
+        for a, b in zip(ref, ours):
+            rows = torch.randint(0, a.shape[0], (6,), generator=gen).tolist() + [t % a.shape[0]] * 2
+            g = sparse_grad(a.shape, rows, gen)
+            a.grad, b.grad = g.clone(), g.clone()
+        o_ref.step()
+        o_ours.step()
+    for i, (a, b) in enumerate(zip(ref, ours)):
+        close(b.detach(), a.detach(), f"SparseAdam {kwargs} tensor {i}")
+        sa, sb = o_ref.state[a], o_ours.state[b]
+        assert sa["step"] == sb["step"] == 15
+        close(sb["exp_avg"], sa["exp_avg"], "exp_avg")
+        close(sb["exp_avg_sq"], sa["exp_avg_sq"], "exp_avg_sq")
+
+
+def test_sparse_adam_embedding_and_state_dict_both_ways():
+    torch.manual_seed(0)
+    for first, second in [(torch.optim, ada), (ada, torch.optim)]:
+        emb = torch.nn.Embedding(40, 6, sparse=True)
+        emb2 = torch.nn.Embedding(40, 6, sparse=True)
+        emb2.load_state_dict(emb.state_dict())
+        o1 = first.SparseAdam(emb.parameters(), lr=0.02)
+        batches = [torch.randint(0, 40, (12,)) for _ in range(8)]
+        for x in batches[:4]:
+            o1.zero_grad()
+            emb(x).pow(2).sum().backward()
+            o1.step()
+        emb2.load_state_dict(emb.state_dict())
+        o2 = second.SparseAdam(emb2.parameters(), lr=0.02)
+        o2.load_state_dict(copy.deepcopy(o1.state_dict()))
+        for x in batches[4:]:
+            for e, o in ((emb, o1), (emb2, o2)):
+                o.zero_grad()
+                e(x).pow(2).sum().backward()
+                o.step()
+        close(emb2.weight.detach(), emb.weight.detach(), f"{first.__name__} -> {second.__name__}")
+
+
+def test_sparse_adam_bad_inputs_change_nothing():
+    gen = torch.Generator().manual_seed(2)
+    a = torch.nn.Parameter(torch.randn(10, 4))
+    b = torch.nn.Parameter(torch.randn(6, 4))
+    opt = ada.SparseAdam([a, b])
+    a.grad = sparse_grad(a.shape, [1, 2], gen)
+    b.grad = torch.sparse_coo_tensor(torch.tensor([[7]]), torch.randn(1, 4), (6, 4), check_invariants=False)
+    assert "outside" in unchanged_after(opt, [a, b], opt.step, ValueError)
+    assert len(opt.state) == 0
+    b.grad = torch.randn(6, 4)
+    with pytest.raises(RuntimeError, match="dense gradients"):
+        opt.step()
+    b.grad = sparse_grad(b.shape, [0, 5], gen)
+    opt.step()
+    opt.param_groups[0]["lr"] = -1.0
+    assert "lr" in unchanged_after(opt, [a, b], opt.step, ValueError)
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        ada.SparseAdam([torch.nn.Parameter(torch.ones(2, 2))], lr=-1)
