@@ -2,7 +2,8 @@
 """Throughput of PyTorch's CPU optimizers, to compare against in the same run.
 
 (A copy of ../shared/bench/torch_baseline.py extended to the optimizers added
-since: SGD (defaults, as the throughput example), RAdam, Rprop, ASGD from torch.optim, and Lion from
+since: SGD (defaults, as the throughput example), RAdam, Rprop, ASGD and Adafactor (on a square-ish
+matrix of n elements, its factored path) from torch.optim, and Lion from
 lion-pytorch, which has only a for-loop path: its rows are `torch-forloop`.)
 
 Install once (about 3 GB, a minute or two):  python3 -m pip install torch
@@ -34,6 +35,7 @@ OPTS = {
     "rprop": lambda ps, impl: torch.optim.Rprop(ps, **impl),
     "asgd": lambda ps, impl: torch.optim.ASGD(ps, **impl),
     "lion": lambda ps, impl: _lion(ps, impl),
+    "adafactor": lambda ps, impl: torch.optim.Adafactor(ps, weight_decay=0.01, **impl),
 }
 
 
@@ -60,9 +62,18 @@ def deepspeed_optimizer(opt_name, ps):
                             weight_decay=0.01 if opt_name == "adamw" else 0.0)
 
 
+def shape_of(opt_name, n):
+    """A flat tensor, except Adafactor: a square-ish matrix (its factored path)."""
+    if opt_name != "adafactor":
+        return (n,)
+    rows = 1 << (n.bit_length() - 1) // 2
+    return (rows, n // rows)
+
+
 def measure(opt_name, impl_name, n, reps):
-    p = torch.nn.Parameter(torch.full((n,), 0.5))
-    p.grad = torch.randn(n) * 0.01
+    shape = shape_of(opt_name, n)
+    p = torch.nn.Parameter(torch.full(shape, 0.5))
+    p.grad = torch.randn(shape) * 0.01
     if impl_name == "deepspeed":
         opt = deepspeed_optimizer(opt_name, [p])
     else:
