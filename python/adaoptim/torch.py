@@ -81,6 +81,38 @@ def _check_tensor(t, what, where, shape):
         raise ValueError(f"{where}: {what} has shape {tuple(t.shape)}, the parameter {tuple(shape)}")
 
 
+def _closure_loss(closure):
+    """What ``step(closure)`` returns: the closure's loss, computed with gradients on."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+class _OwnGroups:
+    """Construction and ``add_param_group`` for the classes with a step of
+    their own (not `_RustStep`'s element-wise one): each group's torch
+    keyword options are checked by the Rust core as JSON, at construction,
+    when a group is added, and before every step."""
+
+    _adaoptim_check = None  # the core's checker of this class's keyword JSON
+
+    def __init__(self, params, *args, **kwargs):
+        super().__init__(params, *args, **kwargs)
+        for gi, group in enumerate(self.param_groups):
+            self._adaoptim_options(group, gi)
+
+    def _adaoptim_options(self, group, gi):
+        _refuse_unsupported(group, gi)
+        text = json.dumps(self._adaoptim_kwargs(group), sort_keys=True)
+        type(self)._adaoptim_check(text)
+        return text
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        self._adaoptim_options(self.param_groups[-1], len(self.param_groups) - 1)
+
+
 def _refuse_unsupported(group, gi):
     for key in _REFUSED_TRUE:
         if group.get(key):
@@ -127,10 +159,7 @@ class _RustStep:
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         cache = self.__dict__.setdefault("_adaoptim_cache", {})
         if self.__dict__.get("_adaoptim_state_obj") is not self.state:
             # load_state_dict (or a user) replaced the state: rebuild the cache.
@@ -293,27 +322,23 @@ class Lion(_RustStep, torch.optim.Optimizer):
         self._adaoptim_setup()
 
 
-class Adafactor(torch.optim.Adafactor):
+class Adafactor(_OwnGroups, torch.optim.Adafactor):
     """``torch.optim.Adafactor`` with its step in adaoptim's Rust core.
 
     Constructor, ``param_groups``, ``state_dict`` and schedulers are torch's;
     the state is torch's (``step``, ``row_var``/``col_var`` for parameters of
     two or more dimensions, ``variance`` for vectors), so state dicts move
-    between this class and torch's both ways. Adafactor's reductions span a
-    whole tensor, so each tensor is stepped in parallel on its own (one Rust
-    call for all of them, the GIL released). Checked before anything changes:
+    between this class and torch's both ways. One Rust call steps every
+    tensor (side by side, each also split inside), the GIL released. Checked before anything changes:
     every tensor CPU, float32, contiguous, of the parameter's shape.
     """
 
-    def __init__(self, params, *args, **kwargs):
-        super().__init__(params, *args, **kwargs)
-        for gi, group in enumerate(self.param_groups):
-            self._adaoptim_options(group, gi)
+    _adaoptim_check = _core.adafactor_check
 
-    def _adaoptim_options(self, group, gi):
-        _refuse_unsupported(group, gi)
+    @staticmethod
+    def _adaoptim_kwargs(group):
         eps = _plain(group["eps"])
-        opts = {
+        return {
             "lr": _plain(group["lr"]),
             "beta2_decay": _plain(group["beta2_decay"]),
             "eps": [eps[0], eps[1]],
@@ -321,13 +346,6 @@ class Adafactor(torch.optim.Adafactor):
             "weight_decay": _plain(group["weight_decay"]),
             "maximize": bool(group["maximize"]),
         }
-        text = json.dumps(opts, sort_keys=True)
-        _core.adafactor_check(text)
-        return text
-
-    def add_param_group(self, param_group):
-        super().add_param_group(param_group)
-        self._adaoptim_options(self.param_groups[-1], len(self.param_groups) - 1)
 
     @staticmethod
     def _adaoptim_state_shapes(p):
@@ -340,10 +358,7 @@ class Adafactor(torch.optim.Adafactor):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         # Check everything first: nothing (state included) is created or
         # modified when a check fails.
         todo = []
@@ -389,7 +404,7 @@ class Adafactor(torch.optim.Adafactor):
         return loss
 
 
-class SparseAdam(torch.optim.SparseAdam):
+class SparseAdam(_OwnGroups, torch.optim.SparseAdam):
     """``torch.optim.SparseAdam`` with its step in adaoptim's Rust core.
 
     Constructor, ``param_groups``, ``state_dict`` and state (``step``,
@@ -403,33 +418,20 @@ class SparseAdam(torch.optim.SparseAdam):
     failed check changes nothing.
     """
 
-    def __init__(self, params, *args, **kwargs):
-        super().__init__(params, *args, **kwargs)
-        for gi, group in enumerate(self.param_groups):
-            self._adaoptim_options(group, gi)
+    _adaoptim_check = _core.sparse_adam_check
 
-    def _adaoptim_options(self, group, gi):
-        _refuse_unsupported(group, gi)
-        opts = {
+    @staticmethod
+    def _adaoptim_kwargs(group):
+        return {
             "lr": _plain(group["lr"]),
             "betas": _plain(list(group["betas"])),
             "eps": _plain(group["eps"]),
             "maximize": bool(group.get("maximize", False)),
         }
-        text = json.dumps(opts, sort_keys=True)
-        _core.sparse_adam_check(text)
-        return text
-
-    def add_param_group(self, param_group):
-        super().add_param_group(param_group)
-        self._adaoptim_options(self.param_groups[-1], len(self.param_groups) - 1)
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         todo = []
         for gi, group in enumerate(self.param_groups):
             text = self._adaoptim_options(group, gi)
