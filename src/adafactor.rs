@@ -54,7 +54,7 @@ use crate::checkpoint::{Reader, Writer, bad, read, write_atomic};
 use crate::error::{finite, next_step};
 use crate::optim::Lerp;
 use crate::simd::{F32Vec, Wide};
-use crate::{Backend, Error, Exec, Parallel};
+use crate::{Backend, Error, Exec};
 
 /// Hyperparameters of [`Adafactor`], with `torch.optim.Adafactor`'s names
 /// and defaults.
@@ -178,6 +178,17 @@ impl AdafactorConfig {
     }
 }
 
+/// The sizes a tensor of `shape` needs: `(elements, row_var, col_var,
+/// variance)` (`row_var`/`col_var` for two or more dimensions, else
+/// `variance`; the unused ones 0), or `None` if a size overflows.
+pub fn state_sizes(shape: &[usize]) -> Option<(usize, usize, usize, usize)> {
+    let n = shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b)).filter(|n| n.checked_mul(4).is_some())?;
+    Some(match factored(shape) {
+        Some((b, r, c)) => (n, b * r, b * c, 0),
+        None => (n, 0, 0, n),
+    })
+}
+
 /// The rows, columns and leading (batch) count of a factored shape, or
 /// `None` for a vector or 0-d tensor.
 fn factored(shape: &[usize]) -> Option<(usize, usize, usize)> {
@@ -262,15 +273,8 @@ impl Adafactor {
     /// count overflows.
     pub fn new(config: AdafactorConfig, shape: &[usize]) -> Result<Self, Error> {
         config.validate()?;
-        let n = shape
-            .iter()
-            .try_fold(1usize, |a, &b| a.checked_mul(b))
-            .filter(|n| n.checked_mul(4).is_some())
-            .ok_or(Error::TooLarge { what: "params", elements: usize::MAX })?;
-        let (row_var, col_var, variance) = match factored(shape) {
-            Some((b, r, c)) => (vec![0.0; b * r], vec![0.0; b * c], Vec::new()),
-            None => (Vec::new(), Vec::new(), vec![0.0; n]),
-        };
+        let (n, rl, cl, vl) = state_sizes(shape).ok_or(Error::TooLarge { what: "params", elements: usize::MAX })?;
+        let (row_var, col_var, variance) = (vec![0.0; rl], vec![0.0; cl], vec![0.0; vl]);
         Ok(Adafactor { config, shape: shape.to_vec(), n, t: 0, row_var, col_var, variance, exec: Exec::auto() })
     }
 
@@ -289,7 +293,7 @@ impl Adafactor {
         Ok(())
     }
 
-    /// The execution policy. Threads: [`Parallel::Auto`] (the default:
+    /// The execution policy. Threads: [`Parallel::Auto`](crate::Parallel::Auto) (the default:
     /// rayon's pool from [`PAR_THRESHOLD`](crate::PAR_THRESHOLD) elements),
     /// `Serial`, or `Chunks` (always through rayon; the chunk size is not
     /// used, the partition is fixed). Backend: `Avx2`/`Avx512` run the step
@@ -492,14 +496,8 @@ pub fn step_slices(
     if t == 0 || t > crate::MAX_STEP {
         return Err(Error::InvalidStep { step: t });
     }
-    let n = shape
-        .iter()
-        .try_fold(1usize, |a, &b| a.checked_mul(b))
-        .ok_or(Error::TooLarge { what: "params", elements: usize::MAX })?;
-    let (rows_len, cols_len, var_len) = match factored(shape) {
-        Some((b, r, c)) => (b * r, b * c, 0),
-        None => (0, 0, n),
-    };
+    let (n, rows_len, cols_len, var_len) =
+        state_sizes(shape).ok_or(Error::TooLarge { what: "params", elements: usize::MAX })?;
     for (what, expected, actual) in [
         ("params", n, params.len()),
         ("grads", n, grads.len()),
@@ -514,11 +512,7 @@ pub fn step_slices(
     if n == 0 {
         return Ok(());
     }
-    let par = match exec.parallel {
-        Parallel::Serial => false,
-        Parallel::Chunks { .. } => true,
-        _ => exec.chunk_for(n).is_some(),
-    };
+    let par = exec.chunk_for(n).is_some();
     let lanes = match backend {
         Backend::Scalar => Lanes::Scalar,
         Backend::Wide => Lanes::Wide,

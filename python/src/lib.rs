@@ -284,17 +284,8 @@ fn adafactor_step(py: Python<'_>, groups: Vec<(String, Vec<AdafactorTensor>)>) -
     for (options, tensors) in &groups {
         let cfg = adafactor_config(options)?;
         for (shape, ptrs) in tensors {
-            let n = shape
-                .iter()
-                .try_fold(1usize, |a, &b| a.checked_mul(b))
-                .ok_or_else(|| PyValueError::new_err("shape overflows"))?;
-            let (rl, cl, vl) = match shape.len() {
-                k if k >= 2 => {
-                    let b: usize = shape[..k - 2].iter().product();
-                    (b * shape[k - 2], b * shape[k - 1], 0)
-                }
-                _ => (0, 0, n),
-            };
+            let (n, rl, cl, vl) =
+                adafactor::state_sizes(shape).ok_or_else(|| PyValueError::new_err("shape overflows"))?;
             let lens = [n, n, rl, cl, vl];
             if ptrs[5] == 0 || lens.iter().zip(ptrs).any(|(&len, &ptr)| len > 0 && ptr == 0) {
                 return Err(PyValueError::new_err("internal: null tensor pointer"));
