@@ -297,7 +297,7 @@ impl Adafactor {
     /// rayon's pool from [`PAR_THRESHOLD`](crate::PAR_THRESHOLD) elements),
     /// `Serial`, or `Chunks` (always through rayon; the chunk size is not
     /// used, the partition is fixed). Backend: `Avx2`/`Avx512` run the step
-    /// compiled for AVX2 and FMA, `Scalar`/`Wide` the baseline build (there
+    /// compiled for AVX2, FMA and F16C, `Scalar`/`Wide` the baseline build (there
     /// is no hand-written lane code for Adafactor); a forced backend this CPU
     /// lacks fails the next step with [`Error::BackendUnavailable`]. Every
     /// policy and thread count gives the same bits.
@@ -874,34 +874,34 @@ fn sq_sum(x: &[f32]) -> f64 {
     fold8(acc)
 }
 
-/// The AVX2 instantiations, compiled with AVX2 and FMA (the f64 reductions
+/// The AVX2 instantiations, compiled with AVX2, FMA and F16C (the f64 reductions
 /// too: the compiler vectorizes them without reordering any sum).
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::*;
     use crate::simd::Avx2;
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn sq_sum(x: &[f32]) -> f64 {
         super::sq_sum(x)
     }
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn col_acc(acc: &mut [f64], g: &[f32]) {
         super::col_acc(acc, g)
     }
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn row_usq(r: f32, cv: &[f32], rmean: f32, g: &[f32], f: Factors) -> f64 {
         super::row_usq::<Avx2>(r, cv, rmean, g, f)
     }
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn row_apply(r: f32, cv: &[f32], rmean: f32, g: &[f32], p: &mut [f32], ap: Apply) {
         super::row_apply::<Avx2>(r, cv, rmean, g, p, ap)
     }
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn vec_usq(v: &mut [f32], g: &[f32], w: Lerp, f: Factors) -> f64 {
         super::vec_usq::<Avx2>(v, g, w, f)
     }
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn vec_apply(v: &[f32], g: &[f32], p: &mut [f32], ap: Apply) {
         super::vec_apply::<Avx2>(v, g, p, ap)
     }
@@ -911,7 +911,7 @@ impl Lanes {
     fn sq_sum(self, x: &[f32]) -> f64 {
         match self {
             Lanes::Scalar | Lanes::Wide => sq_sum(x),
-            // SAFETY: `Lanes::Avx2` is chosen only where AVX2 and FMA were detected.
+            // SAFETY: `Lanes::Avx2` is chosen only where AVX2, FMA and F16C were detected.
             #[cfg(target_arch = "x86_64")]
             Lanes::Avx2 => unsafe { avx2::sq_sum(x) },
         }
@@ -919,7 +919,7 @@ impl Lanes {
     fn col_acc(self, acc: &mut [f64], g: &[f32]) {
         match self {
             Lanes::Scalar | Lanes::Wide => col_acc(acc, g),
-            // SAFETY: `Lanes::Avx2` is chosen only where AVX2 and FMA were detected.
+            // SAFETY: `Lanes::Avx2` is chosen only where AVX2, FMA and F16C were detected.
             #[cfg(target_arch = "x86_64")]
             Lanes::Avx2 => unsafe { avx2::col_acc(acc, g) },
         }
@@ -928,7 +928,7 @@ impl Lanes {
         match self {
             Lanes::Scalar => row_usq::<f32>(r, cv, rmean, g, f),
             Lanes::Wide => row_usq::<Wide>(r, cv, rmean, g, f),
-            // SAFETY: `Lanes::Avx2` is chosen only where AVX2 and FMA were detected.
+            // SAFETY: `Lanes::Avx2` is chosen only where AVX2, FMA and F16C were detected.
             #[cfg(target_arch = "x86_64")]
             Lanes::Avx2 => unsafe { avx2::row_usq(r, cv, rmean, g, f) },
         }
@@ -937,7 +937,7 @@ impl Lanes {
         match self {
             Lanes::Scalar => row_apply::<f32>(r, cv, rmean, g, p, ap),
             Lanes::Wide => row_apply::<Wide>(r, cv, rmean, g, p, ap),
-            // SAFETY: `Lanes::Avx2` is chosen only where AVX2 and FMA were detected.
+            // SAFETY: `Lanes::Avx2` is chosen only where AVX2, FMA and F16C were detected.
             #[cfg(target_arch = "x86_64")]
             Lanes::Avx2 => unsafe { avx2::row_apply(r, cv, rmean, g, p, ap) },
         }
@@ -946,7 +946,7 @@ impl Lanes {
         match self {
             Lanes::Scalar => vec_usq::<f32>(v, g, w, f),
             Lanes::Wide => vec_usq::<Wide>(v, g, w, f),
-            // SAFETY: `Lanes::Avx2` is chosen only where AVX2 and FMA were detected.
+            // SAFETY: `Lanes::Avx2` is chosen only where AVX2, FMA and F16C were detected.
             #[cfg(target_arch = "x86_64")]
             Lanes::Avx2 => unsafe { avx2::vec_usq(v, g, w, f) },
         }
@@ -955,7 +955,7 @@ impl Lanes {
         match self {
             Lanes::Scalar => vec_apply::<f32>(v, g, p, ap),
             Lanes::Wide => vec_apply::<Wide>(v, g, p, ap),
-            // SAFETY: `Lanes::Avx2` is chosen only where AVX2 and FMA were detected.
+            // SAFETY: `Lanes::Avx2` is chosen only where AVX2, FMA and F16C were detected.
             #[cfg(target_arch = "x86_64")]
             Lanes::Avx2 => unsafe { avx2::vec_apply(v, g, p, ap) },
         }

@@ -18,7 +18,7 @@ pub enum Backend {
     /// `wide::f32x8`: portable SIMD chosen at compile time (two SSE2 registers
     /// in a default x86-64 build).
     Wide,
-    /// 8 lanes of AVX (`ymm`), selected at run time on CPUs with AVX2 and FMA.
+    /// 8 lanes of AVX (`ymm`), selected at run time on CPUs with AVX2, FMA and F16C.
     Avx2,
     /// 16 lanes of AVX-512F (`zmm`), selected at run time.
     Avx512,
@@ -107,7 +107,9 @@ fn features() -> Features {
         #[cfg(target_arch = "x86_64")]
         {
             Features {
-                avx2: std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+                avx2: std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                    && std::arch::is_x86_feature_detected!("f16c"),
                 avx512: std::arch::is_x86_feature_detected!("avx512f"),
             }
         }

@@ -320,7 +320,7 @@ fn run_tiles<V: F32Vec, K: Kernel<S>, const S: usize>(k: &K, mut sl: Mixed<'_, S
             let p: &mut [f32] = match &mut sl.p {
                 Params::F32(x) => &mut x[r.clone()],
                 Params::Bf16(x) => {
-                    widen(&x[r.clone()], &mut pt[..len]);
+                    widen::<V, _>(&x[r.clone()], &mut pt[..len]);
                     &mut pt[..len]
                 }
             };
@@ -333,12 +333,12 @@ fn run_tiles<V: F32Vec, K: Kernel<S>, const S: usize>(k: &K, mut sl: Mixed<'_, S
                     &gt[..len]
                 }
                 Grads::Bf16(x) => {
-                    widen(&x[r.clone()], &mut gt[..len]);
+                    widen::<V, _>(&x[r.clone()], &mut gt[..len]);
                     pre_tile(pre, &mut gt[..len]);
                     &gt[..len]
                 }
                 Grads::F16(x) => {
-                    widen(&x[r.clone()], &mut gt[..len]);
+                    widen::<V, _>(&x[r.clone()], &mut gt[..len]);
                     pre_tile(pre, &mut gt[..len]);
                     &gt[..len]
                 }
@@ -348,8 +348,8 @@ fn run_tiles<V: F32Vec, K: Kernel<S>, const S: usize>(k: &K, mut sl: Mixed<'_, S
             for (b, t) in sl.s.iter().zip(st.iter_mut()) {
                 match b {
                     StateBuf::F32(_) => {}
-                    StateBuf::Bf16(x) => widen(&x[r.clone()], &mut t[..len]),
-                    StateBuf::Q8(q) => dequantize(&q.codes[r.clone()], q.absmax[i / TILE], q.map, &mut t[..len]),
+                    StateBuf::Bf16(x) => widen::<V, _>(&x[r.clone()], &mut t[..len]),
+                    StateBuf::Q8(q) => dequantize::<V>(&q.codes[r.clone()], q.absmax[i / TILE], q.map, &mut t[..len]),
                 }
             }
             let mut it = sl.s.iter_mut().zip(st.iter_mut());
@@ -363,13 +363,13 @@ fn run_tiles<V: F32Vec, K: Kernel<S>, const S: usize>(k: &K, mut sl: Mixed<'_, S
             run_lanes_with::<V, K, S, _>(k, Slices { p, g, s }, Identity);
         }
         if let Params::Bf16(x) = &mut sl.p {
-            narrow(&pt[..len], &mut x[r.clone()]);
+            narrow::<V, _>(&pt[..len], &mut x[r.clone()]);
         }
         for (b, t) in sl.s.iter_mut().zip(&st) {
             match b {
                 StateBuf::F32(_) => {}
-                StateBuf::Bf16(x) => narrow(&t[..len], &mut x[r.clone()]),
-                StateBuf::Q8(q) => q.absmax[i / TILE] = quantize(&t[..len], q.map, &mut q.codes[r.clone()]),
+                StateBuf::Bf16(x) => narrow::<V, _>(&t[..len], &mut x[r.clone()]),
+                StateBuf::Q8(q) => q.absmax[i / TILE] = quantize::<V>(&t[..len], q.map, &mut q.codes[r.clone()]),
             }
         }
         if let Some(c) = &mut sl.copy {
@@ -378,8 +378,8 @@ fn run_tiles<V: F32Vec, K: Kernel<S>, const S: usize>(k: &K, mut sl: Mixed<'_, S
                 Params::Bf16(_) => &pt[..len],
             };
             match c {
-                ParamCopy::Bf16(x) => narrow(src, &mut x[r]),
-                ParamCopy::F16(x) => narrow(src, &mut x[r]),
+                ParamCopy::Bf16(x) => narrow::<V, _>(src, &mut x[r]),
+                ParamCopy::F16(x) => narrow::<V, _>(src, &mut x[r]),
             }
         }
         i += len;
@@ -472,7 +472,7 @@ fn run_wide<K, L: Lanes<K>>(k: &K, sl: L, pre: GradPre) {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn run_avx2_tf<K, L: Lanes<K>>(k: &K, sl: L, pre: GradPre) {
     sl.run::<crate::simd::Avx2>(k, pre)
 }
@@ -486,7 +486,7 @@ fn run_avx512_tf<K, L: Lanes<K>>(k: &K, sl: L, pre: GradPre) {
 #[cfg(target_arch = "x86_64")]
 fn run_avx2<K, L: Lanes<K>>(k: &K, sl: L, pre: GradPre) {
     assert!(Backend::Avx2.is_available());
-    // SAFETY: AVX2 and FMA were detected at run time (asserted above; `runner`
+    // SAFETY: AVX2, FMA and F16C were detected at run time (asserted above; `runner`
     // only hands out this function for an available backend).
     unsafe { run_avx2_tf(k, sl, pre) }
 }
@@ -530,7 +530,7 @@ fn scan_lanes<V: F32Vec>(g: &[f32], unscale: Unscale) -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn scan_avx2(g: &[f32], unscale: Unscale) -> bool {
     scan_lanes::<crate::simd::Avx2>(g, unscale)
 }
@@ -546,7 +546,7 @@ fn scan_serial(backend: Backend, g: &[f32], unscale: Unscale) -> bool {
         Backend::Scalar => scan_lanes::<f32>(g, unscale),
         #[cfg(target_arch = "x86_64")]
         Backend::Avx2 if Backend::Avx2.is_available() => {
-            // SAFETY: AVX2 and FMA were detected at run time (checked in the guard).
+            // SAFETY: AVX2, FMA and F16C were detected at run time (checked in the guard).
             unsafe { scan_avx2(g, unscale) }
         }
         #[cfg(target_arch = "x86_64")]
@@ -703,7 +703,7 @@ fn sumsq_leaf(g: &[f32], unscale: Unscale) -> f64 {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn sumsq_leaf_avx2(g: &[f32], unscale: Unscale) -> f64 {
     sumsq_leaf(g, unscale)
 }
@@ -718,7 +718,7 @@ fn sumsq_leaf_on(backend: Backend, g: &[f32], unscale: Unscale) -> f64 {
     match backend {
         #[cfg(target_arch = "x86_64")]
         Backend::Avx2 if Backend::Avx2.is_available() => {
-            // SAFETY: AVX2 and FMA were detected at run time (checked in the guard).
+            // SAFETY: AVX2, FMA and F16C were detected at run time (checked in the guard).
             unsafe { sumsq_leaf_avx2(g, unscale) }
         }
         #[cfg(target_arch = "x86_64")]

@@ -61,6 +61,103 @@ pub(crate) trait F32Vec:
     fn lt_select(self, other: Self, a: Self, b: Self) -> Self;
     /// `torch.minimum`: the smaller value, NaN if either operand is NaN.
     fn min_nan(self, other: Self) -> Self;
+    /// Widens `LANES` bf16 bit patterns (exact, [`bf16_to_f32`]).
+    ///
+    /// # Safety
+    /// `ptr..ptr + LANES` must be valid for reads.
+    unsafe fn load_bf16(ptr: *const u16) -> Self;
+    /// Narrows to bf16 ([`f32_to_bf16`]: nearest, ties to even, NaN to `0x7fc0`).
+    ///
+    /// # Safety
+    /// `ptr..ptr + LANES` must be valid for writes.
+    unsafe fn store_bf16(self, ptr: *mut u16);
+    /// Widens `LANES` f16 bit patterns (exact, [`f16_to_f32`]).
+    ///
+    /// # Safety
+    /// `ptr..ptr + LANES` must be valid for reads.
+    unsafe fn load_f16(ptr: *const u16) -> Self;
+    /// Narrows to f16 ([`f32_to_f16`]: nearest, ties to even, overflow to
+    /// infinity, NaN to the signed `0x7e00`).
+    ///
+    /// # Safety
+    /// `ptr..ptr + LANES` must be valid for writes.
+    unsafe fn store_f16(self, ptr: *mut u16);
+    /// `table[codes[i]]` per lane (an 8-bit state's values before scaling).
+    ///
+    /// # Safety
+    /// `codes..codes + LANES` must be valid for reads and `table` for 256 `f32`.
+    unsafe fn lookup(table: *const f32, codes: *const u8) -> Self;
+    /// The 8-bit codes of the lanes ([`q8_code`]) through a map's 65536-entry
+    /// table (`storage::QMap`'s), written to `out`.
+    ///
+    /// # Safety
+    /// `out..out + LANES` must be valid for writes and `lut` for 65536 `u32`.
+    unsafe fn store_codes(self, lut: *const u32, out: *mut u8);
+}
+
+/// The exact `f32` of a bf16 bit pattern.
+#[inline(always)]
+pub(crate) fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits(u32::from(h) << 16)
+}
+
+/// torch's c10 `round_to_nearest_even` narrowing to bf16: nearest, ties to
+/// even, every NaN to `0x7fc0`.
+#[inline(always)]
+pub(crate) fn f32_to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    if x.is_nan() { 0x7fc0 } else { rounded }
+}
+
+/// The exact `f32` of an f16 bit pattern: FP16's `fp16_ieee_to_fp32_value`
+/// (normal and infinite/NaN inputs by a shift and an exact scaling,
+/// subnormals by a magic subtraction; a signalling NaN comes back quiet, as
+/// from the hardware conversion).
+#[inline(always)]
+pub(crate) fn f16_to_f32(h: u16) -> f32 {
+    let w = u32::from(h) << 16;
+    let sign = w & 0x8000_0000;
+    let two_w = w.wrapping_add(w);
+    let normalized = f32::from_bits((two_w >> 4) + (0xe0 << 23)) * f32::from_bits(0x0780_0000); // 2^-112
+    let denormalized = f32::from_bits((two_w >> 17) | (126 << 23)) - 0.5;
+    let bits = if two_w < (1 << 27) { denormalized.to_bits() } else { normalized.to_bits() };
+    f32::from_bits(sign | bits)
+}
+
+/// FP16's `fp16_ieee_from_fp32_value`: the two scalings round the mantissa
+/// at the f16 position (nearest even) and send overflow to infinity; the
+/// added bias places subnormals; every NaN becomes `sign | 0x7e00`.
+#[inline(always)]
+pub(crate) fn f32_to_f16(x: f32) -> u16 {
+    let base = (x.abs() * f32::from_bits(0x7780_0000)) * f32::from_bits(0x0880_0000); // 2^112, 2^-110
+    let w = x.to_bits();
+    let shl1_w = w.wrapping_add(w);
+    let sign = w & 0x8000_0000;
+    let bias = (shl1_w & 0xff00_0000).max(0x7100_0000);
+    let base = f32::from_bits((bias >> 1) + 0x0780_0000) + base;
+    let bits = base.to_bits();
+    let nonsign = ((bits >> 13) & 0x7c00) + (bits & 0x0fff);
+    ((sign >> 16) | if shl1_w > 0xff00_0000 { 0x7e00 } else { nonsign }) as u16
+}
+
+/// The order-preserving key of an f32 (negative values reversed), so
+/// unsigned comparison of keys is comparison of the values.
+#[inline(always)]
+pub(crate) fn order_key(x: f32) -> u32 {
+    let b = x.to_bits();
+    b ^ (((b as i32) >> 31) as u32 | 0x8000_0000)
+}
+
+/// The 8-bit code of `x` (a value divided by its block's absmax; NaN counts
+/// as 0) through a map's table: the entry of `x`'s bucket (the top 16 bits
+/// of its order key) holds the bucket's code in its top byte and where in
+/// the bucket the next code begins in its low 17 bits.
+#[inline(always)]
+pub(crate) fn q8_code(lut: &[u32], x: f32) -> u8 {
+    let key = order_key(if x.is_nan() { 0.0 } else { x });
+    let e = lut[(key >> 16) as usize];
+    ((e >> 24) + u32::from(key & 0xffff >= e & 0x1_ffff)) as u8
 }
 
 impl F32Vec for f32 {
@@ -118,6 +215,80 @@ impl F32Vec for f32 {
         // Same selection as x86 `minps(a, b)` (`a < b ? a : b`) plus NaN in `a` kept.
         if self.is_nan() || self < other { self } else { other }
     }
+    #[inline(always)]
+    unsafe fn load_bf16(ptr: *const u16) -> Self {
+        // SAFETY: the caller guarantees one readable u16.
+        bf16_to_f32(unsafe { ptr.read_unaligned() })
+    }
+    #[inline(always)]
+    unsafe fn store_bf16(self, ptr: *mut u16) {
+        // SAFETY: the caller guarantees one writable u16.
+        unsafe { ptr.write_unaligned(f32_to_bf16(self)) }
+    }
+    #[inline(always)]
+    unsafe fn load_f16(ptr: *const u16) -> Self {
+        // SAFETY: the caller guarantees one readable u16.
+        f16_to_f32(unsafe { ptr.read_unaligned() })
+    }
+    #[inline(always)]
+    unsafe fn store_f16(self, ptr: *mut u16) {
+        // SAFETY: the caller guarantees one writable u16.
+        unsafe { ptr.write_unaligned(f32_to_f16(self)) }
+    }
+    #[inline(always)]
+    unsafe fn lookup(table: *const f32, codes: *const u8) -> Self {
+        // SAFETY: the caller guarantees a readable code and a 256-entry table.
+        unsafe { *table.add(usize::from(*codes)) }
+    }
+    #[inline(always)]
+    unsafe fn store_codes(self, lut: *const u32, out: *mut u8) {
+        // SAFETY: the caller guarantees a 65536-entry table and a writable byte.
+        unsafe { *out = q8_code(core::slice::from_raw_parts(lut, 1 << 16), self) }
+    }
+}
+
+/// Lane by lane through the scalar reference, for the `Wide` conversions.
+macro_rules! lanewise_conversions {
+    ($n:literal, $wrap:expr, $arr:expr) => {
+        #[inline(always)]
+        unsafe fn load_bf16(ptr: *const u16) -> Self {
+            // SAFETY: the caller guarantees LANES readable u16.
+            $wrap(core::array::from_fn(|i| bf16_to_f32(unsafe { ptr.add(i).read_unaligned() })))
+        }
+        #[inline(always)]
+        unsafe fn store_bf16(self, ptr: *mut u16) {
+            for (i, x) in $arr(self).into_iter().enumerate() {
+                // SAFETY: the caller guarantees LANES writable u16.
+                unsafe { ptr.add(i).write_unaligned(f32_to_bf16(x)) }
+            }
+        }
+        #[inline(always)]
+        unsafe fn load_f16(ptr: *const u16) -> Self {
+            // SAFETY: the caller guarantees LANES readable u16.
+            $wrap(core::array::from_fn(|i| f16_to_f32(unsafe { ptr.add(i).read_unaligned() })))
+        }
+        #[inline(always)]
+        unsafe fn store_f16(self, ptr: *mut u16) {
+            for (i, x) in $arr(self).into_iter().enumerate() {
+                // SAFETY: the caller guarantees LANES writable u16.
+                unsafe { ptr.add(i).write_unaligned(f32_to_f16(x)) }
+            }
+        }
+        #[inline(always)]
+        unsafe fn lookup(table: *const f32, codes: *const u8) -> Self {
+            // SAFETY: the caller guarantees LANES readable codes and a 256-entry table.
+            $wrap(core::array::from_fn(|i| unsafe { *table.add(usize::from(*codes.add(i))) }))
+        }
+        #[inline(always)]
+        unsafe fn store_codes(self, lut: *const u32, out: *mut u8) {
+            // SAFETY: the caller guarantees a 65536-entry table.
+            let lut = unsafe { core::slice::from_raw_parts(lut, 1 << 16) };
+            for (i, x) in $arr(self).into_iter().enumerate() {
+                // SAFETY: the caller guarantees LANES writable bytes.
+                unsafe { *out.add(i) = q8_code(lut, x) }
+            }
+        }
+    };
 }
 
 /// The portable path: `wide::f32x8` (SSE2 pairs in a default x86-64 build,
@@ -239,6 +410,7 @@ impl F32Vec for Wide {
         let picked = self.0.simd_lt(other.0).select(self.0, other.0);
         Wide(self.0.is_nan().select(self.0, picked))
     }
+    lanewise_conversions!(8, |a: [f32; 8]| Wide(wide::f32x8::new(a)), |v: Wide| v.0.to_array());
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -262,7 +434,7 @@ mod x86 {
     pub(crate) struct Avx512(__m512);
 
     // SAFETY (all intrinsic calls in this module): `Avx2` values exist only in
-    // code reached from `driver::run_avx2`, a `#[target_feature(enable = "avx2,fma")]`
+    // code reached from `driver::run_avx2`, a `#[target_feature(enable = "avx2,fma,f16c")]`
     // function called only after runtime detection of AVX2 and FMA; likewise
     // `Avx512` only under `driver::run_avx512` after detection of AVX-512F.
     impl_ops!(
@@ -279,6 +451,20 @@ mod x86 {
         |a: Avx512, b: Avx512| Avx512(unsafe { _mm512_mul_ps(a.0, b.0) }),
         |a: Avx512, b: Avx512| Avx512(unsafe { _mm512_div_ps(a.0, b.0) })
     );
+
+    /// Stores the low 16 bits of each of 8 lanes (all `<= 0xffff`).
+    ///
+    /// # Safety
+    /// `ptr..ptr + 8` writable; AVX2 available.
+    #[inline(always)]
+    unsafe fn store_u16x8(ptr: *mut u16, r: __m256i) {
+        // SAFETY: per the function's contract. `packus` packs within each
+        // 128-bit half, so qwords 0 and 2 hold lanes 0-3 and 4-7.
+        unsafe {
+            let packed = _mm256_permute4x64_epi64::<0b1000>(_mm256_packus_epi32(r, r));
+            _mm_storeu_si128(ptr.cast(), _mm256_castsi256_si128(packed));
+        }
+    }
 
     impl Neg for Avx2 {
         type Output = Self;
@@ -382,6 +568,81 @@ mod x86 {
                 Avx2(_mm256_blendv_ps(m, self.0, a_nan))
             }
         }
+        #[inline(always)]
+        unsafe fn load_bf16(ptr: *const u16) -> Self {
+            // SAFETY: the caller guarantees 8 readable u16 (16 bytes, `loadu`
+            // needs no alignment); AVX2 per the module comment.
+            unsafe {
+                let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(ptr.cast()));
+                Avx2(_mm256_castsi256_ps(_mm256_slli_epi32::<16>(h)))
+            }
+        }
+        #[inline(always)]
+        unsafe fn store_bf16(self, ptr: *mut u16) {
+            // SAFETY: the caller guarantees 8 writable u16; AVX2 per the
+            // module comment. `f32_to_bf16` in integer lanes: add 0x7fff plus
+            // the kept lowest bit, shift, NaN lanes replaced by 0x7fc0.
+            unsafe {
+                let b = _mm256_castps_si256(self.0);
+                let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
+                let r = _mm256_srli_epi32::<16>(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))));
+                let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(self.0, self.0));
+                let r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+                store_u16x8(ptr, r);
+            }
+        }
+        #[inline(always)]
+        unsafe fn load_f16(ptr: *const u16) -> Self {
+            // SAFETY: the caller guarantees 8 readable u16; F16C is part of
+            // the AVX2 backend's detected features. `vcvtph2ps` is exact and
+            // quiets a signalling NaN as `f16_to_f32` does.
+            unsafe { Avx2(_mm256_cvtph_ps(_mm_loadu_si128(ptr.cast()))) }
+        }
+        #[inline(always)]
+        unsafe fn store_f16(self, ptr: *mut u16) {
+            // SAFETY: the caller guarantees 8 writable u16; F16C detected.
+            // `vcvtps2ph` rounds to nearest even like `f32_to_f16`; NaN lanes
+            // are first made `sign | quiet NaN`, which it narrows to
+            // `sign | 0x7e00`, the scalar rule's NaN.
+            unsafe {
+                let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(self.0, self.0);
+                let canon = _mm256_or_ps(
+                    _mm256_and_ps(self.0, _mm256_set1_ps(-0.0)),
+                    _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc0_0000)),
+                );
+                let x = _mm256_blendv_ps(self.0, canon, nan);
+                _mm_storeu_si128(ptr.cast(), _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x));
+            }
+        }
+        #[inline(always)]
+        unsafe fn lookup(table: *const f32, codes: *const u8) -> Self {
+            // SAFETY: the caller guarantees 8 readable codes and a 256-entry
+            // table; every index is a byte, so the gather stays inside it.
+            unsafe {
+                let idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(codes.cast()));
+                Avx2(_mm256_i32gather_ps::<4>(table, idx))
+            }
+        }
+        #[inline(always)]
+        unsafe fn store_codes(self, lut: *const u32, out: *mut u8) {
+            // SAFETY: the caller guarantees 8 writable bytes and a 65536-entry
+            // table; every index is a key's top 16 bits. `q8_code` in lanes.
+            unsafe {
+                let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(self.0, self.0);
+                let b = _mm256_castps_si256(_mm256_blendv_ps(self.0, _mm256_setzero_ps(), nan));
+                let key = _mm256_xor_si256(b, _mm256_or_si256(_mm256_srai_epi32::<31>(b), _mm256_set1_epi32(i32::MIN)));
+                let e = _mm256_i32gather_epi32::<4>(lut.cast(), _mm256_srli_epi32::<16>(key));
+                let low = _mm256_and_si256(key, _mm256_set1_epi32(0xffff));
+                let at = _mm256_and_si256(e, _mm256_set1_epi32(0x1_ffff));
+                // -1 where low < at, else 0: the code is top byte + 1 + that
+                let before = _mm256_cmpgt_epi32(at, low);
+                let code = _mm256_add_epi32(_mm256_srli_epi32::<24>(e), _mm256_add_epi32(before, _mm256_set1_epi32(1)));
+                let w = _mm256_packus_epi32(code, code);
+                let bytes = _mm256_packus_epi16(w, w);
+                let both = _mm_unpacklo_epi32(_mm256_castsi256_si128(bytes), _mm256_extracti128_si256::<1>(bytes));
+                _mm_storel_epi64(out.cast(), both);
+            }
+        }
     }
 
     impl F32Vec for Avx512 {
@@ -464,6 +725,73 @@ mod x86 {
                 let m = _mm512_min_ps(self.0, other.0);
                 let a_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(self.0, self.0);
                 Avx512(_mm512_mask_blend_ps(a_nan, m, self.0))
+            }
+        }
+        #[inline(always)]
+        unsafe fn load_bf16(ptr: *const u16) -> Self {
+            // SAFETY: the caller guarantees 16 readable u16; AVX-512F per the
+            // module comment.
+            unsafe {
+                let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(ptr.cast()));
+                Avx512(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(h)))
+            }
+        }
+        #[inline(always)]
+        unsafe fn store_bf16(self, ptr: *mut u16) {
+            // SAFETY: the caller guarantees 16 writable u16; AVX-512F. The
+            // integer rounding of `f32_to_bf16` (not `vcvtneps2bf16`, which
+            // flushes subnormals).
+            unsafe {
+                let b = _mm512_castps_si512(self.0);
+                let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+                let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))));
+                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(self.0, self.0);
+                let r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
+                _mm256_storeu_si256(ptr.cast(), _mm512_cvtepi32_epi16(r));
+            }
+        }
+        #[inline(always)]
+        unsafe fn load_f16(ptr: *const u16) -> Self {
+            // SAFETY: the caller guarantees 16 readable u16; the conversion is
+            // AVX-512F.
+            unsafe { Avx512(_mm512_cvtph_ps(_mm256_loadu_si256(ptr.cast()))) }
+        }
+        #[inline(always)]
+        unsafe fn store_f16(self, ptr: *mut u16) {
+            // SAFETY: the caller guarantees 16 writable u16; AVX-512F. NaN
+            // lanes made `sign | quiet NaN` first, as in the AVX2 lanes.
+            unsafe {
+                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(self.0, self.0);
+                let sign = _mm512_and_si512(_mm512_castps_si512(self.0), _mm512_set1_epi32(i32::MIN));
+                let canon = _mm512_or_si512(sign, _mm512_set1_epi32(0x7fc0_0000));
+                let x = _mm512_mask_mov_ps(self.0, nan, _mm512_castsi512_ps(canon));
+                _mm256_storeu_si256(ptr.cast(), _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x));
+            }
+        }
+        #[inline(always)]
+        unsafe fn lookup(table: *const f32, codes: *const u8) -> Self {
+            // SAFETY: the caller guarantees 16 readable codes and a 256-entry
+            // table; every index is a byte.
+            unsafe {
+                let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.cast()));
+                Avx512(_mm512_i32gather_ps::<4>(idx, table))
+            }
+        }
+        #[inline(always)]
+        unsafe fn store_codes(self, lut: *const u32, out: *mut u8) {
+            // SAFETY: the caller guarantees 16 writable bytes and a
+            // 65536-entry table; every index is a key's top 16 bits.
+            unsafe {
+                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(self.0, self.0);
+                let b = _mm512_castps_si512(_mm512_mask_mov_ps(self.0, nan, _mm512_setzero_ps()));
+                let key = _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi32::<31>(b), _mm512_set1_epi32(i32::MIN)));
+                let e = _mm512_i32gather_epi32::<4>(_mm512_srli_epi32::<16>(key), lut.cast());
+                let low = _mm512_and_si512(key, _mm512_set1_epi32(0xffff));
+                let at = _mm512_and_si512(e, _mm512_set1_epi32(0x1_ffff));
+                let past = _mm512_cmpge_epi32_mask(low, at);
+                let top = _mm512_srli_epi32::<24>(e);
+                let code = _mm512_mask_add_epi32(top, past, top, _mm512_set1_epi32(1));
+                _mm_storeu_si128(out.cast(), _mm512_cvtepi32_epi8(code));
             }
         }
     }
@@ -552,7 +880,80 @@ mod tests {
         }
     }
 
+    /// The storage conversions and 8-bit lookups of `V`, bit for bit against
+    /// the scalar reference: every bf16 and f16 pattern widened, edge values
+    /// and a stride through every f32 narrowed, every code looked up.
+    fn check_conversions<V: F32Vec>() {
+        let n = V::LANES;
+        for start in (0..=u16::MAX as usize + 1 - n).step_by(n) {
+            let h: Vec<u16> = (start..start + n).map(|x| x as u16).collect();
+            let mut out = vec![0f32; n];
+            // SAFETY: `h` and `out` hold LANES values.
+            unsafe { V::load_bf16(h.as_ptr()).store(out.as_mut_ptr()) };
+            for (x, &y) in h.iter().zip(&out) {
+                assert_eq!(y.to_bits(), bf16_to_f32(*x).to_bits(), "load_bf16 {x:#06x}");
+            }
+            // SAFETY: as above.
+            unsafe { V::load_f16(h.as_ptr()).store(out.as_mut_ptr()) };
+            for (x, &y) in h.iter().zip(&out) {
+                assert_eq!(y.to_bits(), f16_to_f32(*x).to_bits(), "load_f16 {x:#06x}");
+            }
+        }
+        let mut xs = edge_values();
+        xs.extend((0..=u32::MAX).step_by(65_537).map(f32::from_bits));
+        // f16's rounding boundaries and subnormals, and payload NaNs
+        xs.extend([65_519.0, 65_520.0, 65_504.0, 5.960_464_5e-8, 2.980_232_2e-8, 2.980_232_3e-8, 6.103_515_6e-5]);
+        xs.extend([0x7fc0_0001u32, 0xffe0_0000, 0x7f80_0001, 0x7fa0_0000, 0xff80_0001].map(f32::from_bits));
+        while !xs.len().is_multiple_of(n) {
+            xs.push(0.5);
+        }
+        for chunk in xs.chunks(n) {
+            // SAFETY: `chunk` holds LANES values.
+            let v = unsafe { V::load(chunk.as_ptr()) };
+            let mut h = vec![0u16; n];
+            // SAFETY: `h` holds LANES values.
+            unsafe { v.store_bf16(h.as_mut_ptr()) };
+            for (x, &y) in chunk.iter().zip(&h) {
+                assert_eq!(y, f32_to_bf16(*x), "store_bf16 {:#010x}", x.to_bits());
+            }
+            // SAFETY: as above.
+            unsafe { v.store_f16(h.as_mut_ptr()) };
+            for (x, &y) in chunk.iter().zip(&h) {
+                assert_eq!(y, f32_to_f16(*x), "store_f16 {:#010x}", x.to_bits());
+            }
+        }
+        let table: Vec<f32> = (0..256).map(|i| (i as f32 - 127.5) / 3.0).collect();
+        let codes: Vec<u8> = (0..=255u8).rev().collect();
+        for chunk in codes.chunks(n) {
+            let mut out = vec![0f32; n];
+            // SAFETY: `chunk` and `out` hold LANES values, `table` 256.
+            unsafe { V::lookup(table.as_ptr(), chunk.as_ptr()).store(out.as_mut_ptr()) };
+            for (&c, &y) in chunk.iter().zip(&out) {
+                assert_eq!(y.to_bits(), table[usize::from(c)].to_bits());
+            }
+        }
+        // store_codes against q8_code over a table with varied entries
+        // (as in a real map's table, code 255 has no jump inside its bucket)
+        let lut: Vec<u32> = (0..1u32 << 16)
+            .map(|k| {
+                let top = k.wrapping_mul(2_654_435_761) >> 8 & 0xff;
+                top << 24 | if top == 255 { 0x1_0000 } else { (k * 7919) % 0x1_0001 }
+            })
+            .collect();
+        for chunk in xs.chunks(n) {
+            // SAFETY: `chunk` holds LANES values.
+            let v = unsafe { V::load(chunk.as_ptr()) };
+            let mut out = vec![0u8; n];
+            // SAFETY: `out` holds LANES bytes and `lut` 65536 entries.
+            unsafe { v.store_codes(lut.as_ptr(), out.as_mut_ptr()) };
+            for (&x, &y) in chunk.iter().zip(&out) {
+                assert_eq!(y, q8_code(&lut, x), "store_codes {:#010x}", x.to_bits());
+            }
+        }
+    }
+
     fn check_backend<V: F32Vec>() {
+        check_conversions::<V>();
         lanes_match::<V>("max_nan", |a, b| a.max_nan(b), |a, b| a.max_nan(b));
         lanes_match::<V>("div_or_zero", |a, b| a.div_or_zero(b), |a, b| if b == 0.0 { 0.0 } else { a / b });
         lanes_match::<V>("sqrt", |a, _| a.sqrt(), |a, _| a.sqrt());

@@ -31,6 +31,8 @@
 
 pub use half::{bf16, f16};
 
+use crate::simd::{F32Vec, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, order_key, q8_code};
+
 /// Elements per tile of the mixed-storage driver (and per block of a
 /// block-wise quantized state).
 pub const TILE: usize = 256;
@@ -322,22 +324,24 @@ pub struct Q8State<'a> {
 /// code is strictly nearer (`|x - c[i+1]| < |x - c[i]|` in `f32`): **ties go to
 /// the lower code**. The rule is monotonic in `x`, so it is a step function
 /// with 255 jumps, found once when the map is built (by bisection over the
-/// `f32` values, against the rule itself). A step then reads the code of
-/// `x`'s bucket (a 65536-entry table indexed by the top 16 bits of `x`'s
-/// order-preserving bit pattern) and adds one if `x` is at or past the
-/// bucket's jump: exact, since no bucket of the dynamic maps holds two jumps
-/// (checked when a map is built; a map where one does is searched directly).
+/// `f32` values, against the rule itself). A step then reads one entry of a
+/// 65536-entry table indexed by the top 16 bits of `x`'s order-preserving
+/// bit pattern (its bucket): the code of the bucket's smallest value in the
+/// top byte and, in the low 17 bits, where in the bucket the next code's
+/// jump lies (the low 16 bits of its pattern, or `0x10000` for none); the
+/// code is the bucket's, plus one if `x`'s low 16 bits are at or past the
+/// jump. Exact, since no bucket of the dynamic maps holds two jumps (checked
+/// when a map is built; a map where one does is searched directly), and
+/// one load and one integer comparison per element, which the SIMD
+/// backends do 8 or 16 lanes at a time with a gather.
 #[derive(Clone)]
 pub struct QMap {
     code: [f32; 256],
     /// `code` with `search[0] = -1` and `search[256] = inf` (so index `i + 1`
     /// needs no bound check and never wins).
     search: [f32; 257],
-    /// The code of each bucket's smallest value.
-    bucket: Box<[u8]>,
-    /// `jump[j]`: the smallest `x` whose code is `>= j` (the rule above is
-    /// monotonic in `x`), `jump[256] = inf`.
-    jump: [f32; 257],
+    /// Per bucket: `code << 24 | jump`, as described above.
+    lut: Box<[u32]>,
     /// No bucket holds more than one jump: a lookup and one comparison
     /// give the code (true for the dynamic maps; checked when built).
     one_jump: bool,
@@ -353,13 +357,6 @@ impl PartialEq for QMap {
     fn eq(&self, other: &Self) -> bool {
         self.code.map(f32::to_bits) == other.code.map(f32::to_bits)
     }
-}
-
-/// The order-preserving key of an f32 (negative values reversed).
-#[inline(always)]
-fn order_key(x: f32) -> u32 {
-    let b = x.to_bits();
-    if b & 0x8000_0000 != 0 { !b } else { b | 0x8000_0000 }
 }
 
 impl QMap {
@@ -399,9 +396,24 @@ impl QMap {
             let x = from_order_key(k << 16);
             if x.is_nan() { 0 } else { reference(x.clamp(-1.0, 1.0)) }
         };
-        let bucket: Box<[u8]> = (0..=u32::from(u16::MAX)).map(start).collect();
+        let bucket: Vec<u8> = (0..=u32::from(u16::MAX)).map(start).collect();
         let one_jump = (0..u16::MAX as usize).all(|k| bucket[k + 1].saturating_sub(bucket[k]) <= 1);
-        Ok(QMap { code, search, bucket, jump, one_jump })
+        let lut = (0..=u32::from(u16::MAX))
+            .map(|k| {
+                let b = bucket[k as usize];
+                // where in bucket k the jump to code b + 1 lies, by order key
+                let next = order_key(jump[usize::from(b) + 1]);
+                let at = if b == 255 || next >> 16 > k {
+                    0x1_0000
+                } else if next >> 16 == k {
+                    next & 0xffff
+                } else {
+                    0
+                };
+                u32::from(b) << 24 | at
+            })
+            .collect();
+        Ok(QMap { code, search, lut, one_jump })
     }
 
     /// bitsandbytes' signed dynamic map (`create_dynamic_map(signed=True)`),
@@ -447,12 +459,11 @@ impl QMap {
         }
     }
 
-    /// The bucket's code, plus one if `x` is at or past the bucket's jump.
+    /// The bucket's code, plus one if `x` is at or past the bucket's jump
+    /// (NaN counts as 0).
     #[inline(always)]
     fn quantize_fast(&self, x: f32) -> u8 {
-        let x = if x.is_nan() { 0.0 } else { x };
-        let b = self.bucket[(order_key(x) >> 16) as usize];
-        b + u8::from(x >= self.jump[usize::from(b) + 1])
+        q8_code(&self.lut, x)
     }
 }
 
@@ -561,7 +572,7 @@ pub fn quantize_blockwise(src: &[f32], map: &QMap, codes: &mut [u8], absmax: &mu
     crate::optim::check_len("codes", src.len(), codes.len())?;
     crate::optim::check_len("absmax", src.len().div_ceil(Q8_BLOCK), absmax.len())?;
     for ((s, c), a) in src.chunks(Q8_BLOCK).zip(codes.chunks_mut(Q8_BLOCK)).zip(absmax.iter_mut()) {
-        *a = quantize(s, map, c);
+        *a = quantize::<f32>(s, map, c);
     }
     Ok(())
 }
@@ -575,114 +586,165 @@ pub fn dequantize_blockwise(codes: &[u8], absmax: &[f32], map: &QMap, dst: &mut 
     crate::optim::check_len("dst", codes.len(), dst.len())?;
     crate::optim::check_len("absmax", codes.len().div_ceil(Q8_BLOCK), absmax.len())?;
     for ((c, d), &a) in codes.chunks(Q8_BLOCK).zip(dst.chunks_mut(Q8_BLOCK)).zip(absmax) {
-        dequantize(c, a, map, d);
+        dequantize::<f32>(c, a, map, d);
     }
     Ok(())
 }
 
-/// Dequantizes `codes` of one block into `dst`.
+/// Dequantizes `codes` of one block into `dst`, `V::LANES` at a time.
 #[inline(always)]
-pub(crate) fn dequantize(codes: &[u8], absmax: f32, map: &QMap, dst: &mut [f32]) {
-    for (d, &c) in dst.iter_mut().zip(codes) {
-        *d = map.code[usize::from(c)] * absmax;
+pub(crate) fn dequantize<V: F32Vec>(codes: &[u8], absmax: f32, map: &QMap, dst: &mut [f32]) {
+    let n = codes.len();
+    assert_eq!(n, dst.len(), "tile lengths are equal by construction");
+    let (c, d, table) = (codes.as_ptr(), dst.as_mut_ptr(), map.code.as_ptr());
+    let scale = V::splat(absmax);
+    let mut i = 0;
+    while i + V::LANES <= n {
+        // SAFETY: i + LANES <= n, the length of both slices; `table` has 256 entries.
+        unsafe { (V::lookup(table, c.add(i)) * scale).store(d.add(i)) };
+        i += V::LANES;
+    }
+    for j in i..n {
+        dst[j] = map.code[usize::from(codes[j])] * absmax;
     }
 }
 
-/// Quantizes one block `src` into `codes`, returning its absmax.
+/// Quantizes one block `src` into `codes`, returning its absmax (NaN if the
+/// block holds one, else the largest magnitude), `V::LANES` at a time.
 #[inline(always)]
-pub(crate) fn quantize(src: &[f32], map: &QMap, codes: &mut [u8]) -> f32 {
-    // `maxps`-style selects and a separate NaN flag, so the loop vectorizes
-    let mut m = 0.0f32;
-    let mut nan = false;
-    for &x in src {
-        let a = x.abs();
-        nan |= x.is_nan();
-        m = if a > m { a } else { m };
+pub(crate) fn quantize<V: F32Vec>(src: &[f32], map: &QMap, codes: &mut [u8]) -> f32 {
+    let n = src.len();
+    assert_eq!(n, codes.len(), "tile lengths are equal by construction");
+    assert!(V::LANES <= 16, "widest backend");
+    let (s, c) = (src.as_ptr(), codes.as_mut_ptr());
+    // the maximum is exact, so its order does not matter; `max_nan` keeps a NaN
+    let mut acc = V::splat(0.0);
+    let mut i = 0;
+    while i + V::LANES <= n {
+        // SAFETY: i + LANES <= n = src.len().
+        acc = acc.max_nan(unsafe { V::load(s.add(i)) }.abs());
+        i += V::LANES;
     }
-    let absmax = if nan { f32::NAN } else { m };
-    // the divisions vectorize apart from the table search
-    let mut normed = [0f32; Q8_BLOCK];
-    for (y, &x) in normed.iter_mut().zip(src) {
-        *y = x / absmax;
-    }
-    let normed = &normed[..src.len()];
+    let mut lanes = [0f32; 16];
+    // SAFETY: `lanes` holds 16 >= LANES values.
+    unsafe { acc.store(lanes.as_mut_ptr()) };
+    let m = lanes[..V::LANES].iter().chain(&src[i..]).fold(0.0f32, |m, &x| m.max_nan(x.abs()));
+    let absmax = if m.is_nan() { f32::NAN } else { m };
     if map.one_jump {
-        for (c, &y) in codes.iter_mut().zip(normed) {
-            *c = map.quantize_fast(y);
+        let d = V::splat(absmax);
+        let lut = map.lut.as_ptr();
+        let mut i = 0;
+        while i + V::LANES <= n {
+            // SAFETY: i + LANES <= n, the length of both slices; `lut` has 65536 entries.
+            unsafe { (V::load(s.add(i)) / d).store_codes(lut, c.add(i)) };
+            i += V::LANES;
+        }
+        for j in i..n {
+            codes[j] = map.quantize_fast(src[j] / absmax);
         }
     } else {
-        for (c, &y) in codes.iter_mut().zip(normed) {
-            *c = map.quantize(y);
+        for (c, &x) in codes.iter_mut().zip(src) {
+            *c = map.quantize(x / absmax);
         }
     }
     absmax
 }
 
-/// A 16-bit float format the driver widens and narrows.
+/// A 16-bit float format the driver widens and narrows (the conversions
+/// are `simd`'s, so every backend's lanes and the scalar reference share one
+/// definition).
 pub(crate) trait Half: Copy + Send + Sync {
     /// Exact widening.
     fn widen(self) -> f32;
     /// Round to nearest, ties to even.
     fn narrow(x: f32) -> Self;
+    /// Widens `V::LANES` values.
+    ///
+    /// # Safety
+    /// `ptr..ptr + V::LANES` readable.
+    unsafe fn load<V: F32Vec>(ptr: *const Self) -> V;
+    /// Narrows `V::LANES` values.
+    ///
+    /// # Safety
+    /// `ptr..ptr + V::LANES` writable.
+    unsafe fn store<V: F32Vec>(v: V, ptr: *mut Self);
 }
 
+// `bf16` and `f16` are `repr(transparent)` over their `u16` bit pattern, so
+// their pointers are `u16` pointers.
 impl Half for bf16 {
     #[inline(always)]
     fn widen(self) -> f32 {
-        f32::from_bits(u32::from(self.to_bits()) << 16)
+        bf16_to_f32(self.to_bits())
     }
     #[inline(always)]
     fn narrow(x: f32) -> Self {
-        let b = x.to_bits();
-        let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
-        bf16::from_bits(if x.is_nan() { 0x7fc0 } else { rounded })
+        bf16::from_bits(f32_to_bf16(x))
+    }
+    #[inline(always)]
+    unsafe fn load<V: F32Vec>(ptr: *const Self) -> V {
+        // SAFETY: forwarded contract; same layout as u16.
+        unsafe { V::load_bf16(ptr.cast()) }
+    }
+    #[inline(always)]
+    unsafe fn store<V: F32Vec>(v: V, ptr: *mut Self) {
+        // SAFETY: forwarded contract; same layout as u16.
+        unsafe { v.store_bf16(ptr.cast()) }
     }
 }
 
 impl Half for f16 {
     #[inline(always)]
     fn widen(self) -> f32 {
-        // FP16's fp16_ieee_to_fp32_value: normal and infinite/NaN inputs by a
-        // shift and an exact scaling, subnormals by a magic subtraction.
-        let w = u32::from(self.to_bits()) << 16;
-        let sign = w & 0x8000_0000;
-        let two_w = w.wrapping_add(w);
-        let normalized = f32::from_bits((two_w >> 4) + (0xe0 << 23)) * f32::from_bits(0x0780_0000); // 2^-112
-        let denormalized = f32::from_bits((two_w >> 17) | (126 << 23)) - 0.5;
-        let bits = if two_w < (1 << 27) { denormalized.to_bits() } else { normalized.to_bits() };
-        f32::from_bits(sign | bits)
+        f16_to_f32(self.to_bits())
     }
     #[inline(always)]
     fn narrow(x: f32) -> Self {
-        // FP16's fp16_ieee_from_fp32_value: the two scalings round the
-        // mantissa at the f16 position (nearest even) and send overflow to
-        // infinity; the added bias places subnormals.
-        let base = (x.abs() * f32::from_bits(0x7780_0000)) * f32::from_bits(0x0880_0000); // 2^112, 2^-110
-        let w = x.to_bits();
-        let shl1_w = w.wrapping_add(w);
-        let sign = w & 0x8000_0000;
-        let bias = (shl1_w & 0xff00_0000).max(0x7100_0000);
-        let base = f32::from_bits((bias >> 1) + 0x0780_0000) + base;
-        let bits = base.to_bits();
-        let nonsign = ((bits >> 13) & 0x7c00) + (bits & 0x0fff);
-        let h = (sign >> 16) | if shl1_w > 0xff00_0000 { 0x7e00 } else { nonsign };
-        f16::from_bits(h as u16)
+        f16::from_bits(f32_to_f16(x))
+    }
+    #[inline(always)]
+    unsafe fn load<V: F32Vec>(ptr: *const Self) -> V {
+        // SAFETY: forwarded contract; same layout as u16.
+        unsafe { V::load_f16(ptr.cast()) }
+    }
+    #[inline(always)]
+    unsafe fn store<V: F32Vec>(v: V, ptr: *mut Self) {
+        // SAFETY: forwarded contract; same layout as u16.
+        unsafe { v.store_f16(ptr.cast()) }
     }
 }
 
-/// `dst[i] = src[i].widen()`.
+/// `dst[i] = src[i].widen()`, `V::LANES` at a time, the tail with `f32`.
 #[inline(always)]
-pub(crate) fn widen<H: Half>(src: &[H], dst: &mut [f32]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = s.widen();
+pub(crate) fn widen<V: F32Vec, H: Half>(src: &[H], dst: &mut [f32]) {
+    let n = src.len();
+    assert_eq!(n, dst.len(), "tile lengths are equal by construction");
+    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    let mut i = 0;
+    while i + V::LANES <= n {
+        // SAFETY: i + LANES <= n, the length of both slices.
+        unsafe { H::load::<V>(s.add(i)).store(d.add(i)) };
+        i += V::LANES;
+    }
+    for j in i..n {
+        dst[j] = src[j].widen();
     }
 }
 
-/// `dst[i] = H::narrow(src[i])`.
+/// `dst[i] = H::narrow(src[i])`, `V::LANES` at a time, the tail with `f32`.
 #[inline(always)]
-pub(crate) fn narrow<H: Half>(src: &[f32], dst: &mut [H]) {
-    for (d, &s) in dst.iter_mut().zip(src) {
-        *d = H::narrow(s);
+pub(crate) fn narrow<V: F32Vec, H: Half>(src: &[f32], dst: &mut [H]) {
+    let n = src.len();
+    assert_eq!(n, dst.len(), "tile lengths are equal by construction");
+    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    let mut i = 0;
+    while i + V::LANES <= n {
+        // SAFETY: i + LANES <= n, the length of both slices.
+        unsafe { H::store::<V>(V::load(s.add(i)), d.add(i)) };
+        i += V::LANES;
+    }
+    for j in i..n {
+        dst[j] = H::narrow(src[j]);
     }
 }
 
@@ -782,13 +844,85 @@ mod tests {
                 k += 251;
             }
             // every code, every jump, and their neighbours
-            for &c in map.code.iter().chain(&map.jump[1..256]) {
+            let jumps: Vec<f32> = (0..=u32::from(u16::MAX))
+                .filter(|&k| map.lut[k as usize] & 0x1_ffff < 0x1_0000)
+                .map(|k| from_order_key(k << 16 | map.lut[k as usize] & 0xffff))
+                .collect();
+            assert!(jumps.len() >= 200, "the dynamic maps' jumps fall inside buckets");
+            for &c in map.code.iter().chain(&jumps) {
                 for d in -3i32..=3 {
                     let x = from_order_key(order_key(c).wrapping_add_signed(d));
                     if (-1.0..=1.0).contains(&x) {
                         check(x);
                     }
                 }
+            }
+        }
+    }
+
+    /// The SIMD block quantizer and dequantizer of `V` against the scalar
+    /// instantiation, bit for bit: codes, absmax and values, on blocks of
+    /// every shape a step meets (full and short, zeros, NaN, subnormals,
+    /// mixed magnitudes).
+    fn tiles_match_scalar<V: F32Vec>() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for case in 0..400 {
+            let len = [256, 255, 17, 1, 240, 129][case % 6];
+            let mut x: Vec<f32> = (0..len)
+                .map(|_| {
+                    let r = next();
+                    let mag = 2f32.powi((r % 60) as i32 - 45);
+                    (((r >> 8) % 2001) as f32 / 1000.0 - 1.0) * mag
+                })
+                .collect();
+            match case % 9 {
+                1 => x.iter_mut().for_each(|v| *v = 0.0),
+                2 => x[len / 2] = f32::NAN,
+                3 => x.iter_mut().for_each(|v| *v = f32::from_bits(v.to_bits() & 0x807f_ffff)),
+                4 => x.iter_mut().step_by(3).for_each(|v| *v = -0.0),
+                _ => {}
+            }
+            for map in [QMap::signed(), QMap::unsigned()] {
+                let (mut c0, mut c1) = (vec![0u8; len], vec![0u8; len]);
+                let a0 = quantize::<f32>(&x, map, &mut c0);
+                let a1 = quantize::<V>(&x, map, &mut c1);
+                assert_eq!(a0.to_bits(), a1.to_bits(), "absmax, case {case}");
+                assert_eq!(c0, c1, "codes, case {case}");
+                let (mut d0, mut d1) = (vec![0f32; len], vec![0f32; len]);
+                dequantize::<f32>(&c0, a0, map, &mut d0);
+                dequantize::<V>(&c0, a0, map, &mut d1);
+                assert!(d0.iter().zip(&d1).all(|(a, b)| a.to_bits() == b.to_bits()), "values, case {case}");
+                let h: Vec<bf16> = x.iter().map(|&v| bf16::narrow(v)).collect();
+                let mut hb = vec![bf16::ZERO; len];
+                narrow::<V, bf16>(&x, &mut hb);
+                assert!(h.iter().zip(&hb).all(|(a, b)| a.to_bits() == b.to_bits()), "bf16 tile, case {case}");
+                let mut w = vec![0f32; len];
+                widen::<V, bf16>(&h, &mut w);
+                assert!(w.iter().zip(&h).all(|(a, b)| a.to_bits() == b.widen().to_bits()));
+                let hf: Vec<f16> = x.iter().map(|&v| f16::narrow(v)).collect();
+                let mut hfb = vec![f16::ZERO; len];
+                narrow::<V, f16>(&x, &mut hfb);
+                assert!(hf.iter().zip(&hfb).all(|(a, b)| a.to_bits() == b.to_bits()), "f16 tile, case {case}");
+            }
+        }
+    }
+
+    #[test]
+    fn simd_tiles_match_scalar() {
+        tiles_match_scalar::<crate::simd::Wide>();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::Backend::Avx2.is_available() {
+                tiles_match_scalar::<crate::simd::Avx2>();
+            }
+            if crate::Backend::Avx512.is_available() {
+                tiles_match_scalar::<crate::simd::Avx512>();
             }
         }
     }
