@@ -6,7 +6,7 @@
 
 use crate::backend::{Backend, Exec};
 use crate::simd::{F32Vec, Wide};
-use crate::storage::{Grads, ParamCopy, Params, StateBuf, TILE, dequantize, narrow, quantize, widen};
+use crate::storage::{Elem, Grads, ParamCopy, Params, StateBuf, TILE, bf16, dequantize, narrow, quantize, widen};
 
 /// How gradients are divided by a loss scale.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -276,6 +276,166 @@ impl<K: Kernel<S>, const S: usize> Lanes<K> for Mixed<'_, S> {
     #[inline(always)]
     fn run<V: F32Vec>(self, k: &K, pre: GradPre) {
         run_tiles::<V, K, S>(k, self, pre)
+    }
+}
+
+/// A step's buffers for the fused loop: parameters `P`, gradients `G`,
+/// every state `T`, an optional copy of the updated parameters `C`; each
+/// converted in registers on load and store, no tiles.
+pub(crate) struct Fused<'a, P, G, T, C, const S: usize> {
+    p: &'a mut [P],
+    g: &'a [G],
+    s: [&'a mut [T]; S],
+    copy: Option<&'a mut [C]>,
+}
+
+/// The storage combinations the fused loop is compiled for (the others go
+/// through tiles): the mixed-precision issue's `bf16-grads` (with or
+/// without the copy), `bf16-f32states` and `bf16`.
+pub(crate) enum AnyFused<'a, const S: usize> {
+    /// f32 params and states, bf16 gradients, optional bf16 copy.
+    GradsBf16(Fused<'a, f32, bf16, f32, bf16, S>),
+    /// bf16 params and gradients, f32 states.
+    ParamsBf16(Fused<'a, bf16, bf16, f32, bf16, S>),
+    /// bf16 params, gradients and states.
+    AllBf16(Fused<'a, bf16, bf16, bf16, bf16, S>),
+}
+
+impl<'a, const S: usize> Mixed<'a, S> {
+    /// The fused form, if this combination has one.
+    fn into_fused(self) -> Result<AnyFused<'a, S>, Self> {
+        let all = |f: fn(&StateBuf<'_>) -> bool| self.s.iter().all(f);
+        let states_f32 = all(|s| matches!(s, StateBuf::F32(_)));
+        let states_bf16 = all(|s| matches!(s, StateBuf::Bf16(_)));
+        let copy_bf16 = matches!(self.copy, None | Some(ParamCopy::Bf16(_)));
+        let f32_states = |s: [StateBuf<'a>; S]| {
+            s.map(|s| match s {
+                StateBuf::F32(x) => x,
+                _ => unreachable!("checked above"),
+            })
+        };
+        let bf16_states = |s: [StateBuf<'a>; S]| {
+            s.map(|s| match s {
+                StateBuf::Bf16(x) => x,
+                _ => unreachable!("checked above"),
+            })
+        };
+        let copy = |c: Option<ParamCopy<'a>>| match c {
+            Some(ParamCopy::Bf16(x)) => Some(x),
+            _ => None,
+        };
+        match (self.p, self.g) {
+            (Params::F32(p), Grads::Bf16(g)) if states_f32 && copy_bf16 => {
+                Ok(AnyFused::GradsBf16(Fused { p, g, s: f32_states(self.s), copy: copy(self.copy) }))
+            }
+            (Params::Bf16(p), Grads::Bf16(g)) if states_f32 && self.copy.is_none() => {
+                Ok(AnyFused::ParamsBf16(Fused { p, g, s: f32_states(self.s), copy: None }))
+            }
+            (Params::Bf16(p), Grads::Bf16(g)) if states_bf16 && self.copy.is_none() => {
+                Ok(AnyFused::AllBf16(Fused { p, g, s: bf16_states(self.s), copy: None }))
+            }
+            (p, g) => Err(Mixed { p, g, s: self.s, copy: self.copy }),
+        }
+    }
+}
+
+impl<K: Kernel<S>, P: Elem, G: Elem, T: Elem, C: Elem, const S: usize> Lanes<K> for Fused<'_, P, G, T, C, S> {
+    fn len(&self) -> usize {
+        self.p.len()
+    }
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        let (p0, p1) = self.p.split_at_mut(mid);
+        let (g0, g1) = self.g.split_at(mid);
+        let mut lo: [&mut [T]; S] = std::array::from_fn(|_| <&mut [T]>::default());
+        let mut hi: [&mut [T]; S] = std::array::from_fn(|_| <&mut [T]>::default());
+        for (j, s) in self.s.into_iter().enumerate() {
+            let (a, b) = s.split_at_mut(mid);
+            lo[j] = a;
+            hi[j] = b;
+        }
+        let (c0, c1) = match self.copy {
+            Some(c) => {
+                let (a, b) = c.split_at_mut(mid);
+                (Some(a), Some(b))
+            }
+            None => (None, None),
+        };
+        (Fused { p: p0, g: g0, s: lo, copy: c0 }, Fused { p: p1, g: g1, s: hi, copy: c1 })
+    }
+    #[inline(always)]
+    fn run<V: F32Vec>(self, k: &K, pre: GradPre) {
+        if matches!((pre.unscale, pre.clip), (Unscale::None, None)) {
+            run_fused::<V, K, S, P, G, T, C, _>(k, self, Identity)
+        } else {
+            run_fused::<V, K, S, P, G, T, C, _>(k, self, pre)
+        }
+    }
+}
+
+/// The fused lane loop: [`run_lanes_with`] with every buffer converted in
+/// registers, then the tail with `f32` lanes. The kernel sees the values the
+/// tiled loop gives it, so both write the same bits.
+#[inline(always)]
+fn run_fused<V: F32Vec, K: Kernel<S>, const S: usize, P: Elem, G: Elem, T: Elem, C: Elem, Q: Pre>(
+    k: &K,
+    sl: Fused<'_, P, G, T, C, S>,
+    pre: Q,
+) {
+    let n = sl.p.len();
+    // Soundness of the raw-pointer loop below rests on this; the public entry
+    // points return an error before getting here, so it never fires.
+    assert!(
+        sl.g.len() == n && sl.s.iter().all(|s| s.len() == n) && sl.copy.as_ref().is_none_or(|c| c.len() == n),
+        "slice lengths differ"
+    );
+    let p = sl.p.as_mut_ptr();
+    let g = sl.g.as_ptr();
+    let s: [*mut T; S] = sl.s.map(|s| s.as_mut_ptr());
+    let c: Option<*mut C> = sl.copy.map(|c| c.as_mut_ptr());
+    #[inline(always)]
+    unsafe fn one<W: F32Vec, K: Kernel<S>, const S: usize, P: Elem, G: Elem, T: Elem, C: Elem, Q: Pre>(
+        k: &K,
+        pre: Q,
+        i: usize,
+        p: *mut P,
+        g: *const G,
+        s: &[*mut T; S],
+        c: Option<*mut C>,
+    ) {
+        // SAFETY: the caller guarantees i + W::LANES <= n for every buffer.
+        unsafe {
+            let mut pv = P::get::<W>(p.add(i));
+            let gv = pre.apply(G::get::<W>(g.add(i)));
+            let mut sv: [W; S] = std::array::from_fn(|j| T::get::<W>(s[j].add(i)));
+            k.apply(&mut pv, gv, &mut sv);
+            P::put(pv, p.add(i));
+            for j in 0..S {
+                T::put(sv[j], s[j].add(i));
+            }
+            if let Some(c) = c {
+                C::put(pv, c.add(i));
+            }
+        }
+    }
+    const U: usize = 4;
+    let block = n - n % (V::LANES * U);
+    let mut i = 0;
+    while i < block {
+        for u in 0..U {
+            // SAFETY: i + U * LANES <= block <= n, the common length.
+            unsafe { one::<V, K, S, P, G, T, C, Q>(k, pre, i + u * V::LANES, p, g, &s, c) };
+        }
+        i += V::LANES * U;
+    }
+    while i + V::LANES <= n {
+        // SAFETY: i + LANES <= n.
+        unsafe { one::<V, K, S, P, G, T, C, Q>(k, pre, i, p, g, &s, c) };
+        i += V::LANES;
+    }
+    while i < n {
+        // SAFETY: i < n.
+        unsafe { one::<f32, K, S, P, G, T, C, Q>(k, pre, i, p, g, &s, c) };
+        i += 1;
     }
 }
 
@@ -759,6 +919,11 @@ pub(crate) fn sum_of_squares(plan: &Plan, g: &[f32]) -> f64 {
 pub(crate) fn drive<K: Kernel<S>, const S: usize>(k: &K, plan: Plan, bufs: Bufs<'_>) -> StepReport {
     match bufs.fixed::<S>().into_dense() {
         Ok(sl) => drive_lanes(k, plan, sl, 1),
-        Err(mixed) => drive_lanes(k, plan, mixed, TILE),
+        Err(mixed) => match mixed.into_fused() {
+            Ok(AnyFused::GradsBf16(f)) => drive_lanes(k, plan, f, 1),
+            Ok(AnyFused::ParamsBf16(f)) => drive_lanes(k, plan, f, 1),
+            Ok(AnyFused::AllBf16(f)) => drive_lanes(k, plan, f, 1),
+            Err(mixed) => drive_lanes(k, plan, mixed, TILE),
+        },
     }
 }

@@ -582,12 +582,15 @@ mod x86 {
             // SAFETY: the caller guarantees 8 writable u16; AVX2 per the
             // module comment. `f32_to_bf16` in integer lanes: add 0x7fff plus
             // the kept lowest bit, shift, NaN lanes replaced by 0x7fc0.
+            // NaN lanes become 0x7fc0_0000 first, which the rounding maps to
+            // 0x7fc0 (a select on the input, which the compiler keeps ahead
+            // of the narrowing).
             unsafe {
-                let b = _mm256_castps_si256(self.0);
+                let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(self.0, self.0);
+                let x = _mm256_blendv_ps(self.0, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc0_0000)), nan);
+                let b = _mm256_castps_si256(x);
                 let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
                 let r = _mm256_srli_epi32::<16>(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))));
-                let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(self.0, self.0));
-                let r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
                 store_u16x8(ptr, r);
             }
         }
@@ -741,12 +744,13 @@ mod x86 {
             // SAFETY: the caller guarantees 16 writable u16; AVX-512F. The
             // integer rounding of `f32_to_bf16` (not `vcvtneps2bf16`, which
             // flushes subnormals).
+            // NaN lanes become 0x7fc0_0000 first, as in the AVX2 lanes.
             unsafe {
-                let b = _mm512_castps_si512(self.0);
+                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(self.0, self.0);
+                let x = _mm512_mask_mov_ps(self.0, nan, _mm512_castsi512_ps(_mm512_set1_epi32(0x7fc0_0000)));
+                let b = _mm512_castps_si512(x);
                 let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
                 let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))));
-                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(self.0, self.0);
-                let r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
                 _mm256_storeu_si256(ptr.cast(), _mm512_cvtepi32_epi16(r));
             }
         }

@@ -714,6 +714,48 @@ impl Half for f16 {
     }
 }
 
+/// An element type a fused lane loop reads and writes in place: `f32` as
+/// it is, the 16-bit formats through their exact widening and their
+/// round-to-nearest-even narrowing.
+pub(crate) trait Elem: Copy + Send + Sync {
+    /// Loads `V::LANES` values as `f32`.
+    ///
+    /// # Safety
+    /// `ptr..ptr + V::LANES` readable.
+    unsafe fn get<V: F32Vec>(ptr: *const Self) -> V;
+    /// Stores `V::LANES` values.
+    ///
+    /// # Safety
+    /// `ptr..ptr + V::LANES` writable.
+    unsafe fn put<V: F32Vec>(v: V, ptr: *mut Self);
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    unsafe fn get<V: F32Vec>(ptr: *const Self) -> V {
+        // SAFETY: forwarded contract.
+        unsafe { V::load(ptr) }
+    }
+    #[inline(always)]
+    unsafe fn put<V: F32Vec>(v: V, ptr: *mut Self) {
+        // SAFETY: forwarded contract.
+        unsafe { v.store(ptr) }
+    }
+}
+
+impl Elem for bf16 {
+    #[inline(always)]
+    unsafe fn get<V: F32Vec>(ptr: *const Self) -> V {
+        // SAFETY: forwarded contract.
+        unsafe { <bf16 as Half>::load(ptr) }
+    }
+    #[inline(always)]
+    unsafe fn put<V: F32Vec>(v: V, ptr: *mut Self) {
+        // SAFETY: forwarded contract.
+        unsafe { <bf16 as Half>::store(v, ptr) }
+    }
+}
+
 /// `dst[i] = src[i].widen()`, `V::LANES` at a time, the tail with `f32`.
 #[inline(always)]
 pub(crate) fn widen<V: F32Vec, H: Half>(src: &[H], dst: &mut [f32]) {
