@@ -20,6 +20,7 @@
 //! [`NonFinitePolicy::SkipStep`]: crate::NonFinitePolicy::SkipStep
 
 use crate::driver::{Plan, sum_of_squares as tree_sum};
+use crate::storage::Grads;
 use crate::{Error, Exec};
 
 /// `sum(g^2)` over `grads`, in f64, deterministic (the same bits on every
@@ -31,6 +32,26 @@ use crate::{Error, Exec};
 /// [`Error::BackendUnavailable`] for a forced backend this CPU lacks.
 pub fn sum_of_squares(grads: &[f32], exec: &Exec) -> Result<f64, Error> {
     Ok(tree_sum(&Plan::new(exec)?, grads))
+}
+
+/// [`sum_of_squares`] of gradients in any storage ([`Grads`]: `f32`, `bf16`
+/// or `f16`, as [`step_mixed`](crate::step_mixed) takes them): each value
+/// widened exactly, so the result has the bits [`sum_of_squares`] gives on
+/// the widened `f32` values, on every backend and thread count. Infinite or
+/// NaN exactly when a gradient is, so one pass gives both the clipping norm
+/// and the non-finite check of a half-precision step. The loss scale is
+/// not divided out: for a scale `s`, the unscaled sum is this over `s^2`
+/// (exact for a power of two).
+///
+/// # Errors
+/// [`Error::BackendUnavailable`] for a forced backend this CPU lacks.
+pub fn sum_of_squares_mixed(grads: Grads<'_>, exec: &Exec) -> Result<f64, Error> {
+    let plan = Plan::new(exec)?;
+    Ok(match grads {
+        Grads::F32(g) => tree_sum(&plan, g),
+        Grads::Bf16(g) => tree_sum(&plan, g),
+        Grads::F16(g) => tree_sum(&plan, g),
+    })
 }
 
 /// The L2 norm of `grads`: `sqrt(`[`sum_of_squares`]`)`. NaN or infinite if

@@ -6,7 +6,9 @@
 
 use crate::backend::{Backend, Exec};
 use crate::simd::{F32Vec, Wide};
-use crate::storage::{Elem, Grads, ParamCopy, Params, StateBuf, TILE, bf16, dequantize, narrow, quantize, widen};
+use crate::storage::{
+    Elem, Exact, Grads, ParamCopy, Params, StateBuf, TILE, bf16, dequantize, narrow, quantize, widen,
+};
 
 /// How gradients are divided by a loss scale.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -837,19 +839,21 @@ const SUMSQ_LANES: usize = 32;
 /// One leaf: `sum(unscale(g)^2)` in f64, element `i` into accumulator
 /// `i % 32`, the accumulators then added in a fixed pairwise tree. Each
 /// accumulator sees the same operations in the same order whether or not the
-/// compiler vectorizes the loop, so every backend gives the same bits.
+/// compiler vectorizes the loop, so every backend gives the same bits. A
+/// half-precision gradient is widened first (exactly), so its sum is the sum
+/// of the widened `f32` values.
 #[inline(always)]
-fn sumsq_leaf(g: &[f32], unscale: Unscale) -> f64 {
+fn sumsq_leaf<E: Exact>(g: &[E], unscale: Unscale) -> f64 {
     let mut acc = [0f64; SUMSQ_LANES];
     let mut chunks = g.chunks_exact(SUMSQ_LANES);
     for c in &mut chunks {
         for (a, &x) in acc.iter_mut().zip(c) {
-            let x = f64::from(unscale.apply(x));
+            let x = f64::from(unscale.apply(x.exact()));
             *a += x * x;
         }
     }
     for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
-        let x = f64::from(unscale.apply(x));
+        let x = f64::from(unscale.apply(x.exact()));
         *a += x * x;
     }
     let mut w = SUMSQ_LANES;
@@ -864,17 +868,17 @@ fn sumsq_leaf(g: &[f32], unscale: Unscale) -> f64 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn sumsq_leaf_avx2(g: &[f32], unscale: Unscale) -> f64 {
+fn sumsq_leaf_avx2<E: Exact>(g: &[E], unscale: Unscale) -> f64 {
     sumsq_leaf(g, unscale)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn sumsq_leaf_avx512(g: &[f32], unscale: Unscale) -> f64 {
+fn sumsq_leaf_avx512<E: Exact>(g: &[E], unscale: Unscale) -> f64 {
     sumsq_leaf(g, unscale)
 }
 
-fn sumsq_leaf_on(backend: Backend, g: &[f32], unscale: Unscale) -> f64 {
+fn sumsq_leaf_on<E: Exact>(backend: Backend, g: &[E], unscale: Unscale) -> f64 {
     match backend {
         #[cfg(target_arch = "x86_64")]
         Backend::Avx2 if Backend::Avx2.is_available() => {
@@ -892,7 +896,7 @@ fn sumsq_leaf_on(backend: Backend, g: &[f32], unscale: Unscale) -> f64 {
 
 /// The tree over leaves: split at a multiple of [`NORM_BLOCK`] counted from
 /// the start, halves summed and added, on rayon when `parallel`.
-fn sumsq_tree(backend: Backend, g: &[f32], unscale: Unscale, parallel: bool) -> f64 {
+fn sumsq_tree<E: Exact>(backend: Backend, g: &[E], unscale: Unscale, parallel: bool) -> f64 {
     if g.len() <= NORM_BLOCK {
         return sumsq_leaf_on(backend, g, unscale);
     }
@@ -909,7 +913,7 @@ fn sumsq_tree(backend: Backend, g: &[f32], unscale: Unscale, parallel: bool) -> 
 /// `sum(unscale(g)^2)` in f64 with the plan's backend and threads; the same
 /// bits on every path. Infinite or NaN if any unscaled gradient is (f32
 /// squares cannot overflow f64, so a finite result means finite gradients).
-pub(crate) fn sum_of_squares(plan: &Plan, g: &[f32]) -> f64 {
+pub(crate) fn sum_of_squares<E: Exact>(plan: &Plan, g: &[E]) -> f64 {
     sumsq_tree(plan.backend, g, plan.unscale, plan.exec.chunk_for(g.len()).is_some())
 }
 

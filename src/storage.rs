@@ -714,6 +714,33 @@ impl Half for f16 {
     }
 }
 
+/// A gradient element type and its exact `f32` value.
+pub(crate) trait Exact: Copy + Send + Sync {
+    /// The value as `f32` (exact: every bf16 and f16 is an f32).
+    fn exact(self) -> f32;
+}
+
+impl Exact for f32 {
+    #[inline(always)]
+    fn exact(self) -> f32 {
+        self
+    }
+}
+
+impl Exact for bf16 {
+    #[inline(always)]
+    fn exact(self) -> f32 {
+        self.widen()
+    }
+}
+
+impl Exact for f16 {
+    #[inline(always)]
+    fn exact(self) -> f32 {
+        self.widen()
+    }
+}
+
 /// An element type a fused lane loop reads and writes in place: `f32` as
 /// it is, the 16-bit formats through their exact widening and their
 /// round-to-nearest-even narrowing.

@@ -369,3 +369,52 @@ fn one_step_is_within_one_storage_ulp_of_f64() {
         }
     }
 }
+
+/// The clipping norm of half-precision gradients: the sum of squares of the
+/// bf16/f16 values is, bit for bit, the f32 sum of squares of their
+/// widened values (which `clip` tests against a plain f64 sum), on every
+/// backend and split, across several 16K-element leaves; and it is
+/// non-finite exactly when a gradient is.
+#[test]
+fn half_gradient_sum_of_squares_is_the_widened_f32_one() {
+    let mut rng = Rng::new(41);
+    let n = 3 * (1 << 14) + 1234;
+    let x: Vec<f32> = rng.vec(n, 3.0);
+    let b: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+    let h: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+    let wb: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
+    let wh: Vec<f32> = h.iter().map(|v| v.to_f32()).collect();
+    // an independent value: a plain f64 sum of the widened squares
+    let plain: f64 = wb.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    for (path, exec) in paths() {
+        let sb = clip::sum_of_squares_mixed(Grads::Bf16(&b), &exec).unwrap();
+        let sh = clip::sum_of_squares_mixed(Grads::F16(&h), &exec).unwrap();
+        let sf = clip::sum_of_squares_mixed(Grads::F32(&x), &exec).unwrap();
+        assert_eq!(sb.to_bits(), clip::sum_of_squares(&wb, &exec).unwrap().to_bits(), "bf16 {path}");
+        assert_eq!(sh.to_bits(), clip::sum_of_squares(&wh, &exec).unwrap().to_bits(), "f16 {path}");
+        assert_eq!(sf.to_bits(), clip::sum_of_squares(&x, &exec).unwrap().to_bits(), "f32 {path}");
+        assert!((sb - plain).abs() <= 1e-12 * plain, "{sb} vs {plain}");
+    }
+    for bad in [f32::INFINITY, f32::NAN, f32::NEG_INFINITY] {
+        for at in [0, n / 2, n - 1] {
+            let mut b2 = b.clone();
+            b2[at] = bf16::from_f32(bad);
+            let mut h2 = h.clone();
+            h2[at] = f16::from_f32(bad);
+            for (path, exec) in paths() {
+                assert!(
+                    !clip::sum_of_squares_mixed(Grads::Bf16(&b2), &exec).unwrap().is_finite(),
+                    "{bad} at {at}, {path}"
+                );
+                assert!(
+                    !clip::sum_of_squares_mixed(Grads::F16(&h2), &exec).unwrap().is_finite(),
+                    "{bad} at {at}, {path}"
+                );
+            }
+        }
+    }
+    // the largest f16 squared, summed in f64: exact here
+    let big = vec![f16::MAX; 1000];
+    let s = clip::sum_of_squares_mixed(Grads::F16(&big), &Exec::auto()).unwrap();
+    assert_eq!(s, 1000.0 * 65504.0f64 * 65504.0);
+}
