@@ -448,19 +448,8 @@ pub fn sparse_adam_step_slices(
     exec: Exec,
 ) -> Result<StepReport, Error> {
     config.validate()?;
-    if t == 0 || t > crate::MAX_STEP {
-        return Err(Error::InvalidStep { step: t });
-    }
-    let n = table.len();
-    let rows = n.checked_div(dim).unwrap_or(0);
-    if rows * dim != n {
-        return Err(Error::LengthMismatch { what: "table", expected: rows * dim, actual: n });
-    }
-    for (what, len) in [("exp_avg", exp_avg.len()), ("exp_avg_sq", exp_avg_sq.len())] {
-        if len != n {
-            return Err(Error::LengthMismatch { what, expected: n, actual: len });
-        }
-    }
+    let rows =
+        check_caller_state(t, dim, table.len(), &[("exp_avg", exp_avg.len()), ("exp_avg_sq", exp_avg_sq.len())])?;
     let (mut steps, _) = RowSteps::new(rows, dim)?;
     steps.t = t - 1;
     steps.exec = exec;
@@ -548,6 +537,79 @@ struct SparseAdagradKernel {
     neg_clr: f32,
 }
 
+impl SparseAdagradKernel {
+    fn new(config: &crate::AdagradConfig, t: u64) -> Self {
+        SparseAdagradKernel { maximize: config.maximize, eps: config.eps as f32, neg_clr: config.neg_clr(t) }
+    }
+}
+
+/// The hyperparameters `torch.optim.Adagrad` accepts with sparse gradients.
+fn check_sparse_adagrad(config: &crate::AdagradConfig) -> Result<(), Error> {
+    crate::Algorithm::validate(config)?;
+    if config.weight_decay != 0.0 {
+        return Err(Error::InvalidHyperparameter {
+            name: "weight_decay",
+            value: config.weight_decay,
+            requirement: "0 with sparse gradients (as in torch)",
+        });
+    }
+    if config.eps_inside_sqrt {
+        return Err(Error::InvalidHyperparameter {
+            name: "eps_inside_sqrt",
+            value: 1.0,
+            requirement: "false for sparse gradients",
+        });
+    }
+    Ok(())
+}
+
+/// The step number and sizes a caller-owned sparse step is given: `t` in
+/// range, a table of whole rows, every state the table's size.
+fn check_caller_state(t: u64, dim: usize, n: usize, states: &[(&'static str, usize)]) -> Result<usize, Error> {
+    if t == 0 || t > crate::MAX_STEP {
+        return Err(Error::InvalidStep { step: t });
+    }
+    let rows = n.checked_div(dim).unwrap_or(0);
+    if rows * dim != n {
+        return Err(Error::LengthMismatch { what: "table", expected: rows * dim, actual: n });
+    }
+    for &(what, len) in states {
+        if len != n {
+            return Err(Error::LengthMismatch { what, expected: n, actual: len });
+        }
+    }
+    Ok(rows)
+}
+
+/// Step number `t` of `torch.optim.Adagrad` fed a sparse gradient, on a
+/// `table` of rows of `dim` elements with a caller-owned accumulator `sum`
+/// (the table's size): what [`SparseAdagrad::step`] runs, for callers that
+/// keep the state themselves (the Python package). Duplicate rows are summed
+/// first, as torch coalesces; the rows not named keep their values and
+/// state. The caller counts steps.
+///
+/// # Errors
+/// As [`sparse_adam_step_slices`], and the hyperparameters
+/// [`SparseAdagrad::new`] refuses (`weight_decay != 0`, as torch).
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_adagrad_step_slices(
+    config: &crate::AdagradConfig,
+    t: u64,
+    dim: usize,
+    table: &mut [f32],
+    sum: &mut [f32],
+    grad_rows: &[usize],
+    grad_values: &[f32],
+    exec: Exec,
+) -> Result<StepReport, Error> {
+    check_sparse_adagrad(config)?;
+    let rows = check_caller_state(t, dim, table.len(), &[("sum", sum.len())])?;
+    let (mut steps, _) = RowSteps::new(rows, dim)?;
+    steps.t = t - 1;
+    steps.exec = exec;
+    steps.run(&SparseAdagradKernel::new(config, t), table, grad_rows, grad_values, [sum])
+}
+
 impl Kernel<1> for SparseAdagradKernel {
     #[inline(always)]
     fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 1]) {
@@ -578,21 +640,7 @@ impl SparseAdagrad {
     /// Invalid hyperparameters; `weight_decay != 0` (torch: "weight_decay
     /// option is not compatible with sparse gradients"); `eps_inside_sqrt`.
     pub fn new(config: crate::AdagradConfig, rows: usize, dim: usize) -> Result<Self, Error> {
-        crate::Algorithm::validate(&config)?;
-        if config.weight_decay != 0.0 {
-            return Err(Error::InvalidHyperparameter {
-                name: "weight_decay",
-                value: config.weight_decay,
-                requirement: "0 with sparse gradients (as in torch)",
-            });
-        }
-        if config.eps_inside_sqrt {
-            return Err(Error::InvalidHyperparameter {
-                name: "eps_inside_sqrt",
-                value: 1.0,
-                requirement: "false for sparse gradients",
-            });
-        }
+        check_sparse_adagrad(&config)?;
         let (steps, n) = RowSteps::new(rows, dim)?;
         let sum = try_filled("sum", n, config.initial_accumulator_value as f32)?;
         Ok(SparseAdagrad { config, steps, sum })
@@ -604,12 +652,7 @@ impl SparseAdagrad {
     /// [`Error::LengthMismatch`] or [`Error::RowOutOfRange`] before anything is written.
     pub fn step(&mut self, table: &mut [f32], grad_rows: &[usize], grad_values: &[f32]) -> Result<StepReport, Error> {
         let t = crate::error::next_step(self.steps.t)?;
-        let k = SparseAdagradKernel {
-            maximize: self.config.maximize,
-            eps: self.config.eps as f32,
-            neg_clr: self.config.neg_clr(t),
-        };
-        self.steps.run(&k, table, grad_rows, grad_values, [&mut self.sum])
+        self.steps.run(&SparseAdagradKernel::new(&self.config, t), table, grad_rows, grad_values, [&mut self.sum])
     }
 
     /// The accumulator, `rows x dim`.

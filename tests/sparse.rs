@@ -217,3 +217,49 @@ fn sparse_adam_over_caller_owned_state_is_the_owning_step() {
     assert!(matches!(run(6, &[1, 2], &values, &mut m), Err(Error::LengthMismatch { .. })));
     assert_eq!((&t_bor, &m), (&t0, &m0));
 }
+
+#[test]
+fn sparse_adagrad_over_caller_owned_state_is_the_owning_step() {
+    use adaoptim::sparse::sparse_adagrad_step_slices;
+    let (rows, dim) = (9, 5);
+    let cfg = AdagradConfig {
+        lr: 0.05,
+        lr_decay: 0.01,
+        initial_accumulator_value: 0.1,
+        maximize: true,
+        ..Default::default()
+    };
+    let mut rng = Rng::new(22);
+    let mut t_own = rng.vec(rows * dim, 1.0);
+    let mut t_bor = t_own.clone();
+    let mut sum = vec![0.1f32; rows * dim];
+    let mut own = SparseAdagrad::new(cfg, rows, dim).unwrap();
+    for t in 1..=5u64 {
+        let grad_rows = [t as usize % rows, 3, (2 * t as usize) % rows, 3];
+        let values = rng.vec(grad_rows.len() * dim, 1.0);
+        own.step(&mut t_own, &grad_rows, &values).unwrap();
+        sparse_adagrad_step_slices(&cfg, t, dim, &mut t_bor, &mut sum, &grad_rows, &values, Exec::auto()).unwrap();
+        assert_same_bits("table", &t_bor, &t_own);
+        assert_same_bits("sum", &sum, own.sum());
+    }
+    // Errors before any write.
+    let (t0, s0) = (t_bor.clone(), sum.clone());
+    let values = vec![1.0f32; dim];
+    let run = |cfg: &AdagradConfig, t, rows_: &[usize], vals: &[f32], table: &mut [f32], sum: &mut [f32]| {
+        sparse_adagrad_step_slices(cfg, t, dim, table, sum, rows_, vals, Exec::auto())
+    };
+    let mut tb = t_bor.clone();
+    assert_eq!(run(&cfg, 0, &[1], &values, &mut tb, &mut sum), Err(Error::InvalidStep { step: 0 }));
+    assert_eq!(run(&cfg, 6, &[rows], &values, &mut tb, &mut sum), Err(Error::RowOutOfRange { row: rows, rows }));
+    assert!(matches!(
+        run(&cfg, 6, &[1], &values, &mut tb, &mut sum[..10]),
+        Err(Error::LengthMismatch { what: "sum", .. })
+    ));
+    assert!(matches!(run(&cfg, 6, &[1, 2], &values, &mut tb, &mut sum), Err(Error::LengthMismatch { .. })));
+    let wd = AdagradConfig { weight_decay: 0.1, ..cfg };
+    assert!(matches!(
+        run(&wd, 6, &[1], &values, &mut tb, &mut sum),
+        Err(Error::InvalidHyperparameter { name: "weight_decay", .. })
+    ));
+    assert_eq!((&tb, &sum), (&t0, &s0));
+}

@@ -81,6 +81,32 @@ def _check_tensor(t, what, where, shape):
         raise ValueError(f"{where}: {what} has shape {tuple(t.shape)}, the parameter {tuple(shape)}")
 
 
+def _sparse_rows(p, g, where):
+    """Checks a sparse COO gradient against its parameter and returns its
+    elements per row, row indices (int64, over the sparse dimensions,
+    row-major) and values, coalesced and contiguous."""
+    _check_tensor(p, "the parameter", where, None)
+    if g.shape != p.shape:
+        raise ValueError(f"{where}: its gradient has shape {tuple(g.shape)}, the parameter {tuple(p.shape)}")
+    if g.device.type != "cpu" or g.dtype != _F32:
+        raise TypeError(f"{where}: its gradient must be a float32 CPU tensor, not {g.dtype} on {g.device}")
+    g = g.coalesce()
+    sd = g.sparse_dim()
+    idx, vals = g._indices(), g._values()
+    dim = 1
+    for d in p.shape[sd:]:
+        dim *= d
+    rows = torch.zeros(idx.shape[1], dtype=torch.int64)
+    for k in range(sd):
+        rows = rows * p.shape[k] + idx[k]
+    rows = rows.contiguous()
+    vals = vals.contiguous()
+    n_rows = p.numel() // dim if dim else 0
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n_rows):
+        raise ValueError(f"{where}: its gradient names a row outside the parameter's {n_rows} rows")
+    return dim, rows, vals
+
+
 def _closure_loss(closure):
     """What ``step(closure)`` returns: the closure's loss, computed with gradients on."""
     if closure is None:
@@ -166,6 +192,7 @@ class _RustStep:
             cache.clear()
             self._adaoptim_state_obj = self.state
         groups = []
+        sparse = []  # (group index, options, p, g, where): parameters with sparse gradients
         pending = []  # (group slot, p, g, where, layout): checked, then given state, after the loop
         for gi, group in enumerate(self.param_groups):
             text, layout = self._adaoptim_options(group, gi)
@@ -174,6 +201,9 @@ class _RustStep:
             for i, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
+                    continue
+                if g.layout is not _STRIDED and self._adaoptim_sparse is not None:
+                    sparse.append((gi, text, p, g, _where(i, gi)))
                     continue
                 # The fast checks (torch itself keeps a gradient on its
                 # parameter's device); the slow path names what is wrong.
@@ -200,10 +230,17 @@ class _RustStep:
                 flat.append(g.data_ptr())
                 flat.extend(entry[3])
             groups.append((text, flat))
+        # Every check (of both kinds of gradient) before anything changes.
+        sparse_work = self._adaoptim_sparse_check(sparse) if sparse else None
         if pending:
             self._adaoptim_prepare(pending, groups, cache)
         _core.step(self._adaoptim_class, groups)
+        if sparse_work:
+            self._adaoptim_sparse_run(sparse_work)
         return loss
+
+    # The class's step for sparse gradients, if it takes them (Adagrad).
+    _adaoptim_sparse = None
 
     def _adaoptim_prepare(self, pending, groups, cache):
         """Checks, then creates state for and caches the parameters seen for
@@ -295,7 +332,55 @@ def _make(base, class_name, doc_extra=""):
 
 SGD = _make(torch.optim.SGD, "SGD")
 SGD._adaoptim_has_step = False  # torch's SGD state is momentum_buffer alone
-Adagrad = _make(torch.optim.Adagrad, "Adagrad")
+Adagrad = _make(
+    torch.optim.Adagrad,
+    "Adagrad",
+    "\n\n    Sparse COO gradients (an ``nn.Embedding(..., sparse=True)`` gives them)\n"
+    "    take torch's sparse update: only the rows they name change (their\n"
+    "    ``sum`` and values), with the step's decayed lr; ``weight_decay`` must be\n"
+    "    0 then, as in torch. Dense and sparse gradients mix in one step.",
+)
+
+
+def _adagrad_sparse_check(self, sparse):
+    """Checks the parameters with sparse gradients (options, tensors, rows,
+    state); returns their work for ``_adaoptim_sparse_run``."""
+    by_group = {}
+    for gi, text, p, g, where in sparse:
+        if gi not in by_group:
+            _core.sparse_adagrad_check(text)
+            by_group[gi] = (text, [])
+        dim, rows, vals = _sparse_rows(p, g, where)
+        st = self.state.get(p)
+        if not st or "sum" not in st or "step" not in st:
+            raise ValueError(f"{where}: state has no 'sum' and 'step' (torch's Adagrad creates them)")
+        _check_tensor(st["sum"], "state 'sum'", where, p.shape)
+        if not _scalar_ok(st["step"]):
+            raise TypeError(f"{where}: state 'step' must be a 0-d float32 CPU tensor")
+        by_group[gi][1].append((p, dim, rows, vals, st))
+    _check_no_overlap(p for grp in self.param_groups for p in grp["params"])
+    return list(by_group.values())
+
+
+def _adagrad_sparse_run(self, work):
+    groups, keep, counted = [], [], []
+    for text, items in work:
+        tensors = []
+        for p, dim, rows, vals, st in items:
+            t = int(st["step"].item()) + 1
+            ptrs = [p.data_ptr(), st["sum"].data_ptr(), 0]
+            tensors.append((dim, p.numel(), ptrs, t, rows.data_ptr(), rows.numel(), vals.data_ptr()))
+            keep.append((rows, vals))
+            counted.append((st, t))
+        groups.append((text, tensors))
+    _core.sparse_adagrad_step(groups)
+    for st, t in counted:
+        st["step"].fill_(float(t))
+
+
+Adagrad._adaoptim_sparse = True
+Adagrad._adaoptim_sparse_check = _adagrad_sparse_check
+Adagrad._adaoptim_sparse_run = _adagrad_sparse_run
 RMSprop = _make(torch.optim.RMSprop, "RMSprop")
 Adadelta = _make(torch.optim.Adadelta, "Adadelta")
 Adam = _make(torch.optim.Adam, "Adam")
@@ -443,28 +528,7 @@ class SparseAdam(_OwnGroups, torch.optim.SparseAdam):
                 where = _where(i, gi)
                 if not g.is_sparse:
                     raise RuntimeError("SparseAdam does not support dense gradients, please consider Adam instead")
-                _check_tensor(p, "the parameter", where, None)
-                if g.shape != p.shape:
-                    raise ValueError(
-                        f"{where}: its gradient has shape {tuple(g.shape)}, the parameter {tuple(p.shape)}"
-                    )
-                if g.device.type != "cpu" or g.dtype != _F32:
-                    raise TypeError(f"{where}: its gradient must be a float32 CPU tensor, not {g.dtype} on {g.device}")
-                g = g.coalesce()
-                sd = g.sparse_dim()
-                idx, vals = g._indices(), g._values()
-                dim = 1
-                for d in p.shape[sd:]:
-                    dim *= d
-                # Row index over the sparse dimensions, row-major.
-                rows = torch.zeros(idx.shape[1], dtype=torch.int64)
-                for k in range(sd):
-                    rows = rows * p.shape[k] + idx[k]
-                rows = rows.contiguous()
-                vals = vals.contiguous()
-                n_rows = p.numel() // dim if dim else 0
-                if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n_rows):
-                    raise ValueError(f"{where}: its gradient names a row outside the parameter's {n_rows} rows")
+                dim, rows, vals = _sparse_rows(p, g, where)
                 st = self.state.get(p)
                 if st:
                     for name in ("exp_avg", "exp_avg_sq"):

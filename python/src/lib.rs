@@ -355,6 +355,13 @@ fn sparse_adam_check(options: &str) -> PyResult<()> {
     sparse_adam_config(options).map(|_| ())
 }
 
+/// The optimizer of a sparse step: its config, parsed from a group's JSON.
+#[derive(Clone, Copy)]
+enum SparseConfig {
+    Adam(SparseAdamConfig),
+    Adagrad(adaoptim::AdagradConfig),
+}
+
 /// One `torch.optim.SparseAdam` step of every tensor of every group (per
 /// group its keyword JSON and its tensors, see [`SparseTensor`]). Every
 /// hyperparameter, step number and row index is checked before any memory
@@ -367,8 +374,44 @@ fn sparse_adam_check(options: &str) -> PyResult<()> {
 /// and none is touched by another thread during the call.
 #[pyfunction]
 fn sparse_adam_step(py: Python<'_>, groups: Vec<(String, Vec<SparseTensor>)>) -> PyResult<()> {
+    sparse_step(py, groups, |options| sparse_adam_config(options).map(SparseConfig::Adam))
+}
+
+/// Checks the torch keyword JSON of an `Adagrad` group stepped with sparse
+/// gradients (`ValueError` naming the field; a nonzero `weight_decay` gets
+/// torch's message).
+#[pyfunction]
+fn sparse_adagrad_check(options: &str) -> PyResult<()> {
+    sparse_adagrad_config(options).map(|_| ())
+}
+
+fn sparse_adagrad_config(options: &str) -> PyResult<SparseConfig> {
+    match config("Adagrad", options)? {
+        AnyConfig::Adagrad(c) if c.weight_decay != 0.0 => {
+            Err(PyRuntimeError::new_err("weight_decay option is not compatible with sparse gradients"))
+        }
+        AnyConfig::Adagrad(c) => Ok(SparseConfig::Adagrad(c)),
+        _ => Err(PyRuntimeError::new_err("internal: Adagrad options parsed as another class")),
+    }
+}
+
+/// [`sparse_adam_step`] for `torch.optim.Adagrad` with sparse gradients: the
+/// same tensors, the first state pointer the accumulator `sum` (the others
+/// 0).
+#[pyfunction]
+fn sparse_adagrad_step(py: Python<'_>, groups: Vec<(String, Vec<SparseTensor>)>) -> PyResult<()> {
+    sparse_step(py, groups, sparse_adagrad_config)
+}
+
+/// The sparse step of either class: check everything, then run every
+/// tensor in parallel with the GIL released (see [`sparse_adam_step`]).
+fn sparse_step(
+    py: Python<'_>,
+    groups: Vec<(String, Vec<SparseTensor>)>,
+    parse: impl Fn(&str) -> PyResult<SparseConfig>,
+) -> PyResult<()> {
     struct Work {
-        cfg: SparseAdamConfig,
+        cfg: SparseConfig,
         t: u64,
         dim: usize,
         p: &'static mut [f32],
@@ -379,14 +422,18 @@ fn sparse_adam_step(py: Python<'_>, groups: Vec<(String, Vec<SparseTensor>)>) ->
     }
     let mut work = Vec::new();
     for (options, tensors) in &groups {
-        let cfg = sparse_adam_config(options)?;
+        let cfg = parse(options)?;
+        let states = match cfg {
+            SparseConfig::Adam(_) => 2,
+            SparseConfig::Adagrad(_) => 1,
+        };
         for &(dim, n, [p_ptr, m_ptr, v_ptr], t, rows_ptr, nnz, values_ptr) in tensors {
             if t == 0 || t > MAX_STEP {
                 return Err(PyValueError::new_err(format!("step count {} is out of range", t.saturating_sub(1))));
             }
             let table_rows = n.checked_div(dim).unwrap_or(0);
             let values_len = nnz.checked_mul(dim).ok_or_else(|| PyValueError::new_err("gradient too large"))?;
-            if (n > 0 && [p_ptr, m_ptr, v_ptr].contains(&0))
+            if (n > 0 && [p_ptr, m_ptr, v_ptr][..=states].contains(&0))
                 || (nnz > 0 && rows_ptr == 0)
                 || (values_len > 0 && values_ptr == 0)
             {
@@ -402,7 +449,9 @@ fn sparse_adam_step(py: Python<'_>, groups: Vec<(String, Vec<SparseTensor>)>) ->
                 rows.push(r as usize);
             }
             let dangling = std::ptr::NonNull::<f32>::dangling().as_ptr() as usize;
-            let at = |ptr: usize, len: usize| if len == 0 { dangling } else { ptr };
+            let at = |ptr: usize, len: usize| if len == 0 || ptr == 0 { dangling } else { ptr };
+            // The second state of Adagrad is absent: an empty slice.
+            let v_len = if states == 2 { n } else { 0 };
             // SAFETY: each pointer addresses the stated number of float32 of a
             // live tensor no written one overlaps (contract above); the
             // `'static` slices are dropped before this call returns.
@@ -413,7 +462,7 @@ fn sparse_adam_step(py: Python<'_>, groups: Vec<(String, Vec<SparseTensor>)>) ->
                     dim,
                     p: std::slice::from_raw_parts_mut(at(p_ptr, n) as *mut f32, n),
                     m: std::slice::from_raw_parts_mut(at(m_ptr, n) as *mut f32, n),
-                    v: std::slice::from_raw_parts_mut(at(v_ptr, n) as *mut f32, n),
+                    v: std::slice::from_raw_parts_mut(at(v_ptr, v_len) as *mut f32, v_len),
                     rows,
                     values: std::slice::from_raw_parts(at(values_ptr, values_len) as *const f32, values_len),
                 }
@@ -424,17 +473,29 @@ fn sparse_adam_step(py: Python<'_>, groups: Vec<(String, Vec<SparseTensor>)>) ->
     let pool = POOL.read().unwrap_or_else(|e| e.into_inner()).clone();
     let run = |work: &mut Vec<Work>| -> Result<(), String> {
         work.par_iter_mut().try_for_each(|w| {
-            sparse::sparse_adam_step_slices(
-                &w.cfg,
-                w.t,
-                w.dim,
-                &mut *w.p,
-                &mut *w.m,
-                &mut *w.v,
-                &w.rows,
-                w.values,
-                Exec::auto(),
-            )
+            match &w.cfg {
+                SparseConfig::Adam(cfg) => sparse::sparse_adam_step_slices(
+                    cfg,
+                    w.t,
+                    w.dim,
+                    &mut *w.p,
+                    &mut *w.m,
+                    &mut *w.v,
+                    &w.rows,
+                    w.values,
+                    Exec::auto(),
+                ),
+                SparseConfig::Adagrad(cfg) => sparse::sparse_adagrad_step_slices(
+                    cfg,
+                    w.t,
+                    w.dim,
+                    &mut *w.p,
+                    &mut *w.m,
+                    &w.rows,
+                    w.values,
+                    Exec::auto(),
+                ),
+            }
             .map(|_| ())
             .map_err(|e| e.to_string())
         })
@@ -460,6 +521,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(adafactor_step, m)?)?;
     m.add_function(wrap_pyfunction!(sparse_adam_check, m)?)?;
     m.add_function(wrap_pyfunction!(sparse_adam_step, m)?)?;
+    m.add_function(wrap_pyfunction!(sparse_adagrad_check, m)?)?;
+    m.add_function(wrap_pyfunction!(sparse_adagrad_step, m)?)?;
     m.add("STRIDE", STRIDE)?;
     m.add("MAX_STATE", MAX_STATE)?;
     m.add("MAX_AUX", MAX_AUX)?;

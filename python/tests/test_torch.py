@@ -484,27 +484,34 @@ def test_sparse_adam_matches_torch(kwargs):
         close(sb["exp_avg_sq"], sa["exp_avg_sq"], "exp_avg_sq")
 
 
-def test_sparse_adam_embedding_and_state_dict_both_ways():
-    torch.manual_seed(0)
+def sparse_embedding_both_ways(name, seed, **kwargs):
+    """An nn.Embedding(sparse=True) trained 4 steps by one library's `name`,
+    its state_dict loaded into the other's, 4 more steps on both: the same
+    weights either way round."""
+    torch.manual_seed(seed)
     for first, second in [(torch.optim, ada), (ada, torch.optim)]:
         emb = torch.nn.Embedding(40, 6, sparse=True)
         emb2 = torch.nn.Embedding(40, 6, sparse=True)
-        emb2.load_state_dict(emb.state_dict())
-        o1 = first.SparseAdam(emb.parameters(), lr=0.02)
+        o1 = getattr(first, name)(emb.parameters(), **kwargs)
         batches = [torch.randint(0, 40, (12,)) for _ in range(8)]
         for x in batches[:4]:
             o1.zero_grad()
             emb(x).pow(2).sum().backward()
             o1.step()
         emb2.load_state_dict(emb.state_dict())
-        o2 = second.SparseAdam(emb2.parameters(), lr=0.02)
+        o2 = getattr(second, name)(emb2.parameters(), **kwargs)
         o2.load_state_dict(copy.deepcopy(o1.state_dict()))
         for x in batches[4:]:
             for e, o in ((emb, o1), (emb2, o2)):
                 o.zero_grad()
                 e(x).pow(2).sum().backward()
                 o.step()
-        close(emb2.weight.detach(), emb.weight.detach(), f"{first.__name__} -> {second.__name__}")
+        close(emb2.weight.detach(), emb.weight.detach(), f"{name}: {first.__name__} -> {second.__name__}")
+        assert float(o2.state[emb2.weight]["step"]) == 8
+
+
+def test_sparse_adam_embedding_and_state_dict_both_ways():
+    sparse_embedding_both_ways("SparseAdam", 0, lr=0.02)
 
 
 def test_sparse_adam_bad_inputs_change_nothing():
@@ -525,3 +532,61 @@ def test_sparse_adam_bad_inputs_change_nothing():
     assert "lr" in unchanged_after(opt, [a, b], opt.step, ValueError)
     with pytest.raises(ValueError, match="Invalid learning rate"):
         ada.SparseAdam([torch.nn.Parameter(torch.ones(2, 2))], lr=-1)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"lr": 0.05, "lr_decay": 0.01}, {"lr": 0.02, "initial_accumulator_value": 0.1, "eps": 1e-6, "maximize": True}],
+    ids=str,
+)
+def test_adagrad_sparse_gradients_match_torch(kwargs):
+    """Sparse gradients take torch's sparse Adagrad update; a dense-gradient
+    parameter in the same optimizer takes the dense one, in the same step."""
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(50, 8), (20, 3), (7,)]
+    ref = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    o_ref, o_ours = torch.optim.Adagrad(ref, **kwargs), ada.Adagrad(ours, **kwargs)
+    for t in range(15):
+        for a, b in zip(ref, ours):
+            if a.dim() == 2:
+                rows = torch.randint(0, a.shape[0], (6,), generator=gen).tolist() + [t % a.shape[0]] * 2
+                g = sparse_grad(a.shape, rows, gen)
+            else:
+                g = torch.randn(a.shape, generator=gen)
+            a.grad, b.grad = g.clone(), g.clone()
+        o_ref.step()
+        o_ours.step()
+    for i, (a, b) in enumerate(zip(ref, ours)):
+        close(b.detach(), a.detach(), f"Adagrad {kwargs} tensor {i}")
+        sa, sb = o_ref.state[a], o_ours.state[b]
+        assert float(sa["step"]) == float(sb["step"]) == 15
+        close(sb["sum"], sa["sum"], "sum")
+
+
+def test_adagrad_sparse_embedding_state_dict_both_ways():
+    sparse_embedding_both_ways("Adagrad", 1, lr=0.05, lr_decay=0.001)
+
+
+def test_adagrad_sparse_bad_inputs_change_nothing():
+    gen = torch.Generator().manual_seed(3)
+    a = torch.nn.Parameter(torch.randn(10, 4))
+    b = torch.nn.Parameter(torch.randn(6, 4))
+    c = torch.nn.Parameter(torch.randn(5))
+    opt = ada.Adagrad([a, b, c])
+    a.grad = sparse_grad(a.shape, [1, 2], gen)
+    c.grad = torch.randn(5)
+    b.grad = torch.sparse_coo_tensor(torch.tensor([[7]]), torch.randn(1, 4), (6, 4), check_invariants=False)
+    # nothing changes, the dense parameter included
+    assert "outside" in unchanged_after(opt, [a, b, c], opt.step, ValueError)
+    assert all(float(opt.state[p]["step"]) == 0 for p in (a, b, c))
+    b.grad = sparse_grad(b.shape, [0, 5], gen)
+    opt.param_groups[0]["lr"] = -1.0
+    assert "lr" in unchanged_after(opt, [a, b, c], opt.step, ValueError)
+    opt.param_groups[0]["lr"] = 0.01
+    opt.step()
+    assert all(float(opt.state[p]["step"]) == 1 for p in (a, b, c))
+    opt.param_groups[0]["weight_decay"] = 0.1
+    with pytest.raises(RuntimeError, match="weight_decay option is not compatible with sparse gradients"):
+        opt.step()
+    assert all(float(opt.state[p]["step"]) == 1 for p in (a, b, c))
