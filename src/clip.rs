@@ -19,7 +19,7 @@
 //!
 //! [`NonFinitePolicy::SkipStep`]: crate::NonFinitePolicy::SkipStep
 
-use crate::driver::{Plan, sum_of_squares as tree_sum};
+use crate::driver::{Plan, Unscale, sum_of_squares as tree_sum};
 use crate::storage::Grads;
 use crate::{Error, Exec};
 
@@ -52,6 +52,21 @@ pub fn sum_of_squares_mixed(grads: Grads<'_>, exec: &Exec) -> Result<f64, Error>
         Grads::Bf16(g) => tree_sum(&plan, g),
         Grads::F16(g) => tree_sum(&plan, g),
     })
+}
+
+/// [`sum_of_squares`] of `grads` divided by a loss scale first (each
+/// gradient unscaled in `f32` as the step unscales it, then squared in f64):
+/// the norm an [`Optimizer`](crate::Optimizer) with that `grad_scale` clips
+/// by, for callers that run the pieces themselves (the Python package).
+///
+/// # Errors
+/// [`Error::InvalidHyperparameter`] for a `grad_scale` that is zero or not
+/// finite; [`Error::BackendUnavailable`] for a forced backend this CPU lacks.
+pub fn sum_of_squares_unscaled(grads: &[f32], grad_scale: Option<f32>, exec: &Exec) -> Result<f64, Error> {
+    crate::optim::check_grad_scale(grad_scale)?;
+    let mut plan = Plan::new(exec)?;
+    plan.unscale = Unscale::new(grad_scale);
+    Ok(tree_sum(&plan, grads))
 }
 
 /// The L2 norm of `grads`: `sqrt(`[`sum_of_squares`]`)`. NaN or infinite if

@@ -14,9 +14,18 @@ checked first: a parameter, gradient or state tensor that is not on the CPU,
 not contiguous or not float32, or a gradient of another shape, raises
 ``TypeError``/``ValueError`` naming the parameter before anything is modified.
 Parameters whose ``.grad`` is ``None`` are skipped, as torch skips them.
+
+The element-wise classes take three keyword-only options beyond torch's,
+also attributes a loop may change between steps: ``grad_scale`` (a loss
+scale divided out of every gradient), ``max_grad_norm`` (clipping by the
+global L2 norm, torch's ``clip_grad_norm_`` factor) and ``skip_non_finite``
+(a NaN or infinite gradient anywhere skips the whole step, as
+``GradScaler`` skips it; ``last_step_skipped`` tells). They run inside the
+one Rust pass: one read of the gradients for the norm, none written.
 """
 
 import json
+import math
 
 import torch
 
@@ -158,7 +167,18 @@ class _RustStep:
 
     _adaoptim_class = None  # the torch class name the Rust core knows
 
-    def _adaoptim_setup(self):
+    def _adaoptim_setup(self, grad_scale=None, max_grad_norm=None, skip_non_finite=False):
+        # The fused controls (keyword-only constructor options beyond torch's,
+        # attributes a training loop may change between steps): divide every
+        # gradient by `grad_scale`, clip by the global norm `max_grad_norm`
+        # (torch's `clip_grad_norm_` factor), skip the whole step when a
+        # gradient is NaN or infinite (`skip_non_finite`, as GradScaler
+        # skips it) -- all inside the one Rust pass.
+        self.grad_scale = grad_scale
+        self.max_grad_norm = max_grad_norm
+        self.skip_non_finite = bool(skip_non_finite)
+        self.last_step_skipped = False
+        _check_controls(self)
         self._adaoptim_names = set(_core.option_names(self._adaoptim_class))
         self._adaoptim_layouts = {}
         for gi, group in enumerate(self.param_groups):
@@ -231,10 +251,13 @@ class _RustStep:
                 flat.extend(entry[3])
             groups.append((text, flat))
         # Every check (of both kinds of gradient) before anything changes.
+        controls = _check_controls(self)
+        if sparse and controls != (None, None, False):
+            raise ValueError("grad_scale, max_grad_norm and skip_non_finite take dense gradients only")
         sparse_work = self._adaoptim_sparse_check(sparse) if sparse else None
         if pending:
             self._adaoptim_prepare(pending, groups, cache)
-        _core.step(self._adaoptim_class, groups)
+        self.last_step_skipped = not _core.step(self._adaoptim_class, groups, *controls)
         if sparse_work:
             self._adaoptim_sparse_run(sparse_work)
         return loss
@@ -304,6 +327,20 @@ class _RustStep:
         return first
 
 
+def _check_controls(opt):
+    """The fused controls of `opt`, checked: (grad_scale, max_grad_norm, skip_non_finite)."""
+    scale, norm = opt.grad_scale, opt.max_grad_norm
+    if scale is not None:
+        scale = float(_plain(scale))
+        if not (math.isfinite(scale) and scale != 0.0):
+            raise ValueError(f"Invalid grad_scale: {scale} (finite and nonzero)")
+    if norm is not None:
+        norm = float(_plain(norm))
+        if not (math.isfinite(norm) and norm > 0.0):
+            raise ValueError(f"Invalid max_grad_norm: {norm} (finite and > 0)")
+    return scale, norm, bool(opt.skip_non_finite)
+
+
 def _scalar_ok(s):
     return (
         torch.is_tensor(s) and s.dtype == torch.float32 and s.device.type == "cpu" and s.numel() == 1 and s.dim() == 0
@@ -321,9 +358,9 @@ def _make(base, class_name, doc_extra=""):
         },
     )
 
-    def __init__(self, params, *args, **kwargs):
+    def __init__(self, params, *args, grad_scale=None, max_grad_norm=None, skip_non_finite=False, **kwargs):
         base.__init__(self, params, *args, **kwargs)
-        self._adaoptim_setup()
+        self._adaoptim_setup(grad_scale, max_grad_norm, skip_non_finite)
 
     __init__.__doc__ = base.__init__.__doc__
     cls.__init__ = __init__
@@ -398,13 +435,23 @@ class Lion(_RustStep, torch.optim.Optimizer):
     _adaoptim_class = "Lion"
     _adaoptim_has_step = False  # lion-pytorch keeps exp_avg alone
 
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0):
+    def __init__(
+        self,
+        params,
+        lr=1e-4,
+        betas=(0.9, 0.99),
+        weight_decay=0.0,
+        *,
+        grad_scale=None,
+        max_grad_norm=None,
+        skip_non_finite=False,
+    ):
         if not lr > 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not all(0.0 <= b <= 1.0 for b in betas):
             raise ValueError(f"Invalid beta parameters: {betas}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
-        self._adaoptim_setup()
+        self._adaoptim_setup(grad_scale, max_grad_norm, skip_non_finite)
 
 
 class Adafactor(_OwnGroups, torch.optim.Adafactor):

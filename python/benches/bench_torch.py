@@ -8,7 +8,10 @@ tensors, params, threads, ms_per_step, gparams_per_s), then the ratios and
 the Python-side overhead per step() call (the same call with empty tensors:
 what a step costs beyond the arithmetic).
 
-Run: python3 python/benches/bench_torch.py --threads 2 [--cases w64,w256,64M] [--rounds 7]
+Run: python3 python/benches/bench_torch.py --threads 2 [--cases w64,w256,64M] [--rounds 7] [--clip 1.0]
+(--clip: every implementation clips by that global norm; ours inside the step
+with ``max_grad_norm``, beside ours and torch's fused AdamW after
+``clip_grad_norm_``).
 """
 
 import argparse
@@ -41,7 +44,28 @@ def case_shapes(case):
     raise SystemExit(f"unknown case {case}")
 
 
-def make_opts(params, threads):
+class ClipThenStep:
+    """torch's clipping as a training loop writes it: clip_grad_norm_ then step."""
+
+    def __init__(self, params, opt, max_norm):
+        self.params, self.opt, self.max_norm = params, opt, max_norm
+
+    def step(self):
+        torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        self.opt.step()
+
+
+def make_opts(params, threads, clip=None):
+    if clip is not None:
+        # Clipping by the global norm: ours fused into the step, against
+        # clip_grad_norm_ + step (ours and torch's).
+        return {
+            "adaoptim": ada.AdamW(params, lr=1e-3, weight_decay=0.01, max_grad_norm=clip),
+            "adaoptim+clip_grad_norm_": ClipThenStep(params, ada.AdamW(params, lr=1e-3, weight_decay=0.01), clip),
+            "torch-fused": ClipThenStep(
+                params, torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=True), clip
+            ),
+        }
     opts = {
         "adaoptim": ada.AdamW(params, lr=1e-3, weight_decay=0.01),
         "torch-fused": torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=True),
@@ -76,6 +100,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cases", default="w64,w256,64M")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument(
+        "--clip", type=float, default=None, help="clip by this global norm (ours fused, vs clip_grad_norm_)"
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     ada.set_num_threads(a.threads)
@@ -86,7 +113,7 @@ def main():
         for p in ps:
             p.grad = torch.randn_like(p) * 0.01
         n = sum(p.numel() for p in ps)
-        opts = make_opts(ps, a.threads)
+        opts = make_opts(ps, a.threads, None if case == "empty194" else a.clip)
         if case == "empty194":
             opts = {"adaoptim": opts["adaoptim"], "torch-fused": opts["torch-fused"]}
         for o in opts.values():

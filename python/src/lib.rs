@@ -13,7 +13,7 @@ use std::sync::{Arc, RwLock};
 
 use adaoptim::adafactor::{self, AdafactorConfig, AdafactorState};
 use adaoptim::sparse::{self, SparseAdamConfig};
-use adaoptim::{AnyConfig, AuxState, Backend, Exec, MAX_AUX, MAX_STATE, MAX_STEP, StepOptions};
+use adaoptim::{AnyConfig, AuxState, Backend, Exec, MAX_AUX, MAX_STATE, MAX_STEP, StepOptions, clip};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use rayon::prelude::*;
@@ -120,8 +120,30 @@ struct Piece {
 /// tensors overlap, and none is touched by another thread during the call.
 /// `adaoptim.torch` checks all of this before calling; this module is
 /// private (`_core`).
+///
+/// The fused controls (the Python constructor's options): `grad_scale`
+/// divides every gradient by a loss scale inside the step; `max_norm` clips
+/// by the global L2 norm of all the (unscaled) gradients, torch's
+/// `clip_grad_norm_` factor multiplied in inside the step; with
+/// `skip_non_finite`, a NaN or infinite gradient anywhere skips the whole
+/// step (nothing written, steps not counted), as `GradScaler` skips it.
+/// Returns whether the step ran.
 #[pyfunction]
-fn step(py: Python<'_>, class: &str, groups: Vec<(String, Vec<usize>)>) -> PyResult<()> {
+#[pyo3(signature = (class, groups, grad_scale=None, max_norm=None, skip_non_finite=false))]
+fn step(
+    py: Python<'_>,
+    class: &str,
+    groups: Vec<(String, Vec<usize>)>,
+    grad_scale: Option<f32>,
+    max_norm: Option<f64>,
+    skip_non_finite: bool,
+) -> PyResult<bool> {
+    if let Some(s) = grad_scale.filter(|s| !(s.is_finite() && *s != 0.0)) {
+        return Err(PyValueError::new_err(format!("grad_scale {s} must be finite and nonzero")));
+    }
+    if let Some(m) = max_norm.filter(|m| !(m.is_finite() && *m > 0.0)) {
+        return Err(PyValueError::new_err(format!("max_grad_norm {m} must be finite and > 0")));
+    }
     let mut configs = Vec::with_capacity(groups.len());
     let mut pieces: Vec<Piece> = Vec::new();
     // Where each tensor writes back: (step pointer, aux pointers, aux count).
@@ -194,8 +216,35 @@ fn step(py: Python<'_>, class: &str, groups: Vec<(String, Vec<usize>)>) -> PyRes
         configs.push(cfg);
     }
     let pool = POOL.read().unwrap_or_else(|e| e.into_inner()).clone();
-    let serial = StepOptions { exec: Exec::serial(Backend::best()), ..StepOptions::default() };
-    let parallel = StepOptions { exec: Exec::parallel(Backend::best(), 0), ..StepOptions::default() };
+    // The global sum of squares when clipping or guarding: per piece (each
+    // over the crate's fixed tree), then the pieces in order, so the bits do
+    // not depend on the thread count.
+    let mut clip_coef = None;
+    if max_norm.is_some() || skip_non_finite {
+        let sums = py.detach(|| {
+            let each = || -> Result<Vec<f64>, String> {
+                pieces
+                    .par_iter()
+                    .map(|pc| {
+                        let exec = if pc.big { Exec::parallel(Backend::best(), 0) } else { Exec::serial(Backend::best()) };
+                        clip::sum_of_squares_unscaled(pc.g, grad_scale, &exec).map_err(|e| e.to_string())
+                    })
+                    .collect()
+            };
+            match &pool {
+                Some(pool) => pool.install(each),
+                None => each(),
+            }
+        });
+        let total: f64 = sums.map_err(PyRuntimeError::new_err)?.iter().sum();
+        if skip_non_finite && !total.is_finite() {
+            return Ok(false);
+        }
+        // A factor of 1 changes no bits; skip the multiply, as the crate does.
+        clip_coef = max_norm.map(|m| clip::clip_coef(total.sqrt(), m)).filter(|&c| c != 1.0);
+    }
+    let serial = StepOptions { exec: Exec::serial(Backend::best()), grad_scale, clip_coef };
+    let parallel = StepOptions { exec: Exec::parallel(Backend::best(), 0), grad_scale, clip_coef };
     let one = |pc: &mut Piece, options: &StepOptions| -> Result<(), String> {
         let mut refs: Vec<&mut [f32]> = pc.s.iter_mut().map(|s| &mut **s).collect();
         configs[pc.group]
@@ -235,7 +284,7 @@ fn step(py: Python<'_>, class: &str, groups: Vec<(String, Vec<usize>)>) -> PyRes
             }
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Pointers per tensor in [`adafactor_step`]: parameter, gradient,

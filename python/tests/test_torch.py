@@ -607,3 +607,76 @@ def test_adagrad_sparse_bad_inputs_change_nothing():
     with pytest.raises(RuntimeError, match="weight_decay option is not compatible with sparse gradients"):
         opt.step()
     assert all(float(opt.state[p]["step"]) == 1 for p in (a, b, c))
+
+
+def test_fused_clipping_is_torch_clip_grad_norm():
+    """max_grad_norm clips inside the step by torch's factor over all
+    parameters' gradients: the same trajectory as clip_grad_norm_ + step."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(30, 4), (9,), (5000,)]
+    ref = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    o_ref = torch.optim.AdamW(ref, lr=0.01)
+    o_ours = ada.AdamW(ours, lr=0.01, max_grad_norm=0.5)
+    for _ in range(10):
+        for a, b in zip(ref, ours):
+            g = torch.randn(a.shape, generator=gen)
+            a.grad, b.grad = g.clone(), g.clone()
+        torch.nn.utils.clip_grad_norm_(ref, 0.5)
+        o_ref.step()
+        o_ours.step()
+        assert not o_ours.last_step_skipped
+    for a, b in zip(ref, ours):
+        close(b.detach(), a.detach(), "clipped AdamW")
+        close(o_ours.state[b]["exp_avg_sq"], o_ref.state[a]["exp_avg_sq"], "exp_avg_sq")
+
+
+def test_fused_grad_scale_and_skip_non_finite():
+    """grad_scale divides the loss scale out inside the step (a power of two:
+    exactly torch's unscaled step); skip_non_finite skips a step with a NaN or
+    infinite gradient anywhere and changes nothing."""
+    gen = torch.Generator().manual_seed(6)
+    a = torch.nn.Parameter(torch.randn(40, generator=gen))
+    b = torch.nn.Parameter(a.detach().clone())
+    o_ref = torch.optim.SGD([a], lr=0.1, momentum=0.9)
+    o_ours = ada.SGD([b], lr=0.1, momentum=0.9, grad_scale=1024.0, skip_non_finite=True)
+    for t in range(6):
+        g = torch.randn(40, generator=gen)
+        a.grad = g.clone()
+        b.grad = g * 1024.0
+        o_ref.step()
+        o_ours.step()
+        assert torch.equal(b.detach(), a.detach()), f"step {t}"
+    for bad in (float("inf"), float("nan")):
+        g = torch.randn(40, generator=gen)
+        g[7] = bad
+        b.grad = g
+        unchanged_after_skip = b.detach().clone()
+        state = copy.deepcopy(o_ours.state_dict())
+        o_ours.step()
+        assert o_ours.last_step_skipped
+        assert torch.equal(b.detach(), unchanged_after_skip)
+        assert torch.equal(o_ours.state_dict()["state"][0]["momentum_buffer"], state["state"][0]["momentum_buffer"])
+    b.grad = torch.ones(40)
+    o_ours.step()
+    assert not o_ours.last_step_skipped
+
+
+def test_fused_controls_bad_values():
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="grad_scale"):
+        ada.Adam([p], grad_scale=0.0)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        ada.Adam([p], max_grad_norm=-1.0)
+    opt = ada.Adam([p], max_grad_norm=1.0)
+    p.grad = torch.ones(3)
+    opt.max_grad_norm = float("nan")
+    assert "max_grad_norm" in unchanged_after(opt, [p], opt.step, ValueError)
+    e = torch.nn.Parameter(torch.randn(6, 2))
+    opt = ada.Adagrad([e], max_grad_norm=1.0)
+    e.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 2), (6, 2), check_invariants=True)
+    assert "dense gradients" in unchanged_after(opt, [e], opt.step, ValueError)
+    # Lion takes them too
+    opt = ada.Lion([p], lr=0.01, grad_scale=2.0)
+    p.grad = torch.full((3,), 2.0)
+    opt.step()

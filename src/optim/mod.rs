@@ -611,7 +611,7 @@ pub(crate) fn scheduled<A: Algorithm, S: LrSchedule + ?Sized>(config: &A, s: &S,
 }
 
 /// A loss scale must be finite and nonzero.
-fn check_grad_scale(grad_scale: Option<f32>) -> Result<(), Error> {
+pub(crate) fn check_grad_scale(grad_scale: Option<f32>) -> Result<(), Error> {
     match grad_scale {
         Some(s) if !(s.is_finite() && s != 0.0) => {
             Err(Error::InvalidHyperparameter { name: "grad_scale", value: s as f64, requirement: "finite and nonzero" })
