@@ -177,3 +177,29 @@ fn invalid_max_norm() {
     opt.set_max_grad_norm(None).unwrap();
     assert_eq!(opt.max_grad_norm(), None);
 }
+
+/// The loss-scale-aware sum of squares is the plain one of the gradients
+/// each unscaled in f32 (a multiply by the reciprocal for a power of two,
+/// else a division, as the step unscales), on every path; a bad scale is a
+/// typed error.
+#[test]
+fn sum_of_squares_unscaled_is_the_sum_of_the_unscaled_gradients() {
+    let mut rng = common::Rng::new(8);
+    let g = rng.vec(3 * (1 << 14) + 77, 100.0);
+    for (path, exec) in common::all_paths() {
+        for s in [2.0f32, 1024.0, 3.0, 0.7] {
+            let unscaled: Vec<f32> = g.iter().map(|&x| x / s).collect();
+            let want = sum_of_squares(&unscaled, &exec).unwrap();
+            let got = adaoptim::clip::sum_of_squares_unscaled(&g, Some(s), &exec).unwrap();
+            assert_eq!(got.to_bits(), want.to_bits(), "scale {s}, {path}");
+        }
+        let plain = sum_of_squares(&g, &exec).unwrap();
+        assert_eq!(adaoptim::clip::sum_of_squares_unscaled(&g, None, &exec).unwrap().to_bits(), plain.to_bits());
+    }
+    for bad in [0.0f32, f32::INFINITY, f32::NAN] {
+        assert!(matches!(
+            adaoptim::clip::sum_of_squares_unscaled(&g, Some(bad), &Exec::auto()),
+            Err(Error::InvalidHyperparameter { name: "grad_scale", .. })
+        ));
+    }
+}
