@@ -226,7 +226,8 @@ fn step(
                 pieces
                     .par_iter()
                     .map(|pc| {
-                        let exec = if pc.big { Exec::parallel(Backend::best(), 0) } else { Exec::serial(Backend::best()) };
+                        let exec =
+                            if pc.big { Exec::parallel(Backend::best(), 0) } else { Exec::serial(Backend::best()) };
                         clip::sum_of_squares_unscaled(pc.g, grad_scale, &exec).map_err(|e| e.to_string())
                     })
                     .collect()
