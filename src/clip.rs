@@ -46,27 +46,31 @@ pub fn sum_of_squares(grads: &[f32], exec: &Exec) -> Result<f64, Error> {
 /// # Errors
 /// [`Error::BackendUnavailable`] for a forced backend this CPU lacks.
 pub fn sum_of_squares_mixed(grads: Grads<'_>, exec: &Exec) -> Result<f64, Error> {
-    let plan = Plan::new(exec)?;
-    Ok(match grads {
-        Grads::F32(g) => tree_sum(&plan, g),
-        Grads::Bf16(g) => tree_sum(&plan, g),
-        Grads::F16(g) => tree_sum(&plan, g),
-    })
+    Ok(grads_sum(&Plan::new(exec)?, grads))
 }
 
-/// [`sum_of_squares`] of `grads` divided by a loss scale first (each
-/// gradient unscaled in `f32` as the step unscales it, then squared in f64):
-/// the norm an [`Optimizer`](crate::Optimizer) with that `grad_scale` clips
-/// by, for callers that run the pieces themselves (the Python package).
+/// [`sum_of_squares_mixed`] of `grads` divided by a loss scale first (each
+/// gradient widened exactly and unscaled in `f32` as the step unscales it,
+/// then squared in f64): the norm an [`Optimizer`](crate::Optimizer) or a
+/// [`step_mixed`](crate::step_mixed) with that `grad_scale` clips by, for
+/// callers that run the pieces themselves (the Python package).
 ///
 /// # Errors
 /// [`Error::InvalidHyperparameter`] for a `grad_scale` that is zero or not
 /// finite; [`Error::BackendUnavailable`] for a forced backend this CPU lacks.
-pub fn sum_of_squares_unscaled(grads: &[f32], grad_scale: Option<f32>, exec: &Exec) -> Result<f64, Error> {
+pub fn sum_of_squares_unscaled(grads: Grads<'_>, grad_scale: Option<f32>, exec: &Exec) -> Result<f64, Error> {
     crate::optim::check_grad_scale(grad_scale)?;
     let mut plan = Plan::new(exec)?;
     plan.unscale = Unscale::new(grad_scale);
-    Ok(tree_sum(&plan, grads))
+    Ok(grads_sum(&plan, grads))
+}
+
+fn grads_sum(plan: &Plan, grads: Grads<'_>) -> f64 {
+    match grads {
+        Grads::F32(g) => tree_sum(plan, g),
+        Grads::Bf16(g) => tree_sum(plan, g),
+        Grads::F16(g) => tree_sum(plan, g),
+    }
 }
 
 /// The L2 norm of `grads`: `sqrt(`[`sum_of_squares`]`)`. NaN or infinite if

@@ -6,6 +6,7 @@
 mod common;
 
 use adaoptim::clip::{clip_coef, grad_norm, sum_of_squares};
+use adaoptim::storage::{Grads, bf16};
 use adaoptim::{Adam, AdamConfig, AnyConfig, Backend, Error, Exec, NonFinitePolicy, Sgd, SgdConfig};
 use common::{Rng, all_paths, config_from_json, f32s, same_bits};
 use serde_json::Value;
@@ -186,19 +187,27 @@ fn invalid_max_norm() {
 fn sum_of_squares_unscaled_is_the_sum_of_the_unscaled_gradients() {
     let mut rng = common::Rng::new(8);
     let g = rng.vec(3 * (1 << 14) + 77, 100.0);
+    let b: Vec<bf16> = g.iter().map(|&x| bf16::from_f32(x)).collect();
     for (path, exec) in common::all_paths() {
         for s in [2.0f32, 1024.0, 3.0, 0.7] {
             let unscaled: Vec<f32> = g.iter().map(|&x| x / s).collect();
             let want = sum_of_squares(&unscaled, &exec).unwrap();
-            let got = adaoptim::clip::sum_of_squares_unscaled(&g, Some(s), &exec).unwrap();
+            let got = adaoptim::clip::sum_of_squares_unscaled(Grads::F32(&g), Some(s), &exec).unwrap();
             assert_eq!(got.to_bits(), want.to_bits(), "scale {s}, {path}");
+            // Half-precision gradients: widened exactly (by the `half`
+            // crate), then unscaled as f32 ones are.
+            let unscaled: Vec<f32> = b.iter().map(|&x| x.to_f32() / s).collect();
+            let want = sum_of_squares(&unscaled, &exec).unwrap();
+            let got = adaoptim::clip::sum_of_squares_unscaled(Grads::Bf16(&b), Some(s), &exec).unwrap();
+            assert_eq!(got.to_bits(), want.to_bits(), "bf16, scale {s}, {path}");
         }
         let plain = sum_of_squares(&g, &exec).unwrap();
-        assert_eq!(adaoptim::clip::sum_of_squares_unscaled(&g, None, &exec).unwrap().to_bits(), plain.to_bits());
+        let got = adaoptim::clip::sum_of_squares_unscaled(Grads::F32(&g), None, &exec).unwrap();
+        assert_eq!(got.to_bits(), plain.to_bits());
     }
     for bad in [0.0f32, f32::INFINITY, f32::NAN] {
         assert!(matches!(
-            adaoptim::clip::sum_of_squares_unscaled(&g, Some(bad), &Exec::auto()),
+            adaoptim::clip::sum_of_squares_unscaled(Grads::F32(&g), Some(bad), &Exec::auto()),
             Err(Error::InvalidHyperparameter { name: "grad_scale", .. })
         ));
     }

@@ -11,8 +11,17 @@ replaced. State lives in torch tensors under torch's names and layout, so a
 updates parameters and state in place (zero copy, through the tensors' data
 pointers) in one parallel region, with the GIL released. Every tensor is
 checked first: a parameter, gradient or state tensor that is not on the CPU,
-not contiguous or not float32, or a gradient of another shape, raises
-``TypeError``/``ValueError`` naming the parameter before anything is modified.
+not contiguous or of a dtype the class does not step, or a gradient of
+another shape, raises ``TypeError``/``ValueError`` naming the parameter
+before anything is modified.
+
+The element-wise classes step ``float32`` and ``bfloat16`` tensors. A
+``bfloat16`` parameter (its gradient is ``bfloat16`` too, as torch keeps
+it) and ``bfloat16`` state are widened, stepped in float32 and rounded back
+to nearest-even in the same pass -- what torch's ``fused=True`` step does
+with them. New state takes the parameter's dtype, as torch creates it; a
+state tensor may be either dtype on its own (``float32`` state beside a
+``bfloat16`` parameter keeps the moments exact).
 Parameters whose ``.grad`` is ``None`` are skipped, as torch skips them.
 
 The element-wise classes take three keyword-only options beyond torch's,
@@ -26,6 +35,7 @@ one Rust pass: one read of the gradients for the norm, none written.
 
 import json
 import math
+from operator import is_ as _is
 
 import torch
 
@@ -55,6 +65,17 @@ _MAX_AUX = _core.MAX_AUX
 # torch options with no meaning for a CPU step that runs in Rust; True is refused.
 _REFUSED_TRUE = ("differentiable", "capturable")
 _F32 = torch.float32
+_BF16 = torch.bfloat16
+_F16 = torch.float16
+# What the element-wise classes step: float32, or bfloat16 widened and
+# stepped in float32 and rounded back to nearest-even in the same pass;
+# gradients may also be float16 (torch's `grad_dtype` lets a gradient's
+# dtype differ from its parameter's).
+_DENSE_DTYPES = (_F32, _BF16)
+_GRAD_DTYPES = (_F32, _BF16, _F16)
+# The storage bits of the Rust call (python/src/lib.rs): parameter, gradient, state i.
+_GRAD_BITS = {_F32: 0, _BF16: 2, _F16: 4}
+_STATE_BITS = 3
 _STRIDED = torch.strided
 
 
@@ -75,19 +96,24 @@ def _where(i, gi):
     return f"parameter {i} of param_groups[{gi}]"
 
 
-def _check_tensor(t, what, where, shape):
+def _check_tensor(t, what, where, shape, dtypes=(torch.float32,)):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{where}: {what} is not a tensor")
     if t.is_sparse or t.layout != torch.strided:
         raise TypeError(f"{where}: {what} is sparse; this optimizer takes dense gradients")
     if t.device.type != "cpu":
         raise TypeError(f"{where}: {what} is on {t.device}; adaoptim steps CPU tensors only")
-    if t.dtype != torch.float32:
-        raise TypeError(f"{where}: {what} has dtype {t.dtype}; adaoptim steps float32 tensors")
+    if t.dtype not in dtypes:
+        names = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{where}: {what} has dtype {t.dtype}; adaoptim steps {names} tensors here")
     if not t.is_contiguous():
         raise ValueError(f"{where}: {what} is not contiguous")
     if shape is not None and t.shape != shape:
         raise ValueError(f"{where}: {what} has shape {tuple(t.shape)}, the parameter {tuple(shape)}")
+
+
+def _check_grad(p, g, where):
+    _check_tensor(g, "its gradient", where, p.shape, _GRAD_DTYPES)
 
 
 def _sparse_rows(p, g, where):
@@ -156,7 +182,7 @@ def _refuse_unsupported(group, gi):
 
 def _check_no_overlap(params):
     """Parameters must not overlap: they are written in parallel."""
-    spans = sorted((p.data_ptr(), p.data_ptr() + 4 * p.numel()) for p in params if p.numel())
+    spans = sorted((p.data_ptr(), p.data_ptr() + p.element_size() * p.numel()) for p in params if p.numel())
     for (_a0, a1), (b0, _b1) in zip(spans, spans[1:]):
         if b0 < a1:
             raise ValueError("two parameters share memory; adaoptim writes them in parallel")
@@ -227,28 +253,31 @@ class _RustStep:
                     continue
                 # The fast checks (torch itself keeps a gradient on its
                 # parameter's device); the slow path names what is wrong.
-                if not (g.dtype is _F32 and g.layout is _STRIDED and g.is_contiguous()):
-                    _check_tensor(g, "its gradient", _where(i, gi), p.shape)
+                if not (g.layout is _STRIDED and g.dtype in _GRAD_DTYPES and g.is_contiguous()):
+                    _check_grad(p, g, _where(i, gi))
                 entry = cache.get(id(p))
                 # A cached parameter is stepped with its cached state tensors:
                 # load_state_dict replaces the whole state (seen above); a state
-                # tensor swapped by hand is seen through its first buffer.
-                # A parameter whose memory moved (`p.data = ...`) or whose
-                # gradient has another size goes through the full checks again.
+                # tensor swapped by hand (any key) is seen by identity. A
+                # parameter whose memory moved (`p.data = ...`), or whose
+                # gradient has another size or dtype, goes through the full
+                # checks again.
                 ptr = p.data_ptr()
                 if (
                     entry is None
                     or entry[0] is not p
                     or entry[1] is not keys
-                    or entry[5].get(entry[2]) is not entry[6]
-                    or entry[8] != ptr
-                    or g.numel() != entry[4]
+                    or entry[6] != ptr
+                    or g.numel() != entry[3]
+                    or g.dtype is not entry[7]
+                    or p.dtype is not entry[8]
+                    or not all(map(_is, map(entry[4].get, keys), entry[5]))
                 ):
                     pending.append((len(groups), p, g, _where(i, gi), layout))
                     continue
                 flat.append(ptr)
                 flat.append(g.data_ptr())
-                flat.extend(entry[3])
+                flat.extend(entry[2])
             groups.append((text, flat))
         # Every check (of both kinds of gradient) before anything changes.
         controls = _check_controls(self)
@@ -268,20 +297,21 @@ class _RustStep:
     def _adaoptim_prepare(self, pending, groups, cache):
         """Checks, then creates state for and caches the parameters seen for
         the first time (or whose state was replaced, as load_state_dict does).
-        A cache entry holds the parameter, the state keys, the first key, the
-        per-tensor integers for the Rust call, the element count, the
-        parameter's state dict and its first state tensor, every state tensor
-        (kept alive, so a cached pointer never dangles) and the parameter's
-        data pointer."""
+        A cache entry holds the parameter, the state keys, the per-tensor
+        integers for the Rust call, the element count, the parameter's state
+        dict, every state tensor (kept alive, so a cached pointer never
+        dangles, and compared by identity), the parameter's data pointer, and
+        the gradient's and the parameter's dtypes (the storage bits depend on
+        them)."""
         for _, p, g, where, layout in pending:
             names = layout[0]
-            _check_tensor(p, "the parameter", where, None)
-            _check_tensor(g, "its gradient", where, p.shape)
+            _check_tensor(p, "the parameter", where, None, _DENSE_DTYPES)
+            _check_grad(p, g, where)
             st = self.state.get(p)
             if st:
                 for n in names:
                     if st.get(n) is not None:
-                        _check_tensor(st[n], f"state {n!r}", where, p.shape)
+                        _check_tensor(st[n], f"state {n!r}", where, p.shape, _DENSE_DTYPES)
         _check_no_overlap(p for grp in self.param_groups for p in grp["params"])
         # Everything is checked: from here on, state is created.
         for slot, p, g, _, layout in pending:
@@ -294,19 +324,21 @@ class _RustStep:
             flat = groups[slot][1]
             flat.append(p.data_ptr())
             flat.append(g.data_ptr())
-            flat.extend(self._adaoptim_integers(p, st, names, aux_names, 0 if first else 1))
+            flat.extend(self._adaoptim_integers(p, g, st, names, aux_names, 0 if first else 1))
             # Cached for the next steps (a step count of 1 for SGD's and Lion's
             # "not the first step"); every state tensor stays alive in it.
-            first_key = keys[0] if keys else None
             held = tuple(st[k] for k in keys)
-            ints = self._adaoptim_integers(p, st, names, aux_names, 1)
-            cache[id(p)] = (p, keys, first_key, ints, p.numel(), st, st.get(first_key), held, p.data_ptr())
+            ints = self._adaoptim_integers(p, g, st, names, aux_names, 1)
+            cache[id(p)] = (p, keys, ints, p.numel(), st, held, p.data_ptr(), g.dtype, p.dtype)
 
-    def _adaoptim_integers(self, p, st, names, aux_names, given):
+    def _adaoptim_integers(self, p, g, st, names, aux_names, given):
         """The per-tensor integers after the two data pointers (element count,
         state, step and scalar-state pointers); `given` is the step count of an
         optimizer torch keeps none for (SGD, Lion)."""
-        out = [p.numel()] + [st[n].data_ptr() for n in names] + [0] * (_MAX_STATE - len(names))
+        bits = int(p.dtype is _BF16) | _GRAD_BITS[g.dtype]
+        for i, n in enumerate(names):
+            bits |= int(st[n].dtype is _BF16) << (_STATE_BITS + i)
+        out = [p.numel(), bits] + [st[n].data_ptr() for n in names] + [0] * (_MAX_STATE - len(names))
         out += [st["step"].data_ptr(), 0] if self._adaoptim_has_step else [0, given]
         return out + [st[n].data_ptr() for n in aux_names] + [0] * (_MAX_AUX - len(aux_names))
 

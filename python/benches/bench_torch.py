@@ -9,9 +9,11 @@ the Python-side overhead per step() call (the same call with empty tensors:
 what a step costs beyond the arithmetic).
 
 Run: python3 python/benches/bench_torch.py --threads 2 [--cases w64,w256,64M] [--rounds 7] [--clip 1.0]
+[--dtype bfloat16]
 (--clip: every implementation clips by that global norm; ours inside the step
 with ``max_grad_norm``, beside ours and torch's fused AdamW after
-``clip_grad_norm_``).
+``clip_grad_norm_``. --dtype bfloat16: parameters and gradients in bfloat16,
+state as each implementation creates it: bfloat16 for ours and torch's).
 """
 
 import argparse
@@ -103,13 +105,15 @@ def main():
     ap.add_argument(
         "--clip", type=float, default=None, help="clip by this global norm (ours fused, vs clip_grad_norm_)"
     )
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     ada.set_num_threads(a.threads)
     summary = {}
     for case in a.cases.split(",") + ["empty194"]:
         shapes = case_shapes(case)
-        ps = [torch.nn.Parameter(torch.randn(*s) * 0.02) for s in shapes]
+        dtype = getattr(torch, a.dtype)
+        ps = [torch.nn.Parameter((torch.randn(*s) * 0.02).to(dtype)) for s in shapes]
         for p in ps:
             p.grad = torch.randn_like(p) * 0.01
         n = sum(p.numel() for p in ps)
@@ -134,6 +138,7 @@ def main():
                         "tensors": len(ps),
                         "params": n,
                         "threads": a.threads,
+                        "dtype": a.dtype,
                         "ms_per_step": dt * 1e3,
                         "gparams_per_s": n / dt / 1e9 if n else 0.0,
                     }

@@ -13,15 +13,26 @@ use std::sync::{Arc, RwLock};
 
 use adaoptim::adafactor::{self, AdafactorConfig, AdafactorState};
 use adaoptim::sparse::{self, SparseAdamConfig};
+use adaoptim::storage::{Grads, Params, StateBuf};
 use adaoptim::{AnyConfig, AuxState, Backend, Exec, MAX_AUX, MAX_STATE, MAX_STEP, StepOptions, clip};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use rayon::prelude::*;
 
 /// Integers per tensor in [`step`]'s flat list: parameter, gradient, element
-/// count, `MAX_STATE` state pointers, the step tensor (or 0), the step to use
-/// when there is no step tensor, `MAX_AUX` scalar-state pointers.
-const STRIDE: usize = 3 + MAX_STATE + 2 + MAX_AUX;
+/// count, storage bits (see [`PARAM_BF16`]), `MAX_STATE` state pointers, the
+/// step tensor (or 0), the step to use when there is no step tensor,
+/// `MAX_AUX` scalar-state pointers.
+const STRIDE: usize = 4 + MAX_STATE + 2 + MAX_AUX;
+
+/// The storage bits of a tensor in [`step`]'s list (a clear bit is float32):
+/// bit 0 a bfloat16 parameter; bit 1 a bfloat16 gradient, bit 2 a float16
+/// one (torch's `grad_dtype` lets a gradient differ from its parameter);
+/// bit `STATE_BITS + i` a bfloat16 state buffer `i`.
+const PARAM_BF16: usize = 1;
+const GRAD_BF16: usize = 1 << 1;
+const GRAD_F16: usize = 1 << 2;
+const STATE_BITS: usize = 3;
 
 /// Elements per piece of work: mid-sized tensors are cut so that every
 /// thread gets a share, small ones go whole. Element-wise kernels give the
@@ -98,9 +109,9 @@ struct Piece {
     tensor: usize,
     t: u64,
     aux: AuxState,
-    p: &'static mut [f32],
-    g: &'static [f32],
-    s: Vec<&'static mut [f32]>,
+    p: Params<'static>,
+    g: Grads<'static>,
+    s: Vec<StateBuf<'static>>,
     /// A whole tensor of at least `BIG` elements.
     big: bool,
 }
@@ -109,14 +120,19 @@ struct Piece {
 ///
 /// `groups` holds, per parameter group, its hyperparameters as torch keyword
 /// JSON and a flat list of `STRIDE` integers per tensor (see the constant).
+/// A bfloat16 parameter, a bfloat16 or float16 gradient and bfloat16 state
+/// are widened, stepped in float32 and rounded back to nearest-even in the
+/// same pass ([`adaoptim::step_mixed`]); all-float32 tensors take the f32
+/// step.
 /// Everything is checked before any memory is touched: hyperparameters
 /// (`ValueError`), step counts (`ValueError` past torch's float32 step
 /// limit). Returns nothing; steps and scalar states are written through their
 /// pointers.
 ///
 /// # Safety contract (Python side)
-/// Every pointer is the data pointer of a live, contiguous, CPU float32
-/// tensor of the stated length (0-d for the step and scalar states), no two
+/// Every pointer is the data pointer of a live, contiguous CPU tensor of the
+/// stated length, of the dtype its storage bits say (0-d float32
+/// for the step and scalar states), no two
 /// tensors overlap, and none is touched by another thread during the call.
 /// `adaoptim.torch` checks all of this before calling; this module is
 /// private (`_core`).
@@ -156,14 +172,18 @@ fn step(
         let k = cfg.state_names().len();
         let n_aux = cfg.aux_names().len();
         for e in flat.chunks_exact(STRIDE) {
-            let (p_ptr, g_ptr, n) = (e[0], e[1], e[2]);
-            let state_ptrs = &e[3..3 + MAX_STATE];
-            let (step_ptr, step_given) = (e[3 + MAX_STATE], e[4 + MAX_STATE]);
-            let aux_ptrs: [usize; MAX_AUX] = std::array::from_fn(|i| e[5 + MAX_STATE + i]);
+            let (p_ptr, g_ptr, n, dtypes) = (e[0], e[1], e[2], e[3]);
+            let state_ptrs = &e[4..4 + MAX_STATE];
+            let (step_ptr, step_given) = (e[4 + MAX_STATE], e[5 + MAX_STATE]);
+            let aux_ptrs: [usize; MAX_AUX] = std::array::from_fn(|i| e[6 + MAX_STATE + i]);
             if aux_ptrs[..n_aux].contains(&0) || (n > 0 && (p_ptr == 0 || g_ptr == 0 || state_ptrs[..k].contains(&0))) {
                 return Err(PyValueError::new_err("internal: null tensor pointer"));
             }
+            if dtypes >> (STATE_BITS + k) != 0 || dtypes & (GRAD_BF16 | GRAD_F16) == GRAD_BF16 | GRAD_F16 {
+                return Err(PyValueError::new_err("internal: bad storage bits"));
+            }
             // An empty tensor's data pointer may be null; its slices are empty.
+            // (A dangling pointer aligned for f32 is aligned for bf16 too.)
             let dangling = std::ptr::NonNull::<f32>::dangling().as_ptr() as usize;
             let fix = |ptr: usize| if n == 0 { dangling } else { ptr };
             let (p_ptr, g_ptr) = (fix(p_ptr), fix(g_ptr));
@@ -191,17 +211,36 @@ fn step(
                 // `off..off + len`, so every `&mut` slice is unique. The
                 // `'static` lifetime never escapes this call: the pieces are
                 // dropped before it returns, while Python keeps the tensors alive.
+                // Each pointer's element type is the one its storage bit
+                // names (checked by the Python side against the tensor's dtype).
                 let piece = unsafe {
                     Piece {
                         group: gi,
                         tensor,
                         t,
                         aux,
-                        p: std::slice::from_raw_parts_mut((p_ptr as *mut f32).add(off), len),
-                        g: std::slice::from_raw_parts((g_ptr as *const f32).add(off), len),
+                        p: if dtypes & PARAM_BF16 != 0 {
+                            Params::Bf16(part_mut(p_ptr, off, len))
+                        } else {
+                            Params::F32(part_mut(p_ptr, off, len))
+                        },
+                        g: if dtypes & GRAD_BF16 != 0 {
+                            Grads::Bf16(part(g_ptr, off, len))
+                        } else if dtypes & GRAD_F16 != 0 {
+                            Grads::F16(part(g_ptr, off, len))
+                        } else {
+                            Grads::F32(part(g_ptr, off, len))
+                        },
                         s: state_ptrs[..k]
                             .iter()
-                            .map(|&s| std::slice::from_raw_parts_mut((s as *mut f32).add(off), len))
+                            .enumerate()
+                            .map(|(i, &s)| {
+                                if dtypes & (1 << (STATE_BITS + i)) != 0 {
+                                    StateBuf::Bf16(part_mut(s, off, len))
+                                } else {
+                                    StateBuf::F32(part_mut(s, off, len))
+                                }
+                            })
                             .collect(),
                         big: n >= BIG,
                     }
@@ -247,9 +286,9 @@ fn step(
     let serial = StepOptions { exec: Exec::serial(Backend::best()), grad_scale, clip_coef };
     let parallel = StepOptions { exec: Exec::parallel(Backend::best(), 0), grad_scale, clip_coef };
     let one = |pc: &mut Piece, options: &StepOptions| -> Result<(), String> {
-        let mut refs: Vec<&mut [f32]> = pc.s.iter_mut().map(|s| &mut **s).collect();
+        let mut state: Vec<StateBuf<'_>> = pc.s.iter_mut().map(StateBuf::reborrow).collect();
         configs[pc.group]
-            .step_slices_with(pc.t, &mut pc.aux, pc.p, pc.g, &mut refs, options)
+            .step_mixed(pc.t, &mut pc.aux, pc.p.reborrow(), pc.g, &mut state, None, options)
             .map(|_| ())
             .map_err(|e| e.to_string())
     };
@@ -286,6 +325,26 @@ fn step(
         }
     }
     Ok(true)
+}
+
+/// `len` elements of type `T` at element `off` of the tensor at `ptr`.
+///
+/// # Safety
+/// `ptr` addresses a live tensor of at least `off + len` elements of `T`
+/// (aligned, as torch's storage is), which nothing else reads or writes
+/// while the slice lives.
+unsafe fn part_mut<T>(ptr: usize, off: usize, len: usize) -> &'static mut [T] {
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts_mut((ptr as *mut T).add(off), len) }
+}
+
+/// The shared-slice form of [`part_mut`].
+///
+/// # Safety
+/// As [`part_mut`], except that others may read the elements too.
+unsafe fn part<T>(ptr: usize, off: usize, len: usize) -> &'static [T] {
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts((ptr as *const T).add(off), len) }
 }
 
 /// Pointers per tensor in [`adafactor_step`]: parameter, gradient,

@@ -1,0 +1,317 @@
+"""bfloat16 parameters and state, and bfloat16/float16 gradients beside
+float32 master weights, against real torch: against torch's ``fused=True``
+step (which also widens, steps in float32 and rounds back), and for every
+element-wise class against torch's float32 step on the widened tensors,
+rounded to nearest-even."""
+
+import copy
+
+import pytest
+import torch
+
+import adaoptim.torch as ada
+
+RTOL, ATOL = 1e-5, 1e-6  # the golden tolerance (tests/golden/README.md)
+# Classes whose float32 step is torch's bit for bit (test_torch.py).
+BITWISE = {"SGD", "Adamax", "Rprop", "ASGD"}
+ELEMENTWISE = ["SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Rprop", "ASGD"]
+# Two small tensors, one cut into pieces by the Rust driver (> 2^16), one
+# stepped by its parallel driver (>= 2^21).
+SHAPES = ((5, 7), (13,), (70001,), (1 << 21,))
+
+FUSED_CASES = [
+    ("Adam", {"lr": 1e-2}),
+    ("Adam", {"lr": 1e-2, "amsgrad": True, "weight_decay": 0.1}),
+    ("Adam", {"lr": 1e-2, "maximize": True, "betas": (0.8, 0.99)}),
+    ("AdamW", {"lr": 1e-2, "weight_decay": 0.1}),
+    ("AdamW", {"lr": 1e-2, "amsgrad": True, "eps": 1e-6}),
+    ("SGD", {"lr": 1e-2, "momentum": 0.9}),
+    ("SGD", {"lr": 1e-2, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
+    ("SGD", {"lr": 1e-2, "momentum": 0.9, "dampening": 0.5, "maximize": True}),
+    ("SGD", {"lr": 1e-2}),
+    ("Adagrad", {"lr": 1e-2}),
+    ("Adagrad", {"lr": 1e-2, "lr_decay": 0.01, "weight_decay": 0.1, "initial_accumulator_value": 0.1}),
+]
+
+
+def bits(t):
+    return t.detach().contiguous().view(torch.int16)
+
+
+def grads(shapes, gen, dtype):
+    return [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+
+
+# The classes whose bfloat16 step is torch's fused one bit for bit. Adam's
+# and AdamW's float32 arithmetic differs from torch's fused kernel by float32
+# ulps (within the golden tolerance), which moves a rare bfloat16 rounding
+# by one ulp: measured, 0 to 4 elements of 2.1M after six steps.
+FUSED_EXACT = {"SGD", "Adagrad"}
+
+
+def same_bits(got, want, exact, what, rare=1e-4):
+    """`got` has `want`'s bits; where not `exact`, all but a `rare` fraction
+    do, and the rest lie within one bfloat16 ulp of a value within the
+    golden tolerance of `want` (float32 arithmetic that differs from
+    torch's by float32 ulps moves a rare rounding)."""
+    differ = bits(got) != bits(want.bfloat16())
+    if exact:
+        assert not differ.any(), f"{what}: {differ.sum()} of {differ.numel()} differ"
+        return
+    w, g = want.float(), got.float()
+    _, e = torch.frexp(w)
+    ulp = torch.ldexp(torch.ones_like(w), e - 8)  # bfloat16 spacing at |w|
+    far = (g - w).abs() > RTOL * w.abs() + ATOL + ulp
+    assert not far.any(), f"{what}: {g[far][:4].tolist()} for {w[far][:4].tolist()}"
+    assert differ.float().mean() <= rare, f"{what}: {differ.sum()} of {differ.numel()} differ"
+
+
+@pytest.mark.parametrize("name,kwargs", FUSED_CASES, ids=lambda x: str(x))
+def test_bf16_is_torch_fused(name, kwargs):
+    gen = torch.Generator().manual_seed(1)
+    ref = [torch.nn.Parameter(torch.randn(s, generator=gen).bfloat16()) for s in SHAPES]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    o_ref = getattr(torch.optim, name)(ref, fused=True, **copy.deepcopy(kwargs))
+    o_ours = getattr(ada, name)(ours, **copy.deepcopy(kwargs))
+    for step in range(6):
+        for a, b, g in zip(ref, ours, grads(SHAPES, gen, torch.bfloat16)):
+            a.grad, b.grad = g.clone(), g.clone()
+        o_ref.step()
+        o_ours.step()
+        if step == 2:
+            # Mid-run, torch's bfloat16 state_dict moves into a new one of ours.
+            o_ours = getattr(ada, name)(ours, **copy.deepcopy(kwargs))
+            o_ours.load_state_dict(copy.deepcopy(o_ref.state_dict()))
+    for i, (a, b) in enumerate(zip(ref, ours)):
+        assert b.dtype == torch.bfloat16
+        same_bits(b, a, name in FUSED_EXACT, f"{name} {kwargs} tensor {i}")
+        for k, v in o_ref.state[a].items():
+            w = o_ours.state[b][k]
+            if k == "step":
+                assert float(v) == float(w)
+            else:
+                assert w.dtype == torch.bfloat16, f"state {k} is {w.dtype}"
+                same_bits(w, v, name in FUSED_EXACT, f"{name} state {k} tensor {i}")
+    # And ours loads back into torch.
+    o_back = getattr(torch.optim, name)(ref, fused=True, **copy.deepcopy(kwargs))
+    o_back.load_state_dict(copy.deepcopy(o_ours.state_dict()))
+
+
+def widened_reference(name, kwargs, ours, o_ours, gs):
+    """torch's float32 step (for-loop) from our current state, every tensor
+    widened: the parameters and state it gives."""
+    p32 = [torch.nn.Parameter(p.detach().float()) for p in ours]
+    ref = getattr(torch.optim, name)(p32, foreach=False, **copy.deepcopy(kwargs))
+    # torch's load_state_dict casts floating state to the parameter's dtype.
+    ref.load_state_dict(copy.deepcopy(o_ours.state_dict()))
+    for p, g in zip(p32, gs):
+        p.grad = g.float()
+    ref.step()
+    return p32, ref
+
+
+def assert_rounded(got, want32, exact, what):
+    """`got` (bfloat16) is `want32` rounded to nearest-even: exactly, or where
+    torch's float32 value differs from ours by float32 ulps, one bfloat16
+    ulp apart for a rare element."""
+    same_bits(got, want32, exact, what, rare=1e-3)
+
+
+@pytest.mark.parametrize("name", ELEMENTWISE)
+def test_bf16_every_class_is_the_float32_step_rounded(name):
+    kwargs = {"lr": 1e-2} if name != "Adadelta" else {}
+    if name == "SGD":
+        kwargs["momentum"] = 0.9
+    gen = torch.Generator().manual_seed(2)
+    shapes = SHAPES[:3]
+    ours = [torch.nn.Parameter(torch.randn(s, generator=gen).bfloat16()) for s in shapes]
+    o_ours = getattr(ada, name)(ours, **kwargs)
+    for step in range(5):
+        gs = grads(shapes, gen, torch.bfloat16)
+        if step:  # the first step starts from no state, which torch creates
+            p32, ref = widened_reference(name, kwargs, ours, o_ours, gs)
+        for p, g in zip(ours, gs):
+            p.grad = g
+        o_ours.step()
+        if not step:
+            continue
+        for i, (a, b) in enumerate(zip(p32, ours)):
+            assert_rounded(b, a.detach(), name in BITWISE, f"{name} step {step} tensor {i}")
+            for k, v in ref.state[a].items():
+                w = o_ours.state[b][k]
+                if torch.is_tensor(v) and v.shape == a.shape:
+                    assert w.dtype == torch.bfloat16
+                    assert_rounded(w, v, name in BITWISE, f"{name} state {k} step {step}")
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop"])
+def test_float32_state_beside_bf16_params(name):
+    """float32 state set by hand beside bfloat16 parameters stays float32
+    and exact: torch's float32 step on the widened parameters."""
+    kwargs = {"lr": 1e-2, "momentum": 0.9} if name in ("SGD", "RMSprop") else {"lr": 1e-2}
+    gen = torch.Generator().manual_seed(3)
+    shapes = SHAPES[:3]
+    ours = [torch.nn.Parameter(torch.randn(s, generator=gen).bfloat16()) for s in shapes]
+    o_ours = getattr(ada, name)(ours, **kwargs)
+    for p, g in zip(ours, grads(shapes, gen, torch.bfloat16)):
+        p.grad = g
+    o_ours.step()
+    for p in ours:
+        for k, v in o_ours.state[p].items():
+            if torch.is_tensor(v) and v.shape == p.shape:
+                o_ours.state[p][k] = v.float()
+    for step in range(4):
+        gs = grads(shapes, gen, torch.bfloat16)
+        # The reference keeps the float32 state: build it by hand, not
+        # through load_state_dict (which would cast it to the parameter's dtype).
+        p32 = [torch.nn.Parameter(p.detach().float()) for p in ours]
+        ref = getattr(torch.optim, name)(p32, foreach=False, **kwargs)
+        for a, b in zip(p32, ours):
+            ref.state[a] = {k: v.clone() for k, v in o_ours.state[b].items()}
+        for a, b, g in zip(p32, ours, gs):
+            a.grad, b.grad = g.float(), g
+        ref.step()
+        o_ours.step()
+        for i, (a, b) in enumerate(zip(p32, ours)):
+            assert_rounded(b, a.detach(), name == "SGD", f"{name} step {step} tensor {i}")
+            for k, v in ref.state[a].items():
+                w = o_ours.state[b][k]
+                if torch.is_tensor(v) and v.shape == a.shape:
+                    assert w.dtype == torch.float32
+                    assert torch.allclose(w, v, rtol=RTOL, atol=ATOL), f"{name} state {k}"
+                    if name == "SGD":
+                        assert torch.equal(w, v)
+
+
+@pytest.mark.parametrize("gdtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["SGD", "AdamW", "Adamax"])
+def test_half_gradients_beside_float32_master_weights(name, gdtype):
+    """torch's `grad_dtype` lets a float32 parameter take a bfloat16 or
+    float16 gradient (the ZeRO-Offload shape): the step is torch's float32
+    step on the widened gradient."""
+    kwargs = {"lr": 1e-2, "momentum": 0.9} if name == "SGD" else {"lr": 1e-2}
+    gen = torch.Generator().manual_seed(4)
+    ref = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES[:3]]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    for p in ours:
+        p.grad_dtype = gdtype
+    o_ref = getattr(torch.optim, name)(ref, foreach=False, **kwargs)
+    o_ours = getattr(ada, name)(ours, **kwargs)
+    for _ in range(5):
+        for a, b, g in zip(ref, ours, grads(SHAPES[:3], gen, gdtype)):
+            a.grad, b.grad = g.float(), g
+        o_ref.step()
+        o_ours.step()
+    for a, b in zip(ref, ours):
+        assert b.dtype == torch.float32 and b.grad.dtype == gdtype
+        if name in BITWISE:
+            assert torch.equal(a.detach(), b.detach())
+        else:
+            assert torch.allclose(b.detach(), a.detach(), rtol=RTOL, atol=ATOL)
+    # Through the backward pass, as a model produces them.
+    lin = torch.nn.Linear(8, 3)
+    for p in lin.parameters():
+        p.grad_dtype = gdtype
+    opt = getattr(ada, name)(lin.parameters(), **kwargs)
+    lin(torch.randn(4, 8)).square().sum().backward()
+    before = [p.detach().clone() for p in lin.parameters()]
+    opt.step()
+    assert all(not torch.equal(a, p.detach()) for a, p in zip(before, lin.parameters()))
+
+
+def test_fused_controls_on_bf16():
+    """Loss scale, clipping and the non-finite guard on bfloat16 gradients:
+    the float32 run on the widened tensors, rounded (the norm of widened
+    bfloat16 values is exact, so the clipping factor is the same)."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = SHAPES[:3]
+    p16 = [torch.nn.Parameter(torch.randn(s, generator=gen).bfloat16()) for s in shapes]
+    o16 = ada.SGD(p16, lr=0.1, momentum=0.9, grad_scale=1024.0, max_grad_norm=1.0)
+    for step in range(3):
+        gs = [g * 1024 for g in grads(shapes, gen, torch.bfloat16)]
+        # torch's float32 reference: unscale, clip_grad_norm_, step.
+        p32 = [torch.nn.Parameter(p.detach().float()) for p in p16]
+        ref = torch.optim.SGD(p32, lr=0.1, momentum=0.9, foreach=False)
+        for a, b in zip(p32, p16):
+            if b in o16.state:
+                ref.state[a] = {"momentum_buffer": o16.state[b]["momentum_buffer"].float()}
+        for a, b, g in zip(p32, p16, gs):
+            a.grad, b.grad = g.float() / 1024, g
+        torch.nn.utils.clip_grad_norm_(p32, 1.0, foreach=False)
+        ref.step()
+        o16.step()
+        assert not o16.last_step_skipped
+        for i, (a, b) in enumerate(zip(p32, p16)):
+            assert_rounded(b, a.detach(), False, f"step {step} tensor {i}")
+    # A bfloat16 inf gradient skips the whole step, nothing written.
+    o16.skip_non_finite = True
+    before = [p.detach().clone() for p in p16]
+    state = copy.deepcopy(o16.state_dict())
+    for p in p16:
+        p.grad = torch.zeros_like(p)
+    p16[2].grad[7] = float("inf")
+    o16.step()
+    assert o16.last_step_skipped
+    for p, q in zip(p16, before):
+        assert torch.equal(bits(p), bits(q))
+    for k, v in state["state"].items():
+        assert torch.equal(o16.state_dict()["state"][k]["momentum_buffer"], v["momentum_buffer"])
+
+
+def test_unsupported_dtypes_raise_before_anything_changes():
+    a = torch.nn.Parameter(torch.randn(4, 4).bfloat16())
+    b = torch.nn.Parameter(torch.randn(5).bfloat16())
+    opt = ada.Adam([a, b], lr=0.1)
+    a.grad, b.grad = torch.randn(4, 4).bfloat16(), torch.randn(5).bfloat16()
+    opt.step()
+
+    def unchanged(exc):
+        before = [p.detach().clone() for p in (a, b)]
+        state = copy.deepcopy(opt.state_dict())
+        with pytest.raises(exc) as info:
+            opt.step()
+        for p, q in zip((a, b), before):
+            assert torch.equal(bits(p), bits(q))
+        for k, v in state["state"].items():
+            for n, x in v.items():
+                assert torch.equal(opt.state_dict()["state"][k][n], x)
+        return str(info.value)
+
+    # A float64 gradient.
+    b.grad_dtype = None
+    b.grad = torch.randn(5, dtype=torch.float64)
+    msg = unchanged(TypeError)
+    assert "parameter 1" in msg and "float64" in msg
+    # A float16 state buffer.
+    b.grad = torch.randn(5).bfloat16()
+    opt.state[b]["exp_avg_sq"] = opt.state[b]["exp_avg_sq"].half()
+    msg = unchanged(TypeError)
+    assert "exp_avg_sq" in msg and "float16" in msg
+    opt.state[b]["exp_avg_sq"] = opt.state[b]["exp_avg_sq"].bfloat16()
+    opt.step()
+    # A float16 parameter: the step has no float16 parameter storage.
+    c = torch.nn.Parameter(torch.randn(3).half())
+    c.grad = torch.randn(3).half()
+    opt.add_param_group({"params": [c]})
+    msg = unchanged(TypeError)
+    assert "param_groups[1]" in msg and "float16" in msg
+
+
+def test_adjacent_bf16_parameters_and_overlap():
+    """Two bfloat16 parameters side by side in one buffer are stepped (the
+    overlap check counts two bytes per element); overlapping ones are not."""
+    buf = torch.randn(64).bfloat16()
+    a, b = torch.nn.Parameter(buf[:32]), torch.nn.Parameter(buf[32:])
+    ref = [torch.nn.Parameter(buf[:32].clone()), torch.nn.Parameter(buf[32:].clone())]
+    opt, o_ref = ada.SGD([a, b], lr=0.1, momentum=0.9), torch.optim.SGD(ref, lr=0.1, momentum=0.9, fused=True)
+    for _ in range(3):
+        for p, q in zip((a, b), ref):
+            p.grad = torch.randn(32).bfloat16()
+            q.grad = p.grad.clone()
+        opt.step()
+        o_ref.step()
+    assert torch.equal(bits(a), bits(ref[0])) and torch.equal(bits(b), bits(ref[1]))
+    c, d = torch.nn.Parameter(buf[:33]), torch.nn.Parameter(buf[32:])
+    c.grad, d.grad = torch.zeros(33).bfloat16(), torch.zeros(32).bfloat16()
+    with pytest.raises(ValueError, match="share memory"):
+        ada.SGD([c, d], lr=0.1).step()
