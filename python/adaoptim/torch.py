@@ -77,6 +77,8 @@ _GRAD_DTYPES = (_F32, _BF16, _F16)
 _GRAD_BITS = {_F32: 0, _BF16: 2, _F16: 4}
 _STATE_BITS = 3
 _STRIDED = torch.strided
+# The state of a parameter torch keeps none for (SGD without momentum): never written.
+_NO_STATE = {}
 
 
 def set_num_threads(n):
@@ -233,6 +235,7 @@ class _RustStep:
     def step(self, closure=None):
         loss = _closure_loss(closure)
         cache = self.__dict__.setdefault("_adaoptim_cache", {})
+        state_of = self.state.get
         if self.__dict__.get("_adaoptim_state_obj") is not self.state:
             # load_state_dict (or a user) replaced the state: rebuild the cache.
             cache.clear()
@@ -257,8 +260,9 @@ class _RustStep:
                     _check_grad(p, g, _where(i, gi))
                 entry = cache.get(id(p))
                 # A cached parameter is stepped with its cached state tensors:
-                # load_state_dict replaces the whole state (seen above); a state
-                # tensor swapped by hand (any key) is seen by identity. A
+                # load_state_dict replaces the whole state (seen above); a
+                # parameter's state dict replaced or deleted, or a state tensor
+                # swapped by hand (any key), is seen by identity. A
                 # parameter whose memory moved (`p.data = ...`), or whose
                 # gradient has another size or dtype, goes through the full
                 # checks again.
@@ -271,6 +275,7 @@ class _RustStep:
                     or g.numel() != entry[3]
                     or g.dtype is not entry[7]
                     or p.dtype is not entry[8]
+                    or state_of(p, _NO_STATE) is not entry[4]
                     or not all(map(_is, map(entry[4].get, keys), entry[5]))
                 ):
                     pending.append((len(groups), p, g, _where(i, gi), layout))
@@ -318,7 +323,7 @@ class _RustStep:
             names, init, aux_names, aux_init, keys = layout
             # An optimizer without per-parameter state (SGD without momentum)
             # leaves torch's `state` empty, as torch does.
-            st = self.state[p] if keys else {}
+            st = self.state[p] if keys else _NO_STATE
             first = self._adaoptim_init_state(st, p, names, init, aux_names, aux_init)
 
             flat = groups[slot][1]

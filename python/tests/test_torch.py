@@ -680,3 +680,45 @@ def test_fused_controls_bad_values():
     opt = ada.Lion([p], lr=0.01, grad_scale=2.0)
     p.grad = torch.full((3,), 2.0)
     opt.step()
+
+
+def test_state_changed_by_hand_is_what_the_next_step_uses():
+    """A training loop that deletes a parameter's state (to restart its
+    moments), replaces its state dict, or swaps one state tensor gets what
+    torch gives: the cached step sees each change."""
+    gen = torch.Generator().manual_seed(9)
+    ref = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((6,), (3, 4))]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    o_ref, o_ours = torch.optim.SGD(ref, lr=0.1, momentum=0.9), ada.SGD(ours, lr=0.1, momentum=0.9)
+
+    def step():
+        for a, b in zip(ref, ours):
+            g = torch.randn(a.shape, generator=gen)
+            a.grad, b.grad = g.clone(), g.clone()
+        o_ref.step()
+        o_ours.step()
+        for a, b in zip(ref, ours):
+            assert torch.equal(a.detach(), b.detach())
+            assert torch.equal(o_ref.state[a]["momentum_buffer"], o_ours.state[b]["momentum_buffer"])
+
+    step()
+    step()
+    del o_ref.state[ref[0]], o_ours.state[ours[0]]  # restart one parameter's momentum
+    step()
+    o_ref.state[ref[1]] = {"momentum_buffer": torch.ones(3, 4)}
+    o_ours.state[ours[1]] = {"momentum_buffer": torch.ones(3, 4)}
+    step()
+    # Adam: a second state buffer swapped by hand.
+    a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))
+    b.data.copy_(a.data)
+    oa, ob = torch.optim.Adam([a], lr=0.1, foreach=False), ada.Adam([b], lr=0.1)
+    for k in range(3):
+        g = torch.randn(5, generator=gen)
+        a.grad, b.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+        if k == 0:
+            oa.state[a]["exp_avg_sq"] = torch.full((5,), 4.0)
+            ob.state[b]["exp_avg_sq"] = torch.full((5,), 4.0)
+    close(b.detach(), a.detach(), "Adam after exp_avg_sq swapped")
+    close(ob.state[b]["exp_avg_sq"], oa.state[a]["exp_avg_sq"], "exp_avg_sq")
