@@ -15,11 +15,12 @@ not contiguous or of a dtype the class does not step, or a gradient of
 another shape, raises ``TypeError``/``ValueError`` naming the parameter
 before anything is modified.
 
-The element-wise classes step ``float32`` and ``bfloat16`` tensors. A
-``bfloat16`` parameter (its gradient is ``bfloat16`` too, as torch keeps
-it) and ``bfloat16`` state are widened, stepped in float32 and rounded back
-to nearest-even in the same pass -- what torch's ``fused=True`` step does
-with them. New state takes the parameter's dtype, as torch creates it; a
+The element-wise classes step ``float32`` and ``bfloat16`` parameters and
+state, and ``float32``, ``bfloat16`` or ``float16`` gradients (torch's
+``grad_dtype`` lets a gradient's dtype differ from its parameter's). Half
+precision values are widened, stepped in float32 and rounded back to
+nearest-even in the same pass -- what torch's ``fused=True`` step does with
+bfloat16 tensors. New state takes the parameter's dtype, as torch creates it; a
 state tensor may be either dtype on its own (``float32`` state beside a
 ``bfloat16`` parameter keeps the moments exact).
 Parameters whose ``.grad`` is ``None`` are skipped, as torch skips them.
