@@ -53,7 +53,7 @@ use serde_json::{Value, json};
 use crate::checkpoint::{Reader, Writer, bad, read, write_atomic};
 use crate::error::{finite, next_step};
 use crate::optim::Lerp;
-use crate::simd::{F32Vec, Wide};
+use crate::simd::{F32Vec, LaneOp, dispatch};
 use crate::{Backend, Error, Exec};
 
 /// Hyperparameters of [`Adafactor`], with `torch.optim.Adafactor`'s names
@@ -296,9 +296,9 @@ impl Adafactor {
     /// The execution policy. Threads: [`Parallel::Auto`](crate::Parallel::Auto) (the default:
     /// rayon's pool from [`PAR_THRESHOLD`](crate::PAR_THRESHOLD) elements),
     /// `Serial`, or `Chunks` (always through rayon; the chunk size is not
-    /// used, the partition is fixed). Backend: `Avx2`/`Avx512` run the step
-    /// compiled for AVX2, FMA and F16C, `Scalar`/`Wide` the baseline build (there
-    /// is no hand-written lane code for Adafactor); a forced backend this CPU
+    /// used, the partition is fixed). Backend: each runs the per-element passes
+    /// on its own lanes (`f32`, `wide`, AVX2, AVX-512) through the crate's one
+    /// backend dispatch, the reductions compiled with its instructions; a forced backend this CPU
     /// lacks fails the next step with [`Error::BackendUnavailable`]. Every
     /// policy and thread count gives the same bits.
     pub fn set_exec(&mut self, exec: Exec) {
@@ -513,14 +513,7 @@ pub fn step_slices(
         return Ok(());
     }
     let par = exec.chunk_for(n).is_some();
-    let lanes = match backend {
-        Backend::Scalar => Lanes::Scalar,
-        Backend::Wide => Lanes::Wide,
-        #[cfg(target_arch = "x86_64")]
-        _ if Backend::Avx2.is_available() => Lanes::Avx2,
-        _ => Lanes::Wide,
-    };
-    run(config, shape, t, n, params, grads, state, par, lanes);
+    run(config, shape, t, n, params, grads, state, par, Lanes(backend));
     Ok(())
 }
 
@@ -708,15 +701,11 @@ struct Apply {
     f: Factors,
 }
 
-/// Which lane type the per-element passes run on. Every one evaluates the
-/// same IEEE operations in the same order, so they give the same bits.
+/// The backend the per-element passes run on (through the crate's one
+/// [`dispatch`]). Every one evaluates the same IEEE operations in the same
+/// order, so they give the same bits.
 #[derive(Clone, Copy)]
-enum Lanes {
-    Scalar,
-    Wide,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-}
+struct Lanes(Backend);
 
 /// `g / sqrt(max(v, eps1^2))` with torch's `rsqrt` (an f32 square root,
 /// then an f32 division), negated gradient for `maximize`.
@@ -740,11 +729,14 @@ fn accumulate<V: F32Vec>(acc: &mut [f64; 8], j: usize, u: V) {
     let mut tmp = [0f32; 16];
     // SAFETY: `tmp` holds 16 >= LANES floats.
     unsafe { u.store(tmp.as_mut_ptr()) };
-    if V::LANES == 8 && j.is_multiple_of(8) {
-        // The same adds, in a form the compiler vectorizes.
-        for (a, &x) in acc.iter_mut().zip(&tmp[..8]) {
-            let x = f64::from(x);
-            *a += x * x;
+    if V::LANES.is_multiple_of(8) && j.is_multiple_of(8) {
+        // The same adds in the same order (element `j + l` into accumulator
+        // `l % 8`, lanes in order), in a form the compiler vectorizes.
+        for half in tmp[..V::LANES].chunks_exact(8) {
+            for (a, &x) in acc.iter_mut().zip(half) {
+                let x = f64::from(x);
+                *a += x * x;
+            }
         }
         return;
     }
@@ -874,90 +866,59 @@ fn sq_sum(x: &[f32]) -> f64 {
     fold8(acc)
 }
 
-/// The AVX2 instantiations, compiled with AVX2, FMA and F16C (the f64 reductions
-/// too: the compiler vectorizes them without reordering any sum).
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::*;
-    use crate::simd::Avx2;
+/// One per-element pass over one row or chunk, as a [`LaneOp`] (the f64
+/// reductions are compiled with the backend's instructions too: the compiler
+/// vectorizes them without reordering any sum).
+enum Pass<'a> {
+    SqSum(&'a [f32]),
+    ColAcc(&'a mut [f64], &'a [f32]),
+    RowUsq { r: f32, cv: &'a [f32], rmean: f32, g: &'a [f32], f: Factors },
+    RowApply { r: f32, cv: &'a [f32], rmean: f32, g: &'a [f32], p: &'a mut [f32], ap: Apply },
+    VecUsq { v: &'a mut [f32], g: &'a [f32], w: Lerp, f: Factors },
+    VecApply { v: &'a [f32], g: &'a [f32], p: &'a mut [f32], ap: Apply },
+}
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn sq_sum(x: &[f32]) -> f64 {
-        super::sq_sum(x)
-    }
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn col_acc(acc: &mut [f64], g: &[f32]) {
-        super::col_acc(acc, g)
-    }
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn row_usq(r: f32, cv: &[f32], rmean: f32, g: &[f32], f: Factors) -> f64 {
-        super::row_usq::<Avx2>(r, cv, rmean, g, f)
-    }
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn row_apply(r: f32, cv: &[f32], rmean: f32, g: &[f32], p: &mut [f32], ap: Apply) {
-        super::row_apply::<Avx2>(r, cv, rmean, g, p, ap)
-    }
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn vec_usq(v: &mut [f32], g: &[f32], w: Lerp, f: Factors) -> f64 {
-        super::vec_usq::<Avx2>(v, g, w, f)
-    }
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn vec_apply(v: &[f32], g: &[f32], p: &mut [f32], ap: Apply) {
-        super::vec_apply::<Avx2>(v, g, p, ap)
+impl LaneOp for Pass<'_> {
+    type Out = f64;
+    #[inline(always)]
+    fn run<V: F32Vec>(self) -> f64 {
+        match self {
+            Pass::SqSum(x) => sq_sum(x),
+            Pass::ColAcc(acc, g) => {
+                col_acc(acc, g);
+                0.0
+            }
+            Pass::RowUsq { r, cv, rmean, g, f } => row_usq::<V>(r, cv, rmean, g, f),
+            Pass::RowApply { r, cv, rmean, g, p, ap } => {
+                row_apply::<V>(r, cv, rmean, g, p, ap);
+                0.0
+            }
+            Pass::VecUsq { v, g, w, f } => vec_usq::<V>(v, g, w, f),
+            Pass::VecApply { v, g, p, ap } => {
+                vec_apply::<V>(v, g, p, ap);
+                0.0
+            }
+        }
     }
 }
 
 impl Lanes {
     fn sq_sum(self, x: &[f32]) -> f64 {
-        match self {
-            Lanes::Scalar | Lanes::Wide => sq_sum(x),
-            // SAFETY: `Lanes::Avx2` is chosen only where AVX2, FMA and F16C were detected.
-            #[cfg(target_arch = "x86_64")]
-            Lanes::Avx2 => unsafe { avx2::sq_sum(x) },
-        }
+        dispatch(self.0, Pass::SqSum(x))
     }
     fn col_acc(self, acc: &mut [f64], g: &[f32]) {
-        match self {
-            Lanes::Scalar | Lanes::Wide => col_acc(acc, g),
-            // SAFETY: `Lanes::Avx2` is chosen only where AVX2, FMA and F16C were detected.
-            #[cfg(target_arch = "x86_64")]
-            Lanes::Avx2 => unsafe { avx2::col_acc(acc, g) },
-        }
+        dispatch(self.0, Pass::ColAcc(acc, g));
     }
     fn row_usq(self, r: f32, cv: &[f32], rmean: f32, g: &[f32], f: Factors) -> f64 {
-        match self {
-            Lanes::Scalar => row_usq::<f32>(r, cv, rmean, g, f),
-            Lanes::Wide => row_usq::<Wide>(r, cv, rmean, g, f),
-            // SAFETY: `Lanes::Avx2` is chosen only where AVX2, FMA and F16C were detected.
-            #[cfg(target_arch = "x86_64")]
-            Lanes::Avx2 => unsafe { avx2::row_usq(r, cv, rmean, g, f) },
-        }
+        dispatch(self.0, Pass::RowUsq { r, cv, rmean, g, f })
     }
     fn row_apply(self, r: f32, cv: &[f32], rmean: f32, g: &[f32], p: &mut [f32], ap: Apply) {
-        match self {
-            Lanes::Scalar => row_apply::<f32>(r, cv, rmean, g, p, ap),
-            Lanes::Wide => row_apply::<Wide>(r, cv, rmean, g, p, ap),
-            // SAFETY: `Lanes::Avx2` is chosen only where AVX2, FMA and F16C were detected.
-            #[cfg(target_arch = "x86_64")]
-            Lanes::Avx2 => unsafe { avx2::row_apply(r, cv, rmean, g, p, ap) },
-        }
+        dispatch(self.0, Pass::RowApply { r, cv, rmean, g, p, ap });
     }
     fn vec_usq(self, v: &mut [f32], g: &[f32], w: Lerp, f: Factors) -> f64 {
-        match self {
-            Lanes::Scalar => vec_usq::<f32>(v, g, w, f),
-            Lanes::Wide => vec_usq::<Wide>(v, g, w, f),
-            // SAFETY: `Lanes::Avx2` is chosen only where AVX2, FMA and F16C were detected.
-            #[cfg(target_arch = "x86_64")]
-            Lanes::Avx2 => unsafe { avx2::vec_usq(v, g, w, f) },
-        }
+        dispatch(self.0, Pass::VecUsq { v, g, w, f })
     }
     fn vec_apply(self, v: &[f32], g: &[f32], p: &mut [f32], ap: Apply) {
-        match self {
-            Lanes::Scalar => vec_apply::<f32>(v, g, p, ap),
-            Lanes::Wide => vec_apply::<Wide>(v, g, p, ap),
-            // SAFETY: `Lanes::Avx2` is chosen only where AVX2, FMA and F16C were detected.
-            #[cfg(target_arch = "x86_64")]
-            Lanes::Avx2 => unsafe { avx2::vec_apply(v, g, p, ap) },
-        }
+        dispatch(self.0, Pass::VecApply { v, g, p, ap });
     }
 }

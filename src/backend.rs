@@ -7,9 +7,12 @@ use crate::Error;
 
 /// An implementation of the per-element formulas.
 ///
-/// All backends compute the same IEEE-754 operations in the same order (no
-/// fused multiply-add, no approximate reciprocals), so they are bitwise
-/// identical to [`Backend::Scalar`] on every non-NaN result: 0 ULP per step.
+/// All backends compute the same IEEE-754 operations in the same order (a
+/// fused multiply-add exactly where a formula asks for one, as torch fuses;
+/// no approximate reciprocals), so they are bitwise identical to
+/// [`Backend::Scalar`] on every non-NaN result: 0 ULP per step. Code reaches a
+/// backend's lanes only through the crate's one dispatch, which enters the
+/// AVX2 and AVX-512 lanes only with a token that runtime detection made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum Backend {

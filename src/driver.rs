@@ -5,7 +5,7 @@
 //! thread count.
 
 use crate::backend::{Backend, Exec};
-use crate::simd::{F32Vec, Wide};
+use crate::simd::{F32Vec, LaneOp, dispatch};
 use crate::storage::{
     Elem, Exact, Grads, ParamCopy, Params, StateBuf, TILE, bf16, dequantize, narrow, quantize, widen,
 };
@@ -625,39 +625,27 @@ fn run_lanes_with<V: F32Vec, K: Kernel<S>, const S: usize, P: Pre>(k: &K, sl: Sl
     }
 }
 
-fn run_scalar<K, L: Lanes<K>>(k: &K, sl: L, pre: GradPre) {
-    sl.run::<f32>(k, pre)
+/// One piece of a step as a [`LaneOp`]: what [`dispatch`] runs.
+struct Step<'k, K, L> {
+    k: &'k K,
+    sl: L,
+    pre: GradPre,
 }
 
-fn run_wide<K, L: Lanes<K>>(k: &K, sl: L, pre: GradPre) {
-    sl.run::<Wide>(k, pre)
+impl<K, L: Lanes<K>> LaneOp for Step<'_, K, L> {
+    type Out = ();
+    // Inlined into `dispatch`'s `#[target_feature]` entry, so the lane loop
+    // is compiled with the backend's instructions.
+    #[inline(always)]
+    fn run<V: F32Vec>(self) {
+        self.sl.run::<V>(self.k, self.pre)
+    }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn run_avx2_tf<K, L: Lanes<K>>(k: &K, sl: L, pre: GradPre) {
-    sl.run::<crate::simd::Avx2>(k, pre)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn run_avx512_tf<K, L: Lanes<K>>(k: &K, sl: L, pre: GradPre) {
-    sl.run::<crate::simd::Avx512>(k, pre)
-}
-
-#[cfg(target_arch = "x86_64")]
-fn run_avx2<K, L: Lanes<K>>(k: &K, sl: L, pre: GradPre) {
-    assert!(Backend::Avx2.is_available());
-    // SAFETY: AVX2, FMA and F16C were detected at run time (asserted above; `runner`
-    // only hands out this function for an available backend).
-    unsafe { run_avx2_tf(k, sl, pre) }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn run_avx512<K, L: Lanes<K>>(k: &K, sl: L, pre: GradPre) {
-    assert!(Backend::Avx512.is_available());
-    // SAFETY: AVX-512F was detected at run time (asserted above).
-    unsafe { run_avx512_tf(k, sl, pre) }
+/// Runs `k` over one piece on `backend` (no splitting).
+#[inline]
+pub(crate) fn run_on<K, L: Lanes<K>>(backend: Backend, k: &K, sl: L, pre: GradPre) {
+    dispatch(backend, Step { k, sl, pre })
 }
 
 /// True if any `unscale(g[i])` is NaN or infinite. Accumulates `x * 0`
@@ -691,73 +679,68 @@ fn scan_lanes<V: F32Vec>(g: &[f32], unscale: Unscale) -> bool {
     g[4 * quarter..].iter().any(|&x| !unscale.apply(x).is_finite())
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn scan_avx2(g: &[f32], unscale: Unscale) -> bool {
-    scan_lanes::<crate::simd::Avx2>(g, unscale)
+/// The non-finite scan of one piece as a [`LaneOp`].
+struct Scan<'a> {
+    g: &'a [f32],
+    unscale: Unscale,
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn scan_avx512(g: &[f32], unscale: Unscale) -> bool {
-    scan_lanes::<crate::simd::Avx512>(g, unscale)
-}
-
-fn scan_serial(backend: Backend, g: &[f32], unscale: Unscale) -> bool {
-    match backend {
-        Backend::Scalar => scan_lanes::<f32>(g, unscale),
-        #[cfg(target_arch = "x86_64")]
-        Backend::Avx2 if Backend::Avx2.is_available() => {
-            // SAFETY: AVX2, FMA and F16C were detected at run time (checked in the guard).
-            unsafe { scan_avx2(g, unscale) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Backend::Avx512 if Backend::Avx512.is_available() => {
-            // SAFETY: AVX-512F was detected at run time (checked in the guard).
-            unsafe { scan_avx512(g, unscale) }
-        }
-        _ => scan_lanes::<Wide>(g, unscale),
+impl LaneOp for Scan<'_> {
+    type Out = bool;
+    #[inline(always)]
+    fn run<V: F32Vec>(self) -> bool {
+        scan_lanes::<V>(self.g, self.unscale)
     }
-}
-
-fn scan_par(backend: Backend, g: &[f32], unscale: Unscale, chunk: usize) -> bool {
-    if g.len() <= chunk {
-        return scan_serial(backend, g, unscale);
-    }
-    let mid = g.len().div_ceil(chunk) / 2 * chunk;
-    let (a, b) = g.split_at(mid);
-    let (x, y) = rayon::join(|| scan_par(backend, a, unscale, chunk), || scan_par(backend, b, unscale, chunk));
-    x || y
 }
 
 /// Whether any gradient (divided by the plan's loss scale) is NaN or
 /// infinite, with the plan's backend and thread split.
 pub(crate) fn any_non_finite(plan: &Plan, g: &[f32]) -> bool {
+    let (backend, unscale) = (plan.backend, plan.unscale);
+    let leaf = |g: &[f32]| dispatch(backend, Scan { g, unscale });
     match plan.exec.chunk_for(g.len()) {
-        Some(chunk) => scan_par(plan.backend, g, plan.unscale, chunk),
-        None => scan_serial(plan.backend, g, plan.unscale),
+        Some(chunk) => split_reduce(g, chunk, true, &|g| g.len(), &|g, mid| g.split_at(mid), &leaf, &|x, y| x || y),
+        None => leaf(g),
     }
 }
 
-pub(crate) type Runner<K, L> = fn(&K, L, GradPre);
-
-pub(crate) fn runner<K, L: Lanes<K>>(b: Backend) -> Runner<K, L> {
-    match b {
-        Backend::Scalar => run_scalar::<K, L>,
-        Backend::Wide => run_wide::<K, L>,
-        #[cfg(target_arch = "x86_64")]
-        Backend::Avx2 => run_avx2::<K, L>,
-        #[cfg(target_arch = "x86_64")]
-        Backend::Avx512 => run_avx512::<K, L>,
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => run_wide::<K, L>,
+/// Splits `x` at multiples of `chunk` counted from its start (so the piece
+/// boundaries, and the shape of the tree, are the same whatever the recursion
+/// depth and thread count), runs `leaf` on every piece and combines the two
+/// halves of each split with `join` (first half first), the halves on
+/// `rayon::join` when `parallel`. The one split-and-join recursion of the
+/// crate: the dense and mixed steps, the non-finite scan, the sum of squares,
+/// the grouped arena and the borrowed multi-tensor step all run on it.
+///
+/// `len` is the size the split points are counted in; a value that cannot be
+/// split further reports a size of at most `chunk`.
+pub(crate) fn split_reduce<T: Send, R: Send>(
+    x: T,
+    chunk: usize,
+    parallel: bool,
+    len: &(impl Fn(&T) -> usize + Sync),
+    split: &(impl Fn(T, usize) -> (T, T) + Sync),
+    leaf: &(impl Fn(T) -> R + Sync),
+    join: &(impl Fn(R, R) -> R + Sync),
+) -> R {
+    let n = len(&x);
+    if n <= chunk {
+        return leaf(x);
     }
+    let mid = n.div_ceil(chunk) / 2 * chunk;
+    let (a, b) = split(x, mid);
+    let (ra, rb) = if parallel {
+        rayon::join(
+            || split_reduce(a, chunk, true, len, split, leaf, join),
+            || split_reduce(b, chunk, true, len, split, leaf, join),
+        )
+    } else {
+        (split_reduce(a, chunk, false, len, split, leaf, join), split_reduce(b, chunk, false, len, split, leaf, join))
+    };
+    join(ra, rb)
 }
 
-/// Splits `x` at multiples of `chunk` counted from its start (so the chunk
-/// boundaries are the same whatever the recursion depth) and runs `f` on
-/// every piece, the halves of each split on `rayon::join`. The one
-/// split-and-join recursion of the element-wise drivers.
+/// [`split_reduce`] on rayon for work that returns nothing.
 pub(crate) fn split_join<T: Send>(
     x: T,
     chunk: usize,
@@ -765,28 +748,20 @@ pub(crate) fn split_join<T: Send>(
     split: &(impl Fn(T, usize) -> (T, T) + Sync),
     f: &(impl Fn(T) + Sync),
 ) {
-    let n = len(&x);
-    if n <= chunk {
-        f(x);
-        return;
-    }
-    let mid = n.div_ceil(chunk) / 2 * chunk;
-    let (a, b) = split(x, mid);
-    rayon::join(|| split_join(a, chunk, len, split, f), || split_join(b, chunk, len, split, f));
+    split_reduce(x, chunk, true, len, split, f, &|(), ()| ())
 }
 
 fn drive_lanes<K: Sync, L: Lanes<K>>(k: &K, plan: Plan, sl: L, chunk_multiple: usize) -> StepReport {
     let backend = plan.backend;
-    let run = runner::<K, L>(backend);
     let pre = plan.pre();
     match plan.exec.chunk_for(sl.len()) {
         Some(chunk) => {
             let chunk = chunk.next_multiple_of(chunk_multiple);
-            split_join(sl, chunk, &|x: &L| x.len(), &|x: L, mid| x.split_at(mid), &|x| run(k, x, pre));
+            split_join(sl, chunk, &|x: &L| x.len(), &|x: L, mid| x.split_at(mid), &|x| run_on(backend, k, x, pre));
             StepReport { backend, parallel: true, skipped: false }
         }
         None => {
-            run(k, sl, pre);
+            run_on(backend, k, sl, pre);
             StepReport { backend, parallel: false, skipped: false }
         }
     }
@@ -866,55 +841,38 @@ fn sumsq_leaf<E: Exact>(g: &[E], unscale: Unscale) -> f64 {
     acc[0]
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn sumsq_leaf_avx2<E: Exact>(g: &[E], unscale: Unscale) -> f64 {
-    sumsq_leaf(g, unscale)
+/// One leaf of the sum of squares as a [`LaneOp`]: the lane type is not
+/// used, but the leaf is compiled with the backend's instructions (the
+/// compiler vectorizes the f64 accumulators without reordering any sum).
+struct SumSq<'a, E> {
+    g: &'a [E],
+    unscale: Unscale,
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn sumsq_leaf_avx512<E: Exact>(g: &[E], unscale: Unscale) -> f64 {
-    sumsq_leaf(g, unscale)
-}
-
-fn sumsq_leaf_on<E: Exact>(backend: Backend, g: &[E], unscale: Unscale) -> f64 {
-    match backend {
-        #[cfg(target_arch = "x86_64")]
-        Backend::Avx2 if Backend::Avx2.is_available() => {
-            // SAFETY: AVX2, FMA and F16C were detected at run time (checked in the guard).
-            unsafe { sumsq_leaf_avx2(g, unscale) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Backend::Avx512 if Backend::Avx512.is_available() => {
-            // SAFETY: AVX-512F was detected at run time (checked in the guard).
-            unsafe { sumsq_leaf_avx512(g, unscale) }
-        }
-        _ => sumsq_leaf(g, unscale),
+impl<E: Exact> LaneOp for SumSq<'_, E> {
+    type Out = f64;
+    #[inline(always)]
+    fn run<V: F32Vec>(self) -> f64 {
+        sumsq_leaf(self.g, self.unscale)
     }
-}
-
-/// The tree over leaves: split at a multiple of [`NORM_BLOCK`] counted from
-/// the start, halves summed and added, on rayon when `parallel`.
-fn sumsq_tree<E: Exact>(backend: Backend, g: &[E], unscale: Unscale, parallel: bool) -> f64 {
-    if g.len() <= NORM_BLOCK {
-        return sumsq_leaf_on(backend, g, unscale);
-    }
-    let mid = g.len().div_ceil(NORM_BLOCK) / 2 * NORM_BLOCK;
-    let (a, b) = g.split_at(mid);
-    let (x, y) = if parallel {
-        rayon::join(|| sumsq_tree(backend, a, unscale, true), || sumsq_tree(backend, b, unscale, true))
-    } else {
-        (sumsq_tree(backend, a, unscale, false), sumsq_tree(backend, b, unscale, false))
-    };
-    x + y
 }
 
 /// `sum(unscale(g)^2)` in f64 with the plan's backend and threads; the same
 /// bits on every path. Infinite or NaN if any unscaled gradient is (f32
 /// squares cannot overflow f64, so a finite result means finite gradients).
 pub(crate) fn sum_of_squares<E: Exact>(plan: &Plan, g: &[E]) -> f64 {
-    sumsq_tree(plan.backend, g, plan.unscale, plan.exec.chunk_for(g.len()).is_some())
+    let (backend, unscale) = (plan.backend, plan.unscale);
+    // Leaves of NORM_BLOCK elements, split at multiples of it from the start:
+    // one tree for every thread count, summed in its fixed order.
+    split_reduce(
+        g,
+        NORM_BLOCK,
+        plan.exec.chunk_for(g.len()).is_some(),
+        &|g| g.len(),
+        &|g, mid| g.split_at(mid),
+        &|g| dispatch(backend, SumSq { g, unscale }),
+        &|x, y| x + y,
+    )
 }
 
 /// Runs kernel `k` under the plan: the `f32` loop when every buffer is

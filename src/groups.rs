@@ -42,7 +42,7 @@ use std::ops::Range;
 use aligned_vec::AVec;
 
 use crate::backend::Parallel;
-use crate::driver::{Bufs, Plan, StepReport};
+use crate::driver::{Bufs, Plan, StepReport, split_join};
 use crate::optim::sealed::Sealed;
 use crate::optim::{Guards, MAX_STATE, scheduled};
 use crate::schedule::Schedule;
@@ -441,7 +441,9 @@ impl<A: Algorithm> GroupedOptimizer<A> {
         let ctx = Ctx { tensors: &self.tensors, groups: &self.groups, t, plan: serial };
         let parallel = match plan.exec.chunk_for(hi - lo) {
             Some(chunk) => {
-                split(&ctx, arena, chunk);
+                split_join(arena, chunk, &|a: &Arena<'_>| a.p.len(), &|a: Arena<'_>, mid| a.split_at(mid), &|a| {
+                    ctx.leaf(a)
+                });
                 true
             }
             None => {
@@ -527,15 +529,4 @@ impl<A: Algorithm> Ctx<'_, A> {
             );
         }
     }
-}
-
-fn split<A: Algorithm>(ctx: &Ctx<'_, A>, a: Arena<'_>, chunk: usize) {
-    let n = a.p.len();
-    if n <= chunk {
-        ctx.leaf(a);
-        return;
-    }
-    let mid = n.div_ceil(chunk) / 2 * chunk;
-    let (x, y) = a.split_at(mid);
-    rayon::join(|| split(ctx, x, chunk), || split(ctx, y, chunk));
 }

@@ -43,7 +43,7 @@
 //! gradients in order), and clipping uses the global norm over all of them,
 //! as `torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)` does.
 
-use crate::driver::{Bufs, Plan, StepReport};
+use crate::driver::{Bufs, Plan, StepReport, split_join};
 use crate::error::next_step;
 use crate::memory::{self, Buffer};
 use crate::optim::sealed::Sealed;
@@ -356,24 +356,34 @@ impl<A: Algorithm> Ctx<'_, A> {
         );
     }
 
-    /// Splits the pieces in two halves of about equal element counts and
-    /// runs them with `rayon::join`, down to about `chunk` elements.
+    /// Runs the pieces on the crate's split-and-join recursion, down to
+    /// about `chunk` elements or one piece (see [`split_pieces`]).
     fn split(&self, pieces: &mut [Piece<'_, A>], chunk: usize) {
-        let total: usize = pieces.iter().map(|p| p.p.len()).sum();
-        if total <= chunk || pieces.len() == 1 {
-            pieces.iter_mut().for_each(|p| self.run(p));
-            return;
-        }
-        let mut acc = 0;
-        let mut mid = pieces.len() - 1;
-        for (i, p) in pieces.iter().enumerate() {
-            acc += p.p.len();
-            if acc >= total / 2 {
-                mid = (i + 1).min(pieces.len() - 1);
-                break;
-            }
-        }
-        let (a, b) = pieces.split_at_mut(mid);
-        rayon::join(|| self.split(a, chunk), || self.split(b, chunk));
+        split_join(pieces, chunk, &pieces_len, &split_pieces, &|ps| ps.iter_mut().for_each(|p| self.run(p)));
     }
+}
+
+/// The elements of `ps`, as the split points are counted; a single piece
+/// cannot be split here and reports 0, a leaf.
+fn pieces_len<A: Algorithm>(ps: &&mut [Piece<'_, A>]) -> usize {
+    if ps.len() < 2 { 0 } else { ps.iter().map(|p| p.p.len()).sum() }
+}
+
+/// Splits `ps` after the piece where the running element count reaches
+/// `mid` (pieces are never cut here; each piece's own step may split it
+/// further), leaving at least one piece on each side.
+fn split_pieces<'a, 'p, A: Algorithm>(
+    ps: &'a mut [Piece<'p, A>],
+    mid: usize,
+) -> (&'a mut [Piece<'p, A>], &'a mut [Piece<'p, A>]) {
+    let mut acc = 0;
+    let mut at = ps.len() - 1;
+    for (i, p) in ps.iter().enumerate() {
+        acc += p.p.len();
+        if acc >= mid {
+            at = (i + 1).min(ps.len() - 1);
+            break;
+        }
+    }
+    ps.split_at_mut(at)
 }

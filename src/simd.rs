@@ -5,6 +5,18 @@
 //! portable path) and, on x86-64, raw AVX2 (`__m256`) and AVX-512 (`__m512`)
 //! registers behind runtime-detected `#[target_feature]` drivers.
 //!
+//! # One dispatch, and who may hold an x86 lane
+//! Code that runs on lanes (a step, the non-finite scan, the sum of squares,
+//! Adafactor's passes, a lane test) is a [`LaneOp`], and [`dispatch`] is the
+//! one place that turns a [`Backend`] into a lane type. The AVX2 and AVX-512
+//! lane types are private to this module's `x86` part: no other code can name
+//! them, so none can make one (`F32Vec::splat` is a safe function that runs
+//! AVX instructions). The only way in is [`dispatch`], which asks for a
+//! capability token (`Avx2Cap`, `Avx512Cap`, in the style of `pulp`'s `V3`)
+//! that only runtime detection makes, and enters the `#[target_feature]`
+//! function only with it. Lane safety is therefore a property of this module,
+//! not a convention of its callers.
+//!
 //! # Numeric contract
 //! Every operation here is a single correctly rounded IEEE-754 operation
 //! (`+ - * /`, `sqrt`, and `mul_add`, the fused multiply-add, where a formula
@@ -17,6 +29,39 @@
 //! though the NaN payload bits may differ.
 
 use core::ops::{Add, Div, Mul, Neg, Sub};
+
+use crate::backend::Backend;
+
+/// Work written once over a lane type and run by [`dispatch`].
+pub(crate) trait LaneOp {
+    /// What the work returns.
+    type Out;
+    /// Runs the work with lane type `V`.
+    fn run<V: F32Vec>(self) -> Self::Out;
+}
+
+/// Runs `op` on `backend`'s lane type: the one backend dispatch of the crate.
+///
+/// A backend this CPU cannot run (never asked for by the crate: an
+/// [`Exec`](crate::Exec) resolves to an available backend first) runs the
+/// portable lanes, which give the same bits.
+#[inline]
+pub(crate) fn dispatch<O: LaneOp>(backend: Backend, op: O) -> O::Out {
+    match backend {
+        Backend::Scalar => op.run::<f32>(),
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx2 => match x86::Avx2Cap::detect() {
+            Some(cap) => cap.run(op),
+            None => op.run::<Wide>(),
+        },
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx512 => match x86::Avx512Cap::detect() {
+            Some(cap) => cap.run(op),
+            None => op.run::<Wide>(),
+        },
+        _ => op.run::<Wide>(),
+    }
+}
 
 /// A vector of `LANES` f32 values with the handful of operations optimizers need.
 ///
@@ -294,7 +339,7 @@ macro_rules! lanewise_conversions {
 /// The portable path: `wide::f32x8` (SSE2 pairs in a default x86-64 build,
 /// NEON on aarch64, whatever `wide` compiles to elsewhere).
 #[derive(Clone, Copy)]
-pub(crate) struct Wide(wide::f32x8);
+struct Wide(wide::f32x8);
 
 macro_rules! impl_ops {
     ($t:ident, $add:expr, $sub:expr, $mul:expr, $div:expr) => {
@@ -414,29 +459,74 @@ impl F32Vec for Wide {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::{Avx2, Avx512};
-
-#[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! Raw `std::arch` lanes. These types are only ever instantiated inside the
-    //! `#[target_feature]` drivers in `driver.rs`, which are only called after
-    //! `is_x86_feature_detected!` confirmed the features, so every intrinsic
-    //! below runs on a CPU that has it.
+    //! Raw `std::arch` lanes and the capability tokens that guard them. The
+    //! lane types are visible to this file only (`pub(super)`); generic code
+    //! elsewhere meets them only as the `V` of a [`LaneOp`] run by
+    //! [`Avx2Cap::run`] / [`Avx512Cap::run`], which need a token, which only
+    //! [`Avx2Cap::detect`] / [`Avx512Cap::detect`] make, after runtime
+    //! detection. So every intrinsic below runs on a CPU that has it.
     use super::*;
     use core::arch::x86_64::*;
 
     /// Eight lanes in one `ymm` register (AVX).
     #[derive(Clone, Copy)]
-    pub(crate) struct Avx2(__m256);
+    pub(super) struct Avx2(__m256);
 
     /// Sixteen lanes in one `zmm` register (AVX-512F).
     #[derive(Clone, Copy)]
-    pub(crate) struct Avx512(__m512);
+    pub(super) struct Avx512(__m512);
+
+    /// Proof that this CPU has AVX2, FMA and F16C: made only by
+    /// [`Avx2Cap::detect`] (the field is private).
+    #[derive(Clone, Copy)]
+    pub(super) struct Avx2Cap(());
+
+    /// Proof that this CPU has AVX-512F: made only by [`Avx512Cap::detect`].
+    #[derive(Clone, Copy)]
+    pub(super) struct Avx512Cap(());
+
+    impl Avx2Cap {
+        /// The token, where runtime detection found the features.
+        #[inline]
+        pub(super) fn detect() -> Option<Avx2Cap> {
+            Backend::Avx2.is_available().then_some(Avx2Cap(()))
+        }
+        /// Runs `op` on [`Avx2`] lanes, compiled with the features enabled.
+        #[inline]
+        pub(super) fn run<O: LaneOp>(self, op: O) -> O::Out {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            fn entry<O: LaneOp>(op: O) -> O::Out {
+                op.run::<Avx2>()
+            }
+            // SAFETY: `self` exists, so detection found AVX2, FMA and F16C.
+            unsafe { entry(op) }
+        }
+    }
+
+    impl Avx512Cap {
+        /// The token, where runtime detection found the feature.
+        #[inline]
+        pub(super) fn detect() -> Option<Avx512Cap> {
+            Backend::Avx512.is_available().then_some(Avx512Cap(()))
+        }
+        /// Runs `op` on [`Avx512`] lanes, compiled with the feature enabled.
+        #[inline]
+        pub(super) fn run<O: LaneOp>(self, op: O) -> O::Out {
+            #[target_feature(enable = "avx512f")]
+            fn entry<O: LaneOp>(op: O) -> O::Out {
+                op.run::<Avx512>()
+            }
+            // SAFETY: `self` exists, so detection found AVX-512F.
+            unsafe { entry(op) }
+        }
+    }
 
     // SAFETY (all intrinsic calls in this module): `Avx2` values exist only in
-    // code reached from `driver::run_avx2`, a `#[target_feature(enable = "avx2,fma,f16c")]`
-    // function called only after runtime detection of AVX2 and FMA; likewise
-    // `Avx512` only under `driver::run_avx512` after detection of AVX-512F.
+    // code reached from `Avx2Cap::run`, a `#[target_feature(enable = "avx2,fma,f16c")]`
+    // entry that needs a token only runtime detection makes (the lane tests
+    // below reach them the same way); likewise `Avx512` only under
+    // `Avx512Cap::run`.
     impl_ops!(
         Avx2,
         |a: Avx2, b: Avx2| Avx2(unsafe { _mm256_add_ps(a.0, b.0) }),
@@ -1006,21 +1096,33 @@ mod tests {
         assert!(!unsafe { V::load(a.as_ptr()) }.any_non_finite());
     }
 
+    /// [`check_backend`] as a [`LaneOp`], so the x86 lanes are reached
+    /// through [`dispatch`] and its capability tokens like every other use.
+    struct Check;
+    impl LaneOp for Check {
+        type Out = usize;
+        fn run<V: F32Vec>(self) -> usize {
+            check_backend::<V>();
+            V::LANES
+        }
+    }
+
     #[test]
     fn scalar_lanes() {
-        check_backend::<f32>();
+        assert_eq!(dispatch(Backend::Scalar, Check), 1);
     }
 
     #[test]
     fn wide_lanes_match_scalar() {
-        check_backend::<Wide>();
+        assert_eq!(dispatch(Backend::Wide, Check), 8);
     }
 
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx2_lanes_match_scalar() {
         if Backend::Avx2.is_available() {
-            check_backend::<Avx2>();
+            assert!(x86::Avx2Cap::detect().is_some());
+            assert_eq!(dispatch(Backend::Avx2, Check), 8);
         }
     }
 
@@ -1028,7 +1130,16 @@ mod tests {
     #[test]
     fn avx512_lanes_match_scalar() {
         if Backend::Avx512.is_available() {
-            check_backend::<Avx512>();
+            assert!(x86::Avx512Cap::detect().is_some());
+            assert_eq!(dispatch(Backend::Avx512, Check), 16);
         }
+    }
+
+    /// A token exists exactly where its backend is available.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn tokens_follow_detection() {
+        assert_eq!(x86::Avx2Cap::detect().is_some(), Backend::Avx2.is_available());
+        assert_eq!(x86::Avx512Cap::detect().is_some(), Backend::Avx512.is_available());
     }
 }

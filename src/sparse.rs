@@ -24,11 +24,11 @@
 
 use rayon::prelude::*;
 
-use crate::driver::{Kernel, Plan, Pre, Slices, StepReport, runner};
+use crate::driver::{GradPre, Kernel, Lanes, Plan, Pre, Slices, StepReport};
 use crate::error::{non_negative, unit_half_open};
 use crate::optim::Guards;
 use crate::optim::pow_step;
-use crate::simd::F32Vec;
+use crate::simd::{F32Vec, LaneOp, dispatch};
 use crate::{Error, Exec, NonFinitePolicy};
 
 use crate::memory::{Buffer, try_filled};
@@ -194,6 +194,42 @@ fn prefetch_row(base: RowBase, row: usize, dim: usize) {
 const ROWS_PER_TASK: usize = 64;
 const PREFETCH_AHEAD: usize = 4;
 
+/// A task's rows of a row-sparse update as a [`LaneOp`]: the rows loop runs
+/// inside [`dispatch`], on the plan's lanes.
+struct Rows<'a, 'k, K, const S: usize> {
+    k: &'k K,
+    pre: GradPre,
+    grad: &'a Coalesced<'a>,
+    rows: &'a [Entry],
+    table: RowBase,
+    state: [RowBase; S],
+}
+
+impl<K: Kernel<S>, const S: usize> LaneOp for Rows<'_, '_, K, S> {
+    type Out = ();
+    #[inline(always)]
+    fn run<V: F32Vec>(self) {
+        let dim = self.grad.dim;
+        for (i, &e) in self.rows.iter().enumerate() {
+            if let Some(ahead) = self.rows.get(i + PREFETCH_AHEAD) {
+                prefetch_row(self.table, ahead.row, dim);
+                self.state.iter().for_each(|&b| prefetch_row(b, ahead.row, dim));
+            }
+            // SAFETY: `e.row < rows` (checked before coalescing) so the row
+            // lies in the table and in every state buffer (same shape); rows
+            // are unique, so no other task forms a slice of the same row.
+            let sl = unsafe {
+                Slices {
+                    p: self.table.row(e.row, dim),
+                    g: self.grad.values(e),
+                    s: self.state.map(|b| b.row(e.row, dim)),
+                }
+            };
+            sl.run::<V>(self.k, self.pre);
+        }
+    }
+}
+
 /// Applies `k` to every coalesced row, in parallel when there is enough work.
 fn update_rows<K: Kernel<S>, const S: usize>(
     k: &K,
@@ -203,26 +239,10 @@ fn update_rows<K: Kernel<S>, const S: usize>(
     table: &mut [f32],
     state: [&mut [f32]; S],
 ) -> bool {
-    let dim = grad.dim;
-    let run = runner::<K, Slices<'_, S>>(plan.backend);
-    let pre = plan.pre();
-    let table_base = RowBase(table.as_mut_ptr());
-    let bases: [RowBase; S] = state.map(|s| RowBase(s.as_mut_ptr()));
-    let task = |chunk: &[Entry]| {
-        for (i, &e) in chunk.iter().enumerate() {
-            if let Some(ahead) = chunk.get(i + PREFETCH_AHEAD) {
-                prefetch_row(table_base, ahead.row, dim);
-                bases.iter().for_each(|&b| prefetch_row(b, ahead.row, dim));
-            }
-            // SAFETY: `e.row < rows` (checked before coalescing) so the row
-            // lies in the table and in every state buffer (same shape); rows
-            // are unique, so no other task forms a slice of the same row.
-            let sl = unsafe {
-                Slices { p: table_base.row(e.row, dim), g: grad.values(e), s: bases.map(|b| b.row(e.row, dim)) }
-            };
-            run(k, sl, pre);
-        }
-    };
+    let (backend, pre) = (plan.backend, plan.pre());
+    let table = RowBase(table.as_mut_ptr());
+    let state: [RowBase; S] = state.map(|s| RowBase(s.as_mut_ptr()));
+    let task = |rows: &[Entry]| dispatch(backend, Rows { k, pre, grad, rows, table, state });
     if parallel {
         grad.entries.par_chunks(ROWS_PER_TASK).for_each(task);
     } else {

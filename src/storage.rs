@@ -982,17 +982,19 @@ mod tests {
         }
     }
 
+    /// [`tiles_match_scalar`] as a lane op, run through the crate's dispatch.
+    struct Tiles;
+    impl crate::simd::LaneOp for Tiles {
+        type Out = ();
+        fn run<V: F32Vec>(self) {
+            tiles_match_scalar::<V>()
+        }
+    }
+
     #[test]
     fn simd_tiles_match_scalar() {
-        tiles_match_scalar::<crate::simd::Wide>();
-        #[cfg(target_arch = "x86_64")]
-        {
-            if crate::Backend::Avx2.is_available() {
-                tiles_match_scalar::<crate::simd::Avx2>();
-            }
-            if crate::Backend::Avx512.is_available() {
-                tiles_match_scalar::<crate::simd::Avx512>();
-            }
+        for b in crate::Backend::available() {
+            crate::simd::dispatch(b, Tiles);
         }
     }
 
