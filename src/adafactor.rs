@@ -50,7 +50,6 @@
 use rayon::prelude::*;
 use serde_json::{Value, json};
 
-use crate::checkpoint::{Reader, Writer, bad, read, write_atomic};
 use crate::error::{finite, next_step};
 use crate::optim::Lerp;
 use crate::simd::{F32Vec, LaneOp, dispatch};
@@ -254,13 +253,13 @@ struct Factors {
 /// ```
 #[derive(Clone, Debug)]
 pub struct Adafactor {
-    config: AdafactorConfig,
-    shape: Vec<usize>,
+    pub(crate) config: AdafactorConfig,
+    pub(crate) shape: Vec<usize>,
     n: usize,
-    t: u64,
-    row_var: Vec<f32>,
-    col_var: Vec<f32>,
-    variance: Vec<f32>,
+    pub(crate) t: u64,
+    pub(crate) row_var: Vec<f32>,
+    pub(crate) col_var: Vec<f32>,
+    pub(crate) variance: Vec<f32>,
     exec: Exec,
 }
 
@@ -361,7 +360,7 @@ impl Adafactor {
     }
 
     /// torch's shapes of the state tensors, by state name.
-    fn state_shapes(&self) -> Vec<(&'static str, Vec<usize>)> {
+    pub(crate) fn state_shapes(&self) -> Vec<(&'static str, Vec<usize>)> {
         let k = self.shape.len();
         if k >= 2 {
             let mut row = self.shape.clone();
@@ -388,74 +387,6 @@ impl Adafactor {
         step_slices(&self.config, &self.shape, t, params, grads, state, self.exec)?;
         self.t = t;
         Ok(())
-    }
-
-    /// The optimizer as safetensors bytes: torch's state names and shapes
-    /// (`step`, `row_var`/`col_var` or `variance`), the configuration as
-    /// torch's keyword arguments, the tensor shape, per-tensor checksums
-    /// (the crate's checkpoint format, layout `"adafactor"`).
-    ///
-    /// # Errors
-    /// [`Error::Checkpoint`] if serialization fails (it does not for valid
-    /// state).
-    pub fn to_safetensors(&self) -> Result<Vec<u8>, Error> {
-        let mut w = Writer::new(AdafactorConfig::TORCH_CLASS, "adafactor", self.t);
-        w.meta("shape", Value::from(self.shape.clone()));
-        w.meta("param_groups", Value::Array(vec![self.config.torch_kwargs()]));
-        for (name, shape) in self.state_shapes() {
-            let data = match name {
-                "row_var" => &self.row_var,
-                "col_var" => &self.col_var,
-                _ => &self.variance,
-            };
-            w.tensor(name, shape, data);
-        }
-        w.finish()
-    }
-
-    /// An optimizer from bytes written by [`to_safetensors`](Self::to_safetensors).
-    ///
-    /// # Errors
-    /// [`Error::Checkpoint`] naming what is wrong (format, kind, shape, a
-    /// missing, extra or mis-sized tensor, bad hyperparameters).
-    pub fn from_safetensors(bytes: &[u8]) -> Result<Self, Error> {
-        let r = Reader::open(bytes, AdafactorConfig::TORCH_CLASS, "adafactor")?;
-        let shape: Vec<usize> = serde_json::from_str(r.meta("shape")?).map_err(|e| bad(format!("shape: {e}")))?;
-        let groups = r.json("param_groups")?;
-        let group = match &groups {
-            Value::Array(g) if g.len() == 1 => &g[0],
-            _ => return Err(bad("param_groups must hold exactly one group")),
-        };
-        let config = AdafactorConfig::from_torch_kwargs(group).map_err(|e| bad(format!("param_groups: {e}")))?;
-        let mut opt = Adafactor::new(config, &shape).map_err(|e| bad(format!("shape {shape:?}: {e}")))?;
-        let names = opt.state_shapes();
-        r.expect_count(names.len() + 1)?;
-        for (name, shape) in names {
-            let out = match name {
-                "row_var" => &mut opt.row_var,
-                "col_var" => &mut opt.col_var,
-                _ => &mut opt.variance,
-            };
-            r.read_into(name, &shape, out)?;
-        }
-        opt.t = r.step;
-        Ok(opt)
-    }
-
-    /// Saves the optimizer to `path` atomically.
-    ///
-    /// # Errors
-    /// [`Error::Io`]; the previous file at `path`, if any, is intact then.
-    pub fn save(&self, path: impl AsRef<std::path::Path>) -> Result<(), Error> {
-        write_atomic(path.as_ref(), &self.to_safetensors()?)
-    }
-
-    /// Loads an optimizer saved with [`save`](Self::save).
-    ///
-    /// # Errors
-    /// [`Error::Io`] or [`Error::Checkpoint`].
-    pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self, Error> {
-        Self::from_safetensors(&read(path.as_ref())?)
     }
 }
 

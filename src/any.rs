@@ -11,107 +11,9 @@
 //! # Ok::<(), adaoptim::Error>(())
 //! ```
 
+pub use crate::keywords::HyperValue;
 use crate::optim::registered::*;
 use crate::{Algorithm, Error, Exec, NonFinitePolicy, Optimizer, StepReport};
-
-/// A hyperparameter value as torch's keyword arguments carry it.
-#[derive(Clone, Copy, Debug, PartialEq)]
-#[non_exhaustive]
-pub enum HyperValue {
-    /// A float or integer.
-    Number(f64),
-    /// A flag.
-    Bool(bool),
-    /// A pair such as `betas`.
-    Pair(f64, f64),
-}
-
-pub(crate) trait Hyper: Sized {
-    fn from_hyper(name: &str, v: &HyperValue) -> Result<Self, Error>;
-    fn to_hyper(&self) -> HyperValue;
-}
-
-fn wrong_type(name: &str, expected: &'static str) -> Error {
-    Error::InvalidOption { name: name.to_string(), reason: expected }
-}
-
-impl Hyper for f64 {
-    fn from_hyper(name: &str, v: &HyperValue) -> Result<Self, Error> {
-        match *v {
-            HyperValue::Number(x) => Ok(x),
-            _ => Err(wrong_type(name, "expected a number")),
-        }
-    }
-    fn to_hyper(&self) -> HyperValue {
-        HyperValue::Number(*self)
-    }
-}
-
-impl Hyper for bool {
-    fn from_hyper(name: &str, v: &HyperValue) -> Result<Self, Error> {
-        match *v {
-            HyperValue::Bool(b) => Ok(b),
-            _ => Err(wrong_type(name, "expected a bool")),
-        }
-    }
-    fn to_hyper(&self) -> HyperValue {
-        HyperValue::Bool(*self)
-    }
-}
-
-impl Hyper for (f64, f64) {
-    fn from_hyper(name: &str, v: &HyperValue) -> Result<Self, Error> {
-        match *v {
-            HyperValue::Pair(a, b) => Ok((a, b)),
-            _ => Err(wrong_type(name, "expected a pair of numbers")),
-        }
-    }
-    fn to_hyper(&self) -> HyperValue {
-        HyperValue::Pair(self.0, self.1)
-    }
-}
-
-/// A configuration's torch keyword options: `set_option` and `options` from
-/// the list of its fields that torch's constructor takes (and flags torch's
-/// `param_groups` holds with one fixed value). Invoked in each optimizer's
-/// own file.
-macro_rules! torch_options {
-    ($cfg:ty { $($field:ident),* $(,)? } $(fixed { $($flag:ident = $value:literal),* })?) => {
-        impl $cfg {
-            /// Sets one keyword option by its torch name.
-            ///
-            /// # Errors
-            /// [`Error::InvalidOption`](crate::Error::InvalidOption) for an
-            /// unknown name or a value of the wrong type.
-            pub fn set_option(&mut self, key: &str, v: &$crate::HyperValue) -> Result<(), $crate::Error> {
-                use $crate::any::Hyper;
-                match key {
-                    $(stringify!($field) => self.$field = Hyper::from_hyper(key, v)?,)*
-                    k if $crate::checkpoint::keywords::IMPLEMENTATION_KEYS.contains(&k) => {
-                        bool::from_hyper(k, v)?;
-                    }
-                    // A flag torch's `param_groups` holds with one value for
-                    // this class (AdamW's `decoupled_weight_decay = True`).
-                    $($(stringify!($flag) => {
-                        if bool::from_hyper(key, v)? != $value {
-                            let reason = concat!("is always ", stringify!($value), " for this optimizer");
-                            return Err($crate::Error::InvalidOption { name: key.to_string(), reason });
-                        }
-                    })*)?
-                    _ => return Err($crate::Error::InvalidOption { name: key.to_string(), reason: "unknown option" }),
-                }
-                Ok(())
-            }
-
-            /// Every option with its torch name and current value.
-            pub fn options(&self) -> Vec<(&'static str, $crate::HyperValue)> {
-                use $crate::any::Hyper;
-                vec![$((stringify!($field), self.$field.to_hyper())),*]
-            }
-        }
-    };
-}
-pub(crate) use torch_options;
 
 macro_rules! any_types {
     ($($module:ident { $($variant:ident($cfg:ident)),+ })*) => {
@@ -135,17 +37,6 @@ macro_rules! any_types {
         }
 
         $(
-            impl crate::optim::sealed::AnyConv for $cfg {
-                fn to_any(&self) -> AnyConfig {
-                    AnyConfig::$variant(*self)
-                }
-                fn from_any(any: &AnyConfig) -> Option<Self> {
-                    match any {
-                        AnyConfig::$variant(c) => Some(*c),
-                        _ => None,
-                    }
-                }
-            }
             impl From<$cfg> for AnyConfig {
                 fn from(c: $cfg) -> Self {
                     AnyConfig::$variant(c)
@@ -376,24 +267,6 @@ macro_rules! any_types {
             pub fn to_safetensors(&self) -> Result<Vec<u8>, Error> {
                 match self { $(AnyOptimizer::$variant(o) => o.to_safetensors(),)* }
             }
-            /// See [`Optimizer::save`].
-            ///
-            /// # Errors
-            /// As [`Optimizer::save`].
-            pub fn save(&self, path: impl AsRef<std::path::Path>) -> Result<(), Error> {
-                crate::checkpoint::write_atomic(path.as_ref(), &self.to_safetensors()?)
-            }
-            /// An optimizer of whatever kind the checkpoint holds.
-            ///
-            /// # Errors
-            /// As [`Optimizer::from_safetensors`].
-            pub fn from_safetensors(bytes: &[u8]) -> Result<AnyOptimizer, Error> {
-                let class = crate::checkpoint::torch_class_of(bytes)?;
-                $(if class == <$cfg as Algorithm>::TORCH_CLASS {
-                    return Ok(Optimizer::<$cfg>::from_safetensors(bytes)?.into());
-                })*
-                Err(Error::Checkpoint { reason: format!("unknown optimizer {class:?}") })
-            }
             /// See [`Optimizer::restore`]; also an error for another kind.
             ///
             /// # Errors
@@ -439,7 +312,7 @@ impl AnyConfig {
     /// text that is not a JSON object or a value that is not a number, a
     /// flag or a pair of numbers.
     pub fn from_torch_json(torch_class: &str, kwargs: &str) -> Result<AnyConfig, Error> {
-        let v = crate::checkpoint::parse_kwargs(kwargs)?;
-        AnyConfig::from_torch(torch_class, &crate::checkpoint::kwargs_from_json(&v, &[])?)
+        let v = crate::keywords::parse_kwargs(kwargs)?;
+        AnyConfig::from_torch(torch_class, &crate::keywords::kwargs_from_json(&v, &[])?)
     }
 }

@@ -59,7 +59,7 @@ pub fn sum_of_squares_mixed(grads: Grads<'_>, exec: &Exec) -> Result<f64, Error>
 /// [`Error::InvalidHyperparameter`] for a `grad_scale` that is zero or not
 /// finite; [`Error::BackendUnavailable`] for a forced backend this CPU lacks.
 pub fn sum_of_squares_unscaled(grads: Grads<'_>, grad_scale: Option<f32>, exec: &Exec) -> Result<f64, Error> {
-    crate::optim::check_grad_scale(grad_scale)?;
+    crate::error::check_grad_scale(grad_scale)?;
     let mut plan = Plan::new(exec)?;
     plan.unscale = Unscale::new(grad_scale);
     Ok(grads_sum(&plan, grads))

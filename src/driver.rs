@@ -4,7 +4,8 @@
 //! boundaries (multiples of 16 elements, the widest lane count) so the result never depends on the
 //! thread count.
 
-use crate::backend::{Backend, Exec};
+use crate::backend::Backend;
+use crate::exec::Exec;
 use crate::simd::{F32Vec, LaneOp, dispatch};
 use crate::storage::{
     Elem, Exact, Grads, ParamCopy, Params, StateBuf, TILE, bf16, dequantize, narrow, quantize, widen,

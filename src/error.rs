@@ -1,6 +1,6 @@
 //! The crate's error type.
 
-use crate::Backend;
+use crate::backend::Backend;
 
 /// Everything that can go wrong. A call that returns an error has modified
 /// nothing: parameters, state and step count are exactly as before.
@@ -103,7 +103,7 @@ pub enum Error {
         /// The element count asked for.
         elements: usize,
     },
-    /// The step counter is at [`MAX_STEP`](crate::MAX_STEP): one more step
+    /// The step counter is at [`MAX_STEP`](MAX_STEP): one more step
     /// would leave the range where step counts (and the bias corrections
     /// computed from them) are exact.
     StepLimit {
@@ -128,7 +128,7 @@ pub enum Error {
         /// Which buffer (`"param_copy"`, `"exp_avg"`, ...).
         what: &'static str,
         /// Its storage type.
-        dtype: crate::storage::Dtype,
+        dtype: crate::dtype::Dtype,
         /// What is accepted.
         reason: &'static str,
     },
@@ -162,7 +162,7 @@ impl std::fmt::Display for Error {
                 write!(f, "{what}: a buffer of {elements} elements cannot be allocated")
             }
             Error::StepLimit { step } => {
-                write!(f, "step count {step} is at the limit of {}: no further step is taken", crate::MAX_STEP)
+                write!(f, "step count {step} is at the limit of {}: no further step is taken", MAX_STEP)
             }
             Error::ForeignTensor { index } => {
                 write!(f, "tensor id {index} was made by another GroupedOptimizer")
@@ -200,9 +200,9 @@ impl From<std::io::Error> for Error {
 }
 
 /// The step number after `t` steps, or [`Error::StepLimit`] at
-/// [`MAX_STEP`](crate::MAX_STEP).
+/// [`MAX_STEP`](MAX_STEP).
 pub(crate) fn next_step(t: u64) -> Result<u64, Error> {
-    if t >= crate::MAX_STEP { Err(Error::StepLimit { step: t }) } else { Ok(t + 1) }
+    if t >= MAX_STEP { Err(Error::StepLimit { step: t }) } else { Ok(t + 1) }
 }
 
 /// `value` must be finite and `>= 0`.
@@ -236,3 +236,25 @@ pub(crate) fn unit_closed(name: &'static str, value: f64) -> Result<(), Error> {
 pub(crate) fn finite(name: &'static str, value: f64) -> Result<(), Error> {
     if value.is_finite() { Ok(()) } else { Err(Error::InvalidHyperparameter { name, value, requirement: "finite" }) }
 }
+
+/// A buffer of `actual` elements where `expected` are needed.
+pub(crate) fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<(), Error> {
+    if expected == actual { Ok(()) } else { Err(Error::LengthMismatch { what, expected, actual }) }
+}
+
+/// A loss scale must be finite and nonzero.
+pub(crate) fn check_grad_scale(grad_scale: Option<f32>) -> Result<(), Error> {
+    match grad_scale {
+        Some(s) if !(s.is_finite() && s != 0.0) => {
+            Err(Error::InvalidHyperparameter { name: "grad_scale", value: s as f64, requirement: "finite and nonzero" })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The largest step count: a step from `MAX_STEP` is
+/// [`Error::StepLimit`], and a checkpoint holding a
+/// larger count is refused. Beyond 2^53 a step count no longer converts to
+/// `f64` exactly, so bias corrections (`beta^t`) would drift; no training
+/// run comes near it (a step per nanosecond for 285 years).
+pub const MAX_STEP: u64 = 1 << 53;

@@ -41,8 +41,8 @@ use std::ops::Range;
 
 use aligned_vec::AVec;
 
-use crate::backend::Parallel;
 use crate::driver::{Bufs, Plan, StepReport, split_join};
+use crate::exec::Parallel;
 use crate::optim::sealed::Sealed;
 use crate::optim::{Guards, MAX_STATE, scheduled};
 use crate::schedule::Schedule;

@@ -21,25 +21,44 @@
 //! bandwidth-ceiling kernel the benches compare against).
 //!
 //! # How the crate is built
-//! Layers, each using only those below it:
-//! 1. **Lanes and backends** (`simd`, `backend`): the lane types every
-//!    formula is written against (`f32`, `wide`, AVX2, AVX-512), runtime
-//!    detection, the [`Exec`] policy.
-//! 2. **The driver** (`driver`): the one loop that runs a kernel (SIMD body,
-//!    scalar tail, rayon split at fixed chunk boundaries), the non-finite
-//!    scan and the sum of squares. It divides out the loss scale and
-//!    multiplies in the clipping factor on every gradient before any kernel
-//!    sees it, so no optimizer and no path can leave them out.
-//! 3. **The optimizers** ([`optim`]): one file each, holding the config
-//!    (torch's names and defaults, validation), the state layout and the
-//!    per-element formula; `optim/mod.rs` holds the [`Algorithm`] trait, the
-//!    owning [`Optimizer`], the free kernel [`step_slices`] and the guards.
-//! 4. **Owners of many tensors**: [`groups`] (one arena, shardable),
-//!    [`multi`] (caller-owned tensors, per-tensor step counts), [`sparse`]
-//!    (row-sparse tables); [`schedule`] and [`clip`] beside them.
-//! 5. **Edges**: [`any`] (optimizers by torch class name) and
-//!    [`checkpoint`] (the I/O layer: format, files, torch keywords, one part
-//!    per owner).
+//! Layers, each importing only from those below it (`tests/layers.rs` reads
+//! the source and fails on an import that points up, so there is no import
+//! circle):
+//! 0. **Names** (`dtype`, `backend`): the storage types and the backends with
+//!    their runtime detection; they import nothing of the crate.
+//! 1. **Errors** (`error`): [`Error`], the step limit, the shared checks.
+//! 2. **Policy and vocabulary** (`exec`, `keywords`, [`memory`],
+//!    [`schedule`]): the [`Exec`] policy, the torch keyword vocabulary
+//!    ([`HyperValue`], the `torch_options!` macro each optimizer file invokes,
+//!    options to and from JSON), aligned buffers, learning-rate schedules.
+//! 3. **Lanes** (`simd`): the lane types every formula is written against
+//!    (`f32`, `wide`, AVX2, AVX-512) and `dispatch`, the one place that turns
+//!    a [`Backend`] into a lane type. The AVX2/AVX-512 lanes are private to
+//!    it and entered only with a capability token that runtime detection
+//!    makes.
+//! 4. **Storage** ([`storage`]): `f32`, `bf16`, `f16` and 8-bit block-wise
+//!    buffers, their conversions and tiles.
+//! 5. **The driver** (`driver`): the one loop that runs a kernel (SIMD body,
+//!    scalar tail; the `f32` loop, the fused bf16 loop or the tiled
+//!    mixed-storage loop), the non-finite scan, the sum of squares, and
+//!    `split_reduce`, the one split-and-join recursion (dense, mixed, scan,
+//!    norm, grouped arena, multi-tensor pieces). It divides out the loss
+//!    scale and multiplies in the clipping factor on every gradient before
+//!    any kernel sees it, so no optimizer and no path can leave them out.
+//! 6. **Clipping** ([`clip`]): the global norm and its factor.
+//! 7. **The optimizers** ([`optim`]): one file each, holding the config
+//!    (torch's names and defaults, validation, its torch options), the state
+//!    layout and the per-element formula; `optim/mod.rs` holds the registry,
+//!    the [`Algorithm`] trait, the owning [`Optimizer`], the free kernels
+//!    [`step_slices`] / [`step_mixed`] and the guards.
+//! 8. **Owners of many tensors or of shapes**: [`groups`] (one arena,
+//!    shardable), [`multi`] (caller-owned tensors, per-tensor step counts),
+//!    [`sparse`] (row-sparse tables), [`adafactor`] (factored statistics per
+//!    tensor shape), [`roofline`] (the bandwidth-ceiling kernel).
+//! 9. **By name** ([`any`]): [`AnyConfig`] / [`AnyOptimizer`], generated from
+//!    the registry.
+//! 10. **I/O** ([`checkpoint`]): the format, atomic files, and one part per
+//!     owner (dense, grouped, multi, sparse, Adafactor, any).
 //!
 //! A step: [`Optimizer::step`] checks lengths and the step limit, runs the
 //! guards (non-finite scan, or the norm pass when clipping), resolves a plan
@@ -74,8 +93,11 @@ mod backend;
 pub mod checkpoint;
 pub mod clip;
 mod driver;
+mod dtype;
 mod error;
+mod exec;
 pub mod groups;
+mod keywords;
 pub mod memory;
 pub mod multi;
 pub mod optim;
@@ -86,14 +108,16 @@ pub mod sparse;
 pub mod storage;
 
 pub use adafactor::{Adafactor, AdafactorConfig, AdafactorState};
-pub use any::{AnyConfig, AnyOptimizer, HyperValue};
-pub use backend::{AUTO_GRAIN, Backend, Exec, PAR_THRESHOLD, PAR_THRESHOLD_INSIDE, Parallel};
+pub use any::{AnyConfig, AnyOptimizer};
+pub use backend::Backend;
 pub use driver::StepReport;
-pub use error::{Error, IoSource};
+pub use error::{Error, IoSource, MAX_STEP};
+pub use exec::{AUTO_GRAIN, Exec, PAR_THRESHOLD, PAR_THRESHOLD_INSIDE, Parallel};
+pub use keywords::HyperValue;
 pub use optim::registered::*;
 pub use optim::{
-    Algorithm, AuxState, MAX_AUX, MAX_STATE, MAX_STEP, NonFinitePolicy, Optimizer, StepOptions, step_mixed,
-    step_slices, step_slices_with,
+    Algorithm, AuxState, MAX_AUX, MAX_STATE, NonFinitePolicy, Optimizer, StepOptions, step_mixed, step_slices,
+    step_slices_with,
 };
 
 /// The README's examples, compiled and run as doc-tests.

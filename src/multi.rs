@@ -237,9 +237,9 @@ impl<A: Algorithm> MultiOptimizer<A> {
         }
         let mut present = 0usize;
         for (ts, slot) in tensors.iter().zip(&self.tensors) {
-            crate::optim::check_len("params", slot.len, ts.params.len())?;
+            crate::error::check_len("params", slot.len, ts.params.len())?;
             if let Some(g) = ts.grads {
-                crate::optim::check_len("grads", slot.len, g.len())?;
+                crate::error::check_len("grads", slot.len, g.len())?;
                 next_step(slot.t)?;
                 present += slot.len;
             }

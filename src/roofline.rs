@@ -6,7 +6,7 @@
 //! to the machine's memory bandwidth.
 
 use crate::driver::{Bufs, Kernel, Plan, drive};
-use crate::optim::check_len;
+use crate::error::check_len;
 use crate::simd::F32Vec;
 use crate::storage::{Dtype, Grads, ParamCopy, Params, StateBuf};
 use crate::{Error, Exec, StepReport};

@@ -394,12 +394,12 @@ impl SparseAdamConfig {
     /// unknown option or a value of the wrong type;
     /// [`Error::InvalidHyperparameter`] for a value out of its domain.
     pub fn from_torch_json(kwargs: &str) -> Result<Self, Error> {
-        Self::from_kwargs(&crate::checkpoint::parse_kwargs(kwargs)?)
+        Self::from_kwargs(&crate::keywords::parse_kwargs(kwargs)?)
     }
 
     pub(crate) fn from_kwargs(kwargs: &serde_json::Value) -> Result<Self, Error> {
         let mut c = SparseAdamConfig::default();
-        for (k, v) in crate::checkpoint::kwargs_from_json(kwargs, &[])? {
+        for (k, v) in crate::keywords::kwargs_from_json(kwargs, &[])? {
             c.set_option(k, &v)?;
         }
         c.validate()?;
@@ -780,4 +780,4 @@ impl RowWiseAdagrad {
 }
 
 // The torch keyword options: the fields torch's constructor takes.
-crate::any::torch_options!(SparseAdamConfig { lr, betas, eps, maximize });
+crate::keywords::torch_options!(SparseAdamConfig { lr, betas, eps, maximize });

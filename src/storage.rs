@@ -37,48 +37,7 @@ use crate::simd::{F32Vec, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, orde
 /// block-wise quantized state).
 pub const TILE: usize = 256;
 
-/// The element type of a buffer, for errors and checkpoints.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Dtype {
-    /// IEEE-754 single precision.
-    F32,
-    /// bfloat16: the top half of an `f32`.
-    Bf16,
-    /// IEEE-754 half precision (`binary16`).
-    F16,
-    /// Block-wise 8-bit codes ([`Q8State`]): one byte per element plus one
-    /// `f32` absmax per block of [`Q8_BLOCK`].
-    Q8,
-}
-
-impl Dtype {
-    /// Bytes per element (8-bit states: the code byte; the absmax adds
-    /// 4/256 of a byte).
-    pub fn size(self) -> usize {
-        match self {
-            Dtype::F32 => 4,
-            Dtype::Bf16 | Dtype::F16 => 2,
-            Dtype::Q8 => 1,
-        }
-    }
-
-    /// The safetensors / torch name: `"F32"`, `"BF16"`, `"F16"`, `"U8"`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Dtype::F32 => "F32",
-            Dtype::Bf16 => "BF16",
-            Dtype::F16 => "F16",
-            Dtype::Q8 => "U8",
-        }
-    }
-}
-
-impl std::fmt::Display for Dtype {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+pub use crate::dtype::Dtype;
 
 /// Parameters, updated in place.
 #[derive(Debug)]
@@ -569,8 +528,8 @@ const UNSIGNED_MAP_BITS: [u32; 256] = [
 /// [`Error::LengthMismatch`](crate::Error::LengthMismatch) unless `codes` has
 /// `src.len()` entries and `absmax` `src.len().div_ceil(256)`; nothing is written then.
 pub fn quantize_blockwise(src: &[f32], map: &QMap, codes: &mut [u8], absmax: &mut [f32]) -> Result<(), crate::Error> {
-    crate::optim::check_len("codes", src.len(), codes.len())?;
-    crate::optim::check_len("absmax", src.len().div_ceil(Q8_BLOCK), absmax.len())?;
+    crate::error::check_len("codes", src.len(), codes.len())?;
+    crate::error::check_len("absmax", src.len().div_ceil(Q8_BLOCK), absmax.len())?;
     for ((s, c), a) in src.chunks(Q8_BLOCK).zip(codes.chunks_mut(Q8_BLOCK)).zip(absmax.iter_mut()) {
         *a = quantize::<f32>(s, map, c);
     }
@@ -583,8 +542,8 @@ pub fn quantize_blockwise(src: &[f32], map: &QMap, codes: &mut [u8], absmax: &mu
 /// [`Error::LengthMismatch`](crate::Error::LengthMismatch) unless `dst` has
 /// `codes.len()` entries and `absmax` `codes.len().div_ceil(256)`; nothing is written then.
 pub fn dequantize_blockwise(codes: &[u8], absmax: &[f32], map: &QMap, dst: &mut [f32]) -> Result<(), crate::Error> {
-    crate::optim::check_len("dst", codes.len(), dst.len())?;
-    crate::optim::check_len("absmax", codes.len().div_ceil(Q8_BLOCK), absmax.len())?;
+    crate::error::check_len("dst", codes.len(), dst.len())?;
+    crate::error::check_len("absmax", codes.len().div_ceil(Q8_BLOCK), absmax.len())?;
     for ((c, d), &a) in codes.chunks(Q8_BLOCK).zip(dst.chunks_mut(Q8_BLOCK)).zip(absmax) {
         dequantize::<f32>(c, a, map, d);
     }

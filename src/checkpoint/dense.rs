@@ -4,7 +4,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::{Reader, Writer, bad, options_from_json, options_json, read, write_atomic};
+use super::{Reader, Writer, bad, config_from_json, options_json, read, write_atomic};
 use crate::{Algorithm, Error, Optimizer};
 
 impl<A: Algorithm> Optimizer<A> {
@@ -15,7 +15,7 @@ impl<A: Algorithm> Optimizer<A> {
     pub fn to_safetensors(&self) -> Result<Vec<u8>, Error> {
         let mut w = Writer::new(A::TORCH_CLASS, "dense", self.t);
         w.meta("n", self.n);
-        w.meta("param_groups", Value::Array(vec![Value::Object(options_json(self.config.to_any().options()))]));
+        w.meta("param_groups", Value::Array(vec![Value::Object(options_json(self.config.torch_options()))]));
         for (name, buf) in self.config.state_names().iter().zip(&self.state) {
             w.tensor(*name, vec![self.n], buf);
         }
@@ -49,8 +49,7 @@ impl<A: Algorithm> Optimizer<A> {
             Value::Array(g) if g.len() == 1 => &g[0],
             _ => return Err(bad("param_groups must hold exactly one group")),
         };
-        let any = options_from_json(A::TORCH_CLASS, group, &[])?;
-        let config = A::from_any(&any).ok_or_else(|| bad("hyperparameters of another kind"))?;
+        let config: A = config_from_json(group, &[])?;
         let names = config.state_names();
         r.expect_count(names.len() + 1 + A::AUX_NAMES.len())?;
         let aux = super::read_aux::<A>("", |name| r.scalar(name))?.unwrap_or_else(|| config.aux_init());

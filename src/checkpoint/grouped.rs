@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use super::{Reader, Writer, bad, options_from_json, options_json, read, write_atomic};
+use super::{Reader, Writer, bad, config_from_json, options_json, read, write_atomic};
 use crate::groups::GroupedOptimizer;
 use crate::{Algorithm, Error};
 
@@ -23,7 +23,7 @@ impl<A: Algorithm> GroupedOptimizer<A> {
             .iter()
             .enumerate()
             .map(|(gi, g)| {
-                let mut m = options_json(g.config.to_any().options());
+                let mut m = options_json(g.config.torch_options());
                 let params: Vec<usize> = (0..self.tensors.len()).filter(|&i| self.tensors[i].group == gi).collect();
                 m.insert("params".to_string(), Value::from(params));
                 for (name, x) in A::AUX_NAMES.iter().zip(A::aux_to_f32(&g.aux)) {
@@ -66,8 +66,7 @@ impl<A: Algorithm> GroupedOptimizer<A> {
         let mut next = 0usize;
         let skip = A::AUX_NAMES;
         for (gi, g) in groups.iter().enumerate() {
-            let config = A::from_any(&options_from_json(A::TORCH_CLASS, g, skip)?)
-                .ok_or_else(|| bad("hyperparameters of another kind"))?;
+            let config: A = config_from_json(g, skip)?;
             let ids: Vec<usize> = g["params"]
                 .as_array()
                 .ok_or_else(|| bad("a group has no params list"))?

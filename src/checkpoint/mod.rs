@@ -65,28 +65,40 @@
 //!
 //! # Layers
 //! [`format`](mod@format) writes and reads the safetensors bytes (header, checksums,
-//! checks); `file` does the atomic write and the bounded read; `keywords`
-//! is the one torch keyword vocabulary (options to and from JSON); `dense`,
-//! `grouped` and `sparse` hold each optimizer family's tensors.
+//! checks); `file` does the atomic write and the bounded read; the torch keyword
+//! vocabulary (options to and from JSON) lives below every optimizer, in the
+//! crate's `keywords` module, and this layer only uses it; `dense`,
+//! `grouped`, `multi`, `sparse`, `adafactor` and `any` hold each owner's
+//! tensors. Nothing below this layer imports from it.
+mod adafactor;
+mod any;
 mod dense;
 mod file;
 pub mod format;
 mod grouped;
-pub(crate) mod keywords;
 mod multi;
 mod sparse;
 
+pub(crate) use crate::keywords::options_json;
 pub(crate) use file::read;
 pub use file::write_atomic;
 pub use format::{CHECKSUM_KEY, FORMAT, FORMAT_VERSION, torch_class_of};
 pub(crate) use format::{Reader, Writer};
-pub(crate) use keywords::{kwargs_from_json, options_from_json, options_json, parse_kwargs};
 
 use crate::Error;
 
 /// [`Error::Checkpoint`] with this reason.
 pub(crate) fn bad(reason: impl Into<String>) -> Error {
     Error::Checkpoint { reason: reason.into() }
+}
+
+/// The configuration of one `param_groups` entry of a checkpoint: torch's
+/// defaults with the entry's options (keys in `skip` ignored), validated.
+pub(crate) fn config_from_json<A: crate::Algorithm>(group: &serde_json::Value, skip: &[&str]) -> Result<A, Error> {
+    crate::keywords::kwargs_from_json(group, skip)
+        .and_then(|opts| A::with_torch_options(&opts))
+        .and_then(|c| c.validate().map(|()| c))
+        .map_err(|e| bad(format!("hyperparameters: {e}")))
 }
 
 /// Reads an optimizer's scalar states through `scalar` (by torch name), or

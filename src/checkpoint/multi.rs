@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use super::{Reader, Writer, bad, options_from_json, options_json, read, write_atomic};
+use super::{Reader, Writer, bad, config_from_json, options_json, read, write_atomic};
 use crate::multi::MultiOptimizer;
 use crate::{Algorithm, Error};
 
@@ -39,7 +39,7 @@ impl<A: Algorithm> MultiOptimizer<A> {
             .iter()
             .enumerate()
             .map(|(gi, g)| {
-                let mut m = options_json(g.to_any().options());
+                let mut m = options_json(g.torch_options());
                 let params: Vec<usize> = (0..self.tensors.len()).filter(|&i| self.tensors[i].group == gi).collect();
                 m.insert("params".to_string(), Value::from(params));
                 Value::Object(m)
@@ -99,8 +99,7 @@ impl<A: Algorithm> MultiOptimizer<A> {
         let mut opt = MultiOptimizer::new();
         let mut next = 0usize;
         for (gi, g) in groups.iter().enumerate() {
-            let config = A::from_any(&options_from_json(A::TORCH_CLASS, g, &[])?)
-                .ok_or_else(|| bad("hyperparameters of another kind"))?;
+            let config: A = config_from_json(g, &[])?;
             let ids = g["params"].as_array().ok_or_else(|| bad("a group has no params list"))?;
             if ids.iter().enumerate().any(|(k, v)| v.as_u64() != Some((next + k) as u64)) {
                 return Err(bad("tensor indices must run in order across the groups"));

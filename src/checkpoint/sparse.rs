@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use super::{Reader, Writer, bad, options_from_json, options_json};
+use super::{Reader, Writer, bad, config_from_json, options_json};
 use crate::Error;
 use crate::sparse::{RowSteps, RowWiseAdagrad, SparseAdagrad, SparseAdam, SparseAdamConfig};
 
@@ -79,9 +79,7 @@ impl SparseAdagrad {
     /// [`Error::Checkpoint`] for anything truncated, corrupted or mismatched.
     pub fn from_safetensors(bytes: &[u8]) -> Result<Self, Error> {
         let (r, g, steps) = RowSteps::reader(bytes, "Adagrad")?;
-        let crate::AnyConfig::Adagrad(config) = options_from_json("Adagrad", &g, &[])? else {
-            return Err(bad("hyperparameters of another kind"));
-        };
+        let config: crate::AdagradConfig = config_from_json(&g, &[])?;
         r.expect_count(2)?;
         let sum = r.buffer("sum", &[steps.rows, steps.dim])?;
         let mut opt = SparseAdagrad::new(config, 0, 0).map_err(|e| bad(e.to_string()))?;

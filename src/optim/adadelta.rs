@@ -107,4 +107,4 @@ impl Algorithm for AdadeltaConfig {
 }
 
 // The torch keyword options: the fields torch's constructor takes.
-crate::any::torch_options!(AdadeltaConfig { lr, rho, eps, weight_decay, maximize });
+crate::keywords::torch_options!(AdadeltaConfig { lr, rho, eps, weight_decay, maximize });

@@ -121,4 +121,4 @@ impl Algorithm for AdagradConfig {
 }
 
 // The torch keyword options: the fields torch's constructor takes.
-crate::any::torch_options!(AdagradConfig { lr, lr_decay, weight_decay, initial_accumulator_value, eps, maximize, eps_inside_sqrt });
+crate::keywords::torch_options!(AdagradConfig { lr, lr_decay, weight_decay, initial_accumulator_value, eps, maximize, eps_inside_sqrt });

@@ -264,6 +264,6 @@ impl Algorithm for AdamWConfig {
 }
 
 // The torch keyword options: the fields torch's constructor takes.
-crate::any::torch_options!(AdamConfig { lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay });
+crate::keywords::torch_options!(AdamConfig { lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay });
 
-crate::any::torch_options!(AdamWConfig { lr, betas, eps, weight_decay, amsgrad, maximize } fixed { decoupled_weight_decay = true });
+crate::keywords::torch_options!(AdamWConfig { lr, betas, eps, weight_decay, amsgrad, maximize } fixed { decoupled_weight_decay = true });

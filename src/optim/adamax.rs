@@ -100,4 +100,4 @@ impl Algorithm for AdamaxConfig {
 }
 
 // The torch keyword options: the fields torch's constructor takes.
-crate::any::torch_options!(AdamaxConfig { lr, betas, eps, weight_decay, maximize });
+crate::keywords::torch_options!(AdamaxConfig { lr, betas, eps, weight_decay, maximize });

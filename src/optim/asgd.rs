@@ -135,4 +135,4 @@ impl Algorithm for AsgdConfig {
 }
 
 // The torch keyword options: the fields torch's constructor takes.
-crate::any::torch_options!(AsgdConfig { lr, lambd, alpha, t0, weight_decay, maximize });
+crate::keywords::torch_options!(AsgdConfig { lr, lambd, alpha, t0, weight_decay, maximize });

@@ -114,4 +114,4 @@ impl Algorithm for LionConfig {
 }
 
 // The keyword options of `lion_pytorch.Lion`.
-crate::any::torch_options!(LionConfig { lr, betas, weight_decay } fixed { decoupled_weight_decay = false, use_triton = false });
+crate::keywords::torch_options!(LionConfig { lr, betas, weight_decay } fixed { decoupled_weight_decay = false, use_triton = false });

@@ -54,18 +54,14 @@ macro_rules! declare {
 for_each_optimizer!(declare);
 
 use crate::Error;
-use crate::backend::Exec;
 use crate::driver::{Bufs, Plan, StepReport, Unscale};
+use crate::error::{check_grad_scale, check_len};
+use crate::exec::Exec;
 use crate::schedule::LrSchedule;
 use crate::simd::F32Vec;
 use crate::storage::{Dtype, Grads, ParamCopy, Params, StateBuf};
 
-/// The largest step count: a step from `MAX_STEP` is
-/// [`Error::StepLimit`], and a checkpoint holding a
-/// larger count is refused. Beyond 2^53 a step count no longer converts to
-/// `f64` exactly, so bias corrections (`beta^t`) would drift; no training
-/// run comes near it (a step per nanosecond for 285 years).
-pub const MAX_STEP: u64 = 1 << 53;
+pub use crate::error::MAX_STEP;
 
 /// The most state buffers any optimizer keeps per parameter.
 pub const MAX_STATE: usize = 3;
@@ -81,14 +77,6 @@ pub type AuxState = [f32; MAX_AUX];
 
 pub(crate) mod sealed {
     use super::*;
-
-    /// Conversion to and from [`AnyConfig`](crate::AnyConfig) (for checkpoints).
-    pub trait AnyConv: Sized {
-        /// This configuration as an `AnyConfig`.
-        fn to_any(&self) -> crate::AnyConfig;
-        /// The configuration inside `any`, if it is of this kind.
-        fn from_any(any: &crate::AnyConfig) -> Option<Self>;
-    }
 
     /// The part of [`Algorithm`] that touches raw kernels; not callable from
     /// outside the crate.
@@ -115,7 +103,9 @@ pub(crate) mod sealed {
 
 /// An optimizer configuration: what turns a [`Config`](crate::Adam) into an
 /// [`Optimizer`]. Implemented by every `*Config` type of this crate.
-pub trait Algorithm: sealed::Sealed + sealed::AnyConv + Clone + std::fmt::Debug + Send + Sync + 'static {
+pub trait Algorithm:
+    sealed::Sealed + crate::keywords::TorchOptions + Clone + std::fmt::Debug + Send + Sync + 'static
+{
     /// The `torch.optim` class this follows (`"Adam"`, `"SGD"`, ...).
     const TORCH_CLASS: &'static str;
     /// Checks every hyperparameter (torch's `ValueError` conditions, and
@@ -310,10 +300,6 @@ pub(crate) fn check_storage(
         check_len("param_copy", n, c.len())?;
     }
     Ok(())
-}
-
-pub(crate) fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<(), Error> {
-    if expected == actual { Ok(()) } else { Err(Error::LengthMismatch { what, expected, actual }) }
 }
 
 use crate::memory::Buffer;
@@ -608,16 +594,6 @@ pub(crate) fn scheduled<A: Algorithm, S: LrSchedule + ?Sized>(config: &A, s: &S,
         return Err(Error::IncompatibleConfig { reason: "the schedule changes the state layout" });
     }
     Ok(c)
-}
-
-/// A loss scale must be finite and nonzero.
-pub(crate) fn check_grad_scale(grad_scale: Option<f32>) -> Result<(), Error> {
-    match grad_scale {
-        Some(s) if !(s.is_finite() && s != 0.0) => {
-            Err(Error::InvalidHyperparameter { name: "grad_scale", value: s as f64, requirement: "finite and nonzero" })
-        }
-        _ => Ok(()),
-    }
 }
 
 /// Applies a [`NonFinitePolicy`] before a step: `Ok(Some(report))` if the

@@ -168,4 +168,4 @@ impl Algorithm for NAdamConfig {
 }
 
 // The torch keyword options: the fields torch's constructor takes.
-crate::any::torch_options!(NAdamConfig { lr, betas, eps, weight_decay, momentum_decay, decoupled_weight_decay, maximize });
+crate::keywords::torch_options!(NAdamConfig { lr, betas, eps, weight_decay, momentum_decay, decoupled_weight_decay, maximize });

@@ -150,4 +150,4 @@ impl Algorithm for RAdamConfig {
 }
 
 // The torch keyword options: the fields torch's constructor takes.
-crate::any::torch_options!(RAdamConfig { lr, betas, eps, weight_decay, decoupled_weight_decay, maximize });
+crate::keywords::torch_options!(RAdamConfig { lr, betas, eps, weight_decay, decoupled_weight_decay, maximize });

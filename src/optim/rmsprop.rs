@@ -188,4 +188,4 @@ impl Algorithm for RmsPropConfig {
 }
 
 // The torch keyword options: the fields torch's constructor takes.
-crate::any::torch_options!(RmsPropConfig { lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_inside_sqrt });
+crate::keywords::torch_options!(RmsPropConfig { lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_inside_sqrt });

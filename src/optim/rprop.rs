@@ -127,4 +127,4 @@ impl Algorithm for RpropConfig {
 }
 
 // The torch keyword options: the fields torch's constructor takes.
-crate::any::torch_options!(RpropConfig { lr, etas, step_sizes, maximize });
+crate::keywords::torch_options!(RpropConfig { lr, etas, step_sizes, maximize });

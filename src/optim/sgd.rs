@@ -123,4 +123,4 @@ impl Algorithm for SgdConfig {
 }
 
 // The torch keyword options: the fields torch's constructor takes.
-crate::any::torch_options!(SgdConfig { lr, momentum, dampening, weight_decay, nesterov, maximize });
+crate::keywords::torch_options!(SgdConfig { lr, momentum, dampening, weight_decay, nesterov, maximize });
