@@ -48,7 +48,7 @@ use crate::optim::{Guards, MAX_STATE, scheduled};
 use crate::schedule::Schedule;
 use crate::{Algorithm, Error, Exec};
 
-use crate::memory::{self, Buffer};
+use crate::memory::{self, Raw};
 
 /// A tensor of a [`GroupedOptimizer`]. It names the optimizer that made it
 /// (and its clones): handed to another optimizer it is
@@ -97,11 +97,11 @@ pub(crate) struct Group<A: Algorithm> {
 pub struct GroupedOptimizer<A: Algorithm> {
     pub(crate) groups: Vec<Group<A>>,
     pub(crate) tensors: Vec<Tensor>,
-    pub(crate) params: Buffer,
-    grads: Buffer,
+    pub(crate) params: Raw,
+    grads: Raw,
     /// One arena-wide buffer per state name any group keeps (a group that
     /// lacks a name leaves its range of that buffer unused, at 0).
-    pub(crate) state: Vec<Buffer>,
+    pub(crate) state: Vec<Raw>,
     state_names: Vec<&'static str>,
     pub(crate) t: u64,
     exec: Exec,

@@ -16,32 +16,63 @@ use aligned_vec::{AVec, ConstAlign};
 
 use crate::Error;
 
-/// f32s on 64-byte (cache line, AVX-512 register) boundaries; derefs to
-/// `[f32]`.
-pub type Buffer = AVec<f32, ConstAlign<64>>;
+/// The crate's own buffers (optimizer state, arenas): an `aligned_vec`
+/// vector on 64-byte boundaries. Not public: users get [`Buffer`].
+pub(crate) type Raw = AVec<f32, ConstAlign<64>>;
+
+/// f32s on 64-byte (cache line, AVX-512 register) boundaries, huge-page
+/// advised: what [`filled`] and [`copied`] return. Derefs to `[f32]`; its
+/// representation (today an `aligned_vec` vector) is not part of the API.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Buffer(Raw);
+
+impl std::ops::Deref for Buffer {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Buffer {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.0
+    }
+}
+
+impl AsRef<[f32]> for Buffer {
+    fn as_ref(&self) -> &[f32] {
+        &self.0
+    }
+}
+
+impl AsMut<[f32]> for Buffer {
+    fn as_mut(&mut self) -> &mut [f32] {
+        &mut self.0
+    }
+}
 
 /// Buffers at least this large ask for huge pages (smaller ones could not
 /// fill one).
 const HUGE_MIN_BYTES: usize = 4 << 20;
 
 /// An empty buffer with room for `n` elements, advised before any touch.
-fn with_capacity(n: usize) -> Buffer {
-    let mut b = Buffer::with_capacity(64, n);
+fn with_capacity(n: usize) -> Raw {
+    let mut b = Raw::with_capacity(64, n);
     advise_huge(b.as_mut_ptr().cast(), n * size_of::<f32>());
     b
 }
 
 /// [`with_capacity`], or [`Error::TooLarge`] where the allocation fails or
 /// its size overflows (instead of aborting the process).
-fn try_with_capacity(what: &'static str, n: usize) -> Result<Buffer, Error> {
-    let mut b = Buffer::new(64);
+fn try_with_capacity(what: &'static str, n: usize) -> Result<Raw, Error> {
+    let mut b = Raw::new(64);
     b.try_reserve_exact(n).map_err(|_| Error::TooLarge { what, elements: n })?;
     advise_huge(b.as_mut_ptr().cast(), n * size_of::<f32>());
     Ok(b)
 }
 
 /// [`filled`], or [`Error::TooLarge`] for a buffer that cannot be allocated.
-pub(crate) fn try_filled(what: &'static str, n: usize, v: f32) -> Result<Buffer, Error> {
+pub(crate) fn try_filled(what: &'static str, n: usize, v: f32) -> Result<Raw, Error> {
     let mut b = try_with_capacity(what, n)?;
     b.resize(n, v);
     Ok(b)
@@ -58,14 +89,14 @@ pub(crate) fn try_filled(what: &'static str, n: usize, v: f32) -> Result<Buffer,
 pub fn filled(n: usize, v: f32) -> Buffer {
     let mut b = with_capacity(n);
     b.resize(n, v);
-    b
+    Buffer(b)
 }
 
 /// A buffer holding a copy of `src`.
 pub fn copied(src: &[f32]) -> Buffer {
     let mut b = with_capacity(src.len());
     b.extend_from_slice(src);
-    b
+    Buffer(b)
 }
 
 /// Makes room for `n` elements in `b` (amortized doubling), keeping its
@@ -74,7 +105,7 @@ pub fn copied(src: &[f32]) -> Buffer {
 /// # Errors
 /// [`Error::TooLarge`] if the larger buffer cannot be allocated; `b` is
 /// unchanged then.
-pub(crate) fn reserve_total(what: &'static str, b: &mut Buffer, n: usize) -> Result<(), Error> {
+pub(crate) fn reserve_total(what: &'static str, b: &mut Raw, n: usize) -> Result<(), Error> {
     if n > b.capacity() {
         let mut bigger =
             try_with_capacity(what, n.max(b.capacity().saturating_mul(2))).or_else(|_| try_with_capacity(what, n))?;
@@ -90,7 +121,7 @@ pub(crate) fn reserve_total(what: &'static str, b: &mut Buffer, n: usize) -> Res
 /// # Errors
 /// [`Error::TooLarge`] if the larger buffer cannot be allocated; `b` is
 /// unchanged then.
-pub(crate) fn grow(what: &'static str, b: &mut Buffer, n: usize, v: f32) -> Result<(), Error> {
+pub(crate) fn grow(what: &'static str, b: &mut Raw, n: usize, v: f32) -> Result<(), Error> {
     reserve_total(what, b, n)?;
     b.resize(n, v);
     Ok(())
@@ -139,7 +170,7 @@ mod tests {
 
     #[test]
     fn grow_keeps_contents_and_doubles() {
-        let mut b = filled(3, 1.0);
+        let mut b = filled(3, 1.0).0;
         grow("b", &mut b, 5, 2.0).unwrap();
         assert_eq!(&b[..], &[1.0, 1.0, 1.0, 2.0, 2.0]);
         let cap = b.capacity();

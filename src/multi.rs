@@ -45,7 +45,7 @@
 
 use crate::driver::{Bufs, Plan, StepReport, split_join};
 use crate::error::next_step;
-use crate::memory::{self, Buffer};
+use crate::memory::{self, Raw};
 use crate::optim::sealed::Sealed;
 use crate::optim::{Guards, MAX_STATE, NonFinitePolicy, non_finite_guard};
 use crate::{Algorithm, Error, Exec, Parallel};
@@ -74,7 +74,7 @@ pub(crate) struct Slot<A: Algorithm> {
     pub(crate) len: usize,
     pub(crate) t: u64,
     pub(crate) aux: <A as Sealed>::Aux,
-    pub(crate) state: Vec<Buffer>,
+    pub(crate) state: Vec<Raw>,
 }
 
 /// State for many caller-owned tensors in groups; see the

@@ -4,6 +4,11 @@
 //! backends and thread split. Benches and the throughput report measure it in
 //! the same run as the optimizers, so a ratio to it says how close a step is
 //! to the machine's memory bandwidth.
+//!
+//! Public on purpose: it is the yardstick a user runs on their own machine
+//! (the throughput example and the criterion benches do exactly that), and
+//! its byte counts ([`bytes_per_param`], [`bytes_per_param_of`]) say what a
+//! step of each storage combination must move.
 
 use crate::driver::{Bufs, Kernel, Plan, drive};
 use crate::error::check_len;

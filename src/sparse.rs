@@ -31,7 +31,7 @@ use crate::optim::pow_step;
 use crate::simd::{F32Vec, LaneOp, dispatch};
 use crate::{Error, Exec, NonFinitePolicy};
 
-use crate::memory::{Buffer, try_filled};
+use crate::memory::{Raw, try_filled};
 
 /// One coalesced gradient row: the table row, and where its values are
 /// (`src < n` is row `src` of the caller's values; otherwise row `src - n` of
@@ -495,8 +495,8 @@ impl Kernel<2> for SparseAdamKernel {
 pub struct SparseAdam {
     pub(crate) config: SparseAdamConfig,
     pub(crate) steps: RowSteps,
-    pub(crate) exp_avg: Buffer,
-    pub(crate) exp_avg_sq: Buffer,
+    pub(crate) exp_avg: Raw,
+    pub(crate) exp_avg_sq: Raw,
 }
 
 impl SparseAdam {
@@ -649,7 +649,7 @@ impl Kernel<1> for SparseAdagradKernel {
 pub struct SparseAdagrad {
     pub(crate) config: crate::AdagradConfig,
     pub(crate) steps: RowSteps,
-    pub(crate) sum: Buffer,
+    pub(crate) sum: Raw,
 }
 
 impl SparseAdagrad {
@@ -694,7 +694,7 @@ pub struct RowWiseAdagrad {
     pub(crate) lr: f64,
     pub(crate) eps: f64,
     pub(crate) steps: RowSteps,
-    pub(crate) acc: Buffer,
+    pub(crate) acc: Raw,
 }
 
 /// [`RowWiseAdagrad`]'s hyperparameters, with `torch.optim.Adagrad`'s

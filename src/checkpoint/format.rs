@@ -244,7 +244,7 @@ impl<'a> Reader<'a> {
 
     /// An `F32` tensor as an aligned buffer (its size is backed by the
     /// file's data, checked before anything is allocated).
-    pub(crate) fn buffer(&self, name: &str, shape: &[usize]) -> Result<crate::memory::Buffer, Error> {
+    pub(crate) fn buffer(&self, name: &str, shape: &[usize]) -> Result<crate::memory::Raw, Error> {
         let data = self.data(name, shape)?;
         let mut b = crate::memory::try_filled("state", data.len() / 4, 0.0).map_err(|e| bad(e.to_string()))?;
         self.read_into(name, shape, &mut b)?;

@@ -302,7 +302,7 @@ pub(crate) fn check_storage(
     Ok(())
 }
 
-use crate::memory::Buffer;
+use crate::memory::Raw;
 
 /// What a step does with NaN or infinite gradients.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -409,7 +409,7 @@ pub struct Optimizer<A: Algorithm> {
     pub(crate) n: usize,
     pub(crate) t: u64,
     pub(crate) aux: <A as sealed::Sealed>::Aux,
-    pub(crate) state: Vec<Buffer>,
+    pub(crate) state: Vec<Raw>,
     exec: Exec,
     guards: Guards,
 }
