@@ -46,8 +46,12 @@ impl Unscale {
 
 /// What the driver does to every gradient before any kernel sees it: divide
 /// by the loss scale, then multiply by the clipping factor (torch's order:
-/// `GradScaler` unscales, `clip_grad_norm_` multiplies, then the step). It
-/// lives here, not in each kernel, so no optimizer and no path (dense,
+/// `GradScaler` unscales, `clip_grad_norm_` multiplies, then the step), and
+/// negate it for a kernel that maximizes (torch's `maximize`, the first line
+/// of every torch update). The negation is folded into the multiplier
+/// (`clip` holds `-c`, or `-1` alone), which is exact: round-to-nearest is
+/// symmetric, so `(g * a) * -c` is `-((g * a) * c)` and `g * -1` is `-g`.
+/// It lives here, not in each kernel, so no optimizer and no path (dense,
 /// grouped, borrowed, row-sparse) can leave it out.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct GradPre {
@@ -127,7 +131,12 @@ impl Pre for GradPre {
 /// buffers. Written once, generic over the lane type.
 pub(crate) trait Kernel<const S: usize>: Sync {
     /// Updates one vector of parameters `p` from gradients `g` and state `s`.
+    /// `g` arrives unscaled, clipped and, under [`maximize`](Self::maximize),
+    /// negated.
     fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; S]);
+    /// Whether the driver negates the gradient first (torch's `maximize`).
+    /// Required, so no kernel can leave it out.
+    fn maximize(&self) -> bool;
 }
 
 /// Parameters, gradients and `S` state buffers of equal length.
@@ -752,9 +761,8 @@ pub(crate) fn split_join<T: Send>(
     split_reduce(x, chunk, true, len, split, f, &|(), ()| ())
 }
 
-fn drive_lanes<K: Sync, L: Lanes<K>>(k: &K, plan: Plan, sl: L, chunk_multiple: usize) -> StepReport {
+fn drive_lanes<K: Sync, L: Lanes<K>>(k: &K, plan: Plan, pre: GradPre, sl: L, chunk_multiple: usize) -> StepReport {
     let backend = plan.backend;
-    let pre = plan.pre();
     match plan.exec.chunk_for(sl.len()) {
         Some(chunk) => {
             let chunk = chunk.next_multiple_of(chunk_multiple);
@@ -796,8 +804,10 @@ impl Plan {
     }
 
     /// What the driver applies to every gradient under this plan.
-    pub(crate) fn pre(&self) -> GradPre {
-        GradPre { unscale: self.unscale, clip: self.clip }
+    /// `maximize` negates on top (folded into the multiplier, exactly).
+    pub(crate) fn pre(&self, maximize: bool) -> GradPre {
+        let clip = if maximize { Some(-self.clip.unwrap_or(1.0)) } else { self.clip };
+        GradPre { unscale: self.unscale, clip }
     }
 }
 
@@ -880,13 +890,14 @@ pub(crate) fn sum_of_squares<E: Exact>(plan: &Plan, g: &[E]) -> f64 {
 /// `f32`, else the tiled mixed-storage loop (split at multiples of [`TILE`]).
 /// Lengths must already be checked.
 pub(crate) fn drive<K: Kernel<S>, const S: usize>(k: &K, plan: Plan, bufs: Bufs<'_>) -> StepReport {
+    let pre = plan.pre(k.maximize());
     match bufs.fixed::<S>().into_dense() {
-        Ok(sl) => drive_lanes(k, plan, sl, 1),
+        Ok(sl) => drive_lanes(k, plan, pre, sl, 1),
         Err(mixed) => match mixed.into_fused() {
-            Ok(AnyFused::GradsBf16(f)) => drive_lanes(k, plan, f, 1),
-            Ok(AnyFused::ParamsBf16(f)) => drive_lanes(k, plan, f, 1),
-            Ok(AnyFused::AllBf16(f)) => drive_lanes(k, plan, f, 1),
-            Err(mixed) => drive_lanes(k, plan, mixed, TILE),
+            Ok(AnyFused::GradsBf16(f)) => drive_lanes(k, plan, pre, f, 1),
+            Ok(AnyFused::ParamsBf16(f)) => drive_lanes(k, plan, pre, f, 1),
+            Ok(AnyFused::AllBf16(f)) => drive_lanes(k, plan, pre, f, 1),
+            Err(mixed) => drive_lanes(k, plan, pre, mixed, TILE),
         },
     }
 }

@@ -19,6 +19,9 @@ use crate::{Error, Exec, StepReport};
 struct Roofline;
 
 impl<const S: usize> Kernel<S> for Roofline {
+    fn maximize(&self) -> bool {
+        false
+    }
     #[inline(always)]
     fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; S]) {
         *p = *p + g;

@@ -239,7 +239,7 @@ fn update_rows<K: Kernel<S>, const S: usize>(
     table: &mut [f32],
     state: [&mut [f32]; S],
 ) -> bool {
-    let (backend, pre) = (plan.backend, plan.pre());
+    let (backend, pre) = (plan.backend, plan.pre(k.maximize()));
     let table = RowBase(table.as_mut_ptr());
     let state: [RowBase; S] = state.map(|s| RowBase(s.as_mut_ptr()));
     let task = |rows: &[Entry]| dispatch(backend, Rows { k, pre, grad, rows, table, state });
@@ -477,10 +477,12 @@ pub fn sparse_adam_step_slices(
 }
 
 impl Kernel<2> for SparseAdamKernel {
+    fn maximize(&self) -> bool {
+        self.maximize
+    }
     #[inline(always)]
     fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 2]) {
         let [m, v] = s;
-        let g = if self.maximize { -g } else { g };
         *m = *m + (g - *m) * V::splat(self.omb1);
         *v = *v + (g * g - *v) * V::splat(self.omb2);
         let denom = v.sqrt() + V::splat(self.eps);
@@ -631,10 +633,12 @@ pub fn sparse_adagrad_step_slices(
 }
 
 impl Kernel<1> for SparseAdagradKernel {
+    fn maximize(&self) -> bool {
+        self.maximize
+    }
     #[inline(always)]
     fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 1]) {
         let [sum] = s;
-        let g = if self.maximize { -g } else { g };
         *sum = *sum + g * g;
         let std = sum.sqrt() + V::splat(self.eps);
         *p = *p + V::splat(self.neg_clr) * (g / std);
@@ -745,7 +749,7 @@ impl RowWiseAdagrad {
     pub fn step(&mut self, table: &mut [f32], grad_rows: &[usize], grad_values: &[f32]) -> Result<StepReport, Error> {
         let (lr, eps, dim) = (self.lr, self.eps as f32, self.steps.dim);
         let (pre, parallel, grad) = match self.steps.prepare(table.len(), grad_rows, grad_values)? {
-            Prepared::Go(plan, parallel, grad) => (plan.pre(), parallel, grad),
+            Prepared::Go(plan, parallel, grad) => (plan.pre(false), parallel, grad),
             Prepared::Skip(report) => return Ok(report),
         };
         let table_base = RowBase(table.as_mut_ptr());

@@ -51,6 +51,9 @@ struct AdadeltaKernel {
 }
 
 impl Kernel<2> for AdadeltaKernel {
+    fn maximize(&self) -> bool {
+        self.grad.maximize
+    }
     #[inline(always)]
     fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 2]) {
         let [sq, acc] = s;

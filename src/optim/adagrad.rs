@@ -70,6 +70,9 @@ pub(crate) struct AdagradKernel {
 }
 
 impl Kernel<1> for AdagradKernel {
+    fn maximize(&self) -> bool {
+        self.grad.maximize
+    }
     #[inline(always)]
     fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 1]) {
         let [sum] = s;

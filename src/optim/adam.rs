@@ -144,6 +144,11 @@ impl Moments {
         }
     }
 
+    /// Whether the gradient is negated first (by the driver).
+    pub(crate) fn maximize(&self) -> bool {
+        self.grad.maximize
+    }
+
     /// `p` decayed (decoupled), then `m` and `v` updated from the gradient.
     #[inline(always)]
     pub(crate) fn update<V: F32Vec>(&self, p: &mut V, g: V, m: &mut V, v: &mut V) {
@@ -184,6 +189,9 @@ impl AdamKernel {
 }
 
 impl Kernel<2> for AdamKernel {
+    fn maximize(&self) -> bool {
+        self.moments.maximize()
+    }
     #[inline(always)]
     fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 2]) {
         let [m, v] = s;
@@ -192,6 +200,9 @@ impl Kernel<2> for AdamKernel {
 }
 
 impl Kernel<3> for AdamKernel {
+    fn maximize(&self) -> bool {
+        self.moments.maximize()
+    }
     #[inline(always)]
     fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 3]) {
         let [m, v, vmax] = s;

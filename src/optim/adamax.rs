@@ -50,6 +50,9 @@ struct AdamaxKernel {
 }
 
 impl Kernel<2> for AdamaxKernel {
+    fn maximize(&self) -> bool {
+        self.grad.maximize
+    }
     #[inline(always)]
     fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 2]) {
         let [m, u] = s;

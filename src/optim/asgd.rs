@@ -70,10 +70,12 @@ struct AsgdKernel<const AVERAGE: bool> {
 }
 
 impl<const AVERAGE: bool> Kernel<1> for AsgdKernel<AVERAGE> {
+    fn maximize(&self) -> bool {
+        self.maximize
+    }
     #[inline(always)]
     fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 1]) {
         let [ax] = s;
-        let g = if self.maximize { -g } else { g };
         let g = if self.wd != 0.0 { p.mul_add(V::splat(self.wd), g) } else { g };
         if self.decay != 1.0 {
             *p = *p * V::splat(self.decay);

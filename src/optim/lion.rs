@@ -58,6 +58,9 @@ struct LionKernel {
 }
 
 impl Kernel<1> for LionKernel {
+    fn maximize(&self) -> bool {
+        false
+    }
     #[inline(always)]
     fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 1]) {
         let [m] = s;

@@ -684,12 +684,15 @@ impl Guards {
     }
 }
 
-/// `maximize` and coupled (L2) weight decay, applied to the gradient the way
-/// torch does first: `g = -g` if maximizing, then `g + wd * p`. The loss
-/// scale and the clipping factor come before, applied by the driver to
-/// every gradient it hands any kernel ([`GradPre`](crate::driver::GradPre)).
+/// Coupled (L2) weight decay, applied to the gradient the way torch does
+/// first: `g + wd * p`. Before it, the driver has divided out the loss scale,
+/// multiplied in the clipping factor and, where `maximize` is set, negated
+/// the gradient ([`GradPre`](crate::driver::GradPre)): a kernel holding a
+/// `GradIn` reports `maximize` from here through
+/// [`Kernel::maximize`](crate::driver::Kernel::maximize).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct GradIn {
+    /// torch's `maximize`: read by the driver, which negates the gradient.
     pub maximize: bool,
     /// L2 weight decay added to the gradient; 0 disables (torch skips the add).
     pub wd: f32,
@@ -703,7 +706,6 @@ impl GradIn {
     /// torch's `grad.add(param, alpha=weight_decay)`: one fused multiply-add.
     #[inline(always)]
     pub(crate) fn apply<V: F32Vec>(self, p: V, g: V) -> V {
-        let g = if self.maximize { -g } else { g };
         if self.wd != 0.0 { p.mul_add(V::splat(self.wd), g) } else { g }
     }
 }

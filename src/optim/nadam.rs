@@ -82,6 +82,9 @@ struct NAdamKernel {
 }
 
 impl Kernel<2> for NAdamKernel {
+    fn maximize(&self) -> bool {
+        self.grad.maximize
+    }
     #[inline(always)]
     fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 2]) {
         let [m, v] = s;

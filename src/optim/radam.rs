@@ -75,6 +75,9 @@ struct Rectified {
 }
 
 impl Kernel<2> for Rectified {
+    fn maximize(&self) -> bool {
+        self.moments.maximize()
+    }
     #[inline(always)]
     fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 2]) {
         let [m, v] = s;
@@ -92,6 +95,9 @@ struct Plain {
 }
 
 impl Kernel<2> for Plain {
+    fn maximize(&self) -> bool {
+        self.moments.maximize()
+    }
     #[inline(always)]
     fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 2]) {
         let [m, v] = s;

@@ -104,6 +104,9 @@ impl RmsKernel {
 }
 
 impl Kernel<1> for RmsKernel {
+    fn maximize(&self) -> bool {
+        self.grad.maximize
+    }
     #[inline(always)]
     fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 1]) {
         let [sq] = s;
@@ -112,6 +115,9 @@ impl Kernel<1> for RmsKernel {
 }
 
 impl Kernel<2> for RmsKernel {
+    fn maximize(&self) -> bool {
+        self.grad.maximize
+    }
     #[inline(always)]
     fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 2]) {
         let [sq, x] = s;
@@ -120,6 +126,9 @@ impl Kernel<2> for RmsKernel {
 }
 
 impl Kernel<3> for RmsKernel {
+    fn maximize(&self) -> bool {
+        self.grad.maximize
+    }
     #[inline(always)]
     fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 3]) {
         let [sq, buf, ga] = s;

@@ -61,10 +61,12 @@ struct RpropKernel<const FIRST: bool> {
 }
 
 impl<const FIRST: bool> Kernel<2> for RpropKernel<FIRST> {
+    fn maximize(&self) -> bool {
+        self.maximize
+    }
     #[inline(always)]
     fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 2]) {
         let [prev, step] = s;
-        let g = if self.maximize { -g } else { g };
         let zero = V::splat(0.0);
         let sign = (g * *prev).sign();
         let factor = zero.lt_select(sign, V::splat(self.etaplus), sign.lt_select(zero, V::splat(self.etaminus), V::splat(1.0)));

@@ -53,6 +53,9 @@ struct SgdKernel {
 }
 
 impl Kernel<0> for SgdKernel {
+    fn maximize(&self) -> bool {
+        self.grad.maximize
+    }
     #[inline(always)]
     fn apply<V: F32Vec>(&self, p: &mut V, g: V, _s: &mut [V; 0]) {
         let g = self.grad.apply(*p, g);
@@ -61,6 +64,9 @@ impl Kernel<0> for SgdKernel {
 }
 
 impl Kernel<1> for SgdKernel {
+    fn maximize(&self) -> bool {
+        self.grad.maximize
+    }
     #[inline(always)]
     fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 1]) {
         let [buf] = s;
