@@ -51,7 +51,7 @@ use rayon::prelude::*;
 use serde_json::{Value, json};
 
 use crate::error::{finite, next_step};
-use crate::optim::Lerp;
+use crate::math::Lerp;
 use crate::simd::{F32Vec, LaneOp, dispatch};
 use crate::{Backend, Error, Exec};
 

@@ -6,43 +6,11 @@
 
 use crate::backend::Backend;
 use crate::exec::Exec;
+pub(crate) use crate::math::Unscale;
 use crate::simd::{F32Vec, LaneOp, dispatch};
 use crate::storage::{
     Elem, Exact, Grads, ParamCopy, Params, StateBuf, TILE, bf16, dequantize, narrow, quantize, widen,
 };
-
-/// How gradients are divided by a loss scale.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) enum Unscale {
-    /// No scale.
-    None,
-    /// A power-of-two scale: multiplying by its exact reciprocal gives the
-    /// same bits as dividing, without the divider.
-    Mul(f32),
-    /// Any other scale: divide, as torch does.
-    Div(f32),
-}
-
-impl Unscale {
-    pub(crate) fn new(grad_scale: Option<f32>) -> Unscale {
-        match grad_scale {
-            None => Unscale::None,
-            Some(s) if s.is_normal() && (1.0 / s).is_normal() && (s.to_bits() & 0x007f_ffff) == 0 => {
-                Unscale::Mul(1.0 / s)
-            }
-            Some(s) => Unscale::Div(s),
-        }
-    }
-
-    #[inline(always)]
-    pub(crate) fn apply<V: F32Vec>(self, g: V) -> V {
-        match self {
-            Unscale::None => g,
-            Unscale::Mul(r) => g * V::splat(r),
-            Unscale::Div(s) => g / V::splat(s),
-        }
-    }
-}
 
 /// What the driver does to every gradient before any kernel sees it: divide
 /// by the loss scale, then multiply by the clipping factor (torch's order:

@@ -36,8 +36,10 @@
 //!    a [`Backend`] into a lane type. The AVX2/AVX-512 lanes are private to
 //!    it and entered only with a capability token that runtime detection
 //!    makes.
-//! 4. **Storage** ([`storage`]): `f32`, `bf16`, `f16` and 8-bit block-wise
-//!    buffers, their conversions and tiles.
+//! 4. **Storage and step math** ([`storage`], `math`): `f32`, `bf16`, `f16`
+//!    and 8-bit block-wise buffers, their conversions and tiles; the math the
+//!    kernels share (loss-scale removal, L2 decay, the guarded division,
+//!    torch's `lerp`, `beta ** step`).
 //! 5. **The driver** (`driver`): the one loop that runs a kernel (SIMD body,
 //!    scalar tail; the `f32` loop, the fused bf16 loop or the tiled
 //!    mixed-storage loop), the non-finite scan, the sum of squares, and
@@ -98,6 +100,7 @@ mod error;
 mod exec;
 pub mod groups;
 mod keywords;
+mod math;
 pub mod memory;
 pub mod multi;
 pub mod optim;

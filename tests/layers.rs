@@ -23,6 +23,7 @@ const LAYERS: &[(&str, usize)] = &[
     ("schedule", 2),
     ("simd", 3),
     ("storage", 4),
+    ("math", 4),
     ("driver", 5),
     ("clip", 6),
     ("optim", 7),

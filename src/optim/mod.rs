@@ -57,8 +57,8 @@ use crate::Error;
 use crate::driver::{Bufs, Plan, StepReport, Unscale};
 use crate::error::{check_grad_scale, check_len};
 use crate::exec::Exec;
+pub(crate) use crate::math::{GradIn, Lerp, Quot, pow_step};
 use crate::schedule::LrSchedule;
-use crate::simd::F32Vec;
 use crate::storage::{Dtype, Grads, ParamCopy, Params, StateBuf};
 
 pub use crate::error::MAX_STEP;
@@ -682,79 +682,4 @@ impl Guards {
         plan.clip = (coef != 1.0).then_some(coef);
         Ok((None, Some(total)))
     }
-}
-
-/// Coupled (L2) weight decay, applied to the gradient the way torch does
-/// first: `g + wd * p`. Before it, the driver has divided out the loss scale,
-/// multiplied in the clipping factor and, where `maximize` is set, negated
-/// the gradient ([`GradPre`](crate::driver::GradPre)): a kernel holding a
-/// `GradIn` reports `maximize` from here through
-/// [`Kernel::maximize`](crate::driver::Kernel::maximize).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct GradIn {
-    /// torch's `maximize`: read by the driver, which negates the gradient.
-    pub maximize: bool,
-    /// L2 weight decay added to the gradient; 0 disables (torch skips the add).
-    pub wd: f32,
-}
-
-impl GradIn {
-    pub(crate) fn new(maximize: bool, wd: f64) -> Self {
-        GradIn { maximize, wd: wd as f32 }
-    }
-
-    /// torch's `grad.add(param, alpha=weight_decay)`: one fused multiply-add.
-    #[inline(always)]
-    pub(crate) fn apply<V: F32Vec>(self, p: V, g: V) -> V {
-        if self.wd != 0.0 { p.mul_add(V::splat(self.wd), g) } else { g }
-    }
-}
-
-/// The division by an adaptive denominator. With `eps = 0` (allowed by
-/// torch) the denominator can be exactly 0 — zero state and zero gradient, or
-/// a second moment that underflowed — and torch produces `0/0 = NaN` or
-/// `x/0 = inf`, poisoning the parameter forever. Here a zero denominator
-/// gives a zero update instead; with `eps > 0` the plain division runs.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Quot {
-    guard: bool,
-}
-
-impl Quot {
-    pub(crate) fn new(eps: f64) -> Quot {
-        Quot { guard: eps == 0.0 }
-    }
-
-    #[inline(always)]
-    pub(crate) fn apply<V: F32Vec>(self, num: V, den: V) -> V {
-        if self.guard { num.div_or_zero(den) } else { num / den }
-    }
-}
-
-/// torch's `lerp(a, b, w)`: `a + w (b - a)` for `w < 0.5`, else
-/// `b - (b - a)(1 - w)`, each with the product and the sum fused as torch's
-/// vectorized CPU kernel does (`fmadd`, `fnmadd`).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Lerp {
-    w: f32,
-    one_minus_w: f32,
-    high: bool,
-}
-
-impl Lerp {
-    pub(crate) fn new(w: f64) -> Self {
-        let w = w as f32;
-        Lerp { w, one_minus_w: 1.0 - w, high: w.abs() >= 0.5 }
-    }
-
-    #[inline(always)]
-    pub(crate) fn apply<V: F32Vec>(self, a: V, b: V) -> V {
-        if self.high { (a - b).mul_add(V::splat(self.one_minus_w), b) } else { V::splat(self.w).mul_add(b - a, a) }
-    }
-}
-
-/// `x^t` for a hyperparameter `x` and a step count, in f64 with libm's `pow`
-/// as Python's `beta ** step` computes it.
-pub(crate) fn pow_step(x: f64, t: u64) -> f64 {
-    x.powf(t as f64)
 }
