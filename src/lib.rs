@@ -51,8 +51,10 @@
 //! 7. **The optimizers** ([`optim`]): one file each, holding the config
 //!    (torch's names and defaults, validation, its torch options), the state
 //!    layout and the per-element formula; `optim/mod.rs` holds the registry,
-//!    the [`Algorithm`] trait, the owning [`Optimizer`], the free kernels
-//!    [`step_slices`] / [`step_mixed`] and the guards.
+//!    the [`Algorithm`] trait and the free kernels [`step_slices`] /
+//!    [`step_mixed`]; `optim/guards.rs` the controls every owner shares (the
+//!    non-finite policy, loss scale, clipping, the schedule application);
+//!    `optim/owner.rs` the owning [`Optimizer`].
 //! 8. **Owners of many tensors or of shapes**: [`groups`] (one arena,
 //!    shardable), [`multi`] (caller-owned tensors, per-tensor step counts),
 //!    [`sparse`] (row-sparse tables), [`adafactor`] (factored statistics per
