@@ -791,23 +791,41 @@ pub(crate) const NORM_BLOCK: usize = 1 << 14;
 const SUMSQ_LANES: usize = 32;
 
 /// One leaf: `sum(unscale(g)^2)` in f64, element `i` into accumulator
-/// `i % 32`, the accumulators then added in a fixed pairwise tree. Each
-/// accumulator sees the same operations in the same order whether or not the
-/// compiler vectorizes the loop, so every backend gives the same bits. A
-/// half-precision gradient is widened first (exactly), so its sum is the sum
-/// of the widened `f32` values.
+/// `i % 32`, the accumulators then added in a fixed pairwise tree. The lanes
+/// widen, square and add (`add_squares_f64`: lane `l` of a vector starting at
+/// a multiple of 32 plus `k` into accumulator `k + l`), so each accumulator
+/// sees the same operations in the same order on every backend, and every
+/// backend gives the same bits. A half-precision gradient is widened first
+/// (exactly), so its sum is the sum of the widened `f32` values.
 #[inline(always)]
-fn sumsq_leaf<E: Exact>(g: &[E], unscale: Unscale) -> f64 {
-    let mut acc = [0f64; SUMSQ_LANES];
-    let mut chunks = g.chunks_exact(SUMSQ_LANES);
-    for c in &mut chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            let x = f64::from(unscale.apply(x.exact()));
-            *a += x * x;
-        }
+fn sumsq_leaf<V: F32Vec, E: Exact>(g: &[E], unscale: Unscale) -> f64 {
+    // One loop per transform, chosen once per leaf.
+    match unscale {
+        Unscale::None => sumsq_leaf_with::<V, E, _>(g, Identity),
+        Unscale::Mul(r) => sumsq_leaf_with::<V, E, _>(g, Mul1(r)),
+        Unscale::Div(d) => sumsq_leaf_with::<V, E, _>(g, Div1(d)),
     }
-    for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
-        let x = f64::from(unscale.apply(x.exact()));
+}
+
+#[inline(always)]
+fn sumsq_leaf_with<V: F32Vec, E: Exact, P: Pre>(g: &[E], pre: P) -> f64 {
+    let mut acc = [0f64; SUMSQ_LANES];
+    let n = g.len() / SUMSQ_LANES * SUMSQ_LANES;
+    let ptr = g.as_ptr();
+    let a = acc.as_mut_ptr();
+    let mut i = 0;
+    while i < n {
+        let mut k = 0;
+        while k < SUMSQ_LANES {
+            // SAFETY: i + k + LANES <= i + 32 <= n <= g.len() (LANES divides
+            // 32), and k + LANES <= 32 = acc.len().
+            unsafe { pre.apply(E::exact_lanes::<V>(ptr.add(i + k))).add_squares_f64(a.add(k)) };
+            k += V::LANES;
+        }
+        i += SUMSQ_LANES;
+    }
+    for (a, &x) in acc.iter_mut().zip(&g[n..]) {
+        let x = f64::from(pre.apply(x.exact()));
         *a += x * x;
     }
     let mut w = SUMSQ_LANES;
@@ -820,9 +838,7 @@ fn sumsq_leaf<E: Exact>(g: &[E], unscale: Unscale) -> f64 {
     acc[0]
 }
 
-/// One leaf of the sum of squares as a [`LaneOp`]: the lane type is not
-/// used, but the leaf is compiled with the backend's instructions (the
-/// compiler vectorizes the f64 accumulators without reordering any sum).
+/// One leaf of the sum of squares as a [`LaneOp`], on the backend's lanes.
 struct SumSq<'a, E> {
     g: &'a [E],
     unscale: Unscale,
@@ -832,7 +848,7 @@ impl<E: Exact> LaneOp for SumSq<'_, E> {
     type Out = f64;
     #[inline(always)]
     fn run<V: F32Vec>(self) -> f64 {
-        sumsq_leaf(self.g, self.unscale)
+        sumsq_leaf::<V, E>(self.g, self.unscale)
     }
 }
 

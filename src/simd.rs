@@ -138,6 +138,12 @@ pub(crate) trait F32Vec:
     /// # Safety
     /// `out..out + LANES` must be valid for writes and `lut` for 65536 `u32`.
     unsafe fn store_codes(self, lut: *const u32, out: *mut u8);
+    /// Lane `l` widened to `f64`, squared and added to `acc[l]` (a multiply
+    /// and an add, each rounded in `f64`): the sum-of-squares accumulators.
+    ///
+    /// # Safety
+    /// `acc..acc + LANES` must be valid for reads and writes.
+    unsafe fn add_squares_f64(self, acc: *mut f64);
 }
 
 /// The exact `f32` of a bf16 bit pattern.
@@ -290,6 +296,12 @@ impl F32Vec for f32 {
         // SAFETY: the caller guarantees a 65536-entry table and a writable byte.
         unsafe { *out = q8_code(core::slice::from_raw_parts(lut, 1 << 16), self) }
     }
+    #[inline(always)]
+    unsafe fn add_squares_f64(self, acc: *mut f64) {
+        let x = f64::from(self);
+        // SAFETY: the caller guarantees one readable and writable f64.
+        unsafe { *acc += x * x }
+    }
 }
 
 /// Lane by lane through the scalar reference, for the `Wide` conversions.
@@ -331,6 +343,14 @@ macro_rules! lanewise_conversions {
             for (i, x) in $arr(self).into_iter().enumerate() {
                 // SAFETY: the caller guarantees LANES writable bytes.
                 unsafe { *out.add(i) = q8_code(lut, x) }
+            }
+        }
+        #[inline(always)]
+        unsafe fn add_squares_f64(self, acc: *mut f64) {
+            for (i, x) in $arr(self).into_iter().enumerate() {
+                let x = f64::from(x);
+                // SAFETY: the caller guarantees LANES readable and writable f64.
+                unsafe { *acc.add(i) += x * x }
             }
         }
     };
@@ -736,6 +756,18 @@ mod x86 {
                 _mm_storel_epi64(out.cast(), both);
             }
         }
+        #[inline(always)]
+        unsafe fn add_squares_f64(self, acc: *mut f64) {
+            // SAFETY: the caller guarantees 8 readable and writable f64;
+            // the intrinsics run under the module's detection contract.
+            unsafe {
+                let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(self.0));
+                let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(self.0));
+                _mm256_storeu_pd(acc, _mm256_add_pd(_mm256_loadu_pd(acc), _mm256_mul_pd(lo, lo)));
+                let acc = acc.add(4);
+                _mm256_storeu_pd(acc, _mm256_add_pd(_mm256_loadu_pd(acc), _mm256_mul_pd(hi, hi)));
+            }
+        }
     }
 
     impl F32Vec for Avx512 {
@@ -886,6 +918,18 @@ mod x86 {
                 let top = _mm512_srli_epi32::<24>(e);
                 let code = _mm512_mask_add_epi32(top, past, top, _mm512_set1_epi32(1));
                 _mm_storeu_si128(out.cast(), _mm512_cvtepi32_epi8(code));
+            }
+        }
+        #[inline(always)]
+        unsafe fn add_squares_f64(self, acc: *mut f64) {
+            // SAFETY: the caller guarantees 16 readable and writable f64;
+            // the intrinsics run under the module's detection contract.
+            unsafe {
+                let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(self.0));
+                let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(self.0))));
+                _mm512_storeu_pd(acc, _mm512_add_pd(_mm512_loadu_pd(acc), _mm512_mul_pd(lo, lo)));
+                let acc = acc.add(8);
+                _mm512_storeu_pd(acc, _mm512_add_pd(_mm512_loadu_pd(acc), _mm512_mul_pd(hi, hi)));
             }
         }
     }
@@ -1077,6 +1121,21 @@ mod tests {
         // SAFETY: `out` holds LANES values.
         unsafe { fused.store(out.as_mut_ptr()) };
         assert!(out.iter().all(|&y| y == f32::EPSILON * f32::EPSILON), "mul_add is not fused: {out:?}");
+        // add_squares_f64: lane l into accumulator l, in f64, against the
+        // scalar definition, over every edge value.
+        for chunk in vals.chunks(V::LANES).filter(|c| c.len() == V::LANES) {
+            let mut acc: Vec<f64> = (0..V::LANES).map(|l| 0.1 * l as f64 - 0.3).collect();
+            let mut want = acc.clone();
+            // SAFETY: `chunk` holds LANES f32 and `acc` LANES f64.
+            unsafe { V::load(chunk.as_ptr()).add_squares_f64(acc.as_mut_ptr()) };
+            for (w, &x) in want.iter_mut().zip(chunk) {
+                let x = f64::from(x);
+                *w += x * x;
+            }
+            for (a, w) in acc.iter().zip(&want) {
+                assert!(a.to_bits() == w.to_bits() || (a.is_nan() && w.is_nan()), "add_squares_f64: {a} want {w}");
+            }
+        }
         // min_nan is torch.minimum: NaN if either operand is.
         assert!(f32::NAN.min_nan(1.0).is_nan() && 1.0f32.min_nan(f32::NAN).is_nan());
         // max_nan is torch.maximum: NaN if either operand is.

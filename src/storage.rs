@@ -677,12 +677,22 @@ impl Half for f16 {
 pub(crate) trait Exact: Copy + Send + Sync {
     /// The value as `f32` (exact: every bf16 and f16 is an f32).
     fn exact(self) -> f32;
+    /// `V::LANES` values as `f32`, exactly.
+    ///
+    /// # Safety
+    /// `ptr..ptr + V::LANES` readable.
+    unsafe fn exact_lanes<V: F32Vec>(ptr: *const Self) -> V;
 }
 
 impl Exact for f32 {
     #[inline(always)]
     fn exact(self) -> f32 {
         self
+    }
+    #[inline(always)]
+    unsafe fn exact_lanes<V: F32Vec>(ptr: *const Self) -> V {
+        // SAFETY: forwarded from the caller.
+        unsafe { V::load(ptr) }
     }
 }
 
@@ -691,12 +701,22 @@ impl Exact for bf16 {
     fn exact(self) -> f32 {
         self.widen()
     }
+    #[inline(always)]
+    unsafe fn exact_lanes<V: F32Vec>(ptr: *const Self) -> V {
+        // SAFETY: forwarded from the caller.
+        unsafe { <bf16 as Half>::load(ptr) }
+    }
 }
 
 impl Exact for f16 {
     #[inline(always)]
     fn exact(self) -> f32 {
         self.widen()
+    }
+    #[inline(always)]
+    unsafe fn exact_lanes<V: F32Vec>(ptr: *const Self) -> V {
+        // SAFETY: forwarded from the caller.
+        unsafe { <f16 as Half>::load(ptr) }
     }
 }
 
