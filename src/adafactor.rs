@@ -444,7 +444,11 @@ pub fn step_slices(
         return Ok(());
     }
     let par = exec.chunk_for(n).is_some();
-    run(config, shape, t, n, params, grads, state, par, Lanes(backend));
+    // AVX-512 machines run the AVX2 lanes: measured faster here for these
+    // short row passes (the eight-lane accumulators match `accumulate`'s
+    // vectorized shape); every backend gives the same bits.
+    let lanes = Lanes(if backend == Backend::Avx512 { Backend::Avx2 } else { backend });
+    run(config, shape, t, n, params, grads, state, par, lanes);
     Ok(())
 }
 
@@ -654,23 +658,17 @@ fn factored_v<V: F32Vec>(r: f32, c: V, rmean: f32) -> V {
 }
 
 /// Adds `u^2` for `LANES` elements starting at element `j` into the 8
-/// accumulators (element `j` into accumulator `j % 8`).
+/// accumulators (element `j` into accumulator `j % 8`), widened to f64.
 #[inline(always)]
 fn accumulate<V: F32Vec>(acc: &mut [f64; 8], j: usize, u: V) {
+    if V::LANES == 8 && j.is_multiple_of(8) {
+        // SAFETY: `acc` holds 8 = LANES f64.
+        unsafe { u.add_squares_f64(acc.as_mut_ptr()) };
+        return;
+    }
     let mut tmp = [0f32; 16];
     // SAFETY: `tmp` holds 16 >= LANES floats.
     unsafe { u.store(tmp.as_mut_ptr()) };
-    if V::LANES.is_multiple_of(8) && j.is_multiple_of(8) {
-        // The same adds in the same order (element `j + l` into accumulator
-        // `l % 8`, lanes in order), in a form the compiler vectorizes.
-        for half in tmp[..V::LANES].chunks_exact(8) {
-            for (a, &x) in acc.iter_mut().zip(half) {
-                let x = f64::from(x);
-                *a += x * x;
-            }
-        }
-        return;
-    }
     for (l, &x) in tmp[..V::LANES].iter().enumerate() {
         let x = f64::from(x);
         acc[(j + l) % 8] += x * x;
@@ -770,8 +768,16 @@ fn vec_apply<V: F32Vec>(v: &[f32], g: &[f32], p: &mut [f32], ap: Apply) {
 
 /// `acc[j] += g[j]^2` in f64: one column block of one row.
 #[inline(always)]
-fn col_acc(acc: &mut [f64], g: &[f32]) {
-    for (a, &x) in acc.iter_mut().zip(g) {
+fn col_acc<V: F32Vec>(acc: &mut [f64], g: &[f32]) {
+    let n = g.len().min(acc.len());
+    let full = n / V::LANES * V::LANES;
+    let mut j = 0;
+    while j < full {
+        // SAFETY: `j + LANES <= n`, within both slices.
+        unsafe { V::load(g.as_ptr().add(j)).add_squares_f64(acc.as_mut_ptr().add(j)) };
+        j += V::LANES;
+    }
+    for (a, &x) in acc[full..n].iter_mut().zip(&g[full..n]) {
         let x = f64::from(x);
         *a += x * x;
     }
@@ -779,18 +785,25 @@ fn col_acc(acc: &mut [f64], g: &[f32]) {
 
 /// `sum(x^2)` over one chunk in f64 with 8 accumulators (element `i` into
 /// accumulator `i % 8`), added pairwise at the end: one fixed order, and
-/// independent chains the compiler vectorizes.
+/// independent chains, on the lanes (`add_squares_f64`).
 #[inline(always)]
-fn sq_sum(x: &[f32]) -> f64 {
+fn sq_sum<V: F32Vec>(x: &[f32]) -> f64 {
     let mut acc = [0f64; 8];
-    let mut it = x.chunks_exact(8);
-    for c in &mut it {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            let v = f64::from(v);
-            *a += v * v;
+    let full = x.len() / 8 * 8;
+    let mut i = 0;
+    while i < full {
+        if V::LANES == 8 {
+            // SAFETY: `i + 8 <= full <= x.len()`; `acc` holds 8 f64.
+            unsafe { V::load(x.as_ptr().add(i)).add_squares_f64(acc.as_mut_ptr()) };
+        } else {
+            for (a, &v) in acc.iter_mut().zip(&x[i..i + 8]) {
+                let v = f64::from(v);
+                *a += v * v;
+            }
         }
+        i += 8;
     }
-    for (a, &v) in acc.iter_mut().zip(it.remainder()) {
+    for (a, &v) in acc.iter_mut().zip(&x[full..]) {
         let v = f64::from(v);
         *a += v * v;
     }
@@ -814,9 +827,9 @@ impl LaneOp for Pass<'_> {
     #[inline(always)]
     fn run<V: F32Vec>(self) -> f64 {
         match self {
-            Pass::SqSum(x) => sq_sum(x),
+            Pass::SqSum(x) => sq_sum::<V>(x),
             Pass::ColAcc(acc, g) => {
-                col_acc(acc, g);
+                col_acc::<V>(acc, g);
                 0.0
             }
             Pass::RowUsq { r, cv, rmean, g, f } => row_usq::<V>(r, cv, rmean, g, f),
