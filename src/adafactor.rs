@@ -295,9 +295,10 @@ impl Adafactor {
     /// The execution policy. Threads: [`Parallel::Auto`](crate::Parallel::Auto) (the default:
     /// rayon's pool from [`PAR_THRESHOLD`](crate::PAR_THRESHOLD) elements),
     /// `Serial`, or `Chunks` (always through rayon; the chunk size is not
-    /// used, the partition is fixed). Backend: each runs the per-element passes
-    /// on its own lanes (`f32`, `wide`, AVX2, AVX-512) through the crate's one
-    /// backend dispatch, the reductions compiled with its instructions; a forced backend this CPU
+    /// used, the partition is fixed). Backend: `Scalar`, `Wide` and `Avx2` run the
+    /// per-element passes and the f64 reductions on their own lanes through the
+    /// crate's one backend dispatch; `Avx512` runs the AVX2 lanes (measured
+    /// faster for these row passes); a forced backend this CPU
     /// lacks fails the next step with [`Error::BackendUnavailable`]. Every
     /// policy and thread count gives the same bits.
     pub fn set_exec(&mut self, exec: Exec) {
