@@ -23,7 +23,9 @@
 //! and states, bf16 param copy out), `bf16-f32states` (bf16 params and
 //! grads, f32 states), `bf16` (bf16 params, grads and states), `q8` (f32
 //! params and grads, 8-bit block-wise states), `bf16-q8` (bf16 params and
-//! grads, 8-bit states).
+//! grads, 8-bit states). A precision with bf16 params takes the suffix
+//! `-sr` for stochastic rounding of the params (`bf16-sr`,
+//! `bf16-f32states-sr`, `bf16-q8-sr`).
 
 use std::time::Instant;
 
@@ -259,7 +261,7 @@ struct Setup {
 
 /// (params, grads, state, copy) storage of a precision.
 fn layout(name: &str) -> (Dtype, Dtype, Dtype, Option<Dtype>) {
-    match name {
+    match name.strip_suffix("-sr").unwrap_or(name) {
         "f32" => (Dtype::F32, Dtype::F32, Dtype::F32, None),
         "bf16-grads" => (Dtype::F32, Dtype::Bf16, Dtype::F32, Some(Dtype::Bf16)),
         "bf16-f32states" => (Dtype::Bf16, Dtype::Bf16, Dtype::F32, None),
@@ -320,7 +322,11 @@ impl Setup {
             self.aux = cfg.aux_init();
         }
         self.t += 1;
-        let options = adaoptim::StepOptions { exec: *exec, ..Default::default() };
+        let param_rounding = match self.name.ends_with("-sr") {
+            true => adaoptim::storage::ParamRounding::Stochastic { seed: 1 },
+            false => adaoptim::storage::ParamRounding::Nearest,
+        };
+        let options = adaoptim::StepOptions { exec: *exec, param_rounding, ..Default::default() };
         cfg.step_mixed(self.t, &mut self.aux, params, grads, &mut state, copy, &options).expect("step").backend
     }
 }

@@ -9,7 +9,8 @@ use crate::exec::Exec;
 pub(crate) use crate::math::Unscale;
 use crate::simd::{F32Vec, LaneOp, dispatch};
 use crate::storage::{
-    Elem, Exact, Grads, ParamCopy, Params, StateBuf, TILE, bf16, dequantize, narrow, quantize, widen,
+    Elem, Exact, Grads, ParamCopy, Params, StateBuf, TILE, bf16, dequantize, narrow, narrow_bf16_stochastic, quantize,
+    widen,
 };
 
 /// What the driver does to every gradient before any kernel sees it: divide
@@ -146,6 +147,8 @@ pub struct Bufs<'a> {
     pub(crate) s: [StateBuf<'a>; MAX_BUFS],
     pub(crate) k: usize,
     pub(crate) copy: Option<ParamCopy<'a>>,
+    /// The stochastic-rounding key of `bf16` parameters, if they round so.
+    pub(crate) sr: Option<u64>,
 }
 
 impl<'a> Bufs<'a> {
@@ -155,7 +158,7 @@ impl<'a> Bufs<'a> {
         assert!(k <= MAX_BUFS, "state count is checked by the callers");
         let mut it = state.iter_mut();
         let s = std::array::from_fn(|_| StateBuf::F32(it.next().map_or(&mut [][..], |x| &mut **x)));
-        Bufs { p: Params::F32(p), g: Grads::F32(g), s, k, copy: None }
+        Bufs { p: Params::F32(p), g: Grads::F32(g), s, k, copy: None, sr: None }
     }
 
     /// Buffers in any storage (`state` at most [`MAX_BUFS`], checked by the callers).
@@ -164,7 +167,7 @@ impl<'a> Bufs<'a> {
         assert!(k <= MAX_BUFS, "state count is checked by the callers");
         let mut it = state.iter_mut();
         let s = std::array::from_fn(|_| it.next().map_or(StateBuf::F32(&mut []), |x| x.reborrow()));
-        Bufs { p, g, s, k, copy }
+        Bufs { p, g, s, k, copy, sr: None }
     }
 
     /// The number of state buffers.
@@ -175,7 +178,8 @@ impl<'a> Bufs<'a> {
     fn fixed<const S: usize>(self) -> Mixed<'a, S> {
         assert!(self.k == S, "state count is checked by the callers");
         let mut it = self.s.into_iter();
-        Mixed { p: self.p, g: self.g, s: std::array::from_fn(|_| it.next().expect("S <= MAX_BUFS")), copy: self.copy }
+        let s = std::array::from_fn(|_| it.next().expect("S <= MAX_BUFS"));
+        Mixed { p: self.p, g: self.g, s, copy: self.copy, sr: self.sr, base: 0 }
     }
 }
 
@@ -185,6 +189,11 @@ pub(crate) struct Mixed<'a, const S: usize> {
     g: Grads<'a>,
     s: [StateBuf<'a>; S],
     copy: Option<ParamCopy<'a>>,
+    /// Stochastic-rounding key of `bf16` parameters, if any.
+    sr: Option<u64>,
+    /// The index of this piece's first element in the whole buffer (the
+    /// stochastic-rounding stream's counter).
+    base: u64,
 }
 
 impl<'a, const S: usize> Mixed<'a, S> {
@@ -193,7 +202,8 @@ impl<'a, const S: usize> Mixed<'a, S> {
         let dense = matches!(self.p, Params::F32(_))
             && matches!(self.g, Grads::F32(_))
             && self.s.iter().all(|s| matches!(s, StateBuf::F32(_)))
-            && self.copy.is_none();
+            && self.copy.is_none()
+            && self.sr.is_none();
         if !dense {
             return Err(self);
         }
@@ -248,9 +258,10 @@ impl<K: Kernel<S>, const S: usize> Lanes<K> for Mixed<'_, S> {
             }
             None => (None, None),
         };
+        let (sr, base) = (self.sr, self.base);
         (
-            Mixed { p: p0, g: g0, s: lo.map(|x| x.expect("S entries")), copy: c0 },
-            Mixed { p: p1, g: g1, s: hi.map(|x| x.expect("S entries")), copy: c1 },
+            Mixed { p: p0, g: g0, s: lo.map(|x| x.expect("S entries")), copy: c0, sr, base },
+            Mixed { p: p1, g: g1, s: hi.map(|x| x.expect("S entries")), copy: c1, sr, base: base + mid as u64 },
         )
     }
     #[inline(always)]
@@ -267,6 +278,10 @@ pub(crate) struct Fused<'a, P, G, T, C, const S: usize> {
     g: &'a [G],
     s: [&'a mut [T]; S],
     copy: Option<&'a mut [C]>,
+    /// Stochastic-rounding key of the parameters, if any.
+    sr: Option<u64>,
+    /// Index of the first element in the whole buffer.
+    base: u64,
 }
 
 /// The storage combinations the fused loop is compiled for (the others go
@@ -306,15 +321,21 @@ impl<'a, const S: usize> Mixed<'a, S> {
         };
         match (self.p, self.g) {
             (Params::F32(p), Grads::Bf16(g)) if states_f32 && copy_bf16 => {
-                Ok(AnyFused::GradsBf16(Fused { p, g, s: f32_states(self.s), copy: copy(self.copy) }))
+                let copy = copy(self.copy);
+                Ok(AnyFused::GradsBf16(Fused { p, g, s: f32_states(self.s), copy, sr: None, base: self.base }))
             }
-            (Params::Bf16(p), Grads::Bf16(g)) if states_f32 && self.copy.is_none() => {
-                Ok(AnyFused::ParamsBf16(Fused { p, g, s: f32_states(self.s), copy: None }))
-            }
+            (Params::Bf16(p), Grads::Bf16(g)) if states_f32 && self.copy.is_none() => Ok(AnyFused::ParamsBf16(Fused {
+                p,
+                g,
+                s: f32_states(self.s),
+                copy: None,
+                sr: self.sr,
+                base: self.base,
+            })),
             (Params::Bf16(p), Grads::Bf16(g)) if states_bf16 && self.copy.is_none() => {
-                Ok(AnyFused::AllBf16(Fused { p, g, s: bf16_states(self.s), copy: None }))
+                Ok(AnyFused::AllBf16(Fused { p, g, s: bf16_states(self.s), copy: None, sr: self.sr, base: self.base }))
             }
-            (p, g) => Err(Mixed { p, g, s: self.s, copy: self.copy }),
+            (p, g) => Err(Mixed { p, g, s: self.s, copy: self.copy, sr: self.sr, base: self.base }),
         }
     }
 }
@@ -340,15 +361,65 @@ impl<K: Kernel<S>, P: Elem, G: Elem, T: Elem, C: Elem, const S: usize> Lanes<K> 
             }
             None => (None, None),
         };
-        (Fused { p: p0, g: g0, s: lo, copy: c0 }, Fused { p: p1, g: g1, s: hi, copy: c1 })
+        let (sr, base) = (self.sr, self.base);
+        (
+            Fused { p: p0, g: g0, s: lo, copy: c0, sr, base },
+            Fused { p: p1, g: g1, s: hi, copy: c1, sr, base: base + mid as u64 },
+        )
     }
     #[inline(always)]
     fn run<V: F32Vec>(self, k: &K, pre: GradPre) {
-        if matches!((pre.unscale, pre.clip), (Unscale::None, None)) {
-            run_fused::<V, K, S, P, G, T, C, _>(k, self, Identity)
-        } else {
-            run_fused::<V, K, S, P, G, T, C, _>(k, self, pre)
+        match self.sr {
+            Some(key) => {
+                let put = Stochastic { key, base: self.base };
+                run_fused::<V, K, S, P, G, T, C, _, _>(k, self, pre, put)
+            }
+            None if matches!((pre.unscale, pre.clip), (Unscale::None, None)) => {
+                run_fused::<V, K, S, P, G, T, C, _, _>(k, self, Identity, Nearest)
+            }
+            None => run_fused::<V, K, S, P, G, T, C, _, _>(k, self, pre, Nearest),
         }
+    }
+}
+
+/// How the fused loop stores the updated parameters.
+trait PutParams: Copy {
+    /// Stores `W::LANES` parameters at element `i` of the piece.
+    ///
+    /// # Safety
+    /// `ptr..ptr + W::LANES` writable, `i` a multiple of `W::LANES`.
+    unsafe fn put<W: F32Vec, P: Elem>(self, v: W, ptr: *mut P, i: usize);
+}
+
+/// Round to nearest (the storage's own narrowing).
+#[derive(Clone, Copy)]
+struct Nearest;
+
+impl PutParams for Nearest {
+    #[inline(always)]
+    unsafe fn put<W: F32Vec, P: Elem>(self, v: W, ptr: *mut P, _: usize) {
+        // SAFETY: forwarded contract.
+        unsafe { P::put(v, ptr) }
+    }
+}
+
+/// Stochastic rounding: the piece starts at element `base` (a multiple of
+/// [`TILE`]) of the whole buffer.
+#[derive(Clone, Copy)]
+struct Stochastic {
+    key: u64,
+    base: u64,
+}
+
+impl PutParams for Stochastic {
+    #[inline(always)]
+    unsafe fn put<W: F32Vec, P: Elem>(self, v: W, ptr: *mut P, i: usize) {
+        // base + i is a multiple of W::LANES (<= 16, dividing 2^32), so its
+        // lanes add to the low half without a carry: base + i + l = (base + i) ^ l.
+        let index = self.base + i as u64;
+        let (lo, hi) = ((index as u32) ^ (self.key as u32), ((index >> 32) as u32) ^ ((self.key >> 32) as u32));
+        // SAFETY: forwarded contract.
+        unsafe { P::put_stochastic(v, ptr, lo, hi) }
     }
 }
 
@@ -356,10 +427,11 @@ impl<K: Kernel<S>, P: Elem, G: Elem, T: Elem, C: Elem, const S: usize> Lanes<K> 
 /// registers, then the tail with `f32` lanes. The kernel sees the values the
 /// tiled loop gives it, so both write the same bits.
 #[inline(always)]
-fn run_fused<V: F32Vec, K: Kernel<S>, const S: usize, P: Elem, G: Elem, T: Elem, C: Elem, Q: Pre>(
+fn run_fused<V: F32Vec, K: Kernel<S>, const S: usize, P: Elem, G: Elem, T: Elem, C: Elem, Q: Pre, R: PutParams>(
     k: &K,
     sl: Fused<'_, P, G, T, C, S>,
     pre: Q,
+    put: R,
 ) {
     let n = sl.p.len();
     // Soundness of the raw-pointer loop below rests on this; the public entry
@@ -373,9 +445,11 @@ fn run_fused<V: F32Vec, K: Kernel<S>, const S: usize, P: Elem, G: Elem, T: Elem,
     let s: [*mut T; S] = sl.s.map(|s| s.as_mut_ptr());
     let c: Option<*mut C> = sl.copy.map(|c| c.as_mut_ptr());
     #[inline(always)]
-    unsafe fn one<W: F32Vec, K: Kernel<S>, const S: usize, P: Elem, G: Elem, T: Elem, C: Elem, Q: Pre>(
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn one<W: F32Vec, K: Kernel<S>, const S: usize, P: Elem, G: Elem, T: Elem, C: Elem, Q: Pre, R: PutParams>(
         k: &K,
         pre: Q,
+        put: R,
         i: usize,
         p: *mut P,
         g: *const G,
@@ -388,7 +462,7 @@ fn run_fused<V: F32Vec, K: Kernel<S>, const S: usize, P: Elem, G: Elem, T: Elem,
             let gv = pre.apply(G::get::<W>(g.add(i)));
             let mut sv: [W; S] = std::array::from_fn(|j| T::get::<W>(s[j].add(i)));
             k.apply(&mut pv, gv, &mut sv);
-            P::put(pv, p.add(i));
+            put.put(pv, p.add(i), i);
             for j in 0..S {
                 T::put(sv[j], s[j].add(i));
             }
@@ -403,18 +477,18 @@ fn run_fused<V: F32Vec, K: Kernel<S>, const S: usize, P: Elem, G: Elem, T: Elem,
     while i < block {
         for u in 0..U {
             // SAFETY: i + U * LANES <= block <= n, the common length.
-            unsafe { one::<V, K, S, P, G, T, C, Q>(k, pre, i + u * V::LANES, p, g, &s, c) };
+            unsafe { one::<V, K, S, P, G, T, C, Q, R>(k, pre, put, i + u * V::LANES, p, g, &s, c) };
         }
         i += V::LANES * U;
     }
     while i + V::LANES <= n {
         // SAFETY: i + LANES <= n.
-        unsafe { one::<V, K, S, P, G, T, C, Q>(k, pre, i, p, g, &s, c) };
+        unsafe { one::<V, K, S, P, G, T, C, Q, R>(k, pre, put, i, p, g, &s, c) };
         i += V::LANES;
     }
     while i < n {
         // SAFETY: i < n.
-        unsafe { one::<f32, K, S, P, G, T, C, Q>(k, pre, i, p, g, &s, c) };
+        unsafe { one::<f32, K, S, P, G, T, C, Q, R>(k, pre, put, i, p, g, &s, c) };
         i += 1;
     }
 }
@@ -503,7 +577,10 @@ fn run_tiles<V: F32Vec, K: Kernel<S>, const S: usize>(k: &K, mut sl: Mixed<'_, S
             run_lanes_with::<V, K, S, _>(k, Slices { p, g, s }, Identity);
         }
         if let Params::Bf16(x) = &mut sl.p {
-            narrow::<V, _>(&pt[..len], &mut x[r.clone()]);
+            match sl.sr {
+                None => narrow::<V, _>(&pt[..len], &mut x[r.clone()]),
+                Some(key) => narrow_bf16_stochastic(&pt[..len], &mut x[r.clone()], key, sl.base + i as u64),
+            }
         }
         for (b, t) in sl.s.iter_mut().zip(&st) {
             match b {
@@ -875,12 +952,14 @@ pub(crate) fn sum_of_squares<E: Exact>(plan: &Plan, g: &[E]) -> f64 {
 /// Lengths must already be checked.
 pub(crate) fn drive<K: Kernel<S>, const S: usize>(k: &K, plan: Plan, bufs: Bufs<'_>) -> StepReport {
     let pre = plan.pre(k.maximize());
+    // Stochastic rounding's lanes need pieces that start at multiples of TILE.
+    let fused_multiple = if bufs.sr.is_some() { TILE } else { 1 };
     match bufs.fixed::<S>().into_dense() {
         Ok(sl) => drive_lanes(k, plan, pre, sl, 1),
         Err(mixed) => match mixed.into_fused() {
-            Ok(AnyFused::GradsBf16(f)) => drive_lanes(k, plan, pre, f, 1),
-            Ok(AnyFused::ParamsBf16(f)) => drive_lanes(k, plan, pre, f, 1),
-            Ok(AnyFused::AllBf16(f)) => drive_lanes(k, plan, pre, f, 1),
+            Ok(AnyFused::GradsBf16(f)) => drive_lanes(k, plan, pre, f, fused_multiple),
+            Ok(AnyFused::ParamsBf16(f)) => drive_lanes(k, plan, pre, f, fused_multiple),
+            Ok(AnyFused::AllBf16(f)) => drive_lanes(k, plan, pre, f, fused_multiple),
             Err(mixed) => drive_lanes(k, plan, pre, mixed, TILE),
         },
     }

@@ -24,6 +24,9 @@
 //!   overflow to infinity (IEEE-754 `binary16`, the `FP16` library's
 //!   branch-free algorithm torch's `c10::Half` uses); NaN becomes `0x7E00`.
 //! - `bf16 -> f32` and `f16 -> f32` are exact.
+//! - `bf16` parameters may instead round stochastically
+//!   ([`ParamRounding::Stochastic`]), from a counter-based stream keyed by
+//!   (seed, step, element index): the same bits on every path.
 //!
 //! Each conversion is written once as plain integer and IEEE operations with
 //! no branch (selects only), so the compiler vectorizes it inside every
@@ -734,6 +737,14 @@ pub(crate) trait Elem: Copy + Send + Sync {
     /// # Safety
     /// `ptr..ptr + V::LANES` writable.
     unsafe fn put<V: F32Vec>(v: V, ptr: *mut Self);
+    /// Stores `V::LANES` values rounded stochastically (`f32` stores them as
+    /// they are): lane `l` is the element whose index xor the key gives
+    /// `lo ^ l` in the low half and `hi` in the high half (the first lane's
+    /// index is a multiple of `V::LANES`).
+    ///
+    /// # Safety
+    /// `ptr..ptr + V::LANES` writable.
+    unsafe fn put_stochastic<V: F32Vec>(v: V, ptr: *mut Self, lo: u32, hi: u32);
 }
 
 impl Elem for f32 {
@@ -744,6 +755,11 @@ impl Elem for f32 {
     }
     #[inline(always)]
     unsafe fn put<V: F32Vec>(v: V, ptr: *mut Self) {
+        // SAFETY: forwarded contract.
+        unsafe { v.store(ptr) }
+    }
+    #[inline(always)]
+    unsafe fn put_stochastic<V: F32Vec>(v: V, ptr: *mut Self, _: u32, _: u32) {
         // SAFETY: forwarded contract.
         unsafe { v.store(ptr) }
     }
@@ -759,6 +775,17 @@ impl Elem for bf16 {
     unsafe fn put<V: F32Vec>(v: V, ptr: *mut Self) {
         // SAFETY: forwarded contract.
         unsafe { <bf16 as Half>::store(v, ptr) }
+    }
+    #[inline(always)]
+    unsafe fn put_stochastic<V: F32Vec>(v: V, ptr: *mut Self, lo: u32, hi: u32) {
+        let mut buf = [0f32; 16];
+        assert!(V::LANES <= buf.len(), "at most 16 lanes");
+        // SAFETY: V::LANES <= 16 values fit in buf.
+        unsafe { v.store(buf.as_mut_ptr()) };
+        for (l, &x) in buf[..V::LANES].iter().enumerate() {
+            // SAFETY: l < V::LANES, inside the caller's writable range.
+            unsafe { *ptr.add(l) = f32_to_bf16_stochastic(x, stream_bits(lo ^ l as u32, hi)) };
+        }
     }
 }
 
@@ -793,6 +820,99 @@ pub(crate) fn narrow<V: F32Vec, H: Half>(src: &[f32], dst: &mut [H]) {
     }
     for j in i..n {
         dst[j] = H::narrow(src[j]);
+    }
+}
+
+/// How `bf16` parameters are rounded after each update.
+///
+/// Round to nearest loses every update smaller than half a `bf16` ulp of the
+/// parameter (2^-9 relative): a long run at a small learning rate stalls.
+/// Stochastic rounding rounds up with probability equal to the fraction of
+/// the ulp the value lies past the lower neighbour, so the rounding is
+/// unbiased and small updates accumulate in expectation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ParamRounding {
+    /// Round to nearest, ties to even (torch's `bfloat16` rounding).
+    #[default]
+    Nearest,
+    /// Stochastic rounding with a deterministic, counter-based random
+    /// stream keyed by (`seed`, step, element index): see
+    /// [`stochastic_bits`]. Stateless, so the same bits for any backend,
+    /// thread count and chunk size, and a run resumed from a checkpoint
+    /// (which holds the step) continues the same stream.
+    Stochastic {
+        /// The stream's seed (give each tensor its own to decorrelate them).
+        seed: u64,
+    },
+}
+
+/// splitmix64's output function (Steele, Lea and Flood, 2014), a
+/// bijection on `u64`.
+#[inline(always)]
+const fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// MurmurHash3's 32-bit finalizer, a bijection on `u32`.
+#[inline(always)]
+const fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// The key of step `t`'s stream: `splitmix64(splitmix64(seed) ^ t)`.
+#[inline]
+pub const fn stochastic_key(seed: u64, t: u64) -> u64 {
+    splitmix64(splitmix64(seed) ^ t)
+}
+
+/// The 16 random bits stochastic rounding adds below a `bf16`'s last bit,
+/// for element `index` of step `t` with seed `seed` (`key` =
+/// [`stochastic_key`]`(seed, t)`): with `lo`/`hi` the low and high 32 bits
+/// of `index` and of `key`,
+/// `fmix32(fmix32(index_lo ^ key_lo) ^ index_hi ^ key_hi) >> 16`.
+/// For one key each round is a bijection of `index_lo`, so the elements of
+/// one 2^32 span never share a 32-bit hash.
+#[inline(always)]
+pub const fn stochastic_bits(key: u64, index: u64) -> u32 {
+    stream_bits(index as u32 ^ key as u32, (index >> 32) as u32 ^ (key >> 32) as u32)
+}
+
+/// [`stochastic_bits`] from the index's halves already xored with the key's.
+#[inline(always)]
+const fn stream_bits(lo: u32, hi: u32) -> u32 {
+    fmix32(fmix32(lo) ^ hi) >> 16
+}
+
+/// `x` rounded to `bf16` stochastically with the random bits `r`
+/// (`r < 2^16`): `(bits(x) + r) >> 16`, so `x` rounds away from zero with
+/// probability (distance past the lower magnitude) / ulp. Values already in
+/// `bf16` are unchanged; NaN becomes `0x7FC0` as in round to nearest; a
+/// finite value within one ulp of the largest `bf16` may round to infinity.
+#[inline(always)]
+pub fn f32_to_bf16_stochastic(x: f32, r: u32) -> bf16 {
+    let rounded = (x.to_bits().wrapping_add(r & 0xffff) >> 16) as u16;
+    bf16::from_bits(if x.is_nan() { 0x7fc0 } else { rounded })
+}
+
+/// Narrows a tile of updated parameters stochastically: `src[j]` is
+/// element `base + j` of the tensor. `base` is a multiple of [`TILE`] and
+/// the tile at most [`TILE`] long (the driver splits at multiples of it), so
+/// the index's high half is the same for the whole tile.
+#[inline(always)]
+pub(crate) fn narrow_bf16_stochastic(src: &[f32], dst: &mut [bf16], key: u64, base: u64) {
+    debug_assert!(base.is_multiple_of(TILE as u64) && src.len() <= TILE);
+    let lo = (base as u32) ^ (key as u32);
+    let hi = ((base >> 32) as u32) ^ ((key >> 32) as u32);
+    for (j, (d, &x)) in dst.iter_mut().zip(src).enumerate() {
+        // base's low 8 bits are zero and j < 256: base + j = base ^ j
+        *d = f32_to_bf16_stochastic(x, stream_bits(lo ^ j as u32, hi));
     }
 }
 

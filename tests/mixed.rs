@@ -5,7 +5,7 @@
 
 mod common;
 
-use adaoptim::storage::{Dtype, Grads, ParamCopy, Params, StateBuf, bf16, f16};
+use adaoptim::storage::{Dtype, Grads, ParamCopy, ParamRounding, Params, StateBuf, bf16, f16};
 use adaoptim::*;
 use common::{Rng, configs::variety};
 
@@ -58,6 +58,37 @@ fn round_f16(x: &[f32]) -> Vec<f32> {
     x.iter().map(|&v| f16::from_f32(v).to_f32()).collect()
 }
 
+/// Stochastic rounding to bf16 as `ParamRounding::Stochastic`'s docs
+/// define it, written out here independently of the crate: the key
+/// `splitmix64(splitmix64(seed) ^ t)`, per element `i` the bits
+/// `fmix32(fmix32(i_lo ^ key_lo) ^ i_hi ^ key_hi) >> 16` added below the
+/// bf16's last bit, then truncation; NaN to 0x7FC0.
+fn round_stochastic(x: &[f32], seed: u64, t: u64) -> Vec<f32> {
+    fn splitmix64(x: u64) -> u64 {
+        let mut z = x.wrapping_add(0x9E3779B97F4A7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    fn fmix32(mut h: u32) -> u32 {
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85EBCA6B);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xC2B2AE35);
+        h ^ (h >> 16)
+    }
+    let key = splitmix64(splitmix64(seed) ^ t);
+    x.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let i = i as u64;
+            let r = fmix32(fmix32((i as u32) ^ (key as u32)) ^ ((i >> 32) as u32) ^ ((key >> 32) as u32)) >> 16;
+            let b = if v.is_nan() { 0x7FC0 } else { (v.to_bits() + r) >> 16 };
+            f32::from_bits(b << 16)
+        })
+        .collect()
+}
+
 fn bits(x: &[f32]) -> Vec<u32> {
     x.iter().map(|v| v.to_bits()).collect()
 }
@@ -91,10 +122,13 @@ fn reference_step(cfg: &AnyConfig, t: u64, combo: (P, G, Dtype, C), run: &mut Ru
     let (p, g, s, c) = combo;
     let g32 = grads_rounded(g, grads);
     let mut refs: Vec<&mut [f32]> = run.s.iter_mut().map(|v| v.as_mut_slice()).collect();
-    let opts = StepOptions { exec: Exec::serial(Backend::Scalar), ..*opt };
+    let opts = StepOptions { exec: Exec::serial(Backend::Scalar), param_rounding: ParamRounding::Nearest, ..*opt };
     cfg.step_slices_with(t, &mut run.aux, &mut run.p, &g32, &mut refs, &opts).unwrap();
     if p == P::Bf16 {
-        run.p = round_bf16(&run.p);
+        run.p = match opt.param_rounding {
+            ParamRounding::Nearest => round_bf16(&run.p),
+            ParamRounding::Stochastic { seed } => round_stochastic(&run.p, seed, t),
+        };
     }
     if s == Dtype::Bf16 {
         for v in &mut run.s {
@@ -169,6 +203,33 @@ fn paths() -> Vec<(String, Exec)> {
     v
 }
 
+/// Runs the steps on every path with `opt`'s rounding and checks every
+/// buffer against `want`, bit for bit.
+fn every_path_gives(
+    cfg: &AnyConfig,
+    combo: (P, G, Dtype, C),
+    init: &Run,
+    grads: &[Vec<f32>],
+    want: &Run,
+    opt: &StepOptions,
+    name: &str,
+) {
+    for (path, exec) in paths() {
+        let mut got = init.clone();
+        let opt = StepOptions { exec, ..*opt };
+        for (t, g) in grads.iter().enumerate() {
+            mixed_step(cfg, t as u64 + 1, combo, &mut got, g, &opt).unwrap();
+        }
+        let what = format!("{name} {combo:?} {path}");
+        assert_eq!(bits(&got.p), bits(&want.p), "{what}: params");
+        for (j, (a, b)) in got.s.iter().zip(&want.s).enumerate() {
+            assert_eq!(bits(a), bits(b), "{what}: state {j}");
+        }
+        assert_eq!(bits(&got.copy), bits(&want.copy), "{what}: copy");
+        assert_eq!(got.aux.map(f32::to_bits), want.aux.map(f32::to_bits), "{what}: aux");
+    }
+}
+
 #[test]
 fn every_combination_matches_the_f32_step_on_widened_values_on_every_path() {
     let n = 1000; // four tiles minus 24: a partial last tile and a scalar tail
@@ -183,20 +244,7 @@ fn every_combination_matches_the_f32_step_on_widened_values_on_every_path() {
             for (t, g) in grads.iter().enumerate() {
                 reference_step(&cfg, t as u64 + 1, combo, &mut want, g, &opt);
             }
-            for (path, exec) in paths() {
-                let mut got = init.clone();
-                let opt = StepOptions { exec, ..StepOptions::default() };
-                for (t, g) in grads.iter().enumerate() {
-                    mixed_step(&cfg, t as u64 + 1, combo, &mut got, g, &opt).unwrap();
-                }
-                let what = format!("{name} {combo:?} {path}");
-                assert_eq!(bits(&got.p), bits(&want.p), "{what}: params");
-                for (j, (a, b)) in got.s.iter().zip(&want.s).enumerate() {
-                    assert_eq!(bits(a), bits(b), "{what}: state {j}");
-                }
-                assert_eq!(bits(&got.copy), bits(&want.copy), "{what}: copy");
-                assert_eq!(got.aux.map(f32::to_bits), want.aux.map(f32::to_bits), "{what}: aux");
-            }
+            every_path_gives(&cfg, combo, &init, &grads, &want, &opt, name);
         }
     }
 }
@@ -417,4 +465,93 @@ fn half_gradient_sum_of_squares_is_the_widened_f32_one() {
     let big = vec![f16::MAX; 1000];
     let s = clip::sum_of_squares_mixed(Grads::F16(&big), &Exec::auto()).unwrap();
     assert_eq!(s, 1000.0 * 65504.0f64 * 65504.0);
+}
+
+#[test]
+fn stochastic_rounding_follows_the_documented_stream_on_every_path() {
+    let n = 1000;
+    let steps = 3;
+    for (name, cfg) in variety() {
+        for combo in combos().into_iter().filter(|c| c.0 == P::Bf16) {
+            let mut rng = Rng::new(11);
+            let init = start(&cfg, combo, n, &mut rng);
+            let grads: Vec<Vec<f32>> = (0..steps).map(|_| rng.vec(n, 0.3)).collect();
+            let rounding = ParamRounding::Stochastic { seed: 0x5eed };
+            let opt = StepOptions { param_rounding: rounding, ..StepOptions::default() };
+            let mut want = init.clone();
+            let mut nearest = init.clone();
+            for (t, g) in grads.iter().enumerate() {
+                reference_step(&cfg, t as u64 + 1, combo, &mut want, g, &opt);
+                reference_step(&cfg, t as u64 + 1, combo, &mut nearest, g, &StepOptions::default());
+            }
+            // the option does something: some parameters differ from round to nearest
+            assert_ne!(bits(&want.p), bits(&nearest.p), "{name} {combo:?}");
+            every_path_gives(&cfg, combo, &init, &grads, &want, &opt, name);
+        }
+    }
+}
+
+/// SGD at a learning rate whose updates are a quarter of the bf16 ulp of
+/// the parameters: round to nearest never moves them; stochastic rounding
+/// moves them by the f32 run's amount on average.
+#[test]
+fn stochastic_rounding_accumulates_updates_that_round_to_nearest_loses() {
+    let n = 1 << 16;
+    let steps = 100u64;
+    let cfg: AnyConfig = SgdConfig { lr: 1.0, ..Default::default() }.into();
+    // bf16 ulp just below 2 is 2^-7; a step of 2^-9 is a quarter of it
+    let g = vec![1.0f32 / 512.0; n];
+    let run = |rounding: ParamRounding| {
+        let mut p = vec![bf16::from_f32(1.5); n];
+        let mut aux = cfg.aux_init();
+        for t in 1..=steps {
+            let opt = StepOptions { param_rounding: rounding, ..StepOptions::default() };
+            cfg.step_mixed(t, &mut aux, Params::Bf16(&mut p), Grads::F32(&g), &mut [], None, &opt).unwrap();
+        }
+        p.iter().map(|v| f64::from(v.to_f32())).sum::<f64>() / n as f64
+    };
+    let f32_result = 1.5 - steps as f64 / 512.0; // 1.3046875, exact in f32 at every step
+    assert_eq!(run(ParamRounding::Nearest), 1.5, "round to nearest stalls");
+    let mean = run(ParamRounding::Stochastic { seed: 1 });
+    // per element the rounding error is a sum of 100 independent terms of
+    // at most one ulp (2^-7): its standard deviation is below 0.04, the
+    // mean's over 65536 elements below 2e-4
+    assert!((mean - f32_result).abs() < 1e-3, "mean {mean} vs f32 {f32_result}");
+    // a different seed gives a different stream, the same mean
+    let other = run(ParamRounding::Stochastic { seed: 2 });
+    assert!((other - f32_result).abs() < 1e-3, "mean {other} vs f32 {f32_result}");
+    assert_ne!(mean, other);
+}
+
+#[test]
+fn stochastic_rounding_keeps_nan_inf_and_representable_values() {
+    let cfg: AnyConfig = SgdConfig { lr: 0.0, ..Default::default() }.into();
+    let vals = [0.0f32, -0.0, 1.0, -2.5, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1e-40, f32::MAX];
+    let mut p: Vec<bf16> = vals.iter().map(|&v| bf16::from_f32(v)).collect();
+    let before: Vec<u16> = p.iter().map(|v| v.to_bits()).collect();
+    let g = vec![0.0f32; vals.len()];
+    let opt = StepOptions { param_rounding: ParamRounding::Stochastic { seed: 3 }, ..StepOptions::default() };
+    let mut aux = cfg.aux_init();
+    cfg.step_mixed(1, &mut aux, Params::Bf16(&mut p), Grads::F32(&g), &mut [], None, &opt).unwrap();
+    let after: Vec<u16> = p.iter().map(|v| v.to_bits()).collect();
+    // every value already in bf16 stays (NaN as the quiet NaN 0x7FC0)
+    let want: Vec<u16> = before.iter().map(|&b| if b & 0x7fff > 0x7f80 { 0x7fc0 } else { b }).collect();
+    assert_eq!(after, want);
+}
+
+#[test]
+fn stochastic_rounding_of_non_bf16_params_is_a_typed_error_and_changes_nothing() {
+    let cfg: AnyConfig = AdamConfig::default().into();
+    let n = 300;
+    let mut p = vec![0.5f32; n];
+    let g = vec![0.1f32; n];
+    let mut m = vec![0.0f32; n];
+    let mut v = vec![0.0f32; n];
+    let opt = StepOptions { param_rounding: ParamRounding::Stochastic { seed: 0 }, ..StepOptions::default() };
+    let mut aux = cfg.aux_init();
+    let mut state = [StateBuf::F32(&mut m), StateBuf::F32(&mut v)];
+    let e = cfg.step_mixed(1, &mut aux, Params::F32(&mut p), Grads::F32(&g), &mut state, None, &opt).unwrap_err();
+    assert!(matches!(e, Error::Storage { what: "params", dtype: Dtype::F32, .. }), "{e}");
+    assert!(p.iter().all(|&x| x == 0.5) && m.iter().all(|&x| x == 0.0) && v.iter().all(|&x| x == 0.0));
+    assert_eq!(aux, cfg.aux_init());
 }

@@ -156,6 +156,7 @@ fn guards_act_on_the_whole_step() {
             exec: Exec::scalar(),
             grad_scale: Some(3.0),
             clip_coef: Some(clip::clip_coef(sq.sqrt(), 0.5)),
+            ..StepOptions::default()
         };
         assert_eq!(opt.last_grad_norm(), Some(sq.sqrt()));
         let [m0, v0, m1, v1] = &mut state;

@@ -1,14 +1,15 @@
 //! Mixed-precision and 8-bit storage: every backend, serial and parallel
 //! with an arbitrary chunk, against the scalar reference, bit for bit, for
 //! arbitrary configurations, storage combinations (bf16/f16 grads, bf16
-//! params, f32/bf16/8-bit states, a bf16/f16 param copy) and values (NaN,
+//! params rounded to nearest or stochastically, f32/bf16/8-bit states, a
+//! bf16/f16 param copy) and values (NaN,
 //! inf, subnormals, extreme magnitudes included). Stability on top: finite
 //! inputs of moderate size keep an 8-bit state's absmax finite and >= 0.
 #![no_main]
 
 mod common;
 
-use adaoptim::storage::{Grads, ParamCopy, Params, Q8State, QMap, StateBuf, bf16, f16};
+use adaoptim::storage::{Grads, ParamCopy, ParamRounding, Params, Q8State, QMap, StateBuf, bf16, f16};
 use adaoptim::{Backend, Exec, StepOptions};
 use arbitrary::Arbitrary;
 use common::{RawConfig, same};
@@ -24,6 +25,8 @@ struct Input {
     params_bf16: bool,
     state: u8,
     copy: u8,
+    /// Stochastic rounding of bf16 params with this seed.
+    sr_seed: Option<u64>,
     values: Vec<u32>,
 }
 
@@ -76,7 +79,11 @@ fuzz_target!(|input: Input| -> Corpus {
                 1 => Some(ParamCopy::Bf16(&mut cb)),
                 _ => Some(ParamCopy::F16(&mut ch)),
             };
-            let options = StepOptions { exec, ..StepOptions::default() };
+            let param_rounding = match input.sr_seed {
+                Some(seed) if input.params_bf16 => ParamRounding::Stochastic { seed },
+                _ => ParamRounding::Nearest,
+            };
+            let options = StepOptions { exec, param_rounding, ..StepOptions::default() };
             cfg.step_mixed(t as u64 + 1, &mut aux, params, grads, &mut state, copy, &options).expect("valid step");
         }
         let p: Vec<u32> = if input.params_bf16 {

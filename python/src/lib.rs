@@ -283,8 +283,9 @@ fn step(
         // A factor of 1 changes no bits; skip the multiply, as the crate does.
         clip_coef = max_norm.map(|m| clip::clip_coef(total.sqrt(), m)).filter(|&c| c != 1.0);
     }
-    let serial = StepOptions { exec: Exec::serial(Backend::best()), grad_scale, clip_coef };
-    let parallel = StepOptions { exec: Exec::parallel(Backend::best(), 0), grad_scale, clip_coef };
+    let serial = StepOptions { exec: Exec::serial(Backend::best()), grad_scale, clip_coef, ..Default::default() };
+    let parallel =
+        StepOptions { exec: Exec::parallel(Backend::best(), 0), grad_scale, clip_coef, ..Default::default() };
     let one = |pc: &mut Piece, options: &StepOptions| -> Result<(), String> {
         let mut state: Vec<StateBuf<'_>> = pc.s.iter_mut().map(StateBuf::reborrow).collect();
         configs[pc.group]

@@ -61,7 +61,7 @@ use crate::driver::{Bufs, Plan, StepReport, Unscale};
 use crate::error::{check_grad_scale, check_len};
 use crate::exec::Exec;
 pub(crate) use crate::math::{GradIn, Lerp, Quot, pow_step};
-use crate::storage::{Dtype, Grads, ParamCopy, Params, StateBuf};
+use crate::storage::{Dtype, Grads, ParamCopy, ParamRounding, Params, StateBuf, stochastic_key};
 pub use guards::NonFinitePolicy;
 pub(crate) use guards::{Guards, controls, non_finite_guard, scheduled};
 pub use owner::Optimizer;
@@ -188,12 +188,16 @@ pub struct StepOptions {
     /// Clipping factor multiplied into every gradient after unscaling
     /// (finite and >= 0), if any.
     pub clip_coef: Option<f32>,
+    /// How `bf16` parameters are rounded ([`step_mixed`] only; round to
+    /// nearest by default). Stochastic rounding next to parameters that are
+    /// not `bf16` is an error.
+    pub param_rounding: ParamRounding,
 }
 
 impl Default for StepOptions {
-    /// [`Exec::auto`], no loss scale, no clipping.
+    /// [`Exec::auto`], no loss scale, no clipping, round to nearest.
     fn default() -> Self {
-        StepOptions { exec: Exec::auto(), grad_scale: None, clip_coef: None }
+        StepOptions { exec: Exec::auto(), grad_scale: None, clip_coef: None, param_rounding: ParamRounding::Nearest }
     }
 }
 
@@ -269,11 +273,24 @@ pub fn step_mixed<A: Algorithm>(
         return Err(Error::StateCount { expected: names.len(), actual: state.len() });
     }
     check_storage(&params, &grads, names, state, param_copy.as_ref())?;
+    let sr = match options.param_rounding {
+        ParamRounding::Nearest => None,
+        ParamRounding::Stochastic { .. } if params.dtype() != Dtype::Bf16 => {
+            return Err(Error::Storage {
+                what: "params",
+                dtype: params.dtype(),
+                reason: "stochastic rounding applies to bf16 parameters only",
+            });
+        }
+        ParamRounding::Stochastic { seed } => Some(stochastic_key(seed, t)),
+    };
     let mut plan = Plan::new(&options.exec)?;
     plan.unscale = Unscale::new(options.grad_scale);
     // A factor of 1 changes no bits; skip the multiply, as the guards do.
     plan.clip = options.clip_coef.filter(|&c| c != 1.0);
-    Ok(config.run(t, aux, plan, Bufs::new(params, grads, state, param_copy)))
+    let mut bufs = Bufs::new(params, grads, state, param_copy);
+    bufs.sr = sr;
+    Ok(config.run(t, aux, plan, bufs))
 }
 
 /// The length and storage checks of a mixed step: grads, each state buffer
