@@ -3,7 +3,8 @@
 //! `maximize` and `weight_decay` where it takes them, stepped on every
 //! backend this machine has, serially and in parallel chunks, plain, with a
 //! loss scale (a power of two and not), with clipping and with both; then
-//! SparseAdam and sparse Adagrad. Prints one FNV-1a hash per case and a total.
+//! SparseAdam and sparse Adagrad; then Adafactor on matrices, a batch of
+//! matrices and a vector. Prints one FNV-1a hash per case and a total.
 //!
 //! ```text
 //! cargo run --release --example bithash > new.txt   # on each build
@@ -106,6 +107,29 @@ fn main() {
             println!("sparse max={maximize} {ename} {h:016x}");
             total ^= h;
             total = total.wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    for shape in [vec![64usize, 64], vec![3, 100, 700], vec![5000], vec![1, 40000]] {
+        for (cname, cfg) in [
+            ("default", AdafactorConfig::default()),
+            ("wd-max", AdafactorConfig { weight_decay: 0.01, maximize: true, ..Default::default() }),
+        ] {
+            for (ename, exec) in &execs {
+                let n: usize = shape.iter().product();
+                let mut opt = Adafactor::new(cfg, &shape).unwrap();
+                opt.set_exec(*exec);
+                let mut p = data(n, 4);
+                for step in 0..5 {
+                    opt.step(&mut p, &data(n, 30 + step)).unwrap();
+                }
+                let mut h = 0xcbf2_9ce4_8422_2325u64;
+                for s in [&p[..], opt.row_var(), opt.col_var(), opt.variance()] {
+                    fnv(&mut h, s);
+                }
+                println!("adafactor {shape:?} {cname} {ename} {h:016x}");
+                total ^= h;
+                total = total.wrapping_mul(0x100_0000_01b3);
+            }
         }
     }
     println!("total {total:016x}");

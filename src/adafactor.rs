@@ -52,6 +52,8 @@ use serde_json::{Value, json};
 
 use crate::error::{finite, next_step};
 use crate::math::Lerp;
+use std::ops::Range;
+
 use crate::simd::{F32Vec, LaneOp, dispatch};
 use crate::{Backend, Error, Exec};
 
@@ -490,7 +492,7 @@ fn run(
                 let g = &grads[b * rows * cols..(b + 1) * rows * cols];
                 let (rv, cv) = (&state.row_var[b * rows..(b + 1) * rows], &state.col_var[b * cols..(b + 1) * cols]);
                 let rmean = row_mean(rv, f);
-                total += map_rows(g, cols, par, |i, gr| lanes.row_usq(rv[i], cv, rmean, gr, f));
+                total += rows_usq(g, cols, rv, cv, rmean, f, par, lanes);
             }
             total
         }
@@ -516,11 +518,14 @@ fn run(
                 let (g, p) = (&grads[range.clone()], &mut params[range]);
                 let (rv, cv) = (&state.row_var[b * rows..(b + 1) * rows], &state.col_var[b * cols..(b + 1) * cols]);
                 let rmean = row_mean(rv, f);
-                let body = |(i, (pr, gr)): (usize, (&mut [f32], &[f32]))| lanes.row_apply(rv[i], cv, rmean, gr, pr, ap);
+                let per = rows_per_task(cols);
+                let body = |(k, (pb, gb)): (usize, (&mut [f32], &[f32]))| {
+                    lanes.rows_apply(&rv[k * per..], cv, rmean, gb, pb, cols, ap)
+                };
                 if par {
-                    p.par_chunks_mut(cols).zip(g.par_chunks(cols)).enumerate().for_each(body);
+                    p.par_chunks_mut(per * cols).zip(g.par_chunks(per * cols)).enumerate().for_each(body);
                 } else {
-                    p.chunks_mut(cols).zip(g.chunks(cols)).enumerate().for_each(body);
+                    p.chunks_mut(per * cols).zip(g.chunks(per * cols)).enumerate().for_each(body);
                 }
             }
         }
@@ -544,15 +549,27 @@ fn row_mean(rv: &[f32], f: Factors) -> f32 {
     clamp_min((s / rv.len() as f64) as f32, f.eps1)
 }
 
-/// `sum over rows i of body(i, row i)`, rows in parallel or not, partials
-/// added in row order.
+/// Rows per task (and per backend dispatch) of the row passes: about
+/// [`CHUNK`] elements, at least one row.
+fn rows_per_task(cols: usize) -> usize {
+    (CHUNK / cols.max(1)).max(1)
+}
+
+/// `sum(u^2)` over one matrix: each row's sum into its own slot, tasks of
+/// [`rows_per_task`] rows in parallel or not, the rows' sums then added in
+/// row order (the same for any thread count).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn map_rows(g: &[f32], cols: usize, par: bool, body: impl Fn(usize, &[f32]) -> f64 + Sync) -> f64 {
-    let parts: Vec<f64> = if par {
-        g.par_chunks(cols).enumerate().map(|(i, r)| body(i, r)).collect()
+fn rows_usq(g: &[f32], cols: usize, rv: &[f32], cv: &[f32], rmean: f32, f: Factors, par: bool, lanes: Lanes) -> f64 {
+    let per = rows_per_task(cols);
+    let mut parts = vec![0f64; rv.len()];
+    let body =
+        |(k, (out, gb)): (usize, (&mut [f64], &[f32]))| lanes.rows_usq(&rv[k * per..], cv, rmean, gb, cols, f, out);
+    if par {
+        parts.par_chunks_mut(per).zip(g.par_chunks(per * cols)).enumerate().for_each(body);
     } else {
-        g.chunks(cols).enumerate().map(|(i, r)| body(i, r)).collect()
-    };
+        parts.chunks_mut(per).zip(g.chunks(per * cols)).enumerate().for_each(body);
+    }
     parts.iter().sum()
 }
 
@@ -590,15 +607,10 @@ fn factor_update(
         let (gi, bi) = (k / blocks, k % blocks);
         let (r0, r1) = (gi * ROW_GROUP, ((gi + 1) * ROW_GROUP).min(rows));
         let (j0, j1) = (bi * CHUNK, ((bi + 1) * CHUNK).min(cols));
-        let mut psq = 0.0;
-        let mut row_sq = Vec::with_capacity(r1 - r0);
+        let mut row_sq = vec![0f64; r1 - r0];
         let mut col_sq = vec![0f64; j1 - j0];
-        for r in r0..r1 {
-            let (pr, gr) = (&p[r * cols + j0..r * cols + j1], &g[r * cols + j0..r * cols + j1]);
-            psq += lanes.sq_sum(pr);
-            row_sq.push(lanes.sq_sum(gr));
-            lanes.col_acc(&mut col_sq, gr);
-        }
+        let rows = r0 * cols..r1 * cols;
+        let psq = lanes.first_pass(&p[rows.clone()], &g[rows], cols, j0..j1, &mut row_sq, &mut col_sq);
         (psq, row_sq, col_sq)
     };
     let parts: Vec<(f64, Vec<f64>, Vec<f64>)> = if par {
@@ -814,13 +826,51 @@ fn sq_sum<V: F32Vec>(x: &[f32]) -> f64 {
 /// One per-element pass over one row or chunk, as a [`LaneOp`] (the f64
 /// reductions are compiled with the backend's instructions too: the compiler
 /// vectorizes them without reordering any sum).
+/// The row passes take several whole rows (`g` and `p` hold `cols` per row,
+/// `rv` at least one entry per row) per dispatch.
 enum Pass<'a> {
     SqSum(&'a [f32]),
-    ColAcc(&'a mut [f64], &'a [f32]),
-    RowUsq { r: f32, cv: &'a [f32], rmean: f32, g: &'a [f32], f: Factors },
-    RowApply { r: f32, cv: &'a [f32], rmean: f32, g: &'a [f32], p: &'a mut [f32], ap: Apply },
-    VecUsq { v: &'a mut [f32], g: &'a [f32], w: Lerp, f: Factors },
-    VecApply { v: &'a [f32], g: &'a [f32], p: &'a mut [f32], ap: Apply },
+    /// [`factor_update`]'s task: per row, the columns `j` of the params'
+    /// squares (returned, summed in row order), the gradients' (into
+    /// `row_sq`) and the gradients' column squares (into `col_sq`).
+    Squares {
+        p: &'a [f32],
+        g: &'a [f32],
+        cols: usize,
+        j: Range<usize>,
+        row_sq: &'a mut [f64],
+        col_sq: &'a mut [f64],
+    },
+    RowsUsq {
+        rv: &'a [f32],
+        cv: &'a [f32],
+        rmean: f32,
+        g: &'a [f32],
+        cols: usize,
+        f: Factors,
+        out: &'a mut [f64],
+    },
+    RowsApply {
+        rv: &'a [f32],
+        cv: &'a [f32],
+        rmean: f32,
+        g: &'a [f32],
+        p: &'a mut [f32],
+        cols: usize,
+        ap: Apply,
+    },
+    VecUsq {
+        v: &'a mut [f32],
+        g: &'a [f32],
+        w: Lerp,
+        f: Factors,
+    },
+    VecApply {
+        v: &'a [f32],
+        g: &'a [f32],
+        p: &'a mut [f32],
+        ap: Apply,
+    },
 }
 
 impl LaneOp for Pass<'_> {
@@ -829,13 +879,26 @@ impl LaneOp for Pass<'_> {
     fn run<V: F32Vec>(self) -> f64 {
         match self {
             Pass::SqSum(x) => sq_sum::<V>(x),
-            Pass::ColAcc(acc, g) => {
-                col_acc::<V>(acc, g);
+            Pass::Squares { p, g, cols, j, row_sq, col_sq } => {
+                let mut psq = 0.0;
+                for ((pr, gr), rs) in p.chunks(cols).zip(g.chunks(cols)).zip(row_sq) {
+                    let (pr, gr) = (&pr[j.clone()], &gr[j.clone()]);
+                    psq += sq_sum::<V>(pr);
+                    *rs = sq_sum::<V>(gr);
+                    col_acc::<V>(col_sq, gr);
+                }
+                psq
+            }
+            Pass::RowsUsq { rv, cv, rmean, g, cols, f, out } => {
+                for ((o, gr), &r) in out.iter_mut().zip(g.chunks(cols)).zip(rv) {
+                    *o = row_usq::<V>(r, cv, rmean, gr, f);
+                }
                 0.0
             }
-            Pass::RowUsq { r, cv, rmean, g, f } => row_usq::<V>(r, cv, rmean, g, f),
-            Pass::RowApply { r, cv, rmean, g, p, ap } => {
-                row_apply::<V>(r, cv, rmean, g, p, ap);
+            Pass::RowsApply { rv, cv, rmean, g, p, cols, ap } => {
+                for ((pr, gr), &r) in p.chunks_mut(cols).zip(g.chunks(cols)).zip(rv) {
+                    row_apply::<V>(r, cv, rmean, gr, pr, ap);
+                }
                 0.0
             }
             Pass::VecUsq { v, g, w, f } => vec_usq::<V>(v, g, w, f),
@@ -851,14 +914,24 @@ impl Lanes {
     fn sq_sum(self, x: &[f32]) -> f64 {
         dispatch(self.0, Pass::SqSum(x))
     }
-    fn col_acc(self, acc: &mut [f64], g: &[f32]) {
-        dispatch(self.0, Pass::ColAcc(acc, g));
+    fn first_pass(
+        self,
+        p: &[f32],
+        g: &[f32],
+        cols: usize,
+        j: Range<usize>,
+        row_sq: &mut [f64],
+        col_sq: &mut [f64],
+    ) -> f64 {
+        dispatch(self.0, Pass::Squares { p, g, cols, j, row_sq, col_sq })
     }
-    fn row_usq(self, r: f32, cv: &[f32], rmean: f32, g: &[f32], f: Factors) -> f64 {
-        dispatch(self.0, Pass::RowUsq { r, cv, rmean, g, f })
+    #[allow(clippy::too_many_arguments)]
+    fn rows_usq(self, rv: &[f32], cv: &[f32], rmean: f32, g: &[f32], cols: usize, f: Factors, out: &mut [f64]) {
+        dispatch(self.0, Pass::RowsUsq { rv, cv, rmean, g, cols, f, out });
     }
-    fn row_apply(self, r: f32, cv: &[f32], rmean: f32, g: &[f32], p: &mut [f32], ap: Apply) {
-        dispatch(self.0, Pass::RowApply { r, cv, rmean, g, p, ap });
+    #[allow(clippy::too_many_arguments)]
+    fn rows_apply(self, rv: &[f32], cv: &[f32], rmean: f32, g: &[f32], p: &mut [f32], cols: usize, ap: Apply) {
+        dispatch(self.0, Pass::RowsApply { rv, cv, rmean, g, p, cols, ap });
     }
     fn vec_usq(self, v: &mut [f32], g: &[f32], w: Lerp, f: Factors) -> f64 {
         dispatch(self.0, Pass::VecUsq { v, g, w, f })
