@@ -323,7 +323,7 @@ impl Setup {
         }
         self.t += 1;
         let param_rounding = match self.name.ends_with("-sr") {
-            true => adaoptim::storage::ParamRounding::Stochastic { seed: 1 },
+            true => adaoptim::storage::ParamRounding::Stochastic { seed: 1, offset: 0 },
             false => adaoptim::storage::ParamRounding::Nearest,
         };
         let options = adaoptim::StepOptions { exec: *exec, param_rounding, ..Default::default() };

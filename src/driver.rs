@@ -147,8 +147,9 @@ pub struct Bufs<'a> {
     pub(crate) s: [StateBuf<'a>; MAX_BUFS],
     pub(crate) k: usize,
     pub(crate) copy: Option<ParamCopy<'a>>,
-    /// The stochastic-rounding key of `bf16` parameters, if they round so.
-    pub(crate) sr: Option<u64>,
+    /// The stochastic-rounding key of `bf16` parameters, if they round so,
+    /// and the index of the first element in the whole tensor.
+    pub(crate) sr: Option<(u64, u64)>,
 }
 
 impl<'a> Bufs<'a> {
@@ -179,7 +180,8 @@ impl<'a> Bufs<'a> {
         assert!(self.k == S, "state count is checked by the callers");
         let mut it = self.s.into_iter();
         let s = std::array::from_fn(|_| it.next().expect("S <= MAX_BUFS"));
-        Mixed { p: self.p, g: self.g, s, copy: self.copy, sr: self.sr, base: 0 }
+        let (sr, base) = self.sr.map_or((None, 0), |(key, base)| (Some(key), base));
+        Mixed { p: self.p, g: self.g, s, copy: self.copy, sr, base }
     }
 }
 

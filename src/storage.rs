@@ -843,6 +843,10 @@ pub enum ParamRounding {
     Stochastic {
         /// The stream's seed (give each tensor its own to decorrelate them).
         seed: u64,
+        /// The index of the buffers' first element in the whole tensor, for
+        /// a caller that steps a tensor in pieces (a multiple of [`TILE`]);
+        /// 0 for a whole tensor.
+        offset: u64,
     },
 }
 

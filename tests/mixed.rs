@@ -63,7 +63,7 @@ fn round_f16(x: &[f32]) -> Vec<f32> {
 /// `splitmix64(splitmix64(seed) ^ t)`, per element `i` the bits
 /// `fmix32(fmix32(i_lo ^ key_lo) ^ i_hi ^ key_hi) >> 16` added below the
 /// bf16's last bit, then truncation; NaN to 0x7FC0.
-fn round_stochastic(x: &[f32], seed: u64, t: u64) -> Vec<f32> {
+fn round_stochastic(x: &[f32], seed: u64, t: u64, offset: u64) -> Vec<f32> {
     fn splitmix64(x: u64) -> u64 {
         let mut z = x.wrapping_add(0x9E3779B97F4A7C15);
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
@@ -81,7 +81,7 @@ fn round_stochastic(x: &[f32], seed: u64, t: u64) -> Vec<f32> {
     x.iter()
         .enumerate()
         .map(|(i, &v)| {
-            let i = i as u64;
+            let i = i as u64 + offset;
             let r = fmix32(fmix32((i as u32) ^ (key as u32)) ^ ((i >> 32) as u32) ^ ((key >> 32) as u32)) >> 16;
             let b = if v.is_nan() { 0x7FC0 } else { (v.to_bits() + r) >> 16 };
             f32::from_bits(b << 16)
@@ -127,7 +127,7 @@ fn reference_step(cfg: &AnyConfig, t: u64, combo: (P, G, Dtype, C), run: &mut Ru
     if p == P::Bf16 {
         run.p = match opt.param_rounding {
             ParamRounding::Nearest => round_bf16(&run.p),
-            ParamRounding::Stochastic { seed } => round_stochastic(&run.p, seed, t),
+            ParamRounding::Stochastic { seed, offset } => round_stochastic(&run.p, seed, t, offset),
         };
     }
     if s == Dtype::Bf16 {
@@ -476,7 +476,7 @@ fn stochastic_rounding_follows_the_documented_stream_on_every_path() {
             let mut rng = Rng::new(11);
             let init = start(&cfg, combo, n, &mut rng);
             let grads: Vec<Vec<f32>> = (0..steps).map(|_| rng.vec(n, 0.3)).collect();
-            let rounding = ParamRounding::Stochastic { seed: 0x5eed };
+            let rounding = ParamRounding::Stochastic { seed: 0x5eed, offset: 0 };
             let opt = StepOptions { param_rounding: rounding, ..StepOptions::default() };
             let mut want = init.clone();
             let mut nearest = init.clone();
@@ -512,13 +512,13 @@ fn stochastic_rounding_accumulates_updates_that_round_to_nearest_loses() {
     };
     let f32_result = 1.5 - steps as f64 / 512.0; // 1.3046875, exact in f32 at every step
     assert_eq!(run(ParamRounding::Nearest), 1.5, "round to nearest stalls");
-    let mean = run(ParamRounding::Stochastic { seed: 1 });
+    let mean = run(ParamRounding::Stochastic { seed: 1, offset: 0 });
     // per element the rounding error is a sum of 100 independent terms of
     // at most one ulp (2^-7): its standard deviation is below 0.04, the
     // mean's over 65536 elements below 2e-4
     assert!((mean - f32_result).abs() < 1e-3, "mean {mean} vs f32 {f32_result}");
     // a different seed gives a different stream, the same mean
-    let other = run(ParamRounding::Stochastic { seed: 2 });
+    let other = run(ParamRounding::Stochastic { seed: 2, offset: 0 });
     assert!((other - f32_result).abs() < 1e-3, "mean {other} vs f32 {f32_result}");
     assert_ne!(mean, other);
 }
@@ -530,7 +530,8 @@ fn stochastic_rounding_keeps_nan_inf_and_representable_values() {
     let mut p: Vec<bf16> = vals.iter().map(|&v| bf16::from_f32(v)).collect();
     let before: Vec<u16> = p.iter().map(|v| v.to_bits()).collect();
     let g = vec![0.0f32; vals.len()];
-    let opt = StepOptions { param_rounding: ParamRounding::Stochastic { seed: 3 }, ..StepOptions::default() };
+    let opt =
+        StepOptions { param_rounding: ParamRounding::Stochastic { seed: 3, offset: 0 }, ..StepOptions::default() };
     let mut aux = cfg.aux_init();
     cfg.step_mixed(1, &mut aux, Params::Bf16(&mut p), Grads::F32(&g), &mut [], None, &opt).unwrap();
     let after: Vec<u16> = p.iter().map(|v| v.to_bits()).collect();
@@ -547,11 +548,47 @@ fn stochastic_rounding_of_non_bf16_params_is_a_typed_error_and_changes_nothing()
     let g = vec![0.1f32; n];
     let mut m = vec![0.0f32; n];
     let mut v = vec![0.0f32; n];
-    let opt = StepOptions { param_rounding: ParamRounding::Stochastic { seed: 0 }, ..StepOptions::default() };
+    let opt =
+        StepOptions { param_rounding: ParamRounding::Stochastic { seed: 0, offset: 0 }, ..StepOptions::default() };
     let mut aux = cfg.aux_init();
     let mut state = [StateBuf::F32(&mut m), StateBuf::F32(&mut v)];
     let e = cfg.step_mixed(1, &mut aux, Params::F32(&mut p), Grads::F32(&g), &mut state, None, &opt).unwrap_err();
     assert!(matches!(e, Error::Storage { what: "params", dtype: Dtype::F32, .. }), "{e}");
     assert!(p.iter().all(|&x| x == 0.5) && m.iter().all(|&x| x == 0.0) && v.iter().all(|&x| x == 0.0));
     assert_eq!(aux, cfg.aux_init());
+}
+
+/// A tensor stepped in pieces, each with its offset, gives the whole step's
+/// bits; an offset that is not a multiple of 256 is a typed error.
+#[test]
+fn stochastic_rounding_of_pieces_with_offsets_is_the_whole_step() {
+    let cfg: AnyConfig = AdamWConfig::default().into();
+    let n = 1000;
+    let mut rng = Rng::new(5);
+    let p0: Vec<bf16> = rng.vec(n, 1.0).iter().map(|&x| bf16::from_f32(x)).collect();
+    let g: Vec<f32> = rng.vec(n, 0.1);
+    let step = |p: &mut [bf16], g: &[f32], m: &mut [f32], v: &mut [f32], offset: u64| {
+        let opt =
+            StepOptions { param_rounding: ParamRounding::Stochastic { seed: 9, offset }, ..StepOptions::default() };
+        let mut aux = cfg.aux_init();
+        let mut state = [StateBuf::F32(m), StateBuf::F32(v)];
+        cfg.step_mixed(4, &mut aux, Params::Bf16(p), Grads::F32(g), &mut state, None, &opt)
+    };
+    let (mut m, mut v) = (vec![0.01f32; n], vec![0.02f32; n]);
+    let mut whole = p0.clone();
+    step(&mut whole, &g, &mut m, &mut v, 0).unwrap();
+    let (mut m2, mut v2) = (vec![0.01f32; n], vec![0.02f32; n]);
+    let mut pieces = p0.clone();
+    for (start, end) in [(0, 512), (512, 768), (768, n)] {
+        step(&mut pieces[start..end], &g[start..end], &mut m2[start..end], &mut v2[start..end], start as u64).unwrap();
+    }
+    assert_eq!(whole, pieces);
+    assert_eq!(bits(&m), bits(&m2));
+    // an offset off the 256 grid: an error, nothing modified
+    let mut p = p0.clone();
+    let (mut m3, mut v3) = (vec![0.01f32; n], vec![0.02f32; n]);
+    let e = step(&mut p, &g, &mut m3, &mut v3, 100).unwrap_err();
+    assert!(matches!(e, Error::InvalidOption { .. }), "{e}");
+    assert_eq!(p, p0);
+    assert_eq!((m3, v3), (vec![0.01f32; n], vec![0.02f32; n]));
 }

@@ -80,7 +80,7 @@ fuzz_target!(|input: Input| -> Corpus {
                 _ => Some(ParamCopy::F16(&mut ch)),
             };
             let param_rounding = match input.sr_seed {
-                Some(seed) if input.params_bf16 => ParamRounding::Stochastic { seed },
+                Some(seed) if input.params_bf16 => ParamRounding::Stochastic { seed, offset: 0 },
                 _ => ParamRounding::Nearest,
             };
             let options = StepOptions { exec, param_rounding, ..StepOptions::default() };

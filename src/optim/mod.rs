@@ -61,7 +61,7 @@ use crate::driver::{Bufs, Plan, StepReport, Unscale};
 use crate::error::{check_grad_scale, check_len};
 use crate::exec::Exec;
 pub(crate) use crate::math::{GradIn, Lerp, Quot, pow_step};
-use crate::storage::{Dtype, Grads, ParamCopy, ParamRounding, Params, StateBuf, stochastic_key};
+use crate::storage::{Dtype, Grads, ParamCopy, ParamRounding, Params, StateBuf, TILE, stochastic_key};
 pub use guards::NonFinitePolicy;
 pub(crate) use guards::{Guards, controls, non_finite_guard, scheduled};
 pub use owner::Optimizer;
@@ -282,7 +282,13 @@ pub fn step_mixed<A: Algorithm>(
                 reason: "stochastic rounding applies to bf16 parameters only",
             });
         }
-        ParamRounding::Stochastic { seed } => Some(stochastic_key(seed, t)),
+        ParamRounding::Stochastic { offset, .. } if !offset.is_multiple_of(TILE as u64) => {
+            return Err(Error::InvalidOption {
+                name: "param_rounding".into(),
+                reason: "a stochastic-rounding offset must be a multiple of 256",
+            });
+        }
+        ParamRounding::Stochastic { seed, offset } => Some((stochastic_key(seed, t), offset)),
     };
     let mut plan = Plan::new(&options.exec)?;
     plan.unscale = Unscale::new(options.grad_scale);
