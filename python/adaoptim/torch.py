@@ -32,6 +32,14 @@ global L2 norm, torch's ``clip_grad_norm_`` factor) and ``skip_non_finite``
 (a NaN or infinite gradient anywhere skips the whole step, as
 ``GradScaler`` skips it; ``last_step_skipped`` tells). They run inside the
 one Rust pass: one read of the gradients for the norm, none written.
+A fourth, ``bf16_stochastic_round`` (torchao's name for it; default
+``False``), rounds ``bfloat16`` parameters stochastically instead of to
+nearest, so updates smaller than half a bf16 ulp accumulate in expectation.
+The random bits are the Rust core's counter-based stream, keyed by (a
+per-group count of such steps, kept in the group as ``bf16_sr_step`` so a
+``state_dict`` carries it; the parameter's index among those stepped in the
+call; the step; the element), so the result is the same for any thread count
+and a run resumed from a ``state_dict`` continues the same stream.
 """
 
 import json
@@ -196,7 +204,7 @@ class _RustStep:
 
     _adaoptim_class = None  # the torch class name the Rust core knows
 
-    def _adaoptim_setup(self, grad_scale=None, max_grad_norm=None, skip_non_finite=False):
+    def _adaoptim_setup(self, grad_scale=None, max_grad_norm=None, skip_non_finite=False, bf16_stochastic_round=False):
         # The fused controls (keyword-only constructor options beyond torch's,
         # attributes a training loop may change between steps): divide every
         # gradient by `grad_scale`, clip by the global norm `max_grad_norm`
@@ -206,6 +214,7 @@ class _RustStep:
         self.grad_scale = grad_scale
         self.max_grad_norm = max_grad_norm
         self.skip_non_finite = bool(skip_non_finite)
+        self.bf16_stochastic_round = bool(bf16_stochastic_round)
         self.last_step_skipped = False
         _check_controls(self)
         self._adaoptim_names = set(_core.option_names(self._adaoptim_class))
@@ -292,7 +301,13 @@ class _RustStep:
         sparse_work = self._adaoptim_sparse_check(sparse) if sparse else None
         if pending:
             self._adaoptim_prepare(pending, groups, cache)
-        self.last_step_skipped = not _core.step(self._adaoptim_class, groups, *controls)
+        counts = None
+        if self.bf16_stochastic_round:
+            counts = [int(group.setdefault("bf16_sr_step", 0)) for group in self.param_groups]
+        self.last_step_skipped = not _core.step(self._adaoptim_class, groups, *controls, stochastic_round=counts)
+        if counts is not None and not self.last_step_skipped:
+            for group in self.param_groups:
+                group["bf16_sr_step"] += 1
         if sparse_work:
             self._adaoptim_sparse_run(sparse_work)
         return loss
@@ -396,9 +411,18 @@ def _make(base, class_name, doc_extra=""):
         },
     )
 
-    def __init__(self, params, *args, grad_scale=None, max_grad_norm=None, skip_non_finite=False, **kwargs):
+    def __init__(
+        self,
+        params,
+        *args,
+        grad_scale=None,
+        max_grad_norm=None,
+        skip_non_finite=False,
+        bf16_stochastic_round=False,
+        **kwargs,
+    ):
         base.__init__(self, params, *args, **kwargs)
-        self._adaoptim_setup(grad_scale, max_grad_norm, skip_non_finite)
+        self._adaoptim_setup(grad_scale, max_grad_norm, skip_non_finite, bf16_stochastic_round)
 
     __init__.__doc__ = base.__init__.__doc__
     cls.__init__ = __init__
@@ -483,13 +507,14 @@ class Lion(_RustStep, torch.optim.Optimizer):
         grad_scale=None,
         max_grad_norm=None,
         skip_non_finite=False,
+        bf16_stochastic_round=False,
     ):
         if not lr > 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not all(0.0 <= b <= 1.0 for b in betas):
             raise ValueError(f"Invalid beta parameters: {betas}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
-        self._adaoptim_setup(grad_scale, max_grad_norm, skip_non_finite)
+        self._adaoptim_setup(grad_scale, max_grad_norm, skip_non_finite, bf16_stochastic_round)
 
 
 class Adafactor(_OwnGroups, torch.optim.Adafactor):

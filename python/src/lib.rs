@@ -13,7 +13,7 @@ use std::sync::{Arc, RwLock};
 
 use adaoptim::adafactor::{self, AdafactorConfig, AdafactorState};
 use adaoptim::sparse::{self, SparseAdamConfig};
-use adaoptim::storage::{Grads, Params, StateBuf};
+use adaoptim::storage::{Grads, ParamRounding, Params, StateBuf};
 use adaoptim::{AnyConfig, AuxState, Backend, Exec, MAX_AUX, MAX_STATE, MAX_STEP, StepOptions, clip};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -112,6 +112,9 @@ struct Piece {
     p: Params<'static>,
     g: Grads<'static>,
     s: Vec<StateBuf<'static>>,
+    /// How bf16 parameters round (stochastic rounding: seed = the tensor's
+    /// index, offset = the piece's start).
+    rounding: ParamRounding,
     /// A whole tensor of at least `BIG` elements.
     big: bool,
 }
@@ -143,9 +146,15 @@ struct Piece {
 /// `clip_grad_norm_` factor multiplied in inside the step; with
 /// `skip_non_finite`, a NaN or infinite gradient anywhere skips the whole
 /// step (nothing written, steps not counted), as `GradScaler` skips it.
+/// With `stochastic_round` (one counter per group: how many steps the
+/// group has taken with stochastic rounding), bfloat16 parameters round
+/// stochastically ([`ParamRounding::Stochastic`], seed = the group's counter
+/// in the high 32 bits and the tensor's index in the call, counting across
+/// groups, in the low; offset = the piece's start), float32 ones as always.
+/// The counter keys the stream for classes without a step count (SGD).
 /// Returns whether the step ran.
 #[pyfunction]
-#[pyo3(signature = (class, groups, grad_scale=None, max_norm=None, skip_non_finite=false))]
+#[pyo3(signature = (class, groups, grad_scale=None, max_norm=None, skip_non_finite=false, stochastic_round=None))]
 fn step(
     py: Python<'_>,
     class: &str,
@@ -153,7 +162,11 @@ fn step(
     grad_scale: Option<f32>,
     max_norm: Option<f64>,
     skip_non_finite: bool,
+    stochastic_round: Option<Vec<u64>>,
 ) -> PyResult<bool> {
+    if stochastic_round.as_ref().is_some_and(|c| c.len() != groups.len()) {
+        return Err(PyValueError::new_err("internal: one stochastic-rounding counter per group"));
+    }
     if let Some(s) = grad_scale.filter(|s| !(s.is_finite() && *s != 0.0)) {
         return Err(PyValueError::new_err(format!("grad_scale {s} must be finite and nonzero")));
     }
@@ -242,6 +255,13 @@ fn step(
                                 }
                             })
                             .collect(),
+                        rounding: match &stochastic_round {
+                            Some(counts) if dtypes & PARAM_BF16 != 0 => ParamRounding::Stochastic {
+                                seed: counts[gi] << 32 | (tensor as u64 & 0xffff_ffff),
+                                offset: off as u64,
+                            },
+                            _ => ParamRounding::Nearest,
+                        },
                         big: n >= BIG,
                     }
                 };
@@ -288,8 +308,9 @@ fn step(
         StepOptions { exec: Exec::parallel(Backend::best(), 0), grad_scale, clip_coef, ..Default::default() };
     let one = |pc: &mut Piece, options: &StepOptions| -> Result<(), String> {
         let mut state: Vec<StateBuf<'_>> = pc.s.iter_mut().map(StateBuf::reborrow).collect();
+        let options = StepOptions { param_rounding: pc.rounding, ..*options };
         configs[pc.group]
-            .step_mixed(pc.t, &mut pc.aux, pc.p.reborrow(), pc.g, &mut state, None, options)
+            .step_mixed(pc.t, &mut pc.aux, pc.p.reborrow(), pc.g, &mut state, None, &options)
             .map(|_| ())
             .map_err(|e| e.to_string())
     };

@@ -315,3 +315,123 @@ def test_adjacent_bf16_parameters_and_overlap():
     c.grad, d.grad = torch.zeros(33).bfloat16(), torch.zeros(32).bfloat16()
     with pytest.raises(ValueError, match="share memory"):
         ada.SGD([c, d], lr=0.1).step()
+
+
+# Stochastic rounding of bfloat16 parameters (``bf16_stochastic_round``).
+M32, M64 = 0xFFFFFFFF, (1 << 64) - 1
+
+
+def _splitmix64(x):
+    z = (x + 0x9E3779B97F4A7C15) & M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+    return z ^ (z >> 31)
+
+
+def _fmix32(h):
+    import numpy as np
+
+    h = h ^ (h >> np.uint64(16))
+    h = (h * np.uint64(0x85EBCA6B)) & np.uint64(M32)
+    h = h ^ (h >> np.uint64(13))
+    h = (h * np.uint64(0xC2B2AE35)) & np.uint64(M32)
+    return h ^ (h >> np.uint64(16))
+
+
+def stochastic_reference(x, seed, t):
+    """``x`` (float32) rounded to bfloat16 with the stream the Rust core
+    documents, written out again here: key = splitmix64(splitmix64(seed) ^ t),
+    bits = fmix32(fmix32(i_lo ^ key_lo) ^ i_hi ^ key_hi) >> 16 added below
+    the bfloat16's last bit, then truncation."""
+    import numpy as np
+
+    key = _splitmix64(_splitmix64(seed) ^ t)
+    i = np.arange(x.numel(), dtype=np.uint64)
+    lo = (i & np.uint64(M32)) ^ np.uint64(key & M32)
+    hi = (i >> np.uint64(32)) ^ np.uint64(key >> 32)
+    r = _fmix32(_fmix32(lo) ^ hi) >> np.uint64(16)
+    b = x.flatten().view(torch.int32).numpy().astype(np.uint64) & np.uint64(M32)
+    out = ((b + r) >> np.uint64(16)).astype(np.uint16).view(np.int16)
+    return torch.from_numpy(out.copy()).view(x.shape)
+
+
+def test_stochastic_rounding_follows_the_documented_stream():
+    # SGD at lr 1 on values whose float32 result is exact: p - g with p = 1.5
+    # and g a multiple of 2^-15 below one bf16 ulp (2^-7); two tensors, one
+    # cut into pieces (> 2^16). The stream's seed: the group's count of
+    # stochastic steps in the high 32 bits, the parameter's index in the call
+    # in the low; torch keeps no step count for SGD, and the package steps it
+    # as step 1 the first time and step 2 after (its momentum buffer exists).
+    gen = torch.Generator().manual_seed(3)
+    shapes = ((70001,), (13,))
+    params = [torch.nn.Parameter(torch.full(s, 1.5, dtype=torch.bfloat16)) for s in shapes]
+    opt = ada.SGD(params, lr=1.0, bf16_stochastic_round=True)
+    for t in (1, 2, 3):
+        want = []
+        for p in params:
+            k = torch.randint(0, 256, p.shape, generator=gen)
+            p.grad = (k.float() * 2.0**-15).bfloat16()
+            want.append(p.detach().float() - p.grad.float())
+        opt.step()
+        for index, (p, w) in enumerate(zip(params, want)):
+            expected = stochastic_reference(w, (t - 1) << 32 | index, min(t, 2))
+            assert torch.equal(bits(p), expected), f"tensor {index} step {t}"
+        assert opt.param_groups[0]["bf16_sr_step"] == t
+
+
+def test_stochastic_rounding_accumulates_what_round_to_nearest_loses():
+    # A quarter of the bfloat16 ulp per step: round to nearest never moves.
+    def run(sr, threads):
+        ada.set_num_threads(threads)
+        try:
+            p = torch.nn.Parameter(torch.full((70001,), 1.5, dtype=torch.bfloat16))
+            opt = ada.SGD([p], lr=1.0, bf16_stochastic_round=sr)
+            for _ in range(100):
+                p.grad = torch.full_like(p, 2.0**-9)
+                opt.step()
+            return p.detach().clone()
+        finally:
+            ada.set_num_threads(0)
+
+    assert torch.equal(run(False, 2), torch.full((70001,), 1.5, dtype=torch.bfloat16))
+    got = run(True, 2)
+    assert abs(got.double().mean().item() - (1.5 - 100 / 512)) < 1e-3
+    assert torch.equal(bits(got), bits(run(True, 1)))  # any thread count
+
+
+def test_stochastic_rounding_leaves_float32_parameters_to_nearest():
+    p32 = torch.nn.Parameter(torch.linspace(-1, 1, 300))
+    q32 = torch.nn.Parameter(p32.detach().clone())
+    a = ada.AdamW([p32], lr=1e-2, bf16_stochastic_round=True)
+    b = ada.AdamW([q32], lr=1e-2)
+    for _ in range(3):
+        p32.grad = torch.cos(p32.detach())
+        q32.grad = torch.cos(q32.detach())
+        a.step()
+        b.step()
+    assert torch.equal(p32, q32)
+
+
+def test_stochastic_rounding_resumes_from_a_state_dict():
+    def fresh():
+        p = torch.nn.Parameter(torch.linspace(-2, 2, 70001).bfloat16())
+        return p, ada.AdamW([p], lr=1e-3, bf16_stochastic_round=True)
+
+    def step(p, opt, i):
+        p.grad = torch.sin(p.detach().float() * (i + 1)).bfloat16()
+        opt.step()
+
+    p, opt = fresh()
+    for i in range(6):
+        step(p, opt, i)
+    q, opt2 = fresh()
+    for i in range(3):
+        step(q, opt2, i)
+    saved, q_saved = copy.deepcopy(opt2.state_dict()), q.detach().clone()
+    r, opt3 = fresh()
+    with torch.no_grad():
+        r.copy_(q_saved)
+    opt3.load_state_dict(saved)
+    for i in range(3, 6):
+        step(r, opt3, i)
+    assert torch.equal(bits(r), bits(p))
