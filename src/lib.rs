@@ -104,6 +104,7 @@ pub mod groups;
 mod keywords;
 mod math;
 pub mod memory;
+pub mod mixed;
 pub mod multi;
 pub mod optim;
 pub mod roofline;

@@ -29,6 +29,7 @@ const LAYERS: &[(&str, usize)] = &[
     ("optim", 7),
     ("groups", 8),
     ("multi", 8),
+    ("mixed", 8),
     ("sparse", 8),
     ("adafactor", 8),
     ("roofline", 8),

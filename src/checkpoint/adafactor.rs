@@ -39,11 +39,7 @@ impl Adafactor {
     pub fn from_safetensors(bytes: &[u8]) -> Result<Self, Error> {
         let r = Reader::open(bytes, AdafactorConfig::TORCH_CLASS, "adafactor")?;
         let shape: Vec<usize> = serde_json::from_str(r.meta("shape")?).map_err(|e| bad(format!("shape: {e}")))?;
-        let groups = r.json("param_groups")?;
-        let group = match &groups {
-            Value::Array(g) if g.len() == 1 => &g[0],
-            _ => return Err(bad("param_groups must hold exactly one group")),
-        };
+        let group = &super::one_group(&r)?;
         let config = AdafactorConfig::from_torch_kwargs(group).map_err(|e| bad(format!("param_groups: {e}")))?;
         let mut opt = Adafactor::new(config, &shape).map_err(|e| bad(format!("shape {shape:?}: {e}")))?;
         let names = opt.state_shapes();

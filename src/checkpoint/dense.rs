@@ -44,11 +44,7 @@ impl<A: Algorithm> Optimizer<A> {
     pub fn from_safetensors(bytes: &[u8]) -> Result<Self, Error> {
         let r = Reader::open(bytes, A::TORCH_CLASS, "dense")?;
         let n: usize = r.parse("n")?;
-        let groups = r.json("param_groups")?;
-        let group = match &groups {
-            Value::Array(g) if g.len() == 1 => &g[0],
-            _ => return Err(bad("param_groups must hold exactly one group")),
-        };
+        let group = &super::one_group(&r)?;
         let config: A = config_from_json(group, &[])?;
         let names = config.state_names();
         r.expect_count(names.len() + 1 + A::AUX_NAMES.len())?;

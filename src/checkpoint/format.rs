@@ -19,11 +19,16 @@ pub const FORMAT_VERSION: u32 = 1;
 /// a JSON object from tensor name to checksum.
 pub const CHECKSUM_KEY: &str = "crc32";
 
-/// Builds a checkpoint: metadata and `F32` tensors, borrowed until
-/// [`finish`](Self::finish) writes them out.
+/// One tensor of a checkpoint: shape, safetensors dtype name, element
+/// size, little-endian bytes.
+type Entry<'a> = (Vec<usize>, &'static str, usize, Cow<'a, [u8]>);
+
+/// Builds a checkpoint: metadata and tensors (`F32`, and `BF16`/`U8` for
+/// mixed-precision state), borrowed until [`finish`](Self::finish) writes
+/// them out.
 pub(crate) struct Writer<'a> {
     meta: BTreeMap<String, String>,
-    tensors: BTreeMap<String, (Vec<usize>, Cow<'a, [f32]>)>,
+    tensors: BTreeMap<String, Entry<'a>>,
 }
 
 impl<'a> Writer<'a> {
@@ -34,7 +39,7 @@ impl<'a> Writer<'a> {
         w.meta("torch_class", torch_class);
         w.meta("layout", layout);
         w.meta("step", step);
-        w.tensors.insert("step".to_string(), (vec![], Cow::Owned(vec![step as f32])));
+        w.scalar("step", step as f32);
         w
     }
 
@@ -53,11 +58,22 @@ impl<'a> Writer<'a> {
     }
 
     pub(crate) fn tensor(&mut self, name: impl Into<String>, shape: Vec<usize>, data: &'a [f32]) {
-        self.tensors.insert(name.into(), (shape, Cow::Borrowed(data)));
+        self.tensors.insert(name.into(), (shape, "F32", 4, le_bytes(data)));
+    }
+
+    /// A `BF16` tensor.
+    pub(crate) fn tensor_bf16(&mut self, name: impl Into<String>, shape: Vec<usize>, data: &'a [half::bf16]) {
+        let bytes = data.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect();
+        self.tensors.insert(name.into(), (shape, "BF16", 2, Cow::Owned(bytes)));
+    }
+
+    /// A `U8` tensor.
+    pub(crate) fn tensor_u8(&mut self, name: impl Into<String>, shape: Vec<usize>, data: &'a [u8]) {
+        self.tensors.insert(name.into(), (shape, "U8", 1, Cow::Borrowed(data)));
     }
 
     pub(crate) fn scalar(&mut self, name: impl Into<String>, x: f32) {
-        self.tensors.insert(name.into(), (vec![], Cow::Owned(vec![x])));
+        self.tensors.insert(name.into(), (vec![], "F32", 4, Cow::Owned(x.to_le_bytes().to_vec())));
     }
 
     /// The file's bytes. The header is written here rather than by the
@@ -68,11 +84,11 @@ impl<'a> Writer<'a> {
     /// order `safetensors` itself uses for tensors of one dtype).
     pub(crate) fn finish(mut self) -> Result<Vec<u8>, Error> {
         let mut sums = serde_json::Map::new();
-        for (name, (shape, data)) in &self.tensors {
-            if shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b)) != Some(data.len()) {
-                return Err(bad(format!("tensor {name:?}: shape {shape:?} does not hold {} values", data.len())));
+        for (name, (shape, _, size, data)) in &self.tensors {
+            if shape.iter().try_fold(*size, |a, &b| a.checked_mul(b)) != Some(data.len()) {
+                return Err(bad(format!("tensor {name:?}: shape {shape:?} does not hold {} bytes", data.len())));
             }
-            sums.insert(name.clone(), Value::from(crc32(data)));
+            sums.insert(name.clone(), Value::from(crc32fast::hash(data)));
         }
         self.meta.insert(CHECKSUM_KEY.to_string(), Value::Object(sums).to_string());
         let mut header = serde_json::Map::new();
@@ -83,9 +99,9 @@ impl<'a> Writer<'a> {
             )),
         );
         let mut offset = 0usize;
-        for (name, (shape, data)) in &self.tensors {
-            let end = offset + 4 * data.len();
-            let info = serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, end]});
+        for (name, (shape, dtype, _, data)) in &self.tensors {
+            let end = offset + data.len();
+            let info = serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, end]});
             header.insert(name.clone(), info);
             offset = end;
         }
@@ -98,8 +114,8 @@ impl<'a> Writer<'a> {
         let mut out = Vec::with_capacity(8 + text.len() + offset);
         out.extend_from_slice(&(text.len() as u64).to_le_bytes());
         out.extend_from_slice(&text);
-        for (_, data) in self.tensors.values() {
-            out.extend_from_slice(&le_bytes(data));
+        for (_, _, _, data) in self.tensors.values() {
+            out.extend_from_slice(data);
         }
         Ok(out)
     }
@@ -115,11 +131,6 @@ fn le_bytes(data: &[f32]) -> Cow<'_, [u8]> {
     } else {
         Cow::Owned(data.iter().flat_map(|v| v.to_le_bytes()).collect())
     }
-}
-
-/// The CRC-32 of the little-endian bytes of `data`.
-fn crc32(data: &[f32]) -> u32 {
-    crc32fast::hash(&le_bytes(data))
 }
 
 /// Reads and checks a checkpoint.
@@ -222,18 +233,40 @@ impl<'a> Reader<'a> {
     }
 
     fn data(&self, name: &str, shape: &[usize]) -> Result<&[u8], Error> {
+        self.data_of(name, shape, Dtype::F32, 4)
+    }
+
+    /// The bytes of a tensor of this dtype (of `size` bytes per element) and shape.
+    fn data_of(&self, name: &str, shape: &[usize], dtype: Dtype, size: usize) -> Result<&[u8], Error> {
         let t = self.st.tensor(name).map_err(|_| bad(format!("missing tensor {name:?}")))?;
-        if t.dtype() != Dtype::F32 {
-            return Err(bad(format!("tensor {name:?} has dtype {:?}, expected F32", t.dtype())));
+        if t.dtype() != dtype {
+            return Err(bad(format!("tensor {name:?} has dtype {:?}, expected {dtype:?}", t.dtype())));
         }
         if t.shape() != shape {
             return Err(bad(format!("tensor {name:?} has shape {:?}, expected {shape:?}", t.shape())));
         }
         let count = shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b)).ok_or_else(|| bad("shape overflows"))?;
-        if count.checked_mul(4) != Some(t.data().len()) {
-            return Err(bad(format!("tensor {name:?} holds {} bytes, expected {count} floats", t.data().len())));
+        if count.checked_mul(size) != Some(t.data().len()) {
+            return Err(bad(format!("tensor {name:?} holds {} bytes, expected {count} of {dtype:?}", t.data().len())));
         }
         Ok(t.data())
+    }
+
+    /// A `BF16` tensor of this shape.
+    pub(crate) fn bf16s(&self, name: &str, shape: &[usize]) -> Result<Vec<half::bf16>, Error> {
+        let data = self.data_of(name, shape, Dtype::BF16, 2)?;
+        Ok(data.chunks_exact(2).map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]]))).collect())
+    }
+
+    /// A `U8` tensor of this shape.
+    pub(crate) fn u8s(&self, name: &str, shape: &[usize]) -> Result<Vec<u8>, Error> {
+        Ok(self.data_of(name, shape, Dtype::U8, 1)?.to_vec())
+    }
+
+    /// An `F32` tensor of this shape.
+    pub(crate) fn f32s(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, Error> {
+        let data = self.data(name, shape)?;
+        Ok(data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
     }
 
     /// The shape of a tensor.

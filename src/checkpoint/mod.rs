@@ -15,7 +15,7 @@
 //! | `n` | parameter count |
 //! | `step` | the exact step count (the `step` tensor is f32, as in torch) |
 //! | `param_groups` | JSON, torch's `param_groups` entry: `[{"lr": 0.001, "betas": [0.9, 0.999], ...}]`; `eps_inside_sqrt` (not a torch option) appears only when on |
-//! | `layout` | `dense` ([`Optimizer`](crate::Optimizer)), `grouped` ([`GroupedOptimizer`](crate::groups::GroupedOptimizer)) or `sparse` ([`sparse`](crate::sparse) optimizers) |
+//! | `layout` | `dense` ([`Optimizer`](crate::Optimizer)), `grouped` ([`GroupedOptimizer`](crate::groups::GroupedOptimizer)), `sparse` ([`sparse`](crate::sparse) optimizers) or `mixed` ([`MixedOptimizer`](crate::mixed::MixedOptimizer): state in `F32`, `BF16` or bitsandbytes' 8-bit `state{i}`/`absmax{i}`/`qmap{i}`, `state_dtype` in the metadata) |
 //!
 //! A grouped checkpoint names each tensor's state `state.{i}.exp_avg`, ...
 //! (torch's `state_dict()["state"][i]`), lists each group's tensor indices under
@@ -76,6 +76,7 @@ mod dense;
 mod file;
 pub mod format;
 mod grouped;
+mod mixed;
 mod multi;
 mod sparse;
 
@@ -90,6 +91,14 @@ use crate::Error;
 /// [`Error::Checkpoint`] with this reason.
 pub(crate) fn bad(reason: impl Into<String>) -> Error {
     Error::Checkpoint { reason: reason.into() }
+}
+
+/// The one entry of a single-tensor checkpoint's `param_groups`.
+pub(crate) fn one_group(r: &Reader<'_>) -> Result<serde_json::Value, Error> {
+    match r.json("param_groups")? {
+        serde_json::Value::Array(mut g) if g.len() == 1 => Ok(g.swap_remove(0)),
+        _ => Err(bad("param_groups must hold exactly one group")),
+    }
 }
 
 /// The configuration of one `param_groups` entry of a checkpoint: torch's

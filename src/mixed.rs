@@ -1,0 +1,213 @@
+//! [`MixedOptimizer`]: one tensor's optimizer owning its state in a
+//! reduced-precision storage (`f32`, `bf16` or 8-bit block-wise), stepping
+//! parameters and gradients of any [`storage`](crate::storage) type through
+//! [`step_mixed`](crate::step_mixed).
+//!
+//! ```
+//! use adaoptim::mixed::MixedOptimizer;
+//! use adaoptim::storage::{bf16, Dtype, Grads, Params};
+//! use adaoptim::AdamWConfig;
+//!
+//! let n = 1000;
+//! let mut opt = MixedOptimizer::new(AdamWConfig::default(), n, Dtype::Q8)?; // 8-bit states
+//! let mut params = vec![bf16::from_f32(0.5); n]; // bf16 params
+//! let grads = vec![bf16::from_f32(0.01); n]; // bf16 grads
+//! opt.step(Params::Bf16(&mut params), Grads::Bf16(&grads), None)?;
+//! let bytes = opt.to_safetensors()?; // state1/absmax1/qmap1, ... as bitsandbytes names them
+//! let back = MixedOptimizer::<AdamWConfig>::from_safetensors(&bytes)?;
+//! assert_eq!(back.steps(), 1);
+//! # Ok::<(), adaoptim::Error>(())
+//! ```
+
+use crate::error::{check_len, next_step};
+use crate::optim::sealed::Sealed;
+use crate::storage::{
+    Dtype, Grads, ParamCopy, ParamRounding, Params, Q8_BLOCK, Q8State, QMap, StateBuf, bf16, dequantize_blockwise,
+    quantize_blockwise,
+};
+use crate::{Algorithm, Error, Exec, StepOptions, StepReport};
+
+/// One state buffer, owned, in its storage.
+#[derive(Clone, Debug)]
+pub(crate) enum Owned {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+    Q8 { codes: Vec<u8>, absmax: Vec<f32>, map: &'static QMap },
+}
+
+impl Owned {
+    fn buf(&mut self) -> StateBuf<'_> {
+        match self {
+            Owned::F32(x) => StateBuf::F32(x),
+            Owned::Bf16(x) => StateBuf::Bf16(x),
+            Owned::Q8 { codes, absmax, map } => StateBuf::Q8(Q8State { codes, absmax, map }),
+        }
+    }
+}
+
+/// An optimizer over `n` parameters that owns its state buffers in one
+/// storage type ([`Dtype::F32`], [`Dtype::Bf16`] or [`Dtype::Q8`]) and its
+/// step count; parameters and gradients are borrowed per step in any
+/// storage [`step_mixed`](crate::step_mixed) takes, with an optional
+/// half-precision copy of `f32` parameters.
+///
+/// Each step is [`step_mixed`](crate::step_mixed) on the owned buffers: the
+/// same bits, every backend and thread count. `bf16` parameters may round
+/// stochastically ([`set_stochastic_rounding`](Self::set_stochastic_rounding)).
+/// Checkpoints ([`to_safetensors`](Self::to_safetensors)) keep the state in
+/// its storage, bit for bit: `F32`/`BF16` tensors under torch's state names,
+/// or for 8-bit states bitsandbytes' `state_dict` names and dtypes — the
+/// `i`-th state (1-based) as `state{i}` (`U8` codes), `absmax{i}` (`F32`,
+/// one per block of 256) and `qmap{i}` (`F32`, the 256 code values).
+#[derive(Clone, Debug)]
+pub struct MixedOptimizer<A: Algorithm> {
+    pub(crate) config: A,
+    pub(crate) n: usize,
+    pub(crate) t: u64,
+    pub(crate) aux: <A as Sealed>::Aux,
+    pub(crate) dtype: Dtype,
+    pub(crate) state: Vec<Owned>,
+    exec: Exec,
+    seed: Option<u64>,
+}
+
+impl<A: Algorithm> MixedOptimizer<A> {
+    /// Validates `config` and makes the state for `n` parameters in
+    /// `state_dtype`: zero, or the configuration's initial value (Adagrad's
+    /// `initial_accumulator_value`) rounded into the storage.
+    ///
+    /// # Errors
+    /// [`Error::InvalidHyperparameter`]; [`Error::Storage`] for a state dtype
+    /// other than `F32`, `BF16` and `Q8`.
+    pub fn new(config: A, n: usize, state_dtype: Dtype) -> Result<Self, Error> {
+        config.validate()?;
+        let names = config.state_names();
+        let state = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| init(state_dtype, n, config.state_init(i), name))
+            .collect::<Result<_, _>>()?;
+        Ok(MixedOptimizer {
+            aux: config.aux_init(),
+            config,
+            n,
+            t: 0,
+            dtype: state_dtype,
+            state,
+            exec: Exec::auto(),
+            seed: None,
+        })
+    }
+
+    /// One step: updates `params` in place from `grads` (and writes
+    /// `param_copy`, if given, from `f32` params).
+    ///
+    /// # Errors
+    /// As [`step_mixed`](crate::step_mixed) (a parameter or gradient of
+    /// another length than the optimizer's, a copy beside non-`f32`
+    /// params, stochastic rounding beside `f32` params), and
+    /// [`Error::StepLimit`]. Nothing is modified then.
+    pub fn step(
+        &mut self,
+        params: Params<'_>,
+        grads: Grads<'_>,
+        param_copy: Option<ParamCopy<'_>>,
+    ) -> Result<StepReport, Error> {
+        check_len("params", self.n, params.len())?;
+        let t = next_step(self.t)?;
+        let param_rounding = match self.seed {
+            Some(seed) if params.dtype() == Dtype::Bf16 => ParamRounding::Stochastic { seed, offset: 0 },
+            _ => ParamRounding::Nearest,
+        };
+        let options = StepOptions { exec: self.exec, param_rounding, ..StepOptions::default() };
+        let mut bufs: Vec<StateBuf<'_>> = self.state.iter_mut().map(Owned::buf).collect();
+        let report = crate::step_mixed(&self.config, t, &mut self.aux, params, grads, &mut bufs, param_copy, &options)?;
+        self.t = t;
+        Ok(report)
+    }
+
+    /// The number of parameters.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// True for an optimizer of no parameters.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> u64 {
+        self.t
+    }
+
+    /// The storage of the state buffers.
+    pub fn state_dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &A {
+        &self.config
+    }
+
+    /// Sets the execution policy.
+    pub fn set_exec(&mut self, exec: Exec) {
+        self.exec = exec;
+    }
+
+    /// Sets the learning rate.
+    ///
+    /// # Errors
+    /// [`Error::InvalidHyperparameter`] for a negative or non-finite rate;
+    /// nothing changes then.
+    pub fn set_lr(&mut self, lr: f64) -> Result<(), Error> {
+        crate::error::non_negative("lr", lr)?;
+        self.config.set_lr_unchecked(lr);
+        Ok(())
+    }
+
+    /// Rounds `bf16` parameters stochastically with this seed (`None`: to
+    /// nearest, the default); `f32` parameters are not affected. The seed is
+    /// not saved in checkpoints (like the execution policy): set it again
+    /// after loading to continue the same stream.
+    pub fn set_stochastic_rounding(&mut self, seed: Option<u64>) {
+        self.seed = seed;
+    }
+
+    /// The `f32` values of the state buffer of this torch name (widened or
+    /// dequantized), if the optimizer has one.
+    pub fn state_f32(&self, name: &str) -> Option<Vec<f32>> {
+        let i = self.config.state_names().iter().position(|s| *s == name)?;
+        Some(match &self.state[i] {
+            Owned::F32(x) => x.clone(),
+            Owned::Bf16(x) => x.iter().map(|v| v.to_f32()).collect(),
+            Owned::Q8 { codes, absmax, map } => {
+                let mut out = vec![0.0; self.n];
+                dequantize_blockwise(codes, absmax, map, &mut out).expect("lengths kept by the optimizer");
+                out
+            }
+        })
+    }
+}
+
+/// A state buffer of `n` elements of value `x` in `dtype`.
+fn init(dtype: Dtype, n: usize, x: f32, name: &str) -> Result<Owned, Error> {
+    Ok(match dtype {
+        Dtype::F32 => Owned::F32(vec![x; n]),
+        Dtype::Bf16 => Owned::Bf16(vec![bf16::from_f32(x); n]),
+        Dtype::Q8 => {
+            let map = QMap::for_state(name);
+            let (mut codes, mut absmax) = (vec![0u8; n], vec![0f32; n.div_ceil(Q8_BLOCK)]);
+            quantize_blockwise(&vec![x; n], map, &mut codes, &mut absmax)?;
+            Owned::Q8 { codes, absmax, map }
+        }
+        other => {
+            return Err(Error::Storage {
+                what: "state",
+                dtype: other,
+                reason: "optimizer state is f32, bf16 or 8-bit",
+            });
+        }
+    })
+}
