@@ -191,6 +191,75 @@ impl<A: Algorithm> MixedOptimizer<A> {
     }
 }
 
+/// One 8-bit state as bitsandbytes' `state_dict` holds it: `state{i}`
+/// (codes), `absmax{i}` and `qmap{i}`.
+#[derive(Clone, Copy, Debug)]
+pub struct Q8Parts<'a> {
+    /// The codes, one per element (`state1`, `state2`).
+    pub state: &'a [u8],
+    /// One scale per block of 256 elements (`absmax1`, `absmax2`).
+    pub absmax: &'a [f32],
+    /// The 256 code values (`qmap1`, `qmap2`).
+    pub qmap: &'a [f32],
+}
+
+impl<A: Algorithm> MixedOptimizer<A> {
+    /// An optimizer with 8-bit state taken from bitsandbytes' `state_dict`
+    /// of one parameter (its `state1`, `absmax1`, `qmap1`, `state2`, ... in
+    /// state order, and its `step`): what a bitsandbytes 8-bit optimizer
+    /// (`AdamW8bit`, ...) leaves, continued here.
+    ///
+    /// # Errors
+    /// [`Error::StateCount`] for another number of states than the
+    /// configuration's; [`Error::LengthMismatch`] for states of different
+    /// lengths or an `absmax` not one per 256; [`Error::InvalidOption`] for a
+    /// `qmap` that is not bitsandbytes' dynamic map for that state (signed
+    /// for `exp_avg`, unsigned for `exp_avg_sq`); [`Error::InvalidStep`] past
+    /// [`MAX_STEP`](crate::MAX_STEP); [`Error::InvalidHyperparameter`].
+    pub fn from_q8_parts(config: A, step: u64, parts: &[Q8Parts<'_>]) -> Result<Self, Error> {
+        config.validate()?;
+        let names = config.state_names();
+        if parts.len() != names.len() {
+            return Err(Error::StateCount { expected: names.len(), actual: parts.len() });
+        }
+        if step > crate::MAX_STEP {
+            return Err(Error::InvalidStep { step });
+        }
+        let n = parts.first().map_or(0, |q| q.state.len());
+        let mut state = Vec::with_capacity(parts.len());
+        for (name, q) in names.iter().zip(parts) {
+            check_len(name, n, q.state.len())?;
+            check_len("absmax", n.div_ceil(Q8_BLOCK), q.absmax.len())?;
+            let map = QMap::for_state(name);
+            if q.qmap.len() != 256 || q.qmap.iter().zip(map.code()).any(|(a, b)| a.to_bits() != b.to_bits()) {
+                return Err(Error::InvalidOption {
+                    name: "qmap".into(),
+                    reason: "not bitsandbytes' dynamic map for this state",
+                });
+            }
+            state.push(Owned::Q8 { codes: q.state.to_vec(), absmax: q.absmax.to_vec(), map });
+        }
+        let mut opt = MixedOptimizer::new(config, 0, Dtype::Q8)?;
+        opt.n = n;
+        opt.t = step;
+        opt.state = state;
+        Ok(opt)
+    }
+
+    /// The 8-bit state in bitsandbytes' `state_dict` form (`state{i}`,
+    /// `absmax{i}`, `qmap{i}` for the `i`-th state), or `None` if the state
+    /// is not 8-bit.
+    pub fn q8_parts(&self) -> Option<Vec<Q8Parts<'_>>> {
+        self.state
+            .iter()
+            .map(|s| match s {
+                Owned::Q8 { codes, absmax, map } => Some(Q8Parts { state: codes, absmax, qmap: map.code() }),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 /// A state buffer of `n` elements of value `x` in `dtype`.
 fn init(dtype: Dtype, n: usize, x: f32, name: &str) -> Result<Owned, Error> {
     Ok(match dtype {

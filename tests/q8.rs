@@ -305,3 +305,61 @@ fn bad_q8_buffers_are_typed_errors_and_change_nothing() {
     unsorted.swap(3, 4);
     assert!(QMap::from_code(unsorted).is_err());
 }
+
+/// bitsandbytes' state after each step of its AdamW8bit trajectory, loaded
+/// into a `MixedOptimizer` through its `state_dict` form (`state1`,
+/// `absmax1`, `qmap1`, ...), steps on as bitsandbytes does: the same
+/// agreement as the borrowed step above. And ours goes back out in that form.
+#[test]
+fn a_bitsandbytes_state_dict_loads_into_mixed_optimizer_and_goes_back_out() {
+    use adaoptim::mixed::{MixedOptimizer, Q8Parts};
+    let g = golden();
+    let tr = &g["adamw8bit"];
+    let cfg = AdamWConfig {
+        lr: tr["lr"].as_f64().unwrap(),
+        betas: (0.9, 0.999),
+        eps: tr["eps"].as_f64().unwrap(),
+        weight_decay: tr["weight_decay"].as_f64().unwrap(),
+        ..Default::default()
+    };
+    let (signed, unsigned) = (f32s(&g["signed_map"]), f32s(&g["unsigned_map"]));
+    let steps = tr["steps"].as_array().unwrap();
+    let (mut differing, mut total, mut worst_p) = (0usize, 0usize, 0f32);
+    for (k, pair) in steps.windows(2).enumerate() {
+        let (before, after) = (&pair[0], &pair[1]);
+        let (s1, s2) = (u8s(&before["state1"]), u8s(&before["state2"]));
+        let (a1, a2) = (f32s(&before["absmax1"]), f32s(&before["absmax2"]));
+        let parts =
+            [Q8Parts { state: &s1, absmax: &a1, qmap: &signed }, Q8Parts { state: &s2, absmax: &a2, qmap: &unsigned }];
+        let mut opt = MixedOptimizer::from_q8_parts(cfg, k as u64 + 1, &parts).unwrap();
+        let mut p = f32s(&before["params"]);
+        opt.step(Params::F32(&mut p), Grads::F32(&f32s(&after["grad"])), None).unwrap();
+        let out = opt.q8_parts().unwrap();
+        assert_eq!((out[0].qmap, out[1].qmap), (&signed[..], &unsigned[..]), "the maps go out as bitsandbytes'");
+        for (ours, theirs) in [(out[0].state, &after["state1"]), (out[1].state, &after["state2"])] {
+            for (a, b) in ours.iter().zip(u8s(theirs)) {
+                differing += usize::from(*a != b);
+                total += 1;
+            }
+        }
+        for (a, b) in p.iter().zip(f32s(&after["params"])) {
+            worst_p = worst_p.max((a - b).abs());
+        }
+        // what goes out comes back in: the same optimizer
+        let back = MixedOptimizer::from_q8_parts(cfg, opt.steps(), &out).unwrap();
+        assert_eq!(back.to_safetensors().unwrap(), opt.to_safetensors().unwrap());
+    }
+    let frac = differing as f64 / total as f64;
+    assert!(frac < 0.01, "{:.3}% of codes differ", 100.0 * frac);
+    assert!(worst_p < 1e-5, "params differ by {worst_p:e}");
+    // the maps swapped, a short absmax, one state: typed errors
+    let (s, a) = (vec![0u8; 300], vec![0f32; 2]);
+    let swapped =
+        [Q8Parts { state: &s, absmax: &a, qmap: &unsigned }, Q8Parts { state: &s, absmax: &a, qmap: &signed }];
+    assert!(matches!(MixedOptimizer::from_q8_parts(cfg, 1, &swapped), Err(Error::InvalidOption { .. })));
+    let short =
+        [Q8Parts { state: &s, absmax: &a[..1], qmap: &signed }, Q8Parts { state: &s, absmax: &a, qmap: &unsigned }];
+    assert!(matches!(MixedOptimizer::from_q8_parts(cfg, 1, &short), Err(Error::LengthMismatch { .. })));
+    let one = [Q8Parts { state: &s, absmax: &a, qmap: &signed }];
+    assert!(matches!(MixedOptimizer::from_q8_parts(cfg, 1, &one), Err(Error::StateCount { .. })));
+}
