@@ -1,8 +1,11 @@
 //! The checkpoint loaders on arbitrary bytes: an error or a valid optimizer
-//! (which can then step), never a panic. Dense, grouped and sparse layouts.
+//! (which can then step), never a panic. Dense, grouped, sparse and mixed
+//! (f32/bf16/8-bit state) layouts.
 #![no_main]
 
 use adaoptim::groups::GroupedOptimizer;
+use adaoptim::mixed::MixedOptimizer;
+use adaoptim::storage::{Grads, Params, bf16};
 use adaoptim::sparse::{RowWiseAdagrad, SparseAdagrad, SparseAdam};
 use adaoptim::{AdamConfig, AnyOptimizer, Error, NAdamConfig, RmsPropConfig, SgdConfig};
 use libfuzzer_sys::fuzz_target;
@@ -27,6 +30,15 @@ fuzz_target!(|bytes: &[u8]| {
     }
     if let Ok(mut g) = GroupedOptimizer::<RmsPropConfig>::from_safetensors(bytes) {
         steps(g.step());
+    }
+    if let Ok(mut opt) = MixedOptimizer::<AdamConfig>::from_safetensors(bytes) {
+        let n = opt.len();
+        if n <= 1 << 16 {
+            let mut p = vec![bf16::from_f32(0.5); n];
+            steps(opt.step(Params::Bf16(&mut p), Grads::F32(&vec![0.25f32; n]), None));
+            let again = MixedOptimizer::<AdamConfig>::from_safetensors(&opt.to_safetensors().unwrap()).unwrap();
+            assert_eq!(again.steps(), opt.steps());
+        }
     }
     let _ = SparseAdam::from_safetensors(bytes);
     let _ = SparseAdagrad::from_safetensors(bytes);
