@@ -18,6 +18,17 @@ fn golden() -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
+/// The AdamW8bit configuration of the golden trajectory.
+fn golden_adamw(tr: &Value) -> AdamWConfig {
+    AdamWConfig {
+        lr: tr["lr"].as_f64().unwrap(),
+        betas: (0.9, 0.999),
+        eps: tr["eps"].as_f64().unwrap(),
+        weight_decay: tr["weight_decay"].as_f64().unwrap(),
+        ..Default::default()
+    }
+}
+
 fn u8s(v: &Value) -> Vec<u8> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u8).collect()
 }
@@ -135,13 +146,7 @@ fn adamw_trajectory_tracks_bitsandbytes_adamw8bit() {
     let g = golden();
     let tr = &g["adamw8bit"];
     let n = tr["n"].as_u64().unwrap() as usize;
-    let cfg = AdamWConfig {
-        lr: tr["lr"].as_f64().unwrap(),
-        betas: (0.9, 0.999),
-        eps: tr["eps"].as_f64().unwrap(),
-        weight_decay: tr["weight_decay"].as_f64().unwrap(),
-        ..Default::default()
-    };
+    let cfg = golden_adamw(tr);
     let mut p = f32s(&tr["params0"]);
     let (mut c1, mut c2) = (vec![0u8; n], vec![0u8; n]);
     let blocks = n.div_ceil(Q8_BLOCK);
@@ -315,13 +320,7 @@ fn a_bitsandbytes_state_dict_loads_into_mixed_optimizer_and_goes_back_out() {
     use adaoptim::mixed::{MixedOptimizer, Q8Parts};
     let g = golden();
     let tr = &g["adamw8bit"];
-    let cfg = AdamWConfig {
-        lr: tr["lr"].as_f64().unwrap(),
-        betas: (0.9, 0.999),
-        eps: tr["eps"].as_f64().unwrap(),
-        weight_decay: tr["weight_decay"].as_f64().unwrap(),
-        ..Default::default()
-    };
+    let cfg = golden_adamw(tr);
     let (signed, unsigned) = (f32s(&g["signed_map"]), f32s(&g["unsigned_map"]));
     let steps = tr["steps"].as_array().unwrap();
     let (mut differing, mut total, mut worst_p) = (0usize, 0usize, 0f32);
