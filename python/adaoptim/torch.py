@@ -44,6 +44,8 @@ and a run resumed from a ``state_dict`` continues the same stream.
 
 import json
 import math
+import re
+from itertools import chain
 from operator import is_ as _is
 
 import torch
@@ -88,6 +90,23 @@ _STATE_BITS = 3
 _STRIDED = torch.strided
 # The state of a parameter torch keeps none for (SGD without momentum): never written.
 _NO_STATE = {}
+# The per-tensor integers of 8-bit states and the parameter copy (absmax
+# pointers, copy pointer), none in the plain step.
+_NO_LOWBIT = [0] * (_MAX_STATE + 1)
+_Q8_BITS = _core.Q8_BITS
+_UNSIGNED_BITS = _core.UNSIGNED_BITS
+_COPY_BITS = {_BF16: _core.COPY_BF16, _F16: _core.COPY_F16}
+_Q8_BLOCK = _core.Q8_BLOCK
+_U8 = torch.uint8
+# bitsandbytes' dynamic code maps, as `create_dynamic_map` builds them.
+_SIGNED_MAP = torch.tensor(_core.q8_map(True), dtype=torch.float32)
+_UNSIGNED_MAP = torch.tensor(_core.q8_map(False), dtype=torch.float32)
+# Where bitsandbytes' state_dict puts its quantization tensors (hidden from FSDP's gather).
+_BNB_WRAP = "__bnb_optimizer_quant_state__"
+# State that keeps its dtype through load_state_dict (torch casts the rest to
+# the parameter's dtype): bitsandbytes' quantization tensors, master weights.
+_RAW_KEYS = re.compile(r"(state|absmax|qmap)\d+|master_param")
+_BNB_KEYS = re.compile(r"(state|absmax|qmap)\d+")
 
 
 def set_num_threads(n):
@@ -199,12 +218,34 @@ def _check_no_overlap(params):
             raise ValueError("two parameters share memory; adaoptim writes them in parallel")
 
 
+# adaoptim's keyword-only constructor options beyond torch's.
+_OPTIONS = (
+    "grad_scale",
+    "max_grad_norm",
+    "skip_non_finite",
+    "bf16_stochastic_round",
+    "optim_bits",
+    "min_8bit_size",
+    "master_weights",
+)
+
+
 class _RustStep:
     """The ``step`` shared by every class: collect, check, call Rust once."""
 
     _adaoptim_class = None  # the torch class name the Rust core knows
 
-    def _adaoptim_setup(self, grad_scale=None, max_grad_norm=None, skip_non_finite=False, bf16_stochastic_round=False):
+    def _adaoptim_setup(
+        self,
+        *,
+        grad_scale=None,
+        max_grad_norm=None,
+        skip_non_finite=False,
+        bf16_stochastic_round=False,
+        optim_bits=32,
+        min_8bit_size=4096,
+        master_weights=False,
+    ):
         # The fused controls (keyword-only constructor options beyond torch's,
         # attributes a training loop may change between steps): divide every
         # gradient by `grad_scale`, clip by the global norm `max_grad_norm`
@@ -217,6 +258,26 @@ class _RustStep:
         self.bf16_stochastic_round = bool(bf16_stochastic_round)
         self.last_step_skipped = False
         _check_controls(self)
+        # The storage options (fixed at construction): 8-bit block-wise
+        # state in bitsandbytes' layout, and float32 master weights for
+        # half-precision parameters.
+        if optim_bits not in (8, 32) or isinstance(optim_bits, bool):
+            raise ValueError(f"Invalid optim_bits: {optim_bits} (8 or 32)")
+        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+            raise ValueError(f"Invalid min_8bit_size: {min_8bit_size} (an integer >= 0)")
+        if master_weights and self.bf16_stochastic_round:
+            raise ValueError(
+                "master_weights and bf16_stochastic_round exclude each other "
+                "(with master weights the bfloat16 parameter is a rounded copy)"
+            )
+        self.optim_bits = int(optim_bits)
+        self.min_8bit_size = min_8bit_size
+        self.master_weights = bool(master_weights)
+        self._adaoptim_lowbit = self.optim_bits == 8 or self.master_weights
+        if self._adaoptim_lowbit:
+            # torch's Adagrad creates float32 `sum` at construction; the
+            # first step creates this layout's state instead.
+            self.state.clear()
         self._adaoptim_names = set(_core.option_names(self._adaoptim_class))
         self._adaoptim_layouts = {}
         for gi, group in enumerate(self.param_groups):
@@ -243,6 +304,8 @@ class _RustStep:
 
     @torch.no_grad()
     def step(self, closure=None):
+        if self._adaoptim_lowbit:
+            return self._adaoptim_lowbit_step(closure)
         loss = _closure_loss(closure)
         cache = self.__dict__.setdefault("_adaoptim_cache", {})
         state_of = self.state.get
@@ -301,13 +364,7 @@ class _RustStep:
         sparse_work = self._adaoptim_sparse_check(sparse) if sparse else None
         if pending:
             self._adaoptim_prepare(pending, groups, cache)
-        counts = None
-        if self.bf16_stochastic_round:
-            counts = [int(group.setdefault("bf16_sr_step", 0)) for group in self.param_groups]
-        self.last_step_skipped = not _core.step(self._adaoptim_class, groups, *controls, stochastic_round=counts)
-        if counts is not None and not self.last_step_skipped:
-            for group in self.param_groups:
-                group["bf16_sr_step"] += 1
+        self._adaoptim_run(groups, controls)
         if sparse_work:
             self._adaoptim_sparse_run(sparse_work)
         return loss
@@ -361,7 +418,7 @@ class _RustStep:
             bits |= int(st[n].dtype is _BF16) << (_STATE_BITS + i)
         out = [p.numel(), bits] + [st[n].data_ptr() for n in names] + [0] * (_MAX_STATE - len(names))
         out += [st["step"].data_ptr(), 0] if self._adaoptim_has_step else [0, given]
-        return out + [st[n].data_ptr() for n in aux_names] + [0] * (_MAX_AUX - len(aux_names))
+        return out + [st[n].data_ptr() for n in aux_names] + [0] * (_MAX_AUX - len(aux_names)) + _NO_LOWBIT
 
     _adaoptim_has_step = True
 
@@ -378,6 +435,331 @@ class _RustStep:
         if self._adaoptim_has_step and ("step" not in st or not _scalar_ok(st["step"])):
             st["step"] = torch.tensor(float(_plain(st.get("step", 0.0))), dtype=torch.float32)
         return first
+
+    # ---- 8-bit states and master weights (`optim_bits=8`, `master_weights=True`) ----
+
+    def _adaoptim_keys(self, names):
+        """The state keys of the class's state buffers: bitsandbytes'
+        ``state1``, ``state2``, ... with 8-bit states, torch's names otherwise."""
+        if self.optim_bits == 8:
+            return [f"state{i + 1}" for i in range(len(names))]
+        return list(names)
+
+    def _adaoptim_map(self, t, what, where):
+        """Whether the code map `t` is bitsandbytes' unsigned dynamic map
+        (False: the signed one); anything else is refused. Remembered per
+        tensor and version, so an unchanged map is compared once."""
+        maps = self.__dict__.setdefault("_adaoptim_maps", {})
+        seen = maps.get(id(t))
+        if seen is not None and seen[0] is t and seen[1] == t._version:
+            return seen[2]
+        _check_tensor(t, what, where, None)
+        flat = t.reshape(-1)
+        if flat.numel() == 256 and torch.equal(flat, _SIGNED_MAP):
+            unsigned = False
+        elif flat.numel() == 256 and torch.equal(flat, _UNSIGNED_MAP):
+            unsigned = True
+        else:
+            raise ValueError(f"{where}: {what} is not bitsandbytes' signed or unsigned dynamic map")
+        if len(maps) > 4096:
+            maps.clear()
+        maps[id(t)] = (t, t._version, unsigned)
+        return unsigned
+
+    def _adaoptim_lowbit_check(self, p, g, where, layout):
+        """The checks of one parameter of the 8-bit/master step: its
+        tensors and whatever state it has. Returns its step count."""
+        dtypes = (_F32, _BF16, _F16) if self.master_weights else _DENSE_DTYPES
+        _check_tensor(p, "the parameter", where, None, dtypes)
+        _check_grad(p, g, where)
+        st = self.state.get(p)
+        if not st:
+            return 0
+        n = p.numel()
+        for i, key in enumerate(self._adaoptim_keys(layout[0])):
+            t = st.get(key)
+            if t is None:
+                continue
+            if torch.is_tensor(t) and t.dtype is _U8:
+                _check_tensor(t, f"state {key!r}", where, None, (_U8,))
+                if t.numel() != n:
+                    raise ValueError(f"{where}: state {key!r} has {t.numel()} codes, the parameter {n} elements")
+                a, q = st.get(f"absmax{i + 1}"), st.get(f"qmap{i + 1}")
+                if a is None or q is None:
+                    raise ValueError(f"{where}: 8-bit state {key!r} has no 'absmax{i + 1}' and 'qmap{i + 1}'")
+                _check_tensor(a, f"state 'absmax{i + 1}'", where, None)
+                if a.numel() != -(-n // _Q8_BLOCK):
+                    raise ValueError(
+                        f"{where}: state 'absmax{i + 1}' has {a.numel()} entries, "
+                        f"not one per 256 elements ({-(-n // _Q8_BLOCK)})"
+                    )
+                self._adaoptim_map(q, f"state 'qmap{i + 1}'", where)
+            else:
+                _check_tensor(t, f"state {key!r}", where, p.shape, _DENSE_DTYPES)
+        for name in layout[2]:
+            if name in st and not _scalar_ok(st[name]):
+                raise TypeError(f"{where}: state {name!r} must be a 0-d float32 CPU tensor")
+        m = st.get("master_param")
+        if self.master_weights and p.dtype is not _F32 and m is not None:
+            _check_tensor(m, "state 'master_param'", where, p.shape)
+        step = _plain(st.get("step", 0))
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or step < 0 or not float(step).is_integer():
+            raise ValueError(f"{where}: state 'step' is {step!r}, not a step count")
+        return int(step)
+
+    def _adaoptim_lowbit_state(self, st, p, layout):
+        """Creates the state a parameter lacks: each state buffer (8-bit
+        block-wise for a parameter of at least `min_8bit_size` elements with
+        `optim_bits=8`, as bitsandbytes decides, else float32), scalar state,
+        the step count, float32 master weights for a half-precision parameter."""
+        names, init, aux_names, aux_init, _ = layout
+        n = p.numel()
+        q8 = self.optim_bits == 8 and n >= self.min_8bit_size
+        for i, (name, key, v) in enumerate(zip(names, self._adaoptim_keys(names), init)):
+            if st.get(key) is not None:
+                continue
+            if not q8:
+                st[key] = torch.full(p.shape, v, dtype=_F32)
+                continue
+            codes = torch.zeros(p.shape, dtype=_U8)
+            absmax = torch.zeros(-(-n // _Q8_BLOCK), dtype=_F32)
+            signed = _core.q8_signed_for(name)
+            if v != 0.0:
+                src = torch.full((n,), v, dtype=_F32)
+                _core.q8_quantize(src.data_ptr(), n, codes.data_ptr(), absmax.data_ptr(), not signed)
+            st[key] = codes
+            st[f"absmax{i + 1}"] = absmax
+            # One map tensor per optimizer, shared by its parameters, as bitsandbytes shares them.
+            st[f"qmap{i + 1}"] = self.__dict__.setdefault(
+                "_adaoptim_qmaps", {True: _SIGNED_MAP.clone(), False: _UNSIGNED_MAP.clone()}
+            )[signed]
+        for name, v in zip(aux_names, aux_init):
+            if name not in st:
+                st[name] = torch.tensor(float(v), dtype=_F32)
+        st.setdefault("step", 0)
+        if self.master_weights and p.dtype is not _F32 and st.get("master_param") is None:
+            st["master_param"] = p.detach().to(_F32, memory_format=torch.contiguous_format)
+
+    def _adaoptim_lowbit_integers(self, p, g, st, layout, step):
+        """The per-tensor integers of the Rust call (see python/src/lib.rs)."""
+        names, _, aux_names, _, _ = layout
+        master = st.get("master_param") if self.master_weights and p.dtype is not _F32 else None
+        bits = _GRAD_BITS[g.dtype]
+        if master is None:
+            bits |= int(p.dtype is _BF16)
+        else:
+            bits |= _COPY_BITS[p.dtype]
+        ptrs, absmax = [], []
+        for i, key in enumerate(self._adaoptim_keys(names)):
+            t = st[key]
+            ptrs.append(t.data_ptr())
+            if t.dtype is _U8:
+                bits |= 1 << (_Q8_BITS + i)
+                if self._adaoptim_map(st[f"qmap{i + 1}"], f"state 'qmap{i + 1}'", "?"):
+                    bits |= 1 << (_UNSIGNED_BITS + i)
+                absmax.append(st[f"absmax{i + 1}"].data_ptr())
+            else:
+                bits |= int(t.dtype is _BF16) << (_STATE_BITS + i)
+                absmax.append(0)
+        k = len(names)
+        out = [master.data_ptr() if master is not None else p.data_ptr(), g.data_ptr(), p.numel(), bits]
+        out += ptrs + [0] * (_MAX_STATE - k) + [0, step]
+        out += [st[n].data_ptr() for n in aux_names] + [0] * (_MAX_AUX - len(aux_names))
+        out += absmax + [0] * (_MAX_STATE - k)
+        out.append(p.data_ptr() if master is not None else 0)
+        return out
+
+    def _adaoptim_lowbit_step(self, closure):
+        """The step with 8-bit states or master weights: every parameter
+        checked (its state included) before any state is created or any
+        tensor written, then one Rust call, then the step counts."""
+        loss = _closure_loss(closure)
+        controls = _check_controls(self)
+        todo = []
+        for gi, group in enumerate(self.param_groups):
+            text, layout = self._adaoptim_options(group, gi)
+            items = []
+            for i, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                where = _where(i, gi)
+                if g.layout is not _STRIDED:
+                    raise TypeError(f"{where}: sparse gradients are not stepped with optim_bits=8 or master_weights")
+                items.append((p, g, self._adaoptim_lowbit_check(p, g, where, layout)))
+            todo.append((text, layout, items))
+        _check_no_overlap(p for grp in self.param_groups for p in grp["params"])
+        groups, counted = [], []
+        for text, layout, items in todo:
+            flat = []
+            for p, g, step in items:
+                st = self.state[p]
+                self._adaoptim_lowbit_state(st, p, layout)
+                flat += self._adaoptim_lowbit_integers(p, g, st, layout, step)
+                counted.append((st, step))
+            groups.append((text, flat))
+        if self._adaoptim_run(groups, controls):
+            for st, step in counted:
+                st["step"] = step + 1
+        return loss
+
+    def _adaoptim_run(self, groups, controls):
+        """The one Rust call; counts the groups' stochastic-rounding steps.
+        Returns whether the step ran (False: skipped for a non-finite gradient)."""
+        counts = None
+        if self.bf16_stochastic_round:
+            counts = [int(group.setdefault("bf16_sr_step", 0)) for group in self.param_groups]
+        self.last_step_skipped = not _core.step(self._adaoptim_class, groups, *controls, stochastic_round=counts)
+        if counts is not None and not self.last_step_skipped:
+            for group in self.param_groups:
+                group["bf16_sr_step"] += 1
+        return not self.last_step_skipped
+
+    def state_dict(self):
+        """torch's ``state_dict``; with ``optim_bits=8`` the quantization
+        tensors of each parameter (``state1``, ``absmax1``, ``qmap1``, ...)
+        sit in a nested dict under bitsandbytes' key, as bitsandbytes'
+        ``state_dict`` puts them (so FSDP's gather skips them)."""
+        sd = super().state_dict()
+        if self.optim_bits != 8:
+            return sd
+        # bitsandbytes' step reads `betas` and `eps` from every group: its
+        # classes' values for this class's hyperparameters.
+        groups = []
+        for group in sd["param_groups"]:
+            group = dict(group)
+            for k, v in _bnb_group_keys(group).items():
+                group.setdefault(k, v)
+            groups.append(group)
+        sd["param_groups"] = groups
+        state = {}
+        for k, v in sd["state"].items():
+            v = dict(v)
+            raw = {kk: v.pop(kk) for kk in list(v) if _BNB_KEYS.fullmatch(kk)}
+            if raw:
+                v[_BNB_WRAP] = raw
+            state[k] = v
+        sd["state"] = state
+        return sd
+
+    def load_state_dict(self, state_dict):
+        """torch's ``load_state_dict``, which also takes bitsandbytes' 8-bit
+        layout: its quantization tensors and float32 master weights keep
+        their dtypes (torch would cast them to the parameter's). State in
+        the other layout is converted: torch's named buffers are quantized
+        into an ``optim_bits=8`` optimizer (``min_8bit_size`` decides, as at
+        creation), bitsandbytes' states dequantized into a 32-bit one. On an
+        error nothing changes."""
+        sd = dict(state_dict)
+        # A saved group missing one of this class's hyperparameters (one
+        # saved by bitsandbytes has no `momentum`, say) keeps this
+        # optimizer's value rather than falling back to a default.
+        if len(sd["param_groups"]) == len(self.param_groups):
+            sd["param_groups"] = [
+                {**{k: v for k, v in ours.items() if k != "params"}, **saved}
+                for ours, saved in zip(self.param_groups, sd["param_groups"])
+            ]
+        held = {}
+        states = {}
+        for k, v in state_dict["state"].items():
+            if isinstance(v, dict):
+                v = dict(v)
+                if isinstance(v.get(_BNB_WRAP), dict):
+                    v.update(v.pop(_BNB_WRAP))
+                raw = {kk: v.pop(kk) for kk in list(v) if _RAW_KEYS.fullmatch(kk)}
+                if raw:
+                    held[k] = raw
+            states[k] = v
+        sd["state"] = states
+        old = (self.state, self.param_groups)
+        super().load_state_dict(sd)
+        try:
+            saved = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+            ours = chain.from_iterable(g["params"] for g in self.param_groups)
+            id_map = dict(zip(saved, ours))
+            for k, raw in held.items():
+                if k in id_map:
+                    st = self.state[id_map[k]]
+                    for kk, t in raw.items():
+                        st[kk] = t.detach().clone() if torch.is_tensor(t) else t
+            self._adaoptim_convert()
+        except Exception:
+            self.__setstate__({"state": old[0], "param_groups": old[1]})
+            raise
+
+    def _adaoptim_convert(self):
+        """Brings every parameter's state to this optimizer's layout (see
+        ``load_state_dict``); checks everything before converting anything."""
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            _, layout = self._adaoptim_options(group, gi)
+            names = layout[0]
+            for i, p in enumerate(group["params"]):
+                st = self.state.get(p)
+                if not st:
+                    continue
+                where = _where(i, gi)
+                bnb = [f"state{j + 1}" for j in range(len(names))]
+                if self.optim_bits == 8 and all(st.get(n) is not None for n in names):
+                    for n in names:
+                        _check_tensor(st[n], f"state {n!r}", where, p.shape, _DENSE_DTYPES)
+                    work.append(("quantize", p, st, layout))
+                elif self.optim_bits != 8 and all(st.get(n) is not None for n in bnb):
+                    for j, n in enumerate(bnb):
+                        t = st[n]
+                        if torch.is_tensor(t) and t.dtype is _U8:
+                            _check_tensor(t, f"state {n!r}", where, None, (_U8,))
+                            a = st.get(f"absmax{j + 1}")
+                            if t.numel() != p.numel() or a is None or a.numel() != -(-p.numel() // _Q8_BLOCK):
+                                raise ValueError(f"{where}: 8-bit state {n!r} does not fit the parameter")
+                            _check_tensor(a, f"state 'absmax{j + 1}'", where, None)
+                            self._adaoptim_map(st.get(f"qmap{j + 1}"), f"state 'qmap{j + 1}'", where)
+                        else:
+                            _check_tensor(t, f"state {n!r}", where, p.shape, _DENSE_DTYPES)
+                    work.append(("dequantize", p, st, layout))
+        for what, p, st, layout in work:
+            names = layout[0]
+            if what == "quantize":
+                src = {n: st.pop(n) for n in names}
+                self._adaoptim_lowbit_state(st, p, layout)
+                for i, n in enumerate(names):
+                    t = st[f"state{i + 1}"]
+                    v = src[n].to(_F32).contiguous()
+                    if t.dtype is _U8:
+                        unsigned = self._adaoptim_map(st[f"qmap{i + 1}"], "qmap", "?")
+                        _core.q8_quantize(
+                            v.data_ptr(), p.numel(), t.data_ptr(), st[f"absmax{i + 1}"].data_ptr(), unsigned
+                        )
+                    else:
+                        t.copy_(v.reshape(t.shape))
+            else:
+                for i, n in enumerate(names):
+                    t = st.pop(f"state{i + 1}")
+                    a, q = st.pop(f"absmax{i + 1}", None), st.pop(f"qmap{i + 1}", None)
+                    if t.dtype is _U8:
+                        out = torch.empty(p.shape, dtype=_F32)
+                        _core.q8_dequantize(
+                            t.data_ptr(), a.data_ptr(), p.numel(), out.data_ptr(), self._adaoptim_map(q, "qmap", "?")
+                        )
+                        t = out
+                    st[n] = t.to(_F32 if self.master_weights or p.dtype not in _DENSE_DTYPES else p.dtype)
+        if self._adaoptim_lowbit:
+            for st in self.state.values():
+                if "step" in st and torch.is_tensor(st["step"]):
+                    st["step"] = int(_plain(st["step"]))
+
+
+def _bnb_group_keys(group):
+    """The `betas` and `eps` bitsandbytes' 8-bit classes keep in a group,
+    from torch's hyperparameters (SGD8bit: (momentum, dampening); RMSprop8bit:
+    (alpha, momentum); Adagrad8bit: (0, 0); Lion8bit: eps 0)."""
+    if "momentum" in group and "alpha" in group:
+        return {"betas": (group["alpha"], group["momentum"])}
+    if "momentum" in group:
+        return {"betas": (group["momentum"], group.get("dampening", 0.0)), "eps": 0.0}
+    if "lr_decay" in group:
+        return {"betas": (0.0, 0.0)}
+    return {"eps": 0.0}
 
 
 def _check_controls(opt):
@@ -411,18 +793,11 @@ def _make(base, class_name, doc_extra=""):
         },
     )
 
-    def __init__(
-        self,
-        params,
-        *args,
-        grad_scale=None,
-        max_grad_norm=None,
-        skip_non_finite=False,
-        bf16_stochastic_round=False,
-        **kwargs,
-    ):
+    def __init__(self, params, *args, **kwargs):
+        # adaoptim's keyword-only options (see `_RustStep._adaoptim_setup`), the rest torch's.
+        ours = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
         base.__init__(self, params, *args, **kwargs)
-        self._adaoptim_setup(grad_scale, max_grad_norm, skip_non_finite, bf16_stochastic_round)
+        self._adaoptim_setup(**ours)
 
     __init__.__doc__ = base.__init__.__doc__
     cls.__init__ = __init__
@@ -503,18 +878,14 @@ class Lion(_RustStep, torch.optim.Optimizer):
         lr=1e-4,
         betas=(0.9, 0.99),
         weight_decay=0.0,
-        *,
-        grad_scale=None,
-        max_grad_norm=None,
-        skip_non_finite=False,
-        bf16_stochastic_round=False,
+        **options,
     ):
         if not lr > 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not all(0.0 <= b <= 1.0 for b in betas):
             raise ValueError(f"Invalid beta parameters: {betas}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
-        self._adaoptim_setup(grad_scale, max_grad_norm, skip_non_finite, bf16_stochastic_round)
+        self._adaoptim_setup(**options)
 
 
 class Adafactor(_OwnGroups, torch.optim.Adafactor):

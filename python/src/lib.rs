@@ -13,7 +13,7 @@ use std::sync::{Arc, RwLock};
 
 use adaoptim::adafactor::{self, AdafactorConfig, AdafactorState};
 use adaoptim::sparse::{self, SparseAdamConfig};
-use adaoptim::storage::{Grads, ParamRounding, Params, StateBuf};
+use adaoptim::storage::{Grads, ParamCopy, ParamRounding, Params, Q8_BLOCK, Q8State, QMap, StateBuf};
 use adaoptim::{AnyConfig, AuxState, Backend, Exec, MAX_AUX, MAX_STATE, MAX_STEP, StepOptions, clip};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -22,22 +22,36 @@ use rayon::prelude::*;
 /// Integers per tensor in [`step`]'s flat list: parameter, gradient, element
 /// count, storage bits (see [`PARAM_BF16`]), `MAX_STATE` state pointers, the
 /// step tensor (or 0), the step to use when there is no step tensor,
-/// `MAX_AUX` scalar-state pointers.
-const STRIDE: usize = 4 + MAX_STATE + 2 + MAX_AUX;
+/// `MAX_AUX` scalar-state pointers, `MAX_STATE` absmax pointers (the 8-bit
+/// states' per-block scales, else 0), the parameter copy (or 0).
+const STRIDE: usize = 4 + MAX_STATE + 2 + MAX_AUX + MAX_STATE + 1;
 
 /// The storage bits of a tensor in [`step`]'s list (a clear bit is float32):
 /// bit 0 a bfloat16 parameter; bit 1 a bfloat16 gradient, bit 2 a float16
 /// one (torch's `grad_dtype` lets a gradient differ from its parameter);
-/// bit `STATE_BITS + i` a bfloat16 state buffer `i`.
+/// bit `STATE_BITS + i` a bfloat16 state buffer `i`; bit `Q8_BITS + i` an
+/// 8-bit block-wise state buffer `i` (uint8 codes, float32 absmax per block
+/// of 256) with bitsandbytes' signed dynamic map, or its unsigned one when
+/// bit `UNSIGNED_BITS + i` is set too; `COPY_BF16`/`COPY_F16` a bfloat16 or
+/// float16 copy of the float32 parameter (its master weights) written in the
+/// same pass.
 const PARAM_BF16: usize = 1;
 const GRAD_BF16: usize = 1 << 1;
 const GRAD_F16: usize = 1 << 2;
 const STATE_BITS: usize = 3;
+const Q8_BITS: usize = STATE_BITS + MAX_STATE;
+const UNSIGNED_BITS: usize = Q8_BITS + MAX_STATE;
+const COPY_BF16: usize = 1 << (UNSIGNED_BITS + MAX_STATE);
+const COPY_F16: usize = COPY_BF16 << 1;
+/// Every storage bit a tensor may carry.
+const ALL_BITS: usize = (COPY_F16 << 1) - 1;
 
 /// Elements per piece of work: mid-sized tensors are cut so that every
 /// thread gets a share, small ones go whole. Element-wise kernels give the
 /// same bits for any cut.
 const PIECE: usize = 1 << 16;
+// An 8-bit state's blocks must not straddle two pieces.
+const _: () = assert!(PIECE.is_multiple_of(Q8_BLOCK));
 
 /// A tensor this large is stepped on its own by the crate's parallel driver
 /// (which splits it by thread), before the pieces of the others.
@@ -112,6 +126,8 @@ struct Piece {
     p: Params<'static>,
     g: Grads<'static>,
     s: Vec<StateBuf<'static>>,
+    /// The half-precision copy of float32 master parameters, if any.
+    copy: Option<ParamCopy<'static>>,
     /// How bf16 parameters round (stochastic rounding: seed = the tensor's
     /// index, offset = the piece's start).
     rounding: ParamRounding,
@@ -135,7 +151,8 @@ struct Piece {
 /// # Safety contract (Python side)
 /// Every pointer is the data pointer of a live, contiguous CPU tensor of the
 /// stated length, of the dtype its storage bits say (0-d float32
-/// for the step and scalar states), no two
+/// for the step and scalar states; uint8 codes and `n.div_ceil(256)` float32
+/// absmax for an 8-bit state; the copy bfloat16 or float16), no two
 /// tensors overlap, and none is touched by another thread during the call.
 /// `adaoptim.torch` checks all of this before calling; this module is
 /// private (`_core`).
@@ -189,23 +206,55 @@ fn step(
             let state_ptrs = &e[4..4 + MAX_STATE];
             let (step_ptr, step_given) = (e[4 + MAX_STATE], e[5 + MAX_STATE]);
             let aux_ptrs: [usize; MAX_AUX] = std::array::from_fn(|i| e[6 + MAX_STATE + i]);
-            if aux_ptrs[..n_aux].contains(&0) || (n > 0 && (p_ptr == 0 || g_ptr == 0 || state_ptrs[..k].contains(&0))) {
+            let absmax_ptrs = &e[6 + MAX_STATE + MAX_AUX..6 + 2 * MAX_STATE + MAX_AUX];
+            let copy_ptr = e[6 + 2 * MAX_STATE + MAX_AUX];
+            let q8 = |i: usize| dtypes & (1 << (Q8_BITS + i)) != 0;
+            let copy = dtypes & (COPY_BF16 | COPY_F16) != 0;
+            if aux_ptrs[..n_aux].contains(&0)
+                || (n > 0
+                    && (p_ptr == 0
+                        || g_ptr == 0
+                        || state_ptrs[..k].contains(&0)
+                        || (0..k).any(|i| q8(i) && absmax_ptrs[i] == 0)
+                        || (copy && copy_ptr == 0)))
+            {
                 return Err(PyValueError::new_err("internal: null tensor pointer"));
             }
-            if dtypes >> (STATE_BITS + k) != 0 || dtypes & (GRAD_BF16 | GRAD_F16) == GRAD_BF16 | GRAD_F16 {
+            // Per state: at most one of bf16 and 8-bit, the map bit only on
+            // an 8-bit one, nothing past the class's state count; one copy
+            // at most, beside float32 parameters.
+            let per_state = |base: usize| (dtypes >> base) & ((1 << MAX_STATE) - 1);
+            let (bf16s, q8s, unsigned) = (per_state(STATE_BITS), per_state(Q8_BITS), per_state(UNSIGNED_BITS));
+            if dtypes & !ALL_BITS != 0
+                || (bf16s | q8s) >> k != 0
+                || bf16s & q8s != 0
+                || unsigned & !q8s != 0
+                || dtypes & (GRAD_BF16 | GRAD_F16) == GRAD_BF16 | GRAD_F16
+                || dtypes & (COPY_BF16 | COPY_F16) == COPY_BF16 | COPY_F16
+                || (copy && dtypes & PARAM_BF16 != 0)
+            {
                 return Err(PyValueError::new_err("internal: bad storage bits"));
             }
             // An empty tensor's data pointer may be null; its slices are empty.
             // (A dangling pointer aligned for f32 is aligned for bf16 too.)
             let dangling = std::ptr::NonNull::<f32>::dangling().as_ptr() as usize;
             let fix = |ptr: usize| if n == 0 { dangling } else { ptr };
-            let (p_ptr, g_ptr) = (fix(p_ptr), fix(g_ptr));
+            let (p_ptr, g_ptr, copy_ptr) = (fix(p_ptr), fix(g_ptr), fix(copy_ptr));
             let state_ptrs: [usize; MAX_STATE] = std::array::from_fn(|i| fix(state_ptrs[i]));
+            let absmax_ptrs: [usize; MAX_STATE] = std::array::from_fn(|i| fix(absmax_ptrs[i]));
             // SAFETY: the step tensor is a live 0-d float32 tensor (contract above).
             let t_old = if step_ptr != 0 { f64::from(unsafe { *(step_ptr as *const f32) }) } else { step_given as f64 };
-            // torch keeps the step in float32; past 2^24 its count stops moving.
-            if !(t_old >= 0.0 && t_old < (1u64 << 24) as f64 && t_old.fract() == 0.0) || t_old as u64 >= MAX_STEP {
-                return Err(PyValueError::new_err(format!("step count {t_old} is not a float32 integer in [0, 2^24)")));
+            // torch keeps the step in float32; past 2^24 its count stops
+            // moving. A given count (bitsandbytes keeps a Python int) has
+            // the crate's limit only.
+            let limit = if step_ptr != 0 { (1u64 << 24) as f64 } else { MAX_STEP as f64 };
+            if !(t_old >= 0.0 && t_old < limit && t_old.fract() == 0.0) || t_old as u64 >= MAX_STEP {
+                let range = if step_ptr != 0 {
+                    "a float32 integer in [0, 2^24)".to_string()
+                } else {
+                    format!("below {MAX_STEP}")
+                };
+                return Err(PyValueError::new_err(format!("step count {t_old} is not {range}")));
             }
             let mut aux: AuxState = [0.0; MAX_AUX];
             for i in 0..n_aux {
@@ -226,6 +275,9 @@ fn step(
                 // dropped before it returns, while Python keeps the tensors alive.
                 // Each pointer's element type is the one its storage bit
                 // names (checked by the Python side against the tensor's dtype).
+                // An 8-bit state's absmax holds `n.div_ceil(256)` float32;
+                // `off` is a multiple of 256 (`PIECE` is), so a piece's
+                // blocks are its own.
                 let piece = unsafe {
                     Piece {
                         group: gi,
@@ -250,11 +302,24 @@ fn step(
                             .map(|(i, &s)| {
                                 if dtypes & (1 << (STATE_BITS + i)) != 0 {
                                     StateBuf::Bf16(part_mut(s, off, len))
+                                } else if q8(i) {
+                                    StateBuf::Q8(Q8State {
+                                        codes: part_mut(s, off, len),
+                                        absmax: part_mut(absmax_ptrs[i], off / Q8_BLOCK, len.div_ceil(Q8_BLOCK)),
+                                        map: if unsigned & (1 << i) != 0 { QMap::unsigned() } else { QMap::signed() },
+                                    })
                                 } else {
                                     StateBuf::F32(part_mut(s, off, len))
                                 }
                             })
                             .collect(),
+                        copy: if dtypes & COPY_BF16 != 0 {
+                            Some(ParamCopy::Bf16(part_mut(copy_ptr, off, len)))
+                        } else if dtypes & COPY_F16 != 0 {
+                            Some(ParamCopy::F16(part_mut(copy_ptr, off, len)))
+                        } else {
+                            None
+                        },
                         rounding: match &stochastic_round {
                             Some(counts) if dtypes & PARAM_BF16 != 0 => ParamRounding::Stochastic {
                                 seed: counts[gi] << 32 | (tensor as u64 & 0xffff_ffff),
@@ -310,7 +375,15 @@ fn step(
         let mut state: Vec<StateBuf<'_>> = pc.s.iter_mut().map(StateBuf::reborrow).collect();
         let options = StepOptions { param_rounding: pc.rounding, ..*options };
         configs[pc.group]
-            .step_mixed(pc.t, &mut pc.aux, pc.p.reborrow(), pc.g, &mut state, None, &options)
+            .step_mixed(
+                pc.t,
+                &mut pc.aux,
+                pc.p.reborrow(),
+                pc.g,
+                &mut state,
+                pc.copy.as_mut().map(ParamCopy::reborrow),
+                &options,
+            )
             .map(|_| ())
             .map_err(|e| e.to_string())
     };
@@ -347,6 +420,66 @@ fn step(
         }
     }
     Ok(true)
+}
+
+/// Quantizes `n` float32 values at `src` into an 8-bit block-wise state:
+/// `n` uint8 codes at `codes` and `n.div_ceil(256)` float32 absmax at
+/// `absmax`, with bitsandbytes' signed dynamic map, or its unsigned one
+/// (`unsigned`), rounding as a step does. How the package creates an 8-bit
+/// state with a nonzero initial value and converts a float32 one.
+///
+/// # Safety contract (Python side)
+/// Live contiguous CPU tensors of those dtypes and lengths, `src` not
+/// overlapping the others, none touched by another thread during the call.
+#[pyfunction]
+fn q8_quantize(src: usize, n: usize, codes: usize, absmax: usize, unsigned: bool) -> PyResult<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    if src == 0 || codes == 0 || absmax == 0 {
+        return Err(PyValueError::new_err("internal: null tensor pointer"));
+    }
+    let map = if unsigned { QMap::unsigned() } else { QMap::signed() };
+    // SAFETY: the contract above: three live, disjoint tensors of these lengths.
+    let (src, codes, absmax) = unsafe {
+        (part::<f32>(src, 0, n), part_mut::<u8>(codes, 0, n), part_mut::<f32>(absmax, 0, n.div_ceil(Q8_BLOCK)))
+    };
+    adaoptim::storage::quantize_blockwise(src, map, codes, absmax).map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+/// The float32 values of an 8-bit block-wise state (`q8_quantize`'s
+/// layout) written to `n` float32 at `dst`.
+///
+/// # Safety contract (Python side)
+/// As [`q8_quantize`]'s, with `dst` the tensor written.
+#[pyfunction]
+fn q8_dequantize(codes: usize, absmax: usize, n: usize, dst: usize, unsigned: bool) -> PyResult<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    if dst == 0 || codes == 0 || absmax == 0 {
+        return Err(PyValueError::new_err("internal: null tensor pointer"));
+    }
+    let map = if unsigned { QMap::unsigned() } else { QMap::signed() };
+    // SAFETY: the contract above: three live, disjoint tensors of these lengths.
+    let (codes, absmax, dst) =
+        unsafe { (part::<u8>(codes, 0, n), part::<f32>(absmax, 0, n.div_ceil(Q8_BLOCK)), part_mut::<f32>(dst, 0, n)) };
+    adaoptim::storage::dequantize_blockwise(codes, absmax, map, dst).map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+/// bitsandbytes' dynamic code map (`create_dynamic_map(signed)`), the 256
+/// values an 8-bit state's codes stand for.
+#[pyfunction]
+fn q8_map(signed: bool) -> Vec<f32> {
+    let map = if signed { QMap::signed() } else { QMap::unsigned() };
+    map.code().to_vec()
+}
+
+/// The code map adaoptim gives a state of this torch name (`True`: the
+/// signed map; `False`: the unsigned one, for states never negative).
+#[pyfunction]
+fn q8_signed_for(name: &str) -> bool {
+    std::ptr::eq(QMap::for_state(name), QMap::signed())
 }
 
 /// `len` elements of type `T` at element `off` of the tensor at `ptr`.
@@ -654,8 +787,17 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sparse_adam_step, m)?)?;
     m.add_function(wrap_pyfunction!(sparse_adagrad_check, m)?)?;
     m.add_function(wrap_pyfunction!(sparse_adagrad_step, m)?)?;
+    m.add_function(wrap_pyfunction!(q8_quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(q8_dequantize, m)?)?;
+    m.add_function(wrap_pyfunction!(q8_map, m)?)?;
+    m.add_function(wrap_pyfunction!(q8_signed_for, m)?)?;
     m.add("STRIDE", STRIDE)?;
     m.add("MAX_STATE", MAX_STATE)?;
     m.add("MAX_AUX", MAX_AUX)?;
+    m.add("Q8_BITS", Q8_BITS)?;
+    m.add("UNSIGNED_BITS", UNSIGNED_BITS)?;
+    m.add("COPY_BF16", COPY_BF16)?;
+    m.add("COPY_F16", COPY_F16)?;
+    m.add("Q8_BLOCK", Q8_BLOCK)?;
     Ok(())
 }
