@@ -40,6 +40,33 @@ per-group count of such steps, kept in the group as ``bf16_sr_step`` so a
 ``state_dict`` carries it; the parameter's index among those stepped in the
 call; the step; the element), so the result is the same for any thread count
 and a run resumed from a ``state_dict`` continues the same stream.
+
+Two storage options, fixed at construction, take fewer bytes per parameter:
+
+- ``optim_bits=8`` (bitsandbytes' name; ``min_8bit_size=4096`` as its):
+  each state buffer of a parameter of at least ``min_8bit_size`` elements is
+  8-bit block-wise (uint8 codes, a float32 absmax per block of 256,
+  bitsandbytes' dynamic code map), smaller ones float32, in bitsandbytes'
+  layout: ``state1``, ``state2``, ``absmax1``, ``absmax2``, ``qmap1``,
+  ``qmap2`` and an integer ``step``, nested in ``state_dict`` under its key,
+  so a state_dict moves between these classes and ``bitsandbytes.optim``'s
+  8-bit ones both ways. A never-negative state of a one-state optimizer
+  (RMSprop's ``square_avg``, Adagrad's ``sum``) gets the unsigned map,
+  twice the resolution of the signed one bitsandbytes gives it; a loaded
+  state keeps its own map (the two dynamic maps are taken).
+- ``master_weights=True``: a ``bfloat16`` or ``float16`` parameter gets a
+  float32 copy in its state (``master_param``), which the step updates;
+  the parameter is written as the master rounded to nearest-even in the
+  same pass. A parameter written in place since the last step (torch's
+  version counter moved: ``model.load_state_dict``, ``p.copy_(...)``) or
+  given new memory (``p.data = ...``) reseeds its master from its new
+  value; a state_dict loaded into the optimizer brings its masters, which
+  win. (``p.data.copy_(...)`` bypasses the version counter and goes unseen.)
+
+``load_state_dict`` keeps these tensors' dtypes (torch casts state to the
+parameter's) and converts between layouts: torch's named state loads into
+an 8-bit optimizer (quantized), bitsandbytes' into a 32-bit one
+(dequantized into torch's names).
 """
 
 import json
@@ -590,16 +617,27 @@ class _RustStep:
             todo.append((text, layout, items))
         _check_no_overlap(p for grp in self.param_groups for p in grp["params"])
         groups, counted = [], []
+        # Half-precision parameters as the last step left them (object,
+        # version counter, data pointer): one written since (an in-place
+        # copy such as `model.load_state_dict`, or `p.data = ...`) reseeds
+        # its master from the new value.
+        written = self.__dict__.setdefault("_adaoptim_written", {})
         for text, layout, items in todo:
             flat = []
             for p, g, step in items:
                 st = self.state[p]
                 self._adaoptim_lowbit_state(st, p, layout)
+                seen = written.get(id(p))
+                if seen is not None and seen[0] is p and (seen[1] != p._version or seen[2] != p.data_ptr()):
+                    st["master_param"].copy_(p.detach().reshape(st["master_param"].shape))
                 flat += self._adaoptim_lowbit_integers(p, g, st, layout, step)
-                counted.append((st, step))
+                counted.append((p, st, step))
             groups.append((text, flat))
-        if self._adaoptim_run(groups, controls):
-            for st, step in counted:
+        ran = self._adaoptim_run(groups, controls)
+        for p, st, step in counted:
+            if "master_param" in st and p.dtype is not _F32:
+                written[id(p)] = (p, p._version, p.data_ptr())
+            if ran:
                 st["step"] = step + 1
         return loss
 
@@ -673,6 +711,8 @@ class _RustStep:
         sd["state"] = states
         old = (self.state, self.param_groups)
         super().load_state_dict(sd)
+        # A loaded master is the truth, whatever the parameters hold.
+        self.__dict__.pop("_adaoptim_written", None)
         try:
             saved = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
             ours = chain.from_iterable(g["params"] for g in self.param_groups)

@@ -434,3 +434,26 @@ def test_bitsandbytes_group_without_momentum_keeps_ours():
     del sd["param_groups"][0]["momentum"]
     opt.load_state_dict(sd)
     assert opt.param_groups[0]["momentum"] == 0.9
+
+
+def test_master_reseeded_when_the_parameter_is_written():
+    """A bfloat16 parameter written in place between steps (as
+    ``model.load_state_dict`` writes it) reseeds its master from the new
+    value: the same bits as a float32 run whose parameter was set to the
+    widened new value at that point. Without a write the master is kept."""
+    gen = torch.Generator().manual_seed(5)
+    h = torch.nn.Parameter(torch.randn(N, generator=gen).bfloat16())
+    f = torch.nn.Parameter(h.detach().float())
+    oh = ada.AdamW([h], lr=1e-2, master_weights=True)
+    of = ada.AdamW([f], lr=1e-2)
+    new = torch.randn(N, generator=gen).bfloat16()
+    for t in range(5):
+        if t == 3:
+            with torch.no_grad():
+                h.copy_(new)
+                f.copy_(new.float())
+        g = torch.randn(N, generator=gen).bfloat16()
+        h.grad, f.grad = g, g.float()
+        oh.step()
+        of.step()
+        assert torch.equal(oh.state[h]["master_param"], f.detach()), t
