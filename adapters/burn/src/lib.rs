@@ -3,7 +3,10 @@
 //! for every adaoptim configuration `C`, so it drives a whole module through
 //! burn's own [`ModuleOptimizer`](burn::optim::ModuleOptimizer): parameter
 //! groups (`with_group`), learning-rate schedules, per-parameter gradient
-//! clipping, and records (`to_record`/`save`/`load`).
+//! clipping, and records (`to_record`/`save`/`load`). Clipping by the
+//! global norm over every parameter (torch's `clip_grad_norm_`), which
+//! burn's per-parameter trait cannot do, is [`clip_grad_norm`], called on
+//! the gradients before the step.
 //!
 //! ```
 //! use adaoptim_burn::{AdamW, AdamWConfig};
@@ -38,8 +41,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use adaoptim::{Algorithm, Exec};
-use burn::optim::{LearningRate, RecordState, StateSink, StateSource};
+use adaoptim::{Algorithm, Error, Exec, clip};
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::{GradientsParams, LearningRate, RecordState, StateSink, StateSource};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
 pub use adaoptim;
@@ -206,4 +210,92 @@ impl<C: Algorithm> burn::optim::Optimizer for Optim<C> {
         // The state is host memory, used on the CPU wherever the tensors are.
         state
     }
+}
+
+/// Clips the gradients of `module`'s parameters held in `grads` to a global
+/// L2 norm of `max_norm`, as `torch.nn.utils.clip_grad_norm_` does over
+/// all parameters: each gradient is multiplied by torch's factor
+/// `min(1, max_norm / (norm + 1e-6))` (in `f32`, as torch computes it;
+/// [`adaoptim::clip::clip_coef`]) when it is below 1, and left as it is
+/// otherwise. Returns the total norm before clipping, NaN or infinite if a
+/// gradient is (the factor is then NaN or 0, as torch's; skip such a step
+/// yourself). The sum of squares is adaoptim's (f64, a fixed tree per
+/// tensor, the tensors in module order), so the result does not depend on
+/// the thread count. Gradients of parameters not in `module` are left
+/// alone.
+///
+/// ```ignore
+/// let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+/// let norm = adaoptim_burn::clip_grad_norm(&model, &mut grads, 1.0)?;
+/// model = optim.step(lr, model, grads);
+/// ```
+///
+/// Cost: each gradient is read out of burn once for the norm and, when
+/// clipped, once more to scale it ([`Tensor::into_data`], a copy on burn's
+/// ndarray backend where the data is shared) and put back.
+///
+/// # Errors
+/// [`Error::InvalidHyperparameter`] unless `max_norm` is finite and `> 0`;
+/// [`Error::InvalidOption`] for a gradient that is not `f32`. No gradient
+/// is changed when an error is returned.
+pub fn clip_grad_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_norm: f64) -> Result<f64, Error> {
+    if !(max_norm.is_finite() && max_norm > 0.0) {
+        return Err(Error::InvalidHyperparameter { name: "max_norm", value: max_norm, requirement: "finite and > 0" });
+    }
+    struct Norm<'a> {
+        grads: &'a GradientsParams,
+        exec: Exec,
+        sum: f64,
+        error: Option<Error>,
+    }
+    impl ModuleVisitor for Norm<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if self.error.is_some() {
+                return;
+            }
+            let Some(g) = self.grads.get::<D>(param.id) else { return };
+            let data = g.into_data();
+            match data.as_slice::<f32>() {
+                Ok(s) => match clip::sum_of_squares(s, &self.exec) {
+                    Ok(x) => self.sum += x,
+                    Err(e) => self.error = Some(e),
+                },
+                Err(_) => {
+                    self.error = Some(Error::InvalidOption {
+                        name: "grads".into(),
+                        reason: "clip_grad_norm takes f32 gradients only",
+                    })
+                }
+            }
+        }
+    }
+    let mut norm = Norm { grads, exec: Exec::auto(), sum: 0.0, error: None };
+    module.visit(&mut norm);
+    if let Some(e) = norm.error {
+        return Err(e);
+    }
+    let total = norm.sum.sqrt();
+    let coef = clip::clip_coef(total, max_norm);
+    if coef != 1.0 {
+        struct Scale<'a> {
+            grads: &'a mut GradientsParams,
+            coef: f32,
+        }
+        impl ModuleVisitor for Scale<'_> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                let Some(g) = self.grads.remove::<D>(param.id) else { return };
+                let device = g.device();
+                let mut data = g.into_data();
+                // Every gradient was read as f32 above.
+                if let Ok(s) = data.as_mut_slice::<f32>() {
+                    for x in s {
+                        *x *= self.coef;
+                    }
+                }
+                self.grads.register::<D>(param.id, Tensor::from_data(data, &device));
+            }
+        }
+        module.visit(&mut Scale { grads, coef });
+    }
+    Ok(total)
 }

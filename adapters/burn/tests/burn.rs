@@ -332,3 +332,74 @@ fn adaoptim_is_nearer_the_f64_formula_than_burns_adamw() {
     assert!(ours_mean < 10.0, "adaoptim {ours_mean:.1} ulps");
     assert!(burn_mean > 2.0 * ours_mean, "burn {burn_mean:.1} vs adaoptim {ours_mean:.1} ulps");
 }
+
+/// torch's `clip_grad_norm_` over every parameter, written out here: the
+/// norm in f64, torch's f32 factor `min(1, max / (norm + 1e-6))` evaluated
+/// as `reciprocal * max`, each gradient multiplied in f32.
+fn torch_clip(grads: &[Vec<f32>], max_norm: f64) -> (f64, Vec<Vec<f32>>) {
+    let total = grads.iter().flatten().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
+    let coef = ((1.0 / (total as f32 + 1e-6_f32)) * max_norm as f32).min(1.0);
+    let clipped = grads.iter().map(|g| g.iter().map(|&x| if coef < 1.0 { x * coef } else { x }).collect()).collect();
+    (total, clipped)
+}
+
+#[test]
+fn clip_grad_norm_is_torchs_over_all_parameters() {
+    let (x, y) = data();
+    let m = mlp(7);
+    let grads = GradientsParams::from_grads(m.loss(&x, &y).backward(), &m);
+    let before = m.grads(&grads);
+    let (norm, _) = torch_clip(&before, 1.0);
+    // Clipping: to a tenth of the norm, so every gradient is scaled.
+    for max_norm in [norm / 10.0, norm * 10.0] {
+        let mut g = GradientsParams::from_grads(m.loss(&x, &y).backward(), &m);
+        let got = adaoptim_burn::clip_grad_norm(&m, &mut g, max_norm).unwrap();
+        let (want_norm, want) = torch_clip(&before, max_norm);
+        assert!((got - want_norm).abs() <= 1e-12 * want_norm, "{got} vs {want_norm}");
+        for (a, b) in m.grads(&g).iter().zip(&want) {
+            assert_eq!(bits(a), bits(b), "max_norm {max_norm}");
+        }
+        // The unused layer has no gradient and gets none.
+        assert!(g.get::<2>(m.unused.weight.id).is_none());
+    }
+    // A bad max_norm changes nothing.
+    let mut g = GradientsParams::from_grads(m.loss(&x, &y).backward(), &m);
+    for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        assert!(matches!(
+            adaoptim_burn::clip_grad_norm(&m, &mut g, bad),
+            Err(adaoptim::Error::InvalidHyperparameter { name: "max_norm", .. })
+        ));
+        for (a, b) in m.grads(&g).iter().zip(&before) {
+            assert_eq!(bits(a), bits(b));
+        }
+    }
+}
+
+#[test]
+fn clipped_training_is_adaoptims_fused_clipping_on_raw_slices() {
+    // The clipped module step against adaoptim's own global-norm clipping
+    // (a MultiOptimizer with max_grad_norm over the four raw slices).
+    let (x, y) = data();
+    let mut m = mlp(8);
+    let config = AdamWConfig { weight_decay: 0.1, ..Default::default() };
+    let mut optim: ModuleOptimizer = AdamW::new(config).into();
+    let mut params = m.params();
+    let sizes: Vec<usize> = params.iter().map(Vec::len).collect();
+    let mut raw = adaoptim::multi::MultiOptimizer::new();
+    raw.add_group(config, &sizes).unwrap();
+    let lr = 1e-2;
+    raw.set_lr(lr).unwrap();
+    raw.set_max_grad_norm(Some(0.05)).unwrap();
+    for _ in 0..5 {
+        let mut grads = GradientsParams::from_grads(m.loss(&x, &y).backward(), &m);
+        let g = m.grads(&grads);
+        let mut tensors: Vec<adaoptim::multi::TensorStep<'_>> =
+            params.iter_mut().zip(&g).map(|(p, g)| adaoptim::multi::TensorStep::new(p, Some(g))).collect();
+        raw.step(&mut tensors).unwrap();
+        adaoptim_burn::clip_grad_norm(&m, &mut grads, 0.05).unwrap();
+        m = optim.step(lr, m, grads);
+        for (p, q) in params.iter().zip(m.params()) {
+            assert_eq!(bits(p), bits(&q));
+        }
+    }
+}
