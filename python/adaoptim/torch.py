@@ -120,6 +120,8 @@ _NO_STATE = {}
 # The per-tensor integers of 8-bit states and the parameter copy (absmax
 # pointers, copy pointer), none in the plain step.
 _NO_LOWBIT = [0] * (_MAX_STATE + 1)
+# Where the step count given in place of a step tensor sits in a tensor's integers.
+_STEP_GIVEN = 5 + _MAX_STATE
 _Q8_BITS = _core.Q8_BITS
 _UNSIGNED_BITS = _core.UNSIGNED_BITS
 _COPY_BITS = {_BF16: _core.COPY_BF16, _F16: _core.COPY_F16}
@@ -599,23 +601,58 @@ class _RustStep:
     def _adaoptim_lowbit_step(self, closure):
         """The step with 8-bit states or master weights: every parameter
         checked (its state included) before any state is created or any
-        tensor written, then one Rust call, then the step counts."""
+        tensor written, then one Rust call, then the step counts.
+
+        A parameter stepped before, whose state dict, state tensors (by
+        identity; a code map also by version), data pointer, gradient
+        size and dtypes are as then, reuses its checked integers (the
+        plain step's cache, for this layout); any change sends it through
+        the full checks again."""
         loss = _closure_loss(closure)
         controls = _check_controls(self)
+        cache = self.__dict__.setdefault("_adaoptim_lowcache", {})
+        if self.__dict__.get("_adaoptim_low_state_obj") is not self.state:
+            cache.clear()
+            self._adaoptim_low_state_obj = self.state
+        state_of = self.state.get
         todo = []
+        fresh = False
         for gi, group in enumerate(self.param_groups):
             text, layout = self._adaoptim_options(group, gi)
+            keys = layout[4]
             items = []
             for i, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
                     continue
+                e = cache.get(id(p))
+                st = state_of(p)
+                if (
+                    e is not None
+                    and e[0] is p
+                    and e[1] is keys
+                    and e[2] is st
+                    and e[3] == p.data_ptr()
+                    and g.layout is _STRIDED
+                    and g.dtype is e[4]
+                    and p.dtype is e[5]
+                    and g.numel() == e[6]
+                    and g.is_contiguous()
+                    and all(map(_is, map(st.get, e[7]), e[8]))
+                    and all(q._version == v for q, v in e[9])
+                    and type(st.get("step")) is int
+                    and st["step"] >= 0
+                ):
+                    items.append((p, g, st["step"], e))
+                    continue
                 where = _where(i, gi)
                 if g.layout is not _STRIDED:
                     raise TypeError(f"{where}: sparse gradients are not stepped with optim_bits=8 or master_weights")
-                items.append((p, g, self._adaoptim_lowbit_check(p, g, where, layout)))
+                items.append((p, g, self._adaoptim_lowbit_check(p, g, where, layout), None))
+                fresh = True
             todo.append((text, layout, items))
-        _check_no_overlap(p for grp in self.param_groups for p in grp["params"])
+        if fresh:
+            _check_no_overlap(p for grp in self.param_groups for p in grp["params"])
         groups, counted = [], []
         # Half-precision parameters as the last step left them (object,
         # version counter, data pointer): one written since (an in-place
@@ -624,18 +661,31 @@ class _RustStep:
         written = self.__dict__.setdefault("_adaoptim_written", {})
         for text, layout, items in todo:
             flat = []
-            for p, g, step in items:
-                st = self.state[p]
-                self._adaoptim_lowbit_state(st, p, layout)
-                seen = written.get(id(p))
-                if seen is not None and seen[0] is p and (seen[1] != p._version or seen[2] != p.data_ptr()):
-                    st["master_param"].copy_(p.detach().reshape(st["master_param"].shape))
-                flat += self._adaoptim_lowbit_integers(p, g, st, layout, step)
-                counted.append((p, st, step))
+            for p, g, step, e in items:
+                if e is None:
+                    st = self.state[p]
+                    self._adaoptim_lowbit_state(st, p, layout)
+                    ints = self._adaoptim_lowbit_integers(p, g, st, layout, step)
+                    used = tuple(k for k in st if k != "step")
+                    maps = tuple((st[k], st[k]._version) for k in used if k.startswith("qmap"))
+                    e = (p, layout[4], st, p.data_ptr(), g.dtype, p.dtype, g.numel(), used)
+                    e += (tuple(st[k] for k in used), maps, ints)
+                    cache[id(p)] = e
+                st = e[2]
+                master = st.get("master_param") if p.dtype is not _F32 else None
+                if master is not None:
+                    seen = written.get(id(p))
+                    if seen is not None and seen[0] is p and (seen[1] != p._version or seen[2] != p.data_ptr()):
+                        master.copy_(p.detach().reshape(master.shape))
+                ints = list(e[10])
+                ints[1] = g.data_ptr()
+                ints[_STEP_GIVEN] = step
+                flat += ints
+                counted.append((p, st, step, master is not None))
             groups.append((text, flat))
         ran = self._adaoptim_run(groups, controls)
-        for p, st, step in counted:
-            if "master_param" in st and p.dtype is not _F32:
+        for p, st, step, has_master in counted:
+            if has_master:
                 written[id(p)] = (p, p._version, p.data_ptr())
             if ran:
                 st["step"] = step + 1

@@ -17,6 +17,11 @@ it, Python overhead included.
   torch-fused-f32          float32 everything: the baseline
 
 Run: python3 python/benches/bench_lowbit.py --threads 2 [--sizes 1048576,67108864] [--rounds 5] [--impls ...]
+[--models empty194,w64]
+
+--models: also adaoptim's AdamW plain, with optim_bits=8 and with master_weights=True (bf16)
+on bench_torch.py's 194-tensor model (w64) and on 194 empty tensors (the Python-side cost of a
+step() call), rounds alternated.
 """
 
 import argparse
@@ -99,15 +104,46 @@ def time_step(step, n, min_time=0.25):
             return dt / k
 
 
+def models(case, rounds):
+    """adaoptim's AdamW plain, 8-bit and with master weights on a many-tensor model."""
+    from bench_torch import case_shapes
+
+    steps = {}
+    for impl, kw, dtype in (
+        ("adaoptim", {}, torch.float32),
+        ("adaoptim-q8", {"optim_bits": 8}, torch.float32),
+        ("adaoptim-master", {"master_weights": True}, torch.bfloat16),
+    ):
+        ps = [torch.nn.Parameter((torch.randn(*s) * 0.02).to(dtype)) for s in case_shapes(case)]
+        for p in ps:
+            p.grad = torch.randn_like(p) * 0.01
+        steps[impl] = ada.AdamW(ps, lr=1e-3, weight_decay=0.01, **kw).step
+        steps[impl]()
+    n = sum(p.numel() for p in ps)
+    times = {k: [] for k in steps}
+    for _ in range(rounds):
+        for k, step in steps.items():
+            times[k].append(time_step(step, max(n, 1 << 20)))
+    for k, v in times.items():
+        print(
+            json.dumps(
+                {"impl": k, "case": case, "tensors": len(ps), "params": n, "us_per_step": statistics.median(v) * 1e6}
+            )
+        )
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sizes", default="1048576,67108864")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--impls", default=",".join(BYTES))
+    ap.add_argument("--models", default="")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     ada.set_num_threads(a.threads)
+    for case in filter(None, a.models.split(",")):
+        models(case, a.rounds)
     for n in map(int, a.sizes.split(",")):
         steps = {}
         for impl in a.impls.split(","):
