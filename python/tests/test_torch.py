@@ -477,10 +477,26 @@ def sparse_grad(shape, rows, gen):
     return torch.sparse_coo_tensor(idx, vals, shape, check_invariants=True)
 
 
+def optim_db_sparse_adam():
+    try:
+        from torch.testing._internal.common_optimizers import optim_db
+    except Exception as e:  # expecttest missing
+        pytest.skip(f"optim_db not importable: {e}", allow_module_level=False)
+    return [
+        pytest.param(inp.kwargs, id=f"optim_db-{i}-{inp.desc}")
+        for info in optim_db
+        if info.optim_cls is torch.optim.SparseAdam
+        for i, inp in enumerate(info.optim_inputs_func(device="cpu"))
+    ]
+
+
 @pytest.mark.parametrize(
-    "kwargs", [{}, {"lr": 0.01, "betas": (0.8, 0.99)}, {"lr": 0.05, "eps": 1e-6, "maximize": True}], ids=str
+    "kwargs",
+    [{}, {"lr": 0.01, "betas": (0.8, 0.99)}, {"lr": 0.05, "eps": 1e-6, "maximize": True}] + optim_db_sparse_adam(),
+    ids=str,
 )
 def test_sparse_adam_matches_torch(kwargs):
+    kwargs = copy.deepcopy(kwargs)
     gen = torch.Generator().manual_seed(9)
     shapes = [(50, 8), (20, 3)]
     ref = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
