@@ -457,3 +457,30 @@ def test_master_reseeded_when_the_parameter_is_written():
         oh.step()
         of.step()
         assert torch.equal(oh.state[h]["master_param"], f.detach()), t
+
+
+def test_stochastic_rounding_over_8bit_state():
+    """bfloat16 parameters with 8-bit state round stochastically with the
+    documented stream (written out again in test_bf16.py): SGD with
+    momentum at lr 1, first step (the update is the gradient itself, exact
+    in float32), one tensor with 8-bit state cut into pieces and one with
+    float32 state; seeds as in test_bf16 (the group's count in the high 32
+    bits, the parameter's index in the low), the step count 1."""
+    from test_bf16 import stochastic_reference
+
+    gen = torch.Generator().manual_seed(6)
+    params = [torch.nn.Parameter(torch.full(s, 1.5, dtype=torch.bfloat16)) for s in ((70001,), (13,))]
+    opt = ada.SGD(params, lr=1.0, momentum=0.9, optim_bits=8, bf16_stochastic_round=True)
+    want = []
+    for p in params:
+        k = torch.randint(0, 256, p.shape, generator=gen)
+        p.grad = (k.float() * 2.0**-15).bfloat16()
+        want.append(p.detach().float() - p.grad.float())
+    opt.step()
+    assert opt.state[params[0]]["state1"].dtype == torch.uint8
+    assert opt.state[params[1]]["state1"].dtype == torch.float32
+    for index, (p, w) in enumerate(zip(params, want)):
+        expected = stochastic_reference(w, index, 1)
+        assert torch.equal(p.detach().view(torch.int16), expected), index
+        # Not all rounded to nearest: the stream rounded some up.
+        assert not torch.equal(p.detach(), w.bfloat16()) or p.numel() < 100
