@@ -29,6 +29,16 @@
 //! README ("burn"). The learning rate is burn's (the `lr` of `step` or its
 //! scheduler); the configuration's own `lr` is not used.
 //!
+//! # State storage
+//! [`Optim::with_state_dtype`] keeps the state in `bf16` or 8-bit
+//! block-wise form ([`Dtype::Bf16`], [`Dtype::Q8`]: bitsandbytes' scheme,
+//! 2 bytes per parameter for Adam's two moments instead of 8) through
+//! adaoptim's [`MixedOptimizer`]; the
+//! parameters and gradients stay `f32`. burn's ndarray backend itself turns
+//! `bf16`/`f16` data into `f32` tensors (`Tensor::from_data` of `bf16` data
+//! gives an `F32` tensor, and so do its gradients), so the adapter sees
+//! `f32` there.
+//!
 //! # What it accepts, and errors
 //! burn's trait returns no `Result`. A step that cannot run (a parameter or
 //! gradient that is not `f32`, an invalid learning rate from a schedule, a
@@ -41,6 +51,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use adaoptim::mixed::MixedOptimizer;
+use adaoptim::storage::{Dtype, Grads, Params};
 use adaoptim::{Algorithm, Error, Exec, clip};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsParams, LearningRate, RecordState, StateSink, StateSource};
@@ -87,6 +99,7 @@ pub struct Optim<C: Algorithm> {
     config: C,
     exec: Exec,
     errors: StepErrors,
+    state_dtype: Dtype,
 }
 
 // One alias per optimizer of adaoptim's registry, named as adaoptim's own.
@@ -102,7 +115,24 @@ impl<C: Algorithm> Optim<C> {
     /// An optimizer with these hyperparameters (the learning rate comes from
     /// burn at each step).
     pub fn new(config: C) -> Self {
-        Optim { config, exec: Exec::auto(), errors: StepErrors::default() }
+        Optim { config, exec: Exec::auto(), errors: StepErrors::default(), state_dtype: Dtype::F32 }
+    }
+
+    /// The same, keeping each parameter's state in `dtype`: [`Dtype::F32`]
+    /// (the default), [`Dtype::Bf16`] (rounded to nearest-even each step) or
+    /// [`Dtype::Q8`] (8-bit block-wise, bitsandbytes' scheme). A state made
+    /// in one storage (a record loaded, say) is not stepped by an optimizer
+    /// set to another: that parameter's step is refused and recorded in
+    /// [`errors`](Self::errors). [`Dtype::F16`] is not a state storage: a
+    /// step with it is refused the same way.
+    pub fn with_state_dtype(mut self, dtype: Dtype) -> Self {
+        self.state_dtype = dtype;
+        self
+    }
+
+    /// The storage of the state this optimizer makes.
+    pub fn state_dtype(&self) -> Dtype {
+        self.state_dtype
     }
 
     /// The same, with an execution policy (backend, threads) for every step.
@@ -137,20 +167,30 @@ impl<C: Algorithm> Optim<C> {
                 grads.dtype()
             ));
         }
-        let mut fresh = None;
-        let opt = match state {
-            Some(s) => &mut s.0,
-            None => fresh.insert(
-                adaoptim::Optimizer::new(self.config.clone(), params.num_elements()).map_err(|e| e.to_string())?,
-            ),
-        };
-        opt.set_exec(self.exec);
-        opt.set_lr(lr).map_err(|e| e.to_string())?;
+        let n = params.num_elements();
         let g = grads.as_slice::<f32>().map_err(|e| format!("gradient: {e:?}"))?;
         let p = params.as_mut_slice::<f32>().map_err(|e| format!("parameter: {e:?}"))?;
-        opt.step(p, g).map_err(|e| e.to_string())?;
+        let mut fresh = None;
+        match (self.state_dtype, state.as_mut()) {
+            (Dtype::F32, Some(State::F32(opt))) => step_f32(opt, self.exec, lr, p, g),
+            (Dtype::F32, None) => {
+                let mut opt = adaoptim::Optimizer::new(self.config.clone(), n).map_err(|e| e.to_string())?;
+                step_f32(&mut opt, self.exec, lr, p, g)?;
+                fresh = Some(State::F32(opt));
+                Ok(())
+            }
+            (d, Some(State::Mixed(opt))) if opt.state_dtype() == d => step_mixed(opt, self.exec, lr, p, g),
+            (d @ (Dtype::Bf16 | Dtype::Q8), None) => {
+                let mut opt = MixedOptimizer::new(self.config.clone(), n, d).map_err(|e| e.to_string())?;
+                step_mixed(&mut opt, self.exec, lr, p, g)?;
+                fresh = Some(State::Mixed(opt));
+                Ok(())
+            }
+            (d, Some(s)) => Err(format!("a state kept in {:?} is not stepped by an optimizer set to {d:?}", s.dtype())),
+            (d, None) => Err(format!("{d:?} is not a state storage (f32, bf16 or q8)")),
+        }?;
         if let Some(f) = fresh {
-            *state = Some(State(f));
+            *state = Some(f);
         }
         Ok(())
     }
@@ -162,27 +202,84 @@ impl<C: Algorithm + Default> Default for Optim<C> {
     }
 }
 
+/// One `f32` parameter's step through adaoptim's optimizer.
+fn step_f32<C: Algorithm>(
+    opt: &mut adaoptim::Optimizer<C>,
+    exec: Exec,
+    lr: LearningRate,
+    p: &mut [f32],
+    g: &[f32],
+) -> Result<(), String> {
+    opt.set_exec(exec);
+    opt.set_lr(lr).map_err(|e| e.to_string())?;
+    opt.step(p, g).map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// One `f32` parameter's step with `bf16` or 8-bit state.
+fn step_mixed<C: Algorithm>(
+    opt: &mut MixedOptimizer<C>,
+    exec: Exec,
+    lr: LearningRate,
+    p: &mut [f32],
+    g: &[f32],
+) -> Result<(), String> {
+    opt.set_exec(exec);
+    opt.set_lr(lr).map_err(|e| e.to_string())?;
+    opt.step(Params::F32(p), Grads::F32(g), None).map(|_| ()).map_err(|e| e.to_string())
+}
+
 /// One parameter's state: an adaoptim optimizer over its elements (state
 /// buffers by torch name, its own step count). In a burn record it is one
-/// `U8` tensor named `adaoptim`, holding adaoptim's safetensors checkpoint
-/// of that optimizer (so the state names inside are torch's).
+/// `U8` tensor holding adaoptim's safetensors checkpoint of that optimizer
+/// (so the state names inside are torch's): named `adaoptim` for `f32`
+/// state, `adaoptim_mixed` for `bf16` or 8-bit state.
 #[derive(Clone, Debug)]
-pub struct State<C: Algorithm>(pub adaoptim::Optimizer<C>);
+pub enum State<C: Algorithm> {
+    /// `f32` state.
+    F32(adaoptim::Optimizer<C>),
+    /// `bf16` or 8-bit block-wise state ([`Optim::with_state_dtype`]).
+    Mixed(MixedOptimizer<C>),
+}
+
+impl<C: Algorithm> State<C> {
+    /// The steps taken with this state.
+    pub fn steps(&self) -> u64 {
+        match self {
+            State::F32(o) => o.step_count(),
+            State::Mixed(m) => m.steps(),
+        }
+    }
+
+    /// The storage the state is kept in.
+    pub fn dtype(&self) -> Dtype {
+        match self {
+            State::F32(_) => Dtype::F32,
+            State::Mixed(m) => m.state_dtype(),
+        }
+    }
+}
 
 impl<C: Algorithm> RecordState for State<C> {
     fn state_flatten(&self, prefix: &str, out: &mut StateSink) {
         // A checkpoint of an existing optimizer only fails on an internal
         // inconsistency; an empty tensor then makes the load fail (`None`)
         // rather than restore a wrong state.
-        let bytes = self.0.to_safetensors().unwrap_or_default();
+        let (name, bytes) = match self {
+            State::F32(o) => ("adaoptim", o.to_safetensors().unwrap_or_default()),
+            State::Mixed(o) => ("adaoptim_mixed", o.to_safetensors().unwrap_or_default()),
+        };
         let n = bytes.len();
-        out.push_tensor(prefix, "adaoptim", TensorData::new(bytes, [n]));
+        out.push_tensor(prefix, name, TensorData::new(bytes, [n]));
     }
 
     fn state_unflatten(prefix: &str, src: &mut StateSource, _device: &Device) -> Option<Self> {
-        let data = src.take_tensor(prefix, "adaoptim")?;
+        if let Some(data) = src.take_tensor(prefix, "adaoptim") {
+            let bytes = data.as_slice::<u8>().ok()?;
+            return adaoptim::Optimizer::from_safetensors(bytes).ok().map(State::F32);
+        }
+        let data = src.take_tensor(prefix, "adaoptim_mixed")?;
         let bytes = data.as_slice::<u8>().ok()?;
-        adaoptim::Optimizer::from_safetensors(bytes).ok().map(State)
+        MixedOptimizer::from_safetensors(bytes).ok().map(State::Mixed)
     }
 }
 

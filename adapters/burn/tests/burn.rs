@@ -207,13 +207,13 @@ fn a_step_that_cannot_run_changes_nothing_and_is_recorded() {
     let (p, state) = opt.step(1e-2, p, g.clone(), None);
     let after_one = flat(p.clone());
     let state = state.unwrap();
-    assert_eq!(state.0.step_count(), 1);
+    assert_eq!(state.steps(), 1);
     assert!(errors.is_empty());
     // An invalid learning rate: nothing moves, the reason is recorded.
     for bad in [-1.0, f64::NAN, f64::INFINITY] {
         let (p2, s2) = opt.step(bad, p.clone(), g.clone(), Some(state.clone()));
         assert_eq!(bits(&flat(p2)), bits(&after_one));
-        assert_eq!(s2.unwrap().0.step_count(), 1);
+        assert_eq!(s2.unwrap().steps(), 1);
         let e = errors.take();
         assert_eq!(e.len(), 1);
         assert!(e[0].contains("lr"), "{e:?}");
@@ -223,7 +223,7 @@ fn a_step_that_cannot_run_changes_nothing_and_is_recorded() {
     let (o2, s2) =
         opt.step(1e-2, other, Tensor::from_data(TensorData::new(vec![0.1f32; 5], [5]), &dev), Some(state.clone()));
     assert_eq!(flat(o2), vec![1.0; 5]);
-    assert_eq!(s2.unwrap().0.step_count(), 1);
+    assert_eq!(s2.unwrap().steps(), 1);
     assert!(!errors.take().is_empty());
     // An f64 parameter.
     let p64 = Tensor::<1>::from_data(TensorData::new(vec![1.0f64, 2.0], [2]), &dev);
@@ -402,4 +402,75 @@ fn clipped_training_is_adaoptims_fused_clipping_on_raw_slices() {
             assert_eq!(bits(p), bits(&q));
         }
     }
+}
+
+#[test]
+fn bf16_and_8bit_state_is_adaoptims_mixed_optimizer_bit_for_bit() {
+    use adaoptim::mixed::MixedOptimizer;
+    use adaoptim::storage::{Dtype, Grads, Params};
+    for dtype in [Dtype::Bf16, Dtype::Q8] {
+        let (x, y) = data();
+        let mut m = mlp(9);
+        let config = AdamWConfig { weight_decay: 0.1, ..Default::default() };
+        let optim = AdamW::new(config).with_state_dtype(dtype);
+        let errors = optim.errors();
+        let mut optim: ModuleOptimizer = optim.into();
+        let mut raw: Vec<MixedOptimizer<AdamWConfig>> =
+            m.params().iter().map(|p| MixedOptimizer::new(config, p.len(), dtype).unwrap()).collect();
+        let mut params = m.params();
+        let lr = 1e-2;
+        for _ in 0..4 {
+            let grads = GradientsParams::from_grads(m.loss(&x, &y).backward(), &m);
+            for ((o, p), g) in raw.iter_mut().zip(&mut params).zip(m.grads(&grads)) {
+                o.set_lr(lr).unwrap();
+                o.step(Params::F32(p), Grads::F32(&g), None).unwrap();
+            }
+            m = optim.step(lr, m, grads);
+            for (p, q) in params.iter().zip(m.params()) {
+                assert_eq!(bits(p), bits(&q), "{dtype:?}");
+            }
+        }
+        assert!(errors.is_empty(), "{:?}", errors.take());
+        // The record keeps the state in its storage: a restored optimizer
+        // continues bit for bit; one set to f32 refuses it, changing nothing.
+        let bytes = optim.into_bytes().unwrap();
+        let mut restored: ModuleOptimizer =
+            ModuleOptimizer::from(AdamW::new(config).with_state_dtype(dtype)).from_bytes(bytes.clone()).unwrap();
+        let plain = AdamW::new(config);
+        let plain_errors = plain.errors();
+        let mut wrong: ModuleOptimizer = ModuleOptimizer::from(plain).from_bytes(bytes).unwrap();
+        let (mut a, mut b, c) = (m.clone(), m.clone(), m);
+        let before = c.params();
+        for _ in 0..2 {
+            let ga = GradientsParams::from_grads(a.loss(&x, &y).backward(), &a);
+            let gb = GradientsParams::from_grads(b.loss(&x, &y).backward(), &b);
+            a = optim.step(lr, a, ga);
+            b = restored.step(lr, b, gb);
+        }
+        for (p, q) in a.params().iter().zip(b.params()) {
+            assert_eq!(bits(p), bits(&q));
+        }
+        let gc = GradientsParams::from_grads(c.loss(&x, &y).backward(), &c);
+        let c = wrong.step(lr, c, gc);
+        for (p, q) in before.iter().zip(c.params()) {
+            assert_eq!(bits(p), bits(&q));
+        }
+        let reasons = plain_errors.take();
+        assert_eq!(reasons.len(), 4, "{reasons:?}");
+        assert!(reasons[0].contains("not stepped by an optimizer set to F32"), "{reasons:?}");
+    }
+}
+
+#[test]
+fn f16_is_not_a_state_storage() {
+    let dev = Device::default();
+    let opt = AdamW::new(AdamWConfig::default()).with_state_dtype(adaoptim::storage::Dtype::F16);
+    let errors = opt.errors();
+    let p = Tensor::<1>::from_data(TensorData::new(vec![1.0f32, 2.0], [2]), &dev);
+    let g = Tensor::<1>::from_data(TensorData::new(vec![0.1f32, 0.2], [2]), &dev);
+    let (p, state) = opt.step(1e-2, p, g, None);
+    assert!(state.is_none());
+    assert_eq!(flat(p), vec![1.0, 2.0]);
+    let e = errors.take();
+    assert!(e.len() == 1 && e[0].contains("not a state storage"), "{e:?}");
 }
