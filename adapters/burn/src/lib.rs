@@ -171,24 +171,19 @@ impl<C: Algorithm> Optim<C> {
         let g = grads.as_slice::<f32>().map_err(|e| format!("gradient: {e:?}"))?;
         let p = params.as_mut_slice::<f32>().map_err(|e| format!("parameter: {e:?}"))?;
         let mut fresh = None;
-        match (self.state_dtype, state.as_mut()) {
-            (Dtype::F32, Some(State::F32(opt))) => step_f32(opt, self.exec, lr, p, g),
-            (Dtype::F32, None) => {
-                let mut opt = adaoptim::Optimizer::new(self.config.clone(), n).map_err(|e| e.to_string())?;
-                step_f32(&mut opt, self.exec, lr, p, g)?;
-                fresh = Some(State::F32(opt));
-                Ok(())
-            }
-            (d, Some(State::Mixed(opt))) if opt.state_dtype() == d => step_mixed(opt, self.exec, lr, p, g),
-            (d @ (Dtype::Bf16 | Dtype::Q8), None) => {
-                let mut opt = MixedOptimizer::new(self.config.clone(), n, d).map_err(|e| e.to_string())?;
-                step_mixed(&mut opt, self.exec, lr, p, g)?;
-                fresh = Some(State::Mixed(opt));
-                Ok(())
-            }
-            (d, Some(s)) => Err(format!("a state kept in {:?} is not stepped by an optimizer set to {d:?}", s.dtype())),
-            (d, None) => Err(format!("{d:?} is not a state storage (f32, bf16 or q8)")),
-        }?;
+        let st =
+            match (self.state_dtype, state.as_mut()) {
+                (d, Some(s)) if s.dtype() == d => s,
+                (d, Some(s)) => {
+                    return Err(format!("a state kept in {:?} is not stepped by an optimizer set to {d:?}", s.dtype()));
+                }
+                (Dtype::F32, None) => fresh
+                    .insert(State::F32(adaoptim::Optimizer::new(self.config.clone(), n).map_err(|e| e.to_string())?)),
+                (d @ (Dtype::Bf16 | Dtype::Q8), None) => fresh
+                    .insert(State::Mixed(MixedOptimizer::new(self.config.clone(), n, d).map_err(|e| e.to_string())?)),
+                (d, None) => return Err(format!("{d:?} is not a state storage (f32, bf16 or q8)")),
+            };
+        st.run(self.exec, lr, p, g)?;
         if let Some(f) = fresh {
             *state = Some(f);
         }
@@ -200,32 +195,6 @@ impl<C: Algorithm + Default> Default for Optim<C> {
     fn default() -> Self {
         Self::new(C::default())
     }
-}
-
-/// One `f32` parameter's step through adaoptim's optimizer.
-fn step_f32<C: Algorithm>(
-    opt: &mut adaoptim::Optimizer<C>,
-    exec: Exec,
-    lr: LearningRate,
-    p: &mut [f32],
-    g: &[f32],
-) -> Result<(), String> {
-    opt.set_exec(exec);
-    opt.set_lr(lr).map_err(|e| e.to_string())?;
-    opt.step(p, g).map(|_| ()).map_err(|e| e.to_string())
-}
-
-/// One `f32` parameter's step with `bf16` or 8-bit state.
-fn step_mixed<C: Algorithm>(
-    opt: &mut MixedOptimizer<C>,
-    exec: Exec,
-    lr: LearningRate,
-    p: &mut [f32],
-    g: &[f32],
-) -> Result<(), String> {
-    opt.set_exec(exec);
-    opt.set_lr(lr).map_err(|e| e.to_string())?;
-    opt.step(Params::F32(p), Grads::F32(g), None).map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// One parameter's state: an adaoptim optimizer over its elements (state
@@ -242,6 +211,21 @@ pub enum State<C: Algorithm> {
 }
 
 impl<C: Algorithm> State<C> {
+    /// One `f32` parameter's step with this state; on error nothing changed.
+    fn run(&mut self, exec: Exec, lr: LearningRate, p: &mut [f32], g: &[f32]) -> Result<(), String> {
+        let r = match self {
+            State::F32(o) => {
+                o.set_exec(exec);
+                o.set_lr(lr).and_then(|()| o.step(p, g))
+            }
+            State::Mixed(o) => {
+                o.set_exec(exec);
+                o.set_lr(lr).and_then(|()| o.step(Params::F32(p), Grads::F32(g), None))
+            }
+        };
+        r.map(|_| ()).map_err(|e| e.to_string())
+    }
+
     /// The steps taken with this state.
     pub fn steps(&self) -> u64 {
         match self {
