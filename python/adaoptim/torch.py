@@ -94,6 +94,12 @@ __all__ = [
     "Lion",
     "Adafactor",
     "SparseAdam",
+    "Adam8bit",
+    "AdamW8bit",
+    "Lion8bit",
+    "SGD8bit",
+    "RMSprop8bit",
+    "Adagrad8bit",
     "set_num_threads",
 ]
 
@@ -1132,3 +1138,48 @@ class SparseAdam(_OwnGroups, torch.optim.SparseAdam):
         for st, t in counted:
             st["step"] = t
         return loss
+
+
+def _make_8bit(base, name):
+    """``base`` with ``optim_bits=8``, under bitsandbytes' class name; takes
+    the bitsandbytes options that mean what adaoptim does
+    (``min_8bit_size``, ``block_wise=True``, ``percentile_clipping=100``,
+    ``is_paged=False``, ``optim_bits=8``) and refuses the others' values."""
+
+    def __init__(
+        self,
+        params,
+        *args,
+        min_8bit_size=4096,
+        percentile_clipping=100,
+        block_wise=True,
+        is_paged=False,
+        optim_bits=8,
+        **kwargs,
+    ):
+        if percentile_clipping != 100:
+            raise ValueError(f"{name}: percentile_clipping={percentile_clipping} is not supported (100: off)")
+        if not block_wise:
+            raise ValueError(f"{name}: block_wise=False is not supported (the states are block-wise)")
+        if is_paged:
+            raise ValueError(f"{name}: is_paged=True is not supported (paged memory is a GPU feature)")
+        if optim_bits != 8:
+            raise ValueError(f"{name}: optim_bits={optim_bits}; use {base.__name__} for 32-bit states")
+        base.__init__(self, params, *args, optim_bits=8, min_8bit_size=min_8bit_size, **kwargs)
+
+    doc = (
+        f"``{base.__name__}(..., optim_bits=8)`` under bitsandbytes' name ``bitsandbytes.optim.{name}``:\n"
+        "8-bit block-wise states in bitsandbytes' state_dict layout (see the module docs).\n"
+        f"The constructor is ``{base.__name__}``'s (torch's signature and defaults), plus bitsandbytes'\n"
+        "``min_8bit_size=4096``; ``block_wise=True``, ``percentile_clipping=100`` and\n"
+        "``is_paged=False`` are accepted, other values refused."
+    )
+    return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+Adam8bit = _make_8bit(Adam, "Adam8bit")
+AdamW8bit = _make_8bit(AdamW, "AdamW8bit")
+Lion8bit = _make_8bit(Lion, "Lion8bit")
+SGD8bit = _make_8bit(SGD, "SGD8bit")
+RMSprop8bit = _make_8bit(RMSprop, "RMSprop8bit")
+Adagrad8bit = _make_8bit(Adagrad, "Adagrad8bit")

@@ -484,3 +484,25 @@ def test_stochastic_rounding_over_8bit_state():
         assert torch.equal(p.detach().view(torch.int16), expected), index
         # Not all rounded to nearest: the stream rounded some up.
         assert not torch.equal(p.detach(), w.bfloat16()) or p.numel() < 100
+
+
+@pytest.mark.parametrize("ours,theirs,kw", BNB_CASES, ids=[c[1] for c in BNB_CASES])
+def test_bitsandbytes_class_names(ours, theirs, kw):
+    """``adaoptim.torch.AdamW8bit`` (and the other five) is ``AdamW`` with
+    ``optim_bits=8``, bit for bit; bitsandbytes' own options are taken
+    where they mean what adaoptim does and refused otherwise."""
+    p0 = [torch.randn(N), torch.randn(SMALL)]
+    a, oa = run(lambda ps: getattr(ada, theirs)(ps, block_wise=True, percentile_clipping=100, **kw), p0)
+    b, ob = run(lambda ps: getattr(ada, ours)(ps, optim_bits=8, **kw), p0)
+    assert isinstance(oa, getattr(ada, ours)) and type(oa).__name__ == theirs
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+        assert torch.equal(oa.state[x]["state1"], ob.state[y]["state1"])
+    p = [torch.nn.Parameter(torch.randn(N))]
+    for bad in ({"percentile_clipping": 5}, {"block_wise": False}, {"is_paged": True}, {"optim_bits": 32}):
+        with pytest.raises(ValueError):
+            getattr(ada, theirs)(p, **kw, **bad)
+    small = getattr(ada, theirs)(p, min_8bit_size=N + 1, **kw)
+    p[0].grad = torch.randn(N)
+    small.step()
+    assert small.state[p[0]]["state1"].dtype == torch.float32
