@@ -28,8 +28,9 @@ import argparse
 import json
 import os
 import statistics
-import time
+from types import SimpleNamespace
 
+import bench_torch
 import torch
 
 import adaoptim.torch as ada
@@ -91,30 +92,20 @@ def make(impl, n):
     raise SystemExit(f"unknown impl {impl}")
 
 
-def time_step(step, n, min_time=0.25):
-    reps = max(2, min(200, int(2e7 / max(n, 1))))
-    t = time.perf_counter()
-    k = 0
-    while True:
-        for _ in range(reps):
-            step()
-        k += reps
-        dt = time.perf_counter() - t
-        if dt > min_time:
-            return dt / k
+def time_step(step, n):
+    """Seconds per call of `step`, timed as bench_torch.py times a step."""
+    return bench_torch.time_step(SimpleNamespace(step=step), n)
 
 
 def models(case, rounds):
     """adaoptim's AdamW plain, 8-bit and with master weights on a many-tensor model."""
-    from bench_torch import case_shapes
-
     steps = {}
     for impl, kw, dtype in (
         ("adaoptim", {}, torch.float32),
         ("adaoptim-q8", {"optim_bits": 8}, torch.float32),
         ("adaoptim-master", {"master_weights": True}, torch.bfloat16),
     ):
-        ps = [torch.nn.Parameter((torch.randn(*s) * 0.02).to(dtype)) for s in case_shapes(case)]
+        ps = [torch.nn.Parameter((torch.randn(*s) * 0.02).to(dtype)) for s in bench_torch.case_shapes(case)]
         for p in ps:
             p.grad = torch.randn_like(p) * 0.01
         steps[impl] = ada.AdamW(ps, lr=1e-3, weight_decay=0.01, **kw).step
