@@ -72,6 +72,7 @@ an 8-bit optimizer (quantized), bitsandbytes' into a 32-bit one
 import json
 import math
 import re
+import struct
 from itertools import chain
 from operator import is_ as _is
 
@@ -155,6 +156,23 @@ def _plain(v):
     if isinstance(v, (tuple, list)):
         return [_plain(x) for x in v]
     return v
+
+
+_MISSING = object()
+_FROZEN_TYPES = frozenset((float, int, bool, str, type(None), object))
+
+
+def _frozen_key(v):
+    """A hashable key of a group value that is immutable: a plain number,
+    string or None (or the missing-key sentinel), or a tuple of those, with
+    the types in the key (``1``, ``1.0`` and ``True`` are equal in Python
+    but not to the option parser); None for anything else (a tensor)."""
+    t = type(v)
+    if t is tuple:
+        if all(type(x) in _FROZEN_TYPES for x in v):
+            return (t, v, tuple(map(type, v)))
+        return None
+    return (t, v) if t in _FROZEN_TYPES else None
 
 
 def _where(i, gi):
@@ -314,12 +332,24 @@ class _RustStep:
             # first step creates this layout's state instead.
             self.state.clear()
         self._adaoptim_names = set(_core.option_names(self._adaoptim_class))
+        self._adaoptim_sorted = tuple(sorted(self._adaoptim_names))
+        self._adaoptim_by_values = {}
         self._adaoptim_layouts = {}
         for gi, group in enumerate(self.param_groups):
             self._adaoptim_options(group, gi)
 
     def _adaoptim_options(self, group, gi):
         _refuse_unsupported(group, gi)
+        # The usual group holds plain Python numbers: its options' values
+        # key the result directly (a tensor value, which may change in
+        # place, always takes the full path).
+        values = tuple(_frozen_key(group.get(k, _MISSING)) for k in self._adaoptim_sorted)
+        if None in values:
+            values = None
+        else:
+            hit = self._adaoptim_by_values.get(values)
+            if hit is not None:
+                return hit
         opts = {k: _plain(v) for k, v in group.items() if k in self._adaoptim_names}
         text = json.dumps(opts, sort_keys=True)
         if text not in self._adaoptim_layouts:
@@ -330,7 +360,12 @@ class _RustStep:
             keys = tuple(names) + tuple(aux_names) + (("step",) if self._adaoptim_has_step else ())
             keys = self.__dict__.setdefault("_adaoptim_interned", {}).setdefault(keys, keys)
             self._adaoptim_layouts[text] = (names, init, aux_names, aux_init, keys)
-        return text, self._adaoptim_layouts[text]
+        hit = text, self._adaoptim_layouts[text]
+        if values is not None:
+            if len(self._adaoptim_by_values) > 64:
+                self._adaoptim_by_values.clear()
+            self._adaoptim_by_values[values] = hit
+        return hit
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -348,6 +383,18 @@ class _RustStep:
             # load_state_dict (or a user) replaced the state: rebuild the cache.
             cache.clear()
             self._adaoptim_state_obj = self.state
+        elif cache:
+            # The usual step: every parameter with a gradient is cached.
+            # _core.step_cached makes the loop's comparisons below in Rust and
+            # steps, or returns None having touched nothing (then the loop
+            # below runs, with its checks and messages).
+            controls = _check_controls(self)
+            fast = []
+            for gi, group in enumerate(self.param_groups):
+                text, layout = self._adaoptim_options(group, gi)
+                fast.append((text, group["params"], layout[4]))
+            if self._adaoptim_run(fast, controls, cached=True) is not None:
+                return loss
         groups = []
         sparse = []  # (group index, options, p, g, where): parameters with sparse gradients
         pending = []  # (group slot, p, g, where, layout): checked, then given state, after the loop
@@ -413,9 +460,10 @@ class _RustStep:
         A cache entry holds the parameter, the state keys, the per-tensor
         integers for the Rust call, the element count, the parameter's state
         dict, every state tensor (kept alive, so a cached pointer never
-        dangles, and compared by identity), the parameter's data pointer, and
-        the gradient's and the parameter's dtypes (the storage bits depend on
-        them)."""
+        dangles, and compared by identity), the parameter's data pointer, the
+        gradient's and the parameter's dtypes (the storage bits depend on
+        them), and the integers packed as 64-bit native ones (read by
+        ``_core.step_cached``, which makes the same comparisons in Rust)."""
         for _, p, g, where, layout in pending:
             names = layout[0]
             _check_tensor(p, "the parameter", where, None, _DENSE_DTYPES)
@@ -442,7 +490,8 @@ class _RustStep:
             # "not the first step"); every state tensor stays alive in it.
             held = tuple(st[k] for k in keys)
             ints = self._adaoptim_integers(p, g, st, names, aux_names, 1)
-            cache[id(p)] = (p, keys, ints, p.numel(), st, held, p.data_ptr(), g.dtype, p.dtype)
+            packed = struct.pack(f"={len(ints)}Q", *ints)
+            cache[id(p)] = (p, keys, ints, p.numel(), st, held, p.data_ptr(), g.dtype, p.dtype, packed)
 
     def _adaoptim_integers(self, p, g, st, names, aux_names, given):
         """The per-tensor integers after the two data pointers (element count,
@@ -697,13 +746,30 @@ class _RustStep:
                 st["step"] = step + 1
         return loss
 
-    def _adaoptim_run(self, groups, controls):
+    def _adaoptim_run(self, groups, controls, cached=False):
         """The one Rust call; counts the groups' stochastic-rounding steps.
-        Returns whether the step ran (False: skipped for a non-finite gradient)."""
+        Returns whether the step ran (False: skipped for a non-finite
+        gradient); with ``cached`` (``_core.step_cached``'s groups), None
+        when the cache could not serve the step (nothing changed)."""
         counts = None
         if self.bf16_stochastic_round:
             counts = [int(group.setdefault("bf16_sr_step", 0)) for group in self.param_groups]
-        self.last_step_skipped = not _core.step(self._adaoptim_class, groups, *controls, stochastic_round=counts)
+        if cached:
+            ran = _core.step_cached(
+                self._adaoptim_class,
+                groups,
+                self._adaoptim_cache,
+                self.state,
+                _NO_STATE,
+                _STRIDED,
+                *controls,
+                stochastic_round=counts,
+            )
+            if ran is None:
+                return None
+        else:
+            ran = _core.step(self._adaoptim_class, groups, *controls, stochastic_round=counts)
+        self.last_step_skipped = not ran
         if counts is not None and not self.last_step_skipped:
             for group in self.param_groups:
                 group["bf16_sr_step"] += 1

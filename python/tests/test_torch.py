@@ -698,6 +698,38 @@ def test_fused_controls_bad_values():
     opt.step()
 
 
+def test_later_steps_are_served_by_the_cache(monkeypatch):
+    """After the first step, a step whose parameters are all unchanged goes
+    through ``_core.step_cached`` (the per-parameter checks in Rust) without
+    the Python loop; a changed parameter falls back to the loop, which checks
+    and names it."""
+    gen = torch.Generator().manual_seed(5)
+    ref = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((6,), (3, 4), (0,))]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    o_ref = torch.optim.AdamW(ref, lr=0.1, weight_decay=0.1, foreach=False)
+    o_ours = ada.AdamW(ours, lr=0.1, weight_decay=0.1)
+    calls = []
+    real_step = ada._core.step
+    monkeypatch.setattr(ada._core, "step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
+    for k in range(4):
+        for i, (a, b) in enumerate(zip(ref, ours)):
+            g = torch.randn(a.shape, generator=gen)
+            # The last parameter has no gradient on step 2: skipped from the cache too.
+            a.grad, b.grad = (None, None) if (k == 2 and i == 1) else (g.clone(), g.clone())
+        o_ref.step()
+        o_ours.step()
+        for a, b in zip(ref, ours):
+            close(b.detach(), a.detach(), f"step {k}")
+    assert len(calls) == 1, "only the first step should have taken the Python loop"
+    # A non-contiguous gradient after caching: the loop runs and refuses it.
+    ours[1].grad = torch.randn(4, 3).t()
+    before = [p.detach().clone() for p in ours]
+    with pytest.raises(ValueError, match="parameter 1 .*contiguous"):
+        o_ours.step()
+    assert all(torch.equal(p.detach(), q) for p, q in zip(ours, before))
+    assert len(calls) == 1
+
+
 def test_state_changed_by_hand_is_what_the_next_step_uses():
     """A training loop that deletes a parameter's state (to restart its
     moments), replaces its state dict, or swaps one state tensor gets what
