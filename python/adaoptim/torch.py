@@ -395,6 +395,7 @@ class _RustStep:
                 fast.append((text, group["params"], layout[4]))
             if self._adaoptim_run(fast, controls, cached=True) is not None:
                 return loss
+        self._adaoptim_unwrap()
         groups = []
         sparse = []  # (group index, options, p, g, where): parameters with sparse gradients
         pending = []  # (group slot, p, g, where, layout): checked, then given state, after the loop
@@ -672,6 +673,7 @@ class _RustStep:
         state_of = self.state.get
         todo = []
         fresh = False
+        unwrapped = False
         for gi, group in enumerate(self.param_groups):
             text, layout = self._adaoptim_options(group, gi)
             keys = layout[4]
@@ -700,6 +702,10 @@ class _RustStep:
                 ):
                     items.append((p, g, st["step"], e))
                     continue
+                if not unwrapped:
+                    unwrapped = True
+                    self._adaoptim_unwrap()
+                    st = state_of(p)
                 where = _where(i, gi)
                 if g.layout is not _STRIDED:
                     raise TypeError(f"{where}: sparse gradients are not stepped with optim_bits=8 or master_weights")
@@ -848,6 +854,19 @@ class _RustStep:
         except Exception:
             self.__setstate__({"state": old[0], "param_groups": old[1]})
             raise
+
+    def _adaoptim_unwrap(self):
+        """State written straight into ``state``, past ``load_state_dict``
+        (``ZeroRedundancyOptimizer.load_state_dict`` assigns each parameter's
+        saved dict so), may hold bitsandbytes' nesting or the other layout:
+        unnest it and convert it as ``load_state_dict`` would."""
+        found = False
+        for st in self.state.values():
+            if isinstance(st, dict) and isinstance(st.get(_BNB_WRAP), dict):
+                st.update(st.pop(_BNB_WRAP))
+                found = True
+        if found:
+            self._adaoptim_convert()
 
     def _adaoptim_convert(self):
         """Brings every parameter's state to this optimizer's layout (see

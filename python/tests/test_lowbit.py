@@ -324,6 +324,36 @@ def test_torch_state_dict_converts_both_ways():
     o32.step()
 
 
+@pytest.mark.parametrize("bits", [8, 32])
+def test_nested_state_written_into_state_is_unnested(bits):
+    """A saved 8-bit state dict assigned straight into ``state`` (as
+    ZeroRedundancyOptimizer.load_state_dict assigns it, bypassing ours) steps
+    as the same state loaded by load_state_dict: unnested, and dequantized
+    for a 32-bit optimizer."""
+    p0 = [torch.randn(N), torch.randn(SMALL)]
+    a, o8 = run(lambda ps: ada.AdamW(ps, lr=1e-2, optim_bits=8), p0)
+    saved = o8.state_dict()
+    outs = []
+    for how in ("load_state_dict", "assigned"):
+        ps = [torch.nn.Parameter(x.detach().clone()) for x in a]
+        o = ada.AdamW(ps, lr=1e-2, optim_bits=bits)
+        if how == "load_state_dict":
+            o.load_state_dict(copy.deepcopy(saved))
+        else:
+            for i, q in enumerate(ps):
+                o.state[q] = copy.deepcopy(saved["state"][i])
+        for q in ps:
+            q.grad = torch.full(q.shape, 0.5)
+        o.step()
+        outs.append((ps, o))
+    (pa, oa), (pb, ob) = outs
+    for x, y in zip(pa, pb):
+        assert torch.equal(x, y)
+        assert oa.state[x].keys() == ob.state[y].keys()
+        for k, v in oa.state[x].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(ob.state[y][k])), k
+
+
 def test_skipped_step_counts_nothing():
     p0 = [torch.randn(N)]
     ps, opt = run(lambda ps: ada.AdamW(ps, lr=1e-2, optim_bits=8, skip_non_finite=True), p0, steps=2)
