@@ -463,8 +463,9 @@ class _RustStep:
         dict, every state tensor (kept alive, so a cached pointer never
         dangles, and compared by identity), the parameter's data pointer, the
         gradient's and the parameter's dtypes (the storage bits depend on
-        them), and the integers packed as 64-bit native ones (read by
-        ``_core.step_cached``, which makes the same comparisons in Rust)."""
+        them), and the tensor's integers packed as 64-bit native ones, the
+        gradient pointer 0 (read by ``_core.step_cached``, which makes the
+        same comparisons in Rust)."""
         for _, p, g, where, layout in pending:
             names = layout[0]
             _check_tensor(p, "the parameter", where, None, _DENSE_DTYPES)
@@ -491,7 +492,7 @@ class _RustStep:
             # "not the first step"); every state tensor stays alive in it.
             held = tuple(st[k] for k in keys)
             ints = self._adaoptim_integers(p, g, st, names, aux_names, 1)
-            packed = struct.pack(f"={len(ints)}Q", *ints)
+            packed = struct.pack(f"={_STRIDE}Q", p.data_ptr(), 0, *ints)
             cache[id(p)] = (p, keys, ints, p.numel(), st, held, p.data_ptr(), g.dtype, p.dtype, packed)
 
     def _adaoptim_integers(self, p, g, st, names, aux_names, given):
@@ -667,9 +668,19 @@ class _RustStep:
         loss = _closure_loss(closure)
         controls = _check_controls(self)
         cache = self.__dict__.setdefault("_adaoptim_lowcache", {})
+        written = self.__dict__.setdefault("_adaoptim_written", {})
         if self.__dict__.get("_adaoptim_low_state_obj") is not self.state:
             cache.clear()
             self._adaoptim_low_state_obj = self.state
+        elif cache:
+            # As the plain step: the comparisons below, and the bookkeeping
+            # after the step, made in Rust when every parameter passes them.
+            fast = []
+            for gi, group in enumerate(self.param_groups):
+                text, layout = self._adaoptim_options(group, gi)
+                fast.append((text, group["params"], layout[4]))
+            if self._adaoptim_run(fast, controls, cached=(cache, (written, _F32))) is not None:
+                return loss
         state_of = self.state.get
         todo = []
         fresh = False
@@ -688,15 +699,15 @@ class _RustStep:
                     e is not None
                     and e[0] is p
                     and e[1] is keys
-                    and e[2] is st
-                    and e[3] == p.data_ptr()
+                    and e[4] is st
+                    and e[6] == p.data_ptr()
                     and g.layout is _STRIDED
-                    and g.dtype is e[4]
-                    and p.dtype is e[5]
-                    and g.numel() == e[6]
+                    and g.dtype is e[7]
+                    and p.dtype is e[8]
+                    and g.numel() == e[3]
                     and g.is_contiguous()
-                    and all(map(_is, map(st.get, e[7]), e[8]))
-                    and all(q._version == v for q, v in e[9])
+                    and all(map(_is, map(st.get, e[10]), e[5]))
+                    and all(q._version == v for q, v in e[11])
                     and type(st.get("step")) is int
                     and st["step"] >= 0
                 ):
@@ -715,11 +726,10 @@ class _RustStep:
         if fresh:
             _check_no_overlap(p for grp in self.param_groups for p in grp["params"])
         groups, counted = [], []
-        # Half-precision parameters as the last step left them (object,
-        # version counter, data pointer): one written since (an in-place
-        # copy such as `model.load_state_dict`, or `p.data = ...`) reseeds
-        # its master from the new value.
-        written = self.__dict__.setdefault("_adaoptim_written", {})
+        # Half-precision parameters as the last step left them (`written`:
+        # object, version counter, data pointer): one written since (an
+        # in-place copy such as `model.load_state_dict`, or `p.data = ...`)
+        # reseeds its master from the new value.
         for text, layout, items in todo:
             flat = []
             for p, g, step, e in items:
@@ -729,16 +739,19 @@ class _RustStep:
                     ints = self._adaoptim_lowbit_integers(p, g, st, layout, step)
                     used = tuple(k for k in st if k != "step")
                     maps = tuple((st[k], st[k]._version) for k in used if k.startswith("qmap"))
-                    e = (p, layout[4], st, p.data_ptr(), g.dtype, p.dtype, g.numel(), used)
-                    e += (tuple(st[k] for k in used), maps, ints)
+                    # The plain step's entry layout (see _adaoptim_prepare),
+                    # then the state keys held and the code maps by version.
+                    held = tuple(st[k] for k in used)
+                    packed = struct.pack(f"={_STRIDE}Q", *ints)
+                    e = (p, layout[4], ints, g.numel(), st, held, p.data_ptr(), g.dtype, p.dtype, packed, used, maps)
                     cache[id(p)] = e
-                st = e[2]
+                st = e[4]
                 master = st.get("master_param") if p.dtype is not _F32 else None
                 if master is not None:
                     seen = written.get(id(p))
                     if seen is not None and seen[0] is p and (seen[1] != p._version or seen[2] != p.data_ptr()):
                         master.copy_(p.detach().reshape(master.shape))
-                ints = list(e[10])
+                ints = list(e[2])
                 ints[1] = g.data_ptr()
                 ints[_STEP_GIVEN] = step
                 flat += ints
@@ -761,15 +774,19 @@ class _RustStep:
         if self.bf16_stochastic_round:
             counts = [int(group.setdefault("bf16_sr_step", 0)) for group in self.param_groups]
         if cached:
+            # True: the plain step's cache; (cache, lowbit): the 8-bit /
+            # master-weights step's, with its bookkeeping context.
+            cache, lowbit = (self._adaoptim_cache, None) if cached is True else cached
             ran = _core.step_cached(
                 self._adaoptim_class,
                 groups,
-                self._adaoptim_cache,
+                cache,
                 self.state,
                 _NO_STATE,
                 _STRIDED,
                 *controls,
                 stochastic_round=counts,
+                lowbit=lowbit,
             )
             if ran is None:
                 return None

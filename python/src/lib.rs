@@ -25,7 +25,7 @@ use adaoptim::storage::{Grads, ParamCopy, ParamRounding, Params, Q8_BLOCK, Q8Sta
 use adaoptim::{AnyConfig, AuxState, Backend, Exec, MAX_AUX, MAX_STATE, MAX_STEP, StepOptions, clip};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyInt, PyList, PyTuple};
 use rayon::prelude::*;
 
 /// Integers per tensor in [`step`]'s flat list: parameter, gradient, element
@@ -479,6 +479,10 @@ enum Cached {
     Miss,
 }
 
+/// Index of the step count given in a tensor's integers (used when the
+/// state keeps no step tensor: bitsandbytes' integer `step`).
+const STEP_GIVEN: usize = 5 + MAX_STATE;
+
 /// The integers of one parameter in [`step`]'s list, from the cache entry
 /// `adaoptim.torch` made for it, if every one of that entry's conditions
 /// still holds (the same conditions as the Python loop's): a strided,
@@ -489,14 +493,22 @@ enum Cached {
 /// redoes the whole step with its checks and messages.
 ///
 /// An entry is the tuple `(p, keys, ints, numel, st, held, data_ptr,
-/// grad dtype, param dtype, packed ints)`; the packed ints are `ints` as
-/// native-endian 64-bit integers with the two data pointers left out.
-fn cached_tensor(
-    py: Python<'_>,
-    p: &Bound<'_, PyAny>,
-    keys: &Bound<'_, PyAny>,
-    cx: &CacheContext<'_, '_>,
+/// grad dtype, param dtype, packed)`: `packed` is the tensor's `STRIDE`
+/// integers as native-endian 64-bit ones, the gradient pointer left 0.
+/// With 8-bit state or master weights (`cx.lowbit`), two more: the state
+/// keys `held` follows (instead of the group's keys) and the code maps with
+/// their version counters; the state's `step` must be a Python int (it is
+/// given in the integers and counted back by [`step_cached`]), and a
+/// half-precision parameter with a float32 master must not have been
+/// written since the last step (that reseeds its master: the Python loop's
+/// work).
+fn cached_tensor<'py>(
+    py: Python<'py>,
+    p: &Bound<'py, PyAny>,
+    keys: &Bound<'py, PyAny>,
+    cx: &CacheContext<'_, 'py>,
     flat: &mut Vec<usize>,
+    counted: &mut Vec<Counted<'py>>,
 ) -> Result<(), Cached> {
     let miss = |_| Cached::Miss;
     let g = p.getattr(pyo3::intern!(py, "grad")).map_err(miss)?;
@@ -505,16 +517,17 @@ fn cached_tensor(
     }
     let entry = cx.cache.get_item(p.as_ptr() as usize).map_err(miss)?.ok_or(Cached::Miss)?;
     let entry = entry.cast_into::<PyTuple>().map_err(|_| Cached::Miss)?;
-    if entry.len() != 10 {
+    if entry.len() != if cx.lowbit.is_some() { 12 } else { 10 } {
         return Err(Cached::Miss);
     }
     let item = |i: usize| entry.get_item(i).map_err(miss);
     let ptr: usize = p.call_method0(pyo3::intern!(py, "data_ptr")).and_then(|x| x.extract()).map_err(miss)?;
+    let p_dtype = p.getattr(pyo3::intern!(py, "dtype")).map_err(miss)?;
     let same = item(0)?.is(p)
         && item(1)?.is(keys)
         && g.getattr(pyo3::intern!(py, "layout")).map_err(miss)?.is(cx.strided)
         && g.getattr(pyo3::intern!(py, "dtype")).map_err(miss)?.is(&item(7)?)
-        && p.getattr(pyo3::intern!(py, "dtype")).map_err(miss)?.is(&item(8)?)
+        && p_dtype.is(&item(8)?)
         && item(6)?.extract::<usize>().map_err(miss)? == ptr
         && g.call_method0(pyo3::intern!(py, "numel")).map_err(miss)?.eq(item(3)?).map_err(miss)?
         && g.call_method0(pyo3::intern!(py, "is_contiguous")).map_err(miss)?.is_truthy().map_err(miss)?;
@@ -531,26 +544,66 @@ fn cached_tensor(
     }
     let st = st.cast_into::<PyDict>().map_err(|_| Cached::Miss)?;
     let held = item(5)?.cast_into::<PyTuple>().map_err(|_| Cached::Miss)?;
-    let keys = keys.cast::<PyTuple>().map_err(|_| Cached::Miss)?;
-    if held.len() != keys.len() {
+    let held_keys = if cx.lowbit.is_some() { item(10)? } else { keys.clone() };
+    let held_keys = held_keys.cast_into::<PyTuple>().map_err(|_| Cached::Miss)?;
+    if held.len() != held_keys.len() {
         return Err(Cached::Miss);
     }
-    for (k, h) in keys.iter().zip(held.iter()) {
+    for (k, h) in held_keys.iter().zip(held.iter()) {
         match st.get_item(k).map_err(miss)? {
             Some(now) if now.is(&h) => {}
             _ => return Err(Cached::Miss),
         }
     }
-    let g_ptr: usize = g.call_method0(pyo3::intern!(py, "data_ptr")).and_then(|x| x.extract()).map_err(miss)?;
     let packed = item(9)?;
     let packed = packed.cast::<PyBytes>().map_err(|_| Cached::Miss)?.as_bytes();
-    if packed.len() != (STRIDE - 2) * 8 {
+    if packed.len() != STRIDE * 8 {
         return Err(Cached::Miss);
     }
-    flat.push(ptr);
-    flat.push(g_ptr);
+    let start = flat.len();
     flat.extend(packed.chunks_exact(8).map(|b| u64::from_ne_bytes(b.try_into().unwrap()) as usize));
+    flat[start + 1] = g.call_method0(pyo3::intern!(py, "data_ptr")).and_then(|x| x.extract()).map_err(miss)?;
+    if let Some(low) = &cx.lowbit {
+        // The code maps, also by version (an in-place change of a map is a
+        // new map to check).
+        let maps = item(11)?.cast_into::<PyTuple>().map_err(|_| Cached::Miss)?;
+        for pair in maps.iter() {
+            let (q, v): (Bound<'_, PyAny>, i64) = pair.extract().map_err(miss)?;
+            if q.getattr(pyo3::intern!(py, "_version")).and_then(|x| x.extract::<i64>()).map_err(miss)? != v {
+                return Err(Cached::Miss);
+            }
+        }
+        let step = st.get_item(pyo3::intern!(py, "step")).map_err(miss)?.ok_or(Cached::Miss)?;
+        if !step.is_exact_instance_of::<PyInt>() {
+            return Err(Cached::Miss);
+        }
+        let step: u64 = step.extract().map_err(miss)?;
+        flat[start + STEP_GIVEN] = usize::try_from(step).map_err(|_| Cached::Miss)?;
+        let mut master = false;
+        if !p_dtype.is(low.f32) && st.get_item(pyo3::intern!(py, "master_param")).map_err(miss)?.is_some() {
+            master = true;
+            if let Some(seen) = low.written.get_item(p.as_ptr() as usize).map_err(miss)? {
+                let (q, version, at): (Bound<'_, PyAny>, i64, usize) = seen.extract().map_err(miss)?;
+                let now: i64 = p.getattr(pyo3::intern!(py, "_version")).and_then(|x| x.extract()).map_err(miss)?;
+                if q.is(p) && (version != now || at != ptr) {
+                    return Err(Cached::Miss);
+                }
+            }
+        }
+        counted.push(Counted { p: p.clone(), st, step, master, ptr });
+    }
     Ok(())
+}
+
+/// A parameter stepped with 8-bit state or master weights, for the
+/// bookkeeping after the step: its state's `step` (counted when the step
+/// ran) and, with a master, the parameter as the step left it.
+struct Counted<'py> {
+    p: Bound<'py, PyAny>,
+    st: Bound<'py, PyDict>,
+    step: u64,
+    master: bool,
+    ptr: usize,
 }
 
 /// What [`cached_tensor`] compares against, besides the entry.
@@ -563,6 +616,16 @@ struct CacheContext<'a, 'py> {
     state_of: HashMap<usize, Bound<'py, PyAny>>,
     no_state: &'a Bound<'py, PyAny>,
     strided: &'a Bound<'py, PyAny>,
+    /// For 8-bit state or master weights: `(written, torch.float32)`, the
+    /// optimizer's record of each half-precision parameter as the last
+    /// step left it (`id(p) -> (p, p._version, p.data_ptr())`).
+    lowbit: Option<LowbitContext<'a, 'py>>,
+}
+
+/// See [`CacheContext::lowbit`].
+struct LowbitContext<'a, 'py> {
+    written: &'a Bound<'py, PyDict>,
+    f32: &'a Bound<'py, PyAny>,
 }
 
 /// [`step`] for the parameters `adaoptim.torch` has cached: the same call,
@@ -584,7 +647,7 @@ struct CacheContext<'a, 'py> {
 /// and holds every state tensor alive; the conditions compared here are the
 /// ones under which the Python loop reuses an entry.
 #[pyfunction]
-#[pyo3(signature = (class, groups, cache, state, no_state, strided, grad_scale=None, max_norm=None, skip_non_finite=false, stochastic_round=None))]
+#[pyo3(signature = (class, groups, cache, state, no_state, strided, grad_scale=None, max_norm=None, skip_non_finite=false, stochastic_round=None, lowbit=None))]
 #[allow(clippy::too_many_arguments)]
 fn step_cached(
     py: Python<'_>,
@@ -598,21 +661,40 @@ fn step_cached(
     max_norm: Option<f64>,
     skip_non_finite: bool,
     stochastic_round: Option<Vec<u64>>,
+    lowbit: Option<(Bound<'_, PyDict>, Bound<'_, PyAny>)>,
 ) -> PyResult<Option<bool>> {
     let state_of = state.iter().map(|(k, v)| (k.as_ptr() as usize, v)).collect();
-    let cx = CacheContext { cache: &cache, state_of, no_state: &no_state, strided: &strided };
+    let lowbit_cx = lowbit.as_ref().map(|(written, f32)| LowbitContext { written, f32 });
+    let cx = CacheContext { cache: &cache, state_of, no_state: &no_state, strided: &strided, lowbit: lowbit_cx };
     let mut flat_groups = Vec::with_capacity(groups.len());
+    let mut counted = Vec::new();
     for (options, params, keys) in groups {
         let mut flat = Vec::with_capacity(params.len() * STRIDE);
         for p in params.iter() {
-            match cached_tensor(py, &p, &keys, &cx, &mut flat) {
+            match cached_tensor(py, &p, &keys, &cx, &mut flat, &mut counted) {
                 Ok(()) | Err(Cached::NoGrad) => {}
                 Err(Cached::Miss) => return Ok(None),
             }
         }
         flat_groups.push((options, flat));
     }
-    run_step(py, class, &flat_groups, grad_scale, max_norm, skip_non_finite, stochastic_round).map(Some)
+    let ran = run_step(py, class, &flat_groups, grad_scale, max_norm, skip_non_finite, stochastic_round)?;
+    // The Python loop's bookkeeping after a step with 8-bit state or master
+    // weights: a half-precision parameter as the step left it (its version
+    // counter does not move: the step writes through its pointer), and the
+    // state's integer step counted when the step ran.
+    if let Some((written, _)) = &lowbit {
+        for c in counted {
+            if c.master {
+                let version = c.p.getattr(pyo3::intern!(py, "_version"))?;
+                written.set_item(c.p.as_ptr() as usize, (&c.p, version, c.ptr))?;
+            }
+            if ran {
+                c.st.set_item(pyo3::intern!(py, "step"), c.step + 1)?;
+            }
+        }
+    }
+    Ok(Some(ran))
 }
 
 /// Quantizes `n` float32 values at `src` into an 8-bit block-wise state:

@@ -102,3 +102,92 @@ def test_random_changes_between_steps(seed):
                     close(o_ours.state[y][n], o_ref.state[x][n], f"seed {seed} step {k} {n} {j}")
                 assert float(o_ours.state[y]["step"]) == float(o_ref.state[x]["step"])
     assert refused >= 1
+
+
+def _same_state(sa, sb, what):
+    assert sa.keys() == sb.keys(), what
+    for n, v in sa.items():
+        w = sb[n]
+        if torch.is_tensor(v):
+            assert v.dtype == w.dtype and torch.equal(v, w), f"{what}: {n}"
+        else:
+            assert v == w, f"{what}: {n}"
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize(
+    "kw,dtype",
+    [
+        (dict(optim_bits=8, min_8bit_size=256), torch.float32),
+        (dict(master_weights=True), torch.bfloat16),
+        (dict(optim_bits=8, min_8bit_size=256, master_weights=True), torch.float16),
+    ],
+    ids=["8bit", "master-bf16", "8bit-master-f16"],
+)
+def test_lowbit_cached_step_equals_the_python_loop(kw, dtype, seed, monkeypatch):
+    """With 8-bit state or master weights, the step served from the cache
+    (``_core.step_cached`` with the integer step and master bookkeeping in
+    Rust) gives the bits of the Python loop (the same optimizer with its
+    cache cleared before every step), under random changes between steps:
+    gradients set to None, a parameter written in place (which reseeds its
+    master), new memory behind a parameter, a state's step count set by
+    hand, a new lr, a state_dict round trip."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randint(n):
+        return int(torch.randint(n, (1,), generator=gen))
+
+    shapes = [(600,), (20, 30), (5,), (0,)]
+    init = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    fast = [torch.nn.Parameter(x.clone()) for x in init]
+    slow = [torch.nn.Parameter(x.clone()) for x in init]
+    o_fast = ada.AdamW(fast, lr=0.01, weight_decay=0.1, **kw)
+    o_slow = ada.AdamW(slow, lr=0.01, weight_decay=0.1, **kw)
+    calls, real, counting = [], ada._core.step, [False]
+
+    def counted(*args, **kwargs):
+        if counting[0]:
+            calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ada._core, "step", counted)
+    misses = 1  # the first step
+    for k in range(40):
+        grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+        for a, b, g in zip(fast, slow, grads):
+            a.grad, b.grad = g.clone(), g.clone()
+        event, i = randint(7), randint(len(shapes))
+        a, b = fast[i], slow[i]
+        if event == 0:
+            a.grad = b.grad = None
+        elif event == 1:
+            with torch.no_grad():
+                a.mul_(0.5)
+                b.mul_(0.5)
+            # A parameter with a master, written in place: the loop reseeds it.
+            misses += kw.get("master_weights", False) and k > 0
+        elif event == 2:
+            x = a.detach().clone() * 1.5
+            a.data, b.data = x.clone(), x.clone()
+            misses += k > 0 and a.numel() > 0  # (an empty tensor's pointer may not move)
+        elif event == 3 and a in o_fast.state and "step" in o_fast.state[a]:
+            o_fast.state[a]["step"] = o_slow.state[b]["step"] = 100
+        elif event == 4:
+            o_fast.param_groups[0]["lr"] = o_slow.param_groups[0]["lr"] = 0.001 * (1 + randint(20))
+        elif event == 5:
+            o_fast.load_state_dict(copy.deepcopy(o_fast.state_dict()))
+            o_slow.load_state_dict(copy.deepcopy(o_slow.state_dict()))
+            misses += k > 0
+        o_slow.__dict__.pop("_adaoptim_lowcache", None)  # the Python loop, every step
+        counting[0] = True
+        o_fast.step()
+        counting[0] = False
+        o_slow.step()
+        for j, (x, y) in enumerate(zip(fast, slow)):
+            assert torch.equal(x.detach(), y.detach()), f"step {k} event {event} parameter {j}"
+            assert (x in o_fast.state) == (y in o_slow.state)
+            if x in o_fast.state:
+                _same_state(o_fast.state[x], o_slow.state[y], f"step {k} event {event} parameter {j}")
+    # The fast optimizer took the Python loop only on its first step and
+    # after the changes that must send it there.
+    assert len(calls) == misses
