@@ -195,6 +195,34 @@ def _check_tensor(t, what, where, shape, dtypes=(torch.float32,)):
         raise ValueError(f"{where}: {what} has shape {tuple(t.shape)}, the parameter {tuple(shape)}")
 
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except Exception:  # a torch without torch.distributed
+    _DTensor = None
+
+
+def _is_dtensor(t):
+    return _DTensor is not None and isinstance(t, _DTensor)
+
+
+def _local(t):
+    """A DTensor's local part, else the tensor itself. FSDP2 (``fully_shard``)
+    and tensor parallelism hand the optimizer DTensor parameters, gradients
+    and (through ``zeros_like``) state: the step is element-wise, so each
+    rank steps its own shard, in place, as torch's optimizers do through
+    DTensor's dispatch."""
+    return t._local_tensor if _is_dtensor(t) else t
+
+
+def _check_placements(t, what, where):
+    """A sharded or replicated DTensor steps as its local part; a pending
+    reduction (a ``Partial`` placement) would not."""
+    if _is_dtensor(t) and not all(pl.is_shard() or pl.is_replicate() for pl in t.placements):
+        raise ValueError(
+            f"{where}: {what} is a DTensor with placements {t.placements}; adaoptim steps Shard or Replicate ones"
+        )
+
+
 def _check_grad(p, g, where):
     _check_tensor(g, "its gradient", where, p.shape, _GRAD_DTYPES)
 
@@ -410,10 +438,12 @@ class _RustStep:
                 if g.layout is not _STRIDED and self._adaoptim_sparse is not None:
                     sparse.append((gi, text, p, g, _where(i, gi)))
                     continue
+                # The tensors' own memory: a DTensor's local part.
+                pl, gl = _local(p), _local(g)
                 # The fast checks (torch itself keeps a gradient on its
                 # parameter's device); the slow path names what is wrong.
-                if not (g.layout is _STRIDED and g.dtype in _GRAD_DTYPES and g.is_contiguous()):
-                    _check_grad(p, g, _where(i, gi))
+                if not (gl.layout is _STRIDED and gl.dtype in _GRAD_DTYPES and gl.is_contiguous()):
+                    _check_grad(pl, gl, _where(i, gi))
                 entry = cache.get(id(p))
                 # A cached parameter is stepped with its cached state tensors:
                 # load_state_dict replaces the whole state (seen above); a
@@ -422,22 +452,23 @@ class _RustStep:
                 # parameter whose memory moved (`p.data = ...`), or whose
                 # gradient has another size or dtype, goes through the full
                 # checks again.
-                ptr = p.data_ptr()
+                ptr = pl.data_ptr()
                 if (
                     entry is None
                     or entry[0] is not p
                     or entry[1] is not keys
                     or entry[6] != ptr
-                    or g.numel() != entry[3]
-                    or g.dtype is not entry[7]
-                    or p.dtype is not entry[8]
+                    or gl.numel() != entry[3]
+                    or gl.dtype is not entry[7]
+                    or pl.dtype is not entry[8]
+                    or entry[10] is not (gl is not g)
                     or state_of(p, _NO_STATE) is not entry[4]
                     or not all(map(_is, map(entry[4].get, keys), entry[5]))
                 ):
                     pending.append((len(groups), p, g, _where(i, gi), layout))
                     continue
                 flat.append(ptr)
-                flat.append(g.data_ptr())
+                flat.append(gl.data_ptr())
                 flat.extend(entry[2])
             groups.append((text, flat))
         # Every check (of both kinds of gradient) before anything changes.
@@ -463,19 +494,26 @@ class _RustStep:
         dict, every state tensor (kept alive, so a cached pointer never
         dangles, and compared by identity), the parameter's data pointer, the
         gradient's and the parameter's dtypes (the storage bits depend on
-        them), and the tensor's integers packed as 64-bit native ones, the
+        them), the tensor's integers packed as 64-bit native ones, the
         gradient pointer 0 (read by ``_core.step_cached``, which makes the
-        same comparisons in Rust)."""
+        same comparisons in Rust), and whether the parameter is a DTensor
+        (pointers, sizes and dtypes are then its local part's)."""
         for _, p, g, where, layout in pending:
             names = layout[0]
-            _check_tensor(p, "the parameter", where, None, _DENSE_DTYPES)
-            _check_grad(p, g, where)
+            if _is_dtensor(p) != _is_dtensor(g):
+                raise TypeError(f"{where}: the parameter and its gradient must both be DTensors or both not")
+            _check_placements(p, "the parameter", where)
+            _check_placements(g, "its gradient", where)
+            _check_tensor(_local(p), "the parameter", where, None, _DENSE_DTYPES)
+            _check_grad(_local(p), _local(g), where)
             st = self.state.get(p)
             if st:
                 for n in names:
                     if st.get(n) is not None:
-                        _check_tensor(st[n], f"state {n!r}", where, p.shape, _DENSE_DTYPES)
-        _check_no_overlap(p for grp in self.param_groups for p in grp["params"])
+                        if _is_dtensor(st[n]) != _is_dtensor(p):
+                            raise TypeError(f"{where}: state {n!r} must be a DTensor exactly when the parameter is")
+                        _check_tensor(_local(st[n]), f"state {n!r}", where, _local(p).shape, _DENSE_DTYPES)
+        _check_no_overlap(_local(p) for grp in self.param_groups for p in grp["params"])
         # Everything is checked: from here on, state is created.
         for slot, p, g, _, layout in pending:
             names, init, aux_names, aux_init, keys = layout
@@ -484,16 +522,19 @@ class _RustStep:
             st = self.state[p] if keys else _NO_STATE
             first = self._adaoptim_init_state(st, p, names, init, aux_names, aux_init)
 
+            pl, gl = _local(p), _local(g)
             flat = groups[slot][1]
-            flat.append(p.data_ptr())
-            flat.append(g.data_ptr())
-            flat.extend(self._adaoptim_integers(p, g, st, names, aux_names, 0 if first else 1))
+            flat.append(pl.data_ptr())
+            flat.append(gl.data_ptr())
+            flat.extend(self._adaoptim_integers(pl, gl, st, names, aux_names, 0 if first else 1))
             # Cached for the next steps (a step count of 1 for SGD's and Lion's
-            # "not the first step"); every state tensor stays alive in it.
+            # "not the first step"); every state tensor stays alive in it (a
+            # DTensor state keeps its local part alive).
             held = tuple(st[k] for k in keys)
-            ints = self._adaoptim_integers(p, g, st, names, aux_names, 1)
-            packed = struct.pack(f"={_STRIDE}Q", p.data_ptr(), 0, *ints)
-            cache[id(p)] = (p, keys, ints, p.numel(), st, held, p.data_ptr(), g.dtype, p.dtype, packed)
+            ints = self._adaoptim_integers(pl, gl, st, names, aux_names, 1)
+            packed = struct.pack(f"={_STRIDE}Q", pl.data_ptr(), 0, *ints)
+            dtensor = pl is not p
+            cache[id(p)] = (p, keys, ints, pl.numel(), st, held, pl.data_ptr(), gl.dtype, pl.dtype, packed, dtensor)
 
     def _adaoptim_integers(self, p, g, st, names, aux_names, given):
         """The per-tensor integers after the two data pointers (element count,
@@ -502,7 +543,7 @@ class _RustStep:
         bits = int(p.dtype is _BF16) | _GRAD_BITS[g.dtype]
         for i, n in enumerate(names):
             bits |= int(st[n].dtype is _BF16) << (_STATE_BITS + i)
-        out = [p.numel(), bits] + [st[n].data_ptr() for n in names] + [0] * (_MAX_STATE - len(names))
+        out = [p.numel(), bits] + [_local(st[n]).data_ptr() for n in names] + [0] * (_MAX_STATE - len(names))
         out += [st["step"].data_ptr(), 0] if self._adaoptim_has_step else [0, given]
         return out + [st[n].data_ptr() for n in aux_names] + [0] * (_MAX_AUX - len(aux_names)) + _NO_LOWBIT
 
@@ -555,6 +596,10 @@ class _RustStep:
     def _adaoptim_lowbit_check(self, p, g, where, layout):
         """The checks of one parameter of the 8-bit/master step: its
         tensors and whatever state it has. Returns its step count."""
+        if _is_dtensor(p) or _is_dtensor(g):
+            raise TypeError(
+                f"{where}: DTensor parameters (FSDP2) are not stepped with optim_bits=8 or master_weights yet"
+            )
         dtypes = (_F32, _BF16, _F16) if self.master_weights else _DENSE_DTYPES
         _check_tensor(p, "the parameter", where, None, dtypes)
         _check_grad(p, g, where)
@@ -706,8 +751,8 @@ class _RustStep:
                     and p.dtype is e[8]
                     and g.numel() == e[3]
                     and g.is_contiguous()
-                    and all(map(_is, map(st.get, e[10]), e[5]))
-                    and all(q._version == v for q, v in e[11])
+                    and all(map(_is, map(st.get, e[11]), e[5]))
+                    and all(q._version == v for q, v in e[12])
                     and type(st.get("step")) is int
                     and st["step"] >= 0
                 ):
@@ -743,7 +788,8 @@ class _RustStep:
                     # then the state keys held and the code maps by version.
                     held = tuple(st[k] for k in used)
                     packed = struct.pack(f"={_STRIDE}Q", *ints)
-                    e = (p, layout[4], ints, g.numel(), st, held, p.data_ptr(), g.dtype, p.dtype, packed, used, maps)
+                    e = (p, layout[4], ints, g.numel(), st, held, p.data_ptr(), g.dtype, p.dtype, packed, False)
+                    e += (used, maps)
                     cache[id(p)] = e
                 st = e[4]
                 master = st.get("master_param") if p.dtype is not _F32 else None

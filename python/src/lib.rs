@@ -493,11 +493,13 @@ const STEP_GIVEN: usize = 5 + MAX_STATE;
 /// redoes the whole step with its checks and messages.
 ///
 /// An entry is the tuple `(p, keys, ints, numel, st, held, data_ptr,
-/// grad dtype, param dtype, packed)`: `packed` is the tensor's `STRIDE`
-/// integers as native-endian 64-bit ones, the gradient pointer left 0.
-/// With 8-bit state or master weights (`cx.lowbit`), two more: the state
-/// keys `held` follows (instead of the group's keys) and the code maps with
-/// their version counters; the state's `step` must be a Python int (it is
+/// grad dtype, param dtype, packed, dtensor)`: `packed` is the tensor's
+/// `STRIDE` integers as native-endian 64-bit ones, the gradient pointer
+/// left 0; with `dtensor` (a DTensor parameter, as FSDP2 hands over) the
+/// pointer, size and dtypes are the local parts' (`_local_tensor`) of the
+/// parameter and its gradient. With 8-bit state or master weights
+/// (`cx.lowbit`), two more: the state keys `held` follows (instead of the
+/// group's keys) and the code maps with their version counters; the state's `step` must be a Python int (it is
 /// given in the integers and counted back by [`step_cached`]), and a
 /// half-precision parameter with a float32 master must not have been
 /// written since the last step (that reseeds its master: the Python loop's
@@ -517,20 +519,29 @@ fn cached_tensor<'py>(
     }
     let entry = cx.cache.get_item(p.as_ptr() as usize).map_err(miss)?.ok_or(Cached::Miss)?;
     let entry = entry.cast_into::<PyTuple>().map_err(|_| Cached::Miss)?;
-    if entry.len() != if cx.lowbit.is_some() { 12 } else { 10 } {
+    if entry.len() != if cx.lowbit.is_some() { 13 } else { 11 } {
         return Err(Cached::Miss);
     }
     let item = |i: usize| entry.get_item(i).map_err(miss);
-    let ptr: usize = p.call_method0(pyo3::intern!(py, "data_ptr")).and_then(|x| x.extract()).map_err(miss)?;
-    let p_dtype = p.getattr(pyo3::intern!(py, "dtype")).map_err(miss)?;
-    let same = item(0)?.is(p)
-        && item(1)?.is(keys)
-        && g.getattr(pyo3::intern!(py, "layout")).map_err(miss)?.is(cx.strided)
-        && g.getattr(pyo3::intern!(py, "dtype")).map_err(miss)?.is(&item(7)?)
+    if !item(0)?.is(p) || !item(1)?.is(keys) {
+        return Err(Cached::Miss);
+    }
+    // A DTensor parameter (FSDP2) is stepped through its local part, and so
+    // is its gradient.
+    let (pl, gl) = if item(10)?.is_truthy().map_err(miss)? {
+        let local = pyo3::intern!(py, "_local_tensor");
+        (p.getattr(local).map_err(miss)?, g.getattr(local).map_err(miss)?)
+    } else {
+        (p.clone(), g.clone())
+    };
+    let ptr: usize = pl.call_method0(pyo3::intern!(py, "data_ptr")).and_then(|x| x.extract()).map_err(miss)?;
+    let p_dtype = pl.getattr(pyo3::intern!(py, "dtype")).map_err(miss)?;
+    let same = gl.getattr(pyo3::intern!(py, "layout")).map_err(miss)?.is(cx.strided)
+        && gl.getattr(pyo3::intern!(py, "dtype")).map_err(miss)?.is(&item(7)?)
         && p_dtype.is(&item(8)?)
         && item(6)?.extract::<usize>().map_err(miss)? == ptr
-        && g.call_method0(pyo3::intern!(py, "numel")).map_err(miss)?.eq(item(3)?).map_err(miss)?
-        && g.call_method0(pyo3::intern!(py, "is_contiguous")).map_err(miss)?.is_truthy().map_err(miss)?;
+        && gl.call_method0(pyo3::intern!(py, "numel")).map_err(miss)?.eq(item(3)?).map_err(miss)?
+        && gl.call_method0(pyo3::intern!(py, "is_contiguous")).map_err(miss)?.is_truthy().map_err(miss)?;
     if !same {
         return Err(Cached::Miss);
     }
@@ -544,7 +555,7 @@ fn cached_tensor<'py>(
     }
     let st = st.cast_into::<PyDict>().map_err(|_| Cached::Miss)?;
     let held = item(5)?.cast_into::<PyTuple>().map_err(|_| Cached::Miss)?;
-    let held_keys = if cx.lowbit.is_some() { item(10)? } else { keys.clone() };
+    let held_keys = if cx.lowbit.is_some() { item(11)? } else { keys.clone() };
     let held_keys = held_keys.cast_into::<PyTuple>().map_err(|_| Cached::Miss)?;
     if held.len() != held_keys.len() {
         return Err(Cached::Miss);
@@ -562,11 +573,11 @@ fn cached_tensor<'py>(
     }
     let start = flat.len();
     flat.extend(packed.chunks_exact(8).map(|b| u64::from_ne_bytes(b.try_into().unwrap()) as usize));
-    flat[start + 1] = g.call_method0(pyo3::intern!(py, "data_ptr")).and_then(|x| x.extract()).map_err(miss)?;
+    flat[start + 1] = gl.call_method0(pyo3::intern!(py, "data_ptr")).and_then(|x| x.extract()).map_err(miss)?;
     if let Some(low) = &cx.lowbit {
         // The code maps, also by version (an in-place change of a map is a
         // new map to check).
-        let maps = item(11)?.cast_into::<PyTuple>().map_err(|_| Cached::Miss)?;
+        let maps = item(12)?.cast_into::<PyTuple>().map_err(|_| Cached::Miss)?;
         for pair in maps.iter() {
             let (q, v): (Bound<'_, PyAny>, i64) = pair.extract().map_err(miss)?;
             if q.getattr(pyo3::intern!(py, "_version")).and_then(|x| x.extract::<i64>()).map_err(miss)? != v {
