@@ -182,6 +182,10 @@ def _where(i, gi):
 def _check_tensor(t, what, where, shape, dtypes=(torch.float32,)):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{where}: {what} is not a tensor")
+    if _is_dtensor(t):
+        # The element-wise step passes DTensors' local parts here; the other
+        # paths (Adafactor, SparseAdam, sparse Adagrad) do not take them.
+        raise TypeError(f"{where}: {what} is a DTensor (FSDP2); this step does not take DTensors yet")
     if t.is_sparse or t.layout != torch.strided:
         raise TypeError(f"{where}: {what} is sparse; this optimizer takes dense gradients")
     if t.device.type != "cpu":
