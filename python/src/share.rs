@@ -12,7 +12,9 @@
 //! starts after the caller closed the work leaves without touching it. A
 //! helper that is inside the work is waited for (it finishes the piece it
 //! holds). Which thread steps a piece does not change its bits: each piece
-//! is stepped on its own.
+//! is stepped on its own. A panic in the work reaches the caller, from
+//! whichever thread (as with rayon's parallel iterators), after every
+//! helper has left the work.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
@@ -35,6 +37,10 @@ struct Shared {
     /// The work, its lifetime erased: valid while the caller is inside
     /// [`share`], which outlasts every helper that found `closed` unset.
     work: *const (dyn Fn(usize) + Sync),
+    /// A panic in a helper's call of the work, raised again by the caller
+    /// (as rayon's own parallel iterators do; a panic left in a spawned job
+    /// would abort the process).
+    panic: std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>,
 }
 
 // SAFETY: `work` points to a `Sync` closure, only called (by shared
@@ -62,7 +68,10 @@ fn help(sh: &Shared) {
         // reach 0 and is still inside `share`, keeping `work` alive until
         // this helper leaves (the `fetch_sub` below).
         let work = unsafe { &*sh.work };
-        claim_all(sh, work);
+        let run = std::panic::AssertUnwindSafe(|| claim_all(sh, work));
+        if let Err(payload) = std::panic::catch_unwind(run) {
+            sh.panic.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(payload);
+        }
     }
     sh.active.fetch_sub(1, SeqCst);
 }
@@ -84,6 +93,7 @@ pub(crate) fn share(pool: Option<&rayon::ThreadPool>, n: usize, work: &(dyn Fn(u
         active: AtomicUsize::new(0),
         closed: AtomicBool::new(false),
         work: erased,
+        panic: std::sync::Mutex::new(None),
     });
     for _ in 0..extra {
         let sh = Arc::clone(&sh);
@@ -92,16 +102,32 @@ pub(crate) fn share(pool: Option<&rayon::ThreadPool>, n: usize, work: &(dyn Fn(u
             None => rayon::spawn(move || help(&sh)),
         }
     }
+    // Closes the work and waits for the helpers inside it when this
+    // function leaves, by returning or by a panic in `work` (which must not
+    // free the closure under a helper still calling it).
+    let close = Close(&sh);
     claim_all(&sh, work);
-    sh.closed.store(true, SeqCst);
-    // Helpers inside the work finish the piece they hold; no new one enters.
-    let mut spins = 0u32;
-    while sh.active.load(SeqCst) != 0 {
-        spins += 1;
-        if spins < 1 << 10 {
-            std::hint::spin_loop();
-        } else {
-            std::thread::yield_now();
+    drop(close);
+    if let Some(payload) = sh.panic.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        std::panic::resume_unwind(payload);
+    }
+}
+
+/// See [`share`].
+struct Close<'a>(&'a Shared);
+
+impl Drop for Close<'_> {
+    fn drop(&mut self) {
+        self.0.closed.store(true, SeqCst);
+        // Helpers inside the work finish the piece they hold; no new one enters.
+        let mut spins = 0u32;
+        while self.0.active.load(SeqCst) != 0 {
+            spins += 1;
+            if spins < 1 << 10 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
         }
     }
 }
@@ -129,6 +155,25 @@ mod tests {
 
     fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         m.lock().unwrap()
+    }
+
+    #[test]
+    fn a_panic_reaches_the_caller_whichever_thread_ran_it() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for bad in [0, 1, 50, 99] {
+            let done = AtomicUsize::new(0);
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                share(Some(&pool), 100, &|i| {
+                    std::thread::sleep(std::time::Duration::from_micros(20));
+                    assert!(i != bad, "index {i}");
+                    done.fetch_add(1, SeqCst);
+                })
+            }));
+            // Raised here, not an abort of the process (a panic left in a
+            // rayon job aborts). Which other indices ran depends on timing.
+            assert!(r.is_err(), "bad = {bad}");
+            assert!(done.load(SeqCst) < 100);
+        }
     }
 
     #[test]
