@@ -13,7 +13,14 @@ pointers) in one parallel region, with the GIL released. Every tensor is
 checked first: a parameter, gradient or state tensor that is not on the CPU,
 not contiguous or of a dtype the class does not step, or a gradient of
 another shape, raises ``TypeError``/``ValueError`` naming the parameter
-before anything is modified.
+before anything is modified. From the second step on, a parameter whose
+tensors are the ones checked before is not checked again in Python: the
+per-parameter loop runs in Rust (``_core.step_cached``), and any change
+sends the step back through the full checks.
+
+DTensor parameters (FSDP2's ``fully_shard``) are stepped through each
+rank's local shard, with DTensor state as torch creates it (the
+element-wise classes with 32-bit state; the others refuse DTensors).
 
 The element-wise classes step ``float32`` and ``bfloat16`` parameters and
 state, and ``float32``, ``bfloat16`` or ``float16`` gradients (torch's
