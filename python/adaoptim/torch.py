@@ -422,18 +422,9 @@ class _RustStep:
             # load_state_dict (or a user) replaced the state: rebuild the cache.
             cache.clear()
             self._adaoptim_state_obj = self.state
-        elif cache:
+        elif cache and self._adaoptim_cached(cache, _check_controls(self)):
             # The usual step: every parameter with a gradient is cached.
-            # _core.step_cached makes the loop's comparisons below in Rust and
-            # steps, or returns None having touched nothing (then the loop
-            # below runs, with its checks and messages).
-            controls = _check_controls(self)
-            fast = []
-            for gi, group in enumerate(self.param_groups):
-                text, layout = self._adaoptim_options(group, gi)
-                fast.append((text, group["params"], layout[4]))
-            if self._adaoptim_run(fast, controls, cached=True) is not None:
-                return loss
+            return loss
         self._adaoptim_unwrap()
         groups = []
         sparse = []  # (group index, options, p, g, where): parameters with sparse gradients
@@ -728,15 +719,9 @@ class _RustStep:
         if self.__dict__.get("_adaoptim_low_state_obj") is not self.state:
             cache.clear()
             self._adaoptim_low_state_obj = self.state
-        elif cache:
-            # As the plain step: the comparisons below, and the bookkeeping
-            # after the step, made in Rust when every parameter passes them.
-            fast = []
-            for gi, group in enumerate(self.param_groups):
-                text, layout = self._adaoptim_options(group, gi)
-                fast.append((text, group["params"], layout[4]))
-            if self._adaoptim_run(fast, controls, cached=(cache, (written, _F32))) is not None:
-                return loss
+        elif cache and self._adaoptim_cached(cache, controls, lowbit=(written, _F32)):
+            # As the plain step; the bookkeeping after it is made in Rust too.
+            return loss
         state_of = self.state.get
         todo = []
         fresh = False
@@ -822,28 +807,33 @@ class _RustStep:
                 st["step"] = step + 1
         return loss
 
-    def _adaoptim_run(self, groups, controls, cached=False):
+    def _adaoptim_cached(self, cache, controls, lowbit=None):
+        """The step served from ``cache`` (the plain step's, or with
+        ``lowbit`` the 8-bit/master one's): ``_core.step_cached`` makes the
+        comparisons of the Python loop that follows a miss, in Rust, and
+        steps. False when any parameter is not served from its entry:
+        nothing has changed then, and the caller's loop runs, with its
+        checks and messages."""
+        groups = []
+        for gi, group in enumerate(self.param_groups):
+            text, layout = self._adaoptim_options(group, gi)
+            groups.append((text, group["params"], layout[4]))
+        extra = (cache, self.state, _NO_STATE, _STRIDED)
+        return self._adaoptim_run(groups, controls, cached=extra, lowbit=lowbit) is not None
+
+    def _adaoptim_run(self, groups, controls, cached=None, lowbit=None):
         """The one Rust call; counts the groups' stochastic-rounding steps.
         Returns whether the step ran (False: skipped for a non-finite
-        gradient); with ``cached`` (``_core.step_cached``'s groups), None
-        when the cache could not serve the step (nothing changed)."""
+        gradient). With ``cached`` (the cache, the state, the no-state dict
+        and torch.strided), ``_core.step_cached`` on its groups, which
+        returns None when the cache could not serve the step (nothing
+        changed, nothing counted)."""
         counts = None
         if self.bf16_stochastic_round:
             counts = [int(group.setdefault("bf16_sr_step", 0)) for group in self.param_groups]
-        if cached:
-            # True: the plain step's cache; (cache, lowbit): the 8-bit /
-            # master-weights step's, with its bookkeeping context.
-            cache, lowbit = (self._adaoptim_cache, None) if cached is True else cached
+        if cached is not None:
             ran = _core.step_cached(
-                self._adaoptim_class,
-                groups,
-                cache,
-                self.state,
-                _NO_STATE,
-                _STRIDED,
-                *controls,
-                stochastic_round=counts,
-                lowbit=lowbit,
+                self._adaoptim_class, groups, *cached, *controls, stochastic_round=counts, lowbit=lowbit
             )
             if ran is None:
                 return None
