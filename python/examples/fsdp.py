@@ -122,11 +122,17 @@ def worst(a, b):
     return max(((x - y).abs() / (1e-5 * y.abs() + 1e-6)).max().item() for x, y in zip(a, b))
 
 
-def main():
+def run_two_ranks(worker):
+    """Spawns `worker(rank, 2, init_file, out)` on two ranks; returns what
+    rank 0 saved to `out`."""
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "result.pt")
         mp.spawn(worker, args=(2, os.path.join(d, "init"), out), nprocs=2, join=True)
-        r = torch.load(out)
+        return torch.load(out)
+
+
+def main():
+    r = run_two_ranks(worker)
     result = {
         "steps": STEPS,
         "params": sum(p.numel() for p in r["ref"]),

@@ -27,13 +27,11 @@ uninterrupted torch run, and each rank's number of state elements.
 """
 
 import json
-import os
 import sys
-import tempfile
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from fsdp import run_two_ranks, worst  # the FSDP2 example beside this one
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 import adaoptim.torch as ada
@@ -102,15 +100,8 @@ def worker(rank, world, init_file, out):
     dist.destroy_process_group()
 
 
-def worst(a, b):
-    return max(((x - y).abs() / (1e-5 * y.abs() + 1e-6)).max().item() for x, y in zip(a, b))
-
-
 def main():
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "result.pt")
-        mp.spawn(worker, args=(2, os.path.join(d, "init"), out), nprocs=2, join=True)
-        r = torch.load(out)
+    r = run_two_ranks(worker)
     bad = False
     for orig, m in r.items():
         result = {
