@@ -149,7 +149,7 @@ pub(crate) const IMPLEMENTATION_KEYS: [&str; 4] = ["foreach", "fused", "differen
 /// Options of ours that torch's constructors do not take. They are written
 /// only when set, so that torch can take a `param_groups` entry as keyword
 /// arguments whenever the configuration is one torch has.
-const EXTENSION_KEYS: [&str; 1] = ["eps_inside_sqrt"];
+const EXTENSION_KEYS: [&str; 2] = ["eps_inside_sqrt", "torch_exact"];
 
 pub(crate) fn options_json(options: Vec<(&'static str, HyperValue)>) -> Map<String, Value> {
     let mut m = Map::new();

@@ -23,7 +23,10 @@
 //! asks for it by name) or exact (`neg`, `abs`, `max_nan`, `min_nan`, `sign`,
 //! `lt_select`). No backend fuses a multiply and an add on its own (`a * b + c`
 //! is two roundings everywhere), and none uses an approximate reciprocal or
-//! reciprocal square root. The formulas are evaluated in the same order on every backend,
+//! reciprocal square root except `rsqrt14`, whose bits Intel's reference
+//! implementation defines exactly (the AVX-512 lanes run the instruction,
+//! the others the reference; only torch's bit-exact square root,
+//! [`torch_sqrt`](crate::math::torch_sqrt), uses it). The formulas are evaluated in the same order on every backend,
 //! so **every backend is bitwise identical to the scalar reference** for finite
 //! and infinite values (0 ULP per step); NaN results are NaN on every backend,
 //! though the NaN payload bits may differ.
@@ -86,6 +89,9 @@ pub(crate) trait F32Vec:
     unsafe fn store(self, ptr: *mut f32);
     /// Correctly rounded square root (NaN for negative input).
     fn sqrt(self) -> Self;
+    /// AVX-512's `vrsqrt14ps` approximate reciprocal square root, bit for
+    /// bit ([`rsqrt14`], the reference; the AVX-512 lanes run the instruction).
+    fn rsqrt14(self) -> Self;
     /// Absolute value (clears the sign bit).
     fn abs(self) -> Self;
     /// `torch.maximum`: the larger value, NaN if either operand is NaN.
@@ -192,6 +198,131 @@ pub(crate) fn f32_to_f16(x: f32) -> u16 {
     ((sign >> 16) | if shl1_w > 0xff00_0000 { 0x7e00 } else { nonsign }) as u16
 }
 
+/// `vrsqrt14`'s segments, `(c, d)` each: on segment `i` of `[1, 2)` (width
+/// 1/32, midpoint `y = 1 + 1/64 + i/32`) the value is
+/// `(c - 2^8 d (x - y)) / 2^19`, on segment `i` of `[2, 4)` (width 1/16,
+/// midpoint `y = 2 + 1/32 + i/16`) `(c - 2^7 d (x - y)) / 2^19`. The numbers
+/// are those of Intel's "Reference Implementations for IA Approximation
+/// Instructions VRCP14, VRSQRT14, VRCP28, VRSQRT28, and VEXP2" (2015), which
+/// defines the instruction's bits; [`rsqrt14`] is checked against the
+/// instruction on every positive input of three binades and all subnormals.
+const RSQRT14_LOW: [(u32, u32); 32] = [
+    (520261, 1001),
+    (512437, 955),
+    (504953, 915),
+    (497790, 877),
+    (490922, 841),
+    (484331, 807),
+    (478001, 775),
+    (471909, 747),
+    (466046, 719),
+    (460397, 693),
+    (454947, 669),
+    (449688, 647),
+    (444606, 625),
+    (439694, 603),
+    (434939, 585),
+    (430335, 567),
+    (425875, 549),
+    (421551, 533),
+    (417355, 517),
+    (413284, 501),
+    (409329, 487),
+    (405487, 473),
+    (401748, 461),
+    (398111, 449),
+    (394571, 437),
+    (391127, 425),
+    (387770, 415),
+    (384498, 403),
+    (381307, 393),
+    (378194, 385),
+    (375155, 375),
+    (372190, 367),
+];
+/// The `[2, 4)` segments (see [`RSQRT14_LOW`]).
+const RSQRT14_HIGH: [(u32, u32); 32] = [
+    (367881, 707),
+    (362349, 675),
+    (357056, 647),
+    (351992, 619),
+    (347136, 595),
+    (342475, 571),
+    (337997, 549),
+    (333693, 527),
+    (329545, 509),
+    (325551, 491),
+    (321697, 473),
+    (317977, 457),
+    (314385, 441),
+    (310910, 427),
+    (307549, 413),
+    (304295, 401),
+    (301139, 389),
+    (298079, 377),
+    (295115, 365),
+    (292237, 355),
+    (289439, 345),
+    (286722, 335),
+    (284080, 325),
+    (281508, 317),
+    (279006, 309),
+    (276569, 301),
+    (274195, 293),
+    (271882, 285),
+    (269625, 279),
+    (267425, 271),
+    (265276, 265),
+    (263178, 259),
+];
+
+/// `vrsqrt14ps` on one value, by its definition: `x = m * 4^n` with `m` in
+/// `[1, 4)` (subnormals normalized first), the segment of `m` evaluated with
+/// `m` truncated to 15 fraction bits, exactly in f64, the result truncated
+/// to 16 fraction bits and divided by `2^n`. `1` for `m = 1`; `+-inf` for
+/// `+-0`, `0` for `+inf`, the default NaN for negative input, a NaN quieted.
+pub(crate) fn rsqrt14(x: f32) -> f32 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return f32::from_bits(b | 0x0040_0000);
+    }
+    if b & 0x7fff_ffff == 0 {
+        return f32::from_bits(b | 0x7f80_0000);
+    }
+    if b >> 31 != 0 {
+        return f32::from_bits(0xffc0_0000);
+    }
+    if x == f32::INFINITY {
+        return 0.0;
+    }
+    // x = (1 + f / 2^23) * 2^e, with a 23-bit fraction f
+    let (e, f) = match b >> 23 {
+        0 => {
+            let k = b.leading_zeros() - 8; // brings the leading one to bit 23
+            (-126 - k as i32, (b << k) & 0x007f_ffff)
+        }
+        biased => (biased as i32 - 127, b & 0x007f_ffff),
+    };
+    let high = e & 1 != 0;
+    let n = (e - i32::from(high)) / 2; // exact: x = m * 4^n, m = 2^(e - 2n) (1 + f / 2^23)
+    let r = if !high && f == 0 {
+        1.0
+    } else {
+        let i = (f >> 18) as usize;
+        let t = f64::from(f & !0xff) / f64::from(1u32 << 23); // the fraction, 15 bits kept
+        let ((c, d), m_minus_y) = if high {
+            (RSQRT14_HIGH[i], 2.0 * (1.0 + t) - (2.0 + 1.0 / 32.0 + i as f64 / 16.0))
+        } else {
+            (RSQRT14_LOW[i], (1.0 + t) - (1.0 + 1.0 / 64.0 + i as f64 / 32.0))
+        };
+        let slope = f64::from(d) * if high { 128.0 } else { 256.0 };
+        // every term and the sum are exact in f64 (at most 40 significant bits)
+        let v = f64::from(c) - slope * m_minus_y;
+        (f64::from_bits(v.to_bits() & 0xffff_fff0_0000_0000) / f64::from(1u32 << 19)) as f32
+    };
+    f32::from_bits((r.to_bits() as i32 - (n << 23)) as u32)
+}
+
 /// The order-preserving key of an f32 (negative values reversed), so
 /// unsigned comparison of keys is comparison of the values.
 #[inline(always)]
@@ -230,6 +361,10 @@ impl F32Vec for f32 {
     #[inline(always)]
     fn sqrt(self) -> Self {
         f32::sqrt(self)
+    }
+    #[inline(always)]
+    fn rsqrt14(self) -> Self {
+        rsqrt14(self)
     }
     #[inline(always)]
     fn abs(self) -> Self {
@@ -432,6 +567,10 @@ impl F32Vec for Wide {
         Wide(self.0.sqrt())
     }
     #[inline(always)]
+    fn rsqrt14(self) -> Self {
+        Wide(wide::f32x8::new(self.0.to_array().map(rsqrt14)))
+    }
+    #[inline(always)]
     fn abs(self) -> Self {
         Wide(self.0.abs())
     }
@@ -618,6 +757,16 @@ mod x86 {
             Avx2(unsafe { _mm256_sqrt_ps(self.0) })
         }
         #[inline(always)]
+        fn rsqrt14(self) -> Self {
+            // Lane by lane through the reference (AVX2 has no `vrsqrt14ps`).
+            let mut lanes = [0f32; 8];
+            // SAFETY: `lanes` holds 8 values.
+            unsafe { self.store(lanes.as_mut_ptr()) };
+            let lanes = lanes.map(super::rsqrt14);
+            // SAFETY: as above.
+            unsafe { Self::load(lanes.as_ptr()) }
+        }
+        #[inline(always)]
         fn abs(self) -> Self {
             // SAFETY: see the module comment.
             Avx2(unsafe { _mm256_andnot_ps(_mm256_set1_ps(-0.0), self.0) })
@@ -791,6 +940,13 @@ mod x86 {
         fn sqrt(self) -> Self {
             // SAFETY: see the module comment.
             Avx512(unsafe { _mm512_sqrt_ps(self.0) })
+        }
+        #[inline(always)]
+        fn rsqrt14(self) -> Self {
+            // SAFETY: see the module comment (AVX-512F detected); the
+            // instruction's bits are `rsqrt14`'s (tested on every input of
+            // three binades and every subnormal).
+            Avx512(unsafe { _mm512_rsqrt14_ps(self.0) })
         }
         #[inline(always)]
         fn abs(self) -> Self {
@@ -1095,6 +1251,7 @@ mod tests {
         lanes_match::<V>("max_nan", |a, b| a.max_nan(b), |a, b| a.max_nan(b));
         lanes_match::<V>("div_or_zero", |a, b| a.div_or_zero(b), |a, b| if b == 0.0 { 0.0 } else { a / b });
         lanes_match::<V>("sqrt", |a, _| a.sqrt(), |a, _| a.sqrt());
+        lanes_match::<V>("rsqrt14", |a, _| a.rsqrt14(), |a, _| rsqrt14(a));
         lanes_match::<V>("abs", |a, _| a.abs(), |a, _| a.abs());
         lanes_match::<V>("neg", |a, _| -a, |a, _| -a);
         lanes_match::<V>("add", |a, b| a + b, |a, b| a + b);
@@ -1192,6 +1349,39 @@ mod tests {
             assert!(x86::Avx512Cap::detect().is_some());
             assert_eq!(dispatch(Backend::Avx512, Check), 16);
         }
+    }
+
+    /// The reference `rsqrt14` against the instruction itself: every
+    /// positive value of the binades `[0.5, 1)`, `[1, 2)` and `[2, 4)` (each
+    /// segment and truncation; other exponents only shift the result), every
+    /// subnormal, a stride through all other bit patterns, and the special
+    /// values. Runs where AVX-512 is available.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn rsqrt14_reference_is_the_instruction() {
+        struct Map<'a>(&'a [f32], &'a mut [f32]);
+        impl LaneOp for Map<'_> {
+            type Out = ();
+            fn run<V: F32Vec>(self) {
+                for (x, y) in self.0.chunks_exact(V::LANES).zip(self.1.chunks_exact_mut(V::LANES)) {
+                    // SAFETY: both chunks hold LANES values.
+                    unsafe { V::load(x.as_ptr()).rsqrt14().store(y.as_mut_ptr()) }
+                }
+            }
+        }
+        if !Backend::Avx512.is_available() {
+            return;
+        }
+        let binades = (126u32..=128).flat_map(|e| (0..1u32 << 23).map(move |f| e << 23 | f));
+        let subnormals = 1..1u32 << 23;
+        let stride = (0..=u32::MAX).step_by(4099);
+        let mut xs: Vec<f32> = binades.chain(subnormals).chain(stride).map(f32::from_bits).collect();
+        xs.extend(edge_values());
+        xs.resize(xs.len().next_multiple_of(16), 1.0);
+        let mut hw = vec![0f32; xs.len()];
+        dispatch(Backend::Avx512, Map(&xs, &mut hw));
+        let bad: Vec<_> = xs.iter().zip(&hw).filter(|&(&x, &h)| !same(rsqrt14(x), h)).take(5).collect();
+        assert!(bad.is_empty(), "rsqrt14 differs from vrsqrt14ps (input, instruction): {bad:?}");
     }
 
     /// A token exists exactly where its backend is available.

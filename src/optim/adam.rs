@@ -24,8 +24,21 @@
 //! is what makes the step memory-bound rather than divider-bound. The result
 //! differs from torch's rounding by a few ULP at most (golden tests: well under
 //! 1/10 of their tolerance).
+//!
+//! With `torch_exact` the last two lines are evaluated as torch's
+//! single-tensor CPU path does, for torch's bits: `sqrt(v)` as torch's MKL
+//! computes it on AVX-512 ([`torch_sqrt`](crate::math::torch_sqrt), not
+//! correctly rounded), divided by `sqrt(1 - beta2^t)` (Python's `** 0.5`,
+//! rounded to f32), plus `eps`; then `p + ((-lr / (1 - beta1^t)) * exp_avg) /
+//! denom` (`addcdiv`'s order): two divisions per element. The other lines are
+//! torch's already (`lerp` and `addcmul` fused as torch's kernels fuse
+//! them). Bit-identical to torch where its MKL takes the AVX-512 path; on
+//! other machines torch's own square roots differ (`python3
+//! python/benches/torch_sqrt.py`). With `eps = 0` a zero denominator still
+//! gives a zero update here where torch divides 0 by 0.
 
 use super::{GradIn, Lerp, Quot, pow_step, sealed};
+use crate::math::torch_sqrt;
 use crate::driver::{Bufs, Kernel, Plan, StepReport, drive};
 use crate::error::{non_negative, unit_half_open};
 use crate::simd::F32Vec;
@@ -49,6 +62,12 @@ pub struct AdamConfig {
     pub maximize: bool,
     /// AdamW-style decoupled weight decay. Default `false`.
     pub decoupled_weight_decay: bool,
+    /// Not a torch option: evaluate the step as torch's single-tensor CPU
+    /// path does (its two divisions and its MKL square root), for torch's
+    /// exact bits where torch's MKL takes its AVX-512 path (see the
+    /// [module docs](self)). Slower: the step becomes divider-bound.
+    /// Default `false`.
+    pub torch_exact: bool,
 }
 
 impl Default for AdamConfig {
@@ -61,6 +80,7 @@ impl Default for AdamConfig {
             amsgrad: false,
             maximize: false,
             decoupled_weight_decay: false,
+            torch_exact: false,
         }
     }
 }
@@ -81,11 +101,21 @@ pub struct AdamWConfig {
     pub amsgrad: bool,
     /// Maximize the objective. Default `false`.
     pub maximize: bool,
+    /// Not a torch option: torch's bits, as [`AdamConfig::torch_exact`]. Default `false`.
+    pub torch_exact: bool,
 }
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { lr: 1e-3, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 1e-2, amsgrad: false, maximize: false }
+        AdamWConfig {
+            lr: 1e-3,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 1e-2,
+            amsgrad: false,
+            maximize: false,
+            torch_exact: false,
+        }
     }
 }
 
@@ -99,6 +129,7 @@ impl From<AdamWConfig> for AdamConfig {
             amsgrad: c.amsgrad,
             maximize: c.maximize,
             decoupled_weight_decay: true,
+            torch_exact: c.torch_exact,
         }
     }
 }
@@ -109,15 +140,18 @@ pub(crate) fn validate_betas(betas: (f64, f64)) -> Result<(), Error> {
 }
 
 impl AdamConfig {
-    fn kernel(&self, t: u64) -> AdamKernel {
+    fn kernel<const TORCH: bool>(&self, t: u64) -> AdamKernel<TORCH> {
         let (b1, b2) = self.betas;
         let bc1 = 1.0 - pow_step(b1, t);
         let bc2 = 1.0 - pow_step(b2, t);
-        AdamKernel {
-            moments: Moments::new(self.lr, b1, b2, self.weight_decay, self.decoupled_weight_decay, self.maximize),
-            eps_scaled: (self.eps * bc2.sqrt()) as f32,
-            neg_step_scaled: (-(self.lr / bc1) * bc2.sqrt()) as f32,
-            div: Quot::new(self.eps),
+        let moments = Moments::new(self.lr, b1, b2, self.weight_decay, self.decoupled_weight_decay, self.maximize);
+        let div = Quot::new(self.eps);
+        if TORCH {
+            // torch: step_size = lr / bc1; bias_correction2_sqrt = bc2 ** 0.5
+            AdamKernel { moments, eps: self.eps as f32, neg_step: (-(self.lr / bc1)) as f32, bc2_sqrt: bc2.powf(0.5) as f32, div }
+        } else {
+            let eps = (self.eps * bc2.sqrt()) as f32;
+            AdamKernel { moments, eps, neg_step: (-(self.lr / bc1) * bc2.sqrt()) as f32, bc2_sqrt: 1.0, div }
         }
     }
 }
@@ -162,17 +196,19 @@ impl Moments {
     }
 }
 
-/// Step scalars of one Adam step.
-pub(crate) struct AdamKernel {
+/// Step scalars of one Adam step; `TORCH`: the torch-exact evaluation.
+pub(crate) struct AdamKernel<const TORCH: bool> {
     moments: Moments,
-    /// `eps * sqrt(1 - beta2^t)`
-    eps_scaled: f32,
-    /// `-lr * sqrt(1 - beta2^t) / (1 - beta1^t)`
-    neg_step_scaled: f32,
+    /// `eps * sqrt(1 - beta2^t)`; torch-exact: `eps`
+    eps: f32,
+    /// `-lr * sqrt(1 - beta2^t) / (1 - beta1^t)`; torch-exact: `-lr / (1 - beta1^t)`
+    neg_step: f32,
+    /// torch-exact: `(1 - beta2^t) ** 0.5`
+    bc2_sqrt: f32,
     div: Quot,
 }
 
-impl AdamKernel {
+impl<const TORCH: bool> AdamKernel<TORCH> {
     #[inline(always)]
     fn body<V: F32Vec>(&self, p: &mut V, g: V, m: &mut V, v: &mut V, vmax: Option<&mut V>) {
         self.moments.update(p, g, m, v);
@@ -183,12 +219,18 @@ impl AdamKernel {
             }
             None => *v,
         };
-        let denom = vv.sqrt() + V::splat(self.eps_scaled);
-        *p = *p + self.div.apply(V::splat(self.neg_step_scaled) * *m, denom);
+        let denom = if TORCH {
+            // torch: (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+            torch_sqrt(vv) / V::splat(self.bc2_sqrt) + V::splat(self.eps)
+        } else {
+            vv.sqrt() + V::splat(self.eps)
+        };
+        // torch-exact: param.addcdiv_(exp_avg, denom, value=-step_size)
+        *p = *p + self.div.apply(V::splat(self.neg_step) * *m, denom);
     }
 }
 
-impl Kernel<2> for AdamKernel {
+impl<const TORCH: bool> Kernel<2> for AdamKernel<TORCH> {
     fn maximize(&self) -> bool {
         self.moments.maximize()
     }
@@ -199,7 +241,7 @@ impl Kernel<2> for AdamKernel {
     }
 }
 
-impl Kernel<3> for AdamKernel {
+impl<const TORCH: bool> Kernel<3> for AdamKernel<TORCH> {
     fn maximize(&self) -> bool {
         self.moments.maximize()
     }
@@ -213,12 +255,14 @@ impl Kernel<3> for AdamKernel {
 impl sealed::Sealed for AdamConfig {
     type Aux = ();
     fn run(&self, t: u64, _aux: &mut (), plan: Plan, bufs: Bufs<'_>) -> StepReport {
-        let k = self.kernel(t);
-        match bufs.states() {
-            2 => drive::<_, 2>(&k, plan, bufs),
-            3 => drive::<_, 3>(&k, plan, bufs),
-            _ => unreachable!("state count is checked by the callers"),
+        fn go<const TORCH: bool>(k: AdamKernel<TORCH>, plan: Plan, bufs: Bufs<'_>) -> StepReport {
+            match bufs.states() {
+                2 => drive::<_, 2>(&k, plan, bufs),
+                3 => drive::<_, 3>(&k, plan, bufs),
+                _ => unreachable!("state count is checked by the callers"),
+            }
         }
+        if self.torch_exact { go(self.kernel::<true>(t), plan, bufs) } else { go(self.kernel::<false>(t), plan, bufs) }
     }
 }
 
@@ -275,6 +319,6 @@ impl Algorithm for AdamWConfig {
 }
 
 // The torch keyword options: the fields torch's constructor takes.
-crate::keywords::torch_options!(AdamConfig { lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay });
+crate::keywords::torch_options!(AdamConfig { lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, torch_exact });
 
-crate::keywords::torch_options!(AdamWConfig { lr, betas, eps, weight_decay, amsgrad, maximize } fixed { decoupled_weight_decay = true });
+crate::keywords::torch_options!(AdamWConfig { lr, betas, eps, weight_decay, amsgrad, maximize, torch_exact } fixed { decoupled_weight_decay = true });
