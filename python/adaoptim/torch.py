@@ -48,6 +48,15 @@ per-group count of such steps, kept in the group as ``bf16_sr_step`` so a
 call; the step; the element), so the result is the same for any thread count
 and a run resumed from a ``state_dict`` continues the same stream.
 
+``Adam`` and ``AdamW`` also take ``torch_exact=True`` (a group option, kept in
+``param_groups``): the step is evaluated as torch's single-tensor CPU path
+evaluates it (two divisions, ``addcdiv``'s order, and torch's square root,
+which MKL computes: on AVX-512 one Newton step from ``vrsqrt14ps``, not
+correctly rounded), so the parameters and state equal torch's bit for bit
+where torch's MKL takes its AVX-512 path. The default evaluation (one
+division, correctly rounded roots) agrees within a few units in the last
+place and is faster.
+
 Two storage options, fixed at construction, take fewer bytes per parameter:
 
 - ``optim_bits=8`` (bitsandbytes' name; ``min_8bit_size=4096`` as its):
@@ -1041,7 +1050,18 @@ def _make(base, class_name, doc_extra=""):
     def __init__(self, params, *args, **kwargs):
         # adaoptim's keyword-only options (see `_RustStep._adaoptim_setup`), the rest torch's.
         ours = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
+        # `torch_exact` (Adam, AdamW): a group option of the Rust core's, kept
+        # in `param_groups` (a group dict may set its own).
+        exact = kwargs.pop("torch_exact", None)
+        if exact is not None and "torch_exact" not in _core.option_names(class_name):
+            raise TypeError(f"{base.__name__}.__init__() got an unexpected keyword argument 'torch_exact'")
+        if exact is not None and not isinstance(exact, bool):
+            raise TypeError(f"torch_exact must be True or False, not {exact!r}")
         base.__init__(self, params, *args, **kwargs)
+        if exact is not None:
+            self.defaults["torch_exact"] = exact
+            for group in self.param_groups:
+                group.setdefault("torch_exact", exact)
         self._adaoptim_setup(**ours)
 
     __init__.__doc__ = base.__init__.__doc__
@@ -1102,8 +1122,15 @@ Adagrad._adaoptim_sparse_check = _adagrad_sparse_check
 Adagrad._adaoptim_sparse_run = _adagrad_sparse_run
 RMSprop = _make(torch.optim.RMSprop, "RMSprop")
 Adadelta = _make(torch.optim.Adadelta, "Adadelta")
-Adam = _make(torch.optim.Adam, "Adam")
-AdamW = _make(torch.optim.AdamW, "AdamW")
+_TORCH_EXACT_DOC = (
+    "\n\n    ``torch_exact=True`` (keyword, also a per-group option) evaluates the\n"
+    "    step as torch's single-tensor CPU path does (its two divisions and its\n"
+    "    MKL square root), for torch's exact bits where torch's MKL takes its\n"
+    "    AVX-512 path; the default evaluation agrees within a few units in the\n"
+    "    last place and is faster."
+)
+Adam = _make(torch.optim.Adam, "Adam", _TORCH_EXACT_DOC)
+AdamW = _make(torch.optim.AdamW, "AdamW", _TORCH_EXACT_DOC)
 Adamax = _make(torch.optim.Adamax, "Adamax")
 NAdam = _make(torch.optim.NAdam, "NAdam")
 RAdam = _make(torch.optim.RAdam, "RAdam")
