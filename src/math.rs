@@ -143,6 +143,14 @@ pub(crate) fn torch_sqrt<V: F32Vec>(x: V) -> V {
     x.lt_select(V::splat(f32::INFINITY), inner, x)
 }
 
+/// `sqrt(x)`, correctly rounded, or with `torch` as torch computes it
+/// ([`torch_sqrt`]): the square root of the optimizers whose evaluation is
+/// torch's already except for it (`torch_exact` on Adagrad and RMSprop).
+#[inline(always)]
+pub(crate) fn root<V: F32Vec>(x: V, torch: bool) -> V {
+    if torch { torch_sqrt(x) } else { x.sqrt() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

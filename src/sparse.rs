@@ -582,6 +582,13 @@ fn check_sparse_adagrad(config: &crate::AdagradConfig) -> Result<(), Error> {
             requirement: "false for sparse gradients",
         });
     }
+    if config.torch_exact {
+        return Err(Error::InvalidHyperparameter {
+            name: "torch_exact",
+            value: 1.0,
+            requirement: "false for sparse gradients",
+        });
+    }
     Ok(())
 }
 

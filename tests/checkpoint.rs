@@ -402,6 +402,10 @@ fn param_groups_are_torch_keyword_arguments() {
         (AnyConfig::from(AdagradConfig::default()), "eps_inside_sqrt"),
         (AnyConfig::from(RmsPropConfig::default()), "eps_inside_sqrt"),
         (AnyConfig::from(AdamWConfig::default()), "decoupled_weight_decay"),
+        (AnyConfig::from(AdamWConfig::default()), "torch_exact"),
+        (AnyConfig::from(AdamConfig::default()), "torch_exact"),
+        (AnyConfig::from(AdagradConfig::default()), "torch_exact"),
+        (AnyConfig::from(RmsPropConfig::default()), "torch_exact"),
     ] {
         let bytes = cfg.build(3).unwrap().to_safetensors().unwrap();
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();

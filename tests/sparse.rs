@@ -261,5 +261,10 @@ fn sparse_adagrad_over_caller_owned_state_is_the_owning_step() {
         run(&wd, 6, &[1], &values, &mut tb, &mut sum),
         Err(Error::InvalidHyperparameter { name: "weight_decay", .. })
     ));
+    let exact = AdagradConfig { torch_exact: true, ..cfg };
+    assert!(matches!(
+        run(&exact, 6, &[1], &values, &mut tb, &mut sum),
+        Err(Error::InvalidHyperparameter { name: "torch_exact", .. })
+    ));
     assert_eq!((&tb, &sum), (&t0, &s0));
 }

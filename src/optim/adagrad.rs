@@ -10,8 +10,12 @@
 //! std = sqrt(sum) + eps             (torch)   or   sqrt(sum + eps)   (eps_inside_sqrt, the lecture notes)
 //! p = p + (-clr) * g / std
 //! ```
+//! This is torch's evaluation operation by operation; with `torch_exact` the
+//! square root is also torch's (MKL's on AVX-512, not correctly rounded),
+//! which gives torch's bits where torch's MKL takes its AVX-512 path.
 
 use super::{GradIn, Quot, sealed};
+use crate::math::root;
 use crate::driver::{Bufs, Kernel, Plan, StepReport, drive};
 use crate::error::non_negative;
 use crate::simd::F32Vec;
@@ -35,6 +39,11 @@ pub struct AdagradConfig {
     /// Not in torch: put `eps` inside the square root, `sqrt(sum + eps)`, as
     /// the lecture notes, TensorFlow and optax write it. Default `false` (torch).
     pub eps_inside_sqrt: bool,
+    /// Not a torch option: take square roots as torch's MKL computes them
+    /// on AVX-512 (one Newton step from `vrsqrt14ps`), for torch's exact
+    /// bits there (the rest of the step is evaluated as torch's already). Not
+    /// with sparse gradients. Default `false`.
+    pub torch_exact: bool,
 }
 
 impl Default for AdagradConfig {
@@ -47,6 +56,7 @@ impl Default for AdagradConfig {
             eps: 1e-10,
             maximize: false,
             eps_inside_sqrt: false,
+            torch_exact: false,
         }
     }
 }
@@ -66,6 +76,8 @@ pub(crate) struct AdagradKernel {
     pub(crate) neg_clr: f32,
     pub(crate) eps: f32,
     pub(crate) eps_inside: bool,
+    /// torch's square root ([`root`]).
+    pub(crate) torch_sqrt: bool,
     pub(crate) div: Quot,
 }
 
@@ -80,7 +92,7 @@ impl Kernel<1> for AdagradKernel {
         // torch: state_sum.addcmul_(g, g, value=1), one fused multiply-add.
         *sum = g.mul_add(g, *sum);
         let eps = V::splat(self.eps);
-        let std = if self.eps_inside { (*sum + eps).sqrt() } else { sum.sqrt() + eps };
+        let std = if self.eps_inside { root(*sum + eps, self.torch_sqrt) } else { root(*sum, self.torch_sqrt) + eps };
         *p = *p + self.div.apply(V::splat(self.neg_clr) * g, std);
     }
 }
@@ -93,6 +105,7 @@ impl sealed::Sealed for AdagradConfig {
             neg_clr: self.neg_clr(t),
             eps: self.eps as f32,
             eps_inside: self.eps_inside_sqrt,
+            torch_sqrt: self.torch_exact,
             div: Quot::new(self.eps),
         };
         drive::<_, 1>(&k, plan, bufs)
@@ -124,4 +137,4 @@ impl Algorithm for AdagradConfig {
 }
 
 // The torch keyword options: the fields torch's constructor takes.
-crate::keywords::torch_options!(AdagradConfig { lr, lr_decay, weight_decay, initial_accumulator_value, eps, maximize, eps_inside_sqrt });
+crate::keywords::torch_options!(AdagradConfig { lr, lr_decay, weight_decay, initial_accumulator_value, eps, maximize, eps_inside_sqrt, torch_exact });

@@ -27,7 +27,7 @@
 //!
 //! With `torch_exact` the last two lines are evaluated as torch's
 //! single-tensor CPU path does, for torch's bits: `sqrt(v)` as torch's MKL
-//! computes it on AVX-512 ([`torch_sqrt`](crate::math::torch_sqrt), not
+//! computes it on AVX-512 (one Newton step from `vrsqrt14ps`, not
 //! correctly rounded), divided by `sqrt(1 - beta2^t)` (Python's `** 0.5`,
 //! rounded to f32), plus `eps`; then `p + ((-lr / (1 - beta1^t)) * exp_avg) /
 //! denom` (`addcdiv`'s order): two divisions per element. The other lines are

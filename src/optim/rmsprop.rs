@@ -18,8 +18,14 @@
 //! `sqrt(square_avg - grad_avg^2)` directly, which rounding can make the
 //! square root of a small negative number, i.e. NaN. Wherever torch's value is
 //! not NaN the clamp changes nothing.
+//!
+//! The rest is torch's evaluation operation by operation; with `torch_exact`
+//! the square root is also torch's (MKL's on AVX-512, not correctly
+//! rounded), which gives torch's bits where torch's MKL takes its AVX-512
+//! path.
 
 use super::{GradIn, Lerp, Quot, sealed};
+use crate::math::root;
 use crate::driver::{Bufs, Kernel, Plan, StepReport, drive};
 use crate::error::non_negative;
 use crate::simd::F32Vec;
@@ -45,6 +51,11 @@ pub struct RmsPropConfig {
     /// Not in torch: `sqrt(x + eps)` instead of `sqrt(x) + eps`, as the lecture
     /// notes and TensorFlow write it. Default `false` (torch).
     pub eps_inside_sqrt: bool,
+    /// Not a torch option: take square roots as torch's MKL computes them
+    /// on AVX-512 (one Newton step from `vrsqrt14ps`), for torch's exact
+    /// bits there (the rest of the step is evaluated as torch's already).
+    /// Default `false`.
+    pub torch_exact: bool,
 }
 
 impl Default for RmsPropConfig {
@@ -58,6 +69,7 @@ impl Default for RmsPropConfig {
             centered: false,
             maximize: false,
             eps_inside_sqrt: false,
+            torch_exact: false,
         }
     }
 }
@@ -69,6 +81,8 @@ struct RmsKernel {
     grad_avg: Lerp,
     eps: f32,
     eps_inside: bool,
+    /// torch's square root ([`root`]).
+    torch_sqrt: bool,
     momentum: f32,
     neg_lr: f32,
     centered: bool,
@@ -91,7 +105,7 @@ impl RmsKernel {
             None => *sq,
         };
         let eps = V::splat(self.eps);
-        let avg = if self.eps_inside { (x + eps).sqrt() } else { x.sqrt() + eps };
+        let avg = if self.eps_inside { root(x + eps, self.torch_sqrt) } else { root(x, self.torch_sqrt) + eps };
         match buf {
             Some(buf) => {
                 *buf = *buf * V::splat(self.momentum) + self.div.apply(g, avg);
@@ -152,6 +166,7 @@ impl sealed::Sealed for RmsPropConfig {
             grad_avg: Lerp::new(1.0 - self.alpha),
             eps: self.eps as f32,
             eps_inside: self.eps_inside_sqrt,
+            torch_sqrt: self.torch_exact,
             momentum: self.momentum as f32,
             neg_lr: -self.lr as f32,
             centered: self.centered,
@@ -197,4 +212,4 @@ impl Algorithm for RmsPropConfig {
 }
 
 // The torch keyword options: the fields torch's constructor takes.
-crate::keywords::torch_options!(RmsPropConfig { lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_inside_sqrt });
+crate::keywords::torch_options!(RmsPropConfig { lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_inside_sqrt, torch_exact });

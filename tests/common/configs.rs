@@ -58,5 +58,13 @@ fn spread() -> Vec<(&'static str, AnyConfig)> {
             "nadam-decoupled",
             NAdamConfig { weight_decay: 0.01, decoupled_weight_decay: true, ..Default::default() }.into(),
         ),
+        // torch's own evaluation (its square root and, for Adam, division)
+        ("adam-torch-exact-amsgrad", AdamConfig { torch_exact: true, amsgrad: true, ..Default::default() }.into()),
+        ("adamw-torch-exact", AdamWConfig { torch_exact: true, ..Default::default() }.into()),
+        (
+            "rmsprop-torch-exact-centered-momentum",
+            RmsPropConfig { torch_exact: true, centered: true, momentum: 0.9, ..Default::default() }.into(),
+        ),
+        ("adagrad-torch-exact", AdagradConfig { torch_exact: true, lr_decay: 0.01, ..Default::default() }.into()),
     ]
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Golden trajectories for the torch-exact evaluation: real torch.optim.Adam
-and AdamW (the single-tensor CPU path, torch's default there) on this
+"""Golden trajectories for the torch-exact evaluation: real torch.optim.Adam,
+AdamW, RMSprop and Adagrad (the single-tensor CPU path, torch's default there) on this
 machine, in the golden format (tests/golden/README.md), which the crate with
 ``torch_exact`` must reproduce bit for bit (``tests/torch_exact.rs``).
 
@@ -31,6 +31,14 @@ CASES = [
     ("adamw_amsgrad", "AdamW", {"lr": 0.01, "amsgrad": True, "weight_decay": 0.1}, "dense"),
     ("adamw_sparse", "AdamW", {"lr": 0.001, "betas": [0.95, 0.9999]}, "sparse"),
     ("adamw_tiny", "AdamW", {"lr": 0.1, "eps": 1e-12}, "tiny"),
+    ("rmsprop_default", "RMSprop", {}, "dense"),
+    ("rmsprop_centered_momentum", "RMSprop", {"lr": 0.003, "centered": True, "momentum": 0.9}, "scales"),
+    ("rmsprop_wd_maximize", "RMSprop", {"alpha": 0.9, "weight_decay": 0.1, "maximize": True}, "sparse"),
+    ("rmsprop_tiny", "RMSprop", {"eps": 1e-12, "momentum": 0.5}, "tiny"),
+    ("adagrad_default", "Adagrad", {}, "dense"),
+    ("adagrad_decay_wd", "Adagrad", {"lr": 0.05, "lr_decay": 0.01, "weight_decay": 0.1}, "scales"),
+    ("adagrad_init_maximize", "Adagrad", {"initial_accumulator_value": 0.1, "maximize": True}, "sparse"),
+    ("adagrad_tiny", "Adagrad", {"eps": 1e-14}, "tiny"),
 ]
 
 
