@@ -48,12 +48,13 @@ per-group count of such steps, kept in the group as ``bf16_sr_step`` so a
 call; the step; the element), so the result is the same for any thread count
 and a run resumed from a ``state_dict`` continues the same stream.
 
-``Adam`` and ``AdamW`` also take ``torch_exact=True`` (a group option, kept in
-``param_groups``): the step is evaluated as torch's single-tensor CPU path
-evaluates it (two divisions, ``addcdiv``'s order, and torch's square root,
-which MKL computes: on AVX-512 one Newton step from ``vrsqrt14ps``, not
-correctly rounded), so the parameters and state equal torch's bit for bit
-where torch's MKL takes its AVX-512 path. The default evaluation (one
+``Adam``, ``AdamW``, ``RMSprop`` and ``Adagrad`` also take ``torch_exact=True``
+(a group option, kept in ``param_groups``): the step is evaluated as torch's
+single-tensor CPU path evaluates it (for Adam two divisions in ``addcdiv``'s
+order, and for all four torch's square root, which MKL computes: on AVX-512
+one Newton step from ``vrsqrt14ps``, not correctly rounded), so the
+parameters and state equal torch's bit for bit where torch's MKL takes its
+AVX-512 path. The default evaluation (one
 division, correctly rounded roots) agrees within a few units in the last
 place and is faster.
 
@@ -1071,13 +1072,21 @@ def _make(base, class_name, doc_extra=""):
 
 SGD = _make(torch.optim.SGD, "SGD")
 SGD._adaoptim_has_step = False  # torch's SGD state is momentum_buffer alone
+_TORCH_EXACT_DOC = (
+    "\n\n    ``torch_exact=True`` (keyword, also a per-group option) evaluates the\n"
+    "    step as torch's single-tensor CPU path does, square roots included\n"
+    "    (torch's come from MKL and are not correctly rounded), for torch's\n"
+    "    exact bits where torch's MKL takes its AVX-512 path; the default\n"
+    "    evaluation agrees within a few units in the last place and is faster."
+)
 Adagrad = _make(
     torch.optim.Adagrad,
     "Adagrad",
     "\n\n    Sparse COO gradients (an ``nn.Embedding(..., sparse=True)`` gives them)\n"
     "    take torch's sparse update: only the rows they name change (their\n"
     "    ``sum`` and values), with the step's decayed lr; ``weight_decay`` must be\n"
-    "    0 then, as in torch. Dense and sparse gradients mix in one step.",
+    "    0 then, as in torch, and ``torch_exact`` False. Dense and sparse\n"
+    "    gradients mix in one step." + _TORCH_EXACT_DOC,
 )
 
 
@@ -1120,15 +1129,8 @@ def _adagrad_sparse_run(self, work):
 Adagrad._adaoptim_sparse = True
 Adagrad._adaoptim_sparse_check = _adagrad_sparse_check
 Adagrad._adaoptim_sparse_run = _adagrad_sparse_run
-RMSprop = _make(torch.optim.RMSprop, "RMSprop")
+RMSprop = _make(torch.optim.RMSprop, "RMSprop", _TORCH_EXACT_DOC)
 Adadelta = _make(torch.optim.Adadelta, "Adadelta")
-_TORCH_EXACT_DOC = (
-    "\n\n    ``torch_exact=True`` (keyword, also a per-group option) evaluates the\n"
-    "    step as torch's single-tensor CPU path does (its two divisions and its\n"
-    "    MKL square root), for torch's exact bits where torch's MKL takes its\n"
-    "    AVX-512 path; the default evaluation agrees within a few units in the\n"
-    "    last place and is faster."
-)
 Adam = _make(torch.optim.Adam, "Adam", _TORCH_EXACT_DOC)
 AdamW = _make(torch.optim.AdamW, "AdamW", _TORCH_EXACT_DOC)
 Adamax = _make(torch.optim.Adamax, "Adamax")

@@ -929,7 +929,7 @@ fn sparse_adam_step(py: Python<'_>, groups: Vec<(String, Vec<SparseTensor>)>) ->
 
 /// Checks the torch keyword JSON of an `Adagrad` group stepped with sparse
 /// gradients (`ValueError` naming the field; a nonzero `weight_decay` gets
-/// torch's message).
+/// torch's message; `torch_exact` and `eps_inside_sqrt` are refused).
 #[pyfunction]
 fn sparse_adagrad_check(options: &str) -> PyResult<()> {
     sparse_adagrad_config(options).map(|_| ())
@@ -940,6 +940,10 @@ fn sparse_adagrad_config(options: &str) -> PyResult<SparseConfig> {
         AnyConfig::Adagrad(c) if c.weight_decay != 0.0 => {
             Err(PyRuntimeError::new_err("weight_decay option is not compatible with sparse gradients"))
         }
+        // The crate's sparse step refuses these too; said here, before the step.
+        AnyConfig::Adagrad(c) if c.torch_exact || c.eps_inside_sqrt => Err(PyValueError::new_err(
+            "torch_exact and eps_inside_sqrt must be False for sparse gradients (torch's sparse update is taken)",
+        )),
         AnyConfig::Adagrad(c) => Ok(SparseConfig::Adagrad(c)),
         _ => Err(PyRuntimeError::new_err("internal: Adagrad options parsed as another class")),
     }

@@ -1,5 +1,5 @@
-"""``torch_exact=True`` gives torch.optim.Adam's and AdamW's bits on every
-step, where torch's square root is MKL's AVX-512 one (the data in
+"""``torch_exact=True`` gives torch.optim.Adam's, AdamW's, RMSprop's and
+Adagrad's bits on every step, where torch's square root is MKL's AVX-512 one (the data in
 tests/torch_sqrt/ says which); the option's plumbing everywhere."""
 
 import json
@@ -33,6 +33,10 @@ CASES = [
     ("Adam", {"lr": 0.003, "maximize": True, "betas": (0.8, 0.99), "eps": 1e-6}),
     ("AdamW", {}),
     ("AdamW", {"lr": 0.02, "amsgrad": True, "weight_decay": 0.5}),
+    ("RMSprop", {}),
+    ("RMSprop", {"lr": 0.003, "centered": True, "momentum": 0.9, "weight_decay": 0.01}),
+    ("Adagrad", {}),
+    ("Adagrad", {"lr": 0.05, "lr_decay": 0.01, "initial_accumulator_value": 0.1, "maximize": True}),
 ]
 
 
@@ -101,3 +105,11 @@ def test_torch_exact_refused_where_not_offered():
         ada.SGD([p], lr=0.1, torch_exact=True)
     with pytest.raises(TypeError, match="True or False"):
         ada.Adam([p], torch_exact=1)
+    # sparse gradients take torch's sparse Adagrad update, without it
+    e = torch.nn.Embedding(10, 4, sparse=True)
+    opt = ada.Adagrad(e.parameters(), torch_exact=True)
+    e(torch.tensor([1, 2])).sum().backward()
+    before = e.weight.detach().clone()
+    with pytest.raises(ValueError, match="torch_exact"):
+        opt.step()
+    assert torch.equal(before, e.weight.detach())
