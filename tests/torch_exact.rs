@@ -1,5 +1,6 @@
 //! The torch-exact evaluation (`torch_exact: true`) against real torch
-//! bits: Adam, AdamW, RMSprop and Adagrad trajectories written by torch 2.15's single-tensor
+//! bits: Adam, AdamW, RMSprop, Adagrad, Adadelta, RAdam and NAdam
+//! trajectories written by torch 2.15's single-tensor
 //! CPU path where its MKL takes the AVX-512 path
 //! (`tests/torch_exact/generate.py`), reproduced bit for bit on every step,
 //! by every backend of this machine, serial and parallel. The default
@@ -21,7 +22,7 @@ fn cases() -> Vec<(String, Value)> {
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
         .collect();
     files.sort();
-    assert!(files.len() >= 17, "the torch-exact trajectories are in {}", dir.display());
+    assert!(files.len() >= 28, "the torch-exact trajectories are in {}", dir.display());
     files
         .into_iter()
         .map(|p| {

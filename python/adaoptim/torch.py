@@ -48,13 +48,14 @@ per-group count of such steps, kept in the group as ``bf16_sr_step`` so a
 call; the step; the element), so the result is the same for any thread count
 and a run resumed from a ``state_dict`` continues the same stream.
 
-``Adam``, ``AdamW``, ``RMSprop`` and ``Adagrad`` also take ``torch_exact=True``
+The classes that take a square root (``Adam``, ``AdamW``, ``RMSprop``,
+``Adagrad``, ``Adadelta``, ``RAdam``, ``NAdam``) also take ``torch_exact=True``
 (a group option, kept in ``param_groups``): the step is evaluated as torch's
-single-tensor CPU path evaluates it (for Adam two divisions in ``addcdiv``'s
-order, and for all four torch's square root, which MKL computes: on AVX-512
-one Newton step from ``vrsqrt14ps``, not correctly rounded), so the
-parameters and state equal torch's bit for bit where torch's MKL takes its
-AVX-512 path. The default evaluation (one
+single-tensor CPU path evaluates it (operation by operation, and with
+torch's square root, which MKL computes: on AVX-512 one Newton step from
+``vrsqrt14ps``, not correctly rounded), so the parameters and state equal
+torch's bit for bit where torch's MKL takes its AVX-512 path. The others
+give torch's bits without it. The default evaluation (one
 division, correctly rounded roots) agrees within a few units in the last
 place and is faster.
 
@@ -1130,12 +1131,12 @@ Adagrad._adaoptim_sparse = True
 Adagrad._adaoptim_sparse_check = _adagrad_sparse_check
 Adagrad._adaoptim_sparse_run = _adagrad_sparse_run
 RMSprop = _make(torch.optim.RMSprop, "RMSprop", _TORCH_EXACT_DOC)
-Adadelta = _make(torch.optim.Adadelta, "Adadelta")
+Adadelta = _make(torch.optim.Adadelta, "Adadelta", _TORCH_EXACT_DOC)
 Adam = _make(torch.optim.Adam, "Adam", _TORCH_EXACT_DOC)
 AdamW = _make(torch.optim.AdamW, "AdamW", _TORCH_EXACT_DOC)
 Adamax = _make(torch.optim.Adamax, "Adamax")
-NAdam = _make(torch.optim.NAdam, "NAdam")
-RAdam = _make(torch.optim.RAdam, "RAdam")
+NAdam = _make(torch.optim.NAdam, "NAdam", _TORCH_EXACT_DOC)
+RAdam = _make(torch.optim.RAdam, "RAdam", _TORCH_EXACT_DOC)
 Rprop = _make(torch.optim.Rprop, "Rprop")
 ASGD = _make(torch.optim.ASGD, "ASGD")
 

@@ -1,5 +1,5 @@
-"""``torch_exact=True`` gives torch.optim.Adam's, AdamW's, RMSprop's and
-Adagrad's bits on every step, where torch's square root is MKL's AVX-512 one (the data in
+"""``torch_exact=True`` gives torch.optim's bits on every step for the seven
+classes that take a square root, where torch's square root is MKL's AVX-512 one (the data in
 tests/torch_sqrt/ says which); the option's plumbing everywhere."""
 
 import json
@@ -37,6 +37,9 @@ CASES = [
     ("RMSprop", {"lr": 0.003, "centered": True, "momentum": 0.9, "weight_decay": 0.01}),
     ("Adagrad", {}),
     ("Adagrad", {"lr": 0.05, "lr_decay": 0.01, "initial_accumulator_value": 0.1, "maximize": True}),
+    ("Adadelta", {"lr": 0.5, "weight_decay": 0.1}),
+    ("RAdam", {"lr": 0.01, "decoupled_weight_decay": True, "weight_decay": 0.1}),
+    ("NAdam", {"lr": 0.01, "momentum_decay": 0.01, "maximize": True}),
 ]
 
 

@@ -12,9 +12,13 @@
 //! ```
 //! The kernel computes `delta = sqrt((acc_delta + eps) / (square_avg + eps)) * g`,
 //! the same value with one square root instead of two (a few ULP from torch's
-//! rounding at most).
+//! rounding at most). With `torch_exact` it computes torch's form,
+//! `sqrt(acc_delta + eps) / sqrt(square_avg + eps) * g`, with torch's square
+//! root (MKL's on AVX-512, not correctly rounded): torch's bits where torch's
+//! MKL takes its AVX-512 path.
 
 use super::{GradIn, Quot, sealed};
+use crate::math::torch_sqrt;
 use crate::driver::{Bufs, Kernel, Plan, StepReport, drive};
 use crate::error::{non_negative, unit_closed};
 use crate::simd::F32Vec;
@@ -33,11 +37,15 @@ pub struct AdadeltaConfig {
     pub weight_decay: f64,
     /// Maximize the objective. Default `false`.
     pub maximize: bool,
+    /// Not a torch option: evaluate the step as torch's single-tensor CPU
+    /// path does, square roots included (torch's MKL ones on AVX-512), for
+    /// torch's exact bits there (see the module docs). Default `false`.
+    pub torch_exact: bool,
 }
 
 impl Default for AdadeltaConfig {
     fn default() -> Self {
-        AdadeltaConfig { lr: 1.0, rho: 0.9, eps: 1e-6, weight_decay: 0.0, maximize: false }
+        AdadeltaConfig { lr: 1.0, rho: 0.9, eps: 1e-6, weight_decay: 0.0, maximize: false, torch_exact: false }
     }
 }
 
@@ -47,6 +55,8 @@ struct AdadeltaKernel {
     one_minus_rho: f32,
     eps: f32,
     neg_lr: f32,
+    /// torch's form and square root.
+    torch: bool,
     div: Quot,
 }
 
@@ -62,7 +72,12 @@ impl Kernel<2> for AdadeltaKernel {
         // torch: x.mul_(rho).addcmul_(y, y, value=1 - rho) and
         // param.add_(delta, alpha=-lr), each one fused multiply-add.
         *sq = (omr * g).mul_add(g, *sq * rho);
-        let delta = self.div.apply(*acc + eps, *sq + eps).sqrt() * g;
+        let delta = if self.torch {
+            // torch: (acc_delta + eps).sqrt_().div_((square_avg + eps).sqrt_()).mul_(g)
+            self.div.apply(torch_sqrt(*acc + eps), torch_sqrt(*sq + eps)) * g
+        } else {
+            self.div.apply(*acc + eps, *sq + eps).sqrt() * g
+        };
         *acc = (omr * delta).mul_add(delta, *acc * rho);
         *p = delta.mul_add(V::splat(self.neg_lr), *p);
     }
@@ -83,6 +98,7 @@ impl sealed::Sealed for AdadeltaConfig {
             one_minus_rho: (1.0 - self.rho) as f32,
             eps: self.eps as f32,
             neg_lr: -self.lr as f32,
+            torch: self.torch_exact,
             div: Quot::new(self.eps),
         };
         drive::<_, 2>(&k, plan, bufs)
@@ -110,4 +126,4 @@ impl Algorithm for AdadeltaConfig {
 }
 
 // The torch keyword options: the fields torch's constructor takes.
-crate::keywords::torch_options!(AdadeltaConfig { lr, rho, eps, weight_decay, maximize });
+crate::keywords::torch_options!(AdadeltaConfig { lr, rho, eps, weight_decay, maximize, torch_exact });

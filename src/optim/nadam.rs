@@ -24,10 +24,14 @@
 //! form `p = p + (s c_g * g + s c_m * exp_avg) / (sqrt(exp_avg_sq) + s eps)` with
 //! `s = sqrt(1 - beta2^t)` folded into the scalars in f64: one square root and
 //! one division per element instead of one square root and three divisions.
-//! It differs from torch's rounding by a few ULP at most.
+//! It differs from torch's rounding by a few ULP at most. With `torch_exact`
+//! nothing is folded: `denom = sqrt(exp_avg_sq / (1 - beta2^t)) + eps` with
+//! torch's square root (MKL's on AVX-512), then torch's two `addcdiv_`:
+//! torch's bits where torch's MKL takes its AVX-512 path.
 
 use super::adam::validate_betas;
 use super::{GradIn, Lerp, Quot, pow_step, sealed};
+use crate::math::torch_sqrt;
 use crate::driver::{Bufs, Kernel, Plan, StepReport, drive};
 use crate::error::non_negative;
 use crate::simd::F32Vec;
@@ -50,6 +54,10 @@ pub struct NAdamConfig {
     pub decoupled_weight_decay: bool,
     /// Maximize the objective. Default `false`.
     pub maximize: bool,
+    /// Not a torch option: evaluate the step as torch's single-tensor CPU
+    /// path does, square roots included (torch's MKL ones on AVX-512), for
+    /// torch's exact bits there (see the module docs). Default `false`.
+    pub torch_exact: bool,
 }
 
 impl Default for NAdamConfig {
@@ -62,6 +70,7 @@ impl Default for NAdamConfig {
             momentum_decay: 4e-3,
             decoupled_weight_decay: false,
             maximize: false,
+            torch_exact: false,
         }
     }
 }
@@ -78,6 +87,9 @@ struct NAdamKernel {
     c_g: f32,
     /// `c_m * sqrt(1 - beta2^t)`
     c_m: f32,
+    /// torch-exact: `1 - beta2^t`, which divides `exp_avg_sq` under the root
+    /// (then `eps`, `c_g` and `c_m` are not scaled); `None` otherwise.
+    torch_bc2: Option<f32>,
     div: Quot,
 }
 
@@ -95,7 +107,11 @@ impl Kernel<2> for NAdamKernel {
         *m = self.m.apply(*m, g);
         // torch: exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         *v = (V::splat(self.one_minus_b2) * g).mul_add(g, *v * V::splat(self.b2));
-        let denom = v.sqrt() + V::splat(self.eps_scaled);
+        let denom = match self.torch_bc2 {
+            // torch: exp_avg_sq.div(bias_correction2).sqrt().add_(eps)
+            Some(bc2) => torch_sqrt(*v / V::splat(bc2)) + V::splat(self.eps_scaled),
+            None => v.sqrt() + V::splat(self.eps_scaled),
+        };
         // torch's two addcdiv_, in its order: p += (c_g g) / denom; p += (c_m m) / denom.
         *p = *p + self.div.apply(V::splat(self.c_g) * g, denom);
         *p = *p + self.div.apply(V::splat(self.c_m) * *m, denom);
@@ -125,7 +141,9 @@ impl sealed::Sealed for NAdamConfig {
         let prod = *mu_product * mu as f32;
         let prod_next = prod as f64 * mu_next;
         let decoupled = self.decoupled_weight_decay;
-        let bc2_sqrt = (1.0 - pow_step(b2, t)).sqrt();
+        let bc2 = 1.0 - pow_step(b2, t);
+        // torch-exact: the root of `v / bc2` is taken per element, nothing is folded
+        let bc2_sqrt = if self.torch_exact { 1.0 } else { bc2.sqrt() };
         let k = NAdamKernel {
             grad: GradIn::new(self.maximize, if decoupled { 0.0 } else { self.weight_decay }),
             decay: (decoupled && self.weight_decay != 0.0).then_some((1.0 - self.lr * self.weight_decay) as f32),
@@ -135,6 +153,7 @@ impl sealed::Sealed for NAdamConfig {
             eps_scaled: (self.eps * bc2_sqrt) as f32,
             c_g: (-self.lr * (1.0 - mu) / (1.0 - prod as f64) * bc2_sqrt) as f32,
             c_m: (-self.lr * mu_next / (1.0 - prod_next) * bc2_sqrt) as f32,
+            torch_bc2: self.torch_exact.then_some(bc2 as f32),
             div: Quot::new(self.eps),
         };
         let report = drive::<_, 2>(&k, plan, bufs);
@@ -171,4 +190,4 @@ impl Algorithm for NAdamConfig {
 }
 
 // The torch keyword options: the fields torch's constructor takes.
-crate::keywords::torch_options!(NAdamConfig { lr, betas, eps, weight_decay, momentum_decay, decoupled_weight_decay, maximize });
+crate::keywords::torch_options!(NAdamConfig { lr, betas, eps, weight_decay, momentum_decay, decoupled_weight_decay, maximize, torch_exact });

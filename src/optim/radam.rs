@@ -24,10 +24,14 @@
 //! division per element, as Adam's kernel does; torch rounds each product
 //! separately (a few ULP apart, well inside the golden tolerance). Whether
 //! `rho_t > 5` depends only on `t`, so each step runs one of two kernels,
-//! with no branch per element.
+//! with no branch per element. With `torch_exact` the update is evaluated as
+//! torch writes it, product by product (see `TorchSteps`), with torch's
+//! square root (MKL's on AVX-512): torch's bits where torch's MKL takes its
+//! AVX-512 path.
 
 use super::adam::{Moments, validate_betas};
 use super::{Quot, pow_step, sealed};
+use crate::math::torch_sqrt;
 use crate::driver::{Bufs, Kernel, Plan, StepReport, drive};
 use crate::error::non_negative;
 use crate::simd::F32Vec;
@@ -50,6 +54,10 @@ pub struct RAdamConfig {
     pub decoupled_weight_decay: bool,
     /// Maximize the objective. Default `false`.
     pub maximize: bool,
+    /// Not a torch option: evaluate the step as torch's single-tensor CPU
+    /// path does, square roots included (torch's MKL ones on AVX-512), for
+    /// torch's exact bits there (see the module docs). Default `false`.
+    pub torch_exact: bool,
 }
 
 impl Default for RAdamConfig {
@@ -61,6 +69,7 @@ impl Default for RAdamConfig {
             weight_decay: 0.0,
             decoupled_weight_decay: false,
             maximize: false,
+            torch_exact: false,
         }
     }
 }
@@ -84,6 +93,41 @@ impl Kernel<2> for Rectified {
         self.moments.update(p, g, m, v);
         let denom = v.sqrt() + V::splat(self.eps);
         *p = *p + self.div.apply(V::splat(self.neg_step) * *m, denom);
+    }
+}
+
+/// Both steps as torch evaluates them (`torch_exact`):
+/// `p - ((exp_avg / bc1) * lr) * ((1 / (sqrt(exp_avg_sq) + eps)) * sqrt(bc2)) * rect`
+/// (torch's `float / tensor` is a reciprocal and a product) when rectified,
+/// else `p - (exp_avg / bc1) * lr`.
+struct TorchSteps {
+    moments: Moments,
+    bc1: f32,
+    lr: f32,
+    eps: f32,
+    /// `(sqrt(1 - beta2^t), rect)` when `rho_t > 5`.
+    adaptive: Option<(f32, f32)>,
+    div: Quot,
+}
+
+impl Kernel<2> for TorchSteps {
+    fn maximize(&self) -> bool {
+        self.moments.maximize()
+    }
+    #[inline(always)]
+    fn apply<V: F32Vec>(&self, p: &mut V, g: V, s: &mut [V; 2]) {
+        let [m, v] = s;
+        self.moments.update(p, g, m, v);
+        let step = *m / V::splat(self.bc1) * V::splat(self.lr);
+        let step = match self.adaptive {
+            Some((bc2_sqrt, rect)) => {
+                let inv = self.div.apply(V::splat(1.0), torch_sqrt(*v) + V::splat(self.eps));
+                step * (inv * V::splat(bc2_sqrt)) * V::splat(rect)
+            }
+            None => step,
+        };
+        // torch: param.add_(update, alpha=-1.0)
+        *p = *p - step;
     }
 }
 
@@ -116,6 +160,19 @@ impl sealed::Sealed for RAdamConfig {
         let rho_inf = 2.0 / (1.0 - b2) - 1.0;
         let rho_t = rho_inf - 2.0 * t as f64 * pow_step(b2, t) / bc2;
         let sl = bufs;
+        if self.torch_exact {
+            // torch's Python: rect = (...) ** 0.5, bias_correction2 ** 0.5
+            let rect = ((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)).powf(0.5);
+            let k = TorchSteps {
+                moments,
+                bc1: bc1 as f32,
+                lr: self.lr as f32,
+                eps: self.eps as f32,
+                adaptive: (rho_t > 5.0).then_some((bc2.powf(0.5) as f32, rect as f32)),
+                div: Quot::new(self.eps),
+            };
+            return drive::<_, 2>(&k, plan, sl);
+        }
         if rho_t > 5.0 {
             let rect = ((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)).sqrt();
             let k = Rectified {
@@ -156,4 +213,4 @@ impl Algorithm for RAdamConfig {
 }
 
 // The torch keyword options: the fields torch's constructor takes.
-crate::keywords::torch_options!(RAdamConfig { lr, betas, eps, weight_decay, decoupled_weight_decay, maximize });
+crate::keywords::torch_options!(RAdamConfig { lr, betas, eps, weight_decay, decoupled_weight_decay, maximize, torch_exact });

@@ -66,5 +66,12 @@ fn spread() -> Vec<(&'static str, AnyConfig)> {
             RmsPropConfig { torch_exact: true, centered: true, momentum: 0.9, ..Default::default() }.into(),
         ),
         ("adagrad-torch-exact", AdagradConfig { torch_exact: true, lr_decay: 0.01, ..Default::default() }.into()),
+        ("adadelta-torch-exact", AdadeltaConfig { torch_exact: true, weight_decay: 0.01, ..Default::default() }.into()),
+        (
+            "radam-torch-exact",
+            RAdamConfig { torch_exact: true, decoupled_weight_decay: true, weight_decay: 0.01, ..Default::default() }
+                .into(),
+        ),
+        ("nadam-torch-exact", NAdamConfig { torch_exact: true, weight_decay: 0.01, ..Default::default() }.into()),
     ]
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Golden trajectories for the torch-exact evaluation: real torch.optim.Adam,
-AdamW, RMSprop and Adagrad (the single-tensor CPU path, torch's default there) on this
+AdamW, RMSprop, Adagrad, Adadelta, RAdam and NAdam (the single-tensor CPU
+path, torch's default there) on this
 machine, in the golden format (tests/golden/README.md), which the crate with
 ``torch_exact`` must reproduce bit for bit (``tests/torch_exact.rs``).
 
@@ -39,6 +40,17 @@ CASES = [
     ("adagrad_decay_wd", "Adagrad", {"lr": 0.05, "lr_decay": 0.01, "weight_decay": 0.1}, "scales"),
     ("adagrad_init_maximize", "Adagrad", {"initial_accumulator_value": 0.1, "maximize": True}, "sparse"),
     ("adagrad_tiny", "Adagrad", {"eps": 1e-14}, "tiny"),
+    ("adadelta_default", "Adadelta", {}, "dense"),
+    ("adadelta_wd_maximize", "Adadelta", {"lr": 0.5, "rho": 0.95, "weight_decay": 0.1, "maximize": True}, "scales"),
+    ("adadelta_tiny", "Adadelta", {"eps": 1e-12}, "tiny"),
+    ("radam_default", "RAdam", {}, "dense"),
+    ("radam_wd", "RAdam", {"lr": 0.01, "weight_decay": 0.1, "betas": [0.8, 0.99]}, "scales"),
+    ("radam_decoupled_maximize", "RAdam", {"weight_decay": 0.05, "decoupled_weight_decay": True, "maximize": True}, "sparse"),
+    ("radam_tiny", "RAdam", {"eps": 1e-12}, "tiny"),
+    ("nadam_default", "NAdam", {}, "dense"),
+    ("nadam_wd_momentum_decay", "NAdam", {"lr": 0.01, "weight_decay": 0.1, "momentum_decay": 0.01}, "scales"),
+    ("nadam_decoupled_maximize", "NAdam", {"weight_decay": 0.05, "decoupled_weight_decay": True, "maximize": True}, "sparse"),
+    ("nadam_tiny", "NAdam", {"eps": 1e-12}, "tiny"),
 ]
 
 
