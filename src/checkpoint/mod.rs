@@ -14,7 +14,7 @@
 //! | `torch_class` | `Adam`, `SGD`, ... |
 //! | `n` | parameter count |
 //! | `step` | the exact step count (the `step` tensor is f32, as in torch) |
-//! | `param_groups` | JSON, torch's `param_groups` entry: `[{"lr": 0.001, "betas": [0.9, 0.999], ...}]`; `eps_inside_sqrt` (not a torch option) appears only when on |
+//! | `param_groups` | JSON, torch's `param_groups` entry: `[{"lr": 0.001, "betas": [0.9, 0.999], ...}]`; `eps_inside_sqrt` and `torch_exact` (not torch options) appear only when on |
 //! | `layout` | `dense` ([`Optimizer`](crate::Optimizer)), `grouped` ([`GroupedOptimizer`](crate::groups::GroupedOptimizer)), `sparse` ([`sparse`](crate::sparse) optimizers) or `mixed` ([`MixedOptimizer`](crate::mixed::MixedOptimizer): state in `F32`, `BF16` or bitsandbytes' 8-bit `state{i}`/`absmax{i}`/`qmap{i}`, `state_dtype` in the metadata) |
 //!
 //! A grouped checkpoint names each tensor's state `state.{i}.exp_avg`, ...
