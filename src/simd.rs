@@ -323,6 +323,21 @@ pub(crate) fn rsqrt14(x: f32) -> f32 {
     f32::from_bits((r.to_bits() as i32 - (n << 23)) as u32)
 }
 
+/// [`rsqrt14`] on each lane of `v`: the lanes that have no `vrsqrt14ps`
+/// (`wide`, AVX2, and AVX-512 on a CPU whose instruction is not the reference).
+#[inline(always)]
+fn rsqrt14_lanewise<V: F32Vec>(v: V) -> V {
+    let mut lanes = [0f32; 16];
+    assert!(V::LANES <= 16, "widest backend");
+    // SAFETY: `lanes` holds 16 >= LANES values.
+    unsafe { v.store(lanes.as_mut_ptr()) };
+    for x in &mut lanes[..V::LANES] {
+        *x = rsqrt14(*x);
+    }
+    // SAFETY: as above.
+    unsafe { V::load(lanes.as_ptr()) }
+}
+
 /// The order-preserving key of an f32 (negative values reversed), so
 /// unsigned comparison of keys is comparison of the values.
 #[inline(always)]
@@ -568,7 +583,7 @@ impl F32Vec for Wide {
     }
     #[inline(always)]
     fn rsqrt14(self) -> Self {
-        Wide(wide::f32x8::new(self.0.to_array().map(rsqrt14)))
+        rsqrt14_lanewise(self)
     }
     #[inline(always)]
     fn abs(self) -> Self {
@@ -791,13 +806,8 @@ mod x86 {
         }
         #[inline(always)]
         fn rsqrt14(self) -> Self {
-            // Lane by lane through the reference (AVX2 has no `vrsqrt14ps`).
-            let mut lanes = [0f32; 8];
-            // SAFETY: `lanes` holds 8 values.
-            unsafe { self.store(lanes.as_mut_ptr()) };
-            let lanes = lanes.map(super::rsqrt14);
-            // SAFETY: as above.
-            unsafe { Self::load(lanes.as_ptr()) }
+            // AVX2 has no `vrsqrt14ps`.
+            rsqrt14_lanewise(self)
         }
         #[inline(always)]
         fn abs(self) -> Self {
@@ -980,12 +990,7 @@ mod x86 {
                 // SAFETY: see the module comment (AVX-512F detected).
                 Avx512(unsafe { _mm512_rsqrt14_ps(self.0) })
             } else {
-                let mut lanes = [0f32; 16];
-                // SAFETY: `lanes` holds 16 values.
-                unsafe { self.store(lanes.as_mut_ptr()) };
-                let lanes = lanes.map(super::rsqrt14);
-                // SAFETY: as above.
-                unsafe { Self::load(lanes.as_ptr()) }
+                rsqrt14_lanewise(self)
             }
         }
         #[inline(always)]

@@ -1052,8 +1052,8 @@ def _make(base, class_name, doc_extra=""):
     def __init__(self, params, *args, **kwargs):
         # adaoptim's keyword-only options (see `_RustStep._adaoptim_setup`), the rest torch's.
         ours = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
-        # `torch_exact` (Adam, AdamW): a group option of the Rust core's, kept
-        # in `param_groups` (a group dict may set its own).
+        # `torch_exact` (the classes that take a square root): a group option
+        # of the Rust core's, kept in `param_groups` (a group dict may set its own).
         exact = kwargs.pop("torch_exact", None)
         if exact is not None and "torch_exact" not in _core.option_names(class_name):
             raise TypeError(f"{base.__name__}.__init__() got an unexpected keyword argument 'torch_exact'")
