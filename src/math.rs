@@ -143,12 +143,13 @@ pub(crate) fn torch_sqrt<V: F32Vec>(x: V) -> V {
     x.lt_select(V::splat(f32::INFINITY), inner, x)
 }
 
-/// `sqrt(x)`, correctly rounded, or with `torch` as torch computes it
-/// ([`torch_sqrt`]): the square root of the optimizers whose evaluation is
-/// torch's already except for it (`torch_exact` on Adagrad and RMSprop).
+/// `sqrt(x)`, correctly rounded, or with `TORCH` as torch computes it
+/// ([`torch_sqrt`]): the square root of a kernel that has a torch-exact
+/// instance (`torch_exact`). A constant, so the default instance is the
+/// kernel without it.
 #[inline(always)]
-pub(crate) fn root<V: F32Vec>(x: V, torch: bool) -> V {
-    if torch { torch_sqrt(x) } else { x.sqrt() }
+pub(crate) fn root<const TORCH: bool, V: F32Vec>(x: V) -> V {
+    if TORCH { torch_sqrt(x) } else { x.sqrt() }
 }
 
 #[cfg(test)]

@@ -49,18 +49,17 @@ impl Default for AdadeltaConfig {
     }
 }
 
-struct AdadeltaKernel {
+/// `TORCH`: torch's form and square root (`torch_exact`).
+struct AdadeltaKernel<const TORCH: bool> {
     grad: GradIn,
     rho: f32,
     one_minus_rho: f32,
     eps: f32,
     neg_lr: f32,
-    /// torch's form and square root.
-    torch: bool,
     div: Quot,
 }
 
-impl Kernel<2> for AdadeltaKernel {
+impl<const TORCH: bool> Kernel<2> for AdadeltaKernel<TORCH> {
     fn maximize(&self) -> bool {
         self.grad.maximize
     }
@@ -72,7 +71,7 @@ impl Kernel<2> for AdadeltaKernel {
         // torch: x.mul_(rho).addcmul_(y, y, value=1 - rho) and
         // param.add_(delta, alpha=-lr), each one fused multiply-add.
         *sq = (omr * g).mul_add(g, *sq * rho);
-        let delta = if self.torch {
+        let delta = if TORCH {
             // torch: (acc_delta + eps).sqrt_().div_((square_avg + eps).sqrt_()).mul_(g)
             self.div.apply(torch_sqrt(*acc + eps), torch_sqrt(*sq + eps)) * g
         } else {
@@ -92,16 +91,18 @@ impl sealed::Sealed for AdadeltaConfig {
         plan: Plan,
         bufs: Bufs<'_>,
     ) -> StepReport {
-        let k = AdadeltaKernel {
-            grad: GradIn::new(self.maximize, self.weight_decay),
-            rho: self.rho as f32,
-            one_minus_rho: (1.0 - self.rho) as f32,
-            eps: self.eps as f32,
-            neg_lr: -self.lr as f32,
-            torch: self.torch_exact,
-            div: Quot::new(self.eps),
-        };
-        drive::<_, 2>(&k, plan, bufs)
+        fn go<const TORCH: bool>(c: &AdadeltaConfig, plan: Plan, bufs: Bufs<'_>) -> StepReport {
+            let k = AdadeltaKernel::<TORCH> {
+                grad: GradIn::new(c.maximize, c.weight_decay),
+                rho: c.rho as f32,
+                one_minus_rho: (1.0 - c.rho) as f32,
+                eps: c.eps as f32,
+                neg_lr: -c.lr as f32,
+                div: Quot::new(c.eps),
+            };
+            drive::<_, 2>(&k, plan, bufs)
+        }
+        if self.torch_exact { go::<true>(self, plan, bufs) } else { go::<false>(self, plan, bufs) }
     }
 }
 

@@ -69,19 +69,17 @@ impl AdagradConfig {
 }
 
 /// The AdaGrad update of one element given its (already decayed) gradient;
-/// shared with the row-sparse path.
+/// `TORCH`: torch's square root (`torch_exact`).
 #[derive(Clone, Copy)]
-pub(crate) struct AdagradKernel {
+pub(crate) struct AdagradKernel<const TORCH: bool> {
     pub(crate) grad: GradIn,
     pub(crate) neg_clr: f32,
     pub(crate) eps: f32,
     pub(crate) eps_inside: bool,
-    /// torch's square root ([`root`]).
-    pub(crate) torch_sqrt: bool,
     pub(crate) div: Quot,
 }
 
-impl Kernel<1> for AdagradKernel {
+impl<const TORCH: bool> Kernel<1> for AdagradKernel<TORCH> {
     fn maximize(&self) -> bool {
         self.grad.maximize
     }
@@ -92,7 +90,7 @@ impl Kernel<1> for AdagradKernel {
         // torch: state_sum.addcmul_(g, g, value=1), one fused multiply-add.
         *sum = g.mul_add(g, *sum);
         let eps = V::splat(self.eps);
-        let std = if self.eps_inside { root(*sum + eps, self.torch_sqrt) } else { root(*sum, self.torch_sqrt) + eps };
+        let std = if self.eps_inside { root::<TORCH, _>(*sum + eps) } else { root::<TORCH, _>(*sum) + eps };
         *p = *p + self.div.apply(V::splat(self.neg_clr) * g, std);
     }
 }
@@ -100,15 +98,17 @@ impl Kernel<1> for AdagradKernel {
 impl sealed::Sealed for AdagradConfig {
     type Aux = ();
     fn run(&self, t: u64, _aux: &mut (), plan: Plan, bufs: Bufs<'_>) -> StepReport {
-        let k = AdagradKernel {
-            grad: GradIn::new(self.maximize, self.weight_decay),
-            neg_clr: self.neg_clr(t),
-            eps: self.eps as f32,
-            eps_inside: self.eps_inside_sqrt,
-            torch_sqrt: self.torch_exact,
-            div: Quot::new(self.eps),
-        };
-        drive::<_, 1>(&k, plan, bufs)
+        fn go<const TORCH: bool>(c: &AdagradConfig, t: u64, plan: Plan, bufs: Bufs<'_>) -> StepReport {
+            let k = AdagradKernel::<TORCH> {
+                grad: GradIn::new(c.maximize, c.weight_decay),
+                neg_clr: c.neg_clr(t),
+                eps: c.eps as f32,
+                eps_inside: c.eps_inside_sqrt,
+                div: Quot::new(c.eps),
+            };
+            drive::<_, 1>(&k, plan, bufs)
+        }
+        if self.torch_exact { go::<true>(self, t, plan, bufs) } else { go::<false>(self, t, plan, bufs) }
     }
 }
 

@@ -75,7 +75,8 @@ impl Default for NAdamConfig {
     }
 }
 
-struct NAdamKernel {
+/// `TORCH`: torch's evaluation (`torch_exact`).
+struct NAdamKernel<const TORCH: bool> {
     grad: GradIn,
     decay: Option<f32>,
     m: Lerp,
@@ -88,12 +89,12 @@ struct NAdamKernel {
     /// `c_m * sqrt(1 - beta2^t)`
     c_m: f32,
     /// torch-exact: `1 - beta2^t`, which divides `exp_avg_sq` under the root
-    /// (then `eps`, `c_g` and `c_m` are not scaled); `None` otherwise.
-    torch_bc2: Option<f32>,
+    /// (then `eps`, `c_g` and `c_m` are not scaled); unused otherwise.
+    bc2: f32,
     div: Quot,
 }
 
-impl Kernel<2> for NAdamKernel {
+impl<const TORCH: bool> Kernel<2> for NAdamKernel<TORCH> {
     fn maximize(&self) -> bool {
         self.grad.maximize
     }
@@ -107,10 +108,11 @@ impl Kernel<2> for NAdamKernel {
         *m = self.m.apply(*m, g);
         // torch: exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         *v = (V::splat(self.one_minus_b2) * g).mul_add(g, *v * V::splat(self.b2));
-        let denom = match self.torch_bc2 {
+        let denom = if TORCH {
             // torch: exp_avg_sq.div(bias_correction2).sqrt().add_(eps)
-            Some(bc2) => torch_sqrt(*v / V::splat(bc2)) + V::splat(self.eps_scaled),
-            None => v.sqrt() + V::splat(self.eps_scaled),
+            torch_sqrt(*v / V::splat(self.bc2)) + V::splat(self.eps_scaled)
+        } else {
+            v.sqrt() + V::splat(self.eps_scaled)
         };
         // torch's two addcdiv_, in its order: p += (c_g g) / denom; p += (c_m m) / denom.
         *p = *p + self.div.apply(V::splat(self.c_g) * g, denom);
@@ -128,22 +130,31 @@ impl sealed::Sealed for NAdamConfig {
     fn aux_from_f32(x: super::AuxState) -> Option<f32> {
         Some(x[0])
     }
-    fn run(
-        &self,
-        t: u64,
-        mu_product: &mut f32,
-        plan: Plan,
-        bufs: Bufs<'_>,
-    ) -> StepReport {
+    fn run(&self, t: u64, mu_product: &mut f32, plan: Plan, bufs: Bufs<'_>) -> StepReport {
+        let (report, prod) = if self.torch_exact {
+            let (k, prod) = self.kernel::<true>(t, *mu_product);
+            (drive::<_, 2>(&k, plan, bufs), prod)
+        } else {
+            let (k, prod) = self.kernel::<false>(t, *mu_product);
+            (drive::<_, 2>(&k, plan, bufs), prod)
+        };
+        *mu_product = prod;
+        report
+    }
+}
+
+impl NAdamConfig {
+    /// Step `t`'s kernel, and the `mu_product` it leaves.
+    fn kernel<const TORCH: bool>(&self, t: u64, mu_product: f32) -> (NAdamKernel<TORCH>, f32) {
         let (b1, b2) = self.betas;
         let mu = b1 * (1.0 - 0.5 * 0.96f64.powf(t as f64 * self.momentum_decay));
         let mu_next = b1 * (1.0 - 0.5 * 0.96f64.powf((t + 1) as f64 * self.momentum_decay));
-        let prod = *mu_product * mu as f32;
+        let prod = mu_product * mu as f32;
         let prod_next = prod as f64 * mu_next;
         let decoupled = self.decoupled_weight_decay;
         let bc2 = 1.0 - pow_step(b2, t);
         // torch-exact: the root of `v / bc2` is taken per element, nothing is folded
-        let bc2_sqrt = if self.torch_exact { 1.0 } else { bc2.sqrt() };
+        let bc2_sqrt = if TORCH { 1.0 } else { bc2.sqrt() };
         let k = NAdamKernel {
             grad: GradIn::new(self.maximize, if decoupled { 0.0 } else { self.weight_decay }),
             decay: (decoupled && self.weight_decay != 0.0).then_some((1.0 - self.lr * self.weight_decay) as f32),
@@ -153,12 +164,10 @@ impl sealed::Sealed for NAdamConfig {
             eps_scaled: (self.eps * bc2_sqrt) as f32,
             c_g: (-self.lr * (1.0 - mu) / (1.0 - prod as f64) * bc2_sqrt) as f32,
             c_m: (-self.lr * mu_next / (1.0 - prod_next) * bc2_sqrt) as f32,
-            torch_bc2: self.torch_exact.then_some(bc2 as f32),
+            bc2: bc2 as f32,
             div: Quot::new(self.eps),
         };
-        let report = drive::<_, 2>(&k, plan, bufs);
-        *mu_product = prod;
-        report
+        (k, prod)
     }
 }
 

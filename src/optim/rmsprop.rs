@@ -74,22 +74,21 @@ impl Default for RmsPropConfig {
     }
 }
 
-struct RmsKernel {
+/// `TORCH`: torch's square root (`torch_exact`).
+struct RmsKernel<const TORCH: bool> {
     grad: GradIn,
     alpha: f32,
     one_minus_alpha: f32,
     grad_avg: Lerp,
     eps: f32,
     eps_inside: bool,
-    /// torch's square root ([`root`]).
-    torch_sqrt: bool,
     momentum: f32,
     neg_lr: f32,
     centered: bool,
     div: Quot,
 }
 
-impl RmsKernel {
+impl<const TORCH: bool> RmsKernel<TORCH> {
     #[inline(always)]
     fn body<V: F32Vec>(&self, p: &mut V, g: V, sq: &mut V, ga: Option<&mut V>, buf: Option<&mut V>) {
         let g = self.grad.apply(*p, g);
@@ -105,7 +104,7 @@ impl RmsKernel {
             None => *sq,
         };
         let eps = V::splat(self.eps);
-        let avg = if self.eps_inside { root(x + eps, self.torch_sqrt) } else { root(x, self.torch_sqrt) + eps };
+        let avg = if self.eps_inside { root::<TORCH, _>(x + eps) } else { root::<TORCH, _>(x) + eps };
         match buf {
             Some(buf) => {
                 *buf = *buf * V::splat(self.momentum) + self.div.apply(g, avg);
@@ -117,7 +116,7 @@ impl RmsKernel {
     }
 }
 
-impl Kernel<1> for RmsKernel {
+impl<const TORCH: bool> Kernel<1> for RmsKernel<TORCH> {
     fn maximize(&self) -> bool {
         self.grad.maximize
     }
@@ -128,7 +127,7 @@ impl Kernel<1> for RmsKernel {
     }
 }
 
-impl Kernel<2> for RmsKernel {
+impl<const TORCH: bool> Kernel<2> for RmsKernel<TORCH> {
     fn maximize(&self) -> bool {
         self.grad.maximize
     }
@@ -139,7 +138,7 @@ impl Kernel<2> for RmsKernel {
     }
 }
 
-impl Kernel<3> for RmsKernel {
+impl<const TORCH: bool> Kernel<3> for RmsKernel<TORCH> {
     fn maximize(&self) -> bool {
         self.grad.maximize
     }
@@ -159,25 +158,27 @@ impl sealed::Sealed for RmsPropConfig {
         plan: Plan,
         bufs: Bufs<'_>,
     ) -> StepReport {
-        let k = RmsKernel {
-            grad: GradIn::new(self.maximize, self.weight_decay),
-            alpha: self.alpha as f32,
-            one_minus_alpha: (1.0 - self.alpha) as f32,
-            grad_avg: Lerp::new(1.0 - self.alpha),
-            eps: self.eps as f32,
-            eps_inside: self.eps_inside_sqrt,
-            torch_sqrt: self.torch_exact,
-            momentum: self.momentum as f32,
-            neg_lr: -self.lr as f32,
-            centered: self.centered,
-            div: Quot::new(self.eps),
-        };
-        match bufs.states() {
-            1 => drive::<_, 1>(&k, plan, bufs),
-            2 => drive::<_, 2>(&k, plan, bufs),
-            3 => drive::<_, 3>(&k, plan, bufs),
-            _ => unreachable!("state count is checked by the callers"),
+        fn go<const TORCH: bool>(c: &RmsPropConfig, plan: Plan, bufs: Bufs<'_>) -> StepReport {
+            let k = RmsKernel::<TORCH> {
+                grad: GradIn::new(c.maximize, c.weight_decay),
+                alpha: c.alpha as f32,
+                one_minus_alpha: (1.0 - c.alpha) as f32,
+                grad_avg: Lerp::new(1.0 - c.alpha),
+                eps: c.eps as f32,
+                eps_inside: c.eps_inside_sqrt,
+                momentum: c.momentum as f32,
+                neg_lr: -c.lr as f32,
+                centered: c.centered,
+                div: Quot::new(c.eps),
+            };
+            match bufs.states() {
+                1 => drive::<_, 1>(&k, plan, bufs),
+                2 => drive::<_, 2>(&k, plan, bufs),
+                3 => drive::<_, 3>(&k, plan, bufs),
+                _ => unreachable!("state count is checked by the callers"),
+            }
         }
+        if self.torch_exact { go::<true>(self, plan, bufs) } else { go::<false>(self, plan, bufs) }
     }
 }
 
