@@ -5,21 +5,40 @@
 //!
 //! torch's Adafactor needs two whole-tensor reductions before the update
 //! (the parameters' RMS, the update's RMS), so no implementation of it does
-//! one pass: adaoptim makes three (24 bytes per parameter), and the ratio to
-//! the 3-pass bound (half the roofline) is printed too.
+//! one pass: adaoptim makes three. With an update buffer the second pass
+//! stores each element's update and the third reads it (28 bytes per
+//! parameter); without one (`UpdateBuffer::Recompute`) the third recomputes
+//! it (24 bytes, twice the divisions). Both are timed, alternated with the
+//! roofline pass, and each is printed with its ratio to its own byte bound
+//! (the roofline scaled by 12 over its bytes). The default
+//! (`UpdateBuffer::Auto`) stores up to `AUTO_UPDATE_BUFFER` elements.
 use std::time::Instant;
 
-use adaoptim::{Adafactor, AdafactorConfig, Exec, roofline};
+use adaoptim::adafactor::{AdafactorState, UpdateBuffer, state_sizes, step_slices};
+use adaoptim::{AdafactorConfig, Exec, roofline};
 
 fn main() {
     let a: Vec<usize> = std::env::args().skip(1).map(|x| x.parse().expect("integers")).collect();
     let (r, c) = (a[0], a[1]);
     let rounds = a.get(2).copied().unwrap_or(7);
     let n = r * c;
-    let mut p: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+    let p: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
     let g: Vec<f32> = (0..n).map(|i| ((i * 104729) % 997) as f32 / 997.0 - 0.5).collect();
-    let mut o = Adafactor::new(AdafactorConfig { weight_decay: 0.01, ..Default::default() }, &[r, c]).unwrap();
-    o.step(&mut p, &g).unwrap();
+    let cfg = AdafactorConfig { weight_decay: 0.01, ..Default::default() };
+    let (_, rl, cl, _) = state_sizes(&[r, c]).unwrap();
+    // Per variant: params, row_var, col_var, step count.
+    let mut runs =
+        [(p.clone(), vec![0f32; rl], vec![0f32; cl], 0u64), (p.clone(), vec![0f32; rl], vec![0f32; cl], 0u64)];
+    let mut buffer = vec![0f32; n];
+    let mut step = |k: usize, buffer: &mut [f32]| {
+        let (p, rv, cv, t) = &mut runs[k];
+        *t += 1;
+        let update = if k == 0 { UpdateBuffer::Given(buffer) } else { UpdateBuffer::Recompute };
+        let state = AdafactorState { row_var: rv, col_var: cv, variance: &mut [], update };
+        step_slices(&cfg, &[r, c], *t, p, &g, state, Exec::auto()).unwrap();
+    };
+    step(0, &mut buffer);
+    step(1, &mut buffer);
     let calls = (2e8 / n as f64).ceil() as usize;
     let time = |f: &mut dyn FnMut()| {
         let s = Instant::now();
@@ -28,26 +47,36 @@ fn main() {
         }
         s.elapsed().as_secs_f64() / calls as f64
     };
-    let (mut ts, mut tr) = (Vec::new(), Vec::new());
+    let (mut ts, mut tu, mut tr) = (Vec::new(), Vec::new(), Vec::new());
     let mut q = p.clone();
     for _ in 0..rounds {
-        ts.push(time(&mut || o.step(&mut p, &g).unwrap()));
+        ts.push(time(&mut || step(0, &mut buffer)));
+        tu.push(time(&mut || step(1, &mut buffer)));
         tr.push(time(&mut || {
             roofline::step(&mut q, &g, &mut [], &Exec::auto()).unwrap();
         }));
     }
+    // The same steps from the same state: the same bits.
+    let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+    let [a, b] = &runs;
+    assert!(a.3 == b.3 && same(&a.0, &b.0) && same(&a.1, &b.1), "buffered and recomputed steps differ");
     let med = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let (s, rf) = (med(&mut ts), med(&mut tr));
+    let (s, su, rf) = (med(&mut ts), med(&mut tu), med(&mut tr));
     println!(
-        "adafactor {r}x{c} threads={}: {:.3} ms/step, {:.3} Gparam/s; roofline (12 B/param) {:.3} Gparam/s: {:.2}x of it, {:.2}x of the 3-pass bound",
+        "adafactor {r}x{c} threads={}: roofline (12 B/param) {:.3} Gparam/s",
         rayon::current_num_threads(),
-        s * 1e3,
-        n as f64 / s / 1e9,
-        n as f64 / rf / 1e9,
-        rf / s,
-        2.0 * rf / s
+        n as f64 / rf / 1e9
     );
+    for (what, t, bytes) in [("update buffer", s, 28.0), ("recomputed", su, 24.0)] {
+        println!(
+            "  {what:>13}: {:.3} ms/step, {:.3} Gparam/s, {:.2}x of its {bytes} B/param bound",
+            t * 1e3,
+            n as f64 / t / 1e9,
+            bytes / 12.0 * rf / t
+        );
+    }
+    println!("  buffer/recomputed speed: {:.2}x", su / s);
 }

@@ -113,7 +113,7 @@ mod simd;
 pub mod sparse;
 pub mod storage;
 
-pub use adafactor::{Adafactor, AdafactorConfig, AdafactorState};
+pub use adafactor::{Adafactor, AdafactorConfig, AdafactorState, UpdateBuffer};
 pub use any::{AnyConfig, AnyOptimizer};
 pub use backend::Backend;
 pub use driver::StepReport;

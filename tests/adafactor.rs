@@ -47,6 +47,50 @@ fn every_backend_and_thread_count_gives_the_scalar_bits() {
     }
 }
 
+/// The update stored between the last two passes (a caller's buffer, the
+/// thread's buffer of `Auto`) or recomputed: the same bits, on every backend,
+/// serial and parallel, for vectors, matrices and batches of matrices (odd
+/// sizes: partial chunks, rows and lanes), over steps, `maximize` included.
+#[test]
+fn stored_and_recomputed_updates_give_the_same_bits() {
+    use adaoptim::adafactor::{state_sizes, step_slices};
+    use adaoptim::{AdafactorState, UpdateBuffer};
+    let cfg = AdafactorConfig { weight_decay: 0.1, d: 1.5, maximize: true, ..Default::default() };
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+    for shape in [&[613, 457][..], &[3, 21, 43], &[300_007], &[7], &[1, 40_003]] {
+        let (n, rl, cl, vl) = state_sizes(shape).unwrap();
+        let mut results: Vec<(String, [Vec<f32>; 4])> = Vec::new();
+        for b in Backend::available() {
+            for exec in [Exec::serial(b), Exec::parallel(b, 0)] {
+                for mode in 0..3 {
+                    let mut rng = Rng::new(11);
+                    let mut p = rng.vec(n, 1.0);
+                    let (mut r, mut c, mut v) = (vec![0f32; rl], vec![0f32; cl], vec![0f32; vl]);
+                    // A buffer holding garbage: its contents must not matter.
+                    let mut u = vec![f32::NAN; n];
+                    for t in 1..=3 {
+                        let g: Vec<f32> = (0..n).map(|_| rng.log_uniform(-6.0, 2.0)).collect();
+                        let update = match mode {
+                            0 => UpdateBuffer::Recompute,
+                            1 => UpdateBuffer::Auto,
+                            _ => UpdateBuffer::Given(&mut u),
+                        };
+                        let state = AdafactorState { row_var: &mut r, col_var: &mut c, variance: &mut v, update };
+                        pool.install(|| step_slices(&cfg, shape, t, &mut p, &g, state, exec)).unwrap();
+                    }
+                    results.push((format!("{shape:?} {exec:?} mode {mode}"), [p, r, c, v]));
+                }
+            }
+        }
+        let (_, want) = &results[0];
+        for (what, got) in &results[1..] {
+            for (g, w) in got.iter().zip(want) {
+                assert_same_bits(what, g, w);
+            }
+        }
+    }
+}
+
 #[test]
 fn state_layout_follows_torch() {
     let o = Adafactor::new(AdafactorConfig::default(), &[2, 3, 4]).unwrap();
@@ -93,13 +137,14 @@ fn bad_input_changes_nothing() {
 
 #[test]
 fn borrowed_state_is_checked_before_anything_moves() {
-    use adaoptim::AdafactorState;
     use adaoptim::adafactor::step_slices;
+    use adaoptim::{AdafactorState, UpdateBuffer};
     let cfg = AdafactorConfig::default();
     let (mut p, g) = (vec![1.0f32; 6], vec![0.5f32; 6]);
     let (mut r, mut c, mut v) = (vec![0.0f32; 2], vec![0.0f32; 3], Vec::<f32>::new());
     let run = |t, r: &mut [f32], c: &mut [f32], v: &mut [f32], p: &mut [f32]| {
-        step_slices(&cfg, &[2, 3], t, p, &g, AdafactorState { row_var: r, col_var: c, variance: v }, Exec::auto())
+        let state = AdafactorState { row_var: r, col_var: c, variance: v, update: UpdateBuffer::Auto };
+        step_slices(&cfg, &[2, 3], t, p, &g, state, Exec::auto())
     };
     assert_eq!(run(0, &mut r, &mut c, &mut v, &mut p), Err(Error::InvalidStep { step: 0 }));
     assert_eq!(
@@ -110,6 +155,13 @@ fn borrowed_state_is_checked_before_anything_moves() {
     assert_eq!(
         run(1, &mut r, &mut c, &mut v6, &mut p),
         Err(Error::LengthMismatch { what: "variance", expected: 0, actual: 6 })
+    );
+    let mut u5 = vec![0.0f32; 5];
+    let state =
+        AdafactorState { row_var: &mut r, col_var: &mut c, variance: &mut v, update: UpdateBuffer::Given(&mut u5) };
+    assert_eq!(
+        step_slices(&cfg, &[2, 3], 1, &mut p, &g, state, Exec::auto()),
+        Err(Error::LengthMismatch { what: "update", expected: 6, actual: 5 })
     );
     assert_eq!((&p, &r, &c), (&vec![1.0; 6], &vec![0.0; 2], &vec![0.0; 3]));
     // The owning optimizer runs the same function: same bits.

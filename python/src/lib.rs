@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 mod share;
 
-use adaoptim::adafactor::{self, AdafactorConfig, AdafactorState};
+use adaoptim::adafactor::{self, AdafactorConfig, AdafactorState, UpdateBuffer};
 use adaoptim::sparse::{self, SparseAdamConfig};
 use adaoptim::storage::{Grads, ParamCopy, ParamRounding, Params, Q8_BLOCK, Q8State, QMap, StateBuf};
 use adaoptim::{AnyConfig, AuxState, Backend, Exec, MAX_AUX, MAX_STATE, MAX_STEP, StepOptions, clip};
@@ -871,7 +871,12 @@ fn adafactor_step(py: Python<'_>, groups: Vec<(String, Vec<AdafactorTensor>)>) -
         // Tensors side by side, each also split inside (its result does not
         // depend on how: Adafactor's reductions use a fixed partition).
         work.par_iter_mut().try_for_each(|w| {
-            let state = AdafactorState { row_var: &mut *w.r, col_var: &mut *w.c, variance: &mut *w.v };
+            let state = AdafactorState {
+                row_var: &mut *w.r,
+                col_var: &mut *w.c,
+                variance: &mut *w.v,
+                update: UpdateBuffer::Auto,
+            };
             adafactor::step_slices(&w.cfg, &w.shape, w.t, &mut *w.p, w.g, state, Exec::auto())
                 .map_err(|e| e.to_string())
         })
