@@ -18,24 +18,30 @@ use adaoptim::adafactor::{AdafactorState, UpdateBuffer, state_sizes, step_slices
 use adaoptim::{AdafactorConfig, Exec, roofline};
 
 fn main() {
-    let a: Vec<usize> = std::env::args().skip(1).map(|x| x.parse().expect("integers")).collect();
-    let (r, c) = (a[0], a[1]);
-    let rounds = a.get(2).copied().unwrap_or(7);
-    let n = r * c;
+    // `R C [rounds]`, or any shape as `--shape 256x256x3x3 [rounds]`.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let int = |x: &str| x.parse::<usize>().expect("integers");
+    let (shape, rounds): (Vec<usize>, Option<&String>) = if args[0] == "--shape" {
+        (args[1].split('x').map(int).collect(), args.get(2))
+    } else {
+        (vec![int(&args[0]), int(&args[1])], args.get(2))
+    };
+    let rounds = rounds.map_or(7, |x| int(x));
+    let name = shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
+    let (n, rl, cl, vl) = state_sizes(&shape).unwrap();
     let p: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
     let g: Vec<f32> = (0..n).map(|i| ((i * 104729) % 997) as f32 / 997.0 - 0.5).collect();
     let cfg = AdafactorConfig { weight_decay: 0.01, ..Default::default() };
-    let (_, rl, cl, _) = state_sizes(&[r, c]).unwrap();
-    // Per variant: params, row_var, col_var, step count.
-    let mut runs =
-        [(p.clone(), vec![0f32; rl], vec![0f32; cl], 0u64), (p.clone(), vec![0f32; rl], vec![0f32; cl], 0u64)];
+    // Per variant: params, row_var, col_var, variance, step count.
+    let fresh = || (p.clone(), vec![0f32; rl], vec![0f32; cl], vec![0f32; vl], 0u64);
+    let mut runs = [fresh(), fresh()];
     let mut buffer = vec![0f32; n];
     let mut step = |k: usize, buffer: &mut [f32]| {
-        let (p, rv, cv, t) = &mut runs[k];
+        let (p, rv, cv, v, t) = &mut runs[k];
         *t += 1;
         let update = if k == 0 { UpdateBuffer::Given(buffer) } else { UpdateBuffer::Recompute };
-        let state = AdafactorState { row_var: rv, col_var: cv, variance: &mut [], update };
-        step_slices(&cfg, &[r, c], *t, p, &g, state, Exec::auto()).unwrap();
+        let state = AdafactorState { row_var: rv, col_var: cv, variance: v, update };
+        step_slices(&cfg, &shape, *t, p, &g, state, Exec::auto()).unwrap();
     };
     step(0, &mut buffer);
     step(1, &mut buffer);
@@ -59,14 +65,17 @@ fn main() {
     // The same steps from the same state: the same bits.
     let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
     let [a, b] = &runs;
-    assert!(a.3 == b.3 && same(&a.0, &b.0) && same(&a.1, &b.1), "buffered and recomputed steps differ");
+    assert!(
+        a.4 == b.4 && same(&a.0, &b.0) && same(&a.1, &b.1) && same(&a.3, &b.3),
+        "buffered and recomputed steps differ"
+    );
     let med = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
     let (s, su, rf) = (med(&mut ts), med(&mut tu), med(&mut tr));
     println!(
-        "adafactor {r}x{c} threads={}: roofline (12 B/param) {:.3} Gparam/s",
+        "adafactor {name} threads={}: roofline (12 B/param) {:.3} Gparam/s",
         rayon::current_num_threads(),
         n as f64 / rf / 1e9
     );

@@ -490,17 +490,19 @@ pub fn step_slices(
     let state = (row_var, col_var, variance);
     match update {
         UpdateBuffer::Given(u) => run(config, shape, t, n, params, grads, state, Some(u), par, lanes),
-        UpdateBuffer::Auto if n <= AUTO_UPDATE_BUFFER => UPDATE_BUFFER.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut buf) => {
-                if buf.len() < n {
-                    buf.resize(n, 0.0);
+        UpdateBuffer::Auto if n <= AUTO_UPDATE_BUFFER && factored(shape).is_some() => {
+            UPDATE_BUFFER.with(|cell| match cell.try_borrow_mut() {
+                Ok(mut buf) => {
+                    if buf.len() < n {
+                        buf.resize(n, 0.0);
+                    }
+                    run(config, shape, t, n, params, grads, state, Some(&mut buf[..n]), par, lanes);
                 }
-                run(config, shape, t, n, params, grads, state, Some(&mut buf[..n]), par, lanes);
-            }
-            // Already lent out on this thread (a step that waits inside a
-            // parallel region can run another tensor's step here): recompute.
-            Err(_) => run(config, shape, t, n, params, grads, state, None, par, lanes),
-        }),
+                // Already lent out on this thread (a step that waits inside a
+                // parallel region can run another tensor's step here): recompute.
+                Err(_) => run(config, shape, t, n, params, grads, state, None, par, lanes),
+            })
+        }
         UpdateBuffer::Auto | UpdateBuffer::Recompute => {
             run(config, shape, t, n, params, grads, state, None, par, lanes)
         }
@@ -699,10 +701,6 @@ fn factor_update(
     par: bool,
     lanes: Lanes,
 ) -> f64 {
-    let mean_sq = |s: f64, count: usize| {
-        let nrm = s.sqrt() as f32;
-        (nrm * nrm) / count as f32
-    };
     let (groups, blocks) = (rows.div_ceil(ROW_GROUP), cols.div_ceil(CHUNK));
     // Per task: the parameters' partial, each row's partial, each column's.
     let task = |k: usize| -> (f64, Vec<f64>, Vec<f64>) {
@@ -733,12 +731,11 @@ fn factor_update(
             *acc += x;
         }
     }
-    for (r, s) in rv.iter_mut().zip(row_sq) {
-        *r = w.apply::<f32>(*r, mean_sq(s, cols));
-    }
-    for (c, s) in cv.iter_mut().zip(col_sq) {
-        *c = w.apply::<f32>(*c, mean_sq(s, rows));
-    }
+    // Through the backend dispatch so the lerp's fused multiply-add is the
+    // instruction, not a library call per element (a matrix of one row and
+    // a million columns spent most of its step there).
+    lanes.stats(rv, &row_sq, cols, w);
+    lanes.stats(cv, &col_sq, rows, w);
     psq
 }
 
@@ -1021,6 +1018,13 @@ enum Pass<'a> {
         p: &'a mut [f32],
         ap: Apply,
     },
+    /// `var = lerp(var, mean_sq(sum_sq, count), w)` per row or column.
+    Stats {
+        var: &'a mut [f32],
+        sum_sq: &'a [f64],
+        count: usize,
+        w: Lerp,
+    },
     VecApply {
         v: &'a [f32],
         g: &'a [f32],
@@ -1069,6 +1073,15 @@ impl LaneOp for Pass<'_> {
                 apply_stored::<V>(u, p, ap);
                 0.0
             }
+            Pass::Stats { var, sum_sq, count, w } => {
+                // The norm rounded to f32, squared in f32, divided in f32, as
+                // torch's `vector_norm(..).square_().div_(..)`.
+                for (x, &s) in var.iter_mut().zip(sum_sq) {
+                    let nrm = s.sqrt() as f32;
+                    *x = w.apply::<f32>(*x, (nrm * nrm) / count as f32);
+                }
+                0.0
+            }
             Pass::VecApply { v, g, p, ap } => {
                 vec_apply::<V>(v, g, p, ap);
                 0.0
@@ -1112,6 +1125,9 @@ impl Lanes {
     }
     fn vec_usq(self, v: &mut [f32], g: &[f32], w: Lerp, f: Factors, u: &mut [f32]) -> f64 {
         dispatch(self.0, Pass::VecUsq { v, g, w, f, u })
+    }
+    fn stats(self, var: &mut [f32], sum_sq: &[f64], count: usize, w: Lerp) {
+        dispatch(self.0, Pass::Stats { var, sum_sq, count, w });
     }
     fn apply_stored(self, u: &[f32], p: &mut [f32], ap: Apply) {
         dispatch(self.0, Pass::ApplyStored { u, p, ap });
