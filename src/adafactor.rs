@@ -551,19 +551,42 @@ fn run(
 
     let upd_sumsq = match factored(shape) {
         Some((batches, rows, cols)) => {
-            for b in 0..batches {
-                let range = b * rows * cols..(b + 1) * rows * cols;
-                let rv = &mut row_var[b * rows..(b + 1) * rows];
-                let cv = &mut col_var[b * cols..(b + 1) * cols];
-                p_sumsq += factor_update(&params[range.clone()], &grads[range], rows, cols, rv, cv, w, par, lanes);
+            let mm = rows * cols;
+            let (by_batch, inner) = by_batch(par, batches, mm);
+            // Per matrix, in batch order: the parameters' sum of squares.
+            type First<'a> = ((&'a [f32], &'a [f32]), (&'a mut [f32], &'a mut [f32]));
+            let first = |((p, g), (rv, cv)): First<'_>| factor_update(p, g, rows, cols, rv, cv, w, inner, lanes);
+            let (pm, gm) = (params.chunks(mm), grads.chunks(mm));
+            let parts: Vec<f64> = if by_batch {
+                let st = row_var.par_chunks_mut(rows).zip(col_var.par_chunks_mut(cols));
+                params.par_chunks(mm).zip(grads.par_chunks(mm)).zip(st).map(first).collect()
+            } else {
+                pm.zip(gm).zip(row_var.chunks_mut(rows).zip(col_var.chunks_mut(cols))).map(first).collect()
+            };
+            for x in parts {
+                p_sumsq += x;
             }
+            // Per matrix, in batch order: `sum(u^2)` (and `u` stored).
+            let ubs: Vec<Option<&mut [f32]>> = match upd.as_deref_mut() {
+                Some(u) => u.chunks_mut(mm).map(Some).collect(),
+                None => (0..batches).map(|_| None).collect(),
+            };
+            type Usq<'a> = (((&'a [f32], &'a [f32]), &'a [f32]), Option<&'a mut [f32]>);
+            let usq = |(((g, rv), cv), u): Usq<'_>| rows_usq(g, cols, rv, cv, row_mean(rv, f), f, inner, lanes, u);
+            let parts: Vec<f64> = if by_batch {
+                grads
+                    .par_chunks(mm)
+                    .zip(row_var.par_chunks(rows))
+                    .zip(col_var.par_chunks(cols))
+                    .zip(ubs)
+                    .map(usq)
+                    .collect()
+            } else {
+                grads.chunks(mm).zip(row_var.chunks(rows)).zip(col_var.chunks(cols)).zip(ubs).map(usq).collect()
+            };
             let mut total = 0.0;
-            for b in 0..batches {
-                let range = b * rows * cols..(b + 1) * rows * cols;
-                let (rv, cv) = (&row_var[b * rows..(b + 1) * rows], &col_var[b * cols..(b + 1) * cols]);
-                let rmean = row_mean(rv, f);
-                let u = upd.as_deref_mut().map(|u| &mut u[range.clone()]);
-                total += rows_usq(&grads[range], cols, rv, cv, rmean, f, par, lanes, u);
+            for x in parts {
+                total += x;
             }
             total
         }
@@ -596,20 +619,27 @@ fn run(
     }
     match factored(shape) {
         Some((batches, rows, cols)) => {
-            for b in 0..batches {
-                let range = b * rows * cols..(b + 1) * rows * cols;
-                let (g, p) = (&grads[range.clone()], &mut params[range]);
-                let (rv, cv) = (&row_var[b * rows..(b + 1) * rows], &col_var[b * cols..(b + 1) * cols]);
+            let mm = rows * cols;
+            let (by_batch, inner) = by_batch(par, batches, mm);
+            type One<'a> = ((&'a mut [f32], &'a [f32]), (&'a [f32], &'a [f32]));
+            let one = |((p, g), (rv, cv)): One<'_>| {
                 let rmean = row_mean(rv, f);
                 let per = rows_per_task(cols);
                 let body = |(k, (pb, gb)): (usize, (&mut [f32], &[f32]))| {
                     lanes.rows_apply(&rv[k * per..], cv, rmean, gb, pb, cols, ap)
                 };
-                if par {
+                if inner {
                     p.par_chunks_mut(per * cols).zip(g.par_chunks(per * cols)).enumerate().for_each(body);
                 } else {
                     p.chunks_mut(per * cols).zip(g.chunks(per * cols)).enumerate().for_each(body);
                 }
+            };
+            let st = (row_var.chunks(rows), col_var.chunks(cols));
+            if by_batch {
+                let st = row_var.par_chunks(rows).zip(col_var.par_chunks(cols));
+                params.par_chunks_mut(mm).zip(grads.par_chunks(mm)).zip(st).for_each(one);
+            } else {
+                params.chunks_mut(mm).zip(grads.chunks(mm)).zip(st.0.zip(st.1)).for_each(one);
             }
         }
         None => {
@@ -632,6 +662,16 @@ fn buffer_parts(upd: Option<&mut [f32]>, tasks: usize, len: usize) -> Vec<&mut [
         Some(u) => u.chunks_mut(len).collect(),
         None => (0..tasks).map(|_| &mut [][..]).collect(),
     }
+}
+
+/// Whether a batch of matrices is shared out matrix by matrix (each then
+/// stepped serially: one parallel region, not one per matrix, for batches
+/// of small matrices such as a conv weight's 3x3 kernels), and whether each
+/// matrix is split inside. Each matrix's partition is the same either way,
+/// so are its bits.
+fn by_batch(par: bool, batches: usize, matrix: usize) -> (bool, bool) {
+    let by_batch = par && batches > 1 && matrix <= CHUNK;
+    (by_batch, par && !by_batch)
 }
 
 /// `max(mean(row_var), eps1)`, the mean over the rows as torch's
