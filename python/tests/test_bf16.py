@@ -166,8 +166,10 @@ def test_float32_state_beside_bf16_params(name):
         # through load_state_dict (which would cast it to the parameter's dtype).
         p32 = [torch.nn.Parameter(p.detach().float()) for p in ours]
         ref = getattr(torch.optim, name)(p32, foreach=False, **kwargs)
+        prev = []
         for a, b in zip(p32, ours):
             ref.state[a] = {k: v.clone() for k, v in o_ours.state[b].items()}
+            prev.append({k: v.clone() for k, v in o_ours.state[b].items()})
         for a, b, g in zip(p32, ours, gs):
             a.grad, b.grad = g.float(), g
         ref.step()
@@ -178,7 +180,20 @@ def test_float32_state_beside_bf16_params(name):
                 w = o_ours.state[b][k]
                 if torch.is_tensor(v) and v.shape == a.shape:
                     assert w.dtype == torch.float32
-                    assert torch.allclose(w, v, rtol=RTOL, atol=ATOL), f"{name} state {k}"
+                    # The tolerance is relative to the magnitudes of the terms
+                    # summed, not of their sum: a momentum buffer is
+                    # momentum * buf + g / avg, and where the two nearly
+                    # cancel, a one-ulp difference in torch's square root
+                    # (MKL's, not correctly rounded on every CPU: 17% of
+                    # roots on its AVX2 path, README "torch_exact") is a large
+                    # relative difference of the sum (seen: 4e-5 on one
+                    # element of 70001 on an AMD EPYC).
+                    scale = v.abs()
+                    if k == "momentum_buffer":
+                        m = kwargs["momentum"] * prev[i][k]
+                        scale = m.abs() + (v - m).abs()
+                    bad = (w - v).abs() > ATOL + RTOL * scale
+                    assert not bad.any(), f"{name} state {k}: {int(bad.sum())} elements"
                     if name == "SGD":
                         assert torch.equal(w, v)
 
