@@ -65,7 +65,7 @@ pub fn sum_of_squares_unscaled(grads: Grads<'_>, grad_scale: Option<f32>, exec: 
     Ok(grads_sum(&plan, grads))
 }
 
-fn grads_sum(plan: &Plan, grads: Grads<'_>) -> f64 {
+pub(crate) fn grads_sum(plan: &Plan, grads: Grads<'_>) -> f64 {
     match grads {
         Grads::F32(g) => tree_sum(plan, g),
         Grads::Bf16(g) => tree_sum(plan, g),

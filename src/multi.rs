@@ -38,6 +38,12 @@
 //! for tensors split across threads); the state is allocated once, by
 //! [`add_group`](MultiOptimizer::add_group).
 //!
+//! [`step_mixed`](MultiOptimizer::step_mixed) takes parameters and
+//! gradients in other storage types ([`MixedTensorStep`]: `bf16`
+//! parameters, `bf16` or `f16` gradients) beside `f32` ones, in the same
+//! parallel region; the state stays `f32` (torch would keep it in the
+//! parameters' dtype).
+//!
 //! Guards apply to the step as a whole: the non-finite policy looks at every
 //! present gradient (an index it reports counts through the present
 //! gradients in order), and clipping uses the global norm over all of them,
@@ -47,7 +53,8 @@ use crate::driver::{Bufs, Plan, StepReport, split_join};
 use crate::error::next_step;
 use crate::memory::{self, Raw};
 use crate::optim::sealed::Sealed;
-use crate::optim::{Guards, MAX_STATE, NonFinitePolicy, non_finite_guard};
+use crate::optim::{Guards, MAX_STATE, NonFinitePolicy, non_finite_guard_grads};
+use crate::storage::{Grads, Params, StateBuf};
 use crate::{Algorithm, Error, Exec, Parallel};
 
 /// One tensor handed to [`MultiOptimizer::step`]: its parameters, updated in
@@ -64,6 +71,31 @@ impl<'a> TensorStep<'a> {
     /// A tensor and its gradient.
     pub fn new(params: &'a mut [f32], grads: Option<&'a [f32]>) -> Self {
         TensorStep { params, grads }
+    }
+}
+
+/// One tensor handed to [`MultiOptimizer::step_mixed`]: parameters and
+/// gradient in any storage a [`step_mixed`](crate::step_mixed) takes
+/// (`f32` or `bf16` parameters; `f32`, `bf16` or `f16` gradients), the
+/// state staying the optimizer's `f32`.
+#[derive(Debug)]
+pub struct MixedTensorStep<'a> {
+    /// The parameters, updated in place (`bf16` ones rounded to nearest).
+    pub params: Params<'a>,
+    /// The gradient, of the same length; `None` skips the tensor.
+    pub grads: Option<Grads<'a>>,
+}
+
+impl<'a> MixedTensorStep<'a> {
+    /// A tensor and its gradient.
+    pub fn new(params: Params<'a>, grads: Option<Grads<'a>>) -> Self {
+        MixedTensorStep { params, grads }
+    }
+}
+
+impl<'a> From<TensorStep<'a>> for MixedTensorStep<'a> {
+    fn from(t: TensorStep<'a>) -> Self {
+        MixedTensorStep { params: Params::F32(t.params), grads: t.grads.map(Grads::F32) }
     }
 }
 
@@ -102,8 +134,8 @@ struct Piece<'a, A: Algorithm> {
     aux: <A as Sealed>::Aux,
     group: usize,
     k: usize,
-    p: &'a mut [f32],
-    g: &'a [f32],
+    p: Params<'a>,
+    g: Grads<'a>,
     s: [&'a mut [f32]; MAX_STATE],
 }
 
@@ -232,6 +264,23 @@ impl<A: Algorithm> MultiOptimizer<A> {
     /// [`MAX_STEP`](crate::MAX_STEP); an unavailable forced backend; the
     /// non-finite policy's error. Nothing is modified on error.
     pub fn step(&mut self, tensors: &mut [TensorStep<'_>]) -> Result<StepReport, Error> {
+        let mut mixed: Vec<MixedTensorStep<'_>> =
+            tensors.iter_mut().map(|t| TensorStep::new(&mut *t.params, t.grads).into()).collect();
+        self.step_mixed(&mut mixed)
+    }
+
+    /// [`step`](Self::step) over parameters and gradients in any storage
+    /// ([`MixedTensorStep`]): `bf16` parameters, `bf16` or `f16` gradients,
+    /// beside `f32` ones, all in the same parallel region, the state kept in
+    /// `f32`. Each tensor's update is the bits of
+    /// [`step_mixed`](crate::step_mixed) over it with `f32` state buffers (a
+    /// lone `f32` tensor's: those of [`step`](Self::step)); the guards and
+    /// the global clipping norm read every present gradient, widened
+    /// exactly.
+    ///
+    /// # Errors
+    /// As [`step`](Self::step). Nothing is modified on error.
+    pub fn step_mixed(&mut self, tensors: &mut [MixedTensorStep<'_>]) -> Result<StepReport, Error> {
         if tensors.len() != self.tensors.len() {
             return Err(Error::LengthMismatch { what: "tensors", expected: self.tensors.len(), actual: tensors.len() });
         }
@@ -254,10 +303,9 @@ impl<A: Algorithm> MultiOptimizer<A> {
         let chunk = plan.exec.chunk_for(present);
         let mut pieces = Vec::new();
         for (ts, slot) in tensors.iter_mut().zip(self.tensors.iter_mut()) {
-            let Some(g) = ts.grads else { continue };
+            let Some(mut g) = ts.grads else { continue };
             let k = slot.state.len();
-            let mut p: &mut [f32] = &mut *ts.params;
-            let mut g: &[f32] = g;
+            let mut p: Params<'_> = ts.params.reborrow();
             let mut s: [&mut [f32]; MAX_STATE] = Default::default();
             for (r, b) in s.iter_mut().zip(slot.state.iter_mut()) {
                 *r = b.as_mut_slice();
@@ -265,7 +313,7 @@ impl<A: Algorithm> MultiOptimizer<A> {
             let step = chunk.unwrap_or(usize::MAX).max(1);
             loop {
                 let mid = p.len().min(step);
-                let (p0, p1) = std::mem::take(&mut p).split_at_mut(mid);
+                let (p0, p1) = std::mem::replace(&mut p, Params::F32(&mut [])).split_at(mid);
                 let (g0, g1) = g.split_at(mid);
                 let mut s0: [&mut [f32]; MAX_STATE] = Default::default();
                 for (a, b) in s0.iter_mut().zip(s.iter_mut()) {
@@ -310,13 +358,17 @@ impl<A: Algorithm> MultiOptimizer<A> {
 
     /// The guards over every present gradient: the non-finite policy, and
     /// with clipping on the global norm, whose factor goes into `plan`.
-    fn guard(&self, plan: &mut Plan, tensors: &[TensorStep<'_>]) -> Result<(Option<StepReport>, Option<f64>), Error> {
+    fn guard(
+        &self,
+        plan: &mut Plan,
+        tensors: &[MixedTensorStep<'_>],
+    ) -> Result<(Option<StepReport>, Option<f64>), Error> {
         let policy = self.guards.non_finite;
         let present = || tensors.iter().filter_map(|t| t.grads);
         let find = |plan: &Plan| -> Result<Option<StepReport>, Error> {
             let mut offset = 0;
             for g in present() {
-                if let Some(skip) = non_finite_guard(policy, plan, g, offset)? {
+                if let Some(skip) = non_finite_guard_grads(policy, plan, g, offset)? {
                     return Ok(Some(skip));
                 }
                 offset += g.len();
@@ -326,7 +378,7 @@ impl<A: Algorithm> MultiOptimizer<A> {
         if self.guards.max_grad_norm.is_none() {
             return Ok((find(plan)?, None));
         }
-        let total = present().map(|g| crate::driver::sum_of_squares(plan, g)).sum::<f64>().sqrt();
+        let total = present().map(|g| crate::clip::grads_sum(plan, g)).sum::<f64>().sqrt();
         if !total.is_finite()
             && policy != NonFinitePolicy::Propagate
             && let Some(skip) = find(plan)?
@@ -348,11 +400,15 @@ impl<A: Algorithm> Ctx<'_, A> {
     /// copy: the state advances once per step, in `step`).
     fn run(&self, piece: &mut Piece<'_, A>) {
         let mut aux = piece.aux;
+        let k = piece.k;
+        let mut it = piece.s[..k].iter_mut();
+        let mut s: [StateBuf<'_>; MAX_STATE] =
+            std::array::from_fn(|_| StateBuf::F32(it.next().map_or(&mut [][..], |x| &mut **x)));
         self.groups[piece.group].run(
             piece.t,
             &mut aux,
             self.plan,
-            Bufs::dense(piece.p, piece.g, &mut piece.s[..piece.k]),
+            Bufs::new(piece.p.reborrow(), piece.g, &mut s[..k], None),
         );
     }
 

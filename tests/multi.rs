@@ -5,7 +5,8 @@
 
 mod common;
 
-use adaoptim::multi::{MultiOptimizer, TensorStep};
+use adaoptim::multi::{MixedTensorStep, MultiOptimizer, TensorStep};
+use adaoptim::storage::{Dtype, Grads, Params, StateBuf, bf16, f16};
 use adaoptim::*;
 use common::{Rng, all_paths, assert_same_bits};
 
@@ -66,35 +67,41 @@ fn check<A: Algorithm + Copy>(ga: A, gb: A, exec: Exec, what: &str) {
     }
 }
 
-#[test]
-fn each_tensor_gets_a_lone_optimizers_bits_and_no_grad_is_skipped() {
+/// Runs `f` on every path this machine has, plus the automatic one and a
+/// 16-element chunk, inside a 3-thread pool.
+fn for_every_path(f: impl Fn(&str, Exec) + Sync) {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
     let mut paths = all_paths();
     paths.push(("auto".into(), Exec::auto()));
     paths.push(("chunk-16".into(), Exec::parallel(Backend::best(), 16)));
     for (path, exec) in paths {
-        pool.install(|| {
-            check(
-                AdamConfig { weight_decay: 0.1, decoupled_weight_decay: true, ..Default::default() },
-                AdamConfig { amsgrad: true, lr: 3e-3, ..Default::default() },
-                exec,
-                &format!("adam {path}"),
-            );
-            // NAdam: each tensor's own mu_product.
-            check(
-                NAdamConfig { momentum_decay: 0.01, ..Default::default() },
-                NAdamConfig { lr: 1e-2, ..Default::default() },
-                exec,
-                &format!("nadam {path}"),
-            );
-            check(
-                SgdConfig { lr: 0.1, ..Default::default() },
-                SgdConfig { lr: 0.01, momentum: 0.5, nesterov: true, ..Default::default() },
-                exec,
-                &format!("sgd {path}"),
-            );
-        });
+        pool.install(|| f(&path, exec));
     }
+}
+
+#[test]
+fn each_tensor_gets_a_lone_optimizers_bits_and_no_grad_is_skipped() {
+    for_every_path(|path, exec| {
+        check(
+            AdamConfig { weight_decay: 0.1, decoupled_weight_decay: true, ..Default::default() },
+            AdamConfig { amsgrad: true, lr: 3e-3, ..Default::default() },
+            exec,
+            &format!("adam {path}"),
+        );
+        // NAdam: each tensor's own mu_product.
+        check(
+            NAdamConfig { momentum_decay: 0.01, ..Default::default() },
+            NAdamConfig { lr: 1e-2, ..Default::default() },
+            exec,
+            &format!("nadam {path}"),
+        );
+        check(
+            SgdConfig { lr: 0.1, ..Default::default() },
+            SgdConfig { lr: 0.01, momentum: 0.5, nesterov: true, ..Default::default() },
+            exec,
+            &format!("sgd {path}"),
+        );
+    });
 }
 
 /// Two tensors, as a model of two parameters.
@@ -242,4 +249,201 @@ fn extra_metadata_is_kept_and_may_not_replace_the_checkpoints_own() {
         assert!(opt.to_safetensors_with(&[(key, "x".to_string())]).is_err(), "{key}");
     }
     assert!(adaoptim::checkpoint::format::metadata(b"not safetensors").is_err());
+}
+
+/// The tensors of the mixed test: (length, params bf16?, grad dtype), the
+/// gradient `None` on some steps.
+const MIXED: [(usize, bool, Dtype); 6] = [
+    (4096, false, Dtype::F32),
+    (3000, true, Dtype::Bf16),
+    (17, false, Dtype::F16),
+    (1000, true, Dtype::F32),
+    (0, true, Dtype::Bf16),
+    (300, true, Dtype::F16),
+];
+
+/// Owned parameters and gradients of any storage, borrowed per step.
+enum P {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+}
+enum G {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+impl P {
+    fn new(v: Vec<f32>, half: bool) -> P {
+        if half { P::Bf16(v.iter().map(|&x| bf16::from_f32(x)).collect()) } else { P::F32(v) }
+    }
+    fn as_params(&mut self) -> Params<'_> {
+        match self {
+            P::F32(x) => Params::F32(x),
+            P::Bf16(x) => Params::Bf16(x),
+        }
+    }
+    fn bits(&self) -> Vec<u32> {
+        match self {
+            P::F32(x) => x.iter().map(|v| v.to_bits()).collect(),
+            P::Bf16(x) => x.iter().map(|v| v.to_bits() as u32).collect(),
+        }
+    }
+}
+impl G {
+    fn new(v: Vec<f32>, dtype: Dtype) -> G {
+        match dtype {
+            Dtype::Bf16 => G::Bf16(v.iter().map(|&x| bf16::from_f32(x)).collect()),
+            Dtype::F16 => G::F16(v.iter().map(|&x| f16::from_f32(x)).collect()),
+            _ => G::F32(v),
+        }
+    }
+    fn as_grads(&self) -> Grads<'_> {
+        match self {
+            G::F32(x) => Grads::F32(x),
+            G::Bf16(x) => Grads::Bf16(x),
+            G::F16(x) => Grads::F16(x),
+        }
+    }
+}
+
+fn check_mixed<A: Algorithm + Copy>(config: A, exec: Exec, clip: bool, what: &str) {
+    let mut rng = Rng::new(34);
+    let mut opt = MultiOptimizer::new();
+    opt.set_exec(exec);
+    opt.add_group(config, &MIXED.map(|m| m.0)).unwrap();
+    let scale = Some(2.0f32);
+    opt.set_grad_scale(scale).unwrap();
+    if clip {
+        opt.set_max_grad_norm(Some(1.0)).unwrap();
+    }
+    let mut params: Vec<P> = MIXED.iter().map(|&(n, half, _)| P::new(rng.vec(n, 1.0), half)).collect();
+    let initial: Vec<Vec<u32>> = params.iter().map(P::bits).collect();
+    let mut lone: Vec<P> = MIXED.iter().map(|&(n, half, _)| P::new(vec![0.0; n], half)).collect();
+    for (l, p) in lone.iter_mut().zip(&params) {
+        *l = match p {
+            P::F32(x) => P::F32(x.clone()),
+            P::Bf16(x) => P::Bf16(x.clone()),
+        };
+    }
+    let k = config.state_names().len();
+    let mut states: Vec<Vec<Vec<f32>>> =
+        MIXED.iter().map(|m| (0..k).map(|i| vec![config.state_init(i); m.0]).collect()).collect();
+    let mut steps = vec![0u64; MIXED.len()];
+    let mut aux: Vec<_> = MIXED.iter().map(|_| config.aux_init()).collect();
+    for s in 0..4 {
+        let grads: Vec<Option<G>> = MIXED
+            .iter()
+            .enumerate()
+            .map(|(i, &(n, _, d))| has_grad(i, s).then(|| G::new(rng.vec(n, 3.0), d)))
+            .collect();
+        // The reference: step_mixed per tensor, f32 state, the global norm
+        // composed from the public clipping functions.
+        let sq: f64 = grads
+            .iter()
+            .flatten()
+            .map(|g| clip::sum_of_squares_unscaled(g.as_grads(), scale, &Exec::scalar()).unwrap())
+            .sum();
+        let options = StepOptions {
+            exec: Exec::scalar(),
+            grad_scale: scale,
+            clip_coef: clip.then(|| clip::clip_coef(sq.sqrt(), 1.0)),
+            ..StepOptions::default()
+        };
+        for (i, g) in grads.iter().enumerate() {
+            let Some(g) = g else { continue };
+            steps[i] += 1;
+            let mut bufs: Vec<StateBuf<'_>> = states[i].iter_mut().map(|b| StateBuf::F32(b)).collect();
+            step_mixed(&config, steps[i], &mut aux[i], lone[i].as_params(), g.as_grads(), &mut bufs, None, &options)
+                .unwrap();
+        }
+        let mut ts: Vec<MixedTensorStep<'_>> = params
+            .iter_mut()
+            .zip(&grads)
+            .map(|(p, g)| MixedTensorStep::new(p.as_params(), g.as_ref().map(G::as_grads)))
+            .collect();
+        let report = opt.step_mixed(&mut ts).unwrap();
+        assert!(!report.skipped);
+        if clip {
+            assert_eq!(opt.last_grad_norm(), Some(sq.sqrt()), "{what}: the global norm");
+        }
+    }
+    for i in 0..MIXED.len() {
+        assert_eq!(params[i].bits(), lone[i].bits(), "{what} tensor {i}: params");
+        let moved = params[i].bits().iter().zip(&initial[i]).filter(|(a, b)| a != b).count();
+        assert!(moved * 2 >= MIXED[i].0, "{what} tensor {i}: only {moved} of {} parameters moved", MIXED[i].0);
+        assert_eq!(opt.step_count(i).unwrap(), steps[i], "{what} tensor {i}: steps");
+        for (j, name) in config.state_names().iter().enumerate() {
+            assert_same_bits(&format!("{what} tensor {i} {name}"), opt.state(i, name).unwrap().unwrap(), &states[i][j]);
+        }
+    }
+}
+
+#[test]
+fn mixed_storage_tensors_get_step_mixeds_bits_on_every_path() {
+    for_every_path(|path, exec| {
+        for clip in [false, true] {
+            let w = format!("{path} clip={clip}");
+            check_mixed(
+                AdamConfig { lr: 0.05, weight_decay: 0.1, decoupled_weight_decay: true, ..Default::default() },
+                exec,
+                clip,
+                &format!("adamw {w}"),
+            );
+            check_mixed(
+                NAdamConfig { lr: 0.05, momentum_decay: 0.01, ..Default::default() },
+                exec,
+                clip,
+                &format!("nadam {w}"),
+            );
+            check_mixed(SgdConfig { lr: 0.1, momentum: 0.9, ..Default::default() }, exec, clip, &format!("sgd {w}"));
+            check_mixed(
+                AdagradConfig { lr: 0.1, initial_accumulator_value: 0.1, ..Default::default() },
+                exec,
+                clip,
+                &format!("adagrad {w}"),
+            );
+        }
+    });
+}
+
+#[test]
+fn a_non_finite_half_gradient_is_found_and_changes_nothing() {
+    let mut opt = MultiOptimizer::new();
+    opt.add_group(AdamConfig::default(), &[5, 3]).unwrap();
+    let mut a = vec![bf16::from_f32(1.0); 5];
+    let mut b = vec![2.0f32; 3];
+    let ga = vec![bf16::from_f32(0.5); 5];
+    // Finite in bf16, infinite once unscaled by 0.5 (as the step unscales it).
+    let gb = [f16::from_f32(0.5), f16::from_f32(0.5), f16::from_f32(0.5)];
+    let huge = [bf16::from_f32(0.5), bf16::from_f32(3e38), bf16::from_f32(0.5), bf16::from_f32(0.5), bf16::NAN];
+    opt.set_grad_scale(Some(0.5)).unwrap();
+    for clip in [None, Some(1.0)] {
+        opt.set_max_grad_norm(clip).unwrap();
+        opt.set_non_finite(NonFinitePolicy::Error);
+        let r = opt.step_mixed(&mut [
+            MixedTensorStep::new(Params::Bf16(&mut a), Some(Grads::Bf16(&huge))),
+            MixedTensorStep::new(Params::F32(&mut b), Some(Grads::F16(&gb))),
+        ]);
+        assert_eq!(r, Err(Error::NonFiniteGradient { index: 1 }), "clip {clip:?}");
+        let r = opt.step_mixed(&mut [
+            MixedTensorStep::new(Params::Bf16(&mut a), Some(Grads::Bf16(&ga))),
+            MixedTensorStep::new(Params::F32(&mut b), Some(Grads::Bf16(&huge[..3]))),
+        ]);
+        assert_eq!(r, Err(Error::NonFiniteGradient { index: 6 }), "clip {clip:?}");
+        opt.set_non_finite(NonFinitePolicy::SkipStep);
+        let r = opt.step_mixed(&mut [
+            MixedTensorStep::new(Params::Bf16(&mut a), Some(Grads::Bf16(&ga))),
+            MixedTensorStep::new(Params::F32(&mut b), Some(Grads::Bf16(&huge[2..]))),
+        ]);
+        assert!(r.unwrap().skipped, "clip {clip:?}");
+        // A gradient of another length in the second tensor.
+        let r = opt.step_mixed(&mut [
+            MixedTensorStep::new(Params::Bf16(&mut a), Some(Grads::Bf16(&ga))),
+            MixedTensorStep::new(Params::F32(&mut b), Some(Grads::Bf16(&ga[..2]))),
+        ]);
+        assert_eq!(r, Err(Error::LengthMismatch { what: "grads", expected: 3, actual: 2 }));
+    }
+    assert!(a.iter().all(|x| x.to_f32() == 1.0) && b == vec![2.0; 3]);
+    assert_eq!((opt.step_count(0).unwrap(), opt.step_count(1).unwrap()), (0, 0));
+    assert!(opt.state(0, "exp_avg").unwrap().unwrap().iter().all(|&x| x == 0.0));
 }

@@ -8,6 +8,7 @@ use crate::Error;
 use crate::driver::{Plan, StepReport, Unscale};
 use crate::exec::Exec;
 use crate::schedule::LrSchedule;
+use crate::storage::{Exact, Grads};
 
 /// What a step does with NaN or infinite gradients.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -140,6 +141,38 @@ pub(crate) fn non_finite_guard(
         return Err(Error::NonFiniteGradient { index: offset + index });
     }
     Ok(Some(StepReport { backend: plan.backend, parallel: false, skipped: true }))
+}
+
+/// [`non_finite_guard`] over gradients in any storage: `bf16` and `f16`
+/// ones are widened exactly (and unscaled as the step unscales them); a
+/// half-precision gradient is non-finite exactly when its sum of squares
+/// is, so one reduction answers, and the index is searched only then.
+pub(crate) fn non_finite_guard_grads(
+    policy: NonFinitePolicy,
+    plan: &Plan,
+    grads: Grads<'_>,
+    offset: usize,
+) -> Result<Option<StepReport>, Error> {
+    fn half<E: Exact>(
+        policy: NonFinitePolicy,
+        plan: &Plan,
+        g: &[E],
+        offset: usize,
+    ) -> Result<Option<StepReport>, Error> {
+        if policy == NonFinitePolicy::Propagate || crate::driver::sum_of_squares(plan, g).is_finite() {
+            return Ok(None);
+        }
+        if policy == NonFinitePolicy::Error {
+            let index = g.iter().position(|&x| !plan.unscale.apply(x.exact()).is_finite()).unwrap_or(0);
+            return Err(Error::NonFiniteGradient { index: offset + index });
+        }
+        Ok(Some(StepReport { backend: plan.backend, parallel: false, skipped: true }))
+    }
+    match grads {
+        Grads::F32(g) => non_finite_guard(policy, plan, g, offset),
+        Grads::Bf16(g) => half(policy, plan, g, offset),
+        Grads::F16(g) => half(policy, plan, g, offset),
+    }
 }
 
 /// The gradient guards applied before a step updates anything: the

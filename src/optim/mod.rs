@@ -63,7 +63,7 @@ use crate::exec::Exec;
 pub(crate) use crate::math::{GradIn, Lerp, Quot, pow_step};
 use crate::storage::{Dtype, Grads, ParamCopy, ParamRounding, Params, StateBuf, TILE, stochastic_key};
 pub use guards::NonFinitePolicy;
-pub(crate) use guards::{Guards, controls, non_finite_guard, scheduled};
+pub(crate) use guards::{Guards, controls, non_finite_guard, non_finite_guard_grads, scheduled};
 pub use owner::Optimizer;
 
 pub use crate::error::MAX_STEP;
