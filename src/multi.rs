@@ -401,15 +401,15 @@ impl<A: Algorithm> Ctx<'_, A> {
     fn run(&self, piece: &mut Piece<'_, A>) {
         let mut aux = piece.aux;
         let k = piece.k;
+        let group = &self.groups[piece.group];
+        if let (Params::F32(p), Grads::F32(g)) = (piece.p.reborrow(), piece.g) {
+            group.run(piece.t, &mut aux, self.plan, Bufs::dense(p, g, &mut piece.s[..k]));
+            return;
+        }
         let mut it = piece.s[..k].iter_mut();
         let mut s: [StateBuf<'_>; MAX_STATE] =
             std::array::from_fn(|_| StateBuf::F32(it.next().map_or(&mut [][..], |x| &mut **x)));
-        self.groups[piece.group].run(
-            piece.t,
-            &mut aux,
-            self.plan,
-            Bufs::new(piece.p.reborrow(), piece.g, &mut s[..k], None),
-        );
+        group.run(piece.t, &mut aux, self.plan, Bufs::new(piece.p.reborrow(), piece.g, &mut s[..k], None));
     }
 
     /// Runs the pieces on the crate's split-and-join recursion, down to

@@ -3,11 +3,16 @@
 //! Prints each one's median time and the ratios of medians (this is what
 //! the README quotes; absolute times on a shared machine drift).
 //!
-//! `cargo run --release -p adaoptim-candle --example speed [-- ROUNDS]`
+//! With `--bf16` the Vars and their gradients are bf16 (adaoptim keeps
+//! the state f32; candle's AdamW keeps it bf16, in the Vars' dtype), and
+//! the raw-slice step is `MultiOptimizer::step_mixed` over bf16 slices.
+//!
+//! `cargo run --release -p adaoptim-candle --example speed [-- [--bf16] [ROUNDS]]`
 
 use std::time::Instant;
 
-use adaoptim::multi::{MultiOptimizer, TensorStep};
+use adaoptim::multi::{MixedTensorStep, MultiOptimizer};
+use adaoptim::storage::{Grads, Params, bf16};
 use adaoptim_candle::AdamWConfig;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::Optimizer;
@@ -20,14 +25,17 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn main() -> Result<()> {
-    let rounds: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(7);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let half = args.iter().any(|a| a == "--bf16");
+    let rounds: usize = args.iter().find_map(|s| s.parse().ok()).unwrap_or(7);
+    let dtype = if half { DType::BF16 } else { DType::F32 };
     let dev = &Device::Cpu;
-    let make = || SHAPES.iter().map(|s| Var::ones(*s, DType::F32, dev)).collect::<Result<Vec<_>>>();
+    let make = || SHAPES.iter().map(|s| Var::ones(*s, dtype, dev)).collect::<Result<Vec<_>>>();
     let (ours_vars, their_vars) = (make()?, make()?);
     let grads_of = |vs: &[Var]| -> Result<candle_core::backprop::GradStore> {
         let mut loss = Tensor::new(0f32, dev)?;
         for v in vs {
-            loss = (loss + (v.as_tensor() * 1e-3)?.sum_all()?)?;
+            loss = (loss + (v.as_tensor() * 1e-3)?.sum_all()?.to_dtype(DType::F32)?)?;
         }
         loss.backward()
     };
@@ -41,6 +49,8 @@ fn main() -> Result<()> {
     raw.add_group(config, &sizes).map_err(candle_core::Error::wrap)?;
     let mut params: Vec<Vec<f32>> = sizes.iter().map(|&k| vec![1.0; k]).collect();
     let grads: Vec<Vec<f32>> = sizes.iter().map(|&k| vec![1e-3; k]).collect();
+    let mut params16: Vec<Vec<bf16>> = sizes.iter().map(|&k| vec![bf16::ONE; k]).collect();
+    let grads16: Vec<Vec<bf16>> = sizes.iter().map(|&k| vec![bf16::from_f32(1e-3); k]).collect();
     let (mut t_ours, mut t_raw, mut t_cn) = (vec![], vec![], vec![]);
     // One untimed step each first (page faults, candle's allocations).
     for round in 0..=rounds {
@@ -48,9 +58,20 @@ fn main() -> Result<()> {
         ours.step(&g_ours)?;
         let a = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let mut steps: Vec<TensorStep<'_>> =
-            params.iter_mut().zip(&grads).map(|(p, g)| TensorStep::new(p, Some(g))).collect();
-        raw.step(&mut steps).map_err(candle_core::Error::wrap)?;
+        let mut steps: Vec<MixedTensorStep<'_>> = if half {
+            params16
+                .iter_mut()
+                .zip(&grads16)
+                .map(|(p, g)| MixedTensorStep::new(Params::Bf16(p), Some(Grads::Bf16(g))))
+                .collect()
+        } else {
+            params
+                .iter_mut()
+                .zip(&grads)
+                .map(|(p, g)| MixedTensorStep::new(Params::F32(p), Some(Grads::F32(g))))
+                .collect()
+        };
+        raw.step_mixed(&mut steps).map_err(candle_core::Error::wrap)?;
         let b = t.elapsed().as_secs_f64();
         let t = Instant::now();
         cn.step(&g_theirs)?;
@@ -63,7 +84,9 @@ fn main() -> Result<()> {
     }
     let (a, b, c) = (median(&mut t_ours), median(&mut t_raw), median(&mut t_cn));
     let threads = rayon::current_num_threads();
-    println!("AdamW step, {n} parameters in 4 Vars, {threads} threads, median of {rounds} alternated rounds:");
+    println!(
+        "AdamW step, {n} {dtype:?} parameters in 4 Vars, {threads} threads, median of {rounds} alternated rounds:"
+    );
     println!("  adaoptim-candle   {:8.2} ms  {:.3} Gparam/s", a * 1e3, n as f64 / a / 1e9);
     println!("  raw slices        {:8.2} ms  {:.3} Gparam/s", b * 1e3, n as f64 / b / 1e9);
     println!("  candle_nn::AdamW  {:8.2} ms  {:.3} Gparam/s", c * 1e3, n as f64 / c / 1e9);

@@ -16,23 +16,29 @@
 //! # How a step runs
 //! [`step`](candle_nn::Optimizer::step) takes the write lock of every `Var`
 //! (candle's in-place custom op, nested one `Var` inside the other), hands
-//! each `Var`'s `f32` storage and its gradient's storage to one
-//! [`MultiOptimizer::step`] as borrowed slices, and so updates every `Var` in
-//! **one** parallel region, without a copy: the bits are those of adaoptim on
-//! raw slices. A `Var` whose gradient is absent from the `GradStore` is left
-//! untouched, its state and step count included (torch's semantics for a
-//! parameter whose `.grad` is `None`).
+//! each `Var`'s storage and its gradient's storage to one
+//! [`MultiOptimizer::step_mixed`] as borrowed slices, and so updates every
+//! `Var` in **one** parallel region, without a copy: the bits are those of
+//! adaoptim on raw slices. A `Var` whose gradient is absent from the
+//! `GradStore` is left untouched, its state and step count included
+//! (torch's semantics for a parameter whose `.grad` is `None`).
 //!
 //! # What it accepts
-//! `f32` `Var`s on the CPU device, contiguous (every `Var` candle creates
-//! is). A `Var` of another float dtype, on another device or with a strided
-//! layout is an error at construction; a `Var` of an integer dtype is not
-//! optimized, as candle's own optimizers skip it. The same `Var` twice is an
-//! error (it would be stepped twice). Gradients must be `f32` on the CPU with
-//! the `Var`'s shape; a non-contiguous gradient is copied into a contiguous
-//! one first (the only copy this crate ever makes; backprop produces
-//! contiguous gradients). Every error is a [`candle_core::Error`] carrying
-//! adaoptim's message, and a step that returns an error changes nothing.
+//! `f32` and `bf16` `Var`s on the CPU device, contiguous (every `Var`
+//! candle creates is). A `bf16` `Var` is widened, stepped in `f32` and
+//! rounded back to nearest, its optimizer state kept in `f32` (candle's own
+//! optimizers keep it in the `Var`'s dtype). A `Var` of another float dtype
+//! (`f16`, `f64`, ...), on another device or with a strided layout is an
+//! error at construction; a `Var` of an integer dtype is not optimized, as
+//! candle's own optimizers skip it. The same `Var` twice is an error (it
+//! would be stepped twice). Gradients must be `f32`, `bf16` or `f16` on the
+//! CPU with the `Var`'s shape (any of the three for either kind of `Var`;
+//! half-precision ones are widened exactly, and the non-finite guard and
+//! the clipping norm read them so); a non-contiguous gradient is copied
+//! into a contiguous one first (the only copy this crate ever makes;
+//! backprop produces contiguous gradients). Every error is a
+//! [`candle_core::Error`] carrying adaoptim's message, and a step that
+//! returns an error changes nothing.
 //!
 //! # Learning rate and schedules
 //! [`set_learning_rate`](candle_nn::Optimizer::set_learning_rate) cannot
@@ -47,8 +53,9 @@
 
 use std::cell::RefCell;
 
-use adaoptim::multi::{MultiOptimizer, TensorStep};
+use adaoptim::multi::{MixedTensorStep, MultiOptimizer};
 use adaoptim::schedule::LrSchedule;
+use adaoptim::storage::{Grads, Params, bf16, f16};
 use adaoptim::{Algorithm, Exec, NonFinitePolicy};
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor, Var};
@@ -106,8 +113,8 @@ fn check_var(var: &Var, what: &str) -> candle_core::Result<bool> {
     if !var.dtype().is_float() {
         return Ok(false);
     }
-    if var.dtype() != DType::F32 {
-        return Err(msg(format!("{what} is {:?}; only f32 Vars are supported", var.dtype())));
+    if !matches!(var.dtype(), DType::F32 | DType::BF16) {
+        return Err(msg(format!("{what} is {:?}; only f32 and bf16 Vars are supported", var.dtype())));
     }
     if !var.device().is_cpu() {
         return Err(msg(format!("{what} is on {:?}; only CPU Vars are supported", var.device().location())));
@@ -148,8 +155,8 @@ impl<C: Algorithm> Optim<C> {
     /// [crate docs](crate)).
     ///
     /// # Errors
-    /// Invalid hyperparameters; a `Var` that is not f32, not on the CPU or
-    /// not contiguous; the same `Var` twice.
+    /// Invalid hyperparameters; a `Var` that is not f32 or bf16, not on the
+    /// CPU or not contiguous; the same `Var` twice.
     pub fn with_groups(groups: Vec<(Vec<Var>, C)>) -> candle_core::Result<Self> {
         Self::build(groups.into_iter().map(|(vars, c)| (vars.into_iter().map(|v| (None, v)).collect(), c)).collect())
     }
@@ -341,9 +348,10 @@ impl<C: Algorithm> Optim<C> {
             owned.push(match g {
                 None => None,
                 Some(g) => {
-                    if g.dtype() != DType::F32 || !g.device().is_cpu() || g.shape() != var.shape() {
+                    let dtype_ok = matches!(g.dtype(), DType::F32 | DType::BF16 | DType::F16);
+                    if !dtype_ok || !g.device().is_cpu() || g.shape() != var.shape() {
                         return Err(msg(format!(
-                            "the gradient of Var {i} is {:?} {:?} on {:?}; expected f32 {:?} on the CPU",
+                            "the gradient of Var {i} is {:?} {:?} on {:?}; expected f32, bf16 or f16 {:?} on the CPU",
                             g.dtype(),
                             g.shape(),
                             g.device().location(),
@@ -388,24 +396,14 @@ impl<C: Algorithm> Optim<C> {
         let opt = &mut self.opt;
         let mut result = None;
         let locked = lock_all(&items, &mut slices, &mut |slices| {
-            let mut steps: Vec<TensorStep<'_>> = slices
-                .iter()
-                .map(|r| {
-                    // SAFETY: every pointer comes from a `CpuStorage::F32`
-                    // that `lock_all`'s callers still hold: the Var's under
-                    // its write lock, the gradient's under its read lock, on
-                    // the stack frames this closure runs inside of. The
-                    // ranges were checked above not to overlap a Var's, so
-                    // the `&mut` slices alias nothing.
-                    unsafe {
-                        TensorStep::new(
-                            std::slice::from_raw_parts_mut(r.p, r.len),
-                            r.g.map(|g| std::slice::from_raw_parts(g, r.len)),
-                        )
-                    }
-                })
-                .collect();
-            result = Some(opt.step(&mut steps));
+            // SAFETY: every pointer comes from a `CpuStorage` of the
+            // element type it is tagged with, which `lock_all`'s callers
+            // still hold: the Var's under its write lock, the gradient's
+            // under its read lock, on the stack frames this closure runs
+            // inside of, `len` elements each. The ranges were checked above
+            // not to overlap a Var's, so the `&mut` slices alias nothing.
+            let mut steps: Vec<MixedTensorStep<'_>> = slices.iter().map(|r| unsafe { r.borrow() }).collect();
+            result = Some(opt.step_mixed(&mut steps));
         });
         let outcome = locked.and_then(|()| match result {
             Some(r) => r.map(|_| ()).map_err(wrap),
@@ -511,13 +509,13 @@ impl<C: Algorithm> Optim<C> {
 fn extent(t: &Tensor, is_var: bool) -> candle_core::Result<(usize, usize, bool)> {
     let (storage, layout) = t.storage_and_layout();
     let (a, b) = layout.contiguous_offsets().ok_or_else(|| msg("a tensor is not contiguous".into()))?;
-    match &*storage {
-        Storage::Cpu(CpuStorage::F32(v)) => {
-            let base = v.as_ptr() as usize;
-            Ok((base + a * 4, base + b * 4, is_var))
-        }
-        _ => Err(msg("a tensor is not f32 on the CPU".into())),
-    }
+    let (base, size) = match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => (v.as_ptr() as usize, 4),
+        Storage::Cpu(CpuStorage::BF16(v)) => (v.as_ptr() as usize, 2),
+        Storage::Cpu(CpuStorage::F16(v)) => (v.as_ptr() as usize, 2),
+        _ => return Err(msg("a tensor is not f32, bf16 or f16 on the CPU".into())),
+    };
+    Ok((base + a * size, base + b * size, is_var))
 }
 
 /// A group under construction: its `Var`s (with names from a `VarMap`) and
@@ -529,9 +527,45 @@ type Innermost<'a> = &'a mut dyn FnMut(&[Raw]);
 
 /// A locked tensor's parameters and gradient, as raw parts.
 struct Raw {
-    p: *mut f32,
+    p: RawParams,
     len: usize,
-    g: Option<*const f32>,
+    g: Option<RawGrads>,
+}
+
+/// A locked `Var`'s data pointer, by element type.
+enum RawParams {
+    F32(*mut f32),
+    Bf16(*mut bf16),
+}
+
+/// A locked gradient's data pointer, by element type.
+enum RawGrads {
+    F32(*const f32),
+    Bf16(*const bf16),
+    F16(*const f16),
+}
+
+impl Raw {
+    /// The tensor as the core's borrowed step.
+    ///
+    /// # Safety
+    /// The pointers are valid for `len` elements for `'a`, the parameters
+    /// writable and aliased by nothing else.
+    unsafe fn borrow<'a>(&self) -> MixedTensorStep<'a> {
+        // SAFETY: as this function's contract.
+        unsafe {
+            let params = match self.p {
+                RawParams::F32(p) => Params::F32(std::slice::from_raw_parts_mut(p, self.len)),
+                RawParams::Bf16(p) => Params::Bf16(std::slice::from_raw_parts_mut(p, self.len)),
+            };
+            let grads = self.g.as_ref().map(|g| match *g {
+                RawGrads::F32(g) => Grads::F32(std::slice::from_raw_parts(g, self.len)),
+                RawGrads::Bf16(g) => Grads::Bf16(std::slice::from_raw_parts(g, self.len)),
+                RawGrads::F16(g) => Grads::F16(std::slice::from_raw_parts(g, self.len)),
+            });
+            MixedTensorStep::new(params, grads)
+        }
+    }
 }
 
 /// Candle's in-place op that records one locked `Var` (and its gradient)
@@ -542,23 +576,33 @@ struct Nest<'a, 'b> {
     f: RefCell<Innermost<'a>>,
 }
 
-fn f32_slice_mut<'s>(s: &'s mut CpuStorage, l: &Layout) -> candle_core::Result<&'s mut [f32]> {
+/// A locked `Var`'s elements: pointer and length.
+fn params_raw(s: &mut CpuStorage, l: &Layout) -> candle_core::Result<(RawParams, usize)> {
     match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
-        _ => Err(msg("a Var is not contiguous f32".into())),
+        (CpuStorage::F32(v), Some((a, b))) => Ok((RawParams::F32(v[a..b].as_mut_ptr()), b - a)),
+        (CpuStorage::BF16(v), Some((a, b))) => Ok((RawParams::Bf16(v[a..b].as_mut_ptr()), b - a)),
+        _ => Err(msg("a Var is not contiguous f32 or bf16".into())),
     }
 }
 
-fn f32_slice<'s>(s: &'s CpuStorage, l: &Layout) -> candle_core::Result<&'s [f32]> {
+/// A gradient's elements: pointer and length.
+fn grads_raw(s: &CpuStorage, l: &Layout) -> candle_core::Result<(RawGrads, usize)> {
     match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => Err(msg("a gradient is not contiguous f32".into())),
+        (CpuStorage::F32(v), Some((a, b))) => Ok((RawGrads::F32(v[a..b].as_ptr()), b - a)),
+        (CpuStorage::BF16(v), Some((a, b))) => Ok((RawGrads::Bf16(v[a..b].as_ptr()), b - a)),
+        (CpuStorage::F16(v), Some((a, b))) => Ok((RawGrads::F16(v[a..b].as_ptr()), b - a)),
+        _ => Err(msg("a gradient is not contiguous f32, bf16 or f16".into())),
     }
 }
 
 impl Nest<'_, '_> {
-    fn record(&self, p: &mut [f32], g: Option<&[f32]>) -> candle_core::Result<()> {
-        self.slices.borrow_mut().push(Raw { p: p.as_mut_ptr(), len: p.len(), g: g.map(<[f32]>::as_ptr) });
+    fn record(&self, (p, len): (RawParams, usize), g: Option<(RawGrads, usize)>) -> candle_core::Result<()> {
+        if let Some((_, glen)) = &g
+            && *glen != len
+        {
+            return Err(msg(format!("a gradient of {glen} elements for a Var of {len}")));
+        }
+        self.slices.borrow_mut().push(Raw { p, len, g: g.map(|g| g.0) });
         let rest = &self.items[1..];
         let mut slices = self.slices.borrow_mut();
         let mut f = self.f.borrow_mut();
@@ -571,7 +615,7 @@ impl candle_core::InplaceOp1 for Nest<'_, '_> {
         "adaoptim-step"
     }
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
-        self.record(f32_slice_mut(s, l)?, None)
+        self.record(params_raw(s, l)?, None)
     }
 }
 
@@ -580,7 +624,7 @@ impl candle_core::InplaceOp2 for Nest<'_, '_> {
         "adaoptim-step"
     }
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
-        self.record(f32_slice_mut(s1, l1)?, Some(f32_slice(s2, l2)?))
+        self.record(params_raw(s1, l1)?, Some(grads_raw(s2, l2)?))
     }
 }
 

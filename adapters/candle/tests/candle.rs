@@ -1,7 +1,8 @@
 //! The candle adapter against adaoptim on raw slices (bit for bit),
 //! against candle's own AdamW (within tolerance), and its errors.
 
-use adaoptim::multi::{MultiOptimizer, TensorStep};
+use adaoptim::multi::{MixedTensorStep, MultiOptimizer, TensorStep};
+use adaoptim::storage::{Grads, Params, bf16};
 use adaoptim::{Algorithm, NonFinitePolicy};
 use adaoptim_candle::{AdamW, AdamWConfig, Optim, Sgd, SgdConfig};
 use candle_core::{DType, Device, Module, Tensor, Var};
@@ -331,9 +332,11 @@ fn checkpoint_of_other_vars_is_refused_and_changes_nothing() {
 fn bad_vars_are_refused() {
     let f64_var = Var::zeros(4, DType::F64, &Device::Cpu).unwrap();
     let err = AdamW::new(vec![f64_var], AdamWConfig::default()).unwrap_err();
-    assert!(err.to_string().contains("F64") && err.to_string().contains("only f32"), "{err}");
-    let bf16 = Var::zeros(4, DType::BF16, &Device::Cpu).unwrap();
-    assert!(AdamW::new(vec![bf16], AdamWConfig::default()).is_err());
+    assert!(err.to_string().contains("F64") && err.to_string().contains("only f32 and bf16"), "{err}");
+    // f16 parameters: the core steps f32 and bf16 ones only.
+    let f16 = Var::zeros(4, DType::F16, &Device::Cpu).unwrap();
+    let err = AdamW::new(vec![f16], AdamWConfig::default()).unwrap_err();
+    assert!(err.to_string().contains("F16"), "{err}");
     let v = var(&[3], 1);
     let err = AdamW::new(vec![v.clone(), v.clone()], AdamWConfig::default()).unwrap_err();
     assert!(err.to_string().contains("twice"), "{err}");
@@ -434,4 +437,123 @@ fn parallel_step_over_many_vars_is_the_serial_bits() {
     for (a, b) in vars.iter().zip(&copies) {
         assert_eq!(bits(&flat(a.as_tensor())), bits(&flat(b.as_tensor())));
     }
+}
+
+/// The bf16 model: the f32 one's values rounded to bf16, the data too.
+fn bf16_model(seed: u64) -> Model {
+    let m = Model::new(seed);
+    let to = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+    Model {
+        vars: m.vars.iter().map(|v| Var::from_tensor(&to(v.as_tensor())).unwrap()).collect(),
+        x: to(&m.x),
+        y: to(&m.y),
+    }
+}
+
+fn halves(t: &Tensor) -> Vec<bf16> {
+    t.flatten_all().unwrap().to_vec1::<bf16>().unwrap()
+}
+
+#[test]
+fn bf16_vars_are_adaoptims_mixed_step_on_raw_slices_bit_for_bit() {
+    // Two bf16 Vars and one f32 Var in one step: the bf16 ones with their
+    // bf16 gradients from candle's backprop, the state f32.
+    let m = bf16_model(7);
+    let w2 = Var::from_tensor(&m.vars[2].as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
+    let vars = vec![m.vars[0].clone(), m.vars[1].clone(), w2.clone()];
+    let loss = |x: &Tensor, y: &Tensor| {
+        let h = x.matmul(&vars[0].t().unwrap()).unwrap().broadcast_add(&vars[1]).unwrap().tanh().unwrap();
+        let out = h.to_dtype(DType::F32).unwrap().matmul(&w2.t().unwrap()).unwrap();
+        (out - y.to_dtype(DType::F32).unwrap()).unwrap().sqr().unwrap().mean_all().unwrap()
+    };
+    let config = AdamWConfig { lr: 2e-2, weight_decay: 0.1, ..Default::default() };
+    let mut opt = AdamW::new(vars.clone(), config).unwrap();
+    opt.set_max_grad_norm(Some(0.5)).unwrap();
+    let mut raw = MultiOptimizer::new();
+    raw.add_group(config, &[128, 16, 48]).unwrap();
+    raw.set_max_grad_norm(Some(0.5)).unwrap();
+    let (mut w1, mut b1, mut w2r) = (halves(&vars[0]), halves(&vars[1]), flat(&vars[2]));
+    let start = w1.clone();
+    for _ in 0..6 {
+        let l = loss(&m.x, &m.y);
+        let g = l.backward().unwrap();
+        let gw1 = halves(g.get(&vars[0]).unwrap());
+        let gb1 = halves(g.get(&vars[1]).unwrap());
+        let gw2 = flat(g.get(&vars[2]).unwrap());
+        assert_eq!(g.get(&vars[0]).unwrap().dtype(), DType::BF16);
+        opt.step(&g).unwrap();
+        raw.step_mixed(&mut [
+            MixedTensorStep::new(Params::Bf16(&mut w1), Some(Grads::Bf16(&gw1))),
+            MixedTensorStep::new(Params::Bf16(&mut b1), Some(Grads::Bf16(&gb1))),
+            MixedTensorStep::new(Params::F32(&mut w2r), Some(Grads::F32(&gw2))),
+        ])
+        .unwrap();
+        assert_eq!(halves(&vars[0]), w1);
+        assert_eq!(halves(&vars[1]), b1);
+        assert_eq!(bits(&flat(&vars[2])), bits(&w2r));
+        assert_eq!(opt.last_grad_norm(), raw.last_grad_norm());
+    }
+    assert!(w1.iter().zip(&start).filter(|(a, b)| a != b).count() > 100, "the bf16 weights moved");
+    assert_eq!(opt.inner().state(0, "exp_avg_sq").unwrap(), raw.state(0, "exp_avg_sq").unwrap());
+}
+
+#[test]
+fn bf16_vars_follow_candle_nn_adamw_on_f32_within_bf16_rounding() {
+    // candle's AdamW on f32 copies of the bf16 Vars (the same gradients, from
+    // the bf16 model) against ours on the bf16 Vars: each step rounds the
+    // parameters once to bf16, so after T steps they are at most about
+    // T/2 bf16 ulps apart (plus the gradient's own difference, small here).
+    let m = bf16_model(8);
+    let mut opt = AdamW::new(m.vars.clone(), AdamWConfig { lr: 1e-2, ..Default::default() }).unwrap();
+    let f32_vars: Vec<Var> =
+        m.vars.iter().map(|v| Var::from_tensor(&v.as_tensor().to_dtype(DType::F32).unwrap()).unwrap()).collect();
+    let mut cn =
+        candle_nn::AdamW::new(f32_vars.clone(), candle_nn::ParamsAdamW { lr: 1e-2, ..Default::default() }).unwrap();
+    let steps = 8;
+    for _ in 0..steps {
+        let g = m.loss().backward().unwrap();
+        // sum(var * g) has the gradient g exactly: candle's AdamW gets the
+        // bf16 model's gradients, widened.
+        let mut surrogate = Tensor::new(0f32, &Device::Cpu).unwrap();
+        for (v, f) in m.vars.iter().zip(&f32_vars) {
+            let gf = g.get(v).unwrap().to_dtype(DType::F32).unwrap();
+            surrogate = (surrogate + (f.as_tensor() * gf).unwrap().sum_all().unwrap()).unwrap();
+        }
+        opt.step(&g).unwrap();
+        cn.backward_step(&surrogate).unwrap();
+    }
+    let mut worst = 0f32;
+    for (v, f) in m.vars.iter().zip(&f32_vars) {
+        for (x, y) in halves(v.as_tensor()).iter().zip(flat(f.as_tensor())) {
+            let ulp = (y.abs().max(1e-3) * 2f32.powi(-7)).max(f32::MIN_POSITIVE);
+            worst = worst.max((x.to_f32() - y).abs() / ulp);
+        }
+    }
+    assert!(worst <= steps as f32 / 2.0 + 1.0, "{worst} bf16 ulps apart after {steps} steps");
+    assert!(worst > 0.0, "bf16 rounding shows");
+}
+
+#[test]
+fn half_gradients_are_checked_and_change_nothing() {
+    let v =
+        Var::from_tensor(&Tensor::from_vec(values(6, 3), (2, 3), &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap())
+            .unwrap();
+    let mut opt = AdamW::new(vec![v.clone()], AdamWConfig::default()).unwrap();
+    let before = halves(v.as_tensor());
+    opt.set_non_finite(NonFinitePolicy::Error);
+    let nan = Tensor::from_vec(vec![0.0f32, 0.0, f32::NAN, 0.0, 0.0, 0.0], (2, 3), &Device::Cpu).unwrap();
+    for dtype in [DType::BF16, DType::F16, DType::F32] {
+        let err = opt.step_with(&[Some(&nan.to_dtype(dtype).unwrap())]).unwrap_err();
+        assert!(err.to_string().contains("element 2 is NaN"), "{dtype:?}: {err}");
+    }
+    let wrong = Tensor::zeros((3, 2), DType::BF16, &Device::Cpu).unwrap();
+    assert!(opt.step_with(&[Some(&wrong)]).is_err());
+    let f64_grad = Tensor::zeros((2, 3), DType::F64, &Device::Cpu).unwrap();
+    assert!(opt.step_with(&[Some(&f64_grad)]).is_err());
+    assert_eq!(halves(v.as_tensor()), before);
+    assert_eq!(opt.inner().step_count(0).unwrap(), 0);
+    // An f16 gradient of a bf16 Var steps (widened exactly).
+    let g = Tensor::from_vec(values(6, 4), (2, 3), &Device::Cpu).unwrap().to_dtype(DType::F16).unwrap();
+    opt.step_with(&[Some(&g)]).unwrap();
+    assert_ne!(halves(v.as_tensor()), before);
 }
