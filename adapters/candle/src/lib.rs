@@ -60,7 +60,11 @@ use adaoptim::{Algorithm, Exec, NonFinitePolicy};
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor, Var};
 
+mod adafactor;
+
+pub use adafactor::Adafactor;
 pub use adaoptim;
+pub use adaoptim::AdafactorConfig;
 /// Every adaoptim configuration, to build an optimizer with.
 pub use adaoptim::optim::registered::*;
 
@@ -101,6 +105,19 @@ adaoptim::for_each_optimizer!(aliases);
 
 fn wrap(e: adaoptim::Error) -> candle_core::Error {
     candle_core::Error::wrap(e)
+}
+
+/// The error every step returns after `set_learning_rate` was given an
+/// invalid value (`bad_lr`), until a valid one is set.
+fn pending_lr_error(bad_lr: Option<f64>) -> candle_core::Result<()> {
+    match bad_lr {
+        Some(lr) => Err(wrap(adaoptim::Error::InvalidHyperparameter {
+            name: "lr",
+            value: lr,
+            requirement: "finite and >= 0 (set by set_learning_rate)",
+        })),
+        None => Ok(()),
+    }
 }
 
 fn msg(s: String) -> candle_core::Error {
@@ -330,60 +347,8 @@ impl<C: Algorithm> Optim<C> {
     /// invalid learning rate set earlier; adaoptim's step errors. Nothing
     /// changes on error.
     pub fn step_with(&mut self, grads: &[Option<&Tensor>]) -> candle_core::Result<()> {
-        if let Some(lr) = self.bad_lr {
-            return Err(wrap(adaoptim::Error::InvalidHyperparameter {
-                name: "lr",
-                value: lr,
-                requirement: "finite and >= 0 (set by set_learning_rate)",
-            }));
-        }
-        if grads.len() != self.vars.len() {
-            return Err(msg(format!("{} gradients for {} Vars", grads.len(), self.vars.len())));
-        }
-        // Contiguous f32 CPU gradients of the right shape (a strided one is
-        // copied), and no storage shared between a Var and anything else
-        // (which would deadlock on the Var's lock, or alias the update).
-        let mut owned: Vec<Option<Tensor>> = Vec::with_capacity(grads.len());
-        for (i, (var, g)) in self.vars.iter().zip(grads).enumerate() {
-            owned.push(match g {
-                None => None,
-                Some(g) => {
-                    let dtype_ok = matches!(g.dtype(), DType::F32 | DType::BF16 | DType::F16);
-                    if !dtype_ok || !g.device().is_cpu() || g.shape() != var.shape() {
-                        return Err(msg(format!(
-                            "the gradient of Var {i} is {:?} {:?} on {:?}; expected f32, bf16 or f16 {:?} on the CPU",
-                            g.dtype(),
-                            g.shape(),
-                            g.device().location(),
-                            var.shape()
-                        )));
-                    }
-                    Some(if g.is_contiguous() { (*g).clone() } else { g.contiguous()? })
-                }
-            });
-        }
-        let mut ranges: Vec<(usize, usize, bool)> = Vec::new();
-        for (var, g) in self.vars.iter().zip(&owned) {
-            ranges.push(extent(var.as_tensor(), true)?);
-            if let Some(g) = g {
-                ranges.push(extent(g, false)?);
-            }
-        }
-        ranges.retain(|r| r.1 > r.0);
-        ranges.sort_unstable();
-        // In start order: a range overlaps an earlier one iff it starts
-        // before the furthest end so far (of any range, for a Var; of a
-        // Var's, for a gradient, as gradients may share storage).
-        let (mut end_any, mut end_var) = (0usize, 0usize);
-        for &(start, end, is_var) in &ranges {
-            if start < end_var || (is_var && start < end_any) {
-                return Err(msg("a Var shares its storage with another Var or a gradient".into()));
-            }
-            end_any = end_any.max(end);
-            if is_var {
-                end_var = end_var.max(end);
-            }
-        }
+        pending_lr_error(self.bad_lr)?;
+        let owned = checked_grads(&self.vars, grads)?;
         let scheduled = self.scheduled()?;
         let old: Vec<C> = (0..self.opt.num_groups()).filter_map(|g| self.opt.group_config(g).cloned()).collect();
         if let Some(configs) = scheduled {
@@ -391,24 +356,8 @@ impl<C: Algorithm> Optim<C> {
                 self.opt.set_group_config(g, c).map_err(wrap)?;
             }
         }
-        let items: Vec<(&Var, Option<&Tensor>)> = self.vars.iter().zip(owned.iter().map(Option::as_ref)).collect();
-        let mut slices: Vec<Raw> = Vec::with_capacity(items.len());
         let opt = &mut self.opt;
-        let mut result = None;
-        let locked = lock_all(&items, &mut slices, &mut |slices| {
-            // SAFETY: every pointer comes from a `CpuStorage` of the
-            // element type it is tagged with, which `lock_all`'s callers
-            // still hold: the Var's under its write lock, the gradient's
-            // under its read lock, on the stack frames this closure runs
-            // inside of, `len` elements each. The ranges were checked above
-            // not to overlap a Var's, so the `&mut` slices alias nothing.
-            let mut steps: Vec<MixedTensorStep<'_>> = slices.iter().map(|r| unsafe { r.borrow() }).collect();
-            result = Some(opt.step_mixed(&mut steps));
-        });
-        let outcome = locked.and_then(|()| match result {
-            Some(r) => r.map(|_| ()).map_err(wrap),
-            None => Err(msg("the step did not run".into())),
-        });
+        let outcome = locked_step(&self.vars, &owned, |steps| opt.step_mixed(steps).map(|_| ()));
         match outcome {
             Ok(()) => {
                 self.steps += 1;
@@ -502,6 +451,89 @@ impl<C: Algorithm> Optim<C> {
         let bytes = std::fs::read(path).map_err(|e| msg(format!("reading {}: {e}", path.display())))?;
         self.load_safetensors(&bytes)
     }
+}
+
+/// The gradients of a step, checked against `vars`: one per `Var`, `f32`,
+/// `bf16` or `f16` on the CPU with the `Var`'s shape (a strided one copied
+/// into a contiguous one), and no storage shared between a `Var` and
+/// anything else (which would deadlock on the `Var`'s lock, or alias the
+/// update).
+fn checked_grads(vars: &[Var], grads: &[Option<&Tensor>]) -> candle_core::Result<Vec<Option<Tensor>>> {
+    if grads.len() != vars.len() {
+        return Err(msg(format!("{} gradients for {} Vars", grads.len(), vars.len())));
+    }
+    let mut owned: Vec<Option<Tensor>> = Vec::with_capacity(grads.len());
+    for (i, (var, g)) in vars.iter().zip(grads).enumerate() {
+        owned.push(match g {
+            None => None,
+            Some(g) => {
+                let dtype_ok = matches!(g.dtype(), DType::F32 | DType::BF16 | DType::F16);
+                if !dtype_ok || !g.device().is_cpu() || g.shape() != var.shape() {
+                    return Err(msg(format!(
+                        "the gradient of Var {i} is {:?} {:?} on {:?}; expected f32, bf16 or f16 {:?} on the CPU",
+                        g.dtype(),
+                        g.shape(),
+                        g.device().location(),
+                        var.shape()
+                    )));
+                }
+                Some(if g.is_contiguous() { (*g).clone() } else { g.contiguous()? })
+            }
+        });
+    }
+    let mut ranges: Vec<(usize, usize, bool)> = Vec::new();
+    for (var, g) in vars.iter().zip(&owned) {
+        ranges.push(extent(var.as_tensor(), true)?);
+        if let Some(g) = g {
+            ranges.push(extent(g, false)?);
+        }
+    }
+    ranges.retain(|r| r.1 > r.0);
+    ranges.sort_unstable();
+    // In start order: a range overlaps an earlier one iff it starts
+    // before the furthest end so far (of any range, for a Var; of a
+    // Var's, for a gradient, as gradients may share storage).
+    let (mut end_any, mut end_var) = (0usize, 0usize);
+    for &(start, end, is_var) in &ranges {
+        if start < end_var || (is_var && start < end_any) {
+            return Err(msg("a Var shares its storage with another Var or a gradient".into()));
+        }
+        end_any = end_any.max(end);
+        if is_var {
+            end_var = end_var.max(end);
+        }
+    }
+    Ok(owned)
+}
+
+/// Runs `f` on every `Var` and its gradient (from [`checked_grads`]) as the
+/// core's borrowed steps, while every `Var`'s write lock and every
+/// gradient's read lock is held.
+fn locked_step(
+    vars: &[Var],
+    grads: &[Option<Tensor>],
+    f: impl FnOnce(&mut [MixedTensorStep<'_>]) -> Result<(), adaoptim::Error>,
+) -> candle_core::Result<()> {
+    let items: Vec<(&Var, Option<&Tensor>)> = vars.iter().zip(grads.iter().map(Option::as_ref)).collect();
+    let mut slices: Vec<Raw> = Vec::with_capacity(items.len());
+    let mut f = Some(f);
+    let mut result = None;
+    let locked = lock_all(&items, &mut slices, &mut |slices| {
+        // SAFETY: every pointer comes from a `CpuStorage` of the element
+        // type it is tagged with, which `lock_all`'s callers still hold: the
+        // Var's under its write lock, the gradient's under its read lock, on
+        // the stack frames this closure runs inside of, `len` elements each.
+        // `checked_grads` found no range overlapping a Var's, so the `&mut`
+        // slices alias nothing.
+        let mut steps: Vec<MixedTensorStep<'_>> = slices.iter().map(|r| unsafe { r.borrow() }).collect();
+        if let Some(f) = f.take() {
+            result = Some(f(&mut steps));
+        }
+    });
+    locked.and_then(|()| match result {
+        Some(r) => r.map_err(wrap),
+        None => Err(msg("the step did not run".into())),
+    })
 }
 
 /// The element range `(start, end, is_var)` of a tensor's storage, as

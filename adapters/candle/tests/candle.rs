@@ -557,3 +557,84 @@ fn half_gradients_are_checked_and_change_nothing() {
     opt.step_with(&[Some(&g)]).unwrap();
     assert_ne!(halves(v.as_tensor()), before);
 }
+
+#[test]
+fn adafactor_is_adaoptims_adafactor_on_raw_slices_bit_for_bit() {
+    // A matrix (factored), a vector and a 3-d Var (factored over its last
+    // two dimensions), one of them without a gradient on odd steps.
+    let m = Model::new(9);
+    let cube = var(&[2, 3, 4], 77);
+    let mut vars = m.vars.clone();
+    vars.push(cube.clone());
+    let config = adaoptim_candle::AdafactorConfig { lr: 2e-2, weight_decay: 0.1, ..Default::default() };
+    let mut opt = adaoptim_candle::Adafactor::new(vars.clone(), config).unwrap();
+    let mut raw: Vec<adaoptim::Adafactor> = vars
+        .iter()
+        .map(|v| {
+            let mut o = adaoptim::Adafactor::new(config, v.dims()).unwrap();
+            o.set_exec(adaoptim::Exec::scalar());
+            o
+        })
+        .collect();
+    let mut params: Vec<Vec<f32>> = vars.iter().map(|v| flat(v.as_tensor())).collect();
+    let start = params.clone();
+    for s in 0..6 {
+        let loss = (m.loss() + cube.as_tensor().sqr().unwrap().sum_all().unwrap()).unwrap();
+        let g = loss.backward().unwrap();
+        let grads: Vec<Option<Tensor>> =
+            vars.iter().enumerate().map(|(i, v)| (i != 1 || s % 2 == 0).then(|| g.get(v).unwrap().clone())).collect();
+        opt.step_with(&grads.iter().map(Option::as_ref).collect::<Vec<_>>()).unwrap();
+        for ((o, p), g) in raw.iter_mut().zip(&mut params).zip(&grads) {
+            if let Some(g) = g {
+                o.step(p, &flat(g)).unwrap();
+            }
+        }
+        for (p, v) in params.iter().zip(&vars) {
+            assert_eq!(bits(p), bits(&flat(v.as_tensor())));
+        }
+    }
+    for (i, o) in raw.iter().enumerate() {
+        let mine = opt.inner(i).unwrap();
+        assert_eq!(mine.steps(), o.steps(), "Var {i}");
+        assert_eq!(bits(mine.row_var()), bits(o.row_var()));
+        assert_eq!(bits(mine.col_var()), bits(o.col_var()));
+        assert_eq!(bits(mine.variance()), bits(o.variance()));
+        assert_ne!(bits(&params[i]), bits(&start[i]), "Var {i} moved");
+    }
+    assert_eq!(opt.inner(1).unwrap().steps(), 3);
+    assert!(opt.inner(0).unwrap().is_factored() && !opt.inner(1).unwrap().is_factored());
+}
+
+#[test]
+fn adafactor_bad_input_is_refused_and_changes_nothing() {
+    use adaoptim_candle::{Adafactor, AdafactorConfig};
+    let bf = Var::zeros((2, 3), DType::BF16, &Device::Cpu).unwrap();
+    let err = Adafactor::new(vec![bf], AdafactorConfig::default()).unwrap_err();
+    assert!(err.to_string().contains("f32 Vars only"), "{err}");
+    let v = var(&[2, 3], 5);
+    assert!(Adafactor::new(vec![v.clone(), v.clone()], AdafactorConfig::default()).is_err());
+    let err = Adafactor::new(vec![v.clone()], AdafactorConfig { lr: f64::NAN, ..Default::default() }).unwrap_err();
+    assert!(err.to_string().contains("lr"), "{err}");
+    let w = var(&[4], 6);
+    let mut opt = Adafactor::new(vec![v.clone(), w.clone()], AdafactorConfig::default()).unwrap();
+    let before = (flat(v.as_tensor()), flat(w.as_tensor()));
+    let good = Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap();
+    // A bf16 gradient for the second Var: the first is not stepped either.
+    let half = Tensor::ones(4, DType::BF16, &Device::Cpu).unwrap();
+    let err = opt.step_with(&[Some(&good), Some(&half)]).unwrap_err();
+    assert!(err.to_string().contains("f32 only"), "{err}");
+    let wrong = Tensor::ones(5, DType::F32, &Device::Cpu).unwrap();
+    assert!(opt.step_with(&[Some(&good), Some(&wrong)]).is_err());
+    assert!(opt.step_with(&[Some(&good)]).is_err());
+    let err = opt.step_with(&[Some(&good), Some(w.as_tensor())]).unwrap_err();
+    assert!(err.to_string().contains("shares its storage"), "{err}");
+    opt.set_learning_rate(-1.0);
+    assert!(opt.step_with(&[Some(&good), None]).is_err());
+    assert_eq!((flat(v.as_tensor()), flat(w.as_tensor())), before);
+    assert_eq!((opt.inner(0).unwrap().steps(), opt.inner(1).unwrap().steps()), (0, 0));
+    opt.set_learning_rate(1e-2);
+    assert_eq!(opt.learning_rate(), 1e-2);
+    opt.step_with(&[Some(&good), None]).unwrap();
+    assert_ne!(flat(v.as_tensor()), before.0);
+    assert_eq!(flat(w.as_tensor()), before.1);
+}

@@ -1,0 +1,161 @@
+//! [`Adafactor`]: `torch.optim.Adafactor` over candle `Var`s, each `Var`
+//! with its own factored state (row and column variances for two or more
+//! dimensions), as adaoptim's [`adaoptim::Adafactor`] keeps it.
+
+use adaoptim::AdafactorConfig;
+use adaoptim::storage::{Grads, Params};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+
+use crate::{check_var, checked_grads, locked_step, msg, pending_lr_error, wrap};
+
+/// `torch.optim.Adafactor` over candle `Var`s, stepped in place: every
+/// `Var` locked at once (as [`Optim`](crate::Optim) does), then stepped one
+/// after another by its own [`adaoptim::Adafactor`], each in parallel when
+/// large. The bits are adaoptim's on raw slices. `f32` `Var`s and gradients
+/// only (a `bf16` `Var` is an error at construction, a `bf16` or `f16`
+/// gradient at the step); a `Var` without a gradient is left untouched.
+///
+/// ```
+/// use adaoptim_candle::{Adafactor, AdafactorConfig};
+/// use candle_nn::Optimizer;
+/// # fn main() -> candle_core::Result<()> {
+/// let w = candle_core::Var::ones((4, 3), candle_core::DType::F32, &candle_core::Device::Cpu)?;
+/// let mut opt = Adafactor::new(vec![w.clone()], AdafactorConfig::default())?;
+/// opt.backward_step(&w.as_tensor().sqr()?.sum_all()?)?;
+/// assert_eq!(opt.inner(0).unwrap().row_var().len(), 4);
+/// # Ok(()) }
+/// ```
+///
+/// Not supported yet: checkpoints of the whole optimizer (each `Var`'s
+/// [`adaoptim::Adafactor`] has its own, [`inner`](Self::inner)), parameter
+/// groups, attached schedules (set the learning rate by hand), clipping and
+/// the non-finite guard.
+#[derive(Debug)]
+pub struct Adafactor {
+    vars: Vec<Var>,
+    opts: Vec<adaoptim::Adafactor>,
+    /// An invalid value given to `set_learning_rate`, reported by `step`.
+    bad_lr: Option<f64>,
+}
+
+impl Adafactor {
+    /// The optimized `Var`s, in order.
+    pub fn vars(&self) -> &[Var] {
+        &self.vars
+    }
+
+    /// The state of the `i`-th `Var` (`row_var`, `col_var` or `variance`,
+    /// step count, checkpoint).
+    pub fn inner(&self, i: usize) -> Option<&adaoptim::Adafactor> {
+        self.opts.get(i)
+    }
+
+    /// The execution policy (backend, threads) of every `Var`'s step.
+    pub fn set_exec(&mut self, exec: adaoptim::Exec) {
+        self.opts.iter_mut().for_each(|o| o.set_exec(exec));
+    }
+
+    /// One step with an explicit gradient per `Var` (`None`: skipped), in
+    /// [`vars`](Self::vars) order.
+    ///
+    /// # Errors
+    /// Another number of gradients; a gradient that is not `f32`, or of
+    /// another shape or device; a `Var` or gradient sharing storage with
+    /// another `Var`; an invalid learning rate set earlier; a `Var` at
+    /// adaoptim's step limit. Nothing changes on error.
+    pub fn step_with(&mut self, grads: &[Option<&Tensor>]) -> candle_core::Result<()> {
+        pending_lr_error(self.bad_lr)?;
+        let owned = checked_grads(&self.vars, grads)?;
+        for (i, (g, o)) in owned.iter().zip(&self.opts).enumerate() {
+            if let Some(g) = g {
+                if g.dtype() != DType::F32 {
+                    return Err(msg(format!("the gradient of Var {i} is {:?}; Adafactor takes f32 only", g.dtype())));
+                }
+                if o.steps() >= adaoptim::MAX_STEP {
+                    return Err(wrap(adaoptim::Error::StepLimit { step: o.steps() }));
+                }
+            }
+        }
+        let opts = &mut self.opts;
+        locked_step(&self.vars, &owned, |steps| {
+            // Everything that can fail is checked before the first Var is
+            // stepped, so no Var is stepped unless all are.
+            let mut work = Vec::with_capacity(steps.len());
+            for (ts, o) in steps.iter_mut().zip(opts.iter_mut()) {
+                match (ts.params.reborrow(), ts.grads) {
+                    (_, None) => {}
+                    (Params::F32(p), Some(Grads::F32(g))) => work.push((o, p, g)),
+                    (p, _) => {
+                        return Err(adaoptim::Error::Storage {
+                            what: "params",
+                            dtype: p.dtype(),
+                            reason: "Adafactor steps f32 parameters and gradients only",
+                        });
+                    }
+                }
+            }
+            for (o, p, g) in work {
+                o.step(p, g)?;
+            }
+            Ok(())
+        })
+    }
+}
+
+impl candle_nn::Optimizer for Adafactor {
+    type Config = AdafactorConfig;
+
+    /// An Adafactor state per `Var` (its shape decides factoring);
+    /// integer `Var`s are dropped.
+    ///
+    /// # Errors
+    /// Invalid hyperparameters; a `Var` that is not f32, not on the CPU or
+    /// not contiguous; the same `Var` twice.
+    fn new(vars: Vec<Var>, config: AdafactorConfig) -> candle_core::Result<Self> {
+        config.validate().map_err(wrap)?;
+        let mut kept = Vec::new();
+        let mut opts = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (i, var) in vars.into_iter().enumerate() {
+            let what = format!("Var {i}");
+            if !check_var(&var, &what)? {
+                continue;
+            }
+            if var.dtype() != DType::F32 {
+                return Err(msg(format!("{what} is {:?}; Adafactor steps f32 Vars only", var.dtype())));
+            }
+            if !seen.insert(var.id()) {
+                return Err(msg(format!("{what} is given twice")));
+            }
+            opts.push(adaoptim::Adafactor::new(config, var.dims()).map_err(wrap)?);
+            kept.push(var);
+        }
+        Ok(Adafactor { vars: kept, opts, bad_lr: None })
+    }
+
+    fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+        let gs: Vec<Option<&Tensor>> = self.vars.iter().map(|v| grads.get(v.as_tensor())).collect();
+        self.step_with(&gs)
+    }
+
+    /// The learning rate (every `Var`'s).
+    fn learning_rate(&self) -> f64 {
+        self.opts.first().map_or(0.0, |o| o.lr())
+    }
+
+    /// Sets every `Var`'s learning rate; an invalid value is not applied
+    /// and makes the next steps fail (see the [crate docs](crate)).
+    fn set_learning_rate(&mut self, lr: f64) {
+        let base = self.opts.first().map_or_else(AdafactorConfig::default, |o| *o.config());
+        if (AdafactorConfig { lr, ..base }).validate().is_err() {
+            self.bad_lr = Some(lr);
+            return;
+        }
+        for o in &mut self.opts {
+            // Valid: checked above with the same configuration but the lr.
+            let _ = o.set_lr(lr);
+        }
+        self.bad_lr = None;
+    }
+}
