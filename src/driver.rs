@@ -539,6 +539,10 @@ fn run_tiles<V: F32Vec, K: Kernel<S>, const S: usize>(k: &K, mut sl: Mixed<'_, S
                     widen::<V, _>(&x[r.clone()], &mut pt[..len]);
                     &mut pt[..len]
                 }
+                Params::F16(x) => {
+                    widen::<V, _>(&x[r.clone()], &mut pt[..len]);
+                    &mut pt[..len]
+                }
             };
             let identity = matches!((pre.unscale, pre.clip), (Unscale::None, None));
             let g: &[f32] = match sl.g {
@@ -578,11 +582,14 @@ fn run_tiles<V: F32Vec, K: Kernel<S>, const S: usize>(k: &K, mut sl: Mixed<'_, S
             });
             run_lanes_with::<V, K, S, _>(k, Slices { p, g, s }, Identity);
         }
-        if let Params::Bf16(x) = &mut sl.p {
-            match sl.sr {
+        match &mut sl.p {
+            Params::F32(_) => {}
+            Params::Bf16(x) => match sl.sr {
                 None => narrow::<V, _>(&pt[..len], &mut x[r.clone()]),
                 Some(key) => narrow_bf16_stochastic(&pt[..len], &mut x[r.clone()], key, sl.base + i as u64),
-            }
+            },
+            // Stochastic rounding is refused for f16 parameters (checked).
+            Params::F16(x) => narrow::<V, _>(&pt[..len], &mut x[r.clone()]),
         }
         for (b, t) in sl.s.iter_mut().zip(&st) {
             match b {
@@ -594,7 +601,7 @@ fn run_tiles<V: F32Vec, K: Kernel<S>, const S: usize>(k: &K, mut sl: Mixed<'_, S
         if let Some(c) = &mut sl.copy {
             let src: &[f32] = match &sl.p {
                 Params::F32(x) => &x[r.clone()],
-                Params::Bf16(_) => &pt[..len],
+                Params::Bf16(_) | Params::F16(_) => &pt[..len],
             };
             match c {
                 ParamCopy::Bf16(x) => narrow::<V, _>(src, &mut x[r]),

@@ -39,7 +39,7 @@
 //! [`add_group`](MultiOptimizer::add_group).
 //!
 //! [`step_mixed`](MultiOptimizer::step_mixed) takes parameters and
-//! gradients in other storage types ([`MixedTensorStep`]: `bf16`
+//! gradients in other storage types ([`MixedTensorStep`]: `bf16` or `f16`
 //! parameters, `bf16` or `f16` gradients) beside `f32` ones, in the same
 //! parallel region; the state stays `f32` (torch would keep it in the
 //! parameters' dtype).
@@ -76,7 +76,7 @@ impl<'a> TensorStep<'a> {
 
 /// One tensor handed to [`MultiOptimizer::step_mixed`]: parameters and
 /// gradient in any storage a [`step_mixed`](crate::step_mixed) takes
-/// (`f32` or `bf16` parameters; `f32`, `bf16` or `f16` gradients), the
+/// (`f32`, `bf16` or `f16` parameters; `f32`, `bf16` or `f16` gradients), the
 /// state staying the optimizer's `f32`.
 #[derive(Debug)]
 pub struct MixedTensorStep<'a> {
@@ -270,7 +270,7 @@ impl<A: Algorithm> MultiOptimizer<A> {
     }
 
     /// [`step`](Self::step) over parameters and gradients in any storage
-    /// ([`MixedTensorStep`]): `bf16` parameters, `bf16` or `f16` gradients,
+    /// ([`MixedTensorStep`]): `bf16` or `f16` parameters, `bf16` or `f16` gradients,
     /// beside `f32` ones, all in the same parallel region, the state kept in
     /// `f32`. Each tensor's update is the bits of
     /// [`step_mixed`](crate::step_mixed) over it with `f32` state buffers (a

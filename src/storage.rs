@@ -24,7 +24,8 @@
 //!   overflow to infinity (IEEE-754 `binary16`, the `FP16` library's
 //!   branch-free algorithm torch's `c10::Half` uses); NaN becomes `0x7E00`.
 //! - `bf16 -> f32` and `f16 -> f32` are exact.
-//! - `bf16` parameters may instead round stochastically
+//! - `f16` parameters round to nearest (a value past 65504 becomes
+//!   infinite); `bf16` parameters may instead round stochastically
 //!   ([`ParamRounding::Stochastic`]), from a counter-based stream keyed by
 //!   (seed, step, element index): the same bits on every path.
 //!
@@ -49,6 +50,10 @@ pub enum Params<'a> {
     F32(&'a mut [f32]),
     /// `bf16` parameters: widened, stepped in `f32`, rounded back.
     Bf16(&'a mut [bf16]),
+    /// `f16` parameters: widened, stepped in `f32`, rounded back to nearest
+    /// (a value past `f16`'s range, 65504, becomes infinite, as torch's
+    /// step on `float16` parameters gives).
+    F16(&'a mut [f16]),
 }
 
 /// Gradients, read only.
@@ -97,7 +102,7 @@ macro_rules! storage_common {
         }
     };
 }
-storage_common!(Params, F32, Bf16);
+storage_common!(Params, F32, Bf16, F16);
 storage_common!(Grads, F32, Bf16, F16);
 storage_common!(ParamCopy, Bf16, F16);
 
@@ -107,6 +112,7 @@ impl Params<'_> {
         match self {
             Params::F32(_) => Dtype::F32,
             Params::Bf16(_) => Dtype::Bf16,
+            Params::F16(_) => Dtype::F16,
         }
     }
     /// A shorter borrow of the same buffer.
@@ -114,6 +120,7 @@ impl Params<'_> {
         match self {
             Params::F32(x) => Params::F32(x),
             Params::Bf16(x) => Params::Bf16(x),
+            Params::F16(x) => Params::F16(x),
         }
     }
 }
@@ -187,6 +194,10 @@ impl<'a> Params<'a> {
             Params::Bf16(x) => {
                 let (a, b) = x.split_at_mut(mid);
                 (Params::Bf16(a), Params::Bf16(b))
+            }
+            Params::F16(x) => {
+                let (a, b) = x.split_at_mut(mid);
+                (Params::F16(a), Params::F16(b))
             }
         }
     }

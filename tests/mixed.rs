@@ -13,6 +13,7 @@ use common::{Rng, configs::variety};
 enum P {
     F32,
     Bf16,
+    F16,
 }
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum G {
@@ -36,6 +37,7 @@ fn combos() -> Vec<(P, G, Dtype, C)> {
                 v.push((P::F32, g, s, c));
             }
             v.push((P::Bf16, g, s, C::None));
+            v.push((P::F16, g, s, C::None));
         }
     }
     v
@@ -104,7 +106,11 @@ fn grads_rounded(g: G, grads: &[f32]) -> Vec<f32> {
 fn start(cfg: &AnyConfig, combo: (P, G, Dtype, C), n: usize, rng: &mut Rng) -> Run {
     let (p, _, s, _) = combo;
     let params = rng.vec(n, 1.0);
-    let params = if p == P::Bf16 { round_bf16(&params) } else { params };
+    let params = match p {
+        P::F32 => params,
+        P::Bf16 => round_bf16(&params),
+        P::F16 => round_f16(&params),
+    };
     let k = cfg.state_names().len();
     // Nonzero state (as after some steps), non-negative where a formula takes a root.
     let state: Vec<Vec<f32>> = (0..k)
@@ -124,6 +130,9 @@ fn reference_step(cfg: &AnyConfig, t: u64, combo: (P, G, Dtype, C), run: &mut Ru
     let mut refs: Vec<&mut [f32]> = run.s.iter_mut().map(|v| v.as_mut_slice()).collect();
     let opts = StepOptions { exec: Exec::serial(Backend::Scalar), param_rounding: ParamRounding::Nearest, ..*opt };
     cfg.step_slices_with(t, &mut run.aux, &mut run.p, &g32, &mut refs, &opts).unwrap();
+    if p == P::F16 {
+        run.p = round_f16(&run.p);
+    }
     if p == P::Bf16 {
         run.p = match opt.param_rounding {
             ParamRounding::Nearest => round_bf16(&run.p),
@@ -154,6 +163,7 @@ fn mixed_step(
     let (p, g, s, c) = combo;
     let mut p32 = run.p.clone();
     let mut p16: Vec<bf16> = run.p.iter().map(|&v| bf16::from_f32(v)).collect();
+    let mut ph: Vec<f16> = run.p.iter().map(|&v| f16::from_f32(v)).collect();
     let gb: Vec<bf16> = grads.iter().map(|&v| bf16::from_f32(v)).collect();
     let gh: Vec<f16> = grads.iter().map(|&v| f16::from_f32(v)).collect();
     let mut s32 = run.s.clone();
@@ -163,6 +173,7 @@ fn mixed_step(
     let params = match p {
         P::F32 => Params::F32(&mut p32),
         P::Bf16 => Params::Bf16(&mut p16),
+        P::F16 => Params::F16(&mut ph),
     };
     let grads = match g {
         G::F32 => Grads::F32(grads),
@@ -182,6 +193,7 @@ fn mixed_step(
     run.p = match p {
         P::F32 => p32,
         P::Bf16 => p16.iter().map(|v| v.to_f32()).collect(),
+        P::F16 => ph.iter().map(|v| v.to_f32()).collect(),
     };
     run.s = match s {
         Dtype::Bf16 => s16.iter().map(|v| v.iter().map(|x| x.to_f32()).collect()).collect(),
@@ -391,7 +403,11 @@ fn one_step_is_within_one_storage_ulp_of_f64() {
         mixed_step(&cfg, t, combo, &mut run, &g, &StepOptions::default()).unwrap();
         let ulp =
             |dtype_bits: i32, x: f64| 2f64.powi(x.abs().max(f64::MIN_POSITIVE).log2().floor() as i32 - dtype_bits);
-        let p_bits = if combo.0 == P::Bf16 { 7 } else { 23 };
+        let p_bits = match combo.0 {
+            P::F32 => 23,
+            P::Bf16 => 7,
+            P::F16 => 10,
+        };
         let s_bits = if combo.2 == Dtype::Bf16 { 7 } else { 23 };
         for i in 0..n {
             let (p0, m0, v0, gi) =
@@ -591,4 +607,31 @@ fn stochastic_rounding_of_pieces_with_offsets_is_the_whole_step() {
     assert!(matches!(e, Error::InvalidOption { .. }), "{e}");
     assert_eq!(p, p0);
     assert_eq!((m3, v3), (vec![0.01f32; n], vec![0.02f32; n]));
+}
+
+/// `f16` parameters round to nearest into `f16`: a step past 65504 gives
+/// infinity (as `half` and torch's `float16` do), one below stays finite;
+/// subnormal `f16` values widen and narrow exactly; stochastic rounding of
+/// `f16` parameters is a typed error that changes nothing.
+#[test]
+fn f16_params_round_to_nearest_at_the_edges() {
+    let cfg: AnyConfig = SgdConfig { lr: 1.0, ..Default::default() }.into();
+    let mut p = [f16::MAX, f16::MAX, f16::from_f32(1.0), f16::from_bits(1), f16::from_f32(-2.0)];
+    // p - g: 65504+32 (past the midpoint 65520 -> inf), 65504+8 (-> 65504),
+    // 1 - 2^-25 (-> 1), 2^-24 + 2^-24 (the next subnormal), -2 - 1e30 (-> -inf).
+    let g = [-32.0f32, -8.0, 2f32.powi(-25), -(2f32.powi(-24)), 1e30];
+    let mut aux = cfg.aux_init();
+    for exec in [Exec::scalar(), Exec::serial(Backend::best())] {
+        let mut q = p;
+        let opt = StepOptions { exec, ..StepOptions::default() };
+        cfg.step_mixed(1, &mut aux, Params::F16(&mut q), Grads::F32(&g), &mut [], None, &opt).unwrap();
+        let got: Vec<f32> = q.iter().map(|x| x.to_f32()).collect();
+        assert_eq!(got, [f32::INFINITY, 65504.0, 1.0, 2f32.powi(-23), f32::NEG_INFINITY], "{exec:?}");
+    }
+    let opt =
+        StepOptions { param_rounding: ParamRounding::Stochastic { seed: 0, offset: 0 }, ..StepOptions::default() };
+    let before = p;
+    let e = cfg.step_mixed(1, &mut aux, Params::F16(&mut p), Grads::F32(&g), &mut [], None, &opt).unwrap_err();
+    assert!(matches!(e, Error::Storage { what: "params", dtype: Dtype::F16, .. }), "{e}");
+    assert_eq!(p.map(f16::to_bits), before.map(f16::to_bits));
 }

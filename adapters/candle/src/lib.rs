@@ -24,11 +24,11 @@
 //! (torch's semantics for a parameter whose `.grad` is `None`).
 //!
 //! # What it accepts
-//! `f32` and `bf16` `Var`s on the CPU device, contiguous (every `Var`
-//! candle creates is). A `bf16` `Var` is widened, stepped in `f32` and
-//! rounded back to nearest, its optimizer state kept in `f32` (candle's own
-//! optimizers keep it in the `Var`'s dtype). A `Var` of another float dtype
-//! (`f16`, `f64`, ...), on another device or with a strided layout is an
+//! `f32`, `bf16` and `f16` `Var`s on the CPU device, contiguous (every
+//! `Var` candle creates is). A `bf16` or `f16` `Var` is widened, stepped in
+//! `f32` and rounded back to nearest, its optimizer state kept in `f32`
+//! (candle's own optimizers keep it in the `Var`'s dtype). A `Var` of
+//! another float dtype (`f64`, ...), on another device or with a strided layout is an
 //! error at construction; a `Var` of an integer dtype is not optimized, as
 //! candle's own optimizers skip it. The same `Var` twice is an error (it
 //! would be stepped twice). Gradients must be `f32`, `bf16` or `f16` on the
@@ -130,8 +130,8 @@ fn check_var(var: &Var, what: &str) -> candle_core::Result<bool> {
     if !var.dtype().is_float() {
         return Ok(false);
     }
-    if !matches!(var.dtype(), DType::F32 | DType::BF16) {
-        return Err(msg(format!("{what} is {:?}; only f32 and bf16 Vars are supported", var.dtype())));
+    if !matches!(var.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        return Err(msg(format!("{what} is {:?}; only f32, bf16 and f16 Vars are supported", var.dtype())));
     }
     if !var.device().is_cpu() {
         return Err(msg(format!("{what} is on {:?}; only CPU Vars are supported", var.device().location())));
@@ -172,8 +172,8 @@ impl<C: Algorithm> Optim<C> {
     /// [crate docs](crate)).
     ///
     /// # Errors
-    /// Invalid hyperparameters; a `Var` that is not f32 or bf16, not on the
-    /// CPU or not contiguous; the same `Var` twice.
+    /// Invalid hyperparameters; a `Var` that is not f32, bf16 or f16, not on
+    /// the CPU or not contiguous; the same `Var` twice.
     pub fn with_groups(groups: Vec<(Vec<Var>, C)>) -> candle_core::Result<Self> {
         Self::build(groups.into_iter().map(|(vars, c)| (vars.into_iter().map(|v| (None, v)).collect(), c)).collect())
     }
@@ -568,6 +568,7 @@ struct Raw {
 enum RawParams {
     F32(*mut f32),
     Bf16(*mut bf16),
+    F16(*mut f16),
 }
 
 /// A locked gradient's data pointer, by element type.
@@ -589,6 +590,7 @@ impl Raw {
             let params = match self.p {
                 RawParams::F32(p) => Params::F32(std::slice::from_raw_parts_mut(p, self.len)),
                 RawParams::Bf16(p) => Params::Bf16(std::slice::from_raw_parts_mut(p, self.len)),
+                RawParams::F16(p) => Params::F16(std::slice::from_raw_parts_mut(p, self.len)),
             };
             let grads = self.g.as_ref().map(|g| match *g {
                 RawGrads::F32(g) => Grads::F32(std::slice::from_raw_parts(g, self.len)),
@@ -613,7 +615,8 @@ fn params_raw(s: &mut CpuStorage, l: &Layout) -> candle_core::Result<(RawParams,
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok((RawParams::F32(v[a..b].as_mut_ptr()), b - a)),
         (CpuStorage::BF16(v), Some((a, b))) => Ok((RawParams::Bf16(v[a..b].as_mut_ptr()), b - a)),
-        _ => Err(msg("a Var is not contiguous f32 or bf16".into())),
+        (CpuStorage::F16(v), Some((a, b))) => Ok((RawParams::F16(v[a..b].as_mut_ptr()), b - a)),
+        _ => Err(msg("a Var is not contiguous f32, bf16 or f16".into())),
     }
 }
 

@@ -2,7 +2,7 @@
 //! against candle's own AdamW (within tolerance), and its errors.
 
 use adaoptim::multi::{MixedTensorStep, MultiOptimizer, TensorStep};
-use adaoptim::storage::{Grads, Params, bf16};
+use adaoptim::storage::{Grads, Params, bf16, f16};
 use adaoptim::{Algorithm, NonFinitePolicy};
 use adaoptim_candle::{AdamW, AdamWConfig, Optim, Sgd, SgdConfig};
 use candle_core::{DType, Device, Module, Tensor, Var};
@@ -332,11 +332,7 @@ fn checkpoint_of_other_vars_is_refused_and_changes_nothing() {
 fn bad_vars_are_refused() {
     let f64_var = Var::zeros(4, DType::F64, &Device::Cpu).unwrap();
     let err = AdamW::new(vec![f64_var], AdamWConfig::default()).unwrap_err();
-    assert!(err.to_string().contains("F64") && err.to_string().contains("only f32 and bf16"), "{err}");
-    // f16 parameters: the core steps f32 and bf16 ones only.
-    let f16 = Var::zeros(4, DType::F16, &Device::Cpu).unwrap();
-    let err = AdamW::new(vec![f16], AdamWConfig::default()).unwrap_err();
-    assert!(err.to_string().contains("F16"), "{err}");
+    assert!(err.to_string().contains("F64") && err.to_string().contains("only f32, bf16 and f16"), "{err}");
     let v = var(&[3], 1);
     let err = AdamW::new(vec![v.clone(), v.clone()], AdamWConfig::default()).unwrap_err();
     assert!(err.to_string().contains("twice"), "{err}");
@@ -637,4 +633,30 @@ fn adafactor_bad_input_is_refused_and_changes_nothing() {
     opt.step_with(&[Some(&good), None]).unwrap();
     assert_ne!(flat(v.as_tensor()), before.0);
     assert_eq!(flat(w.as_tensor()), before.1);
+}
+
+#[test]
+fn f16_vars_are_adaoptims_mixed_step_on_raw_slices_bit_for_bit() {
+    let v = Var::from_tensor(
+        &Tensor::from_vec(values(600, 12), (20, 30), &Device::Cpu).unwrap().to_dtype(DType::F16).unwrap(),
+    )
+    .unwrap();
+    let config = AdamWConfig { lr: 1e-2, ..Default::default() };
+    let mut opt = AdamW::new(vec![v.clone()], config).unwrap();
+    let mut raw = MultiOptimizer::new();
+    raw.add_group(config, &[600]).unwrap();
+    let mut p: Vec<f16> = v.as_tensor().flatten_all().unwrap().to_vec1::<f16>().unwrap();
+    let start = p.clone();
+    for s in 0..4 {
+        let g = Tensor::from_vec(values(600, 20 + s), (20, 30), &Device::Cpu).unwrap().to_dtype(DType::F16).unwrap();
+        let gh: Vec<f16> = g.flatten_all().unwrap().to_vec1::<f16>().unwrap();
+        opt.step_with(&[Some(&g)]).unwrap();
+        raw.step_mixed(&mut [MixedTensorStep::new(Params::F16(&mut p), Some(Grads::F16(&gh)))]).unwrap();
+        let got: Vec<f16> = v.as_tensor().flatten_all().unwrap().to_vec1::<f16>().unwrap();
+        assert_eq!(
+            got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            p.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+    }
+    assert!(p.iter().zip(&start).filter(|(a, b)| a != b).count() > 500, "the f16 Var moved");
 }
