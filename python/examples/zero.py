@@ -21,13 +21,11 @@ must take the next step as the original does.
 import argparse
 import copy
 import json
-import os
 import sys
-import tempfile
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from fsdp import run_two_ranks  # the FSDP2 example beside this one
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -164,10 +162,7 @@ def main():
     ap.add_argument("--bits", type=int, default=32, choices=[8, 32], help="8: AdamW8bit sharded vs unsharded")
     a = ap.parse_args()
     if a.bits == 8:
-        with tempfile.TemporaryDirectory() as d:
-            out = os.path.join(d, "result.pt")
-            mp.spawn(worker8, args=(2, os.path.join(d, "init"), out), nprocs=2, join=True)
-            saved = torch.load(out)
+        saved = run_two_ranks(worker8)
         names = ("params_equal", "state_equal", "resumed_equal")
         result = {"ranks": len(saved["flags"]), **{n: [f[i] for f in saved["flags"]] for i, n in enumerate(names)}}
         result.update(quantized_tensors=saved["quantized"], state_tensors=saved["tensors"])
@@ -190,10 +185,7 @@ def main():
             print(json.dumps(compare(saved)))
         dist.destroy_process_group()
         return
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "result.pt")
-        mp.spawn(worker, args=(2, os.path.join(d, "init"), out), nprocs=2, join=True)
-        result = compare(torch.load(out))
+    result = compare(run_two_ranks(worker))
     print(json.dumps(result))
     if result["worst_fraction_of_tolerance"] > 1.0:
         sys.exit("ZeRO with adaoptim left the tolerance")
