@@ -5,8 +5,8 @@
 
 use adaoptim::groups::GroupedOptimizer;
 use adaoptim::mixed::MixedOptimizer;
-use adaoptim::storage::{Grads, Params, bf16};
 use adaoptim::sparse::{RowWiseAdagrad, SparseAdagrad, SparseAdam};
+use adaoptim::storage::{Grads, Params, bf16};
 use adaoptim::{AdamConfig, AnyOptimizer, Error, NAdamConfig, RmsPropConfig, SgdConfig};
 use libfuzzer_sys::fuzz_target;
 

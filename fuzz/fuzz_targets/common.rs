@@ -50,3 +50,24 @@ impl RawConfig {
 pub fn same(a: f32, b: f32) -> bool {
     (a.is_nan() && b.is_nan()) || a.to_bits() == b.to_bits()
 }
+
+/// Folds any f64 into [lo, hi] (NaN to lo).
+pub fn fold(x: f64, lo: f64, hi: f64) -> f64 {
+    if !x.is_finite() {
+        return lo;
+    }
+    lo + (x.abs() % 1.0) * (hi - lo)
+}
+
+/// Hyperparameters folded into the training domain (lr up to 1, betas
+/// below 1, eps from 1e-8 to 1).
+pub fn domain(name: &str, x: f64) -> f64 {
+    match name {
+        "lr" => fold(x, 0.0, 1.0),
+        "weight_decay" => fold(x, 0.0, 0.1),
+        "momentum" | "alpha" | "rho" | "betas" => fold(x, 0.0, 0.999),
+        "eps" => 10f64.powf(fold(x, -8.0, 0.0)),
+        "initial_accumulator_value" => fold(x, 0.0, 10.0),
+        _ => fold(x, 0.0, 1.0),
+    }
+}

@@ -1,9 +1,10 @@
 //! Mixed-precision and 8-bit storage: every backend, serial and parallel
 //! with an arbitrary chunk, against the scalar reference, bit for bit, for
 //! arbitrary configurations, storage combinations (bf16/f16 grads, bf16
-//! params rounded to nearest or stochastically, f32/bf16/8-bit states, a
-//! bf16/f16 param copy) and values (NaN,
-//! inf, subnormals, extreme magnitudes included). Stability on top: finite
+//! params rounded to nearest or stochastically, f16 params rounded to
+//! nearest, f32/bf16/8-bit states, a bf16/f16 param copy) and values (NaN,
+//! inf, subnormals, extreme magnitudes included). Stochastic rounding of f16
+//! params is a typed error that changes nothing. Stability on top: finite
 //! inputs of moderate size keep an 8-bit state's absmax finite and >= 0.
 #![no_main]
 
@@ -22,7 +23,9 @@ struct Input {
     steps: u8,
     chunk: u16,
     grads: u8,
-    params_bf16: bool,
+    /// Odd: bf16 (this byte was a `bool`, bf16 or not, and the committed
+    /// seeds keep their meaning); even with the top bit set: f16; else f32.
+    params: u8,
     state: u8,
     copy: u8,
     /// Stochastic rounding of bf16 params with this seed.
@@ -43,11 +46,17 @@ fuzz_target!(|input: Input| -> Corpus {
     let p0: Vec<f32> = (0..n).map(val).collect();
     let gs: Vec<Vec<f32>> = (0..steps).map(|s| (0..n).map(|i| val(i * 7 + s * 13 + 1)).collect()).collect();
     let names = cfg.state_names();
-    let (gkind, skind, ckind) = (input.grads % 3, input.state % 3, if input.params_bf16 { 0 } else { input.copy % 3 });
+    let pkind = match input.params {
+        p if p & 1 == 1 => 1,
+        p if p & 0x80 != 0 => 2,
+        _ => 0,
+    };
+    let (gkind, skind, ckind) = (input.grads % 3, input.state % 3, if pkind == 0 { input.copy % 3 } else { 0 });
 
     let run = |exec: Exec| -> Out {
         let mut p32 = p0.clone();
         let mut p16: Vec<bf16> = p0.iter().map(|&x| bf16::from_f32(x)).collect();
+        let mut ph: Vec<f16> = p0.iter().map(|&x| f16::from_f32(x)).collect();
         let mut s32 = vec![vec![0f32; n]; names.len()];
         let mut s16 = vec![vec![bf16::ZERO; n]; names.len()];
         let mut codes = vec![vec![0u8; n]; names.len()];
@@ -58,7 +67,11 @@ fuzz_target!(|input: Input| -> Corpus {
         for (t, g) in gs.iter().enumerate() {
             let gb: Vec<bf16> = g.iter().map(|&x| bf16::from_f32(x)).collect();
             let gh: Vec<f16> = g.iter().map(|&x| f16::from_f32(x)).collect();
-            let params = if input.params_bf16 { Params::Bf16(&mut p16) } else { Params::F32(&mut p32) };
+            let params = match pkind {
+                0 => Params::F32(&mut p32),
+                1 => Params::Bf16(&mut p16),
+                _ => Params::F16(&mut ph),
+            };
             let grads = match gkind {
                 0 => Grads::F32(g),
                 1 => Grads::Bf16(&gb),
@@ -80,16 +93,16 @@ fuzz_target!(|input: Input| -> Corpus {
                 _ => Some(ParamCopy::F16(&mut ch)),
             };
             let param_rounding = match input.sr_seed {
-                Some(seed) if input.params_bf16 => ParamRounding::Stochastic { seed, offset: 0 },
+                Some(seed) if pkind == 1 => ParamRounding::Stochastic { seed, offset: 0 },
                 _ => ParamRounding::Nearest,
             };
             let options = StepOptions { exec, param_rounding, ..StepOptions::default() };
             cfg.step_mixed(t as u64 + 1, &mut aux, params, grads, &mut state, copy, &options).expect("valid step");
         }
-        let p: Vec<u32> = if input.params_bf16 {
-            p16.iter().map(|x| u32::from(x.to_bits())).collect()
-        } else {
-            p32.iter().map(|x| x.to_bits()).collect()
+        let p: Vec<u32> = match pkind {
+            0 => p32.iter().map(|x| x.to_bits()).collect(),
+            1 => p16.iter().map(|x| u32::from(x.to_bits())).collect(),
+            _ => ph.iter().map(|x| u32::from(x.to_bits())).collect(),
         };
         let s: Vec<Vec<u32>> = match skind {
             0 => s32.iter().map(|v| v.iter().map(|x| x.to_bits()).collect()).collect(),
@@ -107,6 +120,23 @@ fuzz_target!(|input: Input| -> Corpus {
         };
         (p, s, c)
     };
+    if let (2, Some(seed)) = (pkind, input.sr_seed) {
+        // f16 params have no stochastic rounding: refused, nothing written.
+        let mut ph: Vec<f16> = p0.iter().map(|&x| f16::from_f32(x)).collect();
+        let before = ph.clone();
+        let mut s32 = vec![vec![0f32; n]; names.len()];
+        let mut state: Vec<StateBuf<'_>> = s32.iter_mut().map(|x| StateBuf::F32(x)).collect();
+        let mut aux = cfg.aux_init();
+        let aux0 = aux;
+        let options =
+            StepOptions { param_rounding: ParamRounding::Stochastic { seed, offset: 0 }, ..StepOptions::default() };
+        let r = cfg.step_mixed(1, &mut aux, Params::F16(&mut ph), Grads::F32(&gs[0]), &mut state, None, &options);
+        assert!(r.is_err(), "{cfg:?}: stochastic rounding of f16 params accepted");
+        drop(state);
+        assert!(ph.iter().zip(&before).all(|(a, b)| a.to_bits() == b.to_bits()), "refused step wrote params");
+        assert!(s32.iter().flatten().all(|x| x.to_bits() == 0), "refused step wrote state");
+        assert!(aux.iter().zip(&aux0).all(|(a, b)| a.to_bits() == b.to_bits()), "refused step wrote aux");
+    }
     let reference = run(Exec::scalar());
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     let nan_eq = |a: &[u32], b: &[u32], what: &str| {

@@ -23,7 +23,7 @@
 mod common;
 
 use arbitrary::Arbitrary;
-use common::RawConfig;
+use common::{RawConfig, domain};
 use libfuzzer_sys::{Corpus, fuzz_target};
 
 #[derive(Arbitrary, Debug)]
@@ -32,25 +32,6 @@ struct Input {
     len: u8,
     steps: u8,
     values: Vec<(f32, f32)>,
-}
-
-/// Folds any f64 into [lo, hi] (NaN to lo).
-fn fold(x: f64, lo: f64, hi: f64) -> f64 {
-    if !x.is_finite() {
-        return lo;
-    }
-    lo + (x.abs() % 1.0) * (hi - lo)
-}
-
-fn domain(name: &str, x: f64) -> f64 {
-    match name {
-        "lr" => fold(x, 0.0, 1.0),
-        "weight_decay" => fold(x, 0.0, 0.1),
-        "momentum" | "alpha" | "rho" | "betas" => fold(x, 0.0, 0.999),
-        "eps" => 10f64.powf(fold(x, -8.0, 0.0)),
-        "initial_accumulator_value" => fold(x, 0.0, 10.0),
-        _ => fold(x, 0.0, 1.0),
-    }
 }
 
 const NON_NEGATIVE: [&str; 5] = ["exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg", "acc_delta"];
