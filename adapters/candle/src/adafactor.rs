@@ -2,8 +2,8 @@
 //! with its own factored state (row and column variances for two or more
 //! dimensions), as adaoptim's [`adaoptim::Adafactor`] keeps it.
 
-use adaoptim::AdafactorConfig;
 use adaoptim::storage::{Grads, Params};
+use adaoptim::{AdafactorConfig, Exec, NonFinitePolicy};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
@@ -27,16 +27,26 @@ use crate::{check_var, checked_grads, locked_step, msg, pending_lr_error, wrap};
 /// # Ok(()) }
 /// ```
 ///
+/// Global-norm clipping ([`set_max_grad_norm`](Self::set_max_grad_norm))
+/// and the non-finite guard ([`set_non_finite`](Self::set_non_finite)) look
+/// at every present gradient before any `Var` moves. They cost one more
+/// read of the gradients, and clipping by a factor other than 1 a scaled
+/// copy of each gradient (adaoptim's Adafactor kernel has no clipping
+/// factor of its own).
+///
 /// Not supported yet: checkpoints of the whole optimizer (each `Var`'s
 /// [`adaoptim::Adafactor`] has its own, [`inner`](Self::inner)), parameter
-/// groups, attached schedules (set the learning rate by hand), clipping and
-/// the non-finite guard.
+/// groups, attached schedules (set the learning rate by hand), loss scaling.
 #[derive(Debug)]
 pub struct Adafactor {
     vars: Vec<Var>,
     opts: Vec<adaoptim::Adafactor>,
     /// An invalid value given to `set_learning_rate`, reported by `step`.
     bad_lr: Option<f64>,
+    exec: Exec,
+    max_norm: Option<f64>,
+    policy: NonFinitePolicy,
+    last_norm: Option<f64>,
 }
 
 impl Adafactor {
@@ -52,8 +62,46 @@ impl Adafactor {
     }
 
     /// The execution policy (backend, threads) of every `Var`'s step.
-    pub fn set_exec(&mut self, exec: adaoptim::Exec) {
+    pub fn set_exec(&mut self, exec: Exec) {
+        self.exec = exec;
         self.opts.iter_mut().for_each(|o| o.set_exec(exec));
+    }
+
+    /// Clips the gradients to a global L2 norm of `max_norm` over every
+    /// present gradient inside each step, as
+    /// `torch.nn.utils.clip_grad_norm_` over all parameters would (the norm
+    /// summed in f64, the factor [`adaoptim::clip::clip_coef`], each
+    /// gradient multiplied by it in f32); `None` turns it off. The
+    /// `GradStore` is not written.
+    ///
+    /// # Errors
+    /// Unless `max_norm` is finite and `> 0`; nothing changes then.
+    pub fn set_max_grad_norm(&mut self, max_norm: Option<f64>) -> candle_core::Result<()> {
+        if let Some(m) = max_norm
+            && !(m.is_finite() && m > 0.0)
+        {
+            return Err(wrap(adaoptim::Error::InvalidHyperparameter {
+                name: "max_norm",
+                value: m,
+                requirement: "finite and > 0",
+            }));
+        }
+        self.max_norm = max_norm;
+        Ok(())
+    }
+
+    /// The global gradient norm the last step measured (clipping on).
+    pub fn last_grad_norm(&self) -> Option<f64> {
+        self.last_norm
+    }
+
+    /// What a step does with NaN/inf gradients: under `SkipStep` nothing
+    /// changes, under `Error` the step fails with the first such element's
+    /// index counted through the present gradients in order (as
+    /// [`Optim`](crate::Optim) counts); `Propagate` (the default) steps them
+    /// as torch does.
+    pub fn set_non_finite(&mut self, policy: NonFinitePolicy) {
+        self.policy = policy;
     }
 
     /// One step with an explicit gradient per `Var` (`None`: skipped), in
@@ -63,7 +111,8 @@ impl Adafactor {
     /// Another number of gradients; a gradient that is not `f32`, or of
     /// another shape or device; a `Var` or gradient sharing storage with
     /// another `Var`; an invalid learning rate set earlier; a `Var` at
-    /// adaoptim's step limit. Nothing changes on error.
+    /// adaoptim's step limit; a NaN or infinite gradient under
+    /// [`NonFinitePolicy::Error`]. Nothing changes on error.
     pub fn step_with(&mut self, grads: &[Option<&Tensor>]) -> candle_core::Result<()> {
         pending_lr_error(self.bad_lr)?;
         let owned = checked_grads(&self.vars, grads)?;
@@ -78,6 +127,8 @@ impl Adafactor {
             }
         }
         let opts = &mut self.opts;
+        let (exec, max_norm, policy) = (self.exec, self.max_norm, self.policy);
+        let mut norm = None;
         locked_step(&self.vars, &owned, |steps| {
             // Everything that can fail is checked before the first Var is
             // stepped, so no Var is stepped unless all are.
@@ -95,11 +146,40 @@ impl Adafactor {
                     }
                 }
             }
+            let mut coef = 1.0f32;
+            if max_norm.is_some() || policy != NonFinitePolicy::Propagate {
+                let mut sum = 0.0f64;
+                for (_, _, g) in &work {
+                    sum += adaoptim::clip::sum_of_squares(g, &exec)?;
+                }
+                if max_norm.is_some() {
+                    norm = Some(sum.sqrt());
+                }
+                if !sum.is_finite() && policy != NonFinitePolicy::Propagate {
+                    if policy == NonFinitePolicy::SkipStep {
+                        return Ok(());
+                    }
+                    let index = work.iter().flat_map(|(_, _, g)| g.iter()).position(|x| !x.is_finite());
+                    return Err(adaoptim::Error::NonFiniteGradient { index: index.unwrap_or(0) });
+                }
+                if let Some(m) = max_norm {
+                    coef = adaoptim::clip::clip_coef(sum.sqrt(), m);
+                }
+            }
             for (o, p, g) in work {
-                o.step(p, g)?;
+                if coef == 1.0 {
+                    o.step(p, g)?;
+                } else {
+                    let scaled: Vec<f32> = g.iter().map(|&x| x * coef).collect();
+                    o.step(p, &scaled)?;
+                }
             }
             Ok(())
-        })
+        })?;
+        if norm.is_some() {
+            self.last_norm = norm;
+        }
+        Ok(())
     }
 }
 
@@ -131,7 +211,15 @@ impl candle_nn::Optimizer for Adafactor {
             opts.push(adaoptim::Adafactor::new(config, var.dims()).map_err(wrap)?);
             kept.push(var);
         }
-        Ok(Adafactor { vars: kept, opts, bad_lr: None })
+        Ok(Adafactor {
+            vars: kept,
+            opts,
+            bad_lr: None,
+            exec: Exec::auto(),
+            max_norm: None,
+            policy: NonFinitePolicy::Propagate,
+            last_norm: None,
+        })
     }
 
     fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {

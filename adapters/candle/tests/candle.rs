@@ -636,6 +636,91 @@ fn adafactor_bad_input_is_refused_and_changes_nothing() {
 }
 
 #[test]
+fn adafactor_clips_by_the_global_norm_as_raw_slices_with_clipped_grads() {
+    use adaoptim_candle::{Adafactor, AdafactorConfig};
+    let (a, b, c) = (var(&[6, 5], 31), var(&[7], 32), var(&[2, 3, 4], 33));
+    let vars = vec![a.clone(), b.clone(), c.clone()];
+    let config = AdafactorConfig { lr: 3e-2, ..Default::default() };
+    let mut opt = Adafactor::new(vars.clone(), config).unwrap();
+    let max_norm = 0.5;
+    opt.set_max_grad_norm(Some(max_norm)).unwrap();
+    let mut raw: Vec<adaoptim::Adafactor> =
+        vars.iter().map(|v| adaoptim::Adafactor::new(config, v.dims()).unwrap()).collect();
+    let mut params: Vec<Vec<f32>> = vars.iter().map(|v| flat(v.as_tensor())).collect();
+    for s in 0..4u64 {
+        // The vector has no gradient on odd steps: it is out of the norm too.
+        let grads: Vec<Option<Tensor>> = vars
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                (i != 1 || s % 2 == 0).then(|| {
+                    Tensor::from_vec(values(v.elem_count(), 100 + 10 * s + i as u64), v.shape(), &Device::Cpu).unwrap()
+                })
+            })
+            .collect();
+        opt.step_with(&grads.iter().map(Option::as_ref).collect::<Vec<_>>()).unwrap();
+        // The norm, summed here in f64 element by element.
+        let flats: Vec<Option<Vec<f32>>> = grads.iter().map(|g| g.as_ref().map(flat)).collect();
+        let direct = flats.iter().flatten().flatten().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
+        let norm = opt.last_grad_norm().unwrap();
+        assert!((norm - direct).abs() <= 1e-12 * direct, "{norm} vs {direct}");
+        let coef = adaoptim::clip::clip_coef(norm, max_norm);
+        assert!(coef < 0.5, "clipping is on: {coef}");
+        for ((o, p), g) in raw.iter_mut().zip(&mut params).zip(&flats) {
+            if let Some(g) = g {
+                let clipped: Vec<f32> = g.iter().map(|&x| x * coef).collect();
+                o.step(p, &clipped).unwrap();
+            }
+        }
+        for (p, v) in params.iter().zip(&vars) {
+            assert_eq!(bits(p), bits(&flat(v.as_tensor())));
+        }
+    }
+    assert_eq!(opt.inner(1).unwrap().steps(), 2);
+    // An invalid max_norm is refused and the old one kept.
+    for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        assert!(opt.set_max_grad_norm(Some(bad)).is_err());
+    }
+    let g =
+        [Tensor::ones((6, 5), DType::F32, &Device::Cpu).unwrap(), Tensor::ones(7, DType::F32, &Device::Cpu).unwrap()];
+    opt.step_with(&[Some(&g[0]), Some(&g[1]), None]).unwrap();
+    assert_eq!(opt.last_grad_norm(), Some(37f64.sqrt()));
+}
+
+#[test]
+fn adafactor_non_finite_gradients_skip_or_fail_and_change_nothing() {
+    use adaoptim_candle::{Adafactor, AdafactorConfig};
+    let (a, b) = (var(&[3, 4], 41), var(&[5], 42));
+    let mut opt = Adafactor::new(vec![a.clone(), b.clone()], AdafactorConfig::default()).unwrap();
+    let ga = Tensor::from_vec(values(12, 43), (3, 4), &Device::Cpu).unwrap();
+    let mut vb = values(5, 44);
+    vb[3] = f32::INFINITY;
+    let gb = Tensor::from_vec(vb, 5, &Device::Cpu).unwrap();
+    let before = (flat(a.as_tensor()), flat(b.as_tensor()));
+    opt.set_non_finite(NonFinitePolicy::SkipStep);
+    opt.step_with(&[Some(&ga), Some(&gb)]).unwrap();
+    opt.set_non_finite(NonFinitePolicy::Error);
+    let err = opt.step_with(&[Some(&ga), Some(&gb)]).unwrap_err();
+    // Counted through the present gradients: 12 of the matrix, then 3.
+    assert!(err.to_string().contains("gradient element 15 "), "{err}");
+    // Clipping on as well: the same.
+    opt.set_max_grad_norm(Some(1.0)).unwrap();
+    assert!(opt.step_with(&[Some(&ga), Some(&gb)]).is_err());
+    assert_eq!((flat(a.as_tensor()), flat(b.as_tensor())), before);
+    assert_eq!((opt.inner(0).unwrap().steps(), opt.inner(1).unwrap().steps()), (0, 0));
+    assert_eq!(bits(opt.inner(0).unwrap().row_var()), vec![0; 3]);
+    // Without the faulty gradient the step runs; under Propagate (torch's
+    // behaviour) the infinite one is stepped and its element is no longer
+    // finite.
+    opt.step_with(&[Some(&ga), None]).unwrap();
+    assert_ne!(flat(a.as_tensor()), before.0);
+    opt.set_max_grad_norm(None).unwrap();
+    opt.set_non_finite(NonFinitePolicy::Propagate);
+    opt.step_with(&[None, Some(&gb)]).unwrap();
+    assert!(!flat(b.as_tensor())[3].is_finite());
+}
+
+#[test]
 fn f16_vars_are_adaoptims_mixed_step_on_raw_slices_bit_for_bit() {
     let v = Var::from_tensor(
         &Tensor::from_vec(values(600, 12), (20, 30), &Device::Cpu).unwrap().to_dtype(DType::F16).unwrap(),
