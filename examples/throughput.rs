@@ -23,13 +23,15 @@
 //! and states, bf16 param copy out), `bf16-f32states` (bf16 params and
 //! grads, f32 states), `bf16` (bf16 params, grads and states), `q8` (f32
 //! params and grads, 8-bit block-wise states), `bf16-q8` (bf16 params and
-//! grads, 8-bit states). A precision with bf16 params takes the suffix
+//! grads, 8-bit states), `f16-grads` (f16 grads in, f32 master params and
+//! states, f16 param copy out), `f16-f32states` (f16 params and grads, f32
+//! states). A precision with bf16 params takes the suffix
 //! `-sr` for stochastic rounding of the params (`bf16-sr`,
 //! `bf16-f32states-sr`, `bf16-q8-sr`).
 
 use std::time::Instant;
 
-use adaoptim::storage::{Dtype, Grads, ParamCopy, Params, Q8State, QMap, StateBuf, bf16};
+use adaoptim::storage::{Dtype, Grads, ParamCopy, Params, Q8State, QMap, StateBuf, bf16, f16};
 use adaoptim::{AnyConfig, Backend, Exec, NonFinitePolicy, Parallel, roofline};
 use aligned_vec::{AVec, ConstAlign};
 
@@ -249,12 +251,15 @@ struct Setup {
     name: String,
     p32: Buf<f32>,
     p16: Buf<bf16>,
+    ph: Buf<f16>,
     g32: Buf<f32>,
     g16: Buf<bf16>,
+    gh: Buf<f16>,
     s32: Vec<Buf<f32>>,
     s16: Vec<Buf<bf16>>,
     q8: Vec<(Buf<u8>, Buf<f32>, &'static QMap)>,
     copy: Buf<bf16>,
+    copyh: Buf<f16>,
     t: u64,
     aux: adaoptim::AuxState,
 }
@@ -268,7 +273,11 @@ fn layout(name: &str) -> (Dtype, Dtype, Dtype, Option<Dtype>) {
         "bf16" => (Dtype::Bf16, Dtype::Bf16, Dtype::Bf16, None),
         "q8" => (Dtype::F32, Dtype::F32, Dtype::Q8, None),
         "bf16-q8" => (Dtype::Bf16, Dtype::Bf16, Dtype::Q8, None),
-        other => panic!("unknown precision {other}; known: f32, bf16-grads, bf16-f32states, bf16, q8, bf16-q8"),
+        "f16-grads" => (Dtype::F32, Dtype::F16, Dtype::F32, Some(Dtype::F16)),
+        "f16-f32states" => (Dtype::F16, Dtype::F16, Dtype::F32, None),
+        other => panic!(
+            "unknown precision {other}; known: f32, bf16-grads, bf16-f32states, bf16, q8, bf16-q8, f16-grads, f16-f32states"
+        ),
     }
 }
 
@@ -282,8 +291,10 @@ impl Setup {
             name: name.to_string(),
             p32: filled(sized(p == Dtype::F32), 0.5),
             p16: filled(sized(p == Dtype::Bf16), bf16::from_f32(0.5)),
+            ph: filled(sized(p == Dtype::F16), f16::from_f32(0.5)),
             g32: AVec::from_iter(64, (0..sized(g == Dtype::F32)).map(grad)),
             g16: AVec::from_iter(64, (0..sized(g == Dtype::Bf16)).map(|i| bf16::from_f32(grad(i)))),
+            gh: AVec::from_iter(64, (0..sized(g == Dtype::F16)).map(|i| f16::from_f32(grad(i)))),
             s32: (0..k).map(|_| filled(sized(s == Dtype::F32), 0.0)).collect(),
             s16: (0..k).map(|_| filled(sized(s == Dtype::Bf16), bf16::from_f32(0.0))).collect(),
             q8: names
@@ -293,7 +304,8 @@ impl Setup {
                     (filled(m, 0u8), filled(m.div_ceil(256), 0f32), QMap::for_state(name))
                 })
                 .collect(),
-            copy: filled(sized(c.is_some()), bf16::from_f32(0.0)),
+            copy: filled(sized(c == Some(Dtype::Bf16)), bf16::from_f32(0.0)),
+            copyh: filled(sized(c == Some(Dtype::F16)), f16::from_f32(0.0)),
             t: 0,
             aux: [0.0; adaoptim::MAX_AUX],
         }
@@ -307,14 +319,26 @@ impl Setup {
     /// One optimizer step (`roof` false) or one roofline pass (`roof` true).
     fn step(&mut self, cfg: &AnyConfig, exec: &Exec, roof: bool) -> Backend {
         let (p, g, s, _) = layout(&self.name);
-        let params = if p == Dtype::F32 { Params::F32(&mut self.p32) } else { Params::Bf16(&mut self.p16) };
-        let grads = if g == Dtype::F32 { Grads::F32(&self.g32) } else { Grads::Bf16(&self.g16) };
+        let params = match p {
+            Dtype::F32 => Params::F32(&mut self.p32),
+            Dtype::F16 => Params::F16(&mut self.ph),
+            _ => Params::Bf16(&mut self.p16),
+        };
+        let grads = match g {
+            Dtype::F32 => Grads::F32(&self.g32),
+            Dtype::F16 => Grads::F16(&self.gh),
+            _ => Grads::Bf16(&self.g16),
+        };
         let mut state: Vec<StateBuf<'_>> = match s {
             Dtype::F32 => self.s32.iter_mut().map(|b| StateBuf::F32(b)).collect(),
             Dtype::Bf16 => self.s16.iter_mut().map(|b| StateBuf::Bf16(b)).collect(),
             _ => self.q8.iter_mut().map(|(codes, absmax, map)| StateBuf::Q8(Q8State { codes, absmax, map })).collect(),
         };
-        let copy = if self.copy.is_empty() { None } else { Some(ParamCopy::Bf16(&mut self.copy)) };
+        let copy = match (self.copy.is_empty(), self.copyh.is_empty()) {
+            (false, _) => Some(ParamCopy::Bf16(&mut self.copy)),
+            (_, false) => Some(ParamCopy::F16(&mut self.copyh)),
+            _ => None,
+        };
         if roof {
             return roofline::step_mixed(params, grads, &mut state, copy, exec).expect("roofline").backend;
         }
