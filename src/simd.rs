@@ -138,6 +138,25 @@ pub(crate) trait F32Vec:
     /// # Safety
     /// `codes..codes + LANES` must be valid for reads and `table` for 256 `f32`.
     unsafe fn lookup(table: *const f32, codes: *const u8) -> Self;
+    /// `table[codes[i]] * scale` into `dst[i]` for the first `n - n % LANES`
+    /// codes (whole vectors; the caller does the tail), returning how many
+    /// were written. Each lane is [`lookup`](Self::lookup)'s value times
+    /// `scale`, one rounding, on every backend; a backend may hold the table
+    /// in registers for the whole run (AVX-512 does).
+    ///
+    /// # Safety
+    /// `codes..codes + n` must be valid for reads and `dst..dst + n` for writes.
+    #[inline(always)]
+    unsafe fn dequantize_lanes(table: &[f32; 256], codes: *const u8, scale: f32, dst: *mut f32, n: usize) -> usize {
+        let s = Self::splat(scale);
+        let mut i = 0;
+        while i + Self::LANES <= n {
+            // SAFETY: i + LANES <= n, within both ranges; `table` has 256 entries.
+            unsafe { (Self::lookup(table.as_ptr(), codes.add(i)) * s).store(dst.add(i)) };
+            i += Self::LANES;
+        }
+        i
+    }
     /// The 8-bit codes of the lanes ([`q8_code`]) through a map's 65536-entry
     /// table (`storage::QMap`'s), written to `out`.
     ///
@@ -1105,6 +1124,33 @@ mod x86 {
             }
         }
         #[inline(always)]
+        unsafe fn dequantize_lanes(table: &[f32; 256], codes: *const u8, scale: f32, dst: *mut f32, n: usize) -> usize {
+            // The 256 entries in 16 registers; per 16 codes, eight two-register
+            // permutes (the low 5 bits of each code pick within a 32-entry
+            // pair) and a blend tree on bits 5, 6 and 7: no gather.
+            // SAFETY: the table reads stay inside its 256 entries; the caller
+            // guarantees `n` readable codes and `n` writable floats, and
+            // i + 16 <= n below; AVX-512F under the module's detection contract.
+            unsafe {
+                let t: [__m512; 16] = core::array::from_fn(|k| _mm512_loadu_ps(table.as_ptr().add(16 * k)));
+                let s = _mm512_set1_ps(scale);
+                let mut i = 0;
+                while i + 16 <= n {
+                    let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.add(i).cast()));
+                    let p: [__m512; 8] = core::array::from_fn(|k| _mm512_permutex2var_ps(t[2 * k], idx, t[2 * k + 1]));
+                    let b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+                    let b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
+                    let b7 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(128));
+                    let q: [__m512; 4] = core::array::from_fn(|k| _mm512_mask_blend_ps(b5, p[2 * k], p[2 * k + 1]));
+                    let r0 = _mm512_mask_blend_ps(b6, q[0], q[1]);
+                    let r1 = _mm512_mask_blend_ps(b6, q[2], q[3]);
+                    _mm512_storeu_ps(dst.add(i), _mm512_mul_ps(_mm512_mask_blend_ps(b7, r0, r1), s));
+                    i += 16;
+                }
+                i
+            }
+        }
+        #[inline(always)]
         unsafe fn store_codes(self, lut: *const u32, out: *mut u8) {
             // SAFETY: the caller guarantees 16 writable bytes and a
             // 65536-entry table; every index is a key's top 16 bits.
@@ -1270,6 +1316,19 @@ mod tests {
             for (&c, &y) in chunk.iter().zip(&out) {
                 assert_eq!(y.to_bits(), table[usize::from(c)].to_bits());
             }
+        }
+        // dequantize_lanes: every code, lengths that end mid-vector
+        let table: [f32; 256] = core::array::from_fn(|i| (i as f32 - 127.5) / 3.0);
+        let codes: Vec<u8> = (0..300u32).map(|i| (i * 89 % 256) as u8).collect();
+        for (len, scale) in [(300, 0.37f32), (256, -3.0e-5), (17, 1.0e30), (5, 7.0)] {
+            let mut out = vec![f32::NAN; len];
+            // SAFETY: `codes` holds 300 >= len codes and `out` len floats.
+            let done = unsafe { V::dequantize_lanes(&table, codes.as_ptr(), scale, out.as_mut_ptr(), len) };
+            assert_eq!(done, len - len % n, "dequantize_lanes covers whole vectors");
+            for (&c, &y) in codes.iter().zip(&out[..done]) {
+                assert_eq!(y.to_bits(), (table[usize::from(c)] * scale).to_bits(), "dequantize_lanes code {c}");
+            }
+            assert!(out[done..].iter().all(|y| y.is_nan()), "dequantize_lanes wrote past its vectors");
         }
         // store_codes against q8_code over a table with varied entries
         // (as in a real map's table, code 255 has no jump inside its bucket)

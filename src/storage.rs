@@ -306,7 +306,10 @@ pub struct Q8State<'a> {
 /// jump. Exact, since no bucket of the dynamic maps holds two jumps (checked
 /// when a map is built; a map where one does is searched directly), and
 /// one load and one integer comparison per element, which the SIMD
-/// backends do 8 or 16 lanes at a time with a gather.
+/// backends do 8 or 16 lanes at a time with a gather. Dequantizing is
+/// `code[c] * absmax`: a gather of the 256 values on AVX2, on AVX-512 the
+/// values held in 16 registers and picked by permutes
+/// (`F32Vec::dequantize_lanes`).
 #[derive(Clone)]
 pub struct QMap {
     code: [f32; 256],
@@ -569,14 +572,8 @@ pub fn dequantize_blockwise(codes: &[u8], absmax: &[f32], map: &QMap, dst: &mut 
 pub(crate) fn dequantize<V: F32Vec>(codes: &[u8], absmax: f32, map: &QMap, dst: &mut [f32]) {
     let n = codes.len();
     assert_eq!(n, dst.len(), "tile lengths are equal by construction");
-    let (c, d, table) = (codes.as_ptr(), dst.as_mut_ptr(), map.code.as_ptr());
-    let scale = V::splat(absmax);
-    let mut i = 0;
-    while i + V::LANES <= n {
-        // SAFETY: i + LANES <= n, the length of both slices; `table` has 256 entries.
-        unsafe { (V::lookup(table, c.add(i)) * scale).store(d.add(i)) };
-        i += V::LANES;
-    }
+    // SAFETY: both slices hold `n` elements.
+    let i = unsafe { V::dequantize_lanes(&map.code, codes.as_ptr(), absmax, dst.as_mut_ptr(), n) };
     for j in i..n {
         dst[j] = map.code[usize::from(codes[j])] * absmax;
     }
