@@ -9,8 +9,8 @@ use crate::exec::Exec;
 pub(crate) use crate::math::Unscale;
 use crate::simd::{F32Vec, LaneOp, dispatch};
 use crate::storage::{
-    Elem, Exact, Grads, ParamCopy, Params, StateBuf, TILE, bf16, dequantize, narrow, narrow_bf16_stochastic, quantize,
-    widen,
+    Elem, Exact, Grads, ParamCopy, Params, StateBuf, TILE, bf16, dequantize, f16, narrow, narrow_bf16_stochastic,
+    quantize, widen,
 };
 
 /// What the driver does to every gradient before any kernel sees it: divide
@@ -288,12 +288,17 @@ pub(crate) struct Fused<'a, P, G, T, C, const S: usize> {
 
 /// The storage combinations the fused loop is compiled for (the others go
 /// through tiles): the mixed-precision issue's `bf16-grads` (with or
-/// without the copy), `bf16-f32states` and `bf16`.
+/// without the copy), `bf16-f32states` and `bf16`, and their `f16` forms
+/// `f16-grads` and `f16-f32states`.
 pub(crate) enum AnyFused<'a, const S: usize> {
     /// f32 params and states, bf16 gradients, optional bf16 copy.
     GradsBf16(Fused<'a, f32, bf16, f32, bf16, S>),
+    /// f32 params and states, f16 gradients, optional f16 copy.
+    GradsF16(Fused<'a, f32, f16, f32, f16, S>),
     /// bf16 params and gradients, f32 states.
     ParamsBf16(Fused<'a, bf16, bf16, f32, bf16, S>),
+    /// f16 params and gradients, f32 states.
+    ParamsF16(Fused<'a, f16, f16, f32, f16, S>),
     /// bf16 params, gradients and states.
     AllBf16(Fused<'a, bf16, bf16, bf16, bf16, S>),
 }
@@ -317,14 +322,27 @@ impl<'a, const S: usize> Mixed<'a, S> {
                 _ => unreachable!("checked above"),
             })
         };
+        let copy_f16 = matches!(self.copy, None | Some(ParamCopy::F16(_)));
         let copy = |c: Option<ParamCopy<'a>>| match c {
             Some(ParamCopy::Bf16(x)) => Some(x),
+            _ => None,
+        };
+        let copy_half = |c: Option<ParamCopy<'a>>| match c {
+            Some(ParamCopy::F16(x)) => Some(x),
             _ => None,
         };
         match (self.p, self.g) {
             (Params::F32(p), Grads::Bf16(g)) if states_f32 && copy_bf16 => {
                 let copy = copy(self.copy);
                 Ok(AnyFused::GradsBf16(Fused { p, g, s: f32_states(self.s), copy, sr: None, base: self.base }))
+            }
+            (Params::F32(p), Grads::F16(g)) if states_f32 && copy_f16 => {
+                let copy = copy_half(self.copy);
+                Ok(AnyFused::GradsF16(Fused { p, g, s: f32_states(self.s), copy, sr: None, base: self.base }))
+            }
+            // Stochastic rounding of f16 parameters is refused before here.
+            (Params::F16(p), Grads::F16(g)) if states_f32 && self.copy.is_none() => {
+                Ok(AnyFused::ParamsF16(Fused { p, g, s: f32_states(self.s), copy: None, sr: None, base: self.base }))
             }
             (Params::Bf16(p), Grads::Bf16(g)) if states_f32 && self.copy.is_none() => Ok(AnyFused::ParamsBf16(Fused {
                 p,
@@ -967,7 +985,9 @@ pub(crate) fn drive<K: Kernel<S>, const S: usize>(k: &K, plan: Plan, bufs: Bufs<
         Ok(sl) => drive_lanes(k, plan, pre, sl, 1),
         Err(mixed) => match mixed.into_fused() {
             Ok(AnyFused::GradsBf16(f)) => drive_lanes(k, plan, pre, f, fused_multiple),
+            Ok(AnyFused::GradsF16(f)) => drive_lanes(k, plan, pre, f, fused_multiple),
             Ok(AnyFused::ParamsBf16(f)) => drive_lanes(k, plan, pre, f, fused_multiple),
+            Ok(AnyFused::ParamsF16(f)) => drive_lanes(k, plan, pre, f, fused_multiple),
             Ok(AnyFused::AllBf16(f)) => drive_lanes(k, plan, pre, f, fused_multiple),
             Err(mixed) => drive_lanes(k, plan, pre, mixed, TILE),
         },

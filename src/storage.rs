@@ -797,6 +797,27 @@ impl Elem for bf16 {
     }
 }
 
+impl Elem for f16 {
+    #[inline(always)]
+    unsafe fn get<V: F32Vec>(ptr: *const Self) -> V {
+        // SAFETY: forwarded contract.
+        unsafe { <f16 as Half>::load(ptr) }
+    }
+    #[inline(always)]
+    unsafe fn put<V: F32Vec>(v: V, ptr: *mut Self) {
+        // SAFETY: forwarded contract.
+        unsafe { <f16 as Half>::store(v, ptr) }
+    }
+    /// Round to nearest: stochastic rounding of `f16` parameters is refused
+    /// with a typed error before any step reaches the lanes, so this only
+    /// keeps the loop total.
+    #[inline(always)]
+    unsafe fn put_stochastic<V: F32Vec>(v: V, ptr: *mut Self, _: u32, _: u32) {
+        // SAFETY: forwarded contract.
+        unsafe { <f16 as Half>::store(v, ptr) }
+    }
+}
+
 /// `dst[i] = src[i].widen()`, `V::LANES` at a time, the tail with `f32`.
 #[inline(always)]
 pub(crate) fn widen<V: F32Vec, H: Half>(src: &[H], dst: &mut [f32]) {
