@@ -15,7 +15,12 @@
 //! optimizer's `f32` kernel over the tiles, and narrows what it wrote back
 //! into the buffers' storage. So the `f32` values a formula sees, and what it
 //! computes from them, are the same bits as an `f32` step on the widened
-//! values; only the final rounding into the storage type is added.
+//! values; only the final rounding into the storage type is added. The
+//! common combinations (bf16 or f16 gradients next to `f32` states, with an
+//! optional copy of the same half type; bf16 or f16 parameters with their own
+//! gradient type and `f32` states; bf16 everything) skip the tiles: a fused
+//! lane loop widens each vector in registers as it loads it and narrows as it
+//! stores, giving the kernel the same values.
 //!
 //! # Rounding
 //! - `f32 -> bf16`: round to nearest, ties to even (torch's
