@@ -132,5 +132,34 @@ fn main() {
             }
         }
     }
+    // Batches of small matrices (a conv weight's kernels, one-row and
+    // one-column matrices, the largest that fit one task), each with the
+    // update stored and recomputed.
+    let small: [&[usize]; 7] =
+        [&[64, 3, 3], &[37, 5, 7], &[2, 3, 16, 16], &[300, 1, 40], &[50, 40, 1], &[4, 256, 60], &[3, 300, 20]];
+    for shape in small {
+        let cfg = AdafactorConfig { weight_decay: 0.01, ..Default::default() };
+        for (ename, exec) in &execs {
+            for (mode, store) in [("stored", true), ("recomputed", false)] {
+                let (n, rl, cl, vl) = adafactor::state_sizes(shape).unwrap();
+                let (mut rv, mut cv, mut v, mut u) = (vec![0f32; rl], vec![0f32; cl], vec![0f32; vl], vec![0f32; n]);
+                let mut p = data(n, 5);
+                for t in 1..=4u64 {
+                    let update =
+                        if store { adafactor::UpdateBuffer::Given(&mut u) } else { adafactor::UpdateBuffer::Recompute };
+                    let state =
+                        adafactor::AdafactorState { row_var: &mut rv, col_var: &mut cv, variance: &mut v, update };
+                    adafactor::step_slices(&cfg, shape, t, &mut p, &data(n, 40 + t as u32), state, *exec).unwrap();
+                }
+                let mut h = 0xcbf2_9ce4_8422_2325u64;
+                for s in [&p[..], &rv, &cv] {
+                    fnv(&mut h, s);
+                }
+                println!("adafactor {shape:?} {mode} {ename} {h:016x}");
+                total ^= h;
+                total = total.wrapping_mul(0x100_0000_01b3);
+            }
+        }
+    }
     println!("total {total:016x}");
 }
