@@ -50,6 +50,13 @@
 //! faster there), larger ones recompute (storing measured no faster at DRAM
 //! sizes, and it would cost 4 bytes per parameter).
 //!
+//! Matrices of at most 256 rows and 16384 elements (a conv weight's 3x3
+//! kernels, attention heads) are one task of each pass, so a batch of them
+//! is stepped a group of whole matrices (about 16384 elements) per task:
+//! the first two passes of a matrix back to back while it is in cache, no
+//! allocation or dispatch per matrix, each matrix's sums kept apart and
+//! added in batch order, as the general path does: the same bits.
+//!
 //! Not supported: gradient clipping, loss-scale removal and the non-finite
 //! policy of [`Optimizer`](crate::Optimizer) (torch's Adafactor has none: a
 //! NaN in a gradient propagates as in torch), reduced-precision storage,
@@ -550,6 +557,38 @@ fn run(
     let decay = (c.weight_decay != 0.0).then_some((1.0 - c.lr * c.weight_decay) as f32);
 
     let upd_sumsq = match factored(shape) {
+        Some((batches, rows, cols)) if small(rows, cols) => {
+            // Whole matrices a group at a time: both passes of a matrix
+            // while it is in cache, each matrix's two sums into its own
+            // slot, then added in batch order.
+            let (mm, per) = (rows * cols, matrices_per_task(rows, cols));
+            let mut sums = vec![(0f64, 0f64); batches];
+            let ubs = buffer_parts(upd.as_deref_mut(), batches.div_ceil(per), per * mm);
+            type Group<'a> =
+                (((&'a mut [(f64, f64)], &'a [f32]), &'a [f32]), ((&'a mut [f32], &'a mut [f32]), &'a mut [f32]));
+            let body = |(((sums, p), g), ((rv, cv), u)): Group<'_>| {
+                dispatch(lanes.0, Pass::SmallUsq { p, g, rows, cols, rv, cv, w, f, sums, u });
+            };
+            if par {
+                let st = row_var.par_chunks_mut(per * rows).zip(col_var.par_chunks_mut(per * cols)).zip(ubs);
+                sums.par_chunks_mut(per)
+                    .zip(params.par_chunks(per * mm))
+                    .zip(grads.par_chunks(per * mm))
+                    .zip(st)
+                    .for_each(body);
+            } else {
+                let st = row_var.chunks_mut(per * rows).zip(col_var.chunks_mut(per * cols)).zip(ubs);
+                sums.chunks_mut(per).zip(params.chunks(per * mm)).zip(grads.chunks(per * mm)).zip(st).for_each(body);
+            }
+            for &(x, _) in &sums {
+                p_sumsq += x;
+            }
+            let mut total = 0.0;
+            for &(_, x) in &sums {
+                total += x;
+            }
+            total
+        }
         Some((batches, rows, cols)) => {
             let mm = rows * cols;
             let (by_batch, inner) = by_batch(par, batches, mm);
@@ -618,6 +657,20 @@ fn run(
         return;
     }
     match factored(shape) {
+        Some((_, rows, cols)) if small(rows, cols) => {
+            let (mm, per) = (rows * cols, matrices_per_task(rows, cols));
+            type Group<'a> = ((&'a mut [f32], &'a [f32]), (&'a [f32], &'a [f32]));
+            let body = |((p, g), (rv, cv)): Group<'_>| {
+                dispatch(lanes.0, Pass::SmallApply { rv, cv, g, p, rows, cols, ap });
+            };
+            if par {
+                let st = row_var.par_chunks(per * rows).zip(col_var.par_chunks(per * cols));
+                params.par_chunks_mut(per * mm).zip(grads.par_chunks(per * mm)).zip(st).for_each(body);
+            } else {
+                let st = row_var.chunks(per * rows).zip(col_var.chunks(per * cols));
+                params.chunks_mut(per * mm).zip(grads.chunks(per * mm)).zip(st).for_each(body);
+            }
+        }
         Some((batches, rows, cols)) => {
             let mm = rows * cols;
             let (by_batch, inner) = by_batch(par, batches, mm);
@@ -672,6 +725,22 @@ fn buffer_parts(upd: Option<&mut [f32]>, tasks: usize, len: usize) -> Vec<&mut [
 fn by_batch(par: bool, batches: usize, matrix: usize) -> (bool, bool) {
     let by_batch = par && batches > 1 && matrix <= CHUNK;
     (by_batch, par && !by_batch)
+}
+
+/// Whether each matrix of a factored shape is a single task of every pass
+/// of the general path (at most [`ROW_GROUP`] rows and [`CHUNK`] elements).
+/// Such matrices (a conv weight's 3x3 kernels, a transformer's small
+/// projections) are stepped a group at a time, both reduction passes of a
+/// matrix back to back, with the general path's operations in its order:
+/// the same bits, without a dispatch and its allocations per matrix.
+fn small(rows: usize, cols: usize) -> bool {
+    rows <= ROW_GROUP && rows * cols <= CHUNK
+}
+
+/// Whole matrices per task (and per dispatch) of the small-matrix path:
+/// about [`CHUNK`] elements, at least one matrix.
+fn matrices_per_task(rows: usize, cols: usize) -> usize {
+    (CHUNK / (rows * cols).max(1)).max(1)
 }
 
 /// `max(mean(row_var), eps1)`, the mean over the rows as torch's
@@ -832,6 +901,18 @@ fn fold8(acc: [f64; 8]) -> f64 {
     ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
 }
 
+/// [`fold8`] of the 8 accumulators after fewer than 8 elements (element `i`
+/// alone in accumulator `i`, `0 + sq(i)`, the rest 0), in registers: the
+/// same sums (adding `+0` to a square, never `-0`, changes no bit) without
+/// the array, whose scalar stores followed by a vector load stall on short
+/// rows (a 3x3 kernel's).
+#[inline(always)]
+fn fold_short(n: usize, sq: impl Fn(usize) -> f64) -> f64 {
+    debug_assert!(n < 8);
+    let a = |i: usize| if i < n { sq(i) } else { 0.0 };
+    ((a(0) + a(1)) + (a(2) + a(3))) + ((a(4) + a(5)) + (a(6) + a(7)))
+}
+
 /// The lane kernels. Each walks its slices in `V::LANES` steps and finishes
 /// the tail with plain `f32`, the same operations.
 /// `STORE`: also write each update into `s` (then at least `g.len()` long).
@@ -840,6 +921,20 @@ fn row_usq<V: F32Vec, const STORE: bool>(r: f32, cv: &[f32], rmean: f32, g: &[f3
     let n = g.len();
     let cv = &cv[..n];
     let s = if STORE { &mut s[..n] } else { s };
+    if n < 8 {
+        let mut u = |j: usize| {
+            let u = u_of(factored_v(r, cv[j], rmean), g[j], f);
+            if STORE {
+                s[j] = u;
+            }
+            f64::from(u)
+        };
+        let mut us = [0f64; 8];
+        for (j, x) in us[..n].iter_mut().enumerate() {
+            *x = u(j);
+        }
+        return fold_short(n, |j| us[j] * us[j]);
+    }
     let mut acc = [0f64; 8];
     let full = n / V::LANES * V::LANES;
     let mut j = 0;
@@ -985,6 +1080,9 @@ fn col_acc<V: F32Vec>(acc: &mut [f64], g: &[f32]) {
 /// independent chains, on the lanes (`add_squares_f64`).
 #[inline(always)]
 fn sq_sum<V: F32Vec>(x: &[f32]) -> f64 {
+    if x.len() < 8 {
+        return fold_short(x.len(), |i| f64::from(x[i]) * f64::from(x[i]));
+    }
     let mut acc = [0f64; 8];
     let full = x.len() / 8 * 8;
     let mut i = 0;
@@ -1005,6 +1103,109 @@ fn sq_sum<V: F32Vec>(x: &[f32]) -> f64 {
         *a += v * v;
     }
     fold8(acc)
+}
+
+/// `var = lerp(var, norm^2 / count, w)` per row or column, with the norm
+/// rounded to f32, squared in f32 and divided in f32, as torch's
+/// `vector_norm(..).square_().div_(..)`.
+#[inline(always)]
+fn stats(var: &mut [f32], sum_sq: &[f64], count: usize, w: Lerp) {
+    for (x, &s) in var.iter_mut().zip(sum_sq) {
+        let nrm = s.sqrt() as f32;
+        *x = w.apply::<f32>(*x, (nrm * nrm) / count as f32);
+    }
+}
+
+/// The first pass's task over whole rows (`p` and `g` hold `cols` per row),
+/// columns `j` of each: the parameters' squares (returned, summed in row
+/// order), each row's gradient squares into `row_sq`, each column's added
+/// into `col_sq`.
+#[inline(always)]
+fn squares<V: F32Vec>(
+    p: &[f32],
+    g: &[f32],
+    cols: usize,
+    j: Range<usize>,
+    row_sq: &mut [f64],
+    col_sq: &mut [f64],
+) -> f64 {
+    let mut psq = 0.0;
+    for ((pr, gr), rs) in p.chunks(cols).zip(g.chunks(cols)).zip(row_sq) {
+        let (pr, gr) = (&pr[j.clone()], &gr[j.clone()]);
+        psq += sq_sum::<V>(pr);
+        *rs = sq_sum::<V>(gr);
+        col_acc::<V>(col_sq, gr);
+    }
+    psq
+}
+
+/// Per row (`g` holds `cols` per row) `sum(u^2)` into `out`; each `u` also
+/// into `u` unless empty.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn rows_usq_lanes<V: F32Vec>(
+    rv: &[f32],
+    cv: &[f32],
+    rmean: f32,
+    g: &[f32],
+    cols: usize,
+    f: Factors,
+    out: &mut [f64],
+    u: &mut [f32],
+) {
+    if u.is_empty() {
+        for ((o, gr), &r) in out.iter_mut().zip(g.chunks(cols)).zip(rv) {
+            *o = row_usq::<V, false>(r, cv, rmean, gr, f, &mut []);
+        }
+    } else {
+        for (((o, gr), &r), ur) in out.iter_mut().zip(g.chunks(cols)).zip(rv).zip(u.chunks_mut(cols)) {
+            *o = row_usq::<V, true>(r, cv, rmean, gr, f, ur);
+        }
+    }
+}
+
+/// The last pass, recomputing `u`, over whole rows.
+#[inline(always)]
+fn rows_apply_lanes<V: F32Vec>(rv: &[f32], cv: &[f32], rmean: f32, g: &[f32], p: &mut [f32], cols: usize, ap: Apply) {
+    for ((pr, gr), &r) in p.chunks_mut(cols).zip(g.chunks(cols)).zip(rv) {
+        row_apply::<V>(r, cv, rmean, gr, pr, ap);
+    }
+}
+
+/// The first two passes over a group of whole [`small`] matrices (`p`, `g`
+/// and `u` hold `rows * cols` per matrix, `rv` `rows`, `cv` `cols`): per
+/// matrix, the general path's single first-pass task (the parameters'
+/// squares row by row, each row's and each column's gradient squares), its
+/// row and column statistics, then its single `sum(u^2)` task (each row's
+/// sum, then the rows' in order), both sums into the matrix's slot of
+/// `sums`; each `u` also into `u` unless empty.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn small_usq<V: F32Vec>(
+    p: &[f32],
+    g: &[f32],
+    rows: usize,
+    cols: usize,
+    rv: &mut [f32],
+    cv: &mut [f32],
+    w: Lerp,
+    f: Factors,
+    sums: &mut [(f64, f64)],
+    u: &mut [f32],
+) {
+    let mm = rows * cols;
+    let (mut row_sq, mut col_sq, mut parts) = (vec![0f64; rows], vec![0f64; cols], vec![0f64; rows]);
+    for (m, s) in sums.iter_mut().enumerate() {
+        let (pm, gm) = (&p[m * mm..][..mm], &g[m * mm..][..mm]);
+        let (rvm, cvm) = (&mut rv[m * rows..][..rows], &mut cv[m * cols..][..cols]);
+        col_sq.fill(0.0);
+        let psq = squares::<V>(pm, gm, cols, 0..cols, &mut row_sq, &mut col_sq);
+        stats(rvm, &row_sq, cols, w);
+        stats(cvm, &col_sq, rows, w);
+        let um = if u.is_empty() { &mut [][..] } else { &mut u[m * mm..][..mm] };
+        rows_usq_lanes::<V>(rvm, cvm, row_mean(rvm, f), gm, cols, f, &mut parts, um);
+        *s = (psq, parts.iter().sum());
+    }
 }
 
 /// One per-element pass over one row or chunk, as a [`LaneOp`] (the f64
@@ -1058,6 +1259,29 @@ enum Pass<'a> {
         p: &'a mut [f32],
         ap: Apply,
     },
+    /// [`small_usq`] over a group of whole matrices.
+    SmallUsq {
+        p: &'a [f32],
+        g: &'a [f32],
+        rows: usize,
+        cols: usize,
+        rv: &'a mut [f32],
+        cv: &'a mut [f32],
+        w: Lerp,
+        f: Factors,
+        sums: &'a mut [(f64, f64)],
+        u: &'a mut [f32],
+    },
+    /// The last pass, recomputing `u`, over a group of whole small matrices.
+    SmallApply {
+        rv: &'a [f32],
+        cv: &'a [f32],
+        g: &'a [f32],
+        p: &'a mut [f32],
+        rows: usize,
+        cols: usize,
+        ap: Apply,
+    },
     /// `var = lerp(var, mean_sq(sum_sq, count), w)` per row or column.
     Stats {
         var: &'a mut [f32],
@@ -1079,32 +1303,13 @@ impl LaneOp for Pass<'_> {
     fn run<V: F32Vec>(self) -> f64 {
         match self {
             Pass::SqSum(x) => sq_sum::<V>(x),
-            Pass::Squares { p, g, cols, j, row_sq, col_sq } => {
-                let mut psq = 0.0;
-                for ((pr, gr), rs) in p.chunks(cols).zip(g.chunks(cols)).zip(row_sq) {
-                    let (pr, gr) = (&pr[j.clone()], &gr[j.clone()]);
-                    psq += sq_sum::<V>(pr);
-                    *rs = sq_sum::<V>(gr);
-                    col_acc::<V>(col_sq, gr);
-                }
-                psq
-            }
+            Pass::Squares { p, g, cols, j, row_sq, col_sq } => squares::<V>(p, g, cols, j, row_sq, col_sq),
             Pass::RowsUsq { rv, cv, rmean, g, cols, f, out, u } => {
-                if u.is_empty() {
-                    for ((o, gr), &r) in out.iter_mut().zip(g.chunks(cols)).zip(rv) {
-                        *o = row_usq::<V, false>(r, cv, rmean, gr, f, &mut []);
-                    }
-                } else {
-                    for (((o, gr), &r), ur) in out.iter_mut().zip(g.chunks(cols)).zip(rv).zip(u.chunks_mut(cols)) {
-                        *o = row_usq::<V, true>(r, cv, rmean, gr, f, ur);
-                    }
-                }
+                rows_usq_lanes::<V>(rv, cv, rmean, g, cols, f, out, u);
                 0.0
             }
             Pass::RowsApply { rv, cv, rmean, g, p, cols, ap } => {
-                for ((pr, gr), &r) in p.chunks_mut(cols).zip(g.chunks(cols)).zip(rv) {
-                    row_apply::<V>(r, cv, rmean, gr, pr, ap);
-                }
+                rows_apply_lanes::<V>(rv, cv, rmean, g, p, cols, ap);
                 0.0
             }
             Pass::VecUsq { v, g, w, f, u } if u.is_empty() => vec_usq::<V, false>(v, g, w, f, u),
@@ -1114,11 +1319,18 @@ impl LaneOp for Pass<'_> {
                 0.0
             }
             Pass::Stats { var, sum_sq, count, w } => {
-                // The norm rounded to f32, squared in f32, divided in f32, as
-                // torch's `vector_norm(..).square_().div_(..)`.
-                for (x, &s) in var.iter_mut().zip(sum_sq) {
-                    let nrm = s.sqrt() as f32;
-                    *x = w.apply::<f32>(*x, (nrm * nrm) / count as f32);
+                stats(var, sum_sq, count, w);
+                0.0
+            }
+            Pass::SmallUsq { p, g, rows, cols, rv, cv, w, f, sums, u } => {
+                small_usq::<V>(p, g, rows, cols, rv, cv, w, f, sums, u);
+                0.0
+            }
+            Pass::SmallApply { rv, cv, g, p, rows, cols, ap } => {
+                let mm = rows * cols;
+                let mats = p.chunks_mut(mm).zip(g.chunks(mm)).zip(rv.chunks(rows).zip(cv.chunks(cols)));
+                for ((pm, gm), (rvm, cvm)) in mats {
+                    rows_apply_lanes::<V>(rvm, cvm, row_mean(rvm, ap.f), gm, pm, cols, ap);
                 }
                 0.0
             }

@@ -27,8 +27,20 @@ fn trajectory(shape: &[usize], cfg: AdafactorConfig, exec: Exec, threads: usize,
 fn every_backend_and_thread_count_gives_the_scalar_bits() {
     let cfg = AdafactorConfig { weight_decay: 0.1, d: 1.5, ..Default::default() };
     // Past PAR_THRESHOLD, so Auto runs in parallel too; odd sizes leave
-    // partial chunks and column blocks.
-    for shape in [&[613, 457][..], &[3, 211, 433], &[300_007], &[1, 262_145]] {
+    // partial chunks and column blocks. Batches of small matrices (3x3
+    // kernels, rows of 7, the largest single-task matrix and one row past
+    // it) leave partial groups of whole matrices.
+    let shapes = [
+        &[613, 457][..],
+        &[3, 211, 433],
+        &[300_007],
+        &[1, 262_145],
+        &[8209, 3, 3],
+        &[300, 7, 40],
+        &[5, 256, 64],
+        &[3, 257, 63],
+    ];
+    for shape in shapes {
         let (p0, o0) = trajectory(shape, cfg, Exec::scalar(), 1, 7);
         let mut runs = vec![(Exec::auto(), 2), (Exec::auto(), 1)];
         for b in Backend::available() {
@@ -57,7 +69,7 @@ fn stored_and_recomputed_updates_give_the_same_bits() {
     use adaoptim::{AdafactorState, UpdateBuffer};
     let cfg = AdafactorConfig { weight_decay: 0.1, d: 1.5, maximize: true, ..Default::default() };
     let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
-    for shape in [&[613, 457][..], &[3, 21, 43], &[300_007], &[7], &[1, 40_003]] {
+    for shape in [&[613, 457][..], &[3, 21, 43], &[300_007], &[7], &[1, 40_003], &[1001, 3, 3], &[40, 5, 9]] {
         let (n, rl, cl, vl) = state_sizes(shape).unwrap();
         let mut results: Vec<(String, [Vec<f32>; 4])> = Vec::new();
         for b in Backend::available() {

@@ -2,7 +2,8 @@
 """adaoptim.torch.Adafactor against torch.optim.Adafactor (its default
 for-loop implementation and foreach=True) in one process: a 1M-element
 matrix (1024 x 1024), the 194-tensor model mix of bench_torch.py at width 256
-(11.5M params: matrices and vectors) and a 64M matrix (8192 x 8192). Rounds
+(11.5M params: matrices and vectors), a 64M matrix (8192 x 8192) and, with
+--cases conv, a 256x256x3x3 conv weight (65536 3x3 matrices). Rounds
 alternate between the implementations; the median per implementation is
 reported as JSON lines (impl, case, params, threads, ms_per_step,
 gparams_per_s), then the ratios to torch's fastest.
@@ -20,7 +21,13 @@ from bench_torch import model_shapes
 
 import adaoptim.torch as ada
 
-CASES = {"1M": lambda: [(1024, 1024)], "w256": lambda: model_shapes(256), "64M": lambda: [(8192, 8192)]}
+CASES = {
+    "1M": lambda: [(1024, 1024)],
+    "w256": lambda: model_shapes(256),
+    "64M": lambda: [(8192, 8192)],
+    # A conv weight: 65536 3x3 matrices, factored per kernel.
+    "conv": lambda: [(256, 256, 3, 3)],
+}
 
 
 def main():
