@@ -922,16 +922,13 @@ fn row_usq<V: F32Vec, const STORE: bool>(r: f32, cv: &[f32], rmean: f32, g: &[f3
     let cv = &cv[..n];
     let s = if STORE { &mut s[..n] } else { s };
     if n < 8 {
-        let mut u = |j: usize| {
+        let mut us = [0f64; 8];
+        for j in 0..n {
             let u = u_of(factored_v(r, cv[j], rmean), g[j], f);
             if STORE {
                 s[j] = u;
             }
-            f64::from(u)
-        };
-        let mut us = [0f64; 8];
-        for (j, x) in us[..n].iter_mut().enumerate() {
-            *x = u(j);
+            us[j] = f64::from(u);
         }
         return fold_short(n, |j| us[j] * us[j]);
     }
