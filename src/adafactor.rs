@@ -57,10 +57,13 @@
 //! allocation or dispatch per matrix, each matrix's sums kept apart and
 //! added in batch order, as the general path does: the same bits.
 //!
-//! Not supported: gradient clipping, loss-scale removal and the non-finite
-//! policy of [`Optimizer`](crate::Optimizer) (torch's Adafactor has none: a
-//! NaN in a gradient propagates as in torch), reduced-precision storage,
-//! and the multi-tensor entry points (one [`Adafactor`] per tensor).
+//! [`Adafactor`] has the guards of [`Optimizer`](crate::Optimizer) (the
+//! non-finite policy, the loss scale, gradient clipping; all off by
+//! default, as torch's Adafactor has none: a NaN in a gradient propagates as
+//! in torch); [`step_slices`] has none. It is in [`AnyConfig`](crate::AnyConfig)
+//! and [`AnyOptimizer`](crate::AnyOptimizer) by its torch name. Not
+//! supported: reduced-precision storage and the multi-tensor entry points
+//! (one [`Adafactor`] per tensor).
 
 use rayon::prelude::*;
 use serde_json::{Value, json};
@@ -69,8 +72,9 @@ use crate::error::{finite, next_step};
 use crate::math::Lerp;
 use std::ops::Range;
 
+use crate::optim::Guards;
 use crate::simd::{F32Vec, LaneOp, dispatch};
-use crate::{Backend, Error, Exec};
+use crate::{Backend, Error, Exec, StepReport};
 
 /// Hyperparameters of [`Adafactor`], with `torch.optim.Adafactor`'s names
 /// and defaults.
@@ -136,46 +140,30 @@ impl AdafactorConfig {
     }
 
     /// The configuration from torch's keyword arguments as a JSON object
-    /// (`{"lr": 0.01, "eps": [null, 0.001], "d": 1.5}`); absent keys take
-    /// torch's defaults. `foreach` (any value) is accepted and ignored: it
-    /// picks torch's implementation, not the arithmetic.
+    /// (`{"lr": 0.01, "eps": [null, 0.001], "d": 1.5}`), or one entry of a
+    /// torch optimizer's `param_groups` as `json.dumps` writes it (its
+    /// `params` and a scheduler's `initial_lr` are ignored); absent keys take
+    /// torch's defaults. `foreach` (`null` or a flag) is accepted and
+    /// ignored: it picks torch's implementation, not the arithmetic.
     ///
     /// # Errors
     /// [`Error::InvalidOption`] for an unknown key or a value of the wrong
     /// type, [`Error::InvalidHyperparameter`] for a value out of range.
     pub fn from_torch_kwargs(kwargs: &Value) -> Result<Self, Error> {
-        let map = kwargs
-            .as_object()
-            .ok_or(Error::InvalidOption { name: "kwargs".into(), reason: "must be a JSON object" })?;
         let mut c = AdafactorConfig::default();
-        let num =
-            |k: &str, v: &Value| v.as_f64().ok_or(Error::InvalidOption { name: k.into(), reason: "must be a number" });
-        for (k, v) in map {
-            match k.as_str() {
-                "lr" => c.lr = num(k, v)?,
-                "beta2_decay" => c.beta2_decay = num(k, v)?,
-                "d" => c.d = num(k, v)?,
-                "weight_decay" => c.weight_decay = num(k, v)?,
-                "maximize" => {
-                    c.maximize =
-                        v.as_bool().ok_or(Error::InvalidOption { name: k.clone(), reason: "must be a boolean" })?
-                }
-                "eps" => {
-                    let pair = match v.as_array() {
-                        Some(a) if a.len() == 2 => a,
-                        _ => {
-                            return Err(Error::InvalidOption {
-                                name: k.clone(),
-                                reason: "must be [eps1 or null, eps2]",
-                            });
-                        }
-                    };
-                    let e1 = if pair[0].is_null() { None } else { Some(num("eps[0]", &pair[0])?) };
-                    c.eps = (e1, num("eps[1]", &pair[1])?);
-                }
-                "foreach" => {}
-                _ => return Err(Error::InvalidOption { name: k.clone(), reason: "not an option of Adafactor" }),
-            }
+        // torch's `eps = (None, eps2)` has no `HyperValue`: read it here.
+        let eps = kwargs.get("eps").filter(|e| e.get(0).is_some_and(Value::is_null));
+        if let Some(e) = eps {
+            let e2 = match e.as_array().map(Vec::as_slice) {
+                Some([_, e2]) => e2.as_f64(),
+                _ => None,
+            };
+            let reason = "must be [eps1 or null, eps2]";
+            c.eps = (None, e2.ok_or(Error::InvalidOption { name: "eps".into(), reason })?);
+        }
+        let skip: &[&str] = if eps.is_some() { &["eps"] } else { &[] };
+        for (k, v) in crate::keywords::kwargs_from_json(kwargs, skip)? {
+            c.set_option(k, &v)?;
         }
         c.validate()?;
         Ok(c)
@@ -194,15 +182,40 @@ impl AdafactorConfig {
     }
 }
 
+// `eps = (None, eps2)` is `HyperValue::Pair(f32::EPSILON, eps2)` in
+// `options()` (the same arithmetic: `eps1()`); a pair sets `Some(eps1)`.
+crate::keywords::torch_options!(AdafactorConfig { lr, beta2_decay, eps, d, weight_decay, maximize });
+
 /// The sizes a tensor of `shape` needs: `(elements, row_var, col_var,
 /// variance)` (`row_var`/`col_var` for two or more dimensions, else
 /// `variance`; the unused ones 0), or `None` if a size overflows.
 pub fn state_sizes(shape: &[usize]) -> Option<(usize, usize, usize, usize)> {
-    let n = shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b)).filter(|n| n.checked_mul(4).is_some())?;
-    Some(match factored(shape) {
-        Some((b, r, c)) => (n, b * r, b * c, 0),
-        None => (n, 0, 0, n),
+    let bytes = |n: usize| n.checked_mul(4).filter(|&b| b <= isize::MAX as usize).map(|_| n);
+    let count = |dims: &[usize]| dims.iter().try_fold(1usize, |a, &b| a.checked_mul(b)).and_then(bytes);
+    let n = count(shape)?;
+    // A tensor with a zero dimension is empty, but its factors need not be.
+    Some(match shape.len() {
+        k if k >= 2 => {
+            let b = count(&shape[..k - 2])?;
+            (n, bytes(b.checked_mul(shape[k - 2])?)?, bytes(b.checked_mul(shape[k - 1])?)?, 0)
+        }
+        _ => (n, 0, 0, n),
     })
+}
+
+/// torch's shapes of the state tensors of a tensor of `shape`, by state name:
+/// `row_var` `[.., rows, 1]` and `col_var` `[.., 1, cols]`, or `variance`.
+pub(crate) fn state_shapes(shape: &[usize]) -> Vec<(&'static str, Vec<usize>)> {
+    let k = shape.len();
+    if k >= 2 {
+        let mut row = shape.to_vec();
+        row[k - 1] = 1;
+        let mut col = shape.to_vec();
+        col[k - 2] = 1;
+        vec![("row_var", row), ("col_var", col)]
+    } else {
+        vec![("variance", shape.to_vec())]
+    }
 }
 
 /// The rows, columns and leading (batch) count of a factored shape, or
@@ -268,6 +281,21 @@ struct Factors {
 /// assert_eq!(opt.row_var().len(), 2);
 /// assert_eq!(opt.col_var().len(), 3);
 /// ```
+///
+/// The execution policy ([`set_exec`](Self::set_exec)). Threads:
+/// [`Parallel::Auto`](crate::Parallel::Auto) (the default: rayon's pool from
+/// [`PAR_THRESHOLD`](crate::PAR_THRESHOLD) elements), `Serial`, or `Chunks`
+/// (always through rayon; the chunk size is not used, the partition is
+/// fixed). Backend: `Scalar`, `Wide` and `Avx2` run the per-element passes
+/// and the f64 reductions on their own lanes through the crate's one backend
+/// dispatch; `Avx512` runs the AVX2 lanes (measured faster for these row
+/// passes); a forced backend this CPU lacks fails the next step with
+/// [`Error::BackendUnavailable`]. Every policy and thread count gives the
+/// same bits.
+///
+/// The guards of [`Optimizer`](crate::Optimizer) apply as there (see
+/// [`step`](Self::step)): the non-finite policy, the loss scale, clipping to a
+/// total gradient norm; none is on by default, as in torch.
 #[derive(Clone, Debug)]
 pub struct Adafactor {
     pub(crate) config: AdafactorConfig,
@@ -278,6 +306,7 @@ pub struct Adafactor {
     pub(crate) col_var: Vec<f32>,
     pub(crate) variance: Vec<f32>,
     exec: Exec,
+    guards: Guards,
 }
 
 impl Adafactor {
@@ -291,7 +320,17 @@ impl Adafactor {
         config.validate()?;
         let (n, rl, cl, vl) = state_sizes(shape).ok_or(Error::TooLarge { what: "params", elements: usize::MAX })?;
         let (row_var, col_var, variance) = (vec![0.0; rl], vec![0.0; cl], vec![0.0; vl]);
-        Ok(Adafactor { config, shape: shape.to_vec(), n, t: 0, row_var, col_var, variance, exec: Exec::auto() })
+        Ok(Adafactor {
+            config,
+            shape: shape.to_vec(),
+            n,
+            t: 0,
+            row_var,
+            col_var,
+            variance,
+            exec: Exec::auto(),
+            guards: Guards::default(),
+        })
     }
 
     /// The configuration.
@@ -309,18 +348,7 @@ impl Adafactor {
         Ok(())
     }
 
-    /// The execution policy. Threads: [`Parallel::Auto`](crate::Parallel::Auto) (the default:
-    /// rayon's pool from [`PAR_THRESHOLD`](crate::PAR_THRESHOLD) elements),
-    /// `Serial`, or `Chunks` (always through rayon; the chunk size is not
-    /// used, the partition is fixed). Backend: `Scalar`, `Wide` and `Avx2` run the
-    /// per-element passes and the f64 reductions on their own lanes through the
-    /// crate's one backend dispatch; `Avx512` runs the AVX2 lanes (measured
-    /// faster for these row passes); a forced backend this CPU
-    /// lacks fails the next step with [`Error::BackendUnavailable`]. Every
-    /// policy and thread count gives the same bits.
-    pub fn set_exec(&mut self, exec: Exec) {
-        self.exec = exec;
-    }
+    crate::optim::controls!(exec; guards);
 
     /// The learning rate.
     pub fn lr(&self) -> f64 {
@@ -379,27 +407,65 @@ impl Adafactor {
 
     /// torch's shapes of the state tensors, by state name.
     pub(crate) fn state_shapes(&self) -> Vec<(&'static str, Vec<usize>)> {
-        let k = self.shape.len();
-        if k >= 2 {
-            let mut row = self.shape.clone();
-            row[k - 1] = 1;
-            let mut col = self.shape.clone();
-            col[k - 2] = 1;
-            vec![("row_var", row), ("col_var", col)]
-        } else {
-            vec![("variance", self.shape.clone())]
+        state_shapes(&self.shape)
+    }
+
+    /// The buffer of state `name` (torch's name: `row_var` and `col_var`
+    /// for a tensor of two or more dimensions, `variance` for a vector), or
+    /// `None` if this tensor has no such state.
+    pub fn state(&self, name: &str) -> Option<&[f32]> {
+        match name {
+            "row_var" | "col_var" if self.is_factored() => {
+                Some(if name == "row_var" { &self.row_var } else { &self.col_var })
+            }
+            "variance" if !self.is_factored() => Some(&self.variance),
+            _ => None,
         }
+    }
+
+    /// The names of this tensor's state buffers, torch's `state_dict` names.
+    pub fn state_names(&self) -> &'static [&'static str] {
+        if self.is_factored() { &["row_var", "col_var"] } else { &["variance"] }
     }
 
     /// One step of `torch.optim.Adafactor` on `params` with `grads` (both
     /// row-major, of the optimizer's shape), threads as
-    /// [`set_exec`](Self::set_exec) says.
+    /// [`set_exec`](Self::set_exec) says. The guards run first, as in
+    /// [`Optimizer::step`](crate::Optimizer::step): the non-finite policy
+    /// (torch's Adafactor has none; `Propagate`, the default, is its
+    /// behaviour), then the loss scale and the clipping factor, which a step
+    /// multiplies into a scaled copy of the gradients when either is set
+    /// (Adafactor's passes read each gradient up to three times; the copy is
+    /// one more pass and 4 bytes per parameter for that step).
     ///
     /// # Errors
-    /// [`Error::LengthMismatch`], [`Error::StepLimit`]; nothing is modified
-    /// then.
-    pub fn step(&mut self, params: &mut [f32], grads: &[f32]) -> Result<(), Error> {
+    /// [`Error::LengthMismatch`], [`Error::StepLimit`],
+    /// [`Error::BackendUnavailable`], [`Error::NonFiniteGradient`] under
+    /// [`NonFinitePolicy::Error`](crate::NonFinitePolicy::Error); nothing is
+    /// modified then.
+    pub fn step(&mut self, params: &mut [f32], grads: &[f32]) -> Result<StepReport, Error> {
+        crate::error::check_len("params", self.n, params.len())?;
+        crate::error::check_len("grads", self.n, grads.len())?;
         let t = next_step(self.t)?;
+        let plan = match self.guards.begin(&self.exec, grads)? {
+            Ok(plan) => plan,
+            Err(skipped) => return Ok(skipped),
+        };
+        let scaled;
+        let pre = plan.pre(false);
+        let grads = if pre.is_identity() {
+            grads
+        } else {
+            let mut g = grads.to_vec();
+            let tile = |c: &mut [f32]| crate::driver::pre_tile(pre, c);
+            if self.exec.chunk_for(self.n).is_some() {
+                g.par_chunks_mut(CHUNK).for_each(tile);
+            } else {
+                tile(&mut g);
+            }
+            scaled = g;
+            &scaled[..]
+        };
         let state = AdafactorState {
             row_var: &mut self.row_var,
             col_var: &mut self.col_var,
@@ -408,8 +474,17 @@ impl Adafactor {
         };
         step_slices(&self.config, &self.shape, t, params, grads, state, self.exec)?;
         self.t = t;
-        Ok(())
+        let parallel = self.n > 0 && self.exec.chunk_for(self.n).is_some();
+        Ok(StepReport { backend: lanes_backend(plan.backend), parallel, skipped: false })
     }
+}
+
+/// The backend whose lanes an Adafactor step runs: AVX-512 machines run the
+/// AVX2 lanes (measured faster here for these short row passes: the
+/// eight-lane accumulators match `accumulate`'s vectorized shape); every
+/// backend gives the same bits.
+fn lanes_backend(resolved: Backend) -> Backend {
+    if resolved == Backend::Avx512 { Backend::Avx2 } else { resolved }
 }
 
 /// The state of one tensor, borrowed: `row_var` (`[.., rows, 1]` flattened)
@@ -489,10 +564,7 @@ pub fn step_slices(
         return Ok(());
     }
     let par = exec.chunk_for(n).is_some();
-    // AVX-512 machines run the AVX2 lanes: measured faster here for these
-    // short row passes (the eight-lane accumulators match `accumulate`'s
-    // vectorized shape); every backend gives the same bits.
-    let lanes = Lanes(if backend == Backend::Avx512 { Backend::Avx2 } else { backend });
+    let lanes = Lanes(lanes_backend(backend));
     let AdafactorState { row_var, col_var, variance, update } = state;
     let state = (row_var, col_var, variance);
     match update {

@@ -9,6 +9,18 @@ use serde_json::{Map, Value};
 
 use crate::Error;
 
+/// Adafactor's `eps = (eps1 or None, eps2)`: a pair sets `Some(eps1)`; `None`
+/// reads back as f32's machine epsilon, the value the step uses for it.
+impl Hyper for (Option<f64>, f64) {
+    fn from_hyper(name: &str, v: &HyperValue) -> Result<Self, Error> {
+        let (a, b) = <(f64, f64)>::from_hyper(name, v)?;
+        Ok((Some(a), b))
+    }
+    fn to_hyper(&self) -> HyperValue {
+        HyperValue::Pair(self.0.unwrap_or(f64::from(f32::EPSILON)), self.1)
+    }
+}
+
 /// A configuration's torch keyword options, as `torch_options!` implements
 /// them (the generic face of each configuration's `set_option` and
 /// `options`, for the checkpoint layer). Not nameable outside the crate.

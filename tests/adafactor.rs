@@ -292,3 +292,196 @@ fn extreme_magnitudes_stay_finite() {
         assert!(p.iter().all(|&x| x == 2.0 * (1.0 - 0.01 * 0.5) as f32), "{shape:?}: zero gradient");
     }
 }
+
+#[test]
+fn any_config_takes_adafactor_by_torch_name() {
+    use adaoptim::{AnyConfig, HyperValue};
+    assert!(AnyConfig::SHAPED_CLASSES.contains(&"Adafactor"));
+    assert!(!AnyConfig::TORCH_CLASSES.contains(&"Adafactor"));
+    // One entry of torch's `param_groups`, as `json.dumps` writes it.
+    let group = r#"{"lr": 0.02, "beta2_decay": -0.7, "eps": [null, 0.01], "d": 1.5, "weight_decay": 0.1,
+                    "foreach": null, "maximize": true, "params": [0, 1], "initial_lr": 0.02}"#;
+    let want =
+        AdafactorConfig { lr: 0.02, beta2_decay: -0.7, eps: (None, 0.01), d: 1.5, weight_decay: 0.1, maximize: true };
+    assert_eq!(AnyConfig::from_torch_json("Adafactor", group).unwrap(), AnyConfig::Adafactor(want));
+    assert_eq!(AdafactorConfig::from_torch_kwargs(&serde_json::from_str(group).unwrap()).unwrap(), want);
+    let c =
+        AnyConfig::from_torch("Adafactor", &[("eps", HyperValue::Pair(1e-30, 1e-3)), ("d", HyperValue::Number(2.0))])
+            .unwrap();
+    assert_eq!(c, AnyConfig::Adafactor(AdafactorConfig { eps: (Some(1e-30), 1e-3), d: 2.0, ..Default::default() }));
+    assert_eq!(c.torch_class(), "Adafactor");
+    let d = AnyConfig::default_for("Adafactor").unwrap();
+    assert_eq!(d, AnyConfig::Adafactor(AdafactorConfig::default()));
+    // `eps1 = None` reads back as the value the step uses for it.
+    let eps = d.options().into_iter().find(|(k, _)| *k == "eps").unwrap().1;
+    assert_eq!(eps, HyperValue::Pair(f64::from(f32::EPSILON), 1e-3));
+    let again = AnyConfig::from_torch("Adafactor", &d.options()).unwrap();
+    let AnyConfig::Adafactor(a) = again else { panic!("{again:?}") };
+    assert_eq!(a.eps1(), AdafactorConfig::default().eps1());
+    for (k, v) in
+        [("betas", HyperValue::Pair(0.9, 0.99)), ("lr", HyperValue::Bool(true)), ("eps", HyperValue::Number(1.0))]
+    {
+        assert!(matches!(AnyConfig::from_torch("Adafactor", &[(k, v)]), Err(Error::InvalidOption { .. })), "{k}");
+    }
+    assert!(matches!(
+        AnyConfig::from_torch_json("Adafactor", r#"{"d": 0.5}"#),
+        Err(Error::InvalidHyperparameter { name: "d", .. })
+    ));
+    assert!(matches!(
+        AnyConfig::from_torch_json("Adafactor", r#"{"eps": [null, "x"]}"#),
+        Err(Error::InvalidOption { .. })
+    ));
+}
+
+#[test]
+fn any_optimizer_steps_adafactor_with_its_bits_and_checkpoints() {
+    use adaoptim::{AnyConfig, AnyOptimizer};
+    let cfg = AdafactorConfig { weight_decay: 0.05, d: 1.5, ..Default::default() };
+    for shape in [&[7, 9][..], &[2, 3, 5], &[11], &[]] {
+        let n: usize = shape.iter().product();
+        let mut rng = Rng::new(5);
+        let p0 = rng.vec(n, 1.0);
+        let grads: Vec<Vec<f32>> = (0..3).map(|_| rng.vec(n, 2.0)).collect();
+        let mut direct = Adafactor::new(cfg, shape).unwrap();
+        let mut any = AnyConfig::from(cfg).build_shaped(shape).unwrap();
+        let (mut pd, mut pa) = (p0.clone(), p0.clone());
+        for g in &grads {
+            direct.step(&mut pd, g).unwrap();
+            let r = any.step(&mut pa, g).unwrap();
+            assert!(!r.skipped);
+        }
+        assert_same_bits("pa, pd", &pa, &pd);
+        assert_eq!((any.torch_class(), any.step_count(), any.len()), ("Adafactor", 3, n));
+        assert_eq!(any.state_names(), direct.state_names());
+        for name in ["row_var", "col_var", "variance"] {
+            assert_eq!(any.state(name), direct.state(name), "{name}");
+        }
+        assert_eq!(any.state_names(), if shape.len() >= 2 { &["row_var", "col_var"][..] } else { &["variance"] });
+        // The checkpoint is Adafactor's own, and comes back by its class.
+        let bytes = any.to_safetensors().unwrap();
+        assert_eq!(bytes, direct.to_safetensors().unwrap());
+        let mut back = AnyOptimizer::from_safetensors(&bytes).unwrap();
+        assert!(matches!(back, AnyOptimizer::Adafactor(_)));
+        let mut fresh = AnyConfig::from(cfg).build_shaped(shape).unwrap();
+        fresh.restore(&bytes).unwrap();
+        let g = rng.vec(n, 1.0);
+        let (mut p1, mut p2, mut p3) = (pa.clone(), pa.clone(), pa.clone());
+        any.step(&mut p1, &g).unwrap();
+        back.step(&mut p2, &g).unwrap();
+        fresh.step(&mut p3, &g).unwrap();
+        assert_same_bits("p2, p1", &p2, &p1);
+        assert_same_bits("p3, p1", &p3, &p1);
+    }
+    // `build(n)` is a vector of n: unfactored.
+    let mut v = AnyConfig::from(cfg).build(6).unwrap();
+    let mut w = Adafactor::new(cfg, &[6]).unwrap();
+    let (mut pv, mut pw) = (vec![0.5f32; 6], vec![0.5f32; 6]);
+    v.step(&mut pv, &[0.1, -0.2, 0.3, 0.0, 1.0, -1.0]).unwrap();
+    w.step(&mut pw, &[0.1, -0.2, 0.3, 0.0, 1.0, -1.0]).unwrap();
+    assert_same_bits("pv, pw", &pv, &pw);
+    assert_eq!(v.state("variance"), w.state("variance"));
+    // A checkpoint of another shape, or the slice-only entry points, change nothing.
+    let mut m = AnyConfig::from(cfg).build_shaped(&[2, 3]).unwrap();
+    let snap = m.to_safetensors().unwrap();
+    assert!(matches!(m.restore(&v.to_safetensors().unwrap()), Err(Error::Checkpoint { .. })));
+    assert_eq!(m.to_safetensors().unwrap(), snap);
+    let c = AnyConfig::from(cfg);
+    let (mut p, mut s) = (vec![1.0f32; 6], vec![0.0f32; 6]);
+    let mut aux = c.aux_init();
+    let r = c.step_slices_with(1, &mut aux, &mut p, &[0.5; 6], &mut [&mut s[..]], &Default::default());
+    assert!(matches!(r, Err(Error::IncompatibleConfig { .. })), "{r:?}");
+    assert_eq!((p, s), (vec![1.0; 6], vec![0.0; 6]));
+    // Another kind of configuration is refused.
+    assert!(matches!(m.set_config(AnyConfig::default_for("Adam").unwrap()), Err(Error::IncompatibleConfig { .. })));
+    assert!(matches!(AnyConfig::from(cfg).build_shaped(&[usize::MAX, 2]), Err(Error::TooLarge { .. })));
+}
+
+#[test]
+fn guards_skip_scale_and_clip_as_the_element_wise_optimizers_do() {
+    use adaoptim::NonFinitePolicy;
+    let cfg = AdafactorConfig { weight_decay: 0.05, ..Default::default() };
+    let shape = [9, 13];
+    let n = 9 * 13;
+    let mut rng = Rng::new(11);
+    let p0 = rng.vec(n, 1.0);
+    let g: Vec<f32> = (0..n).map(|_| rng.log_uniform(-4.0, 1.0)).collect();
+    let stepped = |grads: &[f32], setup: &dyn Fn(&mut Adafactor)| {
+        let mut o = Adafactor::new(cfg, &shape).unwrap();
+        setup(&mut o);
+        let mut p = p0.clone();
+        o.step(&mut p, grads).unwrap();
+        (p, o)
+    };
+    let (plain, _) = stepped(&g, &|_| {});
+
+    // A non-finite gradient: SkipStep changes nothing, Error returns the index.
+    let mut bad = g.clone();
+    bad[40] = f32::NAN;
+    for policy in [NonFinitePolicy::SkipStep, NonFinitePolicy::Error] {
+        let mut o = Adafactor::new(cfg, &shape).unwrap();
+        o.set_non_finite(policy);
+        let mut p = p0.clone();
+        o.step(&mut p, &g).unwrap();
+        let (p1, snap) = (p.clone(), o.to_safetensors().unwrap());
+        let r = o.step(&mut p, &bad);
+        match policy {
+            NonFinitePolicy::SkipStep => assert!(r.unwrap().skipped),
+            _ => assert_eq!(r, Err(Error::NonFiniteGradient { index: 40 })),
+        }
+        assert_same_bits("p, p1", &p, &p1);
+        assert_eq!(o.to_safetensors().unwrap(), snap);
+        assert_eq!(o.steps(), 1);
+    }
+    // Propagate (torch's behaviour): the NaN reaches the parameters.
+    let (p, _) = stepped(&bad, &|_| {});
+    assert!(p.iter().any(|x| x.is_nan()));
+
+    // A power-of-two loss scale is removed exactly; another one is a division.
+    let scaled: Vec<f32> = g.iter().map(|x| x * 1024.0).collect();
+    let (p, _) = stepped(&scaled, &|o| o.set_grad_scale(Some(1024.0)).unwrap());
+    assert_same_bits("p, plain", &p, &plain);
+    let divided: Vec<f32> = g.iter().map(|x| x / 3.0).collect();
+    let (want, _) = stepped(&divided, &|_| {});
+    let (p, _) = stepped(&g, &|o| o.set_grad_scale(Some(3.0)).unwrap());
+    assert_same_bits("p, want", &p, &want);
+
+    // Clipping: the total norm measured, the gradients multiplied by torch's factor.
+    let norm = g.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
+    let coef = adaoptim::clip::clip_coef(norm, 0.5);
+    assert!(coef < 1.0);
+    let clipped: Vec<f32> = g.iter().map(|x| x * coef).collect();
+    let (want, _) = stepped(&clipped, &|_| {});
+    let (p, o) = stepped(&g, &|o| o.set_max_grad_norm(Some(0.5)).unwrap());
+    assert_same_bits("p, want", &p, &want);
+    let measured = o.last_grad_norm().unwrap();
+    assert!((measured - norm).abs() <= 1e-12 * norm, "{measured} vs {norm}");
+    // A norm under the limit leaves the gradients as they are.
+    let (p, _) = stepped(&g, &|o| o.set_max_grad_norm(Some(1e9)).unwrap());
+    assert_same_bits("p, plain", &p, &plain);
+
+    // Bad settings are refused and change nothing.
+    let mut o = Adafactor::new(cfg, &shape).unwrap();
+    assert!(matches!(o.set_grad_scale(Some(0.0)), Err(Error::InvalidHyperparameter { .. })));
+    assert!(matches!(o.set_max_grad_norm(Some(-1.0)), Err(Error::InvalidHyperparameter { .. })));
+    assert_eq!((o.grad_scale(), o.max_grad_norm()), (None, None));
+}
+
+#[test]
+fn huge_shapes_are_refused_before_anything_is_allocated() {
+    // A tensor with a zero dimension is empty, but its factors need not be.
+    for shape in [&[1usize << 40, 1 << 30, 0][..], &[usize::MAX, 2, 0], &[3, usize::MAX / 2, 0]] {
+        assert!(matches!(Adafactor::new(AdafactorConfig::default(), shape), Err(Error::TooLarge { .. })), "{shape:?}");
+    }
+    // A checkpoint whose metadata claims a huge shape: its tensors do not
+    // match it, so it is refused without allocating the claimed state.
+    let bytes = Adafactor::new(AdafactorConfig::default(), &[2, 3]).unwrap().to_safetensors().unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    for huge in ["[1073741824, 268435456, 1]", "[1099511627776, 1048576, 0]", "[4611686018427387904, 2]"] {
+        let mut meta = meta.metadata().clone().unwrap();
+        meta.insert("shape".into(), huge.into());
+        let forged = safetensors::serialize(st.tensors(), Some(meta)).unwrap();
+        assert!(matches!(Adafactor::from_safetensors(&forged), Err(Error::Checkpoint { .. })), "{huge}");
+        assert!(matches!(adaoptim::AnyOptimizer::from_safetensors(&forged), Err(Error::Checkpoint { .. })), "{huge}");
+    }
+}

@@ -41,19 +41,44 @@ impl Adafactor {
         let shape: Vec<usize> = serde_json::from_str(r.meta("shape")?).map_err(|e| bad(format!("shape: {e}")))?;
         let group = &super::one_group(&r)?;
         let config = AdafactorConfig::from_torch_kwargs(group).map_err(|e| bad(format!("param_groups: {e}")))?;
-        let mut opt = Adafactor::new(config, &shape).map_err(|e| bad(format!("shape {shape:?}: {e}")))?;
-        let names = opt.state_shapes();
+        // The state tensors are read (and their sizes checked against the
+        // file) before anything of the claimed shape is allocated.
+        let names = crate::adafactor::state_shapes(&shape);
         r.expect_count(names.len() + 1)?;
-        for (name, shape) in names {
-            let out = match name {
-                "row_var" => &mut opt.row_var,
-                "col_var" => &mut opt.col_var,
-                _ => &mut opt.variance,
-            };
-            r.read_into(name, &shape, out)?;
+        let mut state = Vec::with_capacity(names.len());
+        for (name, tshape) in &names {
+            state.push((*name, r.f32s(name, tshape)?));
+        }
+        let mut opt = Adafactor::new(config, &shape).map_err(|e| bad(format!("shape {shape:?}: {e}")))?;
+        for (name, data) in state {
+            match name {
+                "row_var" => opt.row_var = data,
+                "col_var" => opt.col_var = data,
+                _ => opt.variance = data,
+            }
         }
         opt.t = r.step;
         Ok(opt)
+    }
+
+    /// Replaces this optimizer's configuration, step count and state with a
+    /// checkpoint's, keeping its execution policy and guards. The checkpoint
+    /// must be of an Adafactor of the same shape.
+    ///
+    /// # Errors
+    /// As [`from_safetensors`](Self::from_safetensors), and
+    /// [`Error::Checkpoint`] for another shape. `self` is unchanged on error.
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        let loaded = Self::from_safetensors(bytes)?;
+        if loaded.shape != self.shape {
+            return Err(bad(format!("checkpoint has shape {:?}, this optimizer {:?}", loaded.shape, self.shape)));
+        }
+        self.config = loaded.config;
+        self.t = loaded.t;
+        self.row_var = loaded.row_var;
+        self.col_var = loaded.col_var;
+        self.variance = loaded.variance;
+        Ok(())
     }
 
     /// Saves the optimizer to `path` atomically.

@@ -24,6 +24,9 @@ macro_rules! any_checkpoints {
                 $($(if class == <crate::$cfg as Algorithm>::TORCH_CLASS {
                     return Ok(Optimizer::<crate::$cfg>::from_safetensors(bytes)?.into());
                 })+)*
+                if class == crate::AdafactorConfig::TORCH_CLASS {
+                    return Ok(crate::Adafactor::from_safetensors(bytes)?.into());
+                }
                 Err(Error::Checkpoint { reason: format!("unknown optimizer {class:?}") })
             }
         }

@@ -207,6 +207,18 @@ impl Guards {
         Ok(plan)
     }
 
+    /// The guards of a whole-buffer step over `grads`: the plan for `exec`
+    /// with the loss scale and clip factor, or the report of a skipped step;
+    /// the norm measured (clipping on) is recorded either way.
+    pub(crate) fn begin(&mut self, exec: &Exec, grads: &[f32]) -> Result<Result<Plan, StepReport>, Error> {
+        let mut plan = self.plan(exec)?;
+        let (skipped, norm) = self.check(&mut plan, grads, 0, None)?;
+        if norm.is_some() {
+            self.last_grad_norm = norm;
+        }
+        Ok(skipped.map_or(Ok(plan), Err))
+    }
+
     /// The checks before a step: with clipping off, the non-finite policy's
     /// scan; with clipping on, the norm pass instead — over `grads`, or
     /// `given_norm` when the caller has the global norm of a sharded model —

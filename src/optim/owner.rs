@@ -66,14 +66,10 @@ impl<A: Algorithm> Optimizer<A> {
         check_len("params", self.n, params.len())?;
         check_len("grads", self.n, grads.len())?;
         let t = crate::error::next_step(self.t)?;
-        let mut plan = self.guards.plan(&self.exec)?;
-        let (skipped, norm) = self.guards.check(&mut plan, grads, 0, None)?;
-        if norm.is_some() {
-            self.guards.last_grad_norm = norm;
-        }
-        if let Some(skipped) = skipped {
-            return Ok(skipped);
-        }
+        let plan = match self.guards.begin(&self.exec, grads)? {
+            Ok(plan) => plan,
+            Err(skipped) => return Ok(skipped),
+        };
         let mut refs: [&mut [f32]; MAX_STATE] = Default::default();
         let k = self.state.len();
         for (r, s) in refs.iter_mut().zip(self.state.iter_mut()) {
