@@ -6,7 +6,8 @@
 //! clipping, and records (`to_record`/`save`/`load`). Clipping by the
 //! global norm over every parameter (torch's `clip_grad_norm_`), which
 //! burn's per-parameter trait cannot do, is [`clip_grad_norm`], called on
-//! the gradients before the step.
+//! the gradients before the step. [`Adafactor`] does the same for
+//! `torch.optim.Adafactor`, whose state is made for each parameter's shape.
 //!
 //! ```
 //! use adaoptim_burn::{AdamW, AdamWConfig};
@@ -58,7 +59,11 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsParams, LearningRate, RecordState, StateSink, StateSource};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
+mod adafactor;
+
+pub use adafactor::{Adafactor, AdafactorState};
 pub use adaoptim;
+pub use adaoptim::AdafactorConfig;
 /// Every adaoptim configuration, to build an optimizer with.
 pub use adaoptim::optim::registered::*;
 

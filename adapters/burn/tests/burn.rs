@@ -474,3 +474,81 @@ fn f16_is_not_a_state_storage() {
     let e = errors.take();
     assert!(e.len() == 1 && e[0].contains("not a state storage"), "{e:?}");
 }
+
+#[test]
+fn adafactor_is_adaoptims_adafactor_per_parameter_shape_bit_for_bit() {
+    use adaoptim_burn::{Adafactor, AdafactorConfig};
+    let (x, y) = data();
+    let mut m = mlp(6);
+    let lr = 1e-2;
+    let config = AdafactorConfig { lr, weight_decay: 0.1, ..Default::default() };
+    let mut optim: ModuleOptimizer = Adafactor::new(config).into();
+    // burn's Linear weight is [d_input, d_output]: the matrices are factored.
+    let shapes: [&[usize]; 4] = [&[8, 16], &[16], &[16, 3], &[3]];
+    let mut raw: Vec<adaoptim::Adafactor> =
+        shapes.iter().map(|s| adaoptim::Adafactor::new(config, s).unwrap()).collect();
+    let mut params = m.params();
+    let unused_before = flat(m.unused.weight.val());
+    for _ in 0..5 {
+        let grads = GradientsParams::from_grads(m.loss(&x, &y).backward(), &m);
+        for ((o, p), g) in raw.iter_mut().zip(&mut params).zip(m.grads(&grads)) {
+            o.step(p, &g).unwrap();
+        }
+        m = optim.step(lr, m, grads);
+        for (p, q) in params.iter().zip(m.params()) {
+            assert_eq!(bits(p), bits(&q));
+        }
+    }
+    assert_eq!((raw[0].row_var().len(), raw[0].col_var().len()), (8, 16));
+    assert_eq!(bits(&flat(m.unused.weight.val())), bits(&unused_before));
+
+    // The record round trip resumes bit for bit.
+    let bytes = optim.into_bytes().unwrap();
+    let mut restored: ModuleOptimizer = ModuleOptimizer::from(Adafactor::new(config)).from_bytes(bytes).unwrap();
+    let (mut a, mut b) = (m.clone(), m);
+    for _ in 0..2 {
+        let ga = GradientsParams::from_grads(a.loss(&x, &y).backward(), &a);
+        let gb = GradientsParams::from_grads(b.loss(&x, &y).backward(), &b);
+        a = optim.step(lr, a, ga);
+        b = restored.step(lr, b, gb);
+    }
+    for (p, q) in a.params().iter().zip(b.params()) {
+        assert_eq!(bits(p), bits(&q));
+    }
+}
+
+#[test]
+fn an_adafactor_step_that_cannot_run_changes_nothing_and_is_recorded() {
+    use adaoptim_burn::{Adafactor, AdafactorConfig};
+    let dev = Device::default();
+    let opt = Adafactor::new(AdafactorConfig::default());
+    let errors = opt.errors();
+    let p = Tensor::<2>::from_data(TensorData::new(values(6, 1), [2, 3]), &dev);
+    let g = Tensor::<2>::from_data(TensorData::new(values(6, 2), [2, 3]), &dev);
+    let (p, state) = opt.step(1e-2, p, g.clone(), None);
+    let after_one = flat(p.clone());
+    let state = state.unwrap();
+    assert_eq!((state.0.steps(), state.0.shape()), (1, &[2usize, 3][..]));
+    assert!(errors.is_empty());
+    // An invalid learning rate: nothing moves, the reason is recorded.
+    for bad in [-1.0, f64::NAN] {
+        let (p2, s2) = opt.step(bad, p.clone(), g.clone(), Some(state.clone()));
+        assert_eq!(bits(&flat(p2)), bits(&after_one));
+        let s2 = s2.unwrap();
+        assert_eq!((s2.0.steps(), s2.0.lr()), (1, 1e-2));
+        assert!(errors.take()[0].contains("lr"));
+    }
+    // A state made for another shape (the same element count).
+    let other = Tensor::<2>::from_data(TensorData::new(values(6, 3), [3, 2]), &dev);
+    let og = Tensor::<2>::from_data(TensorData::new(values(6, 4), [3, 2]), &dev);
+    let (o2, s2) = opt.step(1e-2, other, og, Some(state.clone()));
+    assert_eq!(bits(&flat(o2)), bits(&values(6, 3)));
+    assert_eq!(s2.unwrap().0.steps(), 1);
+    assert!(errors.take()[0].contains("shape"));
+    // Invalid hyperparameters are refused when the first state is made.
+    let bad = Adafactor::new(AdafactorConfig { d: 0.5, ..Default::default() });
+    let (q, s) = bad.step(1e-2, p.clone(), g, None);
+    assert!(s.is_none());
+    assert_eq!(bits(&flat(q)), bits(&after_one));
+    assert!(bad.errors().take()[0].contains('d'));
+}
