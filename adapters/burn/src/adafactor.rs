@@ -5,7 +5,7 @@
 
 use adaoptim::{AdafactorConfig, Exec};
 use burn::optim::{LearningRate, RecordState, StateSink, StateSource};
-use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::StepErrors;
 
@@ -68,13 +68,7 @@ impl Adafactor {
         grads: &TensorData,
         state: &mut Option<AdafactorState>,
     ) -> Result<(), String> {
-        if params.dtype() != DType::F32 || grads.dtype() != DType::F32 {
-            return Err(format!(
-                "parameter {:?} and gradient {:?}: only f32 is supported",
-                params.dtype(),
-                grads.dtype()
-            ));
-        }
+        crate::f32_only(params, grads)?;
         let shape = params.shape().to_vec();
         if grads.shape().as_slice() != shape.as_slice() {
             return Err(format!("gradient of shape {:?} for a parameter of shape {shape:?}", grads.shape().as_slice()));
@@ -142,14 +136,7 @@ impl burn::optim::Optimizer for Adafactor {
         grad: Tensor<D>,
         state: Option<AdafactorState>,
     ) -> (Tensor<D>, Option<AdafactorState>) {
-        let device = tensor.device();
-        let mut params = tensor.into_data();
-        let grads = grad.into_data();
-        let mut state = state;
-        if let Err(reason) = self.step_data(lr, &mut params, &grads, &mut state) {
-            self.errors.push(reason);
-        }
-        (Tensor::from_data(params, &device), state)
+        crate::step_tensor(&self.errors, tensor, grad, state, |p, g, s| self.step_data(lr, p, g, s))
     }
 
     fn to_device<const D: usize>(state: AdafactorState, _device: &Device) -> AdafactorState {

@@ -165,13 +165,7 @@ impl<C: Algorithm> Optim<C> {
         grads: &TensorData,
         state: &mut Option<State<C>>,
     ) -> Result<(), String> {
-        if params.dtype() != DType::F32 || grads.dtype() != DType::F32 {
-            return Err(format!(
-                "parameter {:?} and gradient {:?}: only f32 is supported",
-                params.dtype(),
-                grads.dtype()
-            ));
-        }
+        f32_only(params, grads)?;
         let n = params.num_elements();
         let g = grads.as_slice::<f32>().map_err(|e| format!("gradient: {e:?}"))?;
         let p = params.as_mut_slice::<f32>().map_err(|e| format!("parameter: {e:?}"))?;
@@ -200,6 +194,33 @@ impl<C: Algorithm + Default> Default for Optim<C> {
     fn default() -> Self {
         Self::new(C::default())
     }
+}
+
+/// Refuses a parameter or gradient that is not `f32`.
+fn f32_only(params: &TensorData, grads: &TensorData) -> Result<(), String> {
+    if params.dtype() != DType::F32 || grads.dtype() != DType::F32 {
+        return Err(format!("parameter {:?} and gradient {:?}: only f32 is supported", params.dtype(), grads.dtype()));
+    }
+    Ok(())
+}
+
+/// burn's step of one parameter: its data and its gradient's out of burn,
+/// `step` on them (which leaves both and the state as they were on error),
+/// the reason of a failed step recorded, the parameter given back.
+fn step_tensor<const D: usize, S>(
+    errors: &StepErrors,
+    tensor: Tensor<D>,
+    grad: Tensor<D>,
+    mut state: Option<S>,
+    step: impl FnOnce(&mut TensorData, &TensorData, &mut Option<S>) -> Result<(), String>,
+) -> (Tensor<D>, Option<S>) {
+    let device = tensor.device();
+    let mut params = tensor.into_data();
+    let grads = grad.into_data();
+    if let Err(reason) = step(&mut params, &grads, &mut state) {
+        errors.push(reason);
+    }
+    (Tensor::from_data(params, &device), state)
 }
 
 /// One parameter's state: an adaoptim optimizer over its elements (state
@@ -282,14 +303,7 @@ impl<C: Algorithm> burn::optim::Optimizer for Optim<C> {
         grad: Tensor<D>,
         state: Option<State<C>>,
     ) -> (Tensor<D>, Option<State<C>>) {
-        let device = tensor.device();
-        let mut params = tensor.into_data();
-        let grads = grad.into_data();
-        let mut state = state;
-        if let Err(reason) = self.step_data(lr, &mut params, &grads, &mut state) {
-            self.errors.push(reason);
-        }
-        (Tensor::from_data(params, &device), state)
+        step_tensor(&self.errors, tensor, grad, state, |p, g, s| self.step_data(lr, p, g, s))
     }
 
     fn to_device<const D: usize>(state: State<C>, _device: &Device) -> State<C> {
