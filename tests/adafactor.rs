@@ -27,7 +27,9 @@ fn trajectory(shape: &[usize], cfg: AdafactorConfig, exec: Exec, threads: usize,
 fn every_backend_and_thread_count_gives_the_scalar_bits() {
     let cfg = AdafactorConfig { weight_decay: 0.1, d: 1.5, ..Default::default() };
     // Past PAR_THRESHOLD, so Auto runs in parallel too; odd sizes leave
-    // partial chunks and column blocks. Batches of small matrices (3x3
+    // partial chunks and column blocks; a few long rows (`[1, 262_145]`,
+    // `[5, 16_390]`: fewer than two per thread at 3 threads, not at 2) are
+    // split into pieces of columns. Batches of small matrices (3x3
     // kernels, rows of 7, the largest single-task matrix and one row past
     // it) leave partial groups of whole matrices.
     let shapes = [
@@ -35,6 +37,7 @@ fn every_backend_and_thread_count_gives_the_scalar_bits() {
         &[3, 211, 433],
         &[300_007],
         &[1, 262_145],
+        &[5, 16_390],
         &[8209, 3, 3],
         &[300, 7, 40],
         &[5, 256, 64],
@@ -69,7 +72,11 @@ fn stored_and_recomputed_updates_give_the_same_bits() {
     use adaoptim::{AdafactorState, UpdateBuffer};
     let cfg = AdafactorConfig { weight_decay: 0.1, d: 1.5, maximize: true, ..Default::default() };
     let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
-    for shape in [&[613, 457][..], &[3, 21, 43], &[300_007], &[7], &[1, 40_003], &[1001, 3, 3], &[40, 5, 9]] {
+    // A few long rows (`[1, 40_003]`, `[2, 262_150]`) are split into pieces
+    // of columns, without a buffer a window at a time (two windows here).
+    let shapes =
+        [&[613, 457][..], &[3, 21, 43], &[300_007], &[7], &[1, 40_003], &[2, 262_150], &[1001, 3, 3], &[40, 5, 9]];
+    for shape in shapes {
         let (n, rl, cl, vl) = state_sizes(shape).unwrap();
         let mut results: Vec<(String, [Vec<f32>; 4])> = Vec::new();
         for b in Backend::available() {
@@ -217,6 +224,82 @@ fn torch_keywords() {
         AdafactorConfig::from_torch_kwargs(&json!({"d": 0.9})),
         Err(Error::InvalidHyperparameter { name: "d", .. })
     ));
+}
+
+/// Several tensors' optimizers in one file (what the framework adapters
+/// save): torch's `state.{i}.*` names, one group per run of equal
+/// configurations, resumed bitwise; damaged or foreign bytes refused.
+#[test]
+fn many_optimizers_checkpoint_together() {
+    let shapes: [&[usize]; 4] = [&[5, 7], &[11], &[2, 3, 4], &[1]];
+    let base = AdafactorConfig { weight_decay: 0.05, ..Default::default() };
+    let other = AdafactorConfig { lr: 0.003, eps: (Some(1e-6), 1e-3), maximize: true, ..base };
+    let configs = [base, base, other, base];
+    let mut rng = Rng::new(21);
+    let mut opts: Vec<Adafactor> = shapes.iter().zip(configs).map(|(s, c)| Adafactor::new(c, s).unwrap()).collect();
+    let mut params: Vec<Vec<f32>> = opts.iter().map(|o| rng.vec(o.len(), 1.0)).collect();
+    let grads: Vec<Vec<Vec<f32>>> = (0..5).map(|_| opts.iter().map(|o| rng.vec(o.len(), 2.0)).collect()).collect();
+    // Different step counts: the last tensor is stepped once only.
+    for (k, gs) in grads[..3].iter().enumerate() {
+        for (i, (o, p)) in opts.iter_mut().zip(&mut params).enumerate() {
+            if i < 3 || k == 0 {
+                o.step(p, &gs[i]).unwrap();
+            }
+        }
+    }
+    let extra = [("mine", "x".to_string())];
+    let bytes = Adafactor::many_to_safetensors(&opts, &extra).unwrap();
+    let meta = adaoptim::checkpoint::format::metadata(&bytes).unwrap();
+    assert_eq!(meta["mine"], "x");
+    let groups: serde_json::Value = serde_json::from_str(&meta["param_groups"]).unwrap();
+    let ids: Vec<&serde_json::Value> = groups.as_array().unwrap().iter().map(|g| &g["params"]).collect();
+    assert_eq!(ids, [&json!([0, 1]), &json!([2]), &json!([3])]);
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<&str> = st.names();
+    names.sort();
+    let want = [
+        "state.0.col_var",
+        "state.0.row_var",
+        "state.0.step",
+        "state.1.step",
+        "state.1.variance",
+        "state.2.col_var",
+        "state.2.row_var",
+        "state.2.step",
+        "state.3.step",
+        "state.3.variance",
+        "step",
+    ];
+    assert_eq!(names, want);
+    assert_eq!(st.tensor("state.2.row_var").unwrap().shape(), [2, 3, 1]);
+    let mut loaded = Adafactor::many_from_safetensors(&bytes).unwrap();
+    assert_eq!(loaded.len(), 4);
+    for (i, (a, b)) in opts.iter().zip(&loaded).enumerate() {
+        assert_eq!((a.steps(), a.shape(), a.config()), (b.steps(), b.shape(), b.config()), "tensor {i}");
+    }
+    assert_eq!(loaded[3].steps(), 1);
+    assert_eq!(Adafactor::many_to_safetensors(&loaded, &extra).unwrap(), bytes, "the same bytes again");
+    let mut resumed = params.clone();
+    for gs in &grads[3..] {
+        for i in 0..4 {
+            opts[i].step(&mut params[i], &gs[i]).unwrap();
+            loaded[i].step(&mut resumed[i], &gs[i]).unwrap();
+        }
+    }
+    for i in 0..4 {
+        assert_same_bits(&format!("tensor {i} resumed"), &resumed[i], &params[i]);
+    }
+    // Refused: a key of the checkpoint's own, a flipped byte, a truncated
+    // file, a single optimizer's checkpoint.
+    assert!(matches!(Adafactor::many_to_safetensors(&opts, &[("shapes", "[]".into())]), Err(Error::Checkpoint { .. })));
+    let mut bad = bytes.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    assert!(matches!(Adafactor::many_from_safetensors(&bad), Err(Error::Checkpoint { .. })));
+    assert!(matches!(Adafactor::many_from_safetensors(&bytes[..bytes.len() - 4]), Err(Error::Checkpoint { .. })));
+    let single = opts[0].to_safetensors().unwrap();
+    assert!(matches!(Adafactor::many_from_safetensors(&single), Err(Error::Checkpoint { .. })));
+    assert!(Adafactor::many_from_safetensors(&Adafactor::many_to_safetensors(&[], &[]).unwrap()).unwrap().is_empty());
 }
 
 #[test]

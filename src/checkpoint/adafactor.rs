@@ -97,3 +97,118 @@ impl Adafactor {
         Self::from_safetensors(&read(path.as_ref())?)
     }
 }
+
+/// Several tensors' [`Adafactor`]s in one checkpoint (a framework adapter's
+/// optimizer over many parameters): torch's `state_dict` layout, each
+/// tensor `i`'s state as `state.{i}.row_var`/`state.{i}.col_var` or
+/// `state.{i}.variance` and its step count as `state.{i}.step` (a 0-d f32;
+/// the exact counts are the `steps` metadata list); `param_groups` with one
+/// group per run of consecutive tensors of equal configuration and its
+/// tensor indices; `shapes` the tensors' shapes (layout
+/// `"adafactor-multi"`).
+impl Adafactor {
+    /// The checkpoint of `opts`, in order, with extra metadata entries for
+    /// the caller's own use (read back with
+    /// [`format::metadata`](crate::checkpoint::format::metadata)).
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] for an extra key the checkpoint itself uses, or
+    /// if serialization fails.
+    pub fn many_to_safetensors(opts: &[Adafactor], extra: &[(&str, String)]) -> Result<Vec<u8>, Error> {
+        let max_t = opts.iter().map(|o| o.t).max().unwrap_or(0);
+        let mut w = Writer::new(AdafactorConfig::TORCH_CLASS, "adafactor-multi", max_t);
+        let mut groups: Vec<Value> = Vec::new();
+        let mut last: Option<AdafactorConfig> = None;
+        for (i, o) in opts.iter().enumerate() {
+            if last != Some(o.config) {
+                let mut g = o.config.torch_kwargs();
+                g["params"] = Value::from(Vec::<usize>::new());
+                groups.push(g);
+                last = Some(o.config);
+            }
+            if let Some(Value::Array(ids)) = groups.last_mut().and_then(|g| g.get_mut("params")) {
+                ids.push(Value::from(i));
+            }
+        }
+        w.meta("param_groups", Value::Array(groups));
+        w.meta("shapes", Value::from(opts.iter().map(|o| o.shape.clone()).collect::<Vec<_>>()));
+        w.meta("steps", Value::from(opts.iter().map(|o| o.t).collect::<Vec<_>>()));
+        for (k, v) in extra {
+            if !w.meta_new(k, v) {
+                return Err(bad(format!("metadata key {k:?} is the checkpoint's own")));
+            }
+        }
+        for (i, o) in opts.iter().enumerate() {
+            for (name, shape) in o.state_shapes() {
+                w.tensor(format!("state.{i}.{name}"), shape, o.state(name).unwrap_or(&[]));
+            }
+            w.scalar(format!("state.{i}.step"), o.t as f32);
+        }
+        w.finish()
+    }
+
+    /// The optimizers of a checkpoint written by
+    /// [`many_to_safetensors`](Self::many_to_safetensors), in order: same
+    /// shapes, configurations, state and step counts; default execution
+    /// policy and guards.
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] for anything truncated, corrupted or
+    /// mismatched. Every tensor is read (its size checked against the file)
+    /// before any state of the claimed shapes is allocated.
+    pub fn many_from_safetensors(bytes: &[u8]) -> Result<Vec<Adafactor>, Error> {
+        let r = Reader::open(bytes, AdafactorConfig::TORCH_CLASS, "adafactor-multi")?;
+        let shapes: Vec<Vec<usize>> =
+            serde_json::from_str(r.meta("shapes")?).map_err(|e| bad(format!("shapes: {e}")))?;
+        let steps: Vec<u64> = serde_json::from_str(r.meta("steps")?).map_err(|e| bad(format!("steps: {e}")))?;
+        if steps.len() != shapes.len() {
+            return Err(bad("shapes and steps differ in length"));
+        }
+        let groups = r.json("param_groups")?;
+        let groups = groups.as_array().ok_or_else(|| bad("param_groups is not a list"))?;
+        let mut configs = Vec::with_capacity(shapes.len());
+        for (gi, g) in groups.iter().enumerate() {
+            let ids = g.get("params").and_then(Value::as_array).ok_or_else(|| bad("a group has no params list"))?;
+            if ids.is_empty() || ids.iter().enumerate().any(|(k, v)| v.as_u64() != Some((configs.len() + k) as u64)) {
+                return Err(bad("tensor indices must run in order across the groups"));
+            }
+            let mut kwargs = g.clone();
+            if let Some(m) = kwargs.as_object_mut() {
+                m.remove("params");
+            }
+            let config =
+                AdafactorConfig::from_torch_kwargs(&kwargs).map_err(|e| bad(format!("param_groups {gi}: {e}")))?;
+            configs.extend(std::iter::repeat_n(config, ids.len()));
+        }
+        if configs.len() != shapes.len() {
+            return Err(bad("param_groups and shapes name different numbers of tensors"));
+        }
+        let names: Vec<_> = shapes.iter().map(|s| crate::adafactor::state_shapes(s)).collect();
+        r.expect_count(1 + names.iter().map(|n| n.len() + 1).sum::<usize>())?;
+        let mut states = Vec::with_capacity(shapes.len());
+        for (i, (tensors, &t)) in names.iter().zip(&steps).enumerate() {
+            if t > crate::MAX_STEP || r.scalar(&format!("state.{i}.step"))? != t as f32 {
+                return Err(bad(format!("tensor {i}: step {t} is out of range or disagrees with its step tensor")));
+            }
+            let mut state = Vec::with_capacity(tensors.len());
+            for (name, tshape) in tensors {
+                state.push((*name, r.f32s(&format!("state.{i}.{name}"), tshape)?));
+            }
+            states.push(state);
+        }
+        let mut opts = Vec::with_capacity(shapes.len());
+        for (((shape, config), state), t) in shapes.iter().zip(configs).zip(states).zip(steps) {
+            let mut opt = Adafactor::new(config, shape).map_err(|e| bad(format!("shape {shape:?}: {e}")))?;
+            for (name, data) in state {
+                match name {
+                    "row_var" => opt.row_var = data,
+                    "col_var" => opt.col_var = data,
+                    _ => opt.variance = data,
+                }
+            }
+            opt.t = t;
+            opts.push(opt);
+        }
+        Ok(opts)
+    }
+}

@@ -7,7 +7,7 @@ use adaoptim::{AdafactorConfig, Exec, NonFinitePolicy};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
-use crate::{check_var, checked_grads, locked_step, msg, pending_lr_error, wrap};
+use crate::{check_var, checked_grads, locked_step, msg, pending_lr_error, read_file, wrap};
 
 /// `torch.optim.Adafactor` over candle `Var`s, stepped in place: every
 /// `Var` locked at once (as [`Optim`](crate::Optim) does), then stepped one
@@ -34,9 +34,11 @@ use crate::{check_var, checked_grads, locked_step, msg, pending_lr_error, wrap};
 /// copy of each gradient (adaoptim's Adafactor kernel has no clipping
 /// factor of its own).
 ///
-/// Not supported yet: checkpoints of the whole optimizer (each `Var`'s
-/// [`adaoptim::Adafactor`] has its own, [`inner`](Self::inner)), parameter
-/// groups, attached schedules (set the learning rate by hand), loss scaling.
+/// Checkpoints hold the whole optimizer (every `Var`'s state and step
+/// count, [`save`](Self::save) and [`load`](Self::load)).
+///
+/// Not supported yet: parameter groups, attached schedules (set the
+/// learning rate by hand), loss scaling.
 #[derive(Debug)]
 pub struct Adafactor {
     vars: Vec<Var>,
@@ -180,6 +182,62 @@ impl Adafactor {
             self.last_norm = norm;
         }
         Ok(())
+    }
+}
+
+impl Adafactor {
+    /// The optimizer's state as safetensors bytes: adaoptim's checkpoint of
+    /// several Adafactors ([`adaoptim::Adafactor::many_to_safetensors`]:
+    /// torch's `state.{i}.row_var`, `state.{i}.col_var` or
+    /// `state.{i}.variance` and `state.{i}.step` per `Var` index, each
+    /// group's options, the `Var`s' shapes). The `Var`s themselves are the
+    /// caller's to save (`varmap.save`).
+    ///
+    /// # Errors
+    /// If serialization fails.
+    pub fn to_safetensors(&self) -> candle_core::Result<Vec<u8>> {
+        adaoptim::Adafactor::many_to_safetensors(&self.opts, &[]).map_err(wrap)
+    }
+
+    /// Saves atomically (a previous file survives a failed save); see
+    /// [`adaoptim::checkpoint::write_atomic`].
+    ///
+    /// # Errors
+    /// I/O and serialization errors.
+    pub fn save(&self, path: impl AsRef<std::path::Path>) -> candle_core::Result<()> {
+        adaoptim::checkpoint::write_atomic(path.as_ref(), &self.to_safetensors()?).map_err(wrap)
+    }
+
+    /// Loads a checkpoint of an Adafactor over `Var`s of the same count and
+    /// shapes: every `Var`'s state, step count and configuration; the
+    /// controls set here (clipping, the non-finite policy, execution) stay,
+    /// and a pending invalid learning rate is dropped with the old
+    /// configuration.
+    ///
+    /// # Errors
+    /// A damaged file, one of another optimizer, or of other `Var`s;
+    /// nothing changes then.
+    pub fn load_safetensors(&mut self, bytes: &[u8]) -> candle_core::Result<()> {
+        let mut loaded = adaoptim::Adafactor::many_from_safetensors(bytes).map_err(wrap)?;
+        let theirs: Vec<&[usize]> = loaded.iter().map(|o| o.shape()).collect();
+        let mine: Vec<&[usize]> = self.vars.iter().map(|v| v.dims()).collect();
+        if theirs != mine {
+            return Err(msg(format!("checkpoint: its Vars have shapes {theirs:?}, these have {mine:?}")));
+        }
+        for o in &mut loaded {
+            o.set_exec(self.exec);
+        }
+        self.opts = loaded;
+        self.bad_lr = None;
+        Ok(())
+    }
+
+    /// Loads a checkpoint file; see [`load_safetensors`](Self::load_safetensors).
+    ///
+    /// # Errors
+    /// As [`load_safetensors`](Self::load_safetensors), and I/O errors.
+    pub fn load(&mut self, path: impl AsRef<std::path::Path>) -> candle_core::Result<()> {
+        self.load_safetensors(&read_file(path.as_ref())?)
     }
 }
 

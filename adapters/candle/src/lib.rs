@@ -447,10 +447,13 @@ impl<C: Algorithm> Optim<C> {
     /// # Errors
     /// As [`load_safetensors`](Self::load_safetensors), and I/O errors.
     pub fn load(&mut self, path: impl AsRef<std::path::Path>) -> candle_core::Result<()> {
-        let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| msg(format!("reading {}: {e}", path.display())))?;
-        self.load_safetensors(&bytes)
+        self.load_safetensors(&read_file(path.as_ref())?)
     }
+}
+
+/// A checkpoint file's bytes, an I/O error naming the path.
+fn read_file(path: &std::path::Path) -> candle_core::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| msg(format!("reading {}: {e}", path.display())))
 }
 
 /// The gradients of a step, checked against `vars`: one per `Var`, `f32`,

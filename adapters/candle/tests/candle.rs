@@ -745,3 +745,58 @@ fn f16_vars_are_adaoptims_mixed_step_on_raw_slices_bit_for_bit() {
     }
     assert!(p.iter().zip(&start).filter(|(a, b)| a != b).count() > 500, "the f16 Var moved");
 }
+
+/// The whole Adafactor in one checkpoint: loaded into an optimizer over
+/// other Vars of the same shapes, it steps them to the same bits; a file of
+/// other shapes, a damaged one or one of another optimizer is refused and
+/// changes nothing.
+#[test]
+fn adafactor_checkpoints_resume_bitwise() {
+    use adaoptim_candle::{Adafactor, AdafactorConfig};
+    use candle_nn::Optimizer;
+    let shapes: [&[usize]; 3] = [&[4, 5], &[6], &[2, 3, 4]];
+    let a: Vec<Var> = shapes.iter().enumerate().map(|(i, s)| var(s, 40 + i as u64)).collect();
+    let config = AdafactorConfig { lr: 2e-2, weight_decay: 0.1, ..Default::default() };
+    let mut opt = Adafactor::new(a.clone(), config).unwrap();
+    let loss = |vs: &[Var]| {
+        let mut l = vs[0].as_tensor().sqr().unwrap().sum_all().unwrap();
+        for v in &vs[1..] {
+            l = (l + v.as_tensor().powf(4.0).unwrap().sum_all().unwrap()).unwrap();
+        }
+        l
+    };
+    for _ in 0..3 {
+        opt.backward_step(&loss(&a)).unwrap();
+    }
+    let dir = std::env::temp_dir().join(format!("adaoptim-candle-adafactor-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("opt.safetensors");
+    opt.save(&path).unwrap();
+    // Other Vars with the same values, a fresh optimizer with another lr.
+    let b: Vec<Var> = a.iter().map(|v| Var::from_tensor(&v.as_tensor().copy().unwrap()).unwrap()).collect();
+    let mut opt2 = Adafactor::new(b.clone(), AdafactorConfig { lr: 0.5, ..Default::default() }).unwrap();
+    opt2.load(&path).unwrap();
+    assert_eq!(opt2.learning_rate(), 2e-2);
+    assert_eq!(opt2.to_safetensors().unwrap(), opt.to_safetensors().unwrap());
+    for _ in 0..3 {
+        opt.backward_step(&loss(&a)).unwrap();
+        opt2.backward_step(&loss(&b)).unwrap();
+    }
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(bits(&flat(x.as_tensor())), bits(&flat(y.as_tensor())));
+    }
+    assert_eq!(opt2.inner(2).unwrap().steps(), 6);
+    // Refused, nothing changed.
+    let before = opt2.to_safetensors().unwrap();
+    let other = Adafactor::new(vec![var(&[4, 5], 1), var(&[7], 2)], config).unwrap();
+    let err = opt2.load_safetensors(&other.to_safetensors().unwrap()).unwrap_err();
+    assert!(err.to_string().contains("shapes"), "{err}");
+    let mut damaged = before.clone();
+    let last = damaged.len() - 1;
+    damaged[last] ^= 1;
+    assert!(opt2.load_safetensors(&damaged).is_err());
+    assert!(opt2.load_safetensors(&opt2.inner(0).unwrap().to_safetensors().unwrap()).is_err());
+    assert!(opt2.load(dir.join("missing.safetensors")).is_err());
+    assert_eq!(opt2.to_safetensors().unwrap(), before);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
