@@ -27,6 +27,8 @@ CASES = {
     "64M": lambda: [(8192, 8192)],
     # A conv weight: 65536 3x3 matrices, factored per kernel.
     "conv": lambda: [(256, 256, 3, 3)],
+    # One long row: 1M columns, factored (row_var [1, 1], col_var [1, 1M]).
+    "row": lambda: [(1, 1048576)],
 }
 
 
