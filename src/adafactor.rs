@@ -444,10 +444,48 @@ impl Adafactor {
     /// [`NonFinitePolicy::Error`](crate::NonFinitePolicy::Error); nothing is
     /// modified then.
     pub fn step(&mut self, params: &mut [f32], grads: &[f32]) -> Result<StepReport, Error> {
+        self.step_inner(params, grads, None)
+    }
+
+    /// `sum(g^2)` of `grads` unscaled by the loss scale (f64, deterministic):
+    /// this tensor's part of a global gradient norm over many tensors, for
+    /// [`step_with_grad_norm`](Self::step_with_grad_norm).
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`]; [`Error::BackendUnavailable`].
+    pub fn grad_sum_of_squares(&self, grads: &[f32]) -> Result<f64, Error> {
+        crate::error::check_len("grads", self.n, grads.len())?;
+        let plan = self.guards.plan(&self.exec)?;
+        Ok(crate::driver::sum_of_squares(&plan, grads))
+    }
+
+    /// [`step`](Self::step) for one tensor of a clipped model whose
+    /// gradient norm is global: `total_norm` is the square root of the sum of
+    /// every tensor's [`grad_sum_of_squares`](Self::grad_sum_of_squares),
+    /// and the clipping factor comes from it instead of from this tensor's
+    /// gradients (as `torch.nn.utils.clip_grad_norm_` over all parameters).
+    /// A non-finite `total_norm` goes to the non-finite policy as in `step`.
+    ///
+    /// # Errors
+    /// As [`step`](Self::step); [`Error::IncompatibleConfig`] if clipping is
+    /// off. Nothing is modified then.
+    pub fn step_with_grad_norm(
+        &mut self,
+        params: &mut [f32],
+        grads: &[f32],
+        total_norm: f64,
+    ) -> Result<StepReport, Error> {
+        if self.guards.max_grad_norm.is_none() {
+            return Err(Error::IncompatibleConfig { reason: "a gradient norm was given but clipping is off" });
+        }
+        self.step_inner(params, grads, Some(total_norm))
+    }
+
+    fn step_inner(&mut self, params: &mut [f32], grads: &[f32], given_norm: Option<f64>) -> Result<StepReport, Error> {
         crate::error::check_len("params", self.n, params.len())?;
         crate::error::check_len("grads", self.n, grads.len())?;
         let t = next_step(self.t)?;
-        let plan = match self.guards.begin(&self.exec, grads)? {
+        let plan = match self.guards.begin(&self.exec, grads, given_norm)? {
             Ok(plan) => plan,
             Err(skipped) => return Ok(skipped),
         };

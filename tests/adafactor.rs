@@ -550,6 +550,67 @@ fn guards_skip_scale_and_clip_as_the_element_wise_optimizers_do() {
 }
 
 #[test]
+fn a_global_gradient_norm_clips_many_tensors_as_one() {
+    use adaoptim::NonFinitePolicy;
+    let cfg = AdafactorConfig { weight_decay: 0.05, ..Default::default() };
+    let shapes: [&[usize]; 2] = [&[9, 13], &[40]];
+    let mut rng = Rng::new(17);
+    let p0: Vec<Vec<f32>> = shapes.iter().map(|s| rng.vec(s.iter().product(), 1.0)).collect();
+    let g: Vec<Vec<f32>> =
+        shapes.iter().map(|s| (0..s.iter().product()).map(|_| rng.log_uniform(-4.0, 1.0)).collect()).collect();
+    // The global norm, summed here in plain f64, and torch's factor from it.
+    let norm = g.iter().flatten().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
+    let coef = adaoptim::clip::clip_coef(norm, 0.5);
+    assert!(coef < 1.0);
+    for scale in [None, Some(8.0f32)] {
+        let mut total = 0.0;
+        let mut opts = Vec::new();
+        let grads: Vec<Vec<f32>> = g.iter().map(|g| g.iter().map(|x| x * scale.unwrap_or(1.0)).collect()).collect();
+        for (shape, g) in shapes.iter().zip(&grads) {
+            let mut o = Adafactor::new(cfg, shape).unwrap();
+            o.set_max_grad_norm(Some(0.5)).unwrap();
+            o.set_grad_scale(scale).unwrap();
+            total += o.grad_sum_of_squares(g).unwrap();
+            opts.push(o);
+        }
+        let total = total.sqrt();
+        assert!((total - norm).abs() <= 1e-12 * norm, "{total} vs {norm}");
+        for (i, (o, g)) in opts.iter_mut().zip(&grads).enumerate() {
+            let mut p = p0[i].clone();
+            assert!(!o.step_with_grad_norm(&mut p, g, total).unwrap().skipped);
+            assert_eq!(o.last_grad_norm(), Some(total));
+            // The same as an unclipped step on gradients multiplied by the factor.
+            let mut plain = Adafactor::new(cfg, shapes[i]).unwrap();
+            let mut want = p0[i].clone();
+            plain.step(&mut want, &g_clipped(&g_unscaled(g, scale), coef)).unwrap();
+            assert_same_bits("p, want", &p, &want);
+        }
+    }
+    // A non-finite global norm (a bad gradient elsewhere): skipped here too.
+    let mut o = Adafactor::new(cfg, shapes[0]).unwrap();
+    o.set_max_grad_norm(Some(0.5)).unwrap();
+    o.set_non_finite(NonFinitePolicy::SkipStep);
+    let mut p = p0[0].clone();
+    assert!(o.step_with_grad_norm(&mut p, &g[0], f64::NAN).unwrap().skipped);
+    assert_same_bits("p, p0", &p, &p0[0]);
+    assert_eq!(o.steps(), 0);
+    // Without clipping, a given norm is refused and nothing moves.
+    let mut o = Adafactor::new(cfg, shapes[0]).unwrap();
+    assert!(matches!(o.step_with_grad_norm(&mut p, &g[0], 1.0), Err(Error::IncompatibleConfig { .. })));
+    assert!(matches!(o.grad_sum_of_squares(&g[1]), Err(Error::LengthMismatch { .. })));
+    assert_same_bits("p, p0", &p, &p0[0]);
+    assert_eq!(o.steps(), 0);
+}
+
+fn g_unscaled(g: &[f32], scale: Option<f32>) -> Vec<f32> {
+    g.iter().map(|x| x / scale.unwrap_or(1.0)).collect()
+}
+
+fn g_clipped(g: &[f32], coef: f32) -> Vec<f32> {
+    g.iter().map(|x| x * coef).collect()
+}
+
+#[test]
 fn huge_shapes_are_refused_before_anything_is_allocated() {
     // A tensor with a zero dimension is empty, but its factors need not be.
     for shape in [&[1usize << 40, 1 << 30, 0][..], &[usize::MAX, 2, 0], &[3, usize::MAX / 2, 0]] {

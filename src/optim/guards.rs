@@ -209,10 +209,16 @@ impl Guards {
 
     /// The guards of a whole-buffer step over `grads`: the plan for `exec`
     /// with the loss scale and clip factor, or the report of a skipped step;
-    /// the norm measured (clipping on) is recorded either way.
-    pub(crate) fn begin(&mut self, exec: &Exec, grads: &[f32]) -> Result<Result<Plan, StepReport>, Error> {
+    /// the norm measured (clipping on), or `given_norm`, is recorded either
+    /// way.
+    pub(crate) fn begin(
+        &mut self,
+        exec: &Exec,
+        grads: &[f32],
+        given_norm: Option<f64>,
+    ) -> Result<Result<Plan, StepReport>, Error> {
         let mut plan = self.plan(exec)?;
-        let (skipped, norm) = self.check(&mut plan, grads, 0, None)?;
+        let (skipped, norm) = self.check(&mut plan, grads, 0, given_norm)?;
         if norm.is_some() {
             self.last_grad_norm = norm;
         }

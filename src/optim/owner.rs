@@ -66,7 +66,7 @@ impl<A: Algorithm> Optimizer<A> {
         check_len("params", self.n, params.len())?;
         check_len("grads", self.n, grads.len())?;
         let t = crate::error::next_step(self.t)?;
-        let plan = match self.guards.begin(&self.exec, grads)? {
+        let plan = match self.guards.begin(&self.exec, grads, None)? {
             Ok(plan) => plan,
             Err(skipped) => return Ok(skipped),
         };
