@@ -1,13 +1,13 @@
 //! The checkpoint loaders on arbitrary bytes: an error or a valid optimizer
 //! (which can then step), never a panic. Dense, grouped, sparse and mixed
-//! (f32/bf16/8-bit state) layouts.
+//! (f32/bf16/8-bit state) layouts, and many tensors' Adafactors in one file.
 #![no_main]
 
 use adaoptim::groups::GroupedOptimizer;
 use adaoptim::mixed::MixedOptimizer;
 use adaoptim::sparse::{RowWiseAdagrad, SparseAdagrad, SparseAdam};
 use adaoptim::storage::{Grads, Params, bf16};
-use adaoptim::{AdamConfig, AnyOptimizer, Error, NAdamConfig, RmsPropConfig, SgdConfig};
+use adaoptim::{Adafactor, AdamConfig, AnyOptimizer, Error, NAdamConfig, RmsPropConfig, SgdConfig};
 use libfuzzer_sys::fuzz_target;
 
 /// A loaded optimizer steps, or is at the step limit.
@@ -38,6 +38,18 @@ fuzz_target!(|bytes: &[u8]| {
             steps(opt.step(Params::Bf16(&mut p), Grads::F32(&vec![0.25f32; n]), None));
             let again = MixedOptimizer::<AdamConfig>::from_safetensors(&opt.to_safetensors().unwrap()).unwrap();
             assert_eq!(again.steps(), opt.steps());
+        }
+    }
+    if let Ok(mut opts) = Adafactor::many_from_safetensors(bytes)
+        && opts.iter().map(Adafactor::len).sum::<usize>() <= 1 << 16
+    {
+        // It round-trips: the same file again.
+        let again = Adafactor::many_to_safetensors(&opts, &[]).unwrap();
+        let back = Adafactor::many_from_safetensors(&again).unwrap();
+        assert_eq!(Adafactor::many_to_safetensors(&back, &[]).unwrap(), again);
+        for o in &mut opts {
+            let n = o.len();
+            steps(o.step(&mut vec![0.5f32; n], &vec![0.25f32; n]));
         }
     }
     let _ = SparseAdam::from_safetensors(bytes);

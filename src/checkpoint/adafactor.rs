@@ -20,14 +20,7 @@ impl Adafactor {
         let mut w = Writer::new(AdafactorConfig::TORCH_CLASS, "adafactor", self.t);
         w.meta("shape", Value::from(self.shape.clone()));
         w.meta("param_groups", Value::Array(vec![self.config.torch_kwargs()]));
-        for (name, shape) in self.state_shapes() {
-            let data = match name {
-                "row_var" => &self.row_var,
-                "col_var" => &self.col_var,
-                _ => &self.variance,
-            };
-            w.tensor(name, shape, data);
-        }
+        self.write_state(&mut w, "");
         w.finish()
     }
 
@@ -43,22 +36,9 @@ impl Adafactor {
         let config = AdafactorConfig::from_torch_kwargs(group).map_err(|e| bad(format!("param_groups: {e}")))?;
         // The state tensors are read (and their sizes checked against the
         // file) before anything of the claimed shape is allocated.
-        let names = crate::adafactor::state_shapes(&shape);
-        r.expect_count(names.len() + 1)?;
-        let mut state = Vec::with_capacity(names.len());
-        for (name, tshape) in &names {
-            state.push((*name, r.f32s(name, tshape)?));
-        }
-        let mut opt = Adafactor::new(config, &shape).map_err(|e| bad(format!("shape {shape:?}: {e}")))?;
-        for (name, data) in state {
-            match name {
-                "row_var" => opt.row_var = data,
-                "col_var" => opt.col_var = data,
-                _ => opt.variance = data,
-            }
-        }
-        opt.t = r.step;
-        Ok(opt)
+        r.expect_count(crate::adafactor::state_shapes(&shape).len() + 1)?;
+        let state = read_state(&r, "", &shape)?;
+        assemble(config, &shape, r.step, state)
     }
 
     /// Replaces this optimizer's configuration, step count and state with a
@@ -133,15 +113,9 @@ impl Adafactor {
         w.meta("param_groups", Value::Array(groups));
         w.meta("shapes", Value::from(opts.iter().map(|o| o.shape.clone()).collect::<Vec<_>>()));
         w.meta("steps", Value::from(opts.iter().map(|o| o.t).collect::<Vec<_>>()));
-        for (k, v) in extra {
-            if !w.meta_new(k, v) {
-                return Err(bad(format!("metadata key {k:?} is the checkpoint's own")));
-            }
-        }
+        w.extra_meta(extra)?;
         for (i, o) in opts.iter().enumerate() {
-            for (name, shape) in o.state_shapes() {
-                w.tensor(format!("state.{i}.{name}"), shape, o.state(name).unwrap_or(&[]));
-            }
+            o.write_state(&mut w, &format!("state.{i}."));
             w.scalar(format!("state.{i}.step"), o.t as f32);
         }
         w.finish()
@@ -183,32 +157,50 @@ impl Adafactor {
         if configs.len() != shapes.len() {
             return Err(bad("param_groups and shapes name different numbers of tensors"));
         }
-        let names: Vec<_> = shapes.iter().map(|s| crate::adafactor::state_shapes(s)).collect();
-        r.expect_count(1 + names.iter().map(|n| n.len() + 1).sum::<usize>())?;
+        r.expect_count(1 + shapes.iter().map(|s| crate::adafactor::state_shapes(s).len() + 1).sum::<usize>())?;
         let mut states = Vec::with_capacity(shapes.len());
-        for (i, (tensors, &t)) in names.iter().zip(&steps).enumerate() {
+        for (i, (shape, &t)) in shapes.iter().zip(&steps).enumerate() {
             if t > crate::MAX_STEP || r.scalar(&format!("state.{i}.step"))? != t as f32 {
                 return Err(bad(format!("tensor {i}: step {t} is out of range or disagrees with its step tensor")));
             }
-            let mut state = Vec::with_capacity(tensors.len());
-            for (name, tshape) in tensors {
-                state.push((*name, r.f32s(&format!("state.{i}.{name}"), tshape)?));
-            }
-            states.push(state);
+            states.push(read_state(&r, &format!("state.{i}."), shape)?);
         }
-        let mut opts = Vec::with_capacity(shapes.len());
-        for (((shape, config), state), t) in shapes.iter().zip(configs).zip(states).zip(steps) {
-            let mut opt = Adafactor::new(config, shape).map_err(|e| bad(format!("shape {shape:?}: {e}")))?;
-            for (name, data) in state {
-                match name {
-                    "row_var" => opt.row_var = data,
-                    "col_var" => opt.col_var = data,
-                    _ => opt.variance = data,
-                }
-            }
-            opt.t = t;
-            opts.push(opt);
-        }
-        Ok(opts)
+        let parts = shapes.iter().zip(configs).zip(states).zip(steps);
+        parts.map(|(((shape, config), state), t)| assemble(config, shape, t, state)).collect()
     }
+
+    /// Adds this optimizer's state tensors under `prefix` + torch's names.
+    fn write_state<'a>(&'a self, w: &mut Writer<'a>, prefix: &str) {
+        for (name, shape) in self.state_shapes() {
+            w.tensor(format!("{prefix}{name}"), shape, self.state(name).unwrap_or(&[]));
+        }
+    }
+}
+
+/// The state tensors of a tensor of `shape` under `prefix` + torch's names,
+/// each read (its size checked against the file) before any state of the
+/// claimed shape is allocated.
+fn read_state(r: &Reader<'_>, prefix: &str, shape: &[usize]) -> Result<Vec<(&'static str, Vec<f32>)>, Error> {
+    let names = crate::adafactor::state_shapes(shape);
+    names.into_iter().map(|(name, tshape)| Ok((name, r.f32s(&format!("{prefix}{name}"), &tshape)?))).collect()
+}
+
+/// An optimizer of `shape` at step `t` holding state tensors that
+/// [`read_state`] read.
+fn assemble(
+    config: AdafactorConfig,
+    shape: &[usize],
+    t: u64,
+    state: Vec<(&str, Vec<f32>)>,
+) -> Result<Adafactor, Error> {
+    let mut opt = Adafactor::new(config, shape).map_err(|e| bad(format!("shape {shape:?}: {e}")))?;
+    for (name, data) in state {
+        match name {
+            "row_var" => opt.row_var = data,
+            "col_var" => opt.col_var = data,
+            _ => opt.variance = data,
+        }
+    }
+    opt.t = t;
+    Ok(opt)
 }

@@ -47,14 +47,17 @@ impl<'a> Writer<'a> {
         self.meta.insert(key.to_string(), value.to_string());
     }
 
-    /// Adds a key that is not there yet (and is not the checksum key);
-    /// false, and nothing added, otherwise.
-    pub(crate) fn meta_new(&mut self, key: &str, value: &str) -> bool {
-        if key == CHECKSUM_KEY || self.meta.contains_key(key) {
-            return false;
+    /// Adds a caller's extra metadata entries, none of which may be a key
+    /// the checkpoint itself uses (one it already has, or the checksum
+    /// key); nothing is added then.
+    pub(crate) fn extra_meta(&mut self, extra: &[(&str, String)]) -> Result<(), Error> {
+        if let Some((k, _)) = extra.iter().find(|(k, _)| *k == CHECKSUM_KEY || self.meta.contains_key(*k)) {
+            return Err(bad(format!("metadata key {k:?} is the checkpoint's own")));
         }
-        self.meta(key, value);
-        true
+        for (k, v) in extra {
+            self.meta(k, v);
+        }
+        Ok(())
     }
 
     pub(crate) fn tensor(&mut self, name: impl Into<String>, shape: Vec<usize>, data: &'a [f32]) {

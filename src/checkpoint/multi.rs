@@ -48,11 +48,7 @@ impl<A: Algorithm> MultiOptimizer<A> {
         w.meta("param_groups", Value::Array(groups));
         w.meta("sizes", Value::from(self.tensors.iter().map(|s| s.len).collect::<Vec<_>>()));
         w.meta("steps", Value::from(self.tensors.iter().map(|s| s.t).collect::<Vec<_>>()));
-        for (k, v) in extra {
-            if !w.meta_new(k, v) {
-                return Err(bad(format!("metadata key {k:?} is the checkpoint's own")));
-            }
-        }
+        w.extra_meta(extra)?;
         for (i, s) in self.tensors.iter().enumerate() {
             let names = self.groups[s.group].state_names();
             for (name, buf) in names.iter().zip(&s.state) {
