@@ -7,14 +7,20 @@ use adaoptim::{AdafactorConfig, Exec, NonFinitePolicy};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
-use crate::{check_var, checked_grads, locked_step, msg, pending_lr_error, read_file, wrap};
+use adaoptim::schedule::LrSchedule;
+
+use crate::{
+    Group, candle_metadata, check_names, check_var, checked_grads, checkpoint_steps, locked_step, msg,
+    pending_lr_error, read_file, var_label, varmap_groups, wrap,
+};
 
 /// `torch.optim.Adafactor` over candle `Var`s, stepped in place: every
 /// `Var` locked at once (as [`Optim`](crate::Optim) does), then stepped one
 /// after another by its own [`adaoptim::Adafactor`], each in parallel when
 /// large. The bits are adaoptim's on raw slices. `f32` `Var`s and gradients
 /// only (a `bf16` `Var` is an error at construction, a `bf16` or `f16`
-/// gradient at the step); a `Var` without a gradient is left untouched.
+/// gradient at the step); a `Var` without a gradient is left untouched
+/// (its step count too, as in torch).
 ///
 /// ```
 /// use adaoptim_candle::{Adafactor, AdafactorConfig};
@@ -27,40 +33,184 @@ use crate::{check_var, checked_grads, locked_step, msg, pending_lr_error, read_f
 /// # Ok(()) }
 /// ```
 ///
-/// Global-norm clipping ([`set_max_grad_norm`](Self::set_max_grad_norm))
-/// and the non-finite guard ([`set_non_finite`](Self::set_non_finite)) look
-/// at every present gradient before any `Var` moves. They cost one more
-/// read of the gradients, and clipping by a factor other than 1 a scaled
-/// copy of each gradient (adaoptim's Adafactor kernel has no clipping
-/// factor of its own).
+/// Parameter groups ([`with_groups`](Self::with_groups), or
+/// [`from_varmap`](Self::from_varmap) by name patterns), each with its own
+/// configuration, as [`Optim`](crate::Optim) has them.
 ///
-/// Checkpoints hold the whole optimizer (every `Var`'s state and step
-/// count, [`save`](Self::save) and [`load`](Self::load)).
+/// The guards of [`Optim`](crate::Optim) look at every present gradient
+/// before any `Var` moves: the loss scale ([`set_grad_scale`](Self::set_grad_scale)),
+/// global-norm clipping ([`set_max_grad_norm`](Self::set_max_grad_norm),
+/// the norm of the unscaled gradients over all `Var`s, each `Var` stepped
+/// by [`adaoptim::Adafactor::step_with_grad_norm`]) and the non-finite
+/// guard ([`set_non_finite`](Self::set_non_finite)). They cost one more
+/// read of the gradients, and a loss scale or a clipping factor other
+/// than 1 a scaled copy of each gradient (adaoptim's Adafactor kernel reads
+/// each gradient up to three times, so the factor is not fused into it).
 ///
-/// Not supported yet: parameter groups, attached schedules (set the
-/// learning rate by hand), loss scaling.
-#[derive(Debug)]
+/// An attached schedule ([`set_schedule`](Self::set_schedule)) sets every
+/// group's learning rate before each step. Checkpoints hold the whole
+/// optimizer (every `Var`'s state and step count, the groups' options, the
+/// schedule's step count, [`save`](Self::save) and [`load`](Self::load)).
 pub struct Adafactor {
     vars: Vec<Var>,
+    /// The names of the `Var`s when built from a `VarMap`.
+    names: Option<Vec<String>>,
     opts: Vec<adaoptim::Adafactor>,
+    /// The group of each `Var`.
+    group: Vec<usize>,
+    /// Each group's configuration (also of a group without `Var`s).
+    configs: Vec<AdafactorConfig>,
     /// An invalid value given to `set_learning_rate`, reported by `step`.
     bad_lr: Option<f64>,
+    schedule: Option<Box<dyn LrSchedule + Send + Sync>>,
+    /// Calls of `step` that succeeded (the schedule's step count).
+    steps: u64,
     exec: Exec,
     max_norm: Option<f64>,
+    grad_scale: Option<f32>,
     policy: NonFinitePolicy,
     last_norm: Option<f64>,
 }
 
+impl std::fmt::Debug for Adafactor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Adafactor")
+            .field("vars", &self.vars.len())
+            .field("names", &self.names)
+            .field("group", &self.group)
+            .field("configs", &self.configs)
+            .field("steps", &self.steps)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Adafactor {
-    /// The optimized `Var`s, in order.
+    /// An optimizer over parameter groups, each with its own configuration
+    /// (torch's `param_groups`). Integer `Var`s are dropped.
+    ///
+    /// # Errors
+    /// Invalid hyperparameters; a `Var` that is not f32, not on the CPU or
+    /// not contiguous; the same `Var` twice.
+    pub fn with_groups(groups: Vec<(Vec<Var>, AdafactorConfig)>) -> candle_core::Result<Self> {
+        Self::build(groups.into_iter().map(|(vars, c)| (vars.into_iter().map(|v| (None, v)).collect(), c)).collect())
+    }
+
+    /// An optimizer over every `Var` of `varmap`, in name order, grouped by
+    /// name patterns as [`Optim::from_varmap`](crate::Optim::from_varmap)
+    /// groups them (the first rule whose pattern matches; the others with
+    /// `config`). The names are recorded in checkpoints.
+    ///
+    /// # Errors
+    /// As [`with_groups`](Self::with_groups).
+    pub fn from_varmap(
+        varmap: &candle_nn::VarMap,
+        config: AdafactorConfig,
+        rules: &[(&str, AdafactorConfig)],
+    ) -> candle_core::Result<Self> {
+        Self::build(varmap_groups(varmap, config, rules)?)
+    }
+
+    fn build(groups: Vec<Group<AdafactorConfig>>) -> candle_core::Result<Self> {
+        let (mut vars, mut names, mut opts, mut group, mut configs) = (vec![], vec![], vec![], vec![], vec![]);
+        let mut seen = std::collections::HashSet::new();
+        for (g, (members, config)) in groups.into_iter().enumerate() {
+            config.validate().map_err(wrap)?;
+            for (name, var) in members {
+                let what = var_label(&name, vars.len());
+                if !check_var(&var, &what)? {
+                    continue;
+                }
+                if var.dtype() != DType::F32 {
+                    return Err(msg(format!("{what} is {:?}; Adafactor steps f32 Vars only", var.dtype())));
+                }
+                if !seen.insert(var.id()) {
+                    return Err(msg(format!("{what} is given twice")));
+                }
+                opts.push(adaoptim::Adafactor::new(config, var.dims()).map_err(wrap)?);
+                vars.push(var);
+                names.push(name);
+                group.push(g);
+            }
+            configs.push(config);
+        }
+        Ok(Adafactor {
+            vars,
+            names: names.into_iter().collect(),
+            opts,
+            group,
+            configs,
+            bad_lr: None,
+            schedule: None,
+            steps: 0,
+            exec: Exec::auto(),
+            max_norm: None,
+            grad_scale: None,
+            policy: NonFinitePolicy::Propagate,
+            last_norm: None,
+        })
+    }
+
+    /// The optimized `Var`s, in order (the checkpoint's numbering).
     pub fn vars(&self) -> &[Var] {
         &self.vars
     }
 
+    /// The `Var`s' names, for an optimizer built by
+    /// [`from_varmap`](Self::from_varmap).
+    pub fn names(&self) -> Option<&[String]> {
+        self.names.as_deref()
+    }
+
     /// The state of the `i`-th `Var` (`row_var`, `col_var` or `variance`,
-    /// step count, checkpoint).
+    /// step count, configuration).
     pub fn inner(&self, i: usize) -> Option<&adaoptim::Adafactor> {
         self.opts.get(i)
+    }
+
+    /// The group of the `i`-th `Var`.
+    pub fn group_of(&self, i: usize) -> Option<usize> {
+        self.group.get(i).copied()
+    }
+
+    /// Groups (also those without `Var`s).
+    pub fn num_groups(&self) -> usize {
+        self.configs.len()
+    }
+
+    /// A group's configuration.
+    pub fn group_config(&self, group: usize) -> Option<&AdafactorConfig> {
+        self.configs.get(group)
+    }
+
+    /// Replaces a group's configuration (another weight decay, say); the
+    /// state is kept.
+    ///
+    /// # Errors
+    /// Invalid hyperparameters or no such group; nothing changes then.
+    pub fn set_group_config(&mut self, group: usize, config: AdafactorConfig) -> candle_core::Result<()> {
+        config.validate().map_err(wrap)?;
+        let slot = self.configs.get_mut(group).ok_or_else(|| msg(format!("no group {group}")))?;
+        *slot = config;
+        for (o, _) in self.opts.iter_mut().zip(&self.group).filter(|(_, g)| **g == group) {
+            // Valid: checked above.
+            let _ = o.set_config(config);
+        }
+        Ok(())
+    }
+
+    /// Attaches a schedule: before each step every group's learning rate is
+    /// set to the schedule's value for that step (`lr_at(steps())`); a
+    /// schedule that cycles momentum makes the step fail (Adafactor has
+    /// none). `None` detaches it.
+    pub fn set_schedule(&mut self, schedule: Option<Box<dyn LrSchedule + Send + Sync>>) {
+        self.schedule = schedule;
+    }
+
+    /// Calls of `step` that succeeded so far (the count an attached
+    /// schedule reads; a step skipped for a non-finite gradient counts, as
+    /// torch's scheduler steps after a skipped `GradScaler` step).
+    pub fn steps(&self) -> u64 {
+        self.steps
     }
 
     /// The execution policy (backend, threads) of every `Var`'s step.
@@ -72,21 +222,18 @@ impl Adafactor {
     /// Clips the gradients to a global L2 norm of `max_norm` over every
     /// present gradient inside each step, as
     /// `torch.nn.utils.clip_grad_norm_` over all parameters would (the norm
-    /// summed in f64, the factor [`adaoptim::clip::clip_coef`], each
-    /// gradient multiplied by it in f32); `None` turns it off. The
-    /// `GradStore` is not written.
+    /// of the unscaled gradients summed in f64, the factor
+    /// [`adaoptim::clip::clip_coef`], each gradient multiplied by it in
+    /// f32); `None` turns it off. The `GradStore` is not written.
     ///
     /// # Errors
     /// Unless `max_norm` is finite and `> 0`; nothing changes then.
     pub fn set_max_grad_norm(&mut self, max_norm: Option<f64>) -> candle_core::Result<()> {
-        if let Some(m) = max_norm
-            && !(m.is_finite() && m > 0.0)
-        {
-            return Err(wrap(adaoptim::Error::InvalidHyperparameter {
-                name: "max_norm",
-                value: m,
-                requirement: "finite and > 0",
-            }));
+        // One check for all (an optimizer without Vars checks too).
+        let mut probe = adaoptim::Adafactor::new(AdafactorConfig::default(), &[]).map_err(wrap)?;
+        probe.set_max_grad_norm(max_norm).map_err(wrap)?;
+        for o in &mut self.opts {
+            o.set_max_grad_norm(max_norm).map_err(wrap)?;
         }
         self.max_norm = max_norm;
         Ok(())
@@ -97,13 +244,43 @@ impl Adafactor {
         self.last_norm
     }
 
-    /// What a step does with NaN/inf gradients: under `SkipStep` nothing
-    /// changes, under `Error` the step fails with the first such element's
-    /// index counted through the present gradients in order (as
-    /// [`Optim`](crate::Optim) counts); `Propagate` (the default) steps them
-    /// as torch does.
+    /// Divides every gradient by `grad_scale` inside the step (loss
+    /// scaling; a power-of-two scale exactly); `None` turns it off. The
+    /// non-finite guard and the clipping norm see the unscaled gradients.
+    ///
+    /// # Errors
+    /// Unless the scale is finite and nonzero; nothing changes then.
+    pub fn set_grad_scale(&mut self, grad_scale: Option<f32>) -> candle_core::Result<()> {
+        let mut probe = adaoptim::Adafactor::new(AdafactorConfig::default(), &[]).map_err(wrap)?;
+        probe.set_grad_scale(grad_scale).map_err(wrap)?;
+        for o in &mut self.opts {
+            o.set_grad_scale(grad_scale).map_err(wrap)?;
+        }
+        self.grad_scale = grad_scale;
+        Ok(())
+    }
+
+    /// What a step does with NaN/inf gradients (after unscaling): under
+    /// `SkipStep` nothing changes, under `Error` the step fails with the
+    /// first such element's index counted through the present gradients in
+    /// order (as [`Optim`](crate::Optim) counts); `Propagate` (the default)
+    /// steps them as torch does.
     pub fn set_non_finite(&mut self, policy: NonFinitePolicy) {
         self.policy = policy;
+    }
+
+    /// The group configurations with the attached schedule's learning rate
+    /// for the next step, validated (nothing is changed here).
+    fn scheduled(&self) -> candle_core::Result<Option<Vec<AdafactorConfig>>> {
+        let Some(s) = &self.schedule else { return Ok(None) };
+        if s.momentum_at(self.steps).is_some() {
+            return Err(wrap(adaoptim::Error::IncompatibleConfig {
+                reason: "the schedule cycles momentum; Adafactor has none",
+            }));
+        }
+        let lr = s.lr_at(self.steps);
+        let configs = self.configs.iter().map(|c| AdafactorConfig { lr, ..*c });
+        configs.map(|c| c.validate().map(|()| c)).collect::<Result<Vec<_>, _>>().map(Some).map_err(wrap)
     }
 
     /// One step with an explicit gradient per `Var` (`None`: skipped), in
@@ -112,8 +289,9 @@ impl Adafactor {
     /// # Errors
     /// Another number of gradients; a gradient that is not `f32`, or of
     /// another shape or device; a `Var` or gradient sharing storage with
-    /// another `Var`; an invalid learning rate set earlier; a `Var` at
-    /// adaoptim's step limit; a NaN or infinite gradient under
+    /// another `Var`; an invalid learning rate (set earlier, or from the
+    /// schedule); a `Var` at adaoptim's step limit; a forced backend this
+    /// CPU lacks; a NaN or infinite gradient under
     /// [`NonFinitePolicy::Error`]. Nothing changes on error.
     pub fn step_with(&mut self, grads: &[Option<&Tensor>]) -> candle_core::Result<()> {
         pending_lr_error(self.bad_lr)?;
@@ -128,17 +306,19 @@ impl Adafactor {
                 }
             }
         }
-        let opts = &mut self.opts;
-        let (exec, max_norm, policy) = (self.exec, self.max_norm, self.policy);
+        let scheduled = self.scheduled()?;
+        let (opts, group) = (&mut self.opts, &self.group);
+        let (exec, max_norm, policy, grad_scale) = (self.exec, self.max_norm, self.policy, self.grad_scale);
         let mut norm = None;
         locked_step(&self.vars, &owned, |steps| {
             // Everything that can fail is checked before the first Var is
             // stepped, so no Var is stepped unless all are.
+            adaoptim::clip::sum_of_squares(&[], &exec)?;
             let mut work = Vec::with_capacity(steps.len());
-            for (ts, o) in steps.iter_mut().zip(opts.iter_mut()) {
+            for ((ts, o), &g) in steps.iter_mut().zip(opts.iter_mut()).zip(group) {
                 match (ts.params.reborrow(), ts.grads) {
                     (_, None) => {}
-                    (Params::F32(p), Some(Grads::F32(g))) => work.push((o, p, g)),
+                    (Params::F32(p), Some(Grads::F32(grads))) => work.push((o, g, p, grads)),
                     (p, _) => {
                         return Err(adaoptim::Error::Storage {
                             what: "params",
@@ -148,11 +328,10 @@ impl Adafactor {
                     }
                 }
             }
-            let mut coef = 1.0f32;
             if max_norm.is_some() || policy != NonFinitePolicy::Propagate {
                 let mut sum = 0.0f64;
-                for (_, _, g) in &work {
-                    sum += adaoptim::clip::sum_of_squares(g, &exec)?;
+                for (o, _, _, g) in &work {
+                    sum += o.grad_sum_of_squares(g)?;
                 }
                 if max_norm.is_some() {
                     norm = Some(sum.sqrt());
@@ -161,26 +340,37 @@ impl Adafactor {
                     if policy == NonFinitePolicy::SkipStep {
                         return Ok(());
                     }
-                    let index = work.iter().flat_map(|(_, _, g)| g.iter()).position(|x| !x.is_finite());
+                    let unscaled = |x: f32| grad_scale.map_or(x, |s| x / s);
+                    let index = work.iter().flat_map(|w| w.3.iter()).position(|&x| !unscaled(x).is_finite());
                     return Err(adaoptim::Error::NonFiniteGradient { index: index.unwrap_or(0) });
                 }
-                if let Some(m) = max_norm {
-                    coef = adaoptim::clip::clip_coef(sum.sqrt(), m);
+            }
+            if let Some(configs) = &scheduled {
+                for (o, g, _, _) in &mut work {
+                    // Validated by `scheduled`.
+                    o.set_config(configs[*g])?;
                 }
             }
-            for (o, p, g) in work {
-                if coef == 1.0 {
-                    o.step(p, g)?;
-                } else {
-                    let scaled: Vec<f32> = g.iter().map(|&x| x * coef).collect();
-                    o.step(p, &scaled)?;
-                }
+            for (o, _, p, g) in work {
+                match norm {
+                    Some(total) => o.step_with_grad_norm(p, g, total)?,
+                    None => o.step(p, g)?,
+                };
             }
             Ok(())
         })?;
         if norm.is_some() {
             self.last_norm = norm;
         }
+        if let Some(configs) = scheduled {
+            for (o, &g) in self.opts.iter_mut().zip(&self.group) {
+                // Validated by `scheduled`; Vars without a gradient take the
+                // schedule's value too.
+                let _ = o.set_config(configs[g]);
+            }
+            self.configs = configs;
+        }
+        self.steps += 1;
         Ok(())
     }
 }
@@ -189,14 +379,17 @@ impl Adafactor {
     /// The optimizer's state as safetensors bytes: adaoptim's checkpoint of
     /// several Adafactors ([`adaoptim::Adafactor::many_to_safetensors`]:
     /// torch's `state.{i}.row_var`, `state.{i}.col_var` or
-    /// `state.{i}.variance` and `state.{i}.step` per `Var` index, each
-    /// group's options, the `Var`s' shapes). The `Var`s themselves are the
-    /// caller's to save (`varmap.save`).
+    /// `state.{i}.variance` and `state.{i}.step` per `Var` index, the
+    /// options, the `Var`s' shapes), with each `Var`'s group, the step count
+    /// and, from a `VarMap`, the names in the metadata. The `Var`s
+    /// themselves are the caller's to save (`varmap.save`).
     ///
     /// # Errors
     /// If serialization fails.
     pub fn to_safetensors(&self) -> candle_core::Result<Vec<u8>> {
-        adaoptim::Adafactor::many_to_safetensors(&self.opts, &[]).map_err(wrap)
+        let mut extra = vec![("candle.groups", serde_json::Value::from(self.group.clone()).to_string())];
+        extra.extend(candle_metadata(self.steps, self.names.as_deref()));
+        adaoptim::Adafactor::many_to_safetensors(&self.opts, &extra).map_err(wrap)
     }
 
     /// Saves atomically (a previous file survives a failed save); see
@@ -208,15 +401,16 @@ impl Adafactor {
         adaoptim::checkpoint::write_atomic(path.as_ref(), &self.to_safetensors()?).map_err(wrap)
     }
 
-    /// Loads a checkpoint of an Adafactor over `Var`s of the same count and
-    /// shapes: every `Var`'s state, step count and configuration; the
-    /// controls set here (clipping, the non-finite policy, execution) stay,
-    /// and a pending invalid learning rate is dropped with the old
-    /// configuration.
+    /// Loads a checkpoint of an Adafactor over `Var`s of the same count,
+    /// shapes, groups and (where both have them) names: every `Var`'s state,
+    /// step count and configuration, each group's configuration and the
+    /// schedule's step count; the controls set here (loss scale, clipping,
+    /// the non-finite policy, execution, the schedule) stay, and a pending
+    /// invalid learning rate is dropped with the old configuration.
     ///
     /// # Errors
-    /// A damaged file, one of another optimizer, or of other `Var`s;
-    /// nothing changes then.
+    /// A damaged file, one of another optimizer, or of other `Var`s or
+    /// groups; nothing changes then.
     pub fn load_safetensors(&mut self, bytes: &[u8]) -> candle_core::Result<()> {
         let mut loaded = adaoptim::Adafactor::many_from_safetensors(bytes).map_err(wrap)?;
         let theirs: Vec<&[usize]> = loaded.iter().map(|o| o.shape()).collect();
@@ -224,10 +418,34 @@ impl Adafactor {
         if theirs != mine {
             return Err(msg(format!("checkpoint: its Vars have shapes {theirs:?}, these have {mine:?}")));
         }
+        let meta = adaoptim::checkpoint::format::metadata(bytes).map_err(wrap)?;
+        check_names(self.names.as_deref(), &meta)?;
+        let steps = checkpoint_steps(&meta)?;
+        let groups: Vec<usize> = meta
+            .get("candle.groups")
+            .ok_or_else(|| msg("checkpoint: no `candle.groups` (not written by this crate)".into()))
+            .and_then(|g| serde_json::from_str(g).map_err(|e| msg(format!("checkpoint: groups: {e}"))))?;
+        if groups != self.group {
+            return Err(msg("checkpoint: its parameter groups differ from these".into()));
+        }
+        let mut configs = self.configs.clone();
+        for (g, config) in configs.iter_mut().enumerate() {
+            let mut members = loaded.iter().zip(&groups).filter(|(_, h)| **h == g).map(|(o, _)| *o.config());
+            if let Some(first) = members.next() {
+                if members.any(|c| c != first) {
+                    return Err(msg(format!("checkpoint: the Vars of group {g} have different options")));
+                }
+                *config = first;
+            }
+        }
         for o in &mut loaded {
             o.set_exec(self.exec);
+            o.set_grad_scale(self.grad_scale).map_err(wrap)?;
+            o.set_max_grad_norm(self.max_norm).map_err(wrap)?;
         }
         self.opts = loaded;
+        self.configs = configs;
+        self.steps = steps;
         self.bad_lr = None;
         Ok(())
     }
@@ -244,40 +462,14 @@ impl Adafactor {
 impl candle_nn::Optimizer for Adafactor {
     type Config = AdafactorConfig;
 
-    /// An Adafactor state per `Var` (its shape decides factoring);
-    /// integer `Var`s are dropped.
+    /// One group: an Adafactor state per `Var` (its shape decides
+    /// factoring); integer `Var`s are dropped.
     ///
     /// # Errors
     /// Invalid hyperparameters; a `Var` that is not f32, not on the CPU or
     /// not contiguous; the same `Var` twice.
     fn new(vars: Vec<Var>, config: AdafactorConfig) -> candle_core::Result<Self> {
-        config.validate().map_err(wrap)?;
-        let mut kept = Vec::new();
-        let mut opts = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        for (i, var) in vars.into_iter().enumerate() {
-            let what = format!("Var {i}");
-            if !check_var(&var, &what)? {
-                continue;
-            }
-            if var.dtype() != DType::F32 {
-                return Err(msg(format!("{what} is {:?}; Adafactor steps f32 Vars only", var.dtype())));
-            }
-            if !seen.insert(var.id()) {
-                return Err(msg(format!("{what} is given twice")));
-            }
-            opts.push(adaoptim::Adafactor::new(config, var.dims()).map_err(wrap)?);
-            kept.push(var);
-        }
-        Ok(Adafactor {
-            vars: kept,
-            opts,
-            bad_lr: None,
-            exec: Exec::auto(),
-            max_norm: None,
-            policy: NonFinitePolicy::Propagate,
-            last_norm: None,
-        })
+        Self::with_groups(vec![(vars, config)])
     }
 
     fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
@@ -285,22 +477,21 @@ impl candle_nn::Optimizer for Adafactor {
         self.step_with(&gs)
     }
 
-    /// The learning rate (every `Var`'s).
+    /// The first group's learning rate.
     fn learning_rate(&self) -> f64 {
-        self.opts.first().map_or(0.0, |o| o.lr())
+        self.configs.first().map_or(0.0, |c| c.lr)
     }
 
-    /// Sets every `Var`'s learning rate; an invalid value is not applied
+    /// Sets every group's learning rate; an invalid value is not applied
     /// and makes the next steps fail (see the [crate docs](crate)).
     fn set_learning_rate(&mut self, lr: f64) {
-        let base = self.opts.first().map_or_else(AdafactorConfig::default, |o| *o.config());
-        if (AdafactorConfig { lr, ..base }).validate().is_err() {
+        if self.configs.iter().any(|c| (AdafactorConfig { lr, ..*c }).validate().is_err()) {
             self.bad_lr = Some(lr);
             return;
         }
-        for o in &mut self.opts {
+        for g in 0..self.configs.len() {
             // Valid: checked above with the same configuration but the lr.
-            let _ = o.set_lr(lr);
+            let _ = self.set_group_config(g, AdafactorConfig { lr, ..self.configs[g] });
         }
         self.bad_lr = None;
     }

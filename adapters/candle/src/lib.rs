@@ -200,19 +200,7 @@ impl<C: Algorithm> Optim<C> {
     /// # Errors
     /// As [`with_groups`](Self::with_groups).
     pub fn from_varmap(varmap: &candle_nn::VarMap, config: C, rules: &[(&str, C)]) -> candle_core::Result<Self> {
-        let mut named: Vec<(String, Var)> = {
-            let data = varmap.data().lock().map_err(|_| msg("the VarMap's lock is poisoned".into()))?;
-            data.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
-        };
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut groups: Vec<Group<C>> =
-            std::iter::once(config).chain(rules.iter().map(|(_, c)| c.clone())).map(|c| (Vec::new(), c)).collect();
-        for (name, var) in named {
-            let g = rules.iter().position(|(p, _)| matches(p, &name)).map_or(0, |i| i + 1);
-            groups[g].0.push((Some(name), var));
-        }
-        groups.retain(|(vars, _)| !vars.is_empty());
-        Self::build(groups)
+        Self::build(varmap_groups(varmap, config, rules)?)
     }
 
     fn build(groups: Vec<Group<C>>) -> candle_core::Result<Self> {
@@ -223,10 +211,7 @@ impl<C: Algorithm> Optim<C> {
         for (members, config) in groups {
             let mut sizes = Vec::new();
             for (name, var) in members {
-                let what = match &name {
-                    Some(n) => format!("Var `{n}`"),
-                    None => format!("Var {}", vars.len()),
-                };
+                let what = var_label(&name, vars.len());
                 if !check_var(&var, &what)? {
                     continue;
                 }
@@ -383,13 +368,8 @@ impl<C: Algorithm> Optim<C> {
     /// If serialization fails.
     pub fn to_safetensors(&self) -> candle_core::Result<Vec<u8>> {
         let shapes: Vec<Vec<usize>> = self.vars.iter().map(|v| v.dims().to_vec()).collect();
-        let mut extra = vec![
-            ("candle.shapes", serde_json::Value::from(shapes).to_string()),
-            ("candle.steps", self.steps.to_string()),
-        ];
-        if let Some(n) = &self.names {
-            extra.push(("candle.names", serde_json::Value::from(n.clone()).to_string()));
-        }
+        let mut extra = vec![("candle.shapes", serde_json::Value::from(shapes).to_string())];
+        extra.extend(candle_metadata(self.steps, self.names.as_deref()));
         self.opt.to_safetensors_with(&extra).map_err(wrap)
     }
 
@@ -420,14 +400,8 @@ impl<C: Algorithm> Optim<C> {
         if shapes != mine {
             return Err(msg(format!("checkpoint: its Vars have shapes {shapes:?}, these have {mine:?}")));
         }
-        if let (Some(names), Some(theirs)) = (&self.names, meta.get("candle.names")) {
-            let theirs: Vec<String> =
-                serde_json::from_str(theirs).map_err(|e| msg(format!("checkpoint: names: {e}")))?;
-            if &theirs != names {
-                return Err(msg(format!("checkpoint: its Vars are named {theirs:?}, these {names:?}")));
-            }
-        }
-        let steps: u64 = get("candle.steps")?.parse().map_err(|e| msg(format!("checkpoint: steps: {e}")))?;
+        check_names(self.names.as_deref(), &meta)?;
+        let steps = checkpoint_steps(&meta)?;
         if loaded.num_groups() != self.opt.num_groups()
             || (0..self.vars.len()).any(|i| loaded.group_of(i).ok() != self.opt.group_of(i).ok())
         {
@@ -449,6 +423,36 @@ impl<C: Algorithm> Optim<C> {
     pub fn load(&mut self, path: impl AsRef<std::path::Path>) -> candle_core::Result<()> {
         self.load_safetensors(&read_file(path.as_ref())?)
     }
+}
+
+/// Where both this optimizer and a checkpoint's metadata name their `Var`s
+/// (`candle.names`), that the names agree.
+fn check_names(names: Option<&[String]>, meta: &std::collections::HashMap<String, String>) -> candle_core::Result<()> {
+    if let (Some(names), Some(theirs)) = (names, meta.get("candle.names")) {
+        let theirs: Vec<String> = serde_json::from_str(theirs).map_err(|e| msg(format!("checkpoint: names: {e}")))?;
+        if theirs != names {
+            return Err(msg(format!("checkpoint: its Vars are named {theirs:?}, these {names:?}")));
+        }
+    }
+    Ok(())
+}
+
+/// A checkpoint's step count (`candle.steps`, what an attached schedule reads).
+fn checkpoint_steps(meta: &std::collections::HashMap<String, String>) -> candle_core::Result<u64> {
+    let steps = meta
+        .get("candle.steps")
+        .ok_or_else(|| msg("checkpoint: no `candle.steps` (not written by this crate)".into()))?;
+    steps.parse().map_err(|e| msg(format!("checkpoint: steps: {e}")))
+}
+
+/// The metadata a checkpoint of this crate carries beside the core's: the
+/// step count and, from a `VarMap`, the `Var`s' names.
+fn candle_metadata(steps: u64, names: Option<&[String]>) -> Vec<(&'static str, String)> {
+    let mut extra = vec![("candle.steps", steps.to_string())];
+    if let Some(n) = names {
+        extra.push(("candle.names", serde_json::Value::from(n.to_vec()).to_string()));
+    }
+    extra
 }
 
 /// A checkpoint file's bytes, an I/O error naming the path.
@@ -556,6 +560,37 @@ fn extent(t: &Tensor, is_var: bool) -> candle_core::Result<(usize, usize, bool)>
 /// A group under construction: its `Var`s (with names from a `VarMap`) and
 /// its configuration.
 type Group<C> = (Vec<(Option<String>, Var)>, C);
+
+/// Every `Var` of `varmap` in name order, grouped by the first of `rules`'
+/// patterns its name matches (the others with `config`); empty groups left
+/// out.
+fn varmap_groups<C: Clone>(
+    varmap: &candle_nn::VarMap,
+    config: C,
+    rules: &[(&str, C)],
+) -> candle_core::Result<Vec<Group<C>>> {
+    let mut named: Vec<(String, Var)> = {
+        let data = varmap.data().lock().map_err(|_| msg("the VarMap's lock is poisoned".into()))?;
+        data.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    };
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut groups: Vec<Group<C>> =
+        std::iter::once(config).chain(rules.iter().map(|(_, c)| c.clone())).map(|c| (Vec::new(), c)).collect();
+    for (name, var) in named {
+        let g = rules.iter().position(|(p, _)| matches(p, &name)).map_or(0, |i| i + 1);
+        groups[g].0.push((Some(name), var));
+    }
+    groups.retain(|(vars, _)| !vars.is_empty());
+    Ok(groups)
+}
+
+/// The label of a `Var` in errors: its name, else its index.
+fn var_label(name: &Option<String>, index: usize) -> String {
+    match name {
+        Some(n) => format!("Var `{n}`"),
+        None => format!("Var {index}"),
+    }
+}
 
 /// What runs inside every lock.
 type Innermost<'a> = &'a mut dyn FnMut(&[Raw]);

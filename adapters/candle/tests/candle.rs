@@ -800,3 +800,131 @@ fn adafactor_checkpoints_resume_bitwise() {
     assert_eq!(opt2.to_safetensors().unwrap(), before);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Adafactor over groups from a `VarMap`, with an attached schedule and a
+/// loss scale: each `Var` is adaoptim's Adafactor on raw slices with its
+/// group's options, the schedule's learning rate set by hand and the
+/// gradients divided by the scale; a checkpoint carries the groups and the
+/// schedule's step count.
+#[test]
+fn adafactor_groups_schedule_and_loss_scale_are_raw_slices_by_hand() {
+    use adaoptim::schedule::{LrSchedule, StepLR};
+    use adaoptim_candle::{Adafactor, AdafactorConfig};
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let _l1 = candle_nn::linear(6, 5, vb.pp("l1")).unwrap();
+    let _l2 = candle_nn::linear(5, 3, vb.pp("l2")).unwrap();
+    let decay = AdafactorConfig { lr: 3e-2, weight_decay: 0.1, ..Default::default() };
+    let no_decay = AdafactorConfig { lr: 3e-2, weight_decay: 0.0, ..Default::default() };
+    let mut opt = Adafactor::from_varmap(&varmap, decay, &[("*.bias", no_decay)]).unwrap();
+    // Group by group, each in name order.
+    assert_eq!(opt.names().unwrap(), ["l1.weight", "l2.weight", "l1.bias", "l2.bias"]);
+    assert_eq!((0..4).map(|i| opt.group_of(i).unwrap()).collect::<Vec<_>>(), [0, 0, 1, 1]);
+    let sched = StepLR::new(3e-2, 2, 0.5).unwrap();
+    opt.set_schedule(Some(Box::new(sched.clone())));
+    let vars = opt.vars().to_vec();
+    let mut raw: Vec<adaoptim::Adafactor> = vars
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let c = if opt.group_of(i) == Some(1) { no_decay } else { decay };
+            adaoptim::Adafactor::new(c, v.dims()).unwrap()
+        })
+        .collect();
+    let mut params: Vec<Vec<f32>> = vars.iter().map(|v| flat(v.as_tensor())).collect();
+    for t in 0..5u64 {
+        // A power-of-two scale is removed exactly, another one by division.
+        let scale = if t < 3 { 1024.0f32 } else { 3.0 };
+        opt.set_grad_scale(Some(scale)).unwrap();
+        let g: Vec<Vec<f32>> =
+            vars.iter().enumerate().map(|(i, v)| values(v.elem_count(), 200 + 10 * t + i as u64)).collect();
+        let scaled: Vec<Tensor> = g
+            .iter()
+            .zip(&vars)
+            .map(|(g, v)| {
+                let s: Vec<f32> = g.iter().map(|x| if scale == 1024.0 { x * scale } else { *x }).collect();
+                Tensor::from_vec(s, v.shape(), &Device::Cpu).unwrap()
+            })
+            .collect();
+        opt.step_with(&scaled.iter().map(Some).collect::<Vec<_>>()).unwrap();
+        for (i, o) in raw.iter_mut().enumerate() {
+            o.set_lr(sched.lr_at(t)).unwrap();
+            let gi: Vec<f32> = if scale == 1024.0 { g[i].clone() } else { g[i].iter().map(|x| x / scale).collect() };
+            o.step(&mut params[i], &gi).unwrap();
+            assert_eq!(bits(&params[i]), bits(&flat(vars[i].as_tensor())), "step {t}, Var {i}");
+        }
+        assert_eq!(opt.learning_rate(), sched.lr_at(t));
+    }
+    assert_eq!(opt.steps(), 5);
+
+    // The checkpoint carries groups, options and the schedule's count: an
+    // optimizer over a copy of the VarMap resumes with the same bits.
+    let bytes = opt.to_safetensors().unwrap();
+    let varmap2 = VarMap::new();
+    let vb2 = VarBuilder::from_varmap(&varmap2, DType::F32, &Device::Cpu);
+    let _l1 = candle_nn::linear(6, 5, vb2.pp("l1")).unwrap();
+    let _l2 = candle_nn::linear(5, 3, vb2.pp("l2")).unwrap();
+    // The same shapes in one group where the file has two: refused,
+    // nothing changed.
+    let mut other = Adafactor::with_groups(vec![(vars.clone(), no_decay)]).unwrap();
+    let before = other.to_safetensors().unwrap();
+    let err = other.load_safetensors(&bytes).unwrap_err();
+    assert!(err.to_string().contains("groups"), "{err}");
+    assert_eq!(other.to_safetensors().unwrap(), before);
+    let mut opt2 = Adafactor::from_varmap(&varmap2, no_decay, &[("*.bias", decay)]).unwrap();
+    for (v2, v) in opt2.vars().iter().zip(&vars) {
+        v2.set(v.as_tensor()).unwrap();
+    }
+    // The controls are not in the file: this optimizer's stay.
+    opt2.set_schedule(Some(Box::new(sched.clone())));
+    opt2.set_grad_scale(Some(3.0)).unwrap();
+    opt2.load_safetensors(&bytes).unwrap();
+    assert_eq!(opt2.steps(), 5);
+    assert_eq!(opt2.group_config(0), Some(&AdafactorConfig { lr: sched.lr_at(4), ..decay }));
+    assert_eq!(opt2.group_config(1), Some(&AdafactorConfig { lr: sched.lr_at(4), ..no_decay }));
+    assert_eq!(opt2.to_safetensors().unwrap(), bytes);
+    for t in 5..8u64 {
+        let g: Vec<Tensor> = vars
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                Tensor::from_vec(values(v.elem_count(), 300 + 10 * t + i as u64), v.shape(), &Device::Cpu).unwrap()
+            })
+            .collect();
+        opt.step_with(&g.iter().map(Some).collect::<Vec<_>>()).unwrap();
+        opt2.step_with(&g.iter().map(Some).collect::<Vec<_>>()).unwrap();
+    }
+    for (v2, v) in opt2.vars().iter().zip(&vars) {
+        assert_eq!(bits(&flat(v2.as_tensor())), bits(&flat(v.as_tensor())));
+    }
+    assert_eq!(opt2.learning_rate(), sched.lr_at(7));
+
+    // Refused and changing nothing: a schedule that cycles momentum, a bad
+    // group configuration or group, a bad loss scale.
+    let before = (opt.to_safetensors().unwrap(), flat(vars[0].as_tensor()));
+    let cycling = adaoptim::schedule::OneCycleLR::new(
+        1e-2,
+        50,
+        0.3,
+        adaoptim::schedule::Anneal::Cos,
+        25.0,
+        1e4,
+        false,
+        Some((0.85, 0.95)),
+    )
+    .unwrap();
+    opt.set_schedule(Some(Box::new(cycling)));
+    let g: Vec<Tensor> = vars.iter().map(|v| Tensor::ones(v.shape(), DType::F32, &Device::Cpu).unwrap()).collect();
+    let err = opt.step_with(&g.iter().map(Some).collect::<Vec<_>>()).unwrap_err();
+    assert!(err.to_string().contains("momentum"), "{err}");
+    opt.set_schedule(None);
+    assert!(opt.set_group_config(0, AdafactorConfig { lr: -1.0, ..decay }).is_err());
+    assert!(opt.set_group_config(2, decay).is_err());
+    assert!(opt.set_grad_scale(Some(0.0)).is_err());
+    assert!(opt.set_grad_scale(Some(f32::NAN)).is_err());
+    assert_eq!((opt.to_safetensors().unwrap(), flat(vars[0].as_tensor())), before);
+    // A valid group configuration applies to that group's Vars only.
+    opt.set_group_config(1, AdafactorConfig { weight_decay: 0.5, ..no_decay }).unwrap();
+    assert_eq!(opt.inner(2).unwrap().config().weight_decay, 0.5);
+    assert_eq!(opt.inner(0).unwrap().config().weight_decay, 0.1);
+}
