@@ -317,14 +317,38 @@ impl Adafactor {
     /// [`Error::InvalidHyperparameter`]; [`Error::TooLarge`] if the element
     /// count overflows.
     pub fn new(config: AdafactorConfig, shape: &[usize]) -> Result<Self, Error> {
+        Self::with_state(config, shape, 0, Vec::new())
+    }
+
+    /// An optimizer at step `t` holding `state`, torch-named buffers
+    /// (`row_var`, `col_var`, `variance`) of this shape's sizes, moved in;
+    /// a buffer not given is zeros (what a checkpoint loader builds, with no
+    /// zeroed copy of a loaded buffer allocated first).
+    ///
+    /// # Errors
+    /// As [`new`](Self::new); [`Error::LengthMismatch`] for a buffer of
+    /// another size.
+    pub(crate) fn with_state(
+        config: AdafactorConfig,
+        shape: &[usize],
+        t: u64,
+        mut state: Vec<(&str, Vec<f32>)>,
+    ) -> Result<Self, Error> {
         config.validate()?;
         let (n, rl, cl, vl) = state_sizes(shape).ok_or(Error::TooLarge { what: "params", elements: usize::MAX })?;
-        let (row_var, col_var, variance) = (vec![0.0; rl], vec![0.0; cl], vec![0.0; vl]);
+        let mut take = |name: &'static str, len: usize| match state.iter().position(|(k, _)| *k == name) {
+            Some(i) => {
+                let v = std::mem::take(&mut state[i].1);
+                crate::error::check_len(name, len, v.len()).map(|()| v)
+            }
+            None => Ok(vec![0.0; len]),
+        };
+        let (row_var, col_var, variance) = (take("row_var", rl)?, take("col_var", cl)?, take("variance", vl)?);
         Ok(Adafactor {
             config,
             shape: shape.to_vec(),
             n,
-            t: 0,
+            t,
             row_var,
             col_var,
             variance,

@@ -193,14 +193,5 @@ fn assemble(
     t: u64,
     state: Vec<(&str, Vec<f32>)>,
 ) -> Result<Adafactor, Error> {
-    let mut opt = Adafactor::new(config, shape).map_err(|e| bad(format!("shape {shape:?}: {e}")))?;
-    for (name, data) in state {
-        match name {
-            "row_var" => opt.row_var = data,
-            "col_var" => opt.col_var = data,
-            _ => opt.variance = data,
-        }
-    }
-    opt.t = t;
-    Ok(opt)
+    Adafactor::with_state(config, shape, t, state).map_err(|e| bad(format!("shape {shape:?}: {e}")))
 }

@@ -229,12 +229,7 @@ impl Adafactor {
     /// # Errors
     /// Unless `max_norm` is finite and `> 0`; nothing changes then.
     pub fn set_max_grad_norm(&mut self, max_norm: Option<f64>) -> candle_core::Result<()> {
-        // One check for all (an optimizer without Vars checks too).
-        let mut probe = adaoptim::Adafactor::new(AdafactorConfig::default(), &[]).map_err(wrap)?;
-        probe.set_max_grad_norm(max_norm).map_err(wrap)?;
-        for o in &mut self.opts {
-            o.set_max_grad_norm(max_norm).map_err(wrap)?;
-        }
+        self.set_every(|o| o.set_max_grad_norm(max_norm))?;
         self.max_norm = max_norm;
         Ok(())
     }
@@ -251,12 +246,23 @@ impl Adafactor {
     /// # Errors
     /// Unless the scale is finite and nonzero; nothing changes then.
     pub fn set_grad_scale(&mut self, grad_scale: Option<f32>) -> candle_core::Result<()> {
-        let mut probe = adaoptim::Adafactor::new(AdafactorConfig::default(), &[]).map_err(wrap)?;
-        probe.set_grad_scale(grad_scale).map_err(wrap)?;
-        for o in &mut self.opts {
-            o.set_grad_scale(grad_scale).map_err(wrap)?;
-        }
+        self.set_every(|o| o.set_grad_scale(grad_scale))?;
         self.grad_scale = grad_scale;
+        Ok(())
+    }
+
+    /// Applies a control setter to every `Var`'s Adafactor, checked first on
+    /// a stand-in (so a refused value changes nothing, with or without
+    /// `Var`s): the core's own check, not a copy of it.
+    fn set_every(
+        &mut self,
+        set: impl Fn(&mut adaoptim::Adafactor) -> Result<(), adaoptim::Error>,
+    ) -> candle_core::Result<()> {
+        let mut probe = adaoptim::Adafactor::new(AdafactorConfig::default(), &[]).map_err(wrap)?;
+        set(&mut probe).map_err(wrap)?;
+        for o in &mut self.opts {
+            set(o).map_err(wrap)?;
+        }
         Ok(())
     }
 
