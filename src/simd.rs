@@ -163,6 +163,19 @@ pub(crate) trait F32Vec:
     /// # Safety
     /// `out..out + LANES` must be valid for writes and `lut` for 65536 `u32`.
     unsafe fn store_codes(self, lut: *const u32, out: *mut u8);
+    /// The codes of `src[i] / absmax` (one rounding, NaN as 0) for the
+    /// first `n - n % LANES` elements (whole vectors; the caller does the
+    /// tail), returning how many were written: [`q8_code`] on every lane,
+    /// through the table by default; AVX-512 runs [`Q8Fast`] where the map
+    /// has it (same codes).
+    ///
+    /// # Safety
+    /// `src..src + n` must be valid for reads and `codes..codes + n` for writes.
+    #[inline(always)]
+    unsafe fn quantize_lanes(q: &Q8Quantizer, src: *const f32, absmax: f32, codes: *mut u8, n: usize) -> usize {
+        // SAFETY: forwarded from the caller.
+        unsafe { quantize_lanes_with_table::<Self>(&q.lut, src, absmax, codes, n) }
+    }
     /// Lane `l` widened to `f64`, squared and added to `acc[l]` (a multiply
     /// and an add, each rounded in `f64`): the sum-of-squares accumulators.
     ///
@@ -374,6 +387,125 @@ pub(crate) fn q8_code(lut: &[u32], x: f32) -> u8 {
     let key = order_key(if x.is_nan() { 0.0 } else { x });
     let e = lut[(key >> 16) as usize];
     ((e >> 24) + u32::from(key & 0xffff >= e & 0x1_ffff)) as u8
+}
+
+/// How close to an integer the arithmetic quantizer's `t` may come before
+/// a lane is settled by the exact table instead ([`Q8Fast`]).
+pub(crate) const Q8_FAST_DELTA: f32 = 1.0 / 2048.0;
+
+/// The tables of the arithmetic 8-bit quantizer, which finds a code without
+/// a table gather (the AVX-512 lanes run it; `storage::QMap` builds and
+/// proves it).
+///
+/// The codes of a map are cut into at most 32 *segments* of codes whose
+/// jumps (the values where the nearest-code rule moves to the next code)
+/// lie nearly evenly spaced, as within a decade of bitsandbytes' dynamic
+/// maps. For `y` (a value over its block's absmax, NaN taken as 0):
+/// 1. its *cell* is its sign and binade: `min(max(exponent - 96, 0), 31) +
+///    32 * sign` (64 cells; no cell holds more than one segment start);
+/// 2. its segment is `seg_lo[cell]`, plus one if `y >= bnd[cell]` (the next
+///    segment's first jump, exactly, or infinity);
+/// 3. `t = clamp(y * s + o, lo, hi)` (the product and sum rounded once;
+///    `lo` and `hi` are the segment's first and last codes plus a half),
+///    and the code is `floor(t)`;
+/// 4. unless `t` lies within [`Q8_FAST_DELTA`] of an integer: such a lane is
+///    *ambiguous* and takes the exact table's code ([`q8_code`]).
+///
+/// Exact by construction: `t` is monotone in `y` within a segment, and the
+/// map's builder checks that at every jump `J` to code `k` inside a segment,
+/// `t(J) > k - delta` and `t` of the float before `J` is `< k + delta`, so a
+/// lane whose `t` is not ambiguous floors to the rule's code (the clamp
+/// settles the segment's first and last codes).
+#[derive(Clone, Debug)]
+pub(crate) struct Q8Fast {
+    /// Per cell: the start of the cell's second segment, or infinity.
+    pub(crate) bnd: [f32; 64],
+    /// Per cell: the segment its smallest values fall in.
+    pub(crate) seg_lo: [i32; 64],
+    /// Per segment: `t`'s slope.
+    pub(crate) s: [f32; 32],
+    /// Per segment: `t`'s offset.
+    pub(crate) o: [f32; 32],
+    /// Per segment: its first code plus a half.
+    pub(crate) lo: [f32; 32],
+    /// Per segment: its last code plus a half.
+    pub(crate) hi: [f32; 32],
+}
+
+impl Q8Fast {
+    /// The cell of `y` (see the type's docs).
+    #[inline(always)]
+    pub(crate) fn cell(y: f32) -> usize {
+        let b = y.to_bits();
+        let e = ((b & 0x7fff_ffff) >> 23) as i32;
+        (e - 96).clamp(0, 31) as usize + 32 * (b >> 31) as usize
+    }
+
+    /// The segment of `y`.
+    #[cfg(test)]
+    pub(crate) fn segment(&self, y: f32) -> usize {
+        let c = Q8Fast::cell(y);
+        (self.seg_lo[c] + i32::from(y >= self.bnd[c])) as usize
+    }
+
+    /// `t` of `y` for slope `s` and offset `o`, rounded once as the lanes
+    /// round it (the builder's proof and the model share it).
+    #[inline(always)]
+    pub(crate) fn t(y: f32, s: f32, o: f32) -> f32 {
+        y.mul_add(s, o)
+    }
+
+    /// Whether the lanes settle `t` from the table instead.
+    #[cfg(test)]
+    pub(crate) fn ambiguous(t: f32) -> bool {
+        (t - t.round_ties_even()).abs() < Q8_FAST_DELTA
+    }
+
+    /// The scalar model of the lanes: the code of `y` (not NaN), or `None`
+    /// where the lanes take the table's.
+    #[cfg(test)]
+    pub(crate) fn code(&self, y: f32) -> Option<u8> {
+        let g = self.segment(y);
+        let t = Q8Fast::t(y, self.s[g], self.o[g]).max(self.lo[g]).min(self.hi[g]);
+        if Q8Fast::ambiguous(t) {
+            return None;
+        }
+        Some(t.floor() as u8)
+    }
+}
+
+/// A map's quantizer: the exact 65536-entry table ([`q8_code`]) and, where
+/// the map allows, the arithmetic one ([`Q8Fast`]).
+#[derive(Clone)]
+pub(crate) struct Q8Quantizer {
+    /// Per bucket: `code << 24 | jump` ([`q8_code`]).
+    pub(crate) lut: Box<[u32]>,
+    /// The arithmetic quantizer's tables, proven for this map.
+    pub(crate) fast: Option<Box<Q8Fast>>,
+}
+
+/// `codes[i] = q8_code(src[i] / absmax)` for the whole vectors of `n`
+/// (the default [`F32Vec::quantize_lanes`]), returning how many were written.
+///
+/// # Safety
+/// `src..src + n` readable, `codes..codes + n` writable.
+#[inline(always)]
+pub(crate) unsafe fn quantize_lanes_with_table<V: F32Vec>(
+    lut: &[u32],
+    src: *const f32,
+    absmax: f32,
+    codes: *mut u8,
+    n: usize,
+) -> usize {
+    assert_eq!(lut.len(), 1 << 16, "a map's table");
+    let d = V::splat(absmax);
+    let mut i = 0;
+    while i + V::LANES <= n {
+        // SAFETY: i + LANES <= n, within both ranges; `lut` has 65536 entries.
+        unsafe { (V::load(src.add(i)) / d).store_codes(lut.as_ptr(), codes.add(i)) };
+        i += V::LANES;
+    }
+    i
 }
 
 impl F32Vec for f32 {
@@ -1165,6 +1297,75 @@ mod x86 {
                 let top = _mm512_srli_epi32::<24>(e);
                 let code = _mm512_mask_add_epi32(top, past, top, _mm512_set1_epi32(1));
                 _mm_storeu_si128(out.cast(), _mm512_cvtepi32_epi8(code));
+            }
+        }
+        #[inline(always)]
+        unsafe fn quantize_lanes(q: &Q8Quantizer, src: *const f32, absmax: f32, codes: *mut u8, n: usize) -> usize {
+            let Some(f) = q.fast.as_deref() else {
+                // SAFETY: forwarded from the caller.
+                return unsafe { quantize_lanes_with_table::<Self>(&q.lut, src, absmax, codes, n) };
+            };
+            assert_eq!(q.lut.len(), 1 << 16, "a map's table");
+            // `Q8Fast` in lanes, its tables in 16 registers: per 16 elements
+            // a division, six two-register permutes and some integer work; a
+            // vector with an ambiguous lane is redone through the table.
+            // SAFETY: the table loads read inside `f`'s arrays (64 and 32
+            // entries); the caller guarantees `n` readable floats and `n`
+            // writable codes, and i + 16 <= n below; every permute index is
+            // masked to 5 bits by the instruction; AVX-512F under the
+            // module's detection contract.
+            unsafe {
+                let ps = |p: *const f32| -> [__m512; 2] { [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))] };
+                let pi = |p: *const i32| -> [__m512i; 2] {
+                    [_mm512_loadu_si512(p.cast()), _mm512_loadu_si512(p.add(16).cast())]
+                };
+                let (bnd_p, bnd_n) = (ps(f.bnd.as_ptr()), ps(f.bnd.as_ptr().add(32)));
+                let (seg_p, seg_n) = (pi(f.seg_lo.as_ptr()), pi(f.seg_lo.as_ptr().add(32)));
+                let (sl, ol, lo, hi) = (ps(f.s.as_ptr()), ps(f.o.as_ptr()), ps(f.lo.as_ptr()), ps(f.hi.as_ptr()));
+                let d = _mm512_set1_ps(absmax);
+                let (zero, one, cells) = (_mm512_setzero_si512(), _mm512_set1_epi32(1), _mm512_set1_epi32(31));
+                let (bias, magnitude) = (_mm512_set1_epi32(96), _mm512_set1_epi32(0x7fff_ffff));
+                let delta = _mm512_set1_ps(Q8_FAST_DELTA);
+                let mut i = 0;
+                while i + 16 <= n {
+                    let y0 = _mm512_div_ps(_mm512_loadu_ps(src.add(i)), d);
+                    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(y0, y0);
+                    let y = _mm512_mask_mov_ps(y0, nan, _mm512_setzero_ps());
+                    let yb = _mm512_castps_si512(y);
+                    let neg = _mm512_test_epi32_mask(yb, _mm512_set1_epi32(i32::MIN));
+                    let e = _mm512_srli_epi32::<23>(_mm512_and_si512(yb, magnitude));
+                    let c = _mm512_min_epi32(_mm512_max_epi32(_mm512_sub_epi32(e, bias), zero), cells);
+                    let bnd = _mm512_mask_blend_ps(
+                        neg,
+                        _mm512_permutex2var_ps(bnd_p[0], c, bnd_p[1]),
+                        _mm512_permutex2var_ps(bnd_n[0], c, bnd_n[1]),
+                    );
+                    let first = _mm512_mask_blend_epi32(
+                        neg,
+                        _mm512_permutex2var_epi32(seg_p[0], c, seg_p[1]),
+                        _mm512_permutex2var_epi32(seg_n[0], c, seg_n[1]),
+                    );
+                    let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(y, bnd);
+                    let g = _mm512_mask_add_epi32(first, up, first, one);
+                    let t = _mm512_fmadd_ps(
+                        y,
+                        _mm512_permutex2var_ps(sl[0], g, sl[1]),
+                        _mm512_permutex2var_ps(ol[0], g, ol[1]),
+                    );
+                    let t = _mm512_max_ps(t, _mm512_permutex2var_ps(lo[0], g, lo[1]));
+                    let t = _mm512_min_ps(t, _mm512_permutex2var_ps(hi[0], g, hi[1]));
+                    let r =
+                        _mm512_sub_ps(t, _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t));
+                    let off = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(r), magnitude));
+                    if _mm512_cmp_ps_mask::<_CMP_LT_OQ>(off, delta) != 0 {
+                        Avx512(y0).store_codes(q.lut.as_ptr(), codes.add(i));
+                    } else {
+                        let k = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(t);
+                        _mm_storeu_si128(codes.add(i).cast(), _mm512_cvtepi32_epi8(k));
+                    }
+                    i += 16;
+                }
+                i
             }
         }
         #[inline(always)]

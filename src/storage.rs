@@ -40,7 +40,9 @@
 
 pub use half::{bf16, f16};
 
-use crate::simd::{F32Vec, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, order_key, q8_code};
+use crate::simd::{
+    F32Vec, Q8_FAST_DELTA, Q8Fast, Q8Quantizer, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, order_key, q8_code,
+};
 
 /// Elements per tile of the mixed-storage driver (and per block of a
 /// block-wise quantized state).
@@ -311,7 +313,12 @@ pub struct Q8State<'a> {
 /// jump. Exact, since no bucket of the dynamic maps holds two jumps (checked
 /// when a map is built; a map where one does is searched directly), and
 /// one load and one integer comparison per element, which the SIMD
-/// backends do 8 or 16 lanes at a time with a gather. Dequantizing is
+/// backends do 8 or 16 lanes at a time with a gather. On AVX-512 the
+/// lanes skip the gather where the map allows: an arithmetic quantizer
+/// (the code from a few constants per decade of the map, held in
+/// registers, with the lanes that land too near a jump settled by the
+/// table), proven exact for the map when it is built and checked against
+/// the table on the CPU once (`simd::Q8Fast`). Dequantizing is
 /// `code[c] * absmax`: a gather of the 256 values on AVX2, on AVX-512 the
 /// values held in 16 registers and picked by permutes
 /// (`F32Vec::dequantize_lanes`).
@@ -321,8 +328,9 @@ pub struct QMap {
     /// `code` with `search[0] = -1` and `search[256] = inf` (so index `i + 1`
     /// needs no bound check and never wins).
     search: [f32; 257],
-    /// Per bucket: `code << 24 | jump`, as described above.
-    lut: Box<[u32]>,
+    /// Per bucket: `code << 24 | jump`, as described above; and the
+    /// arithmetic quantizer where this map allows one.
+    quant: Q8Quantizer,
     /// No bucket holds more than one jump: a lookup and one comparison
     /// give the code (true for the dynamic maps; checked when built).
     one_jump: bool,
@@ -394,7 +402,11 @@ impl QMap {
                 u32::from(b) << 24 | at
             })
             .collect();
-        Ok(QMap { code, search, lut, one_jump })
+        let mut quant = Q8Quantizer { lut, fast: if one_jump { build_fast(&jump).map(Box::new) } else { None } };
+        if quant.fast.is_some() && !fast_lanes_agree(&quant, &jump, &code) {
+            quant.fast = None;
+        }
+        Ok(QMap { code, search, quant, one_jump })
     }
 
     /// bitsandbytes' signed dynamic map (`create_dynamic_map(signed=True)`),
@@ -444,8 +456,160 @@ impl QMap {
     /// (NaN counts as 0).
     #[inline(always)]
     fn quantize_fast(&self, x: f32) -> u8 {
-        q8_code(&self.lut, x)
+        q8_code(&self.quant.lut, x)
     }
+}
+
+/// The arithmetic quantizer's tables for a map whose jumps are `jump`
+/// (`jump[j]`: the smallest `y` whose code is `j` or more; `jump[0]` is
+/// `-inf`, `jump[256]` `inf`), or `None` if the map does not allow one
+/// (more than 32 segments, or two segment starts in one cell).
+///
+/// Segments are grown greedily from code 0: a segment of codes `p..=q` is
+/// kept while its interior jumps `jump[p+1..=q]` pass [`segment_fits`]. This
+/// is the proof [`Q8Fast`] relies on, checked against the lanes' own
+/// arithmetic (the scalar model rounds as they do).
+fn build_fast(jump: &[f32; 257]) -> Option<Q8Fast> {
+    let mut segs: Vec<(usize, usize, f32, f32)> = Vec::new();
+    let mut p = 0;
+    while p < 256 {
+        let mut best = segment_fit(jump, p, p)?;
+        let mut q = p;
+        while q < 255 {
+            match segment_fit(jump, p, q + 1) {
+                Some(fit) => {
+                    best = fit;
+                    q += 1;
+                }
+                None => break,
+            }
+        }
+        segs.push((p, q, best.0, best.1));
+        p = q + 1;
+    }
+    if segs.len() > 32 {
+        return None;
+    }
+    let mut f =
+        Q8Fast { bnd: [f32::INFINITY; 64], seg_lo: [0; 64], s: [0.0; 32], o: [0.0; 32], lo: [0.5; 32], hi: [0.5; 32] };
+    for (g, &(p, q, sl, ol)) in segs.iter().enumerate() {
+        (f.s[g], f.o[g], f.lo[g], f.hi[g]) = (sl, ol, p as f32 + 0.5, q as f32 + 0.5);
+    }
+    // the segment holding y: the last whose first jump is <= y
+    let seg_of = |y: f32| segs.iter().rposition(|&(p, ..)| jump[p] <= y).expect("jump[0] is -inf");
+    for cell in 0..64 {
+        // the cell's values in [-1, 1], lowest and highest
+        let (neg, b) = (cell >= 32, (cell % 32) as i32);
+        let small = if b == 0 { 0.0 } else { f32::from_bits(((b + 96) as u32) << 23) };
+        let large = if b == 31 { 1.0 } else { f32::from_bits((((b + 97) as u32) << 23) - 1) };
+        let (low, high) = if neg { (-large, -small) } else { (small, large) };
+        let (g0, g1) = (seg_of(low), seg_of(high));
+        f.seg_lo[cell] = g0 as i32;
+        match g1 - g0 {
+            0 => {}
+            1 => f.bnd[cell] = jump[segs[g1].0],
+            _ => return None,
+        }
+        debug_assert!(Q8Fast::cell(low) == cell && Q8Fast::cell(high) == cell && low <= high);
+    }
+    Some(f)
+}
+
+/// Values where the arithmetic quantizer is most likely to go wrong: every
+/// jump and code and their neighbours, zeros, the ends, NaN, and a stride
+/// through `[-1, 1]` by order key.
+fn fast_check_values(jump: &[f32; 257], code: &[f32; 256]) -> Vec<f32> {
+    let mut x = vec![0.0, -0.0, 1.0, -1.0, f32::NAN];
+    for &c in jump[1..256].iter().chain(code) {
+        for d in -3i32..=3 {
+            x.push(from_order_key(order_key(c).wrapping_add_signed(d)).clamp(-1.0, 1.0));
+        }
+    }
+    let (lo, hi) = (order_key(-1.0), order_key(1.0));
+    x.extend((0..4096u32).map(|i| from_order_key(lo + ((u64::from(hi - lo) * u64::from(i)) >> 12) as u32)));
+    x
+}
+
+/// On a CPU whose lanes run the arithmetic quantizer (AVX-512), a check,
+/// once per map, that they give the table's codes on
+/// [`fast_check_values`]; a map whose check fails keeps the table (the
+/// lanes are also checked on every `f32` by the tests).
+fn fast_lanes_agree(quant: &Q8Quantizer, jump: &[f32; 257], code: &[f32; 256]) -> bool {
+    if !crate::Backend::Avx512.is_available() {
+        return true;
+    }
+    let x = fast_check_values(jump, code);
+    crate::simd::dispatch(crate::Backend::Avx512, LanesAgree { quant, x: &x })
+}
+
+/// [`fast_lanes_agree`]'s work, as a lane op.
+struct LanesAgree<'a> {
+    quant: &'a Q8Quantizer,
+    x: &'a [f32],
+}
+
+impl crate::simd::LaneOp for LanesAgree<'_> {
+    type Out = bool;
+    #[inline(always)]
+    fn run<V: F32Vec>(self) -> bool {
+        let n = self.x.len();
+        let (mut got, mut want) = (vec![0u8; n], vec![0u8; n]);
+        let (src, q) = (self.x.as_ptr(), self.quant);
+        // SAFETY: every buffer holds n elements.
+        let (a, b) = unsafe {
+            (
+                V::quantize_lanes(q, src, 1.0, got.as_mut_ptr(), n),
+                crate::simd::quantize_lanes_with_table::<V>(&q.lut, src, 1.0, want.as_mut_ptr(), n),
+            )
+        };
+        a == b && got[..a] == want[..b]
+    }
+}
+
+/// The slope and offset of `t` for a segment of codes `p..=q`, if every
+/// interior jump `J = jump[k]` (`p < k <= q`) has `t(J) > k - delta` and
+/// `t(pred J) < k + delta` as the lanes round (so a lane whose `t` is at
+/// least the margin from every integer floors to the rule's code; see
+/// [`Q8Fast`]). `t` runs through `k` at `jump[k]`: the slope is one over the
+/// jumps' mean spacing, the offset centres the errors.
+fn segment_fit(jump: &[f32; 257], p: usize, q: usize) -> Option<(f32, f32)> {
+    if q == p {
+        // one code: the clamp holds t mid-way, never near an integer
+        return Some((0.0, p as f32 + 0.5));
+    }
+    let interior = &jump[p + 1..=q];
+    if interior.iter().any(|j| !j.is_finite()) {
+        return None;
+    }
+    let h = if q - p >= 2 {
+        (f64::from(jump[q]) - f64::from(jump[p + 1])) / (q - p - 1) as f64
+    } else {
+        // one interior jump: a spacing taken from its neighbours
+        let (a, b) = (f64::from(jump[p]), f64::from(jump[p + 2]));
+        let j = f64::from(jump[p + 1]);
+        [j - a, b - j].into_iter().filter(|d| d.is_finite() && *d > 0.0).fold(f64::INFINITY, f64::min)
+    };
+    if !(h.is_finite() && h > 0.0) {
+        return None;
+    }
+    let s = (1.0 / h) as f32;
+    if !(s.is_finite() && s > 0.0) {
+        return None;
+    }
+    let errs = interior.iter().enumerate().map(|(i, &j)| (p + 1 + i) as f64 - f64::from(j) * f64::from(s));
+    let (lo, hi) = errs.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), e| (l.min(e), h.max(e)));
+    let o = ((lo + hi) / 2.0) as f32;
+    let prev = |y: f32| from_order_key(order_key(y) - 1);
+    let exact = interior.iter().enumerate().all(|(i, &j)| {
+        let k = (p + 1 + i) as f32;
+        Q8Fast::t(j, s, o) > k - Q8_FAST_DELTA && Q8Fast::t(prev(j), s, o) < k + Q8_FAST_DELTA
+    });
+    // and not slow: the first and last codes' ranges (within [-1, 1]) span
+    // half a unit of `t` or more, or most of their values would lie near
+    // an integer and be settled by the table
+    let width = |a: f32, b: f32| (f64::from(b.min(1.0)) - f64::from(a.max(-1.0))) * f64::from(s);
+    let wide = width(jump[p], jump[p + 1]) >= 0.5 && width(jump[q], jump[q + 1]) >= 0.5;
+    (exact && wide).then_some((s, o))
 }
 
 /// bitsandbytes' rule, evaluated directly: the largest `i` with
@@ -606,14 +770,8 @@ pub(crate) fn quantize<V: F32Vec>(src: &[f32], map: &QMap, codes: &mut [u8]) -> 
     let m = lanes[..V::LANES].iter().chain(&src[i..]).fold(0.0f32, |m, &x| m.max_nan(x.abs()));
     let absmax = if m.is_nan() { f32::NAN } else { m };
     if map.one_jump {
-        let d = V::splat(absmax);
-        let lut = map.lut.as_ptr();
-        let mut i = 0;
-        while i + V::LANES <= n {
-            // SAFETY: i + LANES <= n, the length of both slices; `lut` has 65536 entries.
-            unsafe { (V::load(s.add(i)) / d).store_codes(lut, c.add(i)) };
-            i += V::LANES;
-        }
+        // SAFETY: both slices hold `n` elements.
+        let i = unsafe { V::quantize_lanes(&map.quant, s, absmax, c, n) };
         for j in i..n {
             codes[j] = map.quantize_fast(src[j] / absmax);
         }
@@ -1051,8 +1209,8 @@ mod tests {
             }
             // every code, every jump, and their neighbours
             let jumps: Vec<f32> = (0..=u32::from(u16::MAX))
-                .filter(|&k| map.lut[k as usize] & 0x1_ffff < 0x1_0000)
-                .map(|k| from_order_key(k << 16 | map.lut[k as usize] & 0xffff))
+                .filter(|&k| map.quant.lut[k as usize] & 0x1_ffff < 0x1_0000)
+                .map(|k| from_order_key(k << 16 | map.quant.lut[k as usize] & 0xffff))
                 .collect();
             assert!(jumps.len() >= 200, "the dynamic maps' jumps fall inside buckets");
             for &c in map.code.iter().chain(&jumps) {
@@ -1063,6 +1221,182 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The arithmetic quantizer's scalar model ([`Q8Fast::code`]) against
+    /// the rule, where the proof says it is exact: every code, every jump
+    /// and their neighbours, and a stride through `[-1, 1]`; and it defers
+    /// to the table rarely.
+    #[test]
+    fn dynamic_maps_have_an_exact_arithmetic_quantizer() {
+        for map in [QMap::signed(), QMap::unsigned()] {
+            let f = map.quant.fast.as_deref().expect("the dynamic maps allow the arithmetic quantizer");
+            // the tables are what the builder makes from the map's jumps
+            unchecked_quantizer(map);
+            let (seen, deferred) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
+            let check = |x: f32| {
+                seen.set(seen.get() + 1);
+                match f.code(x) {
+                    Some(c) => assert_eq!(c, reference_search(&map.search, x), "{x:e} ({:#x})", x.to_bits()),
+                    None => deferred.set(deferred.get() + 1),
+                }
+            };
+            let (lo, hi) = (order_key(-1.0), order_key(1.0));
+            let mut k = lo;
+            while k <= hi {
+                check(from_order_key(k));
+                k += 4093;
+            }
+            let strided = (seen.get(), deferred.get());
+            for j in 0..256 {
+                for c in [map.search[j], map.code[j]] {
+                    for d in -3i32..=3 {
+                        let x = from_order_key(order_key(c).wrapping_add_signed(d));
+                        if (-1.0..=1.0).contains(&x) {
+                            check(x);
+                        }
+                    }
+                }
+            }
+            // uniform values over a block's range: few lanes near an integer t
+            let mut u = 0x9e37_79b9u32;
+            for _ in 0..200_000 {
+                u = u.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                check(f32::from(u as u16) / 32768.0 - 1.0);
+            }
+            assert!(strided.1 * 100 < strided.0, "{} of {} strided values deferred", strided.1, strided.0);
+            let (seen, deferred) = (seen.get(), deferred.get());
+            assert!(deferred * 50 < seen, "{deferred} of {seen} deferred");
+        }
+        // the jumps of a map with spacings that change at every code do
+        // not fall in few segments: no arithmetic quantizer, the table serves
+        let mut quadratic = [0f32; 256];
+        for (i, c) in quadratic.iter_mut().enumerate() {
+            let v = (i as f32 - 127.0) / 128.0;
+            *c = v * v.abs();
+        }
+        quadratic[255] = 1.0;
+        let map = QMap::from_code(quadratic).expect("a valid map");
+        assert!(map.one_jump && map.quant.fast.is_none());
+    }
+
+    /// The dynamic maps' arithmetic quantizer, built but not yet
+    /// self-checked (so the lanes under test are the ones the builder made).
+    fn unchecked_quantizer(map: &QMap) -> Q8Quantizer {
+        let fast = map.quant.fast.clone().expect("the dynamic maps allow the arithmetic quantizer");
+        let rebuilt = build_fast(&jumps_of(map)).expect("rebuilt");
+        assert_eq!(format!("{rebuilt:?}"), format!("{fast:?}"));
+        Q8Quantizer { lut: map.quant.lut.clone(), fast: Some(Box::new(rebuilt)) }
+    }
+
+    /// A map's jumps, recovered from its table (every jump falls inside a
+    /// bucket of the dynamic maps: checked).
+    fn jumps_of(map: &QMap) -> [f32; 257] {
+        let mut jump = [f32::INFINITY; 257];
+        jump[0] = f32::NEG_INFINITY;
+        let (lo, hi) = (order_key(-1.0) >> 16, order_key(1.0) >> 16);
+        for k in lo..=hi {
+            let e = map.quant.lut[k as usize];
+            if e & 0x1_ffff < 0x1_0000 {
+                jump[(e >> 24) as usize + 1] = from_order_key(k << 16 | e & 0xffff);
+            } else if k > lo
+                && map.quant.lut[k as usize - 1] >> 24 != e >> 24
+                && map.quant.lut[k as usize - 1] & 0x1_ffff >= 0x1_0000
+            {
+                // a jump exactly at a bucket's start
+                jump[(e >> 24) as usize] = from_order_key(k << 16);
+            }
+        }
+        assert!(jump[1..256].iter().all(|j| j.is_finite()), "every jump found");
+        jump
+    }
+
+    /// [`Q8Fast::code`], the lanes' scalar model, gives the rule's code (the
+    /// table's, [`fast_quantization_is_the_reference_rule`]) where it does
+    /// not defer, on every `f32` of magnitude in `[2^-30, 1]` (the cells
+    /// that hold jumps) and every 97th below: the builder's proof, checked
+    /// in full, on every machine.
+    #[test]
+    fn the_arithmetic_quantizer_model_is_exact_on_every_float() {
+        use rayon::prelude::*;
+        let (lo, hi) = (order_key(-1.0), order_key(1.0) + 1);
+        let (tiny_lo, tiny_hi) = (order_key(-(2f32.powi(-30))) + 1, order_key(2f32.powi(-30)));
+        const CHUNK: u32 = 1 << 22;
+        for map in [QMap::signed(), QMap::unsigned()] {
+            let f = map.quant.fast.as_deref().expect("the dynamic maps allow the arithmetic quantizer");
+            let deferred: u64 = (0..(hi - lo).div_ceil(CHUNK))
+                .into_par_iter()
+                .map(|c| {
+                    let start = lo + c * CHUNK;
+                    let mut deferred = 0;
+                    for k in start..start + CHUNK.min(hi - start) {
+                        if (tiny_lo..tiny_hi).contains(&k) && k % 97 != 0 {
+                            continue;
+                        }
+                        let y = from_order_key(k);
+                        match f.code(y) {
+                            Some(got) => {
+                                let want = q8_code(&map.quant.lut, y);
+                                assert_eq!(got, want, "{y:e} ({:#x})", y.to_bits());
+                            }
+                            None => deferred += 1,
+                        }
+                    }
+                    deferred
+                })
+                .sum();
+            assert!(deferred < u64::from(hi - lo - (tiny_hi - tiny_lo)) / 100, "{deferred} deferred");
+        }
+    }
+
+    /// `V::quantize_lanes` against the table's lanes on every `f32` of
+    /// `from_order_key(start..start + len)` (and NaN), with absmax 1.
+    struct EveryFloat<'a> {
+        quant: &'a Q8Quantizer,
+        start: u32,
+        len: u32,
+    }
+    impl crate::simd::LaneOp for EveryFloat<'_> {
+        type Out = ();
+        #[inline(always)]
+        fn run<V: F32Vec>(self) {
+            let mut x: Vec<f32> = (self.start..self.start + self.len).map(from_order_key).collect();
+            x.push(f32::NAN);
+            let n = x.len() - x.len() % V::LANES;
+            let (mut got, mut want) = (vec![0u8; n], vec![0u8; n]);
+            // SAFETY: every buffer holds at least n elements.
+            unsafe {
+                assert_eq!(V::quantize_lanes(self.quant, x.as_ptr(), 1.0, got.as_mut_ptr(), n), n);
+                let table = crate::simd::quantize_lanes_with_table::<V>;
+                assert_eq!(table(&self.quant.lut, x.as_ptr(), 1.0, want.as_mut_ptr(), n), n);
+            }
+            if let Some(i) = (0..n).find(|&i| got[i] != want[i]) {
+                panic!("{:e} ({:#x}): {} against the table's {}", x[i], x[i].to_bits(), got[i], want[i]);
+            }
+        }
+    }
+
+    /// The AVX-512 lanes ([`Q8Fast`]) give the table's code for every `f32`
+    /// in `[-1, 1]` and NaN, for both dynamic maps (the table's lanes are
+    /// [`q8_code`], checked by `simd`'s lane tests and against the rule above).
+    #[test]
+    fn avx512_quantizes_every_float_as_the_table() {
+        use rayon::prelude::*;
+        if !crate::Backend::available().contains(&crate::Backend::Avx512) {
+            return;
+        }
+        let (lo, hi) = (order_key(-1.0), order_key(1.0) + 1);
+        const CHUNK: u32 = 1 << 22;
+        for map in [QMap::signed(), QMap::unsigned()] {
+            let quant = &unchecked_quantizer(map);
+            (0..(hi - lo).div_ceil(CHUNK)).into_par_iter().for_each(|c| {
+                let start = lo + c * CHUNK;
+                let len = CHUNK.min(hi - start);
+                crate::simd::dispatch(crate::Backend::Avx512, EveryFloat { quant, start, len });
+            });
+            // and the self-check let the maps keep it
+            assert!(map.quant.fast.is_some());
         }
     }
 
