@@ -609,7 +609,7 @@ fn run_tiles<V: F32Vec, K: Kernel<S>, const S: usize>(k: &K, mut sl: Mixed<'_, S
             Params::F32(_) => {}
             Params::Bf16(x) => match sl.sr {
                 None => narrow::<V, _>(&pt[..len], &mut x[r.clone()]),
-                Some(key) => narrow_bf16_stochastic(&pt[..len], &mut x[r.clone()], key, sl.base + i as u64),
+                Some(key) => narrow_bf16_stochastic::<V>(&pt[..len], &mut x[r.clone()], key, sl.base + i as u64),
             },
             // Stochastic rounding is refused for f16 parameters (checked).
             Params::F16(x) => narrow::<V, _>(&pt[..len], &mut x[r.clone()]),

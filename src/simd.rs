@@ -122,6 +122,25 @@ pub(crate) trait F32Vec:
     /// # Safety
     /// `ptr..ptr + LANES` must be valid for writes.
     unsafe fn store_bf16(self, ptr: *mut u16);
+    /// Narrows to bf16 stochastically: lane `l` is
+    /// [`f32_to_bf16_stochastic_bits`] with the bits
+    /// [`stream_bits`]`(lo ^ l, hi)` (lane `l`'s element index xor the key,
+    /// low and high halves, where the first lane's index is a multiple of
+    /// `LANES`). Lane by lane by default; the x86 lanes hash in registers.
+    ///
+    /// # Safety
+    /// `ptr..ptr + LANES` must be valid for writes.
+    #[inline(always)]
+    unsafe fn store_bf16_stochastic(self, ptr: *mut u16, lo: u32, hi: u32) {
+        let mut buf = [0f32; 16];
+        assert!(Self::LANES <= buf.len(), "at most 16 lanes");
+        // SAFETY: LANES <= 16 values fit in buf.
+        unsafe { self.store(buf.as_mut_ptr()) };
+        for (l, &x) in buf[..Self::LANES].iter().enumerate() {
+            // SAFETY: l < LANES, inside the caller's writable range.
+            unsafe { *ptr.add(l) = f32_to_bf16_stochastic_bits(x, stream_bits(lo ^ l as u32, hi)) };
+        }
+    }
     /// Widens `LANES` f16 bit patterns (exact, [`f16_to_f32`]).
     ///
     /// # Safety
@@ -196,6 +215,32 @@ pub(crate) fn bf16_to_f32(h: u16) -> f32 {
 pub(crate) fn f32_to_bf16(x: f32) -> u16 {
     let b = x.to_bits();
     let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    if x.is_nan() { 0x7fc0 } else { rounded }
+}
+
+/// MurmurHash3's 32-bit finalizer, a bijection on `u32`.
+#[inline(always)]
+pub(crate) const fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// The 16 random bits of stochastic rounding from an element index's halves
+/// already xored with the key's (`storage::stochastic_bits`).
+#[inline(always)]
+pub(crate) const fn stream_bits(lo: u32, hi: u32) -> u32 {
+    fmix32(fmix32(lo) ^ hi) >> 16
+}
+
+/// `x` rounded to a bf16 bit pattern stochastically with the random bits
+/// `r < 2^16`: `(bits(x) + r) >> 16`, NaN to `0x7FC0`
+/// (`storage::f32_to_bf16_stochastic`).
+#[inline(always)]
+pub(crate) fn f32_to_bf16_stochastic_bits(x: f32, r: u32) -> u16 {
+    let rounded = (x.to_bits().wrapping_add(r & 0xffff) >> 16) as u16;
     if x.is_nan() { 0x7fc0 } else { rounded }
 }
 
@@ -1048,6 +1093,28 @@ mod x86 {
             }
         }
         #[inline(always)]
+        unsafe fn store_bf16_stochastic(self, ptr: *mut u16, lo: u32, hi: u32) {
+            // SAFETY: the caller guarantees 8 writable u16; AVX2 per the
+            // module comment. `stream_bits` and the stochastic narrowing in
+            // integer lanes (wrapping 32-bit adds and multiplies, as the
+            // scalar's), NaN lanes replaced by 0x7fc0 after.
+            unsafe {
+                let fmix = |h: __m256i| {
+                    let h = _mm256_xor_si256(h, _mm256_srli_epi32::<16>(h));
+                    let h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0x85eb_ca6bu32 as i32));
+                    let h = _mm256_xor_si256(h, _mm256_srli_epi32::<13>(h));
+                    let h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0xc2b2_ae35u32 as i32));
+                    _mm256_xor_si256(h, _mm256_srli_epi32::<16>(h))
+                };
+                let index = _mm256_xor_si256(_mm256_set1_epi32(lo as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+                let h = fmix(_mm256_xor_si256(fmix(index), _mm256_set1_epi32(hi as i32)));
+                let b = _mm256_castps_si256(self.0);
+                let r = _mm256_srli_epi32::<16>(_mm256_add_epi32(b, _mm256_srli_epi32::<16>(h)));
+                let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(self.0, self.0));
+                store_u16x8(ptr, _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan));
+            }
+        }
+        #[inline(always)]
         unsafe fn load_f16(ptr: *const u16) -> Self {
             // SAFETY: the caller guarantees 8 readable u16; F16C is part of
             // the AVX2 backend's detected features. `vcvtph2ps` is exact and
@@ -1225,6 +1292,28 @@ mod x86 {
                 let b = _mm512_castps_si512(x);
                 let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
                 let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))));
+                _mm256_storeu_si256(ptr.cast(), _mm512_cvtepi32_epi16(r));
+            }
+        }
+        #[inline(always)]
+        unsafe fn store_bf16_stochastic(self, ptr: *mut u16, lo: u32, hi: u32) {
+            // SAFETY: the caller guarantees 16 writable u16; AVX-512F. As the
+            // AVX2 lanes, 16 at a time.
+            unsafe {
+                let fmix = |h: __m512i| {
+                    let h = _mm512_xor_si512(h, _mm512_srli_epi32::<16>(h));
+                    let h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x85eb_ca6bu32 as i32));
+                    let h = _mm512_xor_si512(h, _mm512_srli_epi32::<13>(h));
+                    let h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0xc2b2_ae35u32 as i32));
+                    _mm512_xor_si512(h, _mm512_srli_epi32::<16>(h))
+                };
+                let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+                let index = _mm512_xor_si512(_mm512_set1_epi32(lo as i32), lanes);
+                let h = fmix(_mm512_xor_si512(fmix(index), _mm512_set1_epi32(hi as i32)));
+                let b = _mm512_castps_si512(self.0);
+                let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, _mm512_srli_epi32::<16>(h)));
+                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(self.0, self.0);
+                let r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
                 _mm256_storeu_si256(ptr.cast(), _mm512_cvtepi32_epi16(r));
             }
         }
@@ -1506,6 +1595,19 @@ mod tests {
             unsafe { v.store_f16(h.as_mut_ptr()) };
             for (x, &y) in chunk.iter().zip(&h) {
                 assert_eq!(y, f32_to_f16(*x), "store_f16 {:#010x}", x.to_bits());
+            }
+            // stochastic: lane l hashes lo ^ l (lo a multiple of LANES), for
+            // index halves that exercise the wrapping multiplies
+            for (k, &(lo, hi)) in
+                [(0u32, 0u32), (0xffff_fff0, 0xffff_ffff), (0x1234_5670, 0x9e37_79b9)].iter().enumerate()
+            {
+                let lo = lo.wrapping_mul(k as u32 + 1) & !(n as u32 - 1);
+                // SAFETY: as above.
+                unsafe { v.store_bf16_stochastic(h.as_mut_ptr(), lo, hi) };
+                for (l, (x, &y)) in chunk.iter().zip(&h).enumerate() {
+                    let want = f32_to_bf16_stochastic_bits(*x, stream_bits(lo ^ l as u32, hi));
+                    assert_eq!(y, want, "store_bf16_stochastic {:#010x}, lo {lo:#x}, hi {hi:#x}", x.to_bits());
+                }
             }
         }
         let table: Vec<f32> = (0..256).map(|i| (i as f32 - 127.5) / 3.0).collect();

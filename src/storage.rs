@@ -41,7 +41,8 @@
 pub use half::{bf16, f16};
 
 use crate::simd::{
-    F32Vec, Q8_FAST_DELTA, Q8Fast, Q8Quantizer, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, order_key, q8_code,
+    F32Vec, Q8_FAST_DELTA, Q8Fast, Q8Quantizer, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_bf16_stochastic_bits,
+    f32_to_f16, order_key, q8_code, stream_bits,
 };
 
 /// Elements per tile of the mixed-storage driver (and per block of a
@@ -949,14 +950,8 @@ impl Elem for bf16 {
     }
     #[inline(always)]
     unsafe fn put_stochastic<V: F32Vec>(v: V, ptr: *mut Self, lo: u32, hi: u32) {
-        let mut buf = [0f32; 16];
-        assert!(V::LANES <= buf.len(), "at most 16 lanes");
-        // SAFETY: V::LANES <= 16 values fit in buf.
-        unsafe { v.store(buf.as_mut_ptr()) };
-        for (l, &x) in buf[..V::LANES].iter().enumerate() {
-            // SAFETY: l < V::LANES, inside the caller's writable range.
-            unsafe { *ptr.add(l) = f32_to_bf16_stochastic(x, stream_bits(lo ^ l as u32, hi)) };
-        }
+        // SAFETY: forwarded contract; bf16 is a transparent u16.
+        unsafe { v.store_bf16_stochastic(ptr.cast(), lo, hi) }
     }
 }
 
@@ -1052,16 +1047,6 @@ const fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// MurmurHash3's 32-bit finalizer, a bijection on `u32`.
-#[inline(always)]
-const fn fmix32(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
-}
-
 /// The key of step `t`'s stream: `splitmix64(splitmix64(seed) ^ t)`.
 #[inline]
 pub const fn stochastic_key(seed: u64, t: u64) -> u64 {
@@ -1080,12 +1065,6 @@ pub const fn stochastic_bits(key: u64, index: u64) -> u32 {
     stream_bits(index as u32 ^ key as u32, (index >> 32) as u32 ^ (key >> 32) as u32)
 }
 
-/// [`stochastic_bits`] from the index's halves already xored with the key's.
-#[inline(always)]
-const fn stream_bits(lo: u32, hi: u32) -> u32 {
-    fmix32(fmix32(lo) ^ hi) >> 16
-}
-
 /// `x` rounded to `bf16` stochastically with the random bits `r`
 /// (`r < 2^16`): `(bits(x) + r) >> 16`, so `x` rounds away from zero with
 /// probability (distance past the lower magnitude) / ulp. Values already in
@@ -1093,22 +1072,32 @@ const fn stream_bits(lo: u32, hi: u32) -> u32 {
 /// finite value within one ulp of the largest `bf16` may round to infinity.
 #[inline(always)]
 pub fn f32_to_bf16_stochastic(x: f32, r: u32) -> bf16 {
-    let rounded = (x.to_bits().wrapping_add(r & 0xffff) >> 16) as u16;
-    bf16::from_bits(if x.is_nan() { 0x7fc0 } else { rounded })
+    bf16::from_bits(f32_to_bf16_stochastic_bits(x, r))
 }
 
 /// Narrows a tile of updated parameters stochastically: `src[j]` is
 /// element `base + j` of the tensor. `base` is a multiple of [`TILE`] and
 /// the tile at most [`TILE`] long (the driver splits at multiples of it), so
 /// the index's high half is the same for the whole tile.
+/// `V::LANES` at a time, the tail with `f32`.
 #[inline(always)]
-pub(crate) fn narrow_bf16_stochastic(src: &[f32], dst: &mut [bf16], key: u64, base: u64) {
+pub(crate) fn narrow_bf16_stochastic<V: F32Vec>(src: &[f32], dst: &mut [bf16], key: u64, base: u64) {
     debug_assert!(base.is_multiple_of(TILE as u64) && src.len() <= TILE);
+    let n = src.len();
+    assert_eq!(n, dst.len(), "tile lengths are equal by construction");
     let lo = (base as u32) ^ (key as u32);
     let hi = ((base >> 32) as u32) ^ ((key >> 32) as u32);
-    for (j, (d, &x)) in dst.iter_mut().zip(src).enumerate() {
-        // base's low 8 bits are zero and j < 256: base + j = base ^ j
-        *d = f32_to_bf16_stochastic(x, stream_bits(lo ^ j as u32, hi));
+    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    let mut j = 0;
+    while j + V::LANES <= n {
+        // base's low 8 bits are zero and j < 256: base + j = base ^ j, and
+        // j is a multiple of LANES, so lane l's index is base ^ (j ^ l).
+        // SAFETY: j + LANES <= n, the length of both slices.
+        unsafe { <bf16 as Elem>::put_stochastic(V::load(s.add(j)), d.add(j), lo ^ j as u32, hi) };
+        j += V::LANES;
+    }
+    for (k, (d, &x)) in dst.iter_mut().zip(src).enumerate().skip(j) {
+        *d = f32_to_bf16_stochastic(x, stream_bits(lo ^ k as u32, hi));
     }
 }
 
