@@ -54,7 +54,7 @@ use crate::error::next_step;
 use crate::memory::{self, Raw};
 use crate::optim::sealed::Sealed;
 use crate::optim::{Guards, MAX_STATE, NonFinitePolicy, non_finite_guard_grads};
-use crate::storage::{Grads, Params, StateBuf};
+use crate::storage::{Dtype, Grads, Params, StateBuf, TILE, stochastic_key};
 use crate::{Algorithm, Error, Exec, Parallel};
 
 /// One tensor handed to [`MultiOptimizer::step`]: its parameters, updated in
@@ -117,11 +117,19 @@ pub struct MultiOptimizer<A: Algorithm> {
     pub(crate) tensors: Vec<Slot<A>>,
     exec: Exec,
     guards: Guards,
+    /// The stochastic-rounding seed of bf16 parameters in `step_mixed`.
+    sr_seed: Option<u64>,
 }
 
 impl<A: Algorithm> Default for MultiOptimizer<A> {
     fn default() -> Self {
-        MultiOptimizer { groups: Vec::new(), tensors: Vec::new(), exec: Exec::auto(), guards: Guards::default() }
+        MultiOptimizer {
+            groups: Vec::new(),
+            tensors: Vec::new(),
+            exec: Exec::auto(),
+            guards: Guards::default(),
+            sr_seed: None,
+        }
     }
 }
 
@@ -137,6 +145,9 @@ struct Piece<'a, A: Algorithm> {
     p: Params<'a>,
     g: Grads<'a>,
     s: [&'a mut [f32]; MAX_STATE],
+    /// The stochastic-rounding key of this step and the piece's first
+    /// element in its tensor (a multiple of [`TILE`]).
+    sr: Option<(u64, u64)>,
 }
 
 impl<A: Algorithm> MultiOptimizer<A> {
@@ -255,6 +266,25 @@ impl<A: Algorithm> MultiOptimizer<A> {
         Ok(())
     }
 
+    /// Stochastic rounding of `bf16` parameters in
+    /// [`step_mixed`](Self::step_mixed) (`None`, the default: round to
+    /// nearest, ties to even). Tensor `i` rounds with the core's stream
+    /// ([`ParamRounding::Stochastic`](crate::storage::ParamRounding)) of seed
+    /// [`stochastic_key`]`(seed, i)` at its own step count, so each tensor
+    /// has its own stream and the bits are the same for any thread count and
+    /// chunk size; `f32` parameters are not rounded, and an `f16` tensor
+    /// with a gradient is an [`Error::Storage`] at the step (nothing
+    /// modified). A control, like the execution policy: checkpoints do not
+    /// hold it (they hold the step counts the streams continue from).
+    pub fn set_stochastic_rounding(&mut self, seed: Option<u64>) {
+        self.sr_seed = seed;
+    }
+
+    /// The stochastic-rounding seed, if set.
+    pub fn stochastic_rounding(&self) -> Option<u64> {
+        self.sr_seed
+    }
+
     /// One step over every tensor, in the order they were added. Tensors
     /// whose `grads` is `None` are skipped (nothing of theirs changes).
     ///
@@ -291,6 +321,13 @@ impl<A: Algorithm> MultiOptimizer<A> {
                 crate::error::check_len("grads", slot.len, g.len())?;
                 next_step(slot.t)?;
                 present += slot.len;
+                if self.sr_seed.is_some() && ts.params.dtype() == Dtype::F16 {
+                    return Err(Error::Storage {
+                        what: "params",
+                        dtype: Dtype::F16,
+                        reason: "stochastic rounding applies to bf16 (and leaves f32) parameters, not f16",
+                    });
+                }
             }
         }
         let mut plan = self.guards.plan(&self.exec)?;
@@ -302,15 +339,23 @@ impl<A: Algorithm> MultiOptimizer<A> {
         let serial = Plan { exec: Exec { parallel: Parallel::Serial, ..plan.exec }, ..plan };
         let chunk = plan.exec.chunk_for(present);
         let mut pieces = Vec::new();
-        for (ts, slot) in tensors.iter_mut().zip(self.tensors.iter_mut()) {
+        for (i, (ts, slot)) in tensors.iter_mut().zip(self.tensors.iter_mut()).enumerate() {
             let Some(mut g) = ts.grads else { continue };
             let k = slot.state.len();
+            let key = match (self.sr_seed, ts.params.dtype()) {
+                (Some(seed), Dtype::Bf16) => Some(stochastic_key(stochastic_key(seed, i as u64), slot.t + 1)),
+                _ => None,
+            };
             let mut p: Params<'_> = ts.params.reborrow();
             let mut s: [&mut [f32]; MAX_STATE] = Default::default();
             for (r, b) in s.iter_mut().zip(slot.state.iter_mut()) {
                 *r = b.as_mut_slice();
             }
             let step = chunk.unwrap_or(usize::MAX).max(1);
+            // a stochastically rounded tensor splits at multiples of TILE
+            // (where its stream's index arithmetic starts; same bits)
+            let step = if key.is_some() { step.checked_next_multiple_of(TILE).unwrap_or(step) } else { step };
+            let mut base = 0u64;
             loop {
                 let mid = p.len().min(step);
                 let (p0, p1) = std::mem::replace(&mut p, Params::F32(&mut [])).split_at(mid);
@@ -322,7 +367,9 @@ impl<A: Algorithm> MultiOptimizer<A> {
                     *a = x;
                     *b = y;
                 }
-                pieces.push(Piece { t: slot.t + 1, aux: slot.aux, group: slot.group, k, p: p0, g: g0, s: s0 });
+                let sr = key.map(|k| (k, base));
+                pieces.push(Piece { t: slot.t + 1, aux: slot.aux, group: slot.group, k, p: p0, g: g0, s: s0, sr });
+                base += mid as u64;
                 (p, g) = (p1, g1);
                 if p.is_empty() {
                     break;
@@ -409,7 +456,9 @@ impl<A: Algorithm> Ctx<'_, A> {
         let mut it = piece.s[..k].iter_mut();
         let mut s: [StateBuf<'_>; MAX_STATE] =
             std::array::from_fn(|_| StateBuf::F32(it.next().map_or(&mut [][..], |x| &mut **x)));
-        group.run(piece.t, &mut aux, self.plan, Bufs::new(piece.p.reborrow(), piece.g, &mut s[..k], None));
+        let mut bufs = Bufs::new(piece.p.reborrow(), piece.g, &mut s[..k], None);
+        bufs.sr = piece.sr;
+        group.run(piece.t, &mut aux, self.plan, bufs);
     }
 
     /// Runs the pieces on the crate's split-and-join recursion, down to

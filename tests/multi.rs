@@ -6,7 +6,7 @@
 mod common;
 
 use adaoptim::multi::{MixedTensorStep, MultiOptimizer, TensorStep};
-use adaoptim::storage::{Dtype, Grads, Params, StateBuf, bf16, f16};
+use adaoptim::storage::{Dtype, Grads, ParamRounding, Params, StateBuf, bf16, f16, stochastic_key};
 use adaoptim::*;
 use common::{Rng, all_paths, assert_same_bits};
 
@@ -306,10 +306,11 @@ impl G {
     }
 }
 
-fn check_mixed<A: Algorithm + Copy>(config: A, exec: Exec, clip: bool, what: &str) {
+fn check_mixed<A: Algorithm + Copy>(config: A, exec: Exec, clip: bool, sr: Option<u64>, what: &str) {
     let mut rng = Rng::new(34);
     let mut opt = MultiOptimizer::new();
     opt.set_exec(exec);
+    opt.set_stochastic_rounding(sr);
     opt.add_group(config, &MIXED.map(|m| m.0)).unwrap();
     let scale = Some(2.0f32);
     opt.set_grad_scale(scale).unwrap();
@@ -352,6 +353,14 @@ fn check_mixed<A: Algorithm + Copy>(config: A, exec: Exec, clip: bool, what: &st
         for (i, g) in grads.iter().enumerate() {
             let Some(g) = g else { continue };
             steps[i] += 1;
+            // tensor i's own stream: the core's, seeded by stochastic_key(seed, i)
+            let param_rounding = match (sr, &lone[i]) {
+                (Some(seed), P::Bf16(_)) => {
+                    ParamRounding::Stochastic { seed: stochastic_key(seed, i as u64), offset: 0 }
+                }
+                _ => ParamRounding::Nearest,
+            };
+            let options = StepOptions { param_rounding, ..options.clone() };
             let mut bufs: Vec<StateBuf<'_>> = states[i].iter_mut().map(|b| StateBuf::F32(b)).collect();
             step_mixed(&config, steps[i], &mut aux[i], lone[i].as_params(), g.as_grads(), &mut bufs, None, &options)
                 .unwrap();
@@ -381,25 +390,34 @@ fn check_mixed<A: Algorithm + Copy>(config: A, exec: Exec, clip: bool, what: &st
 #[test]
 fn mixed_storage_tensors_get_step_mixeds_bits_on_every_path() {
     for_every_path(|path, exec| {
-        for clip in [false, true] {
-            let w = format!("{path} clip={clip}");
+        for (clip, sr) in [(false, None), (true, None), (false, Some(0x5eed)), (true, Some(7))] {
+            let w = format!("{path} clip={clip} sr={sr:?}");
             check_mixed(
                 AdamConfig { lr: 0.05, weight_decay: 0.1, decoupled_weight_decay: true, ..Default::default() },
                 exec,
                 clip,
+                sr,
                 &format!("adamw {w}"),
             );
             check_mixed(
                 NAdamConfig { lr: 0.05, momentum_decay: 0.01, ..Default::default() },
                 exec,
                 clip,
+                sr,
                 &format!("nadam {w}"),
             );
-            check_mixed(SgdConfig { lr: 0.1, momentum: 0.9, ..Default::default() }, exec, clip, &format!("sgd {w}"));
+            check_mixed(
+                SgdConfig { lr: 0.1, momentum: 0.9, ..Default::default() },
+                exec,
+                clip,
+                sr,
+                &format!("sgd {w}"),
+            );
             check_mixed(
                 AdagradConfig { lr: 0.1, initial_accumulator_value: 0.1, ..Default::default() },
                 exec,
                 clip,
+                sr,
                 &format!("adagrad {w}"),
             );
         }
@@ -446,4 +464,31 @@ fn a_non_finite_half_gradient_is_found_and_changes_nothing() {
     assert!(a.iter().all(|x| x.to_f32() == 1.0) && b == vec![2.0; 3]);
     assert_eq!((opt.step_count(0).unwrap(), opt.step_count(1).unwrap()), (0, 0));
     assert!(opt.state(0, "exp_avg").unwrap().unwrap().iter().all(|&x| x == 0.0));
+}
+
+#[test]
+fn stochastic_rounding_refuses_f16_params_and_changes_nothing() {
+    let mut opt = MultiOptimizer::new();
+    opt.add_group(AdamConfig::default(), &[5, 3]).unwrap();
+    opt.set_stochastic_rounding(Some(1));
+    assert_eq!(opt.stochastic_rounding(), Some(1));
+    let mut a = vec![bf16::from_f32(1.0); 5];
+    let mut b = vec![f16::from_f32(2.0); 3];
+    let (ga, gb) = (vec![0.5f32; 5], vec![0.25f32; 3]);
+    let err = opt
+        .step_mixed(&mut [
+            MixedTensorStep::new(Params::Bf16(&mut a), Some(Grads::F32(&ga))),
+            MixedTensorStep::new(Params::F16(&mut b), Some(Grads::F32(&gb))),
+        ])
+        .unwrap_err();
+    assert!(matches!(err, Error::Storage { dtype: Dtype::F16, .. }), "{err:?}");
+    assert!(a.iter().all(|x| x.to_f32() == 1.0) && b.iter().all(|x| x.to_f32() == 2.0));
+    assert_eq!((opt.step_count(0).unwrap(), opt.step_count(1).unwrap()), (0, 0));
+    // an f16 tensor without a gradient is not stepped, so not refused
+    opt.step_mixed(&mut [
+        MixedTensorStep::new(Params::Bf16(&mut a), Some(Grads::F32(&ga))),
+        MixedTensorStep::new(Params::F16(&mut b), None),
+    ])
+    .unwrap();
+    assert_eq!((opt.step_count(0).unwrap(), opt.step_count(1).unwrap()), (1, 0));
 }
