@@ -26,7 +26,8 @@
 //! # What it accepts
 //! `f32`, `bf16` and `f16` `Var`s on the CPU device, contiguous (every
 //! `Var` candle creates is). A `bf16` or `f16` `Var` is widened, stepped in
-//! `f32` and rounded back to nearest, its optimizer state kept in `f32`
+//! `f32` and rounded back to nearest (or, for `bf16`, stochastically:
+//! [`Optim::set_stochastic_rounding`]), its optimizer state kept in `f32`
 //! (candle's own optimizers keep it in the `Var`'s dtype). A `Var` of
 //! another float dtype (`f64`, ...), on another device or with a strided layout is an
 //! error at construction; a `Var` of an integer dtype is not optimized, as
@@ -301,6 +302,18 @@ impl<C: Algorithm> Optim<C> {
     /// The execution policy (backend, threads).
     pub fn set_exec(&mut self, exec: Exec) {
         self.opt.set_exec(exec);
+    }
+
+    /// Stochastic rounding of `bf16` `Var`s (`None`, the default: round to
+    /// nearest, ties to even): each `bf16` `Var` rounds with its own
+    /// counter-based stream (the `i`-th `Var`'s is adaoptim's of seed
+    /// `adaoptim::storage::stochastic_key(seed, i)`, at its step count), the
+    /// same bits for any thread count, and resumed from a checkpoint at the
+    /// step it holds (the seed is a control, like the execution policy: set
+    /// it again after loading). `f32` `Var`s are not rounded; with an `f16`
+    /// `Var` that has a gradient, a step is an error that changes nothing.
+    pub fn set_stochastic_rounding(&mut self, seed: Option<u64>) {
+        self.opt.set_stochastic_rounding(seed);
     }
 
     /// The group configurations with the attached schedule's values for the

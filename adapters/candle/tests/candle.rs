@@ -452,8 +452,17 @@ fn halves(t: &Tensor) -> Vec<bf16> {
 
 #[test]
 fn bf16_vars_are_adaoptims_mixed_step_on_raw_slices_bit_for_bit() {
-    // Two bf16 Vars and one f32 Var in one step: the bf16 ones with their
-    // bf16 gradients from candle's backprop, the state f32.
+    let nearest = bf16_vars_against_raw_slices(None);
+    let stochastic = bf16_vars_against_raw_slices(Some(11));
+    let differ = nearest.iter().zip(&stochastic).filter(|(a, b)| a != b).count();
+    assert!(differ > 10, "stochastic rounding changed only {differ} of the bf16 weights");
+}
+
+/// Two bf16 Vars and one f32 Var in one step: the bf16 ones with their
+/// bf16 gradients from candle's backprop, the state f32, rounded as `sr`
+/// says; against `MultiOptimizer::step_mixed` on raw slices, bit for bit.
+/// Returns the first Var's final weights.
+fn bf16_vars_against_raw_slices(sr: Option<u64>) -> Vec<bf16> {
     let m = bf16_model(7);
     let w2 = Var::from_tensor(&m.vars[2].as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
     let vars = vec![m.vars[0].clone(), m.vars[1].clone(), w2.clone()];
@@ -465,9 +474,11 @@ fn bf16_vars_are_adaoptims_mixed_step_on_raw_slices_bit_for_bit() {
     let config = AdamWConfig { lr: 2e-2, weight_decay: 0.1, ..Default::default() };
     let mut opt = AdamW::new(vars.clone(), config).unwrap();
     opt.set_max_grad_norm(Some(0.5)).unwrap();
+    opt.set_stochastic_rounding(sr);
     let mut raw = MultiOptimizer::new();
     raw.add_group(config, &[128, 16, 48]).unwrap();
     raw.set_max_grad_norm(Some(0.5)).unwrap();
+    raw.set_stochastic_rounding(sr);
     let (mut w1, mut b1, mut w2r) = (halves(&vars[0]), halves(&vars[1]), flat(&vars[2]));
     let start = w1.clone();
     for _ in 0..6 {
@@ -491,6 +502,7 @@ fn bf16_vars_are_adaoptims_mixed_step_on_raw_slices_bit_for_bit() {
     }
     assert!(w1.iter().zip(&start).filter(|(a, b)| a != b).count() > 100, "the bf16 weights moved");
     assert_eq!(opt.inner().state(0, "exp_avg_sq").unwrap(), raw.state(0, "exp_avg_sq").unwrap());
+    w1
 }
 
 #[test]
