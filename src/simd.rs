@@ -1396,7 +1396,7 @@ mod x86 {
             };
             assert_eq!(q.lut.len(), 1 << 16, "a map's table");
             // `Q8Fast` in lanes, its tables in 16 registers: per 16 elements
-            // a division, six two-register permutes and some integer work; a
+            // a division, eight two-register permutes and some integer work; a
             // vector with an ambiguous lane is redone through the table.
             // SAFETY: the table loads read inside `f`'s arrays (64 and 32
             // entries); the caller guarantees `n` readable floats and `n`
