@@ -360,7 +360,7 @@ fn check_mixed<A: Algorithm + Copy>(config: A, exec: Exec, clip: bool, sr: Optio
                 }
                 _ => ParamRounding::Nearest,
             };
-            let options = StepOptions { param_rounding, ..options.clone() };
+            let options = StepOptions { param_rounding, ..options };
             let mut bufs: Vec<StateBuf<'_>> = states[i].iter_mut().map(|b| StateBuf::F32(b)).collect();
             step_mixed(&config, steps[i], &mut aux[i], lone[i].as_params(), g.as_grads(), &mut bufs, None, &options)
                 .unwrap();
