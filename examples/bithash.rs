@@ -133,12 +133,27 @@ fn main() {
         }
     }
     // Batches of small matrices (a conv weight's kernels, one-row and
-    // one-column matrices, the largest that fit one task), each with the
-    // update stored and recomputed.
-    let small: [&[usize]; 7] =
-        [&[64, 3, 3], &[37, 5, 7], &[2, 3, 16, 16], &[300, 1, 40], &[50, 40, 1], &[4, 256, 60], &[3, 300, 20]];
-    for shape in small {
-        let cfg = AdafactorConfig { weight_decay: 0.01, ..Default::default() };
+    // one-column matrices, the largest that fit one task), then a few long
+    // rows (pieces of a row per task, windows without a stored update),
+    // many rows and columns of more than one block, and tall, thin
+    // matrices; each with the update stored and recomputed, and `d = 1`
+    // (the updates' RMS then reaches the parameters on some steps).
+    let shapes: [&[usize]; 12] = [
+        &[64, 3, 3],
+        &[37, 5, 7],
+        &[2, 3, 16, 16],
+        &[300, 1, 40],
+        &[50, 40, 1],
+        &[4, 256, 60],
+        &[3, 300, 20],
+        &[2, 262_150],
+        &[1, 300_001],
+        &[300, 16_400],
+        &[20_000, 3],
+        &[70_001, 1],
+    ];
+    for shape in shapes {
+        let cfg = AdafactorConfig { weight_decay: 0.01, d: 1.0, ..Default::default() };
         for (ename, exec) in &execs {
             for (mode, store) in [("stored", true), ("recomputed", false)] {
                 let (n, rl, cl, vl) = adafactor::state_sizes(shape).unwrap();

@@ -50,6 +50,14 @@
 //! faster there), larger ones recompute (storing measured no faster at DRAM
 //! sizes, and it would cost 4 bytes per parameter).
 //!
+//! A matrix of fewer rows than twice the threads, each longer than a task
+//! (`1x1048576`), takes a piece of a row per task in the last two passes:
+//! a row's updates in parallel pieces, then the row's sum of squares over
+//! the stored updates in the row's one order (without an update buffer, a
+//! window of a row at a time), so the bits do not change. A first-pass
+//! task that holds a row's or a column's whole sum interpolates that
+//! statistic itself.
+//!
 //! Matrices of at most 256 rows and 16384 elements (a conv weight's 3x3
 //! kernels, attention heads) are one task of each pass, so a batch of them
 //! is stepped a group of whole matrices (about 16384 elements) per task:
@@ -811,6 +819,16 @@ fn run(
             type One<'a> = ((&'a mut [f32], &'a [f32]), (&'a [f32], &'a [f32]));
             let one = |((p, g), (rv, cv)): One<'_>| {
                 let rmean = row_mean(rv, f);
+                if inner && long_rows(rows, cols) {
+                    // A piece of a row per task (element-wise: the same bits).
+                    p.par_chunks_mut(cols).zip(g.par_chunks(cols)).zip(rv.par_iter()).for_each(|((pr, gr), r)| {
+                        let pieces = pr.par_chunks_mut(CHUNK).zip(gr.par_chunks(CHUNK)).zip(cv.par_chunks(CHUNK));
+                        pieces.for_each(|((pb, gb), cb)| {
+                            lanes.rows_apply(std::slice::from_ref(r), cb, rmean, gb, pb, gb.len(), ap);
+                        });
+                    });
+                    return;
+                }
                 let per = rows_per_task(cols);
                 let body = |(k, (pb, gb)): (usize, (&mut [f32], &[f32]))| {
                     lanes.rows_apply(&rv[k * per..], cv, rmean, gb, pb, cols, ap)
@@ -907,6 +925,9 @@ fn rows_usq(
     lanes: Lanes,
     upd: Option<&mut [f32]>,
 ) -> f64 {
+    if par && long_rows(rv.len(), cols) {
+        return long_rows_usq(g, cols, rv, cv, rmean, f, lanes, upd);
+    }
     let per = rows_per_task(cols);
     let mut parts = vec![0f64; rv.len()];
     type Task<'a> = (usize, ((&'a mut [f64], &'a [f32]), &'a mut [f32]));
@@ -916,6 +937,59 @@ fn rows_usq(
         parts.par_chunks_mut(per).zip(g.par_chunks(per * cols)).zip(ubs).enumerate().for_each(body);
     } else {
         parts.chunks_mut(per).zip(g.chunks(per * cols)).zip(ubs).enumerate().for_each(body);
+    }
+    parts.iter().sum()
+}
+
+/// Whether a matrix has too few rows, each longer than a task, to share
+/// its row passes out a row per task: the passes then take pieces of
+/// [`CHUNK`] columns of a row per task (element-wise work only, so the
+/// bits do not depend on it).
+fn long_rows(rows: usize, cols: usize) -> bool {
+    cols > CHUNK && rows < 2 * rayon::current_num_threads()
+}
+
+/// Columns of a row per window of [`long_rows_usq`] without a stored
+/// update (the scratch it allocates: 512 KiB).
+const WINDOW: usize = 8 * CHUNK;
+
+/// `sum(u^2)` over a matrix of [`long_rows`], a row at a time: the row's
+/// updates in parallel pieces of [`CHUNK`] columns, stored in `upd` (the
+/// whole row at once) or, without it, in a scratch window of [`WINDOW`]
+/// columns at a time; after each, its squares are added on into the row's
+/// 8 accumulators in element order (a window starts at a multiple of 8),
+/// folded at the row's end. That is [`row_usq`]'s sum (element `j` into
+/// accumulator `j % 8`, in element order, folded pairwise), so the bits are
+/// [`rows_usq`]'s.
+#[allow(clippy::too_many_arguments)]
+fn long_rows_usq(
+    g: &[f32],
+    cols: usize,
+    rv: &[f32],
+    cv: &[f32],
+    rmean: f32,
+    f: Factors,
+    lanes: Lanes,
+    mut upd: Option<&mut [f32]>,
+) -> f64 {
+    let window = if upd.is_some() { cols } else { WINDOW };
+    let mut scratch = if upd.is_some() { Vec::new() } else { vec![0f32; WINDOW.min(cols)] };
+    let mut parts = vec![0f64; rv.len()];
+    for (i, (&r, part)) in rv.iter().zip(&mut parts).enumerate() {
+        let mut acc = [0f64; 8];
+        for j0 in (0..cols).step_by(window) {
+            let j1 = (j0 + window).min(cols);
+            let dst = match upd.as_deref_mut() {
+                Some(u) => &mut u[i * cols + j0..i * cols + j1],
+                None => &mut scratch[..j1 - j0],
+            };
+            let pieces = dst.par_chunks_mut(CHUNK).zip(g[i * cols + j0..i * cols + j1].par_chunks(CHUNK));
+            pieces.zip(cv[j0..j1].par_chunks(CHUNK)).for_each(|((ub, gb), cb)| {
+                lanes.rows_usq(std::slice::from_ref(&r), cb, rmean, gb, gb.len(), f, &mut [0.0], ub);
+            });
+            lanes.sq_acc(dst, &mut acc);
+        }
+        *part = fold8(acc);
     }
     parts.iter().sum()
 }
@@ -945,40 +1019,71 @@ fn factor_update(
     lanes: Lanes,
 ) -> f64 {
     let (groups, blocks) = (rows.div_ceil(ROW_GROUP), cols.div_ceil(CHUNK));
-    // Per task: the parameters' partial, each row's partial, each column's.
-    let task = |k: usize| -> (f64, Vec<f64>, Vec<f64>) {
+    // A row whose columns are all in one block has its whole sum in one
+    // task, and a column of a matrix of one group of rows likewise: such a
+    // task interpolates those statistics itself (the combination below adds
+    // its sum to 0, which changes no bit), so no tensor-sized array of
+    // partial sums is written, zeroed and read back (a matrix of one row
+    // and a million columns spent a third of its step there).
+    let (rows_done, cols_done) = (blocks == 1, groups == 1);
+    type Slot<'a> = (Option<&'a mut [f32]>, Option<&'a mut [f32]>);
+    let slots: Vec<Slot<'_>> = match (rows_done, cols_done) {
+        (true, true) => vec![(Some(&mut *rv), Some(&mut *cv))],
+        (true, false) => rv.chunks_mut(ROW_GROUP).map(|r| (Some(r), None)).collect(),
+        (false, true) => cv.chunks_mut(CHUNK).map(|c| (None, Some(c))).collect(),
+        (false, false) => (0..groups * blocks).map(|_| (None, None)).collect(),
+    };
+    // Per task: the parameters' partial, each row's partial, each column's
+    // (the last two empty where the task interpolated them).
+    let task = |(k, (rvs, cvs)): (usize, Slot<'_>)| -> (f64, Vec<f64>, Vec<f64>) {
         let (gi, bi) = (k / blocks, k % blocks);
         let (r0, r1) = (gi * ROW_GROUP, ((gi + 1) * ROW_GROUP).min(rows));
         let (j0, j1) = (bi * CHUNK, ((bi + 1) * CHUNK).min(cols));
         let mut row_sq = vec![0f64; r1 - r0];
         let mut col_sq = vec![0f64; j1 - j0];
-        let rows = r0 * cols..r1 * cols;
-        let psq = lanes.first_pass(&p[rows.clone()], &g[rows], cols, j0..j1, &mut row_sq, &mut col_sq);
+        let span = r0 * cols..r1 * cols;
+        let psq = lanes.first_pass(&p[span.clone()], &g[span], cols, j0..j1, &mut row_sq, &mut col_sq);
+        if let Some(rvs) = rvs {
+            lanes.stats(rvs, &row_sq, cols, w);
+            row_sq = Vec::new();
+        }
+        if let Some(cvs) = cvs {
+            lanes.stats(cvs, &col_sq, rows, w);
+            col_sq = Vec::new();
+        }
         (psq, row_sq, col_sq)
     };
     let parts: Vec<(f64, Vec<f64>, Vec<f64>)> = if par {
-        (0..groups * blocks).into_par_iter().map(task).collect()
+        slots.into_par_iter().enumerate().map(task).collect()
     } else {
-        (0..groups * blocks).map(task).collect()
+        slots.into_iter().enumerate().map(task).collect()
     };
     let mut psq = 0.0;
-    let mut row_sq = vec![0f64; rows];
-    let mut col_sq = vec![0f64; cols];
-    for (k, (p_part, r_part, c_part)) in parts.iter().enumerate() {
-        let (gi, bi) = (k / blocks, k % blocks);
+    for (p_part, _, _) in &parts {
         psq += p_part;
-        for (acc, x) in row_sq[gi * ROW_GROUP..].iter_mut().zip(r_part) {
-            *acc += x;
+    }
+    let mut rest = [(rv, rows_done, cols), (cv, cols_done, rows)];
+    for (side, (var, done, count)) in rest.iter_mut().enumerate() {
+        if *done {
+            continue;
         }
-        for (acc, x) in col_sq[bi * CHUNK..].iter_mut().zip(c_part) {
-            *acc += x;
+        let mut sum_sq = vec![0f64; var.len()];
+        for (k, part) in parts.iter().enumerate() {
+            let (at, x) = if side == 0 { ((k / blocks) * ROW_GROUP, &part.1) } else { ((k % blocks) * CHUNK, &part.2) };
+            for (acc, x) in sum_sq[at..].iter_mut().zip(x) {
+                *acc += x;
+            }
+        }
+        // Through the backend dispatch so the lerp's fused multiply-add is
+        // the instruction, not a library call per element; element-wise, so
+        // in parallel pieces with the same bits.
+        if par && var.len() > CHUNK {
+            let pieces = var.par_chunks_mut(CHUNK).zip(sum_sq.par_chunks(CHUNK));
+            pieces.for_each(|(v, s)| lanes.stats(v, s, *count, w));
+        } else {
+            lanes.stats(var, &sum_sq, *count, w);
         }
     }
-    // Through the backend dispatch so the lerp's fused multiply-add is the
-    // instruction, not a library call per element (a matrix of one row and
-    // a million columns spent most of its step there).
-    lanes.stats(rv, &row_sq, cols, w);
-    lanes.stats(cv, &col_sq, rows, w);
     psq
 }
 
@@ -1215,6 +1320,15 @@ fn sq_sum<V: F32Vec>(x: &[f32]) -> f64 {
         return fold_short(x.len(), |i| f64::from(x[i]) * f64::from(x[i]));
     }
     let mut acc = [0f64; 8];
+    sq_acc::<V>(x, &mut acc);
+    fold8(acc)
+}
+
+/// Adds `x[i]^2` (in f64) into accumulator `i % 8`, in element order:
+/// [`sq_sum`] before its fold, and a window of a row's updates
+/// ([`long_rows_usq`]) when `x` starts at a multiple of 8 of the row.
+#[inline(always)]
+fn sq_acc<V: F32Vec>(x: &[f32], acc: &mut [f64; 8]) {
     let full = x.len() / 8 * 8;
     let mut i = 0;
     while i < full {
@@ -1233,7 +1347,6 @@ fn sq_sum<V: F32Vec>(x: &[f32]) -> f64 {
         let v = f64::from(v);
         *a += v * v;
     }
-    fold8(acc)
 }
 
 /// `var = lerp(var, norm^2 / count, w)` per row or column, with the norm
@@ -1346,6 +1459,7 @@ fn small_usq<V: F32Vec>(
 /// `rv` at least one entry per row) per dispatch.
 enum Pass<'a> {
     SqSum(&'a [f32]),
+    SqAcc(&'a [f32], &'a mut [f64; 8]),
     /// [`factor_update`]'s task: per row, the columns `j` of the params'
     /// squares (returned, summed in row order), the gradients' (into
     /// `row_sq`) and the gradients' column squares (into `col_sq`).
@@ -1434,6 +1548,10 @@ impl LaneOp for Pass<'_> {
     fn run<V: F32Vec>(self) -> f64 {
         match self {
             Pass::SqSum(x) => sq_sum::<V>(x),
+            Pass::SqAcc(x, acc) => {
+                sq_acc::<V>(x, acc);
+                0.0
+            }
             Pass::Squares { p, g, cols, j, row_sq, col_sq } => squares::<V>(p, g, cols, j, row_sq, col_sq),
             Pass::RowsUsq { rv, cv, rmean, g, cols, f, out, u } => {
                 rows_usq_lanes::<V>(rv, cv, rmean, g, cols, f, out, u);
@@ -1476,6 +1594,9 @@ impl LaneOp for Pass<'_> {
 impl Lanes {
     fn sq_sum(self, x: &[f32]) -> f64 {
         dispatch(self.0, Pass::SqSum(x))
+    }
+    fn sq_acc(self, x: &[f32], acc: &mut [f64; 8]) {
+        dispatch(self.0, Pass::SqAcc(x, acc));
     }
     fn first_pass(
         self,
