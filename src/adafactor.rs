@@ -56,7 +56,7 @@
 //! the stored updates in the row's one order (without an update buffer, a
 //! window of a row at a time), so the bits do not change. A first-pass
 //! task that holds a row's or a column's whole sum interpolates that
-//! statistic itself.
+//! statistic itself. A matrix of one column takes a row per lane.
 //!
 //! Matrices of at most 256 rows and 16384 elements (a conv weight's 3x3
 //! kernels, attention heads) are one task of each pass, so a batch of them
@@ -1374,6 +1374,18 @@ fn squares<V: F32Vec>(
     col_sq: &mut [f64],
 ) -> f64 {
     let mut psq = 0.0;
+    if cols == 1 && !col_sq.is_empty() {
+        // Rows of one element: each row's sum of squares is its one square
+        // (`sq_sum` folds zeros into it, which changes no bit), added to
+        // the parameters' sum and to the column's in row order as below.
+        for ((&x, &y), rs) in p.iter().zip(g).zip(row_sq) {
+            let (x, y) = (f64::from(x), f64::from(y));
+            psq += x * x;
+            *rs = y * y;
+            col_sq[0] += y * y;
+        }
+        return psq;
+    }
     for ((pr, gr), rs) in p.chunks(cols).zip(g.chunks(cols)).zip(row_sq) {
         let (pr, gr) = (&pr[j.clone()], &gr[j.clone()]);
         psq += sq_sum::<V>(pr);
@@ -1397,6 +1409,10 @@ fn rows_usq_lanes<V: F32Vec>(
     out: &mut [f64],
     u: &mut [f32],
 ) {
+    if cols == 1 {
+        let n = out.len().min(g.len());
+        return column_usq::<V>(&rv[..n], cv[0], rmean, &g[..n], f, &mut out[..n], u);
+    }
     if u.is_empty() {
         for ((o, gr), &r) in out.iter_mut().zip(g.chunks(cols)).zip(rv) {
             *o = row_usq::<V, false>(r, cv, rmean, gr, f, &mut []);
@@ -1408,9 +1424,73 @@ fn rows_usq_lanes<V: F32Vec>(
     }
 }
 
+/// Rows of one element each (a matrix of one column): [`row_usq`] of each
+/// row, a row per lane. A row's sum is its one square (the fold of
+/// [`fold_short`] adds zeros to it, which changes no bit).
+#[inline(always)]
+fn column_usq<V: F32Vec>(rv: &[f32], c: f32, rmean: f32, g: &[f32], f: Factors, out: &mut [f64], s: &mut [f32]) {
+    let n = g.len();
+    let store = !s.is_empty();
+    let full = n / V::LANES * V::LANES;
+    let mut tmp = [0f32; 16];
+    let mut j = 0;
+    while j < full {
+        // SAFETY: `j + LANES <= n`, the length of `rv`, `g` (and `s` when
+        // storing); `tmp` holds 16 >= LANES floats.
+        unsafe {
+            // `r * c` with `r` first, as `factored_v`.
+            let v = (V::load(rv.as_ptr().add(j)) * V::splat(c)) / V::splat(rmean);
+            let u = u_of(v, V::load(g.as_ptr().add(j)), f);
+            if store {
+                u.store(s.as_mut_ptr().add(j));
+            }
+            u.store(tmp.as_mut_ptr());
+        }
+        for (o, &x) in out[j..j + V::LANES].iter_mut().zip(&tmp) {
+            *o = f64::from(x) * f64::from(x);
+        }
+        j += V::LANES;
+    }
+    for j in full..n {
+        let u = u_of(factored_v(rv[j], c, rmean), g[j], f);
+        if store {
+            s[j] = u;
+        }
+        out[j] = f64::from(u) * f64::from(u);
+    }
+}
+
+/// The last pass, recomputing `u`, over rows of one element each: as
+/// [`row_apply`], a row per lane.
+#[inline(always)]
+fn column_apply<V: F32Vec>(rv: &[f32], c: f32, rmean: f32, g: &[f32], p: &mut [f32], ap: Apply) {
+    let n = p.len();
+    let (rv, g) = (&rv[..n], &g[..n]);
+    let full = n / V::LANES * V::LANES;
+    let mut j = 0;
+    while j < full {
+        // SAFETY: `j + LANES <= n`, the length of all three slices.
+        unsafe {
+            let v = (V::load(rv.as_ptr().add(j)) * V::splat(c)) / V::splat(rmean);
+            let (gj, pj) = (V::load(g.as_ptr().add(j)), V::load(p.as_ptr().add(j)));
+            let u = u_of(v, gj, ap.f);
+            V::splat(ap.a).mul_add(u, pj * V::splat(ap.decay)).store(p.as_mut_ptr().add(j));
+        }
+        j += V::LANES;
+    }
+    for j in full..n {
+        let u = u_of(factored_v(rv[j], c, rmean), g[j], ap.f);
+        p[j] = ap.a.mul_add(u, p[j] * ap.decay);
+    }
+}
+
 /// The last pass, recomputing `u`, over whole rows.
 #[inline(always)]
 fn rows_apply_lanes<V: F32Vec>(rv: &[f32], cv: &[f32], rmean: f32, g: &[f32], p: &mut [f32], cols: usize, ap: Apply) {
+    if cols == 1 {
+        let n = p.len().min(g.len()).min(rv.len());
+        return column_apply::<V>(rv, cv[0], rmean, g, &mut p[..n], ap);
+    }
     for ((pr, gr), &r) in p.chunks_mut(cols).zip(g.chunks(cols)).zip(rv) {
         row_apply::<V>(r, cv, rmean, gr, pr, ap);
     }

@@ -39,7 +39,8 @@ fn every_backend_and_thread_count_gives_the_scalar_bits_with(d: f64) {
     // Past PAR_THRESHOLD, so Auto runs in parallel too; odd sizes leave
     // partial chunks and column blocks; a few long rows (`[1, 262_145]`,
     // `[5, 16_390]`: fewer than two per thread at 3 threads, not at 2) are
-    // split into pieces of columns. Batches of small matrices (3x3
+    // split into pieces of columns; matrices of one column take a row per
+    // lane. Batches of small matrices (3x3
     // kernels, rows of 7, the largest single-task matrix and one row past
     // it) leave partial groups of whole matrices.
     let shapes = [
@@ -52,6 +53,8 @@ fn every_backend_and_thread_count_gives_the_scalar_bits_with(d: f64) {
         &[300, 7, 40],
         &[5, 256, 64],
         &[3, 257, 63],
+        &[70_001, 1],
+        &[3, 20, 1],
     ];
     for shape in shapes {
         let (p0, o0) = trajectory(shape, cfg, Exec::scalar(), 1, 7);
@@ -91,8 +94,19 @@ fn stored_and_recomputed_updates_give_the_same_bits_with(d: f64) {
     // A few long rows (`[1, 40_003]`, `[2, 262_150]`) are split into pieces
     // of columns, without a buffer a window of 131072 columns at a time
     // (three windows a row for `[2, 262_150]`, the last of 6 columns).
-    let shapes =
-        [&[613, 457][..], &[3, 21, 43], &[300_007], &[7], &[1, 40_003], &[2, 262_150], &[1001, 3, 3], &[40, 5, 9]];
+    // Matrices of one column (`[70_001, 1]`, `[30, 9, 1]`) take a row per lane.
+    let shapes = [
+        &[613, 457][..],
+        &[3, 21, 43],
+        &[300_007],
+        &[7],
+        &[1, 40_003],
+        &[2, 262_150],
+        &[1001, 3, 3],
+        &[40, 5, 9],
+        &[70_001, 1],
+        &[30, 9, 1],
+    ];
     for shape in shapes {
         let (n, rl, cl, vl) = state_sizes(shape).unwrap();
         let mut results: Vec<(String, [Vec<f32>; 4])> = Vec::new();
