@@ -1430,7 +1430,9 @@ fn rows_usq_lanes<V: F32Vec>(
 #[inline(always)]
 fn column_usq<V: F32Vec>(rv: &[f32], c: f32, rmean: f32, g: &[f32], f: Factors, out: &mut [f64], s: &mut [f32]) {
     let n = g.len();
+    let (rv, out) = (&rv[..n], &mut out[..n]);
     let store = !s.is_empty();
+    let s = if store { &mut s[..n] } else { s };
     let full = n / V::LANES * V::LANES;
     let mut tmp = [0f32; 16];
     let mut j = 0;
