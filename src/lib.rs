@@ -55,12 +55,15 @@
 //!    [`step_mixed`]; `optim/guards.rs` the controls every owner shares (the
 //!    non-finite policy, loss scale, clipping, the schedule application);
 //!    `optim/owner.rs` the owning [`Optimizer`].
-//! 8. **Owners of many tensors or of shapes**: [`groups`] (one arena,
-//!    shardable), [`multi`] (caller-owned tensors, per-tensor step counts),
-//!    [`sparse`] (row-sparse tables), [`adafactor`] (factored statistics per
-//!    tensor shape), [`roofline`] (the bandwidth-ceiling kernel).
-//! 9. **By name** ([`any`]): [`AnyConfig`] / [`AnyOptimizer`], generated from
-//!    the registry.
+//! 8. **Owners of many tensors, of shapes or of storages**: [`groups`]
+//!    (one arena, shardable), [`mixed`] (one tensor's state in `f32`,
+//!    `bf16` or 8-bit storage, and the owned buffers the multi-tensor owner
+//!    reuses), [`sparse`] (row-sparse tables), [`adafactor`] (factored
+//!    statistics per tensor shape), [`roofline`] (the bandwidth-ceiling
+//!    kernel).
+//! 9. **Caller-owned tensors and names**: [`multi`] (per-tensor step
+//!    counts, each group's state in a [`mixed`] storage); [`any`]
+//!    ([`AnyConfig`] / [`AnyOptimizer`], generated from the registry).
 //! 10. **I/O** ([`checkpoint`]): the format, atomic files, and one part per
 //!     owner (dense, grouped, multi, sparse, Adafactor, any).
 //!

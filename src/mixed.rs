@@ -20,6 +20,7 @@
 //! ```
 
 use crate::error::{check_len, next_step};
+use crate::memory::{self, Raw};
 use crate::optim::sealed::Sealed;
 use crate::storage::{
     Dtype, Grads, ParamCopy, ParamRounding, Params, Q8_BLOCK, Q8State, QMap, StateBuf, bf16, dequantize_blockwise,
@@ -27,22 +28,120 @@ use crate::storage::{
 };
 use crate::{Algorithm, Error, Exec, StepOptions, StepReport};
 
-/// One state buffer, owned, in its storage.
+/// One state buffer, owned, in its storage (a [`MixedOptimizer`]'s, or a
+/// [`MultiOptimizer`](crate::multi::MultiOptimizer) tensor's).
 #[derive(Clone, Debug)]
 pub(crate) enum Owned {
-    F32(Vec<f32>),
+    F32(Raw),
     Bf16(Vec<bf16>),
     Q8 { codes: Vec<u8>, absmax: Vec<f32>, map: &'static QMap },
 }
 
 impl Owned {
-    fn buf(&mut self) -> StateBuf<'_> {
+    /// `n` elements of value `x` in `dtype`: `f32`, `bf16` (rounded to
+    /// nearest) or 8-bit block-wise with `name`'s map (every block
+    /// quantizes `x` alike).
+    ///
+    /// # Errors
+    /// [`Error::Storage`] for another dtype; [`Error::TooLarge`] where the
+    /// buffer cannot be allocated.
+    pub(crate) fn new(dtype: Dtype, n: usize, x: f32, name: &str) -> Result<Owned, Error> {
+        check_state_dtype(dtype)?;
+        Ok(match dtype {
+            Dtype::F32 => Owned::F32(memory::try_filled("state", n, x)?),
+            Dtype::Bf16 => Owned::Bf16(try_vec(n, bf16::from_f32(x))?),
+            Dtype::Q8 => {
+                let map = QMap::for_state(name);
+                let (mut code, mut scale) = ([0u8; 1], [0f32; 1]);
+                quantize_blockwise(&[x], map, &mut code, &mut scale)?;
+                Owned::Q8 { codes: try_vec(n, code[0])?, absmax: try_vec(n.div_ceil(Q8_BLOCK), scale[0])?, map }
+            }
+            _ => unreachable!("checked above"),
+        })
+    }
+
+    /// `values` rounded (`bf16`, to nearest) or quantized (8-bit, with
+    /// `name`'s map) into `dtype`.
+    ///
+    /// # Errors
+    /// As [`new`](Self::new).
+    pub(crate) fn from_f32(dtype: Dtype, values: &[f32], name: &str) -> Result<Owned, Error> {
+        check_state_dtype(dtype)?;
+        let n = values.len();
+        Ok(match dtype {
+            Dtype::F32 => {
+                let mut x = memory::try_filled("state", n, 0.0)?;
+                x.copy_from_slice(values);
+                Owned::F32(x)
+            }
+            Dtype::Bf16 => {
+                let mut x = try_vec(n, bf16::ZERO)?;
+                x.iter_mut().zip(values).for_each(|(d, &v)| *d = bf16::from_f32(v));
+                Owned::Bf16(x)
+            }
+            _ => {
+                let map = QMap::for_state(name);
+                let (mut codes, mut absmax) = (try_vec(n, 0u8)?, try_vec(n.div_ceil(Q8_BLOCK), 0f32)?);
+                quantize_blockwise(values, map, &mut codes, &mut absmax)?;
+                Owned::Q8 { codes, absmax, map }
+            }
+        })
+    }
+
+    /// The buffer, borrowed for a step.
+    pub(crate) fn buf(&mut self) -> StateBuf<'_> {
         match self {
             Owned::F32(x) => StateBuf::F32(x),
             Owned::Bf16(x) => StateBuf::Bf16(x),
             Owned::Q8 { codes, absmax, map } => StateBuf::Q8(Q8State { codes, absmax, map }),
         }
     }
+
+    /// The storage.
+    pub(crate) fn dtype(&self) -> Dtype {
+        match self {
+            Owned::F32(_) => Dtype::F32,
+            Owned::Bf16(_) => Dtype::Bf16,
+            Owned::Q8 { .. } => Dtype::Q8,
+        }
+    }
+
+    /// The `f32` values (widened or dequantized).
+    pub(crate) fn to_f32(&self) -> Vec<f32> {
+        match self {
+            Owned::F32(x) => x.to_vec(),
+            Owned::Bf16(x) => x.iter().map(|v| v.to_f32()).collect(),
+            Owned::Q8 { codes, absmax, map } => {
+                let mut out = vec![0.0; codes.len()];
+                dequantize_blockwise(codes, absmax, map, &mut out).expect("lengths kept by the owner");
+                out
+            }
+        }
+    }
+
+    /// The parts bitsandbytes' `state_dict` holds, for an 8-bit buffer.
+    pub(crate) fn q8_parts(&self) -> Option<Q8Parts<'_>> {
+        match self {
+            Owned::Q8 { codes, absmax, map } => Some(Q8Parts { state: codes, absmax, qmap: map.code() }),
+            _ => None,
+        }
+    }
+}
+
+/// [`Error::Storage`] unless `dtype` is a state storage: `F32`, `BF16`, `Q8`.
+pub(crate) fn check_state_dtype(dtype: Dtype) -> Result<(), Error> {
+    match dtype {
+        Dtype::F32 | Dtype::Bf16 | Dtype::Q8 => Ok(()),
+        other => Err(Error::Storage { what: "state", dtype: other, reason: "optimizer state is f32, bf16 or 8-bit" }),
+    }
+}
+
+/// `n` copies of `x`, or [`Error::TooLarge`] instead of an abort.
+fn try_vec<T: Clone>(n: usize, x: T) -> Result<Vec<T>, Error> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| Error::TooLarge { what: "state", elements: n })?;
+    v.resize(n, x);
+    Ok(v)
 }
 
 /// An optimizer over `n` parameters that owns its state buffers in one
@@ -85,7 +184,7 @@ impl<A: Algorithm> MixedOptimizer<A> {
         let state = names
             .iter()
             .enumerate()
-            .map(|(i, name)| init(state_dtype, n, config.state_init(i), name))
+            .map(|(i, name)| Owned::new(state_dtype, n, config.state_init(i), name))
             .collect::<Result<_, _>>()?;
         Ok(MixedOptimizer {
             aux: config.aux_init(),
@@ -179,15 +278,7 @@ impl<A: Algorithm> MixedOptimizer<A> {
     /// dequantized), if the optimizer has one.
     pub fn state_f32(&self, name: &str) -> Option<Vec<f32>> {
         let i = self.config.state_names().iter().position(|s| *s == name)?;
-        Some(match &self.state[i] {
-            Owned::F32(x) => x.clone(),
-            Owned::Bf16(x) => x.iter().map(|v| v.to_f32()).collect(),
-            Owned::Q8 { codes, absmax, map } => {
-                let mut out = vec![0.0; self.n];
-                dequantize_blockwise(codes, absmax, map, &mut out).expect("lengths kept by the optimizer");
-                out
-            }
-        })
+        Some(self.state[i].to_f32())
     }
 }
 
@@ -250,33 +341,6 @@ impl<A: Algorithm> MixedOptimizer<A> {
     /// `absmax{i}`, `qmap{i}` for the `i`-th state), or `None` if the state
     /// is not 8-bit.
     pub fn q8_parts(&self) -> Option<Vec<Q8Parts<'_>>> {
-        self.state
-            .iter()
-            .map(|s| match s {
-                Owned::Q8 { codes, absmax, map } => Some(Q8Parts { state: codes, absmax, qmap: map.code() }),
-                _ => None,
-            })
-            .collect()
+        self.state.iter().map(Owned::q8_parts).collect()
     }
-}
-
-/// A state buffer of `n` elements of value `x` in `dtype`.
-fn init(dtype: Dtype, n: usize, x: f32, name: &str) -> Result<Owned, Error> {
-    Ok(match dtype {
-        Dtype::F32 => Owned::F32(vec![x; n]),
-        Dtype::Bf16 => Owned::Bf16(vec![bf16::from_f32(x); n]),
-        Dtype::Q8 => {
-            let map = QMap::for_state(name);
-            let (mut codes, mut absmax) = (vec![0u8; n], vec![0f32; n.div_ceil(Q8_BLOCK)]);
-            quantize_blockwise(&vec![x; n], map, &mut codes, &mut absmax)?;
-            Owned::Q8 { codes, absmax, map }
-        }
-        other => {
-            return Err(Error::Storage {
-                what: "state",
-                dtype: other,
-                reason: "optimizer state is f32, bf16 or 8-bit",
-            });
-        }
-    })
 }

@@ -41,8 +41,28 @@
 //! [`step_mixed`](MultiOptimizer::step_mixed) takes parameters and
 //! gradients in other storage types ([`MixedTensorStep`]: `bf16` or `f16`
 //! parameters, `bf16` or `f16` gradients) beside `f32` ones, in the same
-//! parallel region; the state stays `f32` (torch would keep it in the
-//! parameters' dtype).
+//! parallel region. Each group keeps its state in one storage: `f32`
+//! ([`add_group`](MultiOptimizer::add_group)), or `bf16` or 8-bit block-wise
+//! ([`add_group_with_state`](MultiOptimizer::add_group_with_state)), each
+//! tensor's update the bits [`MixedOptimizer`](crate::mixed::MixedOptimizer)
+//! over it gives:
+//!
+//! ```
+//! use adaoptim::multi::{MixedTensorStep, MultiOptimizer};
+//! use adaoptim::storage::{bf16, Dtype, Grads, Params};
+//! use adaoptim::AdamWConfig;
+//!
+//! let mut opt = MultiOptimizer::new();
+//! opt.add_group_with_state(AdamWConfig::default(), &[1000, 10], Dtype::Q8)?; // 8-bit states
+//! let (mut w, mut b) = (vec![bf16::from_f32(0.5); 1000], vec![0.0f32; 10]);
+//! let (gw, gb) = (vec![bf16::from_f32(0.01); 1000], vec![0.01f32; 10]);
+//! opt.step_mixed(&mut [
+//!     MixedTensorStep::new(Params::Bf16(&mut w), Some(Grads::Bf16(&gw))),
+//!     MixedTensorStep::new(Params::F32(&mut b), Some(Grads::F32(&gb))),
+//! ])?;
+//! assert!(opt.q8_parts(0)?.is_some()); // bitsandbytes' state1, absmax1, qmap1, ...
+//! # Ok::<(), adaoptim::Error>(())
+//! ```
 //!
 //! Guards apply to the step as a whole: the non-finite policy looks at every
 //! present gradient (an index it reports counts through the present
@@ -51,7 +71,7 @@
 
 use crate::driver::{Bufs, Plan, StepReport, split_join};
 use crate::error::next_step;
-use crate::memory::{self, Raw};
+use crate::mixed::{Owned, Q8Parts, check_state_dtype};
 use crate::optim::sealed::Sealed;
 use crate::optim::{Guards, MAX_STATE, NonFinitePolicy, non_finite_guard_grads};
 use crate::storage::{Dtype, Grads, Params, StateBuf, TILE, stochastic_key};
@@ -77,7 +97,7 @@ impl<'a> TensorStep<'a> {
 /// One tensor handed to [`MultiOptimizer::step_mixed`]: parameters and
 /// gradient in any storage a [`step_mixed`](crate::step_mixed) takes
 /// (`f32`, `bf16` or `f16` parameters; `f32`, `bf16` or `f16` gradients), the
-/// state staying the optimizer's `f32`.
+/// state in its group's storage.
 #[derive(Debug)]
 pub struct MixedTensorStep<'a> {
     /// The parameters, updated in place (`bf16` ones rounded to nearest).
@@ -106,7 +126,7 @@ pub(crate) struct Slot<A: Algorithm> {
     pub(crate) len: usize,
     pub(crate) t: u64,
     pub(crate) aux: <A as Sealed>::Aux,
-    pub(crate) state: Vec<Raw>,
+    pub(crate) state: Vec<Owned>,
 }
 
 /// State for many caller-owned tensors in groups; see the
@@ -114,6 +134,8 @@ pub(crate) struct Slot<A: Algorithm> {
 #[derive(Clone, Debug)]
 pub struct MultiOptimizer<A: Algorithm> {
     pub(crate) groups: Vec<A>,
+    /// Each group's state storage.
+    pub(crate) dtypes: Vec<Dtype>,
     pub(crate) tensors: Vec<Slot<A>>,
     exec: Exec,
     guards: Guards,
@@ -125,6 +147,7 @@ impl<A: Algorithm> Default for MultiOptimizer<A> {
     fn default() -> Self {
         MultiOptimizer {
             groups: Vec::new(),
+            dtypes: Vec::new(),
             tensors: Vec::new(),
             exec: Exec::auto(),
             guards: Guards::default(),
@@ -144,7 +167,7 @@ struct Piece<'a, A: Algorithm> {
     k: usize,
     p: Params<'a>,
     g: Grads<'a>,
-    s: [&'a mut [f32]; MAX_STATE],
+    s: [StateBuf<'a>; MAX_STATE],
     /// The stochastic-rounding key of this step and the piece's first
     /// element in its tensor (a multiple of [`TILE`]).
     sr: Option<(u64, u64)>,
@@ -165,17 +188,43 @@ impl<A: Algorithm> MultiOptimizer<A> {
     /// Invalid hyperparameters; [`Error::TooLarge`] for a tensor whose state
     /// cannot be allocated. Nothing changes then.
     pub fn add_group(&mut self, config: A, sizes: &[usize]) -> Result<Vec<usize>, Error> {
+        self.add_group_with_state(config, sizes, Dtype::F32)
+    }
+
+    /// [`add_group`](Self::add_group) with the group's state kept in
+    /// `state_dtype`: [`Dtype::F32`], [`Dtype::Bf16`] (rounded to nearest
+    /// each step) or [`Dtype::Q8`] (bitsandbytes' block-wise 8-bit scheme,
+    /// blocks of 256 elements of each tensor); the initial value
+    /// (Adagrad's `initial_accumulator_value`) is rounded into it. Each
+    /// tensor's update is then the bits of a
+    /// [`MixedOptimizer`](crate::mixed::MixedOptimizer) over it with that
+    /// state storage.
+    ///
+    /// # Errors
+    /// As [`add_group`](Self::add_group); [`Error::Storage`] for another
+    /// state dtype. Nothing changes then.
+    pub fn add_group_with_state(
+        &mut self,
+        config: A,
+        sizes: &[usize],
+        state_dtype: Dtype,
+    ) -> Result<Vec<usize>, Error> {
         config.validate()?;
+        check_state_dtype(state_dtype)?;
+        let names = config.state_names();
         let mut slots = Vec::with_capacity(sizes.len());
         for &len in sizes {
-            let state = (0..config.state_names().len())
-                .map(|i| memory::try_filled("state", len, config.state_init(i)))
+            let state = names
+                .iter()
+                .enumerate()
+                .map(|(i, name)| Owned::new(state_dtype, len, config.state_init(i), name))
                 .collect::<Result<Vec<_>, _>>()?;
             slots.push(Slot { group: self.groups.len(), len, t: 0, aux: config.aux_init(), state });
         }
         let first = self.tensors.len();
         self.tensors.extend(slots);
         self.groups.push(config);
+        self.dtypes.push(state_dtype);
         Ok((first..self.tensors.len()).collect())
     }
 
@@ -216,15 +265,107 @@ impl<A: Algorithm> MultiOptimizer<A> {
         Ok(self.slot(tensor)?.t)
     }
 
-    /// A tensor's state buffer by torch name; `Ok(None)` if its group keeps
-    /// no such buffer.
+    /// A tensor's `f32` state buffer by torch name; `Ok(None)` if its group
+    /// keeps no such buffer.
     ///
     /// # Errors
-    /// As [`len_of`](Self::len_of).
+    /// As [`len_of`](Self::len_of); [`Error::Storage`] for a group whose
+    /// state is not `f32` (see [`state_f32`](Self::state_f32)).
     pub fn state(&self, tensor: usize, name: &str) -> Result<Option<&[f32]>, Error> {
         let s = self.slot(tensor)?;
         let names = self.groups[s.group].state_names();
-        Ok(names.iter().position(|n| *n == name).map(|i| s.state[i].as_slice()))
+        match names.iter().position(|n| *n == name).map(|i| &s.state[i]) {
+            None => Ok(None),
+            Some(Owned::F32(x)) => Ok(Some(x.as_slice())),
+            Some(other) => Err(Error::Storage {
+                what: "state",
+                dtype: other.dtype(),
+                reason: "this group's state is not f32: read it with state_f32",
+            }),
+        }
+    }
+
+    /// A tensor's state buffer by torch name as `f32` values (a copy,
+    /// widened from `bf16` or dequantized from 8-bit); `Ok(None)` if its
+    /// group keeps no such buffer.
+    ///
+    /// # Errors
+    /// As [`len_of`](Self::len_of).
+    pub fn state_f32(&self, tensor: usize, name: &str) -> Result<Option<Vec<f32>>, Error> {
+        let s = self.slot(tensor)?;
+        let names = self.groups[s.group].state_names();
+        Ok(names.iter().position(|n| *n == name).map(|i| s.state[i].to_f32()))
+    }
+
+    /// A tensor's 8-bit state in bitsandbytes' `state_dict` form
+    /// (`state{i}`, `absmax{i}`, `qmap{i}` for its `i`-th state, 1-based),
+    /// or `None` if its group's state is not 8-bit.
+    ///
+    /// # Errors
+    /// As [`len_of`](Self::len_of).
+    pub fn q8_parts(&self, tensor: usize) -> Result<Option<Vec<Q8Parts<'_>>>, Error> {
+        let s = self.slot(tensor)?;
+        Ok(if self.dtypes[s.group] == Dtype::Q8 { s.state.iter().map(Owned::q8_parts).collect() } else { None })
+    }
+
+    /// Moves a group's state into another storage ([`Dtype::F32`],
+    /// [`Dtype::Bf16`] or [`Dtype::Q8`]): each buffer's values as they are
+    /// now, widened, rounded to nearest `bf16` or quantized block-wise (a
+    /// fresh group's state comes out as
+    /// [`add_group_with_state`](Self::add_group_with_state) makes it). For a
+    /// framework adapter that made its groups before it knew the storage,
+    /// or a run that moves to 8-bit state midway.
+    ///
+    /// # Errors
+    /// [`Error::IncompatibleConfig`] for no such group; [`Error::Storage`]
+    /// for another dtype; [`Error::TooLarge`] where a buffer cannot be
+    /// allocated. Nothing changes then.
+    pub fn set_state_dtype(&mut self, group: usize, state_dtype: Dtype) -> Result<(), Error> {
+        if group >= self.groups.len() {
+            return Err(Error::IncompatibleConfig { reason: "no such group" });
+        }
+        self.move_state(|g| g == group, state_dtype)
+    }
+
+    /// [`set_state_dtype`](Self::set_state_dtype) for every group at once.
+    ///
+    /// # Errors
+    /// As [`set_state_dtype`](Self::set_state_dtype); nothing changes then
+    /// (no group moved).
+    pub fn set_state_dtype_all(&mut self, state_dtype: Dtype) -> Result<(), Error> {
+        self.move_state(|_| true, state_dtype)
+    }
+
+    /// Moves the state of the groups `which` picks into `state_dtype`.
+    fn move_state(&mut self, which: impl Fn(usize) -> bool, state_dtype: Dtype) -> Result<(), Error> {
+        check_state_dtype(state_dtype)?;
+        let moving = |g: usize| which(g) && self.dtypes[g] != state_dtype;
+        // Every new buffer first, so that a failed allocation changes nothing.
+        let mut moved = Vec::new();
+        for (i, slot) in self.tensors.iter().enumerate().filter(|(_, s)| moving(s.group)) {
+            let names = self.groups[slot.group].state_names();
+            let bufs = slot
+                .state
+                .iter()
+                .zip(names)
+                .map(|(b, name)| Owned::from_f32(state_dtype, &b.to_f32(), name))
+                .collect::<Result<Vec<_>, _>>()?;
+            moved.push((i, bufs));
+        }
+        for (i, bufs) in moved {
+            self.tensors[i].state = bufs;
+        }
+        for (g, d) in self.dtypes.iter_mut().enumerate() {
+            if which(g) {
+                *d = state_dtype;
+            }
+        }
+        Ok(())
+    }
+
+    /// A group's state storage ([`Dtype::F32`], [`Dtype::Bf16`] or [`Dtype::Q8`]).
+    pub fn state_dtype(&self, group: usize) -> Option<Dtype> {
+        self.dtypes.get(group).copied()
     }
 
     /// A tensor's group.
@@ -301,10 +442,11 @@ impl<A: Algorithm> MultiOptimizer<A> {
 
     /// [`step`](Self::step) over parameters and gradients in any storage
     /// ([`MixedTensorStep`]): `bf16` or `f16` parameters, `bf16` or `f16` gradients,
-    /// beside `f32` ones, all in the same parallel region, the state kept in
-    /// `f32`. Each tensor's update is the bits of
-    /// [`step_mixed`](crate::step_mixed) over it with `f32` state buffers (a
-    /// lone `f32` tensor's: those of [`step`](Self::step)); the guards and
+    /// beside `f32` ones, all in the same parallel region, the state in its
+    /// group's storage. Each tensor's update is the bits of
+    /// [`step_mixed`](crate::step_mixed) over it with state buffers in that
+    /// storage (a lone `f32` tensor's with `f32` state: those of
+    /// [`step`](Self::step)); the guards and
     /// the global clipping norm read every present gradient, widened
     /// exactly.
     ///
@@ -347,23 +489,26 @@ impl<A: Algorithm> MultiOptimizer<A> {
                 _ => None,
             };
             let mut p: Params<'_> = ts.params.reborrow();
-            let mut s: [&mut [f32]; MAX_STATE] = Default::default();
-            for (r, b) in s.iter_mut().zip(slot.state.iter_mut()) {
-                *r = b.as_mut_slice();
-            }
+            let mut it = slot.state.iter_mut();
+            let mut s: [StateBuf<'_>; MAX_STATE] =
+                std::array::from_fn(|_| it.next().map_or(StateBuf::F32(&mut []), Owned::buf));
             let step = chunk.unwrap_or(usize::MAX).max(1);
             // a stochastically rounded tensor splits at multiples of TILE
-            // (where its stream's index arithmetic starts; same bits)
-            let step = if key.is_some() { step.checked_next_multiple_of(TILE).unwrap_or(step) } else { step };
+            // (where its stream's index arithmetic starts), an 8-bit state
+            // at multiples of its block Q8_BLOCK = TILE: same bits
+            let step = if key.is_some() || self.dtypes[slot.group] == Dtype::Q8 {
+                step.checked_next_multiple_of(TILE).unwrap_or(step)
+            } else {
+                step
+            };
             let mut base = 0u64;
             loop {
                 let mid = p.len().min(step);
                 let (p0, p1) = std::mem::replace(&mut p, Params::F32(&mut [])).split_at(mid);
                 let (g0, g1) = g.split_at(mid);
-                let mut s0: [&mut [f32]; MAX_STATE] = Default::default();
-                for (a, b) in s0.iter_mut().zip(s.iter_mut()) {
-                    let cut = mid.min(b.len());
-                    let (x, y) = std::mem::take(b).split_at_mut(cut);
+                let mut s0: [StateBuf<'_>; MAX_STATE] = std::array::from_fn(|_| StateBuf::F32(&mut []));
+                for (a, b) in s0.iter_mut().zip(s.iter_mut()).take(k) {
+                    let (x, y) = std::mem::replace(b, StateBuf::F32(&mut [])).split_at(mid);
                     *a = x;
                     *b = y;
                 }
@@ -449,14 +594,7 @@ impl<A: Algorithm> Ctx<'_, A> {
         let mut aux = piece.aux;
         let k = piece.k;
         let group = &self.groups[piece.group];
-        if let (Params::F32(p), Grads::F32(g)) = (piece.p.reborrow(), piece.g) {
-            group.run(piece.t, &mut aux, self.plan, Bufs::dense(p, g, &mut piece.s[..k]));
-            return;
-        }
-        let mut it = piece.s[..k].iter_mut();
-        let mut s: [StateBuf<'_>; MAX_STATE] =
-            std::array::from_fn(|_| StateBuf::F32(it.next().map_or(&mut [][..], |x| &mut **x)));
-        let mut bufs = Bufs::new(piece.p.reborrow(), piece.g, &mut s[..k], None);
+        let mut bufs = Bufs::new(piece.p.reborrow(), piece.g, &mut piece.s[..k], None);
         bufs.sr = piece.sr;
         group.run(piece.t, &mut aux, self.plan, bufs);
     }

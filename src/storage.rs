@@ -242,10 +242,11 @@ impl<'a> StateBuf<'a> {
                 (StateBuf::Bf16(a), StateBuf::Bf16(b))
             }
             StateBuf::Q8(q) => {
-                // The driver splits mixed buffers at multiples of TILE = Q8_BLOCK.
-                assert!(mid.is_multiple_of(Q8_BLOCK), "8-bit states split at block boundaries");
+                // The drivers split mixed buffers at multiples of TILE =
+                // Q8_BLOCK, or at the end.
+                assert!(mid.is_multiple_of(Q8_BLOCK) || mid == q.codes.len(), "8-bit states split at block boundaries");
                 let (c0, c1) = q.codes.split_at_mut(mid);
-                let (a0, a1) = q.absmax.split_at_mut(mid / Q8_BLOCK);
+                let (a0, a1) = q.absmax.split_at_mut(mid.div_ceil(Q8_BLOCK));
                 (
                     StateBuf::Q8(Q8State { codes: c0, absmax: a0, map: q.map }),
                     StateBuf::Q8(Q8State { codes: c1, absmax: a1, map: q.map }),

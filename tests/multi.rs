@@ -6,7 +6,10 @@
 mod common;
 
 use adaoptim::multi::{MixedTensorStep, MultiOptimizer, TensorStep};
-use adaoptim::storage::{Dtype, Grads, ParamRounding, Params, StateBuf, bf16, f16, stochastic_key};
+use adaoptim::storage::{
+    Dtype, Grads, ParamRounding, Params, Q8_BLOCK, Q8State, QMap, StateBuf, bf16, dequantize_blockwise, f16,
+    quantize_blockwise, stochastic_key,
+};
 use adaoptim::*;
 use common::{Rng, all_paths, assert_same_bits};
 
@@ -245,10 +248,189 @@ fn extra_metadata_is_kept_and_may_not_replace_the_checkpoints_own() {
     assert!(
         !adaoptim::checkpoint::format::metadata(&opt.to_safetensors().unwrap()).unwrap().contains_key("adapter.names")
     );
-    for key in ["torch_class", "steps", "crc32", "param_groups"] {
+    for key in ["torch_class", "steps", "crc32", "param_groups", "state_dtypes"] {
         assert!(opt.to_safetensors_with(&[(key, "x".to_string())]).is_err(), "{key}");
     }
     assert!(adaoptim::checkpoint::format::metadata(b"not safetensors").is_err());
+}
+
+#[test]
+fn bf16_and_8bit_groups_checkpoint_bit_for_bit_under_bitsandbytes_names() {
+    let sizes = [[300, 7], [513, 0], [1000, 256]];
+    let mut opt = MultiOptimizer::new();
+    for (sz, d) in sizes.iter().zip([Dtype::F32, Dtype::Q8, Dtype::Bf16]) {
+        opt.add_group_with_state(AdamConfig { amsgrad: true, ..Default::default() }, sz, d).unwrap();
+    }
+    let mut rng = Rng::new(5);
+    let flat: Vec<usize> = sizes.concat();
+    let mut ps: Vec<Vec<f32>> = flat.iter().map(|&n| rng.vec(n, 1.0)).collect();
+    let gs: Vec<Vec<Vec<f32>>> = (0..6).map(|_| flat.iter().map(|&n| rng.vec(n, 1.0)).collect()).collect();
+    let run = |opt: &mut MultiOptimizer<AdamConfig>, ps: &mut [Vec<f32>], s: usize| {
+        let mut ts: Vec<TensorStep<'_>> = ps
+            .iter_mut()
+            .zip(&gs[s])
+            .enumerate()
+            .map(|(k, (p, g))| TensorStep::new(p, has_grad(k, s).then_some(&g[..])))
+            .collect();
+        opt.step(&mut ts).unwrap();
+    };
+    for s in 0..3 {
+        run(&mut opt, &mut ps, s);
+    }
+    let bytes = opt.to_safetensors().unwrap();
+    let saved_codes = opt.q8_parts(2).unwrap().unwrap()[0].state.to_vec();
+    let mut resumed = MultiOptimizer::<AdamConfig>::from_safetensors(&bytes).unwrap();
+    assert_eq!(
+        (0..3).map(|g| resumed.state_dtype(g).unwrap()).collect::<Vec<_>>(),
+        [Dtype::F32, Dtype::Q8, Dtype::Bf16]
+    );
+    let mut resumed_ps = ps.clone();
+    for s in 3..6 {
+        run(&mut opt, &mut ps, s);
+        run(&mut resumed, &mut resumed_ps, s);
+    }
+    for k in 0..flat.len() {
+        assert_same_bits(&format!("resumed tensor {k}"), &resumed_ps[k], &ps[k]);
+        for name in ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"] {
+            let (a, b) = (resumed.state_f32(k, name).unwrap().unwrap(), opt.state_f32(k, name).unwrap().unwrap());
+            assert_same_bits(&format!("resumed tensor {k} {name}"), &a, &b);
+        }
+    }
+    // Tensor 2 is the 8-bit group's first: bitsandbytes' names and dtypes.
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let codes = st.tensor("state.2.state1").unwrap();
+    assert_eq!((codes.dtype(), codes.shape()), (safetensors::Dtype::U8, &[513][..]));
+    assert_eq!(st.tensor("state.2.absmax3").unwrap().shape(), [3]);
+    assert_eq!(st.tensor("state.2.qmap2").unwrap().shape(), [256]);
+    assert_eq!(st.tensor("state.4.exp_avg").unwrap().dtype(), safetensors::Dtype::BF16);
+    assert!(st.tensor("state.2.exp_avg").is_err());
+    assert_eq!(saved_codes, codes.data());
+    let meta = adaoptim::checkpoint::format::metadata(&bytes).unwrap();
+    assert_eq!(meta["state_dtypes"], r#"["F32","U8","BF16"]"#);
+    // A file without state_dtypes (written before groups had a storage) is
+    // all f32; a wrong list is a typed error.
+    let mut f32_only = MultiOptimizer::new();
+    f32_only.add_group(AdamConfig::default(), &[4]).unwrap();
+    let f32_bytes = f32_only.to_safetensors().unwrap();
+    let (header, body) = split_header(&f32_bytes);
+    let mut h: serde_json::Value = serde_json::from_slice(header).unwrap();
+    h["__metadata__"].as_object_mut().unwrap().remove("state_dtypes");
+    let old = MultiOptimizer::<AdamConfig>::from_safetensors(&join_header(&h, body)).unwrap();
+    assert_eq!(old.state_dtype(0), Some(Dtype::F32));
+    for bad in [r#"["F16"]"#, r#"["F32","U8"]"#, r#""U8""#, "[1]"] {
+        h["__metadata__"]["state_dtypes"] = bad.into();
+        let r = MultiOptimizer::<AdamConfig>::from_safetensors(&join_header(&h, body));
+        assert!(matches!(r, Err(Error::Checkpoint { .. })), "{bad}: {r:?}");
+    }
+    // Truncated: typed errors.
+    for cut in [9, bytes.len() / 2, bytes.len() - 1] {
+        assert!(matches!(MultiOptimizer::<AdamConfig>::from_safetensors(&bytes[..cut]), Err(Error::Checkpoint { .. })));
+    }
+}
+
+fn split_header(bytes: &[u8]) -> (&[u8], &[u8]) {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    (&bytes[8..8 + n], &bytes[8 + n..])
+}
+
+fn join_header(h: &serde_json::Value, body: &[u8]) -> Vec<u8> {
+    let h = serde_json::to_vec(h).unwrap();
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(body);
+    out
+}
+
+#[test]
+fn a_groups_state_moves_to_another_storage_as_its_values_round() {
+    let config = AdagradConfig { initial_accumulator_value: 0.3, ..Default::default() };
+    let sizes = [700, 5];
+    let mut rng = Rng::new(8);
+    let gs: Vec<Vec<Vec<f32>>> = (0..4).map(|_| sizes.iter().map(|&n| rng.vec(n, 1.0)).collect()).collect();
+    let p0: Vec<Vec<f32>> = sizes.iter().map(|&n| rng.vec(n, 1.0)).collect();
+    let run = |opt: &mut MultiOptimizer<AdagradConfig>, ps: &mut [Vec<f32>], s: usize| {
+        let mut ts: Vec<TensorStep<'_>> =
+            ps.iter_mut().zip(&gs[s]).map(|(p, g)| TensorStep::new(p, Some(&g[..]))).collect();
+        opt.step(&mut ts).unwrap();
+    };
+    for to in [Dtype::Q8, Dtype::Bf16] {
+        // A fresh group moved: as if made in that storage, step for step.
+        let (mut moved, mut made) = (MultiOptimizer::new(), MultiOptimizer::new());
+        moved.add_group(config, &sizes).unwrap();
+        moved.set_state_dtype(0, to).unwrap();
+        made.add_group_with_state(config, &sizes, to).unwrap();
+        let (mut pa, mut pb) = (p0.clone(), p0.clone());
+        for s in 0..2 {
+            run(&mut moved, &mut pa, s);
+            run(&mut made, &mut pb, s);
+        }
+        for k in 0..2 {
+            assert_same_bits(&format!("{to:?} fresh {k}"), &pa[k], &pb[k]);
+        }
+        // Midway: the values as they are, rounded or quantized by the
+        // public storage functions; then it steps on in the new storage.
+        let sums: Vec<Vec<f32>> = (0..2).map(|k| moved.state_f32(k, "sum").unwrap().unwrap()).collect();
+        let before = moved.clone();
+        moved.set_state_dtype(0, Dtype::F32).unwrap();
+        assert_eq!(moved.state_dtype(0), Some(Dtype::F32));
+        for (k, sum) in sums.iter().enumerate() {
+            assert_same_bits(&format!("{to:?} widened {k}"), moved.state(k, "sum").unwrap().unwrap(), sum);
+        }
+        moved.set_state_dtype(0, to).unwrap();
+        for (k, sum) in sums.iter().enumerate() {
+            let again = moved.state_f32(k, "sum").unwrap().unwrap();
+            let want: Vec<f32> = match to {
+                Dtype::Bf16 => sum.iter().map(|&x| bf16::from_f32(x).to_f32()).collect(),
+                _ => {
+                    let (mut c, mut a) = (vec![0u8; sum.len()], vec![0f32; sum.len().div_ceil(Q8_BLOCK)]);
+                    quantize_blockwise(sum, QMap::unsigned(), &mut c, &mut a).unwrap();
+                    let mut out = vec![0.0; sum.len()];
+                    dequantize_blockwise(&c, &a, QMap::unsigned(), &mut out).unwrap();
+                    out
+                }
+            };
+            assert_same_bits(&format!("{to:?} round trip {k}"), &again, &want);
+        }
+        run(&mut moved, &mut pa, 2);
+        assert_eq!(moved.step_count(0).unwrap(), 3);
+        // Refused: no such group, another dtype; nothing changes.
+        let mut same = before.clone();
+        assert!(matches!(same.set_state_dtype(1, Dtype::F32), Err(Error::IncompatibleConfig { .. })));
+        assert!(matches!(same.set_state_dtype(0, Dtype::F16), Err(Error::Storage { .. })));
+        assert!(matches!(same.set_state_dtype_all(Dtype::F16), Err(Error::Storage { .. })));
+        assert_eq!(same.state_dtype(0), Some(to));
+        for k in 0..2 {
+            assert_same_bits(
+                &format!("{to:?} refused {k}"),
+                &same.state_f32(k, "sum").unwrap().unwrap(),
+                &before.state_f32(k, "sum").unwrap().unwrap(),
+            );
+        }
+    }
+}
+
+#[test]
+fn every_group_moves_at_once() {
+    let mut opt = MultiOptimizer::new();
+    opt.add_group(AdamConfig::default(), &[300]).unwrap();
+    opt.add_group_with_state(AdamConfig { lr: 0.1, ..Default::default() }, &[20, 1], Dtype::Bf16).unwrap();
+    opt.add_group(AdamConfig::default(), &[]).unwrap();
+    opt.set_state_dtype_all(Dtype::Q8).unwrap();
+    assert_eq!((0..3).map(|g| opt.state_dtype(g).unwrap()).collect::<Vec<_>>(), [Dtype::Q8; 3]);
+    assert!((0..3).all(|k| opt.q8_parts(k).unwrap().is_some()));
+}
+
+#[test]
+fn a_state_storage_other_than_f32_bf16_and_8bit_is_refused_and_adds_nothing() {
+    let mut opt = MultiOptimizer::new();
+    opt.add_group(AdamConfig::default(), &[4]).unwrap();
+    let r = opt.add_group_with_state(AdamConfig::default(), &[3], Dtype::F16);
+    assert!(matches!(r, Err(Error::Storage { what: "state", dtype: Dtype::F16, .. })), "{r:?}");
+    // Plain SGD keeps no state buffer, and still refuses the storage.
+    let mut sgd = MultiOptimizer::new();
+    assert!(matches!(sgd.add_group_with_state(SgdConfig::default(), &[3], Dtype::F16), Err(Error::Storage { .. })));
+    assert_eq!((opt.num_groups(), opt.num_tensors(), sgd.num_groups()), (1, 1, 0));
+    assert_eq!(opt.state_dtype(1), None);
 }
 
 /// The tensors of the mixed test: (length, params bf16?, grad dtype), the
@@ -306,12 +488,54 @@ impl G {
     }
 }
 
-fn check_mixed<A: Algorithm + Copy>(config: A, exec: Exec, clip: bool, sr: Option<u64>, what: &str) {
+/// A reference state buffer in its storage, made and read through the
+/// public storage functions.
+enum S {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+    Q8(Vec<u8>, Vec<f32>, &'static QMap),
+}
+impl S {
+    fn new(dtype: Dtype, n: usize, x: f32, name: &str) -> S {
+        match dtype {
+            Dtype::F32 => S::F32(vec![x; n]),
+            Dtype::Bf16 => S::Bf16(vec![bf16::from_f32(x); n]),
+            _ => {
+                let map = QMap::for_state(name);
+                let (mut c, mut a) = (vec![0u8; n], vec![0f32; n.div_ceil(Q8_BLOCK)]);
+                quantize_blockwise(&vec![x; n], map, &mut c, &mut a).unwrap();
+                S::Q8(c, a, map)
+            }
+        }
+    }
+    fn buf(&mut self) -> StateBuf<'_> {
+        match self {
+            S::F32(x) => StateBuf::F32(x),
+            S::Bf16(x) => StateBuf::Bf16(x),
+            S::Q8(codes, absmax, map) => StateBuf::Q8(Q8State { codes, absmax, map }),
+        }
+    }
+    fn values(&self) -> Vec<f32> {
+        match self {
+            S::F32(x) => x.clone(),
+            S::Bf16(x) => x.iter().map(|v| v.to_f32()).collect(),
+            S::Q8(c, a, map) => {
+                let mut out = vec![0.0; c.len()];
+                dequantize_blockwise(c, a, map, &mut out).unwrap();
+                out
+            }
+        }
+    }
+}
+
+fn check_mixed<A: Algorithm + Copy>(config: A, exec: Exec, clip: bool, sr: Option<u64>, state: Dtype, what: &str) {
+    let what = &format!("{what} state={state:?}");
     let mut rng = Rng::new(34);
     let mut opt = MultiOptimizer::new();
     opt.set_exec(exec);
     opt.set_stochastic_rounding(sr);
-    opt.add_group(config, &MIXED.map(|m| m.0)).unwrap();
+    opt.add_group_with_state(config, &MIXED.map(|m| m.0), state).unwrap();
+    assert_eq!(opt.state_dtype(0), Some(state));
     let scale = Some(2.0f32);
     opt.set_grad_scale(scale).unwrap();
     if clip {
@@ -326,9 +550,11 @@ fn check_mixed<A: Algorithm + Copy>(config: A, exec: Exec, clip: bool, sr: Optio
             P::Bf16(x) => P::Bf16(x.clone()),
         };
     }
-    let k = config.state_names().len();
-    let mut states: Vec<Vec<Vec<f32>>> =
-        MIXED.iter().map(|m| (0..k).map(|i| vec![config.state_init(i); m.0]).collect()).collect();
+    let names = config.state_names();
+    let mut states: Vec<Vec<S>> = MIXED
+        .iter()
+        .map(|m| names.iter().enumerate().map(|(i, name)| S::new(state, m.0, config.state_init(i), name)).collect())
+        .collect();
     let mut steps = vec![0u64; MIXED.len()];
     let mut aux: Vec<_> = MIXED.iter().map(|_| config.aux_init()).collect();
     for s in 0..4 {
@@ -337,7 +563,7 @@ fn check_mixed<A: Algorithm + Copy>(config: A, exec: Exec, clip: bool, sr: Optio
             .enumerate()
             .map(|(i, &(n, _, d))| has_grad(i, s).then(|| G::new(rng.vec(n, 3.0), d)))
             .collect();
-        // The reference: step_mixed per tensor, f32 state, the global norm
+        // The reference: step_mixed per tensor, its own state, the global norm
         // composed from the public clipping functions.
         let sq: f64 = grads
             .iter()
@@ -361,7 +587,7 @@ fn check_mixed<A: Algorithm + Copy>(config: A, exec: Exec, clip: bool, sr: Optio
                 _ => ParamRounding::Nearest,
             };
             let options = StepOptions { param_rounding, ..options };
-            let mut bufs: Vec<StateBuf<'_>> = states[i].iter_mut().map(|b| StateBuf::F32(b)).collect();
+            let mut bufs: Vec<StateBuf<'_>> = states[i].iter_mut().map(S::buf).collect();
             step_mixed(&config, steps[i], &mut aux[i], lone[i].as_params(), g.as_grads(), &mut bufs, None, &options)
                 .unwrap();
         }
@@ -381,22 +607,44 @@ fn check_mixed<A: Algorithm + Copy>(config: A, exec: Exec, clip: bool, sr: Optio
         let moved = params[i].bits().iter().zip(&initial[i]).filter(|(a, b)| a != b).count();
         assert!(moved * 2 >= MIXED[i].0, "{what} tensor {i}: only {moved} of {} parameters moved", MIXED[i].0);
         assert_eq!(opt.step_count(i).unwrap(), steps[i], "{what} tensor {i}: steps");
-        for (j, name) in config.state_names().iter().enumerate() {
-            assert_same_bits(&format!("{what} tensor {i} {name}"), opt.state(i, name).unwrap().unwrap(), &states[i][j]);
+        for (j, name) in names.iter().enumerate() {
+            let w = format!("{what} tensor {i} {name}");
+            assert_same_bits(&w, &opt.state_f32(i, name).unwrap().unwrap(), &states[i][j].values());
+            match (&states[i][j], opt.state(i, name)) {
+                (S::F32(x), Ok(Some(y))) => assert_same_bits(&w, y, x),
+                (S::F32(_), r) => panic!("{w}: f32 state read as {r:?}"),
+                (_, r) => assert!(matches!(r, Err(Error::Storage { .. })), "{w}: {r:?}"),
+            }
+            if let (S::Q8(codes, absmax, map), Some(parts)) = (&states[i][j], opt.q8_parts(i).unwrap()) {
+                assert_eq!(parts[j].state, &codes[..], "{w}: codes");
+                assert_same_bits(&w, parts[j].absmax, absmax);
+                assert_same_bits(&w, parts[j].qmap, map.code());
+            }
         }
+        assert_eq!(opt.q8_parts(i).unwrap().is_some(), state == Dtype::Q8 && !names.is_empty(), "{what} {i}");
     }
 }
 
 #[test]
 fn mixed_storage_tensors_get_step_mixeds_bits_on_every_path() {
     for_every_path(|path, exec| {
-        for (clip, sr) in [(false, None), (true, None), (false, Some(0x5eed)), (true, Some(7))] {
+        for (clip, sr, state) in [
+            (false, None, Dtype::F32),
+            (true, None, Dtype::F32),
+            (false, Some(0x5eed), Dtype::F32),
+            (true, Some(7), Dtype::F32),
+            (false, None, Dtype::Bf16),
+            (true, Some(7), Dtype::Bf16),
+            (false, None, Dtype::Q8),
+            (true, Some(7), Dtype::Q8),
+        ] {
             let w = format!("{path} clip={clip} sr={sr:?}");
             check_mixed(
                 AdamConfig { lr: 0.05, weight_decay: 0.1, decoupled_weight_decay: true, ..Default::default() },
                 exec,
                 clip,
                 sr,
+                state,
                 &format!("adamw {w}"),
             );
             check_mixed(
@@ -404,6 +652,7 @@ fn mixed_storage_tensors_get_step_mixeds_bits_on_every_path() {
                 exec,
                 clip,
                 sr,
+                state,
                 &format!("nadam {w}"),
             );
             check_mixed(
@@ -411,6 +660,7 @@ fn mixed_storage_tensors_get_step_mixeds_bits_on_every_path() {
                 exec,
                 clip,
                 sr,
+                state,
                 &format!("sgd {w}"),
             );
             check_mixed(
@@ -418,6 +668,7 @@ fn mixed_storage_tensors_get_step_mixeds_bits_on_every_path() {
                 exec,
                 clip,
                 sr,
+                state,
                 &format!("adagrad {w}"),
             );
         }

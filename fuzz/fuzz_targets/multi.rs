@@ -1,9 +1,11 @@
 //! `MultiOptimizer::step_mixed`: configurations with a training run's
 //! hyperparameters (two groups of the same class), tensors of arbitrary sizes whose parameters are `f32`,
 //! `bf16` or `f16` and whose gradients are `f32`, `bf16`, `f16` or absent
-//! per step, a loss scale, the non-finite policy and every backend, serial
+//! per step, each group's state in `f32`, `bf16` or 8-bit block-wise
+//! storage, a loss scale, the non-finite policy and every backend, serial
 //! and parallel with an arbitrary chunk. Each tensor must get the bits of
-//! `step_mixed` over it alone on the scalar path with `f32` state; a step
+//! `step_mixed` over it alone on the scalar path with state in its group's
+//! storage (made and read through the public storage functions); a step
 //! is skipped (nothing changes) exactly when a present gradient is NaN or
 //! infinite under `SkipStep`.
 #![no_main]
@@ -11,7 +13,9 @@
 mod common;
 
 use adaoptim::multi::{MixedTensorStep, MultiOptimizer};
-use adaoptim::storage::{Grads, Params, StateBuf, bf16, f16};
+use adaoptim::storage::{
+    Dtype, Grads, Params, Q8_BLOCK, Q8State, QMap, StateBuf, bf16, dequantize_blockwise, f16, quantize_blockwise,
+};
 #[allow(unused_imports)]
 use adaoptim::{
     AdadeltaConfig, AdagradConfig, AdamConfig, AdamWConfig, AdamaxConfig, AsgdConfig, LionConfig, NAdamConfig,
@@ -40,6 +44,8 @@ struct Input {
     steps: u8,
     chunk: u16,
     scale: u8,
+    /// Each group's state storage: 0 f32, 1 bf16, 2 8-bit.
+    state: [u8; 2],
     skip_non_finite: bool,
     /// Values as raw bits (NaN, inf, huge, subnormal); otherwise finite
     /// ones are folded into (-10, 10), so that steps move parameters.
@@ -96,6 +102,47 @@ impl Grad {
     }
 }
 
+/// A reference state buffer in its storage.
+enum St {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+    Q8(Vec<u8>, Vec<f32>, &'static QMap),
+}
+
+impl St {
+    fn new(dtype: Dtype, n: usize, x: f32, name: &str) -> St {
+        match dtype {
+            Dtype::F32 => St::F32(vec![x; n]),
+            Dtype::Bf16 => St::Bf16(vec![bf16::from_f32(x); n]),
+            _ => {
+                let map = QMap::for_state(name);
+                let (mut c, mut a) = (vec![0u8; n], vec![0f32; n.div_ceil(Q8_BLOCK)]);
+                quantize_blockwise(&vec![x; n], map, &mut c, &mut a).expect("lengths");
+                St::Q8(c, a, map)
+            }
+        }
+    }
+    fn buf(&mut self) -> StateBuf<'_> {
+        match self {
+            St::F32(x) => StateBuf::F32(x),
+            St::Bf16(x) => StateBuf::Bf16(x),
+            St::Q8(codes, absmax, map) => StateBuf::Q8(Q8State { codes, absmax, map }),
+        }
+    }
+    fn bits(&self) -> Vec<u32> {
+        let v = match self {
+            St::F32(x) => x.clone(),
+            St::Bf16(x) => x.iter().map(|v| v.to_f32()).collect(),
+            St::Q8(c, a, map) => {
+                let mut out = vec![0.0; c.len()];
+                dequantize_blockwise(c, a, map, &mut out).expect("lengths");
+                out
+            }
+        };
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+}
+
 /// Parameters and every state buffer of every tensor, as bits.
 type Out = Vec<(Vec<u32>, Vec<Vec<u32>>)>;
 
@@ -149,8 +196,9 @@ fn check<A: Algorithm + Copy + Into<AnyConfig>>(configs: [A; 2], input: &Input) 
     let scale = [None, Some(1.0f32), Some(2.0), Some(1024.0), Some(65536.0)][input.scale as usize % 5];
     let policy = if input.skip_non_finite { NonFinitePolicy::SkipStep } else { NonFinitePolicy::Propagate };
     let group_of = |t: &Tensor| usize::from(t.second_group);
+    let dtypes = input.state.map(|d| [Dtype::F32, Dtype::Bf16, Dtype::Q8][d as usize % 3]);
 
-    // The reference: each tensor alone, scalar, f32 state, its own count.
+    // The reference: each tensor alone, scalar, its own state and count.
     let reference: Out = {
         let mut out = Vec::new();
         let skipped: Vec<bool> = grads
@@ -160,8 +208,12 @@ fn check<A: Algorithm + Copy + Into<AnyConfig>>(configs: [A; 2], input: &Input) 
         for (k, t) in tensors.iter().enumerate() {
             let cfg: AnyConfig = configs[group_of(t)].into();
             let mut p = start[k].clone();
-            let mut state: Vec<Vec<f32>> =
-                (0..cfg.state_names().len()).map(|i| vec![cfg.state_init(i); lens[k]]).collect();
+            let mut state: Vec<St> = cfg
+                .state_names()
+                .iter()
+                .enumerate()
+                .map(|(i, name)| St::new(dtypes[group_of(t)], lens[k], cfg.state_init(i), name))
+                .collect();
             let mut aux = cfg.aux_init();
             let mut count = 0u64;
             for (s, gs) in grads.iter().enumerate() {
@@ -170,11 +222,11 @@ fn check<A: Algorithm + Copy + Into<AnyConfig>>(configs: [A; 2], input: &Input) 
                     continue;
                 }
                 count += 1;
-                let mut bufs: Vec<StateBuf<'_>> = state.iter_mut().map(|x| StateBuf::F32(x)).collect();
+                let mut bufs: Vec<StateBuf<'_>> = state.iter_mut().map(St::buf).collect();
                 let options = StepOptions { exec: Exec::scalar(), grad_scale: scale, ..StepOptions::default() };
                 cfg.step_mixed(count, &mut aux, p.params(), g.grads(), &mut bufs, None, &options).expect("valid step");
             }
-            out.push((p.bits(), state.iter().map(|v| v.iter().map(|x| x.to_bits()).collect()).collect()));
+            out.push((p.bits(), state.iter().map(St::bits).collect()));
         }
         out
     };
@@ -184,7 +236,7 @@ fn check<A: Algorithm + Copy + Into<AnyConfig>>(configs: [A; 2], input: &Input) 
         for (g, cfg) in configs.iter().enumerate() {
             let sizes: Vec<usize> =
                 tensors.iter().zip(&lens).filter(|(t, _)| group_of(t) == g).map(|(_, &n)| n).collect();
-            opt.add_group(*cfg, &sizes).expect("valid group");
+            opt.add_group_with_state(*cfg, &sizes, dtypes[g]).expect("valid group");
         }
         // Tensors are numbered group by group: map ours onto that order.
         let mut order: Vec<usize> = (0..tensors.len()).collect();
@@ -216,7 +268,7 @@ fn check<A: Algorithm + Copy + Into<AnyConfig>>(configs: [A; 2], input: &Input) 
             let state = cfg
                 .state_names()
                 .iter()
-                .map(|name| opt.state(slot, name).unwrap().unwrap().iter().map(|x| x.to_bits()).collect())
+                .map(|name| opt.state_f32(slot, name).unwrap().unwrap().iter().map(|x| x.to_bits()).collect())
                 .collect();
             out.push((p.bits(), state));
         }

@@ -10,6 +10,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::{Reader, Writer, bad, config_from_json, options_json, read, write_atomic};
+use crate::memory::Raw;
 use crate::mixed::{MixedOptimizer, Owned};
 use crate::storage::{Dtype, Q8_BLOCK, QMap};
 use crate::{Algorithm, Error};
@@ -26,15 +27,7 @@ impl<A: Algorithm> MixedOptimizer<A> {
         w.meta("state_dtype", self.dtype.name());
         w.meta("param_groups", Value::Array(vec![Value::Object(options_json(self.config.torch_options()))]));
         for (i, (name, buf)) in self.config.state_names().iter().zip(&self.state).enumerate() {
-            match buf {
-                Owned::F32(x) => w.tensor(*name, vec![self.n], x),
-                Owned::Bf16(x) => w.tensor_bf16(*name, vec![self.n], x),
-                Owned::Q8 { codes, absmax, map } => {
-                    w.tensor_u8(format!("state{}", i + 1), vec![self.n], codes);
-                    w.tensor(format!("absmax{}", i + 1), vec![absmax.len()], absmax);
-                    w.tensor(format!("qmap{}", i + 1), vec![256], map.code());
-                }
-            }
+            write_state(&mut w, "", i, name, buf);
         }
         for (name, x) in A::AUX_NAMES.iter().zip(A::aux_to_f32(&self.aux)) {
             w.scalar(*name, x);
@@ -62,34 +55,16 @@ impl<A: Algorithm> MixedOptimizer<A> {
     pub fn from_safetensors(bytes: &[u8]) -> Result<Self, Error> {
         let r = Reader::open(bytes, A::TORCH_CLASS, "mixed")?;
         let n: usize = r.parse("n")?;
-        let dtype = match r.meta("state_dtype")? {
-            "F32" => Dtype::F32,
-            "BF16" => Dtype::Bf16,
-            "U8" => Dtype::Q8,
-            other => return Err(bad(format!("state_dtype {other:?} is not F32, BF16 or U8"))),
-        };
+        let dtype = state_dtype(r.meta("state_dtype")?)?;
         let group = &super::one_group(&r)?;
         let config: A = config_from_json(group, &[])?;
         let names = config.state_names();
-        let per_state = if dtype == Dtype::Q8 { 3 } else { 1 };
+        let per_state = tensors_per_state(dtype);
         r.expect_count(names.len() * per_state + 1 + A::AUX_NAMES.len())?;
         let aux = super::read_aux::<A>("", |name| r.scalar(name))?.unwrap_or_else(|| config.aux_init());
         let mut state = Vec::with_capacity(names.len());
         for (i, name) in names.iter().enumerate() {
-            state.push(match dtype {
-                Dtype::F32 => Owned::F32(r.f32s(name, &[n])?),
-                Dtype::Bf16 => Owned::Bf16(r.bf16s(name, &[n])?),
-                _ => {
-                    let map = QMap::for_state(name);
-                    let qmap = r.f32s(&format!("qmap{}", i + 1), &[256])?;
-                    if qmap.iter().zip(map.code()).any(|(a, b)| a.to_bits() != b.to_bits()) {
-                        return Err(bad(format!("qmap{} is not bitsandbytes' dynamic map for {name}", i + 1)));
-                    }
-                    let codes = r.u8s(&format!("state{}", i + 1), &[n])?;
-                    let absmax = r.f32s(&format!("absmax{}", i + 1), &[n.div_ceil(Q8_BLOCK)])?;
-                    Owned::Q8 { codes, absmax, map }
-                }
-            });
+            state.push(read_state(&r, "", i, name, n, dtype)?);
         }
         let mut opt = MixedOptimizer::new(config, 0, dtype).map_err(|e| bad(e.to_string()))?;
         opt.n = n;
@@ -106,4 +81,61 @@ impl<A: Algorithm> MixedOptimizer<A> {
     pub fn load(path: impl AsRef<Path>) -> Result<Self, Error> {
         Self::from_safetensors(&read(path.as_ref())?)
     }
+}
+
+/// The state dtype a checkpoint names: `F32`, `BF16` or `U8` (8-bit
+/// block-wise).
+pub(crate) fn state_dtype(name: &str) -> Result<Dtype, Error> {
+    match name {
+        "F32" => Ok(Dtype::F32),
+        "BF16" => Ok(Dtype::Bf16),
+        "U8" => Ok(Dtype::Q8),
+        other => Err(bad(format!("state_dtype {other:?} is not F32, BF16 or U8"))),
+    }
+}
+
+/// Writes the `i`-th state buffer (0-based), named `name`, under `prefix`:
+/// `F32`/`BF16` as `{prefix}{name}`; 8-bit as bitsandbytes names it,
+/// `{prefix}state{i+1}` (`U8`), `{prefix}absmax{i+1}`, `{prefix}qmap{i+1}`.
+pub(crate) fn write_state<'a>(w: &mut Writer<'a>, prefix: &str, i: usize, name: &str, buf: &'a Owned) {
+    match buf {
+        Owned::F32(x) => w.tensor(format!("{prefix}{name}"), vec![x.len()], x),
+        Owned::Bf16(x) => w.tensor_bf16(format!("{prefix}{name}"), vec![x.len()], x),
+        Owned::Q8 { codes, absmax, map } => {
+            w.tensor_u8(format!("{prefix}state{}", i + 1), vec![codes.len()], codes);
+            w.tensor(format!("{prefix}absmax{}", i + 1), vec![absmax.len()], absmax);
+            w.tensor(format!("{prefix}qmap{}", i + 1), vec![256], map.code());
+        }
+    }
+}
+
+/// The tensors [`write_state`] writes for one buffer of `dtype`.
+pub(crate) fn tensors_per_state(dtype: Dtype) -> usize {
+    if dtype == Dtype::Q8 { 3 } else { 1 }
+}
+
+/// Reads what [`write_state`] wrote for a buffer of `n` elements in
+/// `dtype`, checking each tensor's dtype and shape and an 8-bit state's map.
+pub(crate) fn read_state(
+    r: &Reader<'_>,
+    prefix: &str,
+    i: usize,
+    name: &str,
+    n: usize,
+    dtype: Dtype,
+) -> Result<Owned, Error> {
+    Ok(match dtype {
+        Dtype::F32 => Owned::F32(Raw::from_slice(64, &r.f32s(&format!("{prefix}{name}"), &[n])?)),
+        Dtype::Bf16 => Owned::Bf16(r.bf16s(&format!("{prefix}{name}"), &[n])?),
+        _ => {
+            let map = QMap::for_state(name);
+            let qmap = r.f32s(&format!("{prefix}qmap{}", i + 1), &[256])?;
+            if qmap.iter().zip(map.code()).any(|(a, b)| a.to_bits() != b.to_bits()) {
+                return Err(bad(format!("{prefix}qmap{} is not bitsandbytes' dynamic map for {name}", i + 1)));
+            }
+            let codes = r.u8s(&format!("{prefix}state{}", i + 1), &[n])?;
+            let absmax = r.f32s(&format!("{prefix}absmax{}", i + 1), &[n.div_ceil(Q8_BLOCK)])?;
+            Owned::Q8 { codes, absmax, map }
+        }
+    })
 }

@@ -1,11 +1,19 @@
 //! Checkpoints of a [`MultiOptimizer`]: torch's `state_dict` layout, each
 //! tensor's state and its own step count (`state.{i}.exp_avg`, ...,
-//! `state.{i}.step`), each group's options and tensor indices.
+//! `state.{i}.step`), each group's options and tensor indices. A group
+//! whose state is `bf16` stores it as `BF16` tensors under the same names;
+//! an 8-bit group as bitsandbytes' `state_dict` holds a parameter's state
+//! (`state.{i}.state1` codes, `state.{i}.absmax1`, `state.{i}.qmap1`, ...),
+//! with the metadata `state_dtypes` (`F32`, `BF16` or `U8` per group; a
+//! file without it, from before groups had a state storage, is all `F32`).
 
 use serde_json::Value;
 
+use super::mixed::{read_state, state_dtype, tensors_per_state, write_state};
 use super::{Reader, Writer, bad, config_from_json, options_json, read, write_atomic};
+use crate::mixed::Owned;
 use crate::multi::MultiOptimizer;
+use crate::storage::Dtype;
 use crate::{Algorithm, Error};
 
 impl<A: Algorithm> MultiOptimizer<A> {
@@ -14,7 +22,10 @@ impl<A: Algorithm> MultiOptimizer<A> {
     /// f32, as torch keeps it; the exact counts are the `steps` metadata
     /// list) and NAdam's `state.{i}.mu_product`; `param_groups` with each
     /// group's options and tensor indices; `sizes` the tensors' lengths
-    /// (layout `multi`). The parameters are the caller's and are not saved.
+    /// (layout `multi`); a `bf16` or 8-bit group's state in its storage, bit
+    /// for bit (an 8-bit one under bitsandbytes' names, `state.{i}.state1`,
+    /// `state.{i}.absmax1`, `state.{i}.qmap1`, ..., and the metadata
+    /// `state_dtypes`). The parameters are the caller's and are not saved.
     ///
     /// # Errors
     /// [`Error::Checkpoint`] if serialization fails.
@@ -48,11 +59,12 @@ impl<A: Algorithm> MultiOptimizer<A> {
         w.meta("param_groups", Value::Array(groups));
         w.meta("sizes", Value::from(self.tensors.iter().map(|s| s.len).collect::<Vec<_>>()));
         w.meta("steps", Value::from(self.tensors.iter().map(|s| s.t).collect::<Vec<_>>()));
+        w.meta("state_dtypes", Value::from(self.dtypes.iter().map(|d| d.name()).collect::<Vec<_>>()));
         w.extra_meta(extra)?;
         for (i, s) in self.tensors.iter().enumerate() {
             let names = self.groups[s.group].state_names();
-            for (name, buf) in names.iter().zip(&s.state) {
-                w.tensor(format!("state.{i}.{name}"), vec![s.len], buf);
+            for (j, (name, buf)) in names.iter().zip(&s.state).enumerate() {
+                write_state(&mut w, &format!("state.{i}."), j, name, buf);
             }
             w.scalar(format!("state.{i}.step"), s.t as f32);
             for (name, x) in A::AUX_NAMES.iter().zip(A::aux_to_f32(&s.aux)) {
@@ -92,6 +104,18 @@ impl<A: Algorithm> MultiOptimizer<A> {
         }
         let groups = r.json("param_groups")?;
         let groups = groups.as_array().ok_or_else(|| bad("param_groups is not a list"))?;
+        let dtypes = match r.meta("state_dtypes") {
+            // Files from before state storages: all f32.
+            Err(_) => vec![Dtype::F32; groups.len()],
+            Ok(_) => r
+                .json("state_dtypes")?
+                .as_array()
+                .filter(|l| l.len() == groups.len())
+                .ok_or_else(|| bad("state_dtypes is not a list of one dtype per group"))?
+                .iter()
+                .map(|v| v.as_str().ok_or_else(|| bad("a state_dtypes entry is not a string")).and_then(state_dtype))
+                .collect::<Result<_, _>>()?,
+        };
         let mut opt = MultiOptimizer::new();
         let mut next = 0usize;
         for (gi, g) in groups.iter().enumerate() {
@@ -113,12 +137,15 @@ impl<A: Algorithm> MultiOptimizer<A> {
                 return Err(bad("tensor sizes exceed the file"));
             }
             next += ids.len();
-            opt.add_group(config, &group_sizes).map_err(|e| bad(format!("group {gi}: {e}")))?;
+            opt.add_group_with_state(config, &group_sizes, dtypes[gi]).map_err(|e| bad(format!("group {gi}: {e}")))?;
         }
         if next != sizes.len() {
             return Err(bad("sizes name tensors in no group"));
         }
-        let per_tensor = |i: usize| opt.groups[opt.tensors[i].group].state_names().len() + 1;
+        let per_tensor = |i: usize| {
+            let g = opt.tensors[i].group;
+            opt.groups[g].state_names().len() * tensors_per_state(opt.dtypes[g]) + 1
+        };
         let aux = A::AUX_NAMES.len();
         r.expect_count(1 + (0..next).map(|i| per_tensor(i) + aux).sum::<usize>())?;
         for (i, &t) in steps.iter().enumerate() {
@@ -128,8 +155,11 @@ impl<A: Algorithm> MultiOptimizer<A> {
             let slot = &mut opt.tensors[i];
             slot.t = t;
             let names = opt.groups[slot.group].state_names();
-            for (name, buf) in names.iter().zip(slot.state.iter_mut()) {
-                r.read_into(&format!("state.{i}.{name}"), &[slot.len], buf)?;
+            for (j, (name, buf)) in names.iter().zip(slot.state.iter_mut()).enumerate() {
+                match buf {
+                    Owned::F32(x) => r.read_into(&format!("state.{i}.{name}"), &[slot.len], x)?,
+                    other => *other = read_state(&r, &format!("state.{i}."), j, name, slot.len, other.dtype())?,
+                }
             }
             if let Some(aux) =
                 super::read_aux::<A>(&format!("tensor {i}: "), |name| r.scalar(&format!("state.{i}.{name}")))?
