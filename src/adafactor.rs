@@ -82,7 +82,7 @@ use std::ops::Range;
 
 use crate::optim::Guards;
 use crate::simd::{F32Vec, LaneOp, dispatch};
-use crate::{Backend, Error, Exec, StepReport};
+use crate::{Backend, Error, Exec, StepOptions, StepReport};
 
 /// Hyperparameters of [`Adafactor`], with `torch.optim.Adafactor`'s names
 /// and defaults.
@@ -521,28 +521,19 @@ impl Adafactor {
             Ok(plan) => plan,
             Err(skipped) => return Ok(skipped),
         };
-        let scaled;
-        let pre = plan.pre(false);
-        let grads = if pre.is_identity() {
-            grads
-        } else {
-            let mut g = grads.to_vec();
-            let tile = |c: &mut [f32]| crate::driver::pre_tile(pre, c);
-            if self.exec.chunk_for(self.n).is_some() {
-                g.par_chunks_mut(CHUNK).for_each(tile);
-            } else {
-                tile(&mut g);
-            }
-            scaled = g;
-            &scaled[..]
-        };
         let state = AdafactorState {
             row_var: &mut self.row_var,
             col_var: &mut self.col_var,
             variance: &mut self.variance,
             update: UpdateBuffer::Auto,
         };
-        step_slices(&self.config, &self.shape, t, params, grads, state, self.exec)?;
+        let options = StepOptions {
+            exec: self.exec,
+            grad_scale: self.guards.grad_scale,
+            clip_coef: plan.clip,
+            ..Default::default()
+        };
+        step_slices_with(&self.config, &self.shape, t, params, grads, state, &options)?;
         self.t = t;
         let parallel = self.n > 0 && self.exec.chunk_for(self.n).is_some();
         Ok(StepReport { backend: lanes_backend(plan.backend), parallel, skipped: false })
@@ -590,6 +581,51 @@ pub enum UpdateBuffer<'a> {
     /// This caller-owned scratch of the parameters' length; its contents
     /// before and after a step mean nothing.
     Given(&'a mut [f32]),
+}
+
+/// [`step_slices`] with a loss scale divided out of the gradients and a
+/// clipping factor multiplied in (`options.grad_scale`,
+/// `options.clip_coef`, as [`step_slices_with`](crate::step_slices_with)
+/// applies them; the factor of a model's global norm comes from
+/// [`clip::clip_coef`](crate::clip::clip_coef)), in `options.exec`: the bits
+/// of an [`Adafactor`] with that `grad_scale` whose clipping produced that
+/// factor. The gradients are unscaled and clipped into a temporary copy
+/// first (the caller's are not written).
+///
+/// # Errors
+/// As [`step_slices`]; [`Error::InvalidHyperparameter`] for a zero or
+/// non-finite `grad_scale` or a negative or non-finite `clip_coef`;
+/// [`Error::Storage`] for stochastic rounding (the parameters are `f32`).
+/// Nothing is modified then.
+pub fn step_slices_with(
+    config: &AdafactorConfig,
+    shape: &[usize],
+    t: u64,
+    params: &mut [f32],
+    grads: &[f32],
+    state: AdafactorState<'_>,
+    options: &StepOptions,
+) -> Result<(), Error> {
+    let plan = crate::optim::options_plan(options)?;
+    if options.param_rounding != crate::storage::ParamRounding::Nearest {
+        return Err(Error::Storage {
+            what: "params",
+            dtype: crate::storage::Dtype::F32,
+            reason: "stochastic rounding applies to bf16 parameters only",
+        });
+    }
+    let pre = plan.pre(false);
+    if pre.is_identity() {
+        return step_slices(config, shape, t, params, grads, state, options.exec);
+    }
+    let mut g = grads.to_vec();
+    let tile = |c: &mut [f32]| crate::driver::pre_tile(pre, c);
+    if options.exec.chunk_for(g.len()).is_some() {
+        g.par_chunks_mut(CHUNK).for_each(tile);
+    } else {
+        tile(&mut g);
+    }
+    step_slices(config, shape, t, params, &g, state, options.exec)
 }
 
 /// Step number `t` (1 for the first step) of `torch.optim.Adafactor` on one

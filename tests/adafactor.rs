@@ -633,6 +633,58 @@ fn a_global_gradient_norm_clips_many_tensors_as_one() {
     assert_eq!(o.steps(), 0);
 }
 
+#[test]
+fn borrowed_steps_with_a_scale_and_a_factor_are_the_owners_bits() {
+    use adaoptim::adafactor::{AdafactorState, UpdateBuffer, step_slices_with};
+    use adaoptim::storage::ParamRounding;
+    use adaoptim::{StepOptions, clip};
+    let cfg = AdafactorConfig { weight_decay: 0.05, d: 1.0, ..Default::default() };
+    let shape = [70, 300];
+    let n = 70 * 300;
+    let mut rng = Rng::new(23);
+    let p0 = rng.vec(n, 1.0);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+    for exec in [Exec::scalar(), Exec::auto(), Exec::parallel(Backend::best(), 1000)] {
+        for scale in [None, Some(3.0f32)] {
+            // The owner: loss scale and clipping by its own norm.
+            let mut owner = Adafactor::new(cfg, &shape).unwrap();
+            owner.set_exec(exec);
+            owner.set_grad_scale(scale).unwrap();
+            owner.set_max_grad_norm(Some(0.5)).unwrap();
+            let (mut p, mut q) = (p0.clone(), p0.clone());
+            let (mut r, mut c, mut v) = (vec![0.0; 70], vec![0.0; 300], vec![]);
+            for t in 1..=3 {
+                let g: Vec<f32> = (0..n).map(|_| rng.log_uniform(-4.0, 1.0)).collect();
+                pool.install(|| owner.step(&mut p, &g)).unwrap();
+                // Borrowed: the same scale, the factor of the same norm.
+                let sq = clip::sum_of_squares_unscaled(adaoptim::storage::Grads::F32(&g), scale, &exec).unwrap();
+                let coef = clip::clip_coef(sq.sqrt(), 0.5);
+                assert!(coef < 1.0);
+                let options = StepOptions { exec, grad_scale: scale, clip_coef: Some(coef), ..Default::default() };
+                let state =
+                    AdafactorState { row_var: &mut r, col_var: &mut c, variance: &mut v, update: UpdateBuffer::Auto };
+                pool.install(|| step_slices_with(&cfg, &shape, t, &mut q, &g, state, &options)).unwrap();
+                assert_same_bits(&format!("{exec:?} {scale:?} step {t}"), &q, &p);
+            }
+            assert_same_bits("row_var", &r, owner.row_var());
+            assert_same_bits("col_var", &c, owner.col_var());
+        }
+    }
+    // Bad options change nothing.
+    let (mut q, g) = (p0.clone(), rng.vec(n, 1.0));
+    let (mut r, mut c, mut v) = (vec![0.0; 70], vec![0.0; 300], vec![]);
+    for options in [
+        StepOptions { grad_scale: Some(0.0), ..Default::default() },
+        StepOptions { clip_coef: Some(f32::NAN), ..Default::default() },
+        StepOptions { param_rounding: ParamRounding::Stochastic { seed: 1, offset: 0 }, ..Default::default() },
+    ] {
+        let state = AdafactorState { row_var: &mut r, col_var: &mut c, variance: &mut v, update: UpdateBuffer::Auto };
+        assert!(step_slices_with(&cfg, &shape, 1, &mut q, &g, state, &options).is_err(), "{options:?}");
+    }
+    assert_same_bits("q, p0", &q, &p0);
+    assert!(r.iter().chain(&c).all(|&x| x == 0.0));
+}
+
 fn g_unscaled(g: &[f32], scale: Option<f32>) -> Vec<f32> {
     g.iter().map(|x| x / scale.unwrap_or(1.0)).collect()
 }

@@ -1172,9 +1172,25 @@ class Adafactor(_OwnGroups, torch.optim.Adafactor):
     between this class and torch's both ways. One Rust call steps every
     tensor (side by side, each also split inside), the GIL released. Checked before anything changes:
     every tensor CPU, float32, contiguous, of the parameter's shape.
+
+    The fused controls of the element-wise classes, keyword-only and
+    attributes a loop may change between steps: ``grad_scale`` (a loss scale
+    divided out of every gradient), ``max_grad_norm`` (clipping by the global
+    L2 norm over every gradient, torch's ``clip_grad_norm_`` factor) and
+    ``skip_non_finite`` (a NaN or infinite gradient anywhere skips the whole
+    step; ``last_step_skipped`` tells). They run inside the one Rust call;
+    the caller's gradients are not written.
     """
 
     _adaoptim_check = _core.adafactor_check
+
+    def __init__(self, params, *args, grad_scale=None, max_grad_norm=None, skip_non_finite=False, **kwargs):
+        super().__init__(params, *args, **kwargs)
+        self.grad_scale = grad_scale
+        self.max_grad_norm = max_grad_norm
+        self.skip_non_finite = bool(skip_non_finite)
+        self.last_step_skipped = False
+        _check_controls(self)
 
     @staticmethod
     def _adaoptim_kwargs(group):
@@ -1202,6 +1218,7 @@ class Adafactor(_OwnGroups, torch.optim.Adafactor):
         loss = _closure_loss(closure)
         # Check everything first: nothing (state included) is created or
         # modified when a check fails.
+        controls = _check_controls(self)
         todo = []
         for gi, group in enumerate(self.param_groups):
             text = self._adaoptim_options(group, gi)
@@ -1226,12 +1243,14 @@ class Adafactor(_OwnGroups, torch.optim.Adafactor):
             todo.append((text, items))
         _check_no_overlap(p for _, items in todo for p, _ in items)
         groups = []
+        created = []
         for text, items in todo:
             tensors = []
             for p, shapes in items:
                 st = self.state[p]
                 if len(st) == 0:
                     # As torch's _init_group creates it.
+                    created.append(p)
                     st["step"] = torch.tensor(0.0, dtype=torch.float32)
                     for name, shape in shapes.items():
                         st[name] = torch.zeros(shape, dtype=torch.float32)
@@ -1241,7 +1260,11 @@ class Adafactor(_OwnGroups, torch.optim.Adafactor):
                 ptrs.append(st["step"].data_ptr())
                 tensors.append((list(p.shape), ptrs))
             groups.append((text, tensors))
-        _core.adafactor_step(groups)
+        self.last_step_skipped = not _core.adafactor_step(groups, *controls)
+        if self.last_step_skipped:
+            # A skipped step leaves no trace, not even a first step's state.
+            for p in created:
+                del self.state[p]
         return loss
 
 

@@ -198,6 +198,17 @@ fn step(
     run_step(py, class, &groups, grad_scale, max_norm, skip_non_finite, stochastic_round)
 }
 
+/// `ValueError` for a fused control out of range.
+fn check_controls(grad_scale: Option<f32>, max_norm: Option<f64>) -> PyResult<()> {
+    if let Some(s) = grad_scale.filter(|s| !(s.is_finite() && *s != 0.0)) {
+        return Err(PyValueError::new_err(format!("grad_scale {s} must be finite and nonzero")));
+    }
+    if let Some(m) = max_norm.filter(|m| !(m.is_finite() && *m > 0.0)) {
+        return Err(PyValueError::new_err(format!("max_grad_norm {m} must be finite and > 0")));
+    }
+    Ok(())
+}
+
 /// [`step`]'s body, shared with [`step_cached`].
 fn run_step(
     py: Python<'_>,
@@ -211,12 +222,7 @@ fn run_step(
     if stochastic_round.as_ref().is_some_and(|c| c.len() != groups.len()) {
         return Err(PyValueError::new_err("internal: one stochastic-rounding counter per group"));
     }
-    if let Some(s) = grad_scale.filter(|s| !(s.is_finite() && *s != 0.0)) {
-        return Err(PyValueError::new_err(format!("grad_scale {s} must be finite and nonzero")));
-    }
-    if let Some(m) = max_norm.filter(|m| !(m.is_finite() && *m > 0.0)) {
-        return Err(PyValueError::new_err(format!("max_grad_norm {m} must be finite and > 0")));
-    }
+    check_controls(grad_scale, max_norm)?;
     let mut configs = Vec::with_capacity(groups.len());
     let mut pieces: Vec<Piece> = Vec::new();
     // Where each tensor writes back: (step pointer, aux pointers, aux count).
@@ -811,6 +817,11 @@ fn adafactor_check(options: &str) -> PyResult<()> {
 /// [`ADAFACTOR_PTRS`] data pointers. Everything (hyperparameters, step
 /// counts) is checked before any memory is touched; the tensors then run
 /// in parallel over the pool, each also split inside, with the GIL released.
+/// The fused controls are [`step`]'s: `grad_scale` divided out of every
+/// gradient, clipping by the global norm over every gradient (each tensor's
+/// sum of squares in the crate's fixed order, added in tensor order), and
+/// with `skip_non_finite` a non-finite norm skips the step before anything
+/// is written. Returns whether the step ran.
 ///
 /// # Safety contract (Python side)
 /// As [`step`]'s: live, contiguous, CPU float32 tensors of the sizes the
@@ -818,7 +829,15 @@ fn adafactor_check(options: &str) -> PyResult<()> {
 /// or more dimensions, else `variance` of the parameter's size; the step
 /// 0-d), none overlapping, none touched by another thread during the call.
 #[pyfunction]
-fn adafactor_step(py: Python<'_>, groups: Vec<(String, Vec<AdafactorTensor>)>) -> PyResult<()> {
+#[pyo3(signature = (groups, grad_scale=None, max_norm=None, skip_non_finite=false))]
+fn adafactor_step(
+    py: Python<'_>,
+    groups: Vec<(String, Vec<AdafactorTensor>)>,
+    grad_scale: Option<f32>,
+    max_norm: Option<f64>,
+    skip_non_finite: bool,
+) -> PyResult<bool> {
+    check_controls(grad_scale, max_norm)?;
     struct Work {
         cfg: AdafactorConfig,
         shape: Vec<usize>,
@@ -867,6 +886,33 @@ fn adafactor_step(py: Python<'_>, groups: Vec<(String, Vec<AdafactorTensor>)>) -
         }
     }
     let pool = POOL.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let in_pool = |f: &mut (dyn FnMut() -> Result<f64, String> + Send)| match &pool {
+        Some(pool) => pool.install(f),
+        None => f(),
+    };
+    let mut clip_coef = None;
+    if max_norm.is_some() || skip_non_finite {
+        // Each tensor's sum over the crate's fixed tree (the same for any
+        // thread count), added in tensor order.
+        let total = py.detach(|| {
+            in_pool(&mut || {
+                let sums: Vec<Result<f64, String>> = work
+                    .par_iter()
+                    .map(|w| {
+                        clip::sum_of_squares_unscaled(Grads::F32(w.g), grad_scale, &Exec::auto())
+                            .map_err(|e| e.to_string())
+                    })
+                    .collect();
+                sums.into_iter().sum()
+            })
+        });
+        let total = total.map_err(PyRuntimeError::new_err)?;
+        if skip_non_finite && !total.is_finite() {
+            return Ok(false);
+        }
+        clip_coef = max_norm.map(|m| clip::clip_coef(total.sqrt(), m));
+    }
+    let options = StepOptions { exec: Exec::auto(), grad_scale, clip_coef, ..Default::default() };
     let run = |work: &mut Vec<Work>| -> Result<(), String> {
         // Tensors side by side, each also split inside (its result does not
         // depend on how: Adafactor's reductions use a fixed partition).
@@ -877,7 +923,7 @@ fn adafactor_step(py: Python<'_>, groups: Vec<(String, Vec<AdafactorTensor>)>) -
                 variance: &mut *w.v,
                 update: UpdateBuffer::Auto,
             };
-            adafactor::step_slices(&w.cfg, &w.shape, w.t, &mut *w.p, w.g, state, Exec::auto())
+            adafactor::step_slices_with(&w.cfg, &w.shape, w.t, &mut *w.p, w.g, state, &options)
                 .map_err(|e| e.to_string())
         })
     };
@@ -891,7 +937,7 @@ fn adafactor_step(py: Python<'_>, groups: Vec<(String, Vec<AdafactorTensor>)>) -
         // SAFETY: a live 0-d float32 tensor; `t < 2^24 + 1` converts exactly.
         unsafe { *(w.step_ptr as *mut f32) = w.t as f32 };
     }
-    Ok(())
+    Ok(true)
 }
 
 /// One tensor of [`sparse_adam_step`]: elements per row, element count,

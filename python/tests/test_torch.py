@@ -447,6 +447,69 @@ def test_adafactor_checks_large_tensors_and_schedules():
     assert ours[3] not in o_ours.state and torch.equal(ours[3], ref[3])
 
 
+def test_adafactor_fused_controls():
+    """max_grad_norm clips by torch's clip_grad_norm_ factor over every
+    gradient, grad_scale divides a loss scale out (a power of two: the bits
+    of the unscaled step), skip_non_finite skips a step with a NaN or
+    infinite gradient anywhere and changes nothing."""
+    gen = torch.Generator().manual_seed(9)
+    shapes = [(30, 40), (7,), (2, 3, 5)]
+    ref = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    o_ref = torch.optim.Adafactor(ref, lr=0.05, d=1.0)
+    o_ours = ada.Adafactor(ours, lr=0.05, d=1.0, max_grad_norm=0.5, grad_scale=1024.0, skip_non_finite=True)
+    o_plain = ada.Adafactor(plain, lr=0.05, d=1.0)
+    for _ in range(8):
+        for a, b, c in zip(ref, ours, plain):
+            g = torch.randn(a.shape, generator=gen)
+            a.grad, b.grad, c.grad = g.clone(), g * 1024.0, g.clone()
+        torch.nn.utils.clip_grad_norm_(ref, 0.5)
+        torch.nn.utils.clip_grad_norm_(plain, 0.5)
+        o_ref.step()
+        o_ours.step()
+        o_plain.step()
+        assert not o_ours.last_step_skipped
+    for i, (a, b, c) in enumerate(zip(ref, ours, plain)):
+        close(b.detach(), a.detach(), f"clipped Adafactor tensor {i}")
+        close(b.detach(), c.detach(), f"fused vs clip_grad_norm_ tensor {i}")
+    # Without clipping, a power-of-two scale gives the unscaled step's bits.
+    o_scaled = ada.Adafactor(ours, lr=0.05, grad_scale=64.0)
+    o_plain = ada.Adafactor(plain, lr=0.05)
+    for p, q in zip(ours, plain):
+        q.data.copy_(p.data)
+    for _ in range(3):
+        for b, c in zip(ours, plain):
+            g = torch.randn(b.shape, generator=gen)
+            b.grad, c.grad = g * 64.0, g.clone()
+        o_scaled.step()
+        o_plain.step()
+    for b, c in zip(ours, plain):
+        assert torch.equal(b.detach(), c.detach())
+    for bad in (float("inf"), float("nan")):
+        g = torch.randn(7, generator=gen)
+        g[3] = bad
+        ours[1].grad = g
+        before = [p.detach().clone() for p in ours]
+        state = copy.deepcopy(o_ours.state_dict())
+        o_ours.step()
+        assert o_ours.last_step_skipped
+        assert all(torch.equal(p.detach(), q) for p, q in zip(ours, before))
+        for k, st in state["state"].items():
+            for n, v in st.items():
+                assert torch.equal(o_ours.state_dict()["state"][k][n], v), f"{bad}: state {k} {n}"
+    # A skipped first step leaves no state behind.
+    fresh = ada.Adafactor([ours[0]], skip_non_finite=True)
+    ours[0].grad = torch.full(shapes[0], float("nan"))
+    fresh.step()
+    assert fresh.last_step_skipped and len(fresh.state) == 0
+    with pytest.raises(ValueError, match="grad_scale"):
+        ada.Adafactor(ours, grad_scale=0.0)
+    o_ours.max_grad_norm = -1.0
+    ours[1].grad = torch.ones(7)
+    assert "max_grad_norm" in unchanged_after(o_ours, ours, o_ours.step, ValueError)
+
+
 def test_adafactor_bad_inputs_raise_before_anything_changes():
     a = torch.nn.Parameter(torch.randn(4, 4))
     b = torch.nn.Parameter(torch.randn(5))

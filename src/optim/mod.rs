@@ -256,14 +256,7 @@ pub fn step_mixed<A: Algorithm>(
     param_copy: Option<ParamCopy<'_>>,
     options: &StepOptions,
 ) -> Result<StepReport, Error> {
-    check_grad_scale(options.grad_scale)?;
-    if let Some(c) = options.clip_coef.filter(|c| !(c.is_finite() && *c >= 0.0)) {
-        return Err(Error::InvalidHyperparameter {
-            name: "clip_coef",
-            value: c as f64,
-            requirement: "finite and >= 0",
-        });
-    }
+    let options_plan = options_plan(options)?;
     config.validate()?;
     if t == 0 || t > MAX_STEP {
         return Err(Error::InvalidStep { step: t });
@@ -290,13 +283,29 @@ pub fn step_mixed<A: Algorithm>(
         }
         ParamRounding::Stochastic { seed, offset } => Some((stochastic_key(seed, t), offset)),
     };
+    let plan = options_plan;
+    let mut bufs = Bufs::new(params, grads, state, param_copy);
+    bufs.sr = sr;
+    Ok(config.run(t, aux, plan, bufs))
+}
+
+/// The plan of `options` (backend, loss scale, clipping factor), checked:
+/// [`Error::InvalidHyperparameter`] for a zero or non-finite `grad_scale`
+/// or a negative or non-finite `clip_coef`; an unavailable forced backend.
+pub(crate) fn options_plan(options: &StepOptions) -> Result<Plan, Error> {
+    check_grad_scale(options.grad_scale)?;
+    if let Some(c) = options.clip_coef.filter(|c| !(c.is_finite() && *c >= 0.0)) {
+        return Err(Error::InvalidHyperparameter {
+            name: "clip_coef",
+            value: c as f64,
+            requirement: "finite and >= 0",
+        });
+    }
     let mut plan = Plan::new(&options.exec)?;
     plan.unscale = Unscale::new(options.grad_scale);
     // A factor of 1 changes no bits; skip the multiply, as the guards do.
     plan.clip = options.clip_coef.filter(|&c| c != 1.0);
-    let mut bufs = Bufs::new(params, grads, state, param_copy);
-    bufs.sr = sr;
-    Ok(config.run(t, aux, plan, bufs))
+    Ok(plan)
 }
 
 /// The length and storage checks of a mixed step: grads, each state buffer
