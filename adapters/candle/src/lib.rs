@@ -27,8 +27,12 @@
 //! `f32`, `bf16` and `f16` `Var`s on the CPU device, contiguous (every
 //! `Var` candle creates is). A `bf16` or `f16` `Var` is widened, stepped in
 //! `f32` and rounded back to nearest (or, for `bf16`, stochastically:
-//! [`Optim::set_stochastic_rounding`]), its optimizer state kept in `f32`
-//! (candle's own optimizers keep it in the `Var`'s dtype). A `Var` of
+//! [`Optim::set_stochastic_rounding`]). The optimizer state is `f32` by
+//! default (candle's own optimizers keep it in the `Var`'s dtype);
+//! [`Optim::set_state_dtype`] keeps it in `bf16` or bitsandbytes' 8-bit
+//! block-wise form instead (6 or 2 bytes of Adam state per parameter
+//! instead of 8), the bits those of adaoptim's
+//! [`MultiOptimizer::add_group_with_state`]. A `Var` of
 //! another float dtype (`f64`, ...), on another device or with a strided layout is an
 //! error at construction; a `Var` of an integer dtype is not optimized, as
 //! candle's own optimizers skip it. The same `Var` twice is an error (it
@@ -304,13 +308,31 @@ impl<C: Algorithm> Optim<C> {
         self.opt.set_exec(exec);
     }
 
+    /// Keeps every group's optimizer state in `dtype`:
+    /// [`Dtype::F32`](adaoptim::storage::Dtype) (the default),
+    /// [`Dtype::Bf16`](adaoptim::storage::Dtype) or
+    /// [`Dtype::Q8`](adaoptim::storage::Dtype) (bitsandbytes' block-wise
+    /// 8-bit scheme, checkpointed under its names `state1`, `absmax1`,
+    /// `qmap1`, ...). The current state moves over, rounded or quantized
+    /// (see [`MultiOptimizer::set_state_dtype_all`]); call it before the
+    /// first step for a run in that storage from the start. A checkpoint
+    /// loaded later brings its own storage.
+    ///
+    /// # Errors
+    /// Another dtype (`F16`), or state that cannot be allocated; nothing
+    /// changes then.
+    pub fn set_state_dtype(&mut self, dtype: adaoptim::storage::Dtype) -> candle_core::Result<()> {
+        self.opt.set_state_dtype_all(dtype).map_err(wrap)
+    }
+
     /// Stochastic rounding of `bf16` `Var`s (`None`, the default: round to
     /// nearest, ties to even): each `bf16` `Var` rounds with its own
     /// counter-based stream (the `i`-th `Var`'s is adaoptim's of seed
     /// `adaoptim::storage::stochastic_key(seed, i)`, at its step count), the
     /// same bits for any thread count, and resumed from a checkpoint at the
-    /// step it holds (the seed is a control, like the execution policy: set
-    /// it again after loading). `f32` `Var`s are not rounded; with an `f16`
+    /// step it holds (the seed is a control, like the execution policy: a
+    /// checkpoint does not hold it, and loading one keeps this optimizer's).
+    /// `f32` `Var`s are not rounded; with an `f16`
     /// `Var` that has a gradient, a step is an error that changes nothing.
     pub fn set_stochastic_rounding(&mut self, seed: Option<u64>) {
         self.opt.set_stochastic_rounding(seed);
@@ -397,8 +419,9 @@ impl<C: Algorithm> Optim<C> {
 
     /// Loads a checkpoint of an optimizer over the same `Var`s (same
     /// count, shapes, groups and, where both have them, names): state,
-    /// step counts and group configurations; the controls set on this
-    /// optimizer (clipping, loss scale, execution) stay.
+    /// step counts, group configurations and the state's storage; the
+    /// controls set on this optimizer (clipping, loss scale, execution,
+    /// stochastic rounding) stay.
     ///
     /// # Errors
     /// A damaged file or one of another optimizer or other `Var`s; nothing
@@ -424,6 +447,7 @@ impl<C: Algorithm> Optim<C> {
         loaded.set_non_finite(self.opt.non_finite());
         loaded.set_grad_scale(self.opt.grad_scale()).map_err(wrap)?;
         loaded.set_max_grad_norm(self.opt.max_grad_norm()).map_err(wrap)?;
+        loaded.set_stochastic_rounding(self.opt.stochastic_rounding());
         self.opt = loaded;
         self.steps = steps;
         Ok(())

@@ -2,7 +2,7 @@
 //! against candle's own AdamW (within tolerance), and its errors.
 
 use adaoptim::multi::{MixedTensorStep, MultiOptimizer, TensorStep};
-use adaoptim::storage::{Grads, Params, bf16, f16};
+use adaoptim::storage::{Dtype, Grads, Params, bf16, f16};
 use adaoptim::{Algorithm, NonFinitePolicy};
 use adaoptim_candle::{AdamW, AdamWConfig, Optim, Sgd, SgdConfig};
 use candle_core::{DType, Device, Module, Tensor, Var};
@@ -92,6 +92,49 @@ fn backward_step_is_adaoptim_on_raw_slices_bit_for_bit() {
         assert_eq!(opt.inner().step_count(i).unwrap(), 5);
         assert_eq!(opt.inner().state(i, "exp_avg").unwrap(), raw.state(i, "exp_avg").unwrap());
     }
+}
+
+#[test]
+fn bf16_and_8bit_state_is_adaoptim_on_raw_slices_bit_for_bit_and_checkpoints() {
+    for dtype in [Dtype::Q8, Dtype::Bf16] {
+        let m = Model::new(21);
+        let config = AdamWConfig { lr: 1e-2, weight_decay: 0.1, ..Default::default() };
+        let mut opt = AdamW::new(m.vars.clone(), config).unwrap();
+        opt.set_state_dtype(dtype).unwrap();
+        opt.set_stochastic_rounding(Some(3));
+        let mut raw = MultiOptimizer::new();
+        raw.add_group_with_state(config, &[128, 16, 48], dtype).unwrap();
+        let mut params = m.params();
+        let mut saved = None;
+        for s in 0..6 {
+            if s == 3 {
+                saved = Some(opt.to_safetensors().unwrap());
+            }
+            let g = m.grads();
+            opt.backward_step(&m.loss()).unwrap();
+            raw_step(&mut raw, &mut params, &g.into_iter().map(Some).collect::<Vec<_>>());
+            for (p, v) in params.iter().zip(&m.vars) {
+                assert_eq!(bits(p), bits(&flat(v.as_tensor())), "{dtype:?} step {s}");
+            }
+        }
+        for i in 0..3 {
+            for name in ["exp_avg", "exp_avg_sq"] {
+                let (a, b) = (opt.inner().state_f32(i, name).unwrap(), raw.state_f32(i, name).unwrap());
+                assert_eq!(bits(&a.unwrap()), bits(&b.unwrap()), "{dtype:?} {i} {name}");
+            }
+        }
+        // A fresh optimizer over the same Vars loads the storage with the state.
+        let bytes = saved.unwrap();
+        let mut back = AdamW::new(m.vars.clone(), config).unwrap();
+        back.set_stochastic_rounding(Some(3));
+        back.load_safetensors(&bytes).unwrap();
+        assert_eq!(back.inner().state_dtype(0), Some(dtype));
+        assert_eq!(back.inner().stochastic_rounding(), Some(3), "a control stays across a load");
+        assert_eq!(back.inner().q8_parts(1).unwrap().is_some(), dtype == Dtype::Q8);
+    }
+    let mut opt = AdamW::new(Model::new(22).vars, AdamWConfig::default()).unwrap();
+    assert!(opt.set_state_dtype(Dtype::F16).is_err());
+    assert_eq!(opt.inner().state_dtype(0), Some(Dtype::F32));
 }
 
 #[test]
