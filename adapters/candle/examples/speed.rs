@@ -4,15 +4,17 @@
 //! the README quotes; absolute times on a shared machine drift).
 //!
 //! With `--bf16` the Vars and their gradients are bf16 (adaoptim keeps
-//! the state f32; candle's AdamW keeps it bf16, in the Vars' dtype), and
-//! the raw-slice step is `MultiOptimizer::step_mixed` over bf16 slices.
+//! the state f32 unless told otherwise; candle's AdamW keeps it bf16, in
+//! the Vars' dtype), and the raw-slice step is `MultiOptimizer::step_mixed`
+//! over bf16 slices. `--state bf16` or `--state q8` keeps adaoptim's state
+//! (adapter and raw slices alike) in bf16 or 8-bit block-wise storage.
 //!
-//! `cargo run --release -p adaoptim-candle --example speed [-- [--bf16] [ROUNDS]]`
+//! `cargo run --release -p adaoptim-candle --example speed [-- [--bf16] [--state f32|bf16|q8] [ROUNDS]]`
 
 use std::time::Instant;
 
 use adaoptim::multi::{MixedTensorStep, MultiOptimizer};
-use adaoptim::storage::{Grads, Params, bf16};
+use adaoptim::storage::{Dtype as StateDtype, Grads, Params, bf16};
 use adaoptim_candle::AdamWConfig;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::Optimizer;
@@ -27,6 +29,12 @@ fn median(v: &mut [f64]) -> f64 {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let half = args.iter().any(|a| a == "--bf16");
+    let state = match args.iter().position(|a| a == "--state").and_then(|i| args.get(i + 1)).map(String::as_str) {
+        None | Some("f32") => StateDtype::F32,
+        Some("bf16") => StateDtype::Bf16,
+        Some("q8") => StateDtype::Q8,
+        Some(other) => return Err(candle_core::Error::Msg(format!("--state {other}: f32, bf16 or q8"))),
+    };
     let rounds: usize = args.iter().find_map(|s| s.parse().ok()).unwrap_or(7);
     let dtype = if half { DType::BF16 } else { DType::F32 };
     let dev = &Device::Cpu;
@@ -42,11 +50,12 @@ fn main() -> Result<()> {
     let (g_ours, g_theirs) = (grads_of(&ours_vars)?, grads_of(&their_vars)?);
     let config = AdamWConfig { lr: 1e-4, ..Default::default() };
     let mut ours = adaoptim_candle::AdamW::new(ours_vars, config)?;
+    ours.set_state_dtype(state)?;
     let mut cn = candle_nn::AdamW::new(their_vars, candle_nn::ParamsAdamW { lr: 1e-4, ..Default::default() })?;
     let sizes: Vec<usize> = SHAPES.iter().map(|s| s.iter().product()).collect();
     let n: usize = sizes.iter().sum();
     let mut raw = MultiOptimizer::new();
-    raw.add_group(config, &sizes).map_err(candle_core::Error::wrap)?;
+    raw.add_group_with_state(config, &sizes, state).map_err(candle_core::Error::wrap)?;
     let mut params: Vec<Vec<f32>> = sizes.iter().map(|&k| vec![1.0; k]).collect();
     let grads: Vec<Vec<f32>> = sizes.iter().map(|&k| vec![1e-3; k]).collect();
     let mut params16: Vec<Vec<bf16>> = sizes.iter().map(|&k| vec![bf16::ONE; k]).collect();
@@ -85,7 +94,7 @@ fn main() -> Result<()> {
     let (a, b, c) = (median(&mut t_ours), median(&mut t_raw), median(&mut t_cn));
     let threads = rayon::current_num_threads();
     println!(
-        "AdamW step, {n} {dtype:?} parameters in 4 Vars, {threads} threads, median of {rounds} alternated rounds:"
+        "AdamW step, {n} {dtype:?} parameters in 4 Vars, adaoptim state {state:?}, {threads} threads, median of {rounds} alternated rounds:"
     );
     println!("  adaoptim-candle   {:8.2} ms  {:.3} Gparam/s", a * 1e3, n as f64 / a / 1e9);
     println!("  raw slices        {:8.2} ms  {:.3} Gparam/s", b * 1e3, n as f64 / b / 1e9);
