@@ -606,6 +606,7 @@ pub fn step_slices_with(
     state: AdafactorState<'_>,
     options: &StepOptions,
 ) -> Result<(), Error> {
+    crate::optim::check_options(options)?;
     let plan = crate::optim::options_plan(options)?;
     if options.param_rounding != crate::storage::ParamRounding::Nearest {
         return Err(Error::Storage {

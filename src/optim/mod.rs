@@ -256,7 +256,7 @@ pub fn step_mixed<A: Algorithm>(
     param_copy: Option<ParamCopy<'_>>,
     options: &StepOptions,
 ) -> Result<StepReport, Error> {
-    let options_plan = options_plan(options)?;
+    check_options(options)?;
     config.validate()?;
     if t == 0 || t > MAX_STEP {
         return Err(Error::InvalidStep { step: t });
@@ -283,16 +283,15 @@ pub fn step_mixed<A: Algorithm>(
         }
         ParamRounding::Stochastic { seed, offset } => Some((stochastic_key(seed, t), offset)),
     };
-    let plan = options_plan;
+    let plan = options_plan(options)?;
     let mut bufs = Bufs::new(params, grads, state, param_copy);
     bufs.sr = sr;
     Ok(config.run(t, aux, plan, bufs))
 }
 
-/// The plan of `options` (backend, loss scale, clipping factor), checked:
 /// [`Error::InvalidHyperparameter`] for a zero or non-finite `grad_scale`
-/// or a negative or non-finite `clip_coef`; an unavailable forced backend.
-pub(crate) fn options_plan(options: &StepOptions) -> Result<Plan, Error> {
+/// or a negative or non-finite `clip_coef`.
+pub(crate) fn check_options(options: &StepOptions) -> Result<(), Error> {
     check_grad_scale(options.grad_scale)?;
     if let Some(c) = options.clip_coef.filter(|c| !(c.is_finite() && *c >= 0.0)) {
         return Err(Error::InvalidHyperparameter {
@@ -301,6 +300,12 @@ pub(crate) fn options_plan(options: &StepOptions) -> Result<Plan, Error> {
             requirement: "finite and >= 0",
         });
     }
+    Ok(())
+}
+
+/// The plan of `options` (backend, loss scale, clipping factor), after
+/// [`check_options`]: an unavailable forced backend is the only error.
+pub(crate) fn options_plan(options: &StepOptions) -> Result<Plan, Error> {
     let mut plan = Plan::new(&options.exec)?;
     plan.unscale = Unscale::new(options.grad_scale);
     // A factor of 1 changes no bits; skip the multiply, as the guards do.
