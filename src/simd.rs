@@ -147,7 +147,7 @@ pub(crate) trait F32Vec:
     /// `ptr..ptr + LANES` must be valid for reads.
     unsafe fn load_f16(ptr: *const u16) -> Self;
     /// Narrows to f16 ([`f32_to_f16`]: nearest, ties to even, overflow to
-    /// infinity, NaN to the signed `0x7e00`).
+    /// infinity, every NaN to `0x7e00`).
     ///
     /// # Safety
     /// `ptr..ptr + LANES` must be valid for writes.
@@ -261,7 +261,12 @@ pub(crate) fn f16_to_f32(h: u16) -> f32 {
 
 /// FP16's `fp16_ieee_from_fp32_value`: the two scalings round the mantissa
 /// at the f16 position (nearest even) and send overflow to infinity; the
-/// added bias places subnormals; every NaN becomes `sign | 0x7e00`.
+/// added bias places subnormals. Every NaN becomes `0x7e00`, as every NaN
+/// narrows to `0x7fc0` in [`f32_to_bf16`]: FP16 (and torch's `Half`) keep a
+/// NaN's sign, but the sign of a NaN an operation makes is not the same on
+/// every path (x86's default NaN is negative, `fmaf` and operand order
+/// differ), so a signed NaN would make backends differ in the bits they
+/// store.
 #[inline(always)]
 pub(crate) fn f32_to_f16(x: f32) -> u16 {
     let base = (x.abs() * f32::from_bits(0x7780_0000)) * f32::from_bits(0x0880_0000); // 2^112, 2^-110
@@ -272,7 +277,7 @@ pub(crate) fn f32_to_f16(x: f32) -> u16 {
     let base = f32::from_bits((bias >> 1) + 0x0780_0000) + base;
     let bits = base.to_bits();
     let nonsign = ((bits >> 13) & 0x7c00) + (bits & 0x0fff);
-    ((sign >> 16) | if shl1_w > 0xff00_0000 { 0x7e00 } else { nonsign }) as u16
+    if shl1_w > 0xff00_0000 { 0x7e00 } else { ((sign >> 16) | nonsign) as u16 }
 }
 
 /// `vrsqrt14`'s segments, `(c, d)` each: on segment `i` of `[1, 2)` (width
@@ -1125,14 +1130,11 @@ mod x86 {
         unsafe fn store_f16(self, ptr: *mut u16) {
             // SAFETY: the caller guarantees 8 writable u16; F16C detected.
             // `vcvtps2ph` rounds to nearest even like `f32_to_f16`; NaN lanes
-            // are first made `sign | quiet NaN`, which it narrows to
-            // `sign | 0x7e00`, the scalar rule's NaN.
+            // are first made the positive quiet NaN, which it narrows to
+            // `0x7e00`, the scalar rule's NaN.
             unsafe {
                 let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(self.0, self.0);
-                let canon = _mm256_or_ps(
-                    _mm256_and_ps(self.0, _mm256_set1_ps(-0.0)),
-                    _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc0_0000)),
-                );
+                let canon = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc0_0000));
                 let x = _mm256_blendv_ps(self.0, canon, nan);
                 _mm_storeu_si128(ptr.cast(), _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x));
             }
@@ -1326,12 +1328,11 @@ mod x86 {
         #[inline(always)]
         unsafe fn store_f16(self, ptr: *mut u16) {
             // SAFETY: the caller guarantees 16 writable u16; AVX-512F. NaN
-            // lanes made `sign | quiet NaN` first, as in the AVX2 lanes.
+            // lanes made the positive quiet NaN first, as in the AVX2 lanes.
             unsafe {
                 let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(self.0, self.0);
-                let sign = _mm512_and_si512(_mm512_castps_si512(self.0), _mm512_set1_epi32(i32::MIN));
-                let canon = _mm512_or_si512(sign, _mm512_set1_epi32(0x7fc0_0000));
-                let x = _mm512_mask_mov_ps(self.0, nan, _mm512_castsi512_ps(canon));
+                let canon = _mm512_set1_ps(f32::from_bits(0x7fc0_0000));
+                let x = _mm512_mask_mov_ps(self.0, nan, canon);
                 _mm256_storeu_si256(ptr.cast(), _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x));
             }
         }

@@ -318,6 +318,79 @@ fn non_finite_half_gradients_propagate_as_in_f32() {
 }
 
 #[test]
+fn half_storage_holds_one_nan_on_every_path() {
+    // Overflowing and non-finite values make NaNs, and the sign of a NaN an
+    // operation makes differs between code paths (x86's default NaN is
+    // negative; operand order and `fmaf` decide which NaN propagates). Half
+    // storage keeps one NaN (f16 0x7E00, bf16 0x7FC0), so every path stores
+    // the same bits; f32 buffers may hold any NaN.
+    let edge = [
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -f32::NAN,
+        3e38,
+        -3e38,
+        65504.0,
+        -65504.0,
+        7.4e28,
+        -3.9e10,
+        1e-30,
+        0.5,
+        -2.0,
+    ];
+    let n = 67;
+    let val = |i: usize| edge[i % edge.len()];
+    let same =
+        |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits() || x.is_nan() && y.is_nan());
+    for (name, cfg) in variety() {
+        for combo in [
+            (P::F16, G::F32, Dtype::F32, C::None),
+            (P::F16, G::F16, Dtype::Bf16, C::None),
+            (P::Bf16, G::F32, Dtype::F32, C::None),
+            (P::F32, G::F32, Dtype::F32, C::F16),
+            (P::F32, G::Bf16, Dtype::F32, C::Bf16),
+        ] {
+            let mut init = start(&cfg, combo, n, &mut Rng::new(5));
+            let p: Vec<f32> = (0..n).map(|i| val(i * 5)).collect();
+            init.p = match combo.0 {
+                P::F32 => p,
+                P::Bf16 => round_bf16(&p),
+                P::F16 => round_f16(&p),
+            };
+            let grads: Vec<Vec<f32>> = (0..3).map(|t| (0..n).map(|i| val(i * 3 + t + 1)).collect()).collect();
+            let run = |exec: Exec| {
+                let mut r = init.clone();
+                let opt = StepOptions { exec, ..StepOptions::default() };
+                for (t, g) in grads.iter().enumerate() {
+                    mixed_step(&cfg, t as u64 + 1, combo, &mut r, g, &opt).unwrap();
+                }
+                r
+            };
+            let want = run(Exec::scalar());
+            assert!(want.p.iter().any(|x| x.is_nan()), "{name} {combo:?}: no NaN made");
+            for (path, exec) in paths() {
+                let got = run(exec);
+                let what = format!("{name} {combo:?} {path}");
+                if combo.0 == P::F32 {
+                    assert!(same(&got.p, &want.p), "{what}: params");
+                } else {
+                    assert_eq!(bits(&got.p), bits(&want.p), "{what}: params");
+                }
+                assert_eq!(bits(&got.copy), bits(&want.copy), "{what}: copy");
+                for (j, (a, b)) in got.s.iter().zip(&want.s).enumerate() {
+                    if combo.2 == Dtype::F32 {
+                        assert!(same(a, b), "{what}: state {j}");
+                    } else {
+                        assert_eq!(bits(a), bits(b), "{what}: state {j}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn bad_storage_and_lengths_are_typed_errors_and_change_nothing() {
     let cfg: AnyConfig = AdamConfig::default().into();
     let n = 300;
