@@ -341,8 +341,6 @@ fn half_storage_holds_one_nan_on_every_path() {
     ];
     let n = 67;
     let val = |i: usize| edge[i % edge.len()];
-    let same =
-        |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits() || x.is_nan() && y.is_nan());
     for (name, cfg) in variety() {
         for combo in [
             (P::F16, G::F32, Dtype::F32, C::None),
@@ -373,14 +371,14 @@ fn half_storage_holds_one_nan_on_every_path() {
                 let got = run(exec);
                 let what = format!("{name} {combo:?} {path}");
                 if combo.0 == P::F32 {
-                    assert!(same(&got.p, &want.p), "{what}: params");
+                    common::assert_same_bits(&format!("{what}: params"), &got.p, &want.p);
                 } else {
                     assert_eq!(bits(&got.p), bits(&want.p), "{what}: params");
                 }
                 assert_eq!(bits(&got.copy), bits(&want.copy), "{what}: copy");
                 for (j, (a, b)) in got.s.iter().zip(&want.s).enumerate() {
                     if combo.2 == Dtype::F32 {
-                        assert!(same(a, b), "{what}: state {j}");
+                        common::assert_same_bits(&format!("{what}: state {j}"), a, b);
                     } else {
                         assert_eq!(bits(a), bits(b), "{what}: state {j}");
                     }
