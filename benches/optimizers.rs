@@ -222,6 +222,60 @@ fn bench_sparse(c: &mut Criterion) {
             b.iter(|| opt.step(black_box(&mut table), black_box(idx), black_box(&values)).unwrap())
         });
     }
+    // The same random rows over reduced-precision storage: a bf16 table
+    // with f32 and with bf16 state (dim 64), and 8-bit state next to an f32
+    // and a bf16 table, which needs rows of whole blocks (dim 256, 2^16
+    // rows, 4096 gradient rows: the same table size), beside f32 at that
+    // shape. Throughput counts the bytes of the rows touched, each buffer
+    // once (gradient, table, two states), as above.
+    use adaoptim::sparse::sparse_adam_step_mixed;
+    use adaoptim::storage::{Params, Q8State, QMap, StateBuf, bf16};
+    let config = SparseAdamConfig::default();
+    for (name, dim, q8, table16, state16) in [
+        ("random_bf16_table", dim, false, true, false),
+        ("random_bf16_table_bf16_state", dim, false, true, true),
+        ("random_dim256_f32", 256, false, false, false),
+        ("random_dim256_q8_state", 256, true, false, false),
+        ("random_dim256_bf16_table_q8_state", 256, true, true, false),
+    ] {
+        let rows = rows * 64 / dim;
+        let (n, k) = (rows * dim, k * 64 / dim);
+        let idx: Vec<usize> = random.iter().take(k).map(|&r| r % rows).collect();
+        let values = vec![0.01f32; k * dim];
+        let (mut t32, mut t16) = (vec![0.5f32; n], vec![bf16::from_f32(0.5); n]);
+        let (mut m32, mut v32) = (vec![0f32; n], vec![0f32; n]);
+        let (mut m16, mut v16) = (vec![bf16::ZERO; n], vec![bf16::ZERO; n]);
+        let (mut mc, mut vc) = (vec![0u8; n], vec![0u8; n]);
+        let (mut ma, mut va) = (vec![0f32; n / 256], vec![0f32; n / 256]);
+        let table_bytes = if table16 { 2 } else { 4 };
+        let state_bytes = if q8 {
+            1
+        } else if state16 {
+            2
+        } else {
+            4
+        };
+        group.throughput(Throughput::Bytes((k * dim * (4 + table_bytes + 2 * state_bytes)) as u64));
+        let mut t = 0u64;
+        group.bench_function(BenchmarkId::new(name, k), |b| {
+            b.iter(|| {
+                t += 1;
+                let table = if table16 { Params::Bf16(&mut t16) } else { Params::F32(&mut t32) };
+                let state = if q8 {
+                    [
+                        StateBuf::Q8(Q8State { codes: &mut mc, absmax: &mut ma, map: QMap::signed() }),
+                        StateBuf::Q8(Q8State { codes: &mut vc, absmax: &mut va, map: QMap::unsigned() }),
+                    ]
+                } else if state16 {
+                    [StateBuf::Bf16(&mut m16), StateBuf::Bf16(&mut v16)]
+                } else {
+                    [StateBuf::F32(&mut m32), StateBuf::F32(&mut v32)]
+                };
+                let exec = Exec::auto();
+                sparse_adam_step_mixed(&config, t.min(1000), dim, table, state, black_box(&idx), &values, exec).unwrap()
+            })
+        });
+    }
     group.finish();
 }
 

@@ -635,6 +635,26 @@ fn run_tiles<V: F32Vec, K: Kernel<S>, const S: usize>(k: &K, mut sl: Mixed<'_, S
     }
 }
 
+/// Runs `k` over one piece whose gradient is `f32` and whose parameters and
+/// state are in any storage (a row of an embedding table): the `f32` lane
+/// loop when every buffer is `f32`, else the tiles, as [`drive`] would run
+/// the piece; nearest rounding, no copy. A piece holding 8-bit state must
+/// start on a block boundary (the caller's rows are whole blocks).
+#[inline(always)]
+pub(crate) fn run_piece<V: F32Vec, K: Kernel<S>, const S: usize>(
+    k: &K,
+    p: Params<'_>,
+    g: &[f32],
+    s: [StateBuf<'_>; S],
+    pre: GradPre,
+) {
+    let piece = Mixed { p, g: Grads::F32(g), s, copy: None, sr: None, base: 0 };
+    match piece.into_dense() {
+        Ok(sl) => run_lanes::<V, K, S>(k, sl, pre),
+        Err(piece) => run_tiles::<V, K, S>(k, piece, pre),
+    }
+}
+
 /// Runs `k` over the slices with lane type `V`, then the tail with `f32`.
 #[inline(always)]
 fn run_lanes<V: F32Vec, K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>, pre: GradPre) {

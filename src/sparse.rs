@@ -9,6 +9,13 @@
 //! they are updated in parallel, each with the SIMD kernels along `dim`, and
 //! the result does not depend on the thread count.
 //!
+//! The table may also be held in `bf16` or `f16`, and the state of SparseAdam
+//! and sparse Adagrad in `bf16` or 8-bit block-wise storage
+//! ([`sparse_adam_step_mixed`], [`sparse_adagrad_step_mixed`],
+//! [`SparseAdam::step_mixed`]): each present row runs as a piece of the
+//! dense mixed-storage step (widened, stepped in `f32`, rounded back), so 8-bit
+//! state needs rows of whole blocks of 256.
+//!
 //! ```
 //! use adaoptim::sparse::{SparseAdam, SparseAdamConfig};
 //! let (rows, dim) = (1000, 8);
@@ -24,11 +31,12 @@
 
 use rayon::prelude::*;
 
-use crate::driver::{GradPre, Kernel, Lanes, Plan, Pre, Slices, StepReport};
-use crate::error::{non_negative, unit_half_open};
+use crate::driver::{GradPre, Kernel, Lanes, Plan, Pre, Slices, StepReport, run_piece};
+use crate::error::{check_len, non_negative, unit_half_open};
 use crate::optim::Guards;
 use crate::optim::pow_step;
 use crate::simd::{F32Vec, LaneOp, dispatch};
+use crate::storage::{Dtype, Params, Q8_BLOCK, Q8State, QMap, StateBuf, bf16, f16};
 use crate::{Error, Exec, NonFinitePolicy};
 
 use crate::memory::{Raw, try_filled};
@@ -152,19 +160,29 @@ impl Coalescer {
 
 /// A raw pointer to the start of a table or state buffer, shared across the
 /// threads that update distinct rows.
-#[derive(Clone, Copy)]
-struct RowBase(*mut f32);
+struct RowBase<T>(*mut T);
+impl<T> Clone for RowBase<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for RowBase<T> {}
 // SAFETY: only used to form `&mut` slices of distinct rows (the coalesced row
-// list has no duplicates), so no two threads touch the same memory.
-unsafe impl Send for RowBase {}
+// list has no duplicates), so no two threads touch the same memory; the
+// element types (`f32`, `bf16`, `f16`, `u8`) are plain data.
+unsafe impl<T: Send> Send for RowBase<T> {}
 // SAFETY: as above.
-unsafe impl Sync for RowBase {}
+unsafe impl<T: Send> Sync for RowBase<T> {}
 
-impl RowBase {
+impl<T> RowBase<T> {
+    fn of(buf: &mut [T]) -> Self {
+        RowBase(buf.as_mut_ptr())
+    }
+
     /// # Safety
     /// `row * dim + dim` must be within the buffer, and no other live
     /// reference may cover that row.
-    unsafe fn row<'a>(self, row: usize, dim: usize) -> &'a mut [f32] {
+    unsafe fn row<'a>(self, row: usize, dim: usize) -> &'a mut [T] {
         // SAFETY: guaranteed by the caller.
         unsafe { std::slice::from_raw_parts_mut(self.0.add(row * dim), dim) }
     }
@@ -173,13 +191,13 @@ impl RowBase {
 /// Hints the CPU to fetch a row of a buffer (random rows defeat the
 /// hardware prefetcher).
 #[inline(always)]
-fn prefetch_row(base: RowBase, row: usize, dim: usize) {
+fn prefetch_row<T>(base: RowBase<T>, row: usize, dim: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use core::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
         let start = base.0.wrapping_add(row * dim) as *const i8;
         let mut off = 0;
-        while off < dim * 4 {
+        while off < dim * std::mem::size_of::<T>() {
             // SAFETY: prefetching is a hint: it never faults and has no
             // visible effect, whatever the address (SSE is baseline on x86-64).
             unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(off)) };
@@ -201,8 +219,8 @@ struct Rows<'a, 'k, K, const S: usize> {
     pre: GradPre,
     grad: &'a Coalesced<'a>,
     rows: &'a [Entry],
-    table: RowBase,
-    state: [RowBase; S],
+    table: RowBase<f32>,
+    state: [RowBase<f32>; S],
 }
 
 impl<K: Kernel<S>, const S: usize> LaneOp for Rows<'_, '_, K, S> {
@@ -230,25 +248,177 @@ impl<K: Kernel<S>, const S: usize> LaneOp for Rows<'_, '_, K, S> {
     }
 }
 
+/// A table in its storage, shared across the threads that update its rows.
+#[derive(Clone, Copy)]
+enum TableBase {
+    F32(RowBase<f32>),
+    Bf16(RowBase<bf16>),
+    F16(RowBase<f16>),
+}
+
+impl TableBase {
+    fn of(table: Params<'_>) -> Self {
+        match table {
+            Params::F32(x) => TableBase::F32(RowBase::of(x)),
+            Params::Bf16(x) => TableBase::Bf16(RowBase::of(x)),
+            Params::F16(x) => TableBase::F16(RowBase::of(x)),
+        }
+    }
+
+    fn prefetch(self, row: usize, dim: usize) {
+        match self {
+            TableBase::F32(b) => prefetch_row(b, row, dim),
+            TableBase::Bf16(b) => prefetch_row(b, row, dim),
+            TableBase::F16(b) => prefetch_row(b, row, dim),
+        }
+    }
+
+    /// # Safety
+    /// As [`RowBase::row`].
+    unsafe fn row<'a>(self, row: usize, dim: usize) -> Params<'a> {
+        // SAFETY: guaranteed by the caller.
+        unsafe {
+            match self {
+                TableBase::F32(b) => Params::F32(b.row(row, dim)),
+                TableBase::Bf16(b) => Params::Bf16(b.row(row, dim)),
+                TableBase::F16(b) => Params::F16(b.row(row, dim)),
+            }
+        }
+    }
+}
+
+/// A state buffer in its storage, shared across the threads that update its
+/// rows. An 8-bit buffer's rows are whole blocks (checked before a step).
+#[derive(Clone, Copy)]
+enum StateBase<'m> {
+    F32(RowBase<f32>),
+    Bf16(RowBase<bf16>),
+    Q8 { codes: RowBase<u8>, absmax: RowBase<f32>, map: &'m QMap },
+}
+
+impl<'m> StateBase<'m> {
+    fn of(state: StateBuf<'m>) -> Self {
+        match state {
+            StateBuf::F32(x) => StateBase::F32(RowBase::of(x)),
+            StateBuf::Bf16(x) => StateBase::Bf16(RowBase::of(x)),
+            StateBuf::Q8(q) => StateBase::Q8 { codes: RowBase::of(q.codes), absmax: RowBase::of(q.absmax), map: q.map },
+        }
+    }
+
+    fn prefetch(self, row: usize, dim: usize) {
+        match self {
+            StateBase::F32(b) => prefetch_row(b, row, dim),
+            StateBase::Bf16(b) => prefetch_row(b, row, dim),
+            StateBase::Q8 { codes, .. } => prefetch_row(codes, row, dim),
+        }
+    }
+
+    /// # Safety
+    /// As [`RowBase::row`]; an 8-bit buffer's `dim` is a multiple of
+    /// [`Q8_BLOCK`].
+    unsafe fn row<'a>(self, row: usize, dim: usize) -> StateBuf<'a>
+    where
+        'm: 'a,
+    {
+        // SAFETY: guaranteed by the caller; row `row` of the codes covers
+        // exactly the blocks `row * dim / Q8_BLOCK ..` of the scales.
+        unsafe {
+            match self {
+                StateBase::F32(b) => StateBuf::F32(b.row(row, dim)),
+                StateBase::Bf16(b) => StateBuf::Bf16(b.row(row, dim)),
+                StateBase::Q8 { codes, absmax, map } => {
+                    StateBuf::Q8(Q8State { codes: codes.row(row, dim), absmax: absmax.row(row, dim / Q8_BLOCK), map })
+                }
+            }
+        }
+    }
+}
+
+/// A task's rows of a row-sparse update over buffers in any storage: each
+/// row runs as a piece of a mixed-storage step ([`run_piece`]).
+struct MixedRows<'a, 'k, 'm, K, const S: usize> {
+    k: &'k K,
+    pre: GradPre,
+    grad: &'a Coalesced<'a>,
+    rows: &'a [Entry],
+    table: TableBase,
+    state: [StateBase<'m>; S],
+}
+
+impl<K: Kernel<S>, const S: usize> LaneOp for MixedRows<'_, '_, '_, K, S> {
+    type Out = ();
+    #[inline(always)]
+    fn run<V: F32Vec>(self) {
+        let dim = self.grad.dim;
+        for (i, &e) in self.rows.iter().enumerate() {
+            if let Some(ahead) = self.rows.get(i + PREFETCH_AHEAD) {
+                self.table.prefetch(ahead.row, dim);
+                self.state.iter().for_each(|b| b.prefetch(ahead.row, dim));
+            }
+            // SAFETY: as in `Rows`: the row lies in the table and in every
+            // state buffer, no other task forms a slice of it, and 8-bit
+            // rows are whole blocks (checked by `check_row_states`).
+            let (p, s) = unsafe { (self.table.row(e.row, dim), self.state.map(|b| b.row(e.row, dim))) };
+            run_piece::<V, K, S>(self.k, p, self.grad.values(e), s, self.pre);
+        }
+    }
+}
+
 /// Applies `k` to every coalesced row, in parallel when there is enough work.
 fn update_rows<K: Kernel<S>, const S: usize>(
     k: &K,
     plan: &Plan,
     parallel: bool,
     grad: &Coalesced<'_>,
-    table: &mut [f32],
-    state: [&mut [f32]; S],
+    table: Params<'_>,
+    state: [StateBuf<'_>; S],
 ) -> bool {
     let (backend, pre) = (plan.backend, plan.pre(k.maximize()));
-    let table = RowBase(table.as_mut_ptr());
-    let state: [RowBase; S] = state.map(|s| RowBase(s.as_mut_ptr()));
-    let task = |rows: &[Entry]| dispatch(backend, Rows { k, pre, grad, rows, table, state });
-    if parallel {
-        grad.entries.par_chunks(ROWS_PER_TASK).for_each(task);
+    let all_f32 = matches!(table, Params::F32(_)) && state.iter().all(|s| matches!(s, StateBuf::F32(_)));
+    let run = |task: &(dyn Fn(&[Entry]) + Sync)| {
+        if parallel {
+            grad.entries.par_chunks(ROWS_PER_TASK).for_each(task);
+        } else {
+            grad.entries.chunks(ROWS_PER_TASK).for_each(task);
+        }
+    };
+    if all_f32 {
+        // The f32 rows run the lane loop directly (no per-row storage match).
+        let Params::F32(table) = table else { unreachable!("checked above") };
+        let table = RowBase::of(table);
+        let state: [RowBase<f32>; S] = state.map(|s| match s {
+            StateBuf::F32(s) => RowBase::of(s),
+            _ => unreachable!("checked above"),
+        });
+        run(&|rows| dispatch(backend, Rows { k, pre, grad, rows, table, state }));
     } else {
-        grad.entries.chunks(ROWS_PER_TASK).for_each(task);
+        let table = TableBase::of(table);
+        let state = state.map(StateBase::of);
+        run(&|rows| dispatch(backend, MixedRows { k, pre, grad, rows, table, state }));
     }
     parallel
+}
+
+/// The length and storage checks of a row-sparse step's state buffers
+/// (named by `names`) for a table of `n` elements in rows of `dim`: each the
+/// table's size; an 8-bit buffer's rows whole blocks of [`Q8_BLOCK`] (a
+/// row's update requantizes its blocks, so a block may not hold two rows,
+/// one of which does not move) with one scale per block.
+fn check_row_states(n: usize, dim: usize, names: &[&'static str], state: &[StateBuf<'_>]) -> Result<(), Error> {
+    for (&name, s) in names.iter().zip(state) {
+        check_len(name, n, s.len())?;
+        if let StateBuf::Q8(q) = s {
+            if !dim.is_multiple_of(Q8_BLOCK) {
+                return Err(Error::Storage {
+                    what: name,
+                    dtype: Dtype::Q8,
+                    reason: "8-bit row-sparse state needs rows of whole blocks (dim a multiple of 256)",
+                });
+            }
+            check_len("absmax", n / Q8_BLOCK, q.absmax.len())?;
+        }
+    }
+    Ok(())
 }
 
 /// What every row-sparse optimizer keeps besides its state: the table shape,
@@ -281,16 +451,19 @@ impl RowSteps {
     }
 
     /// One step of an element-wise row kernel: check, policy, coalesce,
-    /// update the present rows, advance the step count.
+    /// update the present rows, advance the step count. The states are
+    /// named by `names` in errors.
     fn run<K: Kernel<S>, const S: usize>(
         &mut self,
         k: &K,
-        table: &mut [f32],
+        table: Params<'_>,
         grad_rows: &[usize],
         grad_values: &[f32],
-        state: [&mut [f32]; S],
+        names: [&'static str; S],
+        state: [StateBuf<'_>; S],
     ) -> Result<StepReport, Error> {
         let t = crate::error::next_step(self.t)?;
+        check_row_states(self.rows * self.dim, self.dim, &names, &state)?;
         let (plan, parallel, grad) = match self.prepare(table.len(), grad_rows, grad_values)? {
             Prepared::Go(plan, parallel, grad) => (plan, parallel, grad),
             Prepared::Skip(report) => return Ok(report),
@@ -467,13 +640,47 @@ pub fn sparse_adam_step_slices(
     grad_values: &[f32],
     exec: Exec,
 ) -> Result<StepReport, Error> {
+    let (table, state) = (Params::F32(table), [StateBuf::F32(exp_avg), StateBuf::F32(exp_avg_sq)]);
+    sparse_adam_step_mixed(config, t, dim, table, state, grad_rows, grad_values, exec)
+}
+
+/// [`sparse_adam_step_slices`] with the table and the state in any
+/// [`storage`](crate::storage): an `f32`, `bf16` or `f16` table; each state
+/// (`[exp_avg, exp_avg_sq]`) `f32`, `bf16` or 8-bit block-wise
+/// ([`QMap::signed`] for `exp_avg`, [`QMap::unsigned`] for `exp_avg_sq`, as
+/// bitsandbytes). The gradient values are `f32` (duplicates are summed in
+/// `f32`).
+///
+/// Each present row is stepped in `f32` on its widened (or dequantized)
+/// values and rounded back to nearest-even (or requantized, block by
+/// block): the bits of [`sparse_adam_step_slices`] on the widened buffers,
+/// rounded. Rows not named keep their bits in every buffer, so an 8-bit
+/// state needs rows of whole blocks: `dim` a multiple of 256 (a block shared
+/// by two rows would be requantized by one row's step, moving the other's
+/// values). Every backend, thread count and chunk size gives the same bits.
+///
+/// # Errors
+/// As [`sparse_adam_step_slices`], and [`Error::Storage`] for an 8-bit
+/// state whose `dim` is not a multiple of 256, [`Error::LengthMismatch`]
+/// for an 8-bit state's `absmax` not one per block; nothing is written then.
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_adam_step_mixed(
+    config: &SparseAdamConfig,
+    t: u64,
+    dim: usize,
+    table: Params<'_>,
+    state: [StateBuf<'_>; 2],
+    grad_rows: &[usize],
+    grad_values: &[f32],
+    exec: Exec,
+) -> Result<StepReport, Error> {
     config.validate()?;
-    let rows =
-        check_caller_state(t, dim, table.len(), &[("exp_avg", exp_avg.len()), ("exp_avg_sq", exp_avg_sq.len())])?;
+    let rows = check_caller_state(t, dim, table.len(), &[])?;
     let (mut steps, _) = RowSteps::new(rows, dim)?;
     steps.t = t - 1;
     steps.exec = exec;
-    steps.run(&SparseAdamKernel::new(config, t), table, grad_rows, grad_values, [exp_avg, exp_avg_sq])
+    let k = SparseAdamKernel::new(config, t);
+    steps.run(&k, table, grad_rows, grad_values, ["exp_avg", "exp_avg_sq"], state)
 }
 
 impl Kernel<2> for SparseAdamKernel {
@@ -523,9 +730,26 @@ impl SparseAdam {
     /// # Errors
     /// [`Error::LengthMismatch`] or [`Error::RowOutOfRange`] before anything is written.
     pub fn step(&mut self, table: &mut [f32], grad_rows: &[usize], grad_values: &[f32]) -> Result<StepReport, Error> {
+        self.step_mixed(Params::F32(table), grad_rows, grad_values)
+    }
+
+    /// [`step`](Self::step) on a table in any storage (`f32`, `bf16` or
+    /// `f16`; the state stays `f32`): each present row is stepped in `f32`
+    /// on its widened values and rounded back to nearest-even, as
+    /// [`sparse_adam_step_mixed`].
+    ///
+    /// # Errors
+    /// As [`step`](Self::step).
+    pub fn step_mixed(
+        &mut self,
+        table: Params<'_>,
+        grad_rows: &[usize],
+        grad_values: &[f32],
+    ) -> Result<StepReport, Error> {
         let t = crate::error::next_step(self.steps.t)?;
         let k = SparseAdamKernel::new(&self.config, t);
-        self.steps.run(&k, table, grad_rows, grad_values, [&mut self.exp_avg, &mut self.exp_avg_sq])
+        let state = [StateBuf::F32(&mut self.exp_avg), StateBuf::F32(&mut self.exp_avg_sq)];
+        self.steps.run(&k, table, grad_rows, grad_values, ["exp_avg", "exp_avg_sq"], state)
     }
 
     /// The learning rate.
@@ -631,12 +855,34 @@ pub fn sparse_adagrad_step_slices(
     grad_values: &[f32],
     exec: Exec,
 ) -> Result<StepReport, Error> {
+    sparse_adagrad_step_mixed(config, t, dim, Params::F32(table), StateBuf::F32(sum), grad_rows, grad_values, exec)
+}
+
+/// [`sparse_adagrad_step_slices`] with the table and the accumulator in any
+/// [`storage`](crate::storage): an `f32`, `bf16` or `f16` table; `sum` in
+/// `f32`, `bf16` or 8-bit block-wise ([`QMap::unsigned`]), as
+/// [`sparse_adam_step_mixed`] (8-bit needs `dim` a multiple of 256).
+///
+/// # Errors
+/// As [`sparse_adam_step_mixed`], and the hyperparameters
+/// [`SparseAdagrad::new`] refuses.
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_adagrad_step_mixed(
+    config: &crate::AdagradConfig,
+    t: u64,
+    dim: usize,
+    table: Params<'_>,
+    sum: StateBuf<'_>,
+    grad_rows: &[usize],
+    grad_values: &[f32],
+    exec: Exec,
+) -> Result<StepReport, Error> {
     check_sparse_adagrad(config)?;
-    let rows = check_caller_state(t, dim, table.len(), &[("sum", sum.len())])?;
+    let rows = check_caller_state(t, dim, table.len(), &[])?;
     let (mut steps, _) = RowSteps::new(rows, dim)?;
     steps.t = t - 1;
     steps.exec = exec;
-    steps.run(&SparseAdagradKernel::new(config, t), table, grad_rows, grad_values, [sum])
+    steps.run(&SparseAdagradKernel::new(config, t), table, grad_rows, grad_values, ["sum"], [sum])
 }
 
 impl Kernel<1> for SparseAdagradKernel {
@@ -682,8 +928,23 @@ impl SparseAdagrad {
     /// # Errors
     /// [`Error::LengthMismatch`] or [`Error::RowOutOfRange`] before anything is written.
     pub fn step(&mut self, table: &mut [f32], grad_rows: &[usize], grad_values: &[f32]) -> Result<StepReport, Error> {
+        self.step_mixed(Params::F32(table), grad_rows, grad_values)
+    }
+
+    /// [`step`](Self::step) on a table in any storage (the accumulator
+    /// stays `f32`); see [`SparseAdam::step_mixed`].
+    ///
+    /// # Errors
+    /// As [`step`](Self::step).
+    pub fn step_mixed(
+        &mut self,
+        table: Params<'_>,
+        grad_rows: &[usize],
+        grad_values: &[f32],
+    ) -> Result<StepReport, Error> {
         let t = crate::error::next_step(self.steps.t)?;
-        self.steps.run(&SparseAdagradKernel::new(&self.config, t), table, grad_rows, grad_values, [&mut self.sum])
+        let k = SparseAdagradKernel::new(&self.config, t);
+        self.steps.run(&k, table, grad_rows, grad_values, ["sum"], [StateBuf::F32(&mut self.sum)])
     }
 
     /// The accumulator, `rows x dim`.

@@ -268,3 +268,252 @@ fn sparse_adagrad_over_caller_owned_state_is_the_owning_step() {
     ));
     assert_eq!((&tb, &sum), (&t0, &s0));
 }
+
+/// A table or state buffer of a row-sparse step held in one storage.
+#[derive(Clone)]
+enum Buf {
+    F32(Vec<f32>),
+    Bf16(Vec<storage::bf16>),
+    F16(Vec<storage::f16>),
+    Q8(Vec<u8>, Vec<f32>, &'static storage::QMap),
+}
+
+impl Buf {
+    /// `x` in `dtype` (`Q8` with `map`): rounded by the `half` crate,
+    /// quantized by the public block quantizer.
+    fn new(dtype: &str, x: &[f32], map: &'static storage::QMap) -> Buf {
+        match dtype {
+            "f32" => Buf::F32(x.to_vec()),
+            "bf16" => Buf::Bf16(x.iter().map(|&v| storage::bf16::from_f32(v)).collect()),
+            "f16" => Buf::F16(x.iter().map(|&v| storage::f16::from_f32(v)).collect()),
+            _ => {
+                let (mut c, mut a) = (vec![0u8; x.len()], vec![0f32; x.len().div_ceil(256)]);
+                storage::quantize_blockwise(x, map, &mut c, &mut a).unwrap();
+                Buf::Q8(c, a, map)
+            }
+        }
+    }
+    fn f32s(&self) -> Vec<f32> {
+        match self {
+            Buf::F32(x) => x.clone(),
+            Buf::Bf16(x) => x.iter().map(|v| v.to_f32()).collect(),
+            Buf::F16(x) => x.iter().map(|v| v.to_f32()).collect(),
+            Buf::Q8(c, a, m) => {
+                let mut out = vec![0f32; c.len()];
+                storage::dequantize_blockwise(c, a, m, &mut out).unwrap();
+                out
+            }
+        }
+    }
+    /// The raw bits, for exact comparison (codes and scales for 8-bit).
+    fn bits(&self) -> Vec<u32> {
+        match self {
+            Buf::F32(x) => x.iter().map(|v| v.to_bits()).collect(),
+            Buf::Bf16(x) => x.iter().map(|v| u32::from(v.to_bits())).collect(),
+            Buf::F16(x) => x.iter().map(|v| u32::from(v.to_bits())).collect(),
+            Buf::Q8(c, a, _) => c.iter().map(|&v| u32::from(v)).chain(a.iter().map(|v| v.to_bits())).collect(),
+        }
+    }
+    fn params(&mut self) -> storage::Params<'_> {
+        match self {
+            Buf::F32(x) => storage::Params::F32(x),
+            Buf::Bf16(x) => storage::Params::Bf16(x),
+            Buf::F16(x) => storage::Params::F16(x),
+            Buf::Q8(..) => unreachable!("no 8-bit tables"),
+        }
+    }
+    fn state(&mut self) -> storage::StateBuf<'_> {
+        match self {
+            Buf::F32(x) => storage::StateBuf::F32(x),
+            Buf::Bf16(x) => storage::StateBuf::Bf16(x),
+            Buf::F16(_) => unreachable!("no f16 states"),
+            Buf::Q8(c, a, m) => storage::StateBuf::Q8(storage::Q8State { codes: c, absmax: a, map: m }),
+        }
+    }
+    /// The buffer after an `f32` step that left `x`, only rows `rows` of
+    /// `dim` having moved: rounded (the `half` crate) or requantized per
+    /// row (the public quantizer; rows are whole blocks) in those rows.
+    fn stepped(&self, x: &[f32], rows: &[usize], dim: usize) -> Buf {
+        let mut out = self.clone();
+        for &r in rows {
+            let span = r * dim..(r + 1) * dim;
+            match &mut out {
+                Buf::F32(b) => b[span.clone()].copy_from_slice(&x[span]),
+                Buf::Bf16(b) => {
+                    b[span.clone()].iter_mut().zip(&x[span]).for_each(|(d, &v)| *d = storage::bf16::from_f32(v))
+                }
+                Buf::F16(b) => {
+                    b[span.clone()].iter_mut().zip(&x[span]).for_each(|(d, &v)| *d = storage::f16::from_f32(v))
+                }
+                Buf::Q8(c, a, m) => {
+                    let blocks = r * dim / 256..(r + 1) * dim / 256;
+                    storage::quantize_blockwise(&x[span.clone()], m, &mut c[span], &mut a[blocks]).unwrap()
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Row-sparse SparseAdam and sparse Adagrad over every table storage
+/// (`f32`, `bf16`, `f16`) and state storage (`f32`, `bf16`, 8-bit): each
+/// step is the `f32` step (`*_step_slices`, checked against torch by the
+/// golden tests) on the widened buffers, with the moved rows rounded by the
+/// `half` crate or requantized by the public block quantizer; rows not
+/// named keep their bits in every buffer; every path gives those bits.
+#[test]
+fn mixed_storage_rows_are_the_f32_step_rounded() {
+    use storage::QMap;
+    let rows = 24;
+    let mut rng = Rng::new(33);
+    let adam = sparse::SparseAdamConfig { lr: 0.01, ..Default::default() };
+    let adagrad = AdagradConfig { lr: 0.05, lr_decay: 0.01, initial_accumulator_value: 0.1, ..Default::default() };
+    let mut combos = 0;
+    for (table_dtype, state_dtype) in [
+        ("bf16", "f32"),
+        ("f16", "f32"),
+        ("bf16", "bf16"),
+        ("f32", "bf16"),
+        ("f32", "q8"),
+        ("bf16", "q8"),
+        ("f16", "q8"),
+    ] {
+        // 8-bit state rows are whole blocks; the others take any width.
+        let dim = if state_dtype == "q8" { 256 } else { 37 };
+        let n = rows * dim;
+        let t0 = Buf::new(table_dtype, &rng.vec(n, 1.0), QMap::signed());
+        let m0 = Buf::new(state_dtype, &rng.vec(n, 0.01), QMap::signed());
+        let v0 = Buf::new(state_dtype, &rng.vec(n, 1e-4).iter().map(|x| x.abs()).collect::<Vec<_>>(), QMap::unsigned());
+        let s0 = Buf::new(state_dtype, &vec![0.1; n], QMap::unsigned());
+        let steps: Vec<(Vec<usize>, Vec<f32>)> = (0..3)
+            .map(|_| {
+                let mut idx: Vec<usize> = (0..9).map(|_| (rng.next_u64() % rows as u64) as usize).collect();
+                idx.push(idx[0]); // a duplicate: its two gradients add up
+                let vals = rng.vec(idx.len() * dim, 0.1);
+                (idx, vals)
+            })
+            .collect();
+        // The reference: expected buffers built step by step from the f32 step.
+        let (mut want_t, mut want_m, mut want_v) = (t0.clone(), m0.clone(), v0.clone());
+        let (mut want_ta, mut want_s) = (t0.clone(), s0.clone());
+        let mut wants = Vec::new();
+        for (t, (idx, vals)) in steps.iter().enumerate() {
+            let t = t as u64 + 1;
+            let (mut p, mut m, mut v) = (want_t.f32s(), want_m.f32s(), want_v.f32s());
+            sparse::sparse_adam_step_slices(&adam, t, dim, &mut p, &mut m, &mut v, idx, vals, Exec::scalar()).unwrap();
+            (want_t, want_m, want_v) =
+                (want_t.stepped(&p, idx, dim), want_m.stepped(&m, idx, dim), want_v.stepped(&v, idx, dim));
+            let (mut p, mut s) = (want_ta.f32s(), want_s.f32s());
+            sparse::sparse_adagrad_step_slices(&adagrad, t, dim, &mut p, &mut s, idx, vals, Exec::scalar()).unwrap();
+            (want_ta, want_s) = (want_ta.stepped(&p, idx, dim), want_s.stepped(&s, idx, dim));
+            wants.push([want_t.bits(), want_m.bits(), want_v.bits(), want_ta.bits(), want_s.bits()]);
+        }
+        let before = [t0.bits(), m0.bits(), v0.bits(), t0.bits(), s0.bits()];
+        assert!((0..5).all(|k| wants[0][k] != before[k]), "every buffer moves in the first step");
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let mut paths = all_paths();
+        paths.push(("auto".into(), Exec::auto()));
+        paths.push(("parallel-tiny-chunks".into(), Exec::parallel(Backend::best(), 1)));
+        for (path, exec) in paths {
+            let what = format!("{path}: {table_dtype} table, {state_dtype} state");
+            let (mut tt, mut m, mut v, mut ta, mut s) = (t0.clone(), m0.clone(), v0.clone(), t0.clone(), s0.clone());
+            for (t, ((idx, vals), want)) in steps.iter().zip(&wants).enumerate() {
+                let t = t as u64 + 1;
+                pool.install(|| {
+                    let state = [m.state(), v.state()];
+                    sparse::sparse_adam_step_mixed(&adam, t, dim, tt.params(), state, idx, vals, exec).unwrap();
+                    sparse::sparse_adagrad_step_mixed(&adagrad, t, dim, ta.params(), s.state(), idx, vals, exec)
+                        .unwrap();
+                });
+                let got = [tt.bits(), m.bits(), v.bits(), ta.bits(), s.bits()];
+                for (k, name) in
+                    ["SparseAdam table", "exp_avg", "exp_avg_sq", "Adagrad table", "sum"].iter().enumerate()
+                {
+                    assert!(got[k] == want[k], "{what}, step {t}: {name} differs from the f32 step rounded");
+                }
+            }
+        }
+        combos += 1;
+    }
+    assert_eq!(combos, 7);
+}
+
+/// The owning row-sparse optimizers step a half-precision table with their
+/// `f32` state as the caller-owned step does.
+#[test]
+fn owning_sparse_optimizers_step_half_tables() {
+    let (rows, dim) = (30, 21);
+    let mut rng = Rng::new(34);
+    let t0: Vec<storage::bf16> = rng.vec(rows * dim, 1.0).iter().map(|&x| storage::bf16::from_f32(x)).collect();
+    let config = SparseAdamConfig::default();
+    let mut owned = SparseAdam::new(config, rows, dim).unwrap();
+    let mut ada = SparseAdagrad::new(AdagradConfig::default(), rows, dim).unwrap();
+    let (mut a, mut b, mut c, mut d) = (t0.clone(), t0.clone(), t0.clone(), t0.clone());
+    let (mut m, mut v, mut s) = (vec![0f32; rows * dim], vec![0f32; rows * dim], vec![0f32; rows * dim]);
+    for t in 1..=3u64 {
+        let idx = [3, 29, 3, 0];
+        let vals = rng.vec(idx.len() * dim, 1.0);
+        owned.step_mixed(storage::Params::Bf16(&mut a), &idx, &vals).unwrap();
+        let state = [storage::StateBuf::F32(&mut m), storage::StateBuf::F32(&mut v)];
+        sparse::sparse_adam_step_mixed(
+            &config,
+            t,
+            dim,
+            storage::Params::Bf16(&mut b),
+            state,
+            &idx,
+            &vals,
+            Exec::auto(),
+        )
+        .unwrap();
+        ada.step_mixed(storage::Params::Bf16(&mut c), &idx, &vals).unwrap();
+        let sum = storage::StateBuf::F32(&mut s);
+        let cfg = AdagradConfig::default();
+        sparse::sparse_adagrad_step_mixed(&cfg, t, dim, storage::Params::Bf16(&mut d), sum, &idx, &vals, Exec::auto())
+            .unwrap();
+    }
+    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+    assert!(c.iter().zip(&d).all(|(x, y)| x.to_bits() == y.to_bits()));
+    assert_same_bits("exp_avg", owned.exp_avg(), &m);
+    assert_same_bits("sum", ada.sum(), &s);
+    assert!(a.iter().zip(&t0).any(|(x, y)| x != y), "the table moved");
+    assert_eq!(a[5 * dim..29 * dim], t0[5 * dim..29 * dim], "rows not named keep their bits");
+}
+
+/// Bad storage is a typed error before anything is written: 8-bit state
+/// whose rows are not whole blocks, scales of the wrong count, a state of
+/// another size, a bad row in a half table.
+#[test]
+fn mixed_sparse_storage_errors_write_nothing() {
+    use storage::{Dtype, Params, Q8State, QMap, StateBuf, bf16};
+    let config = SparseAdamConfig::default();
+    let step = |dim: usize, table: &mut [bf16], m: StateBuf<'_>, v: StateBuf<'_>, rows: &[usize]| {
+        let vals = vec![0.5f32; rows.len() * dim];
+        sparse::sparse_adam_step_mixed(&config, 1, dim, Params::Bf16(table), [m, v], rows, &vals, Exec::auto())
+    };
+    let one = bf16::from_f32(1.0);
+    // dim 128: a row is not a whole block of 256.
+    let (mut table, mut codes, mut absmax, mut v) = (vec![one; 512], vec![7u8; 512], vec![2.0f32; 2], vec![0f32; 512]);
+    let q = StateBuf::Q8(Q8State { codes: &mut codes, absmax: &mut absmax, map: QMap::signed() });
+    let e = step(128, &mut table[..], q, StateBuf::F32(&mut v), &[1]).unwrap_err();
+    assert!(matches!(e, Error::Storage { what: "exp_avg", dtype: Dtype::Q8, .. }), "{e:?}");
+    // one scale where two blocks need two
+    let q = StateBuf::Q8(Q8State { codes: &mut codes, absmax: &mut absmax[..1], map: QMap::signed() });
+    let e = step(256, &mut table[..], q, StateBuf::F32(&mut v), &[1]).unwrap_err();
+    assert!(matches!(e, Error::LengthMismatch { what: "absmax", .. }), "{e:?}");
+    // a state of another size
+    let e =
+        step(256, &mut table[..], StateBuf::F32(&mut v[..256]), StateBuf::F32(&mut vec![0f32; 512]), &[0]).unwrap_err();
+    assert!(matches!(e, Error::LengthMismatch { what: "exp_avg", .. }), "{e:?}");
+    // a row past the end, after a valid one
+    let mut m = vec![0f32; 512];
+    let e = step(256, &mut table[..], StateBuf::F32(&mut m), StateBuf::F32(&mut v), &[0, 2]).unwrap_err();
+    assert_eq!(e, Error::RowOutOfRange { row: 2, rows: 2 });
+    assert!(table.iter().all(|x| *x == one) && codes.iter().all(|&c| c == 7) && absmax == [2.0, 2.0]);
+    assert!(m.iter().chain(&v).all(|&x| x == 0.0));
+    // and a good step on the same buffers moves row 1 only
+    let q = StateBuf::Q8(Q8State { codes: &mut codes, absmax: &mut absmax, map: QMap::signed() });
+    step(256, &mut table[..], q, StateBuf::F32(&mut v), &[1]).unwrap();
+    assert!(table[..256].iter().all(|x| *x == one) && table[256..].iter().all(|x| *x != one));
+    assert!(codes[..256].iter().all(|&c| c == 7) && absmax[0] == 2.0);
+}

@@ -3,11 +3,18 @@
 //! that changes nothing, or a step that is the same bits on every backend,
 //! serial and parallel, and the same bits as the pre-summed gradient; under
 //! SkipStep a step whose coalesced gradient is not finite changes nothing.
+//! SparseAdam and sparse Adagrad also run over tables in `bf16`, `f16` or
+//! `f32` and states in `f32`, `bf16` or 8-bit (rows of 256): every path the
+//! same bits as the scalar serial one, and the same errors, which change
+//! nothing.
 #![no_main]
 
 mod common;
 
-use adaoptim::sparse::{RowWiseAdagrad, SparseAdagrad, SparseAdam, SparseAdamConfig};
+use adaoptim::sparse::{
+    RowWiseAdagrad, SparseAdagrad, SparseAdam, SparseAdamConfig, sparse_adagrad_step_mixed, sparse_adam_step_mixed,
+};
+use adaoptim::storage::{Params, Q8State, QMap, StateBuf, bf16, f16};
 use adaoptim::{AdagradConfig, Backend, Error, Exec, NonFinitePolicy, StepReport};
 use arbitrary::Arbitrary;
 use common::same;
@@ -80,6 +87,120 @@ fn presummed(rows: &[usize], values: &[f32], dim: usize) -> (Vec<usize>, Vec<f32
         }
     }
     (out_rows, out_vals)
+}
+
+/// A table or state in one storage.
+#[derive(Clone, Debug)]
+enum Buf {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+    F16(Vec<f16>),
+    Q8(Vec<u8>, Vec<f32>, &'static QMap),
+}
+
+impl Buf {
+    fn params(&mut self) -> Params<'_> {
+        match self {
+            Buf::F32(x) => Params::F32(x),
+            Buf::Bf16(x) => Params::Bf16(x),
+            Buf::F16(x) => Params::F16(x),
+            Buf::Q8(..) => unreachable!("no 8-bit tables"),
+        }
+    }
+    fn state(&mut self) -> StateBuf<'_> {
+        match self {
+            Buf::F32(x) => StateBuf::F32(x),
+            Buf::Bf16(x) => StateBuf::Bf16(x),
+            Buf::F16(_) => unreachable!("no f16 states"),
+            Buf::Q8(c, a, map) => StateBuf::Q8(Q8State { codes: c, absmax: a, map }),
+        }
+    }
+    /// Equal bits (`f32` NaNs equal to any NaN: `f32` buffers may hold any;
+    /// narrowed and quantized ones hold one NaN each).
+    fn same(&self, other: &Buf) -> bool {
+        match (self, other) {
+            (Buf::F32(a), Buf::F32(b)) => same_all(a, b),
+            (Buf::Bf16(a), Buf::Bf16(b)) => a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            (Buf::F16(a), Buf::F16(b)) => a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            (Buf::Q8(c, a, _), Buf::Q8(d, b, _)) => {
+                c == d && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The mixed-storage row steps: every backend, serial and parallel, against
+/// the scalar serial run, bit for bit, with the same outcomes.
+fn mixed_storage(input: &Input, val: &dyn Fn(usize) -> f32, lr: f64, pool: &rayon::ThreadPool) {
+    let sel = input.kind as usize / 3;
+    let (table_dtype, state_dtype) = (sel % 3, sel / 3 % 3);
+    let adam = input.kind % 3 == 0;
+    let dim = if state_dtype == 2 { 256 } else { input.dim as usize % 20 };
+    let rows = 1 + input.rows as usize % 8;
+    let n = rows * dim;
+    let steps: Vec<(Vec<usize>, Vec<f32>)> = input
+        .steps
+        .iter()
+        .take(3)
+        .enumerate()
+        .map(|(s, (idx, extra))| {
+            let mut r: Vec<usize> =
+                idx.iter().take(12).map(|&x| x as usize % (rows + usize::from(*extra == 7))).collect();
+            if r.is_empty() {
+                r.push(0);
+            }
+            let v = (0..r.len() * dim).map(|i| val(i * 7 + s * 13 + 2)).collect();
+            (r, v)
+        })
+        .collect();
+    let x: Vec<f32> = (0..n).map(|i| val(i * 3 + 1)).collect();
+    let table0 = match table_dtype {
+        0 => Buf::Bf16(x.iter().map(|&v| bf16::from_f32(v)).collect()),
+        1 => Buf::F16(x.iter().map(|&v| f16::from_f32(v)).collect()),
+        _ => Buf::F32(x),
+    };
+    let state0 = |map: &'static QMap| match state_dtype {
+        0 => Buf::F32(vec![0.0; n]),
+        1 => Buf::Bf16(vec![bf16::ZERO; n]),
+        _ => Buf::Q8(vec![map.quantize(0.0); n], vec![0.0; n / 256], map),
+    };
+    let run = |exec: Exec| {
+        let (mut table, mut m, mut v) = (table0.clone(), state0(QMap::signed()), state0(QMap::unsigned()));
+        let mut t = 0u64;
+        let mut outcomes = Vec::new();
+        for (r, g) in &steps {
+            let before = (table.clone(), m.clone(), v.clone());
+            let out = pool.install(|| {
+                if adam {
+                    let config = SparseAdamConfig { lr, ..Default::default() };
+                    let state = [m.state(), v.state()];
+                    sparse_adam_step_mixed(&config, t + 1, dim, table.params(), state, r, g, exec)
+                } else {
+                    let config = AdagradConfig { lr, ..Default::default() };
+                    sparse_adagrad_step_mixed(&config, t + 1, dim, table.params(), m.state(), r, g, exec)
+                }
+            });
+            match &out {
+                Ok(_) => t += 1,
+                Err(e) => {
+                    assert!(matches!(e, Error::RowOutOfRange { .. }), "unexpected error {e:?}");
+                    assert!(table.same(&before.0) && m.same(&before.1) && v.same(&before.2), "an error wrote");
+                }
+            }
+            outcomes.push(out.is_ok());
+        }
+        (table, m, v, outcomes)
+    };
+    let reference = run(Exec::scalar());
+    for b in Backend::available() {
+        for exec in [Exec::serial(b), Exec::parallel(b, 16)] {
+            let got = run(exec);
+            assert_eq!(got.3, reference.3, "{exec:?}: outcomes");
+            assert!(got.0.same(&reference.0), "{exec:?}: table differs from the scalar reference");
+            assert!(got.1.same(&reference.1) && got.2.same(&reference.2), "{exec:?}: state differs");
+        }
+    }
 }
 
 fuzz_target!(|input: Input| -> Corpus {
@@ -169,6 +290,9 @@ fuzz_target!(|input: Input| -> Corpus {
                 assert!(same_all(x, y), "{exec:?} presum={presum}: state differs");
             }
         }
+    }
+    if input.kind % 3 != 2 {
+        mixed_storage(&input, &val, lr, pool);
     }
     Corpus::Keep
 });
