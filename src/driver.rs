@@ -636,10 +636,12 @@ fn run_tiles<V: F32Vec, K: Kernel<S>, const S: usize>(k: &K, mut sl: Mixed<'_, S
 }
 
 /// Runs `k` over one piece whose gradient is `f32` and whose parameters and
-/// state are in any storage (a row of an embedding table): the `f32` lane
-/// loop when every buffer is `f32`, else the tiles, as [`drive`] would run
-/// the piece; nearest rounding, no copy. A piece holding 8-bit state must
-/// start on a block boundary (the caller's rows are whole blocks).
+/// state are in any storage (a row of an embedding table), nearest rounding,
+/// no copy: the `f32` lane loop when every buffer is `f32`; the fused loop
+/// (converting in registers) for an `f32`, `bf16` or `f16` table with every
+/// state `f32` or every state `bf16`; else the tiles (8-bit state, which
+/// must then start on a block boundary: the caller's rows are whole blocks).
+/// Each gives the kernel the same values, so the same bits.
 #[inline(always)]
 pub(crate) fn run_piece<V: F32Vec, K: Kernel<S>, const S: usize>(
     k: &K,
@@ -648,10 +650,37 @@ pub(crate) fn run_piece<V: F32Vec, K: Kernel<S>, const S: usize>(
     s: [StateBuf<'_>; S],
     pre: GradPre,
 ) {
-    let piece = Mixed { p, g: Grads::F32(g), s, copy: None, sr: None, base: 0 };
-    match piece.into_dense() {
-        Ok(sl) => run_lanes::<V, K, S>(k, sl, pre),
-        Err(piece) => run_tiles::<V, K, S>(k, piece, pre),
+    fn fused<'a, P: Elem, T: Elem, const S: usize>(
+        p: &'a mut [P],
+        g: &'a [f32],
+        s: [&'a mut [T]; S],
+    ) -> Fused<'a, P, f32, T, P, S> {
+        Fused { p, g, s, copy: None, sr: None, base: 0 }
+    }
+    let f32_states = s.iter().all(|b| matches!(b, StateBuf::F32(_)));
+    let bf16_states = s.iter().all(|b| matches!(b, StateBuf::Bf16(_)));
+    if f32_states {
+        let s = s.map(|b| match b {
+            StateBuf::F32(x) => x,
+            _ => unreachable!("checked above"),
+        });
+        match p {
+            Params::F32(p) => run_lanes::<V, K, S>(k, Slices { p, g, s }, pre),
+            Params::Bf16(p) => Lanes::<K>::run::<V>(fused(p, g, s), k, pre),
+            Params::F16(p) => Lanes::<K>::run::<V>(fused(p, g, s), k, pre),
+        }
+    } else if bf16_states {
+        let s = s.map(|b| match b {
+            StateBuf::Bf16(x) => x,
+            _ => unreachable!("checked above"),
+        });
+        match p {
+            Params::F32(p) => Lanes::<K>::run::<V>(fused(p, g, s), k, pre),
+            Params::Bf16(p) => Lanes::<K>::run::<V>(fused(p, g, s), k, pre),
+            Params::F16(p) => Lanes::<K>::run::<V>(fused(p, g, s), k, pre),
+        }
+    } else {
+        run_tiles::<V, K, S>(k, Mixed { p, g: Grads::F32(g), s, copy: None, sr: None, base: 0 }, pre)
     }
 }
 
