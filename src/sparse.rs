@@ -675,7 +675,7 @@ pub fn sparse_adam_step_mixed(
     exec: Exec,
 ) -> Result<StepReport, Error> {
     config.validate()?;
-    let rows = check_caller_state(t, dim, table.len(), &[])?;
+    let rows = check_caller_table(t, dim, table.len())?;
     let (mut steps, _) = RowSteps::new(rows, dim)?;
     steps.t = t - 1;
     steps.exec = exec;
@@ -816,20 +816,16 @@ fn check_sparse_adagrad(config: &crate::AdagradConfig) -> Result<(), Error> {
     Ok(())
 }
 
-/// The step number and sizes a caller-owned sparse step is given: `t` in
-/// range, a table of whole rows, every state the table's size.
-fn check_caller_state(t: u64, dim: usize, n: usize, states: &[(&'static str, usize)]) -> Result<usize, Error> {
+/// The step number and table a caller-owned sparse step is given: `t` in
+/// range, a table of whole rows (the states are checked by
+/// [`check_row_states`]); the table's row count.
+fn check_caller_table(t: u64, dim: usize, n: usize) -> Result<usize, Error> {
     if t == 0 || t > crate::MAX_STEP {
         return Err(Error::InvalidStep { step: t });
     }
     let rows = n.checked_div(dim).unwrap_or(0);
     if rows * dim != n {
         return Err(Error::LengthMismatch { what: "table", expected: rows * dim, actual: n });
-    }
-    for &(what, len) in states {
-        if len != n {
-            return Err(Error::LengthMismatch { what, expected: n, actual: len });
-        }
     }
     Ok(rows)
 }
@@ -878,7 +874,7 @@ pub fn sparse_adagrad_step_mixed(
     exec: Exec,
 ) -> Result<StepReport, Error> {
     check_sparse_adagrad(config)?;
-    let rows = check_caller_state(t, dim, table.len(), &[])?;
+    let rows = check_caller_table(t, dim, table.len())?;
     let (mut steps, _) = RowSteps::new(rows, dim)?;
     steps.t = t - 1;
     steps.exec = exec;
