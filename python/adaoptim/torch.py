@@ -29,7 +29,9 @@ precision values are widened, stepped in float32 and rounded back to
 nearest-even in the same pass -- what torch's ``fused=True`` step does with
 bfloat16 tensors. New state takes the parameter's dtype, as torch creates it; a
 state tensor may be either dtype on its own (``float32`` state beside a
-``bfloat16`` parameter keeps the moments exact).
+``bfloat16`` parameter keeps the moments exact). The row-sparse steps
+(``SparseAdam``, ``Adagrad`` with sparse gradients) take ``float32`` or
+``bfloat16`` embedding tables and state the same way.
 Parameters whose ``.grad`` is ``None`` are skipped, as torch skips them.
 
 The element-wise classes take three keyword-only options beyond torch's,
@@ -250,14 +252,18 @@ def _check_grad(p, g, where):
 
 
 def _sparse_rows(p, g, where):
-    """Checks a sparse COO gradient against its parameter and returns its
-    elements per row, row indices (int64, over the sparse dimensions,
-    row-major) and values, coalesced and contiguous."""
-    _check_tensor(p, "the parameter", where, None)
+    """Checks a sparse COO gradient against its parameter (a float32 or
+    bfloat16 table) and returns its elements per row, row indices (int64,
+    over the sparse dimensions, row-major) and values, coalesced (by torch,
+    in the gradient's dtype, as torch's own sparse steps coalesce), widened
+    to float32 and contiguous."""
+    _check_tensor(p, "the parameter", where, None, _DENSE_DTYPES)
     if g.shape != p.shape:
         raise ValueError(f"{where}: its gradient has shape {tuple(g.shape)}, the parameter {tuple(p.shape)}")
-    if g.device.type != "cpu" or g.dtype != _F32:
-        raise TypeError(f"{where}: its gradient must be a float32 CPU tensor, not {g.dtype} on {g.device}")
+    if g.device.type != "cpu" or g.dtype not in _GRAD_DTYPES:
+        raise TypeError(
+            f"{where}: its gradient must be a float32, bfloat16 or float16 CPU tensor, not {g.dtype} on {g.device}"
+        )
     g = g.coalesce()
     sd = g.sparse_dim()
     idx, vals = g._indices(), g._values()
@@ -268,11 +274,17 @@ def _sparse_rows(p, g, where):
     for k in range(sd):
         rows = rows * p.shape[k] + idx[k]
     rows = rows.contiguous()
-    vals = vals.contiguous()
+    vals = vals.to(_F32).contiguous()
     n_rows = p.numel() // dim if dim else 0
     if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n_rows):
         raise ValueError(f"{where}: its gradient names a row outside the parameter's {n_rows} rows")
     return dim, rows, vals
+
+
+def _bf16_bits(*tensors):
+    """The storage bits of a sparse step's table and states: bit i set when
+    the i-th tensor is bfloat16 (the others are float32, checked before)."""
+    return sum(1 << i for i, t in enumerate(tensors) if t.dtype == _BF16)
 
 
 def _closure_loss(closure):
@@ -1103,7 +1115,7 @@ def _adagrad_sparse_check(self, sparse):
         st = self.state.get(p)
         if not st or "sum" not in st or "step" not in st:
             raise ValueError(f"{where}: state has no 'sum' and 'step' (torch's Adagrad creates them)")
-        _check_tensor(st["sum"], "state 'sum'", where, p.shape)
+        _check_tensor(st["sum"], "state 'sum'", where, p.shape, _DENSE_DTYPES)
         if not _scalar_ok(st["step"]):
             raise TypeError(f"{where}: state 'step' must be a 0-d float32 CPU tensor")
         by_group[gi][1].append((p, dim, rows, vals, st))
@@ -1118,7 +1130,8 @@ def _adagrad_sparse_run(self, work):
         for p, dim, rows, vals, st in items:
             t = int(st["step"].item()) + 1
             ptrs = [p.data_ptr(), st["sum"].data_ptr(), 0]
-            tensors.append((dim, p.numel(), ptrs, t, rows.data_ptr(), rows.numel(), vals.data_ptr()))
+            bits = _bf16_bits(p, st["sum"])
+            tensors.append((dim, p.numel(), ptrs, t, rows.data_ptr(), rows.numel(), vals.data_ptr(), bits))
             keep.append((rows, vals))
             counted.append((st, t))
         groups.append((text, tensors))
@@ -1277,9 +1290,15 @@ class SparseAdam(_OwnGroups, torch.optim.SparseAdam):
     ``nn.Embedding(..., sparse=True)`` gives them); the rows they name update
     their moments and values, the others keep theirs (torch's lazy update).
     One Rust call steps every parameter, the GIL released; everything is
-    checked first (CPU float32 contiguous parameters and state, a sparse
-    float32 gradient of the parameter's shape, row indices in range), and a
-    failed check changes nothing.
+    checked first (CPU contiguous parameters and state, a sparse gradient
+    of the parameter's shape, row indices in range), and a failed check
+    changes nothing.
+
+    Tables and state are float32 or bfloat16 (each tensor either; new state
+    takes the table's dtype, as torch creates it), gradients float32,
+    bfloat16 or float16. A bfloat16 row is stepped in float32 and each
+    tensor rounded to nearest once (torch's bfloat16 step rounds after every
+    operation): the float32 step on the widened rows, rounded.
     """
 
     _adaoptim_check = _core.sparse_adam_check
@@ -1313,7 +1332,7 @@ class SparseAdam(_OwnGroups, torch.optim.SparseAdam):
                     for name in ("exp_avg", "exp_avg_sq"):
                         if name not in st:
                             raise ValueError(f"{where}: state has no {name!r}")
-                        _check_tensor(st[name], f"state {name!r}", where, p.shape)
+                        _check_tensor(st[name], f"state {name!r}", where, p.shape, _DENSE_DTYPES)
                     step = _plain(st.get("step", 0))
                     if not float(step).is_integer() or step < 0:
                         raise ValueError(f"{where}: state 'step' is {step}, not a step count")
@@ -1332,7 +1351,8 @@ class SparseAdam(_OwnGroups, torch.optim.SparseAdam):
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 t = int(_plain(st["step"])) + 1
                 ptrs = [p.data_ptr(), st["exp_avg"].data_ptr(), st["exp_avg_sq"].data_ptr()]
-                tensors.append((dim, p.numel(), ptrs, t, rows.data_ptr(), rows.numel(), vals.data_ptr()))
+                bits = _bf16_bits(p, st["exp_avg"], st["exp_avg_sq"])
+                tensors.append((dim, p.numel(), ptrs, t, rows.data_ptr(), rows.numel(), vals.data_ptr(), bits))
                 keep.append((rows, vals))
                 counted.append((st, t))
             groups.append((text, tensors))

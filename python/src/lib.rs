@@ -942,9 +942,30 @@ fn adafactor_step(
 
 /// One tensor of [`sparse_adam_step`]: elements per row, element count,
 /// the table, `exp_avg` and `exp_avg_sq` pointers, the step number to take,
-/// the coalesced gradient's row indices (int64) pointer, their count, and
-/// its values pointer (`count * dim` float32).
-type SparseTensor = (usize, usize, [usize; 3], u64, usize, usize, usize);
+/// the coalesced gradient's row indices (int64) pointer, their count, its
+/// values pointer (`count * dim` float32), and which of the three tensors
+/// (table, first state, second state: bits 0, 1, 2) are bfloat16, the
+/// others float32.
+type SparseTensor = (usize, usize, [usize; 3], u64, usize, usize, usize, u32);
+
+/// The table of a sparse step: bfloat16 when `bf16`, else float32.
+///
+/// # Safety
+/// As [`part_mut`]: `ptr` addresses `n` live elements of that type that
+/// nothing else touches while the result lives.
+unsafe fn sparse_table(ptr: usize, n: usize, bf16: bool) -> Params<'static> {
+    // SAFETY: the caller's contract.
+    unsafe { if bf16 { Params::Bf16(part_mut(ptr, 0, n)) } else { Params::F32(part_mut(ptr, 0, n)) } }
+}
+
+/// A state of a sparse step: bfloat16 when `bf16`, else float32.
+///
+/// # Safety
+/// As [`sparse_table`].
+unsafe fn sparse_state(ptr: usize, n: usize, bf16: bool) -> StateBuf<'static> {
+    // SAFETY: the caller's contract.
+    unsafe { if bf16 { StateBuf::Bf16(part_mut(ptr, 0, n)) } else { StateBuf::F32(part_mut(ptr, 0, n)) } }
+}
 
 fn sparse_adam_config(options: &str) -> PyResult<SparseAdamConfig> {
     SparseAdamConfig::from_torch_json(options).map_err(|e| PyValueError::new_err(e.to_string()))
@@ -971,8 +992,9 @@ enum SparseConfig {
 ///
 /// # Safety contract (Python side)
 /// Every pointer is the data pointer of a live, contiguous CPU tensor of the
-/// stated size (float32, the indices int64), no two written tensors overlap,
-/// and none is touched by another thread during the call.
+/// stated size (of the dtype its bit names: bfloat16 or float32; the
+/// gradient's values float32, its indices int64), no two written tensors
+/// overlap, and none is touched by another thread during the call.
 #[pyfunction]
 fn sparse_adam_step(py: Python<'_>, groups: Vec<(String, Vec<SparseTensor>)>) -> PyResult<()> {
     sparse_step(py, groups, |options| sparse_adam_config(options).map(SparseConfig::Adam))
@@ -1019,9 +1041,9 @@ fn sparse_step(
         cfg: SparseConfig,
         t: u64,
         dim: usize,
-        p: &'static mut [f32],
-        m: &'static mut [f32],
-        v: &'static mut [f32],
+        p: Params<'static>,
+        m: StateBuf<'static>,
+        v: StateBuf<'static>,
         rows: Vec<usize>,
         values: &'static [f32],
     }
@@ -1032,7 +1054,10 @@ fn sparse_step(
             SparseConfig::Adam(_) => 2,
             SparseConfig::Adagrad(_) => 1,
         };
-        for &(dim, n, [p_ptr, m_ptr, v_ptr], t, rows_ptr, nnz, values_ptr) in tensors {
+        for &(dim, n, [p_ptr, m_ptr, v_ptr], t, rows_ptr, nnz, values_ptr, bf16) in tensors {
+            if bf16 >> (1 + states) != 0 {
+                return Err(PyValueError::new_err("internal: bad storage bits"));
+            }
             if t == 0 || t > MAX_STEP {
                 return Err(PyValueError::new_err(format!("step count {} is out of range", t.saturating_sub(1))));
             }
@@ -1057,17 +1082,19 @@ fn sparse_step(
             let at = |ptr: usize, len: usize| if len == 0 || ptr == 0 { dangling } else { ptr };
             // The second state of Adagrad is absent: an empty slice.
             let v_len = if states == 2 { n } else { 0 };
-            // SAFETY: each pointer addresses the stated number of float32 of a
-            // live tensor no written one overlaps (contract above); the
-            // `'static` slices are dropped before this call returns.
+            // SAFETY: each pointer addresses the stated number of elements (of
+            // the type its bit names) of a live tensor no written one
+            // overlaps (contract above); the dangling pointer of an empty
+            // slice is aligned for both types; the `'static` slices are
+            // dropped before this call returns.
             let w = unsafe {
                 Work {
                     cfg,
                     t,
                     dim,
-                    p: std::slice::from_raw_parts_mut(at(p_ptr, n) as *mut f32, n),
-                    m: std::slice::from_raw_parts_mut(at(m_ptr, n) as *mut f32, n),
-                    v: std::slice::from_raw_parts_mut(at(v_ptr, v_len) as *mut f32, v_len),
+                    p: sparse_table(at(p_ptr, n), n, bf16 & 1 != 0),
+                    m: sparse_state(at(m_ptr, n), n, bf16 & 2 != 0),
+                    v: sparse_state(at(v_ptr, v_len), v_len, bf16 & 4 != 0),
                     rows,
                     values: std::slice::from_raw_parts(at(values_ptr, values_len) as *const f32, values_len),
                 }
@@ -1079,23 +1106,22 @@ fn sparse_step(
     let run = |work: &mut Vec<Work>| -> Result<(), String> {
         work.par_iter_mut().try_for_each(|w| {
             match &w.cfg {
-                SparseConfig::Adam(cfg) => sparse::sparse_adam_step_slices(
+                SparseConfig::Adam(cfg) => sparse::sparse_adam_step_mixed(
                     cfg,
                     w.t,
                     w.dim,
-                    &mut *w.p,
-                    &mut *w.m,
-                    &mut *w.v,
+                    w.p.reborrow(),
+                    [w.m.reborrow(), w.v.reborrow()],
                     &w.rows,
                     w.values,
                     Exec::auto(),
                 ),
-                SparseConfig::Adagrad(cfg) => sparse::sparse_adagrad_step_slices(
+                SparseConfig::Adagrad(cfg) => sparse::sparse_adagrad_step_mixed(
                     cfg,
                     w.t,
                     w.dim,
-                    &mut *w.p,
-                    &mut *w.m,
+                    w.p.reborrow(),
+                    w.m.reborrow(),
                     &w.rows,
                     w.values,
                     Exec::auto(),

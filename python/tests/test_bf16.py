@@ -273,6 +273,21 @@ def test_fused_controls_on_bf16():
         assert torch.equal(o16.state_dict()["state"][k]["momentum_buffer"], v["momentum_buffer"])
 
 
+def step_changes_nothing(opt, params, exc):
+    """`opt.step()` raises `exc` and leaves every parameter's bits and
+    every state value as they were; returns the message."""
+    before = [bits(p).clone() for p in params]
+    state = copy.deepcopy(opt.state_dict())
+    with pytest.raises(exc) as info:
+        opt.step()
+    for p, q in zip(params, before):
+        assert torch.equal(bits(p), q), "a failed step modified a parameter"
+    for k, v in state["state"].items():
+        for n, x in v.items():
+            assert torch.equal(torch.as_tensor(opt.state_dict()["state"][k][n]), torch.as_tensor(x))
+    return str(info.value)
+
+
 def test_unsupported_dtypes_raise_before_anything_changes():
     a = torch.nn.Parameter(torch.randn(4, 4).bfloat16())
     b = torch.nn.Parameter(torch.randn(5).bfloat16())
@@ -281,16 +296,7 @@ def test_unsupported_dtypes_raise_before_anything_changes():
     opt.step()
 
     def unchanged(exc):
-        before = [p.detach().clone() for p in (a, b)]
-        state = copy.deepcopy(opt.state_dict())
-        with pytest.raises(exc) as info:
-            opt.step()
-        for p, q in zip((a, b), before):
-            assert torch.equal(bits(p), bits(q))
-        for k, v in state["state"].items():
-            for n, x in v.items():
-                assert torch.equal(opt.state_dict()["state"][k][n], x)
-        return str(info.value)
+        return step_changes_nothing(opt, (a, b), exc)
 
     # A float64 gradient.
     b.grad_dtype = None
@@ -450,3 +456,104 @@ def test_stochastic_rounding_resumes_from_a_state_dict():
     for i in range(3, 6):
         step(r, opt3, i)
     assert torch.equal(bits(r), bits(p))
+
+
+def sparse_bf16_grad(shape, rows, gen):
+    """A bfloat16 row-sparse COO gradient, a duplicated row included (as an
+    nn.Embedding(sparse=True) of bfloat16 weights gives)."""
+    idx = torch.tensor([rows], dtype=torch.int64)
+    vals = torch.randn(len(rows), *shape[1:], generator=gen).bfloat16()
+    return torch.sparse_coo_tensor(idx, vals, shape, check_invariants=True)
+
+
+SPARSE_CASES = [
+    ("SparseAdam", {"lr": 0.02}),
+    ("SparseAdam", {"lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-6, "maximize": True}),
+    ("Adagrad", {"lr": 0.05, "lr_decay": 0.01, "initial_accumulator_value": 0.1}),
+]
+
+
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("name,kwargs", SPARSE_CASES, ids=str)
+def test_sparse_bf16_tables_are_the_float32_step_rounded(name, kwargs, state_dtype):
+    """bfloat16 embedding tables (state bfloat16 as torch creates it, or
+    float32 set by hand): each step is torch's float32 sparse step on the
+    widened rows, rounded to nearest-even; rows the gradient does not name
+    keep their bits."""
+    gen = torch.Generator().manual_seed(17)
+    shapes = [(40, 8), (6, 3, 5)]
+    ours = [torch.nn.Parameter(torch.randn(s, generator=gen).bfloat16()) for s in shapes]
+    o_ours = getattr(ada, name)(ours, **kwargs)
+    names = ["exp_avg", "exp_avg_sq"] if name == "SparseAdam" else ["sum"]
+    for step in range(4):
+        gs = [sparse_bf16_grad(p.shape, [step % p.shape[0], 1, 1, p.shape[0] - 1], gen) for p in ours]
+        if step:  # the first step creates the state, as torch does
+            if step == 1 and state_dtype == torch.float32:
+                for p in ours:
+                    for k in names:
+                        o_ours.state[p][k] = o_ours.state[p][k].float()
+            p32 = [torch.nn.Parameter(p.detach().float()) for p in ours]
+            ref = getattr(torch.optim, name)(p32, **kwargs)
+            ref.load_state_dict(copy.deepcopy(o_ours.state_dict()))
+            for p, g in zip(p32, gs):
+                # torch coalesces the bfloat16 gradient (in bfloat16) before
+                # its step; so does ours.
+                p.grad = g.coalesce().float()
+            ref.step()
+        before = [p.detach().clone() for p in ours]
+        for p, g in zip(ours, gs):
+            p.grad = g
+        o_ours.step()
+        for i, (p, b) in enumerate(zip(ours, before)):
+            moved = torch.zeros(p.shape[0], dtype=torch.bool)
+            moved[gs[i].coalesce().indices()[0]] = True
+            assert torch.equal(bits(p[~moved]), bits(b[~moved])), f"{name}: a row not named moved"
+            assert not torch.equal(bits(p[moved]), bits(b[moved])), f"{name}: the named rows did not move"
+        if not step:
+            continue
+        for i, (a, b) in enumerate(zip(p32, ours)):
+            assert b.dtype == torch.bfloat16
+            assert_rounded(b, a.detach(), False, f"{name} {kwargs} step {step} tensor {i}")
+            for k in names:
+                w, v = o_ours.state[b][k], ref.state[a][k]
+                assert w.dtype == state_dtype, f"{k} is {w.dtype}"
+                if state_dtype == torch.bfloat16:
+                    assert_rounded(w, v, False, f"{name} state {k} step {step}")
+                else:
+                    assert torch.allclose(w, v, rtol=RTOL, atol=ATOL), f"{name} state {k} step {step}"
+            assert int(float(o_ours.state[b]["step"])) == step + 1
+
+
+@pytest.mark.parametrize("name", ["SparseAdam", "Adagrad"])
+def test_sparse_unsupported_dtypes_raise_before_anything_changes(name):
+    gen = torch.Generator().manual_seed(4)
+    a = torch.nn.Parameter(torch.randn(10, 4).bfloat16())
+    b = torch.nn.Parameter(torch.randn(6, 4))
+    opt = getattr(ada, name)([a, b], lr=0.1)
+    a.grad, b.grad = sparse_bf16_grad(a.shape, [1, 2], gen), sparse_bf16_grad(b.shape, [0], gen).float()
+    opt.step()
+    first = "exp_avg" if name == "SparseAdam" else "sum"
+
+    def unchanged(exc):
+        return step_changes_nothing(opt, (a, b), exc)
+
+    # A float64 gradient of the second table.
+    b.grad_dtype = None
+    b.grad = sparse_bf16_grad(b.shape, [3], gen).double()
+    msg = unchanged(TypeError)
+    assert "parameter 1" in msg and "float64" in msg
+    # A float16 state beside the bfloat16 table.
+    b.grad = sparse_bf16_grad(b.shape, [3], gen)
+    opt.state[a][first] = opt.state[a][first].half()
+    msg = unchanged(TypeError)
+    assert first in msg and "float16" in msg
+    opt.state[a][first] = opt.state[a][first].bfloat16()
+    # A float16 table: the sparse steps have no float16 table storage.
+    c = torch.nn.Parameter(torch.randn(3, 2).half())
+    c.grad = sparse_bf16_grad(c.shape, [2], gen).half()
+    opt.add_param_group({"params": [c]})
+    msg = unchanged(TypeError)
+    assert "param_groups[1]" in msg and "float16" in msg
+    c.grad = None
+    opt.step()
+    assert int(float(opt.state[a]["step"])) == 2 and int(float(opt.state[b]["step"])) == 2
