@@ -255,8 +255,8 @@ def _sparse_rows(p, g, where):
     """Checks a sparse COO gradient against its parameter (a float32 or
     bfloat16 table) and returns its elements per row, row indices (int64,
     over the sparse dimensions, row-major) and values, coalesced (by torch,
-    in the gradient's dtype, as torch's own sparse steps coalesce), widened
-    to float32 and contiguous."""
+    in the gradient's dtype, as torch's own sparse steps coalesce) and
+    contiguous, in the gradient's dtype (the Rust step widens them)."""
     _check_tensor(p, "the parameter", where, None, _DENSE_DTYPES)
     if g.shape != p.shape:
         raise ValueError(f"{where}: its gradient has shape {tuple(g.shape)}, the parameter {tuple(p.shape)}")
@@ -274,17 +274,19 @@ def _sparse_rows(p, g, where):
     for k in range(sd):
         rows = rows * p.shape[k] + idx[k]
     rows = rows.contiguous()
-    vals = vals.to(_F32).contiguous()
+    vals = vals.contiguous()
     n_rows = p.numel() // dim if dim else 0
     if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n_rows):
         raise ValueError(f"{where}: its gradient names a row outside the parameter's {n_rows} rows")
     return dim, rows, vals
 
 
-def _bf16_bits(*tensors):
-    """The storage bits of a sparse step's table and states: bit i set when
-    the i-th tensor is bfloat16 (the others are float32, checked before)."""
-    return sum(1 << i for i, t in enumerate(tensors) if t.dtype == _BF16)
+def _sparse_bits(vals, *tensors):
+    """The storage bits of a sparse step: bit i set when the i-th of the
+    table and states is bfloat16 (the others are float32, checked before),
+    bit 3 when the gradient's values are bfloat16, bit 4 when float16."""
+    bits = sum(1 << i for i, t in enumerate(tensors) if t.dtype == _BF16)
+    return bits | {_F32: 0, _BF16: 8, _F16: 16}[vals.dtype]
 
 
 def _closure_loss(closure):
@@ -1130,7 +1132,7 @@ def _adagrad_sparse_run(self, work):
         for p, dim, rows, vals, st in items:
             t = int(st["step"].item()) + 1
             ptrs = [p.data_ptr(), st["sum"].data_ptr(), 0]
-            bits = _bf16_bits(p, st["sum"])
+            bits = _sparse_bits(vals, p, st["sum"])
             tensors.append((dim, p.numel(), ptrs, t, rows.data_ptr(), rows.numel(), vals.data_ptr(), bits))
             keep.append((rows, vals))
             counted.append((st, t))
@@ -1351,7 +1353,7 @@ class SparseAdam(_OwnGroups, torch.optim.SparseAdam):
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 t = int(_plain(st["step"])) + 1
                 ptrs = [p.data_ptr(), st["exp_avg"].data_ptr(), st["exp_avg_sq"].data_ptr()]
-                bits = _bf16_bits(p, st["exp_avg"], st["exp_avg_sq"])
+                bits = _sparse_bits(vals, p, st["exp_avg"], st["exp_avg_sq"])
                 tensors.append((dim, p.numel(), ptrs, t, rows.data_ptr(), rows.numel(), vals.data_ptr(), bits))
                 keep.append((rows, vals))
                 counted.append((st, t))

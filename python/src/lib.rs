@@ -21,7 +21,7 @@ mod share;
 
 use adaoptim::adafactor::{self, AdafactorConfig, AdafactorState, UpdateBuffer};
 use adaoptim::sparse::{self, SparseAdamConfig};
-use adaoptim::storage::{Grads, ParamCopy, ParamRounding, Params, Q8_BLOCK, Q8State, QMap, StateBuf};
+use adaoptim::storage::{Grads, ParamCopy, ParamRounding, Params, Q8_BLOCK, Q8State, QMap, StateBuf, bf16, f16};
 use adaoptim::{AnyConfig, AuxState, Backend, Exec, MAX_AUX, MAX_STATE, MAX_STEP, StepOptions, clip};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -943,10 +943,21 @@ fn adafactor_step(
 /// One tensor of [`sparse_adam_step`]: elements per row, element count,
 /// the table, `exp_avg` and `exp_avg_sq` pointers, the step number to take,
 /// the coalesced gradient's row indices (int64) pointer, their count, its
-/// values pointer (`count * dim` float32), and which of the three tensors
-/// (table, first state, second state: bits 0, 1, 2) are bfloat16, the
-/// others float32.
+/// values pointer (`count * dim` elements), and the storage bits: which of
+/// the three tensors (table, first state, second state: bits 0, 1, 2) are
+/// bfloat16, the others float32, and whether the values are bfloat16
+/// (bit 3) or float16 (bit 4) rather than float32.
 type SparseTensor = (usize, usize, [usize; 3], u64, usize, usize, usize, u32);
+
+/// A sparse gradient's values in their dtype, widened (exactly) to float32
+/// inside the step's parallel region rather than by torch (whose parallel
+/// copy leaves its OpenMP threads spinning beside the step's threads).
+#[derive(Clone, Copy)]
+enum SparseValues {
+    F32(&'static [f32]),
+    Bf16(&'static [bf16]),
+    F16(&'static [f16]),
+}
 
 /// The table of a sparse step: bfloat16 when `bf16`, else float32.
 ///
@@ -992,8 +1003,8 @@ enum SparseConfig {
 ///
 /// # Safety contract (Python side)
 /// Every pointer is the data pointer of a live, contiguous CPU tensor of the
-/// stated size (of the dtype its bit names: bfloat16 or float32; the
-/// gradient's values float32, its indices int64), no two written tensors
+/// stated size (of the dtype its bits name: bfloat16, float16 or float32;
+/// the gradient's indices int64), no two written tensors
 /// overlap, and none is touched by another thread during the call.
 #[pyfunction]
 fn sparse_adam_step(py: Python<'_>, groups: Vec<(String, Vec<SparseTensor>)>) -> PyResult<()> {
@@ -1045,7 +1056,7 @@ fn sparse_step(
         m: StateBuf<'static>,
         v: StateBuf<'static>,
         rows: Vec<usize>,
-        values: &'static [f32],
+        values: SparseValues,
     }
     let mut work = Vec::new();
     for (options, tensors) in &groups {
@@ -1055,7 +1066,9 @@ fn sparse_step(
             SparseConfig::Adagrad(_) => 1,
         };
         for &(dim, n, [p_ptr, m_ptr, v_ptr], t, rows_ptr, nnz, values_ptr, bf16) in tensors {
-            if bf16 >> (1 + states) != 0 {
+            let values_bits = bf16 >> 3;
+            let bf16 = bf16 & 7;
+            if bf16 >> (1 + states) != 0 || values_bits > 2 {
                 return Err(PyValueError::new_err("internal: bad storage bits"));
             }
             if t == 0 || t > MAX_STEP {
@@ -1096,7 +1109,11 @@ fn sparse_step(
                     m: sparse_state(at(m_ptr, n), n, bf16 & 2 != 0),
                     v: sparse_state(at(v_ptr, v_len), v_len, bf16 & 4 != 0),
                     rows,
-                    values: std::slice::from_raw_parts(at(values_ptr, values_len) as *const f32, values_len),
+                    values: match values_bits {
+                        0 => SparseValues::F32(part(at(values_ptr, values_len), 0, values_len)),
+                        1 => SparseValues::Bf16(part(at(values_ptr, values_len), 0, values_len)),
+                        _ => SparseValues::F16(part(at(values_ptr, values_len), 0, values_len)),
+                    },
                 }
             };
             work.push(w);
@@ -1105,6 +1122,18 @@ fn sparse_step(
     let pool = POOL.read().unwrap_or_else(|e| e.into_inner()).clone();
     let run = |work: &mut Vec<Work>| -> Result<(), String> {
         work.par_iter_mut().try_for_each(|w| {
+            let widened: Vec<f32>;
+            let values = match w.values {
+                SparseValues::F32(v) => v,
+                SparseValues::Bf16(v) => {
+                    widened = v.iter().map(|x| x.to_f32()).collect();
+                    &widened[..]
+                }
+                SparseValues::F16(v) => {
+                    widened = v.iter().map(|x| x.to_f32()).collect();
+                    &widened[..]
+                }
+            };
             match &w.cfg {
                 SparseConfig::Adam(cfg) => sparse::sparse_adam_step_mixed(
                     cfg,
@@ -1113,7 +1142,7 @@ fn sparse_step(
                     w.p.reborrow(),
                     [w.m.reborrow(), w.v.reborrow()],
                     &w.rows,
-                    w.values,
+                    values,
                     Exec::auto(),
                 ),
                 SparseConfig::Adagrad(cfg) => sparse::sparse_adagrad_step_mixed(
@@ -1123,7 +1152,7 @@ fn sparse_step(
                     w.p.reborrow(),
                     w.m.reborrow(),
                     &w.rows,
-                    w.values,
+                    values,
                     Exec::auto(),
                 ),
             }

@@ -557,3 +557,25 @@ def test_sparse_unsupported_dtypes_raise_before_anything_changes(name):
     c.grad = None
     opt.step()
     assert int(float(opt.state[a]["step"])) == 2 and int(float(opt.state[b]["step"])) == 2
+
+
+@pytest.mark.parametrize("name", ["SparseAdam", "Adagrad"])
+@pytest.mark.parametrize("gdtype", [torch.bfloat16, torch.float16], ids=str)
+def test_sparse_half_gradients_are_widened_exactly(name, gdtype):
+    """A half-precision sparse gradient (coalesced by torch in its dtype)
+    steps a table exactly as its values widened to float32 do."""
+    gen = torch.Generator().manual_seed(23)
+    for table_dtype in (torch.float32, torch.bfloat16):
+        a = torch.nn.Parameter(torch.randn(30, 6, generator=gen).to(table_dtype))
+        b = torch.nn.Parameter(a.detach().clone())
+        a.grad_dtype = None
+        b.grad_dtype = None
+        oa, ob = getattr(ada, name)([a], lr=0.03), getattr(ada, name)([b], lr=0.03)
+        for step in range(3):
+            g = sparse_bf16_grad(a.shape, [step, 4, 4, 29], gen).to(gdtype)
+            a.grad, b.grad = g, g.coalesce().float()
+            oa.step()
+            ob.step()
+            assert torch.equal(bits(a), bits(b)), f"{name} {gdtype} table {table_dtype} step {step}"
+        for k, v in ob.state[b].items():
+            assert torch.equal(torch.as_tensor(oa.state[a][k]), torch.as_tensor(v)), k
