@@ -1065,10 +1065,11 @@ fn sparse_step(
             SparseConfig::Adam(_) => 2,
             SparseConfig::Adagrad(_) => 1,
         };
-        for &(dim, n, [p_ptr, m_ptr, v_ptr], t, rows_ptr, nnz, values_ptr, bf16) in tensors {
-            let values_bits = bf16 >> 3;
-            let bf16 = bf16 & 7;
-            if bf16 >> (1 + states) != 0 || values_bits > 2 {
+        for &(dim, n, [p_ptr, m_ptr, v_ptr], t, rows_ptr, nnz, values_ptr, bits) in tensors {
+            // Bits 0..3: which of table and states are bfloat16; bits 3..5:
+            // the values' dtype.
+            let (half, values_bits) = (bits & 7, bits >> 3);
+            if half >> (1 + states) != 0 || values_bits > 2 {
                 return Err(PyValueError::new_err("internal: bad storage bits"));
             }
             if t == 0 || t > MAX_STEP {
@@ -1098,16 +1099,16 @@ fn sparse_step(
             // SAFETY: each pointer addresses the stated number of elements (of
             // the type its bit names) of a live tensor no written one
             // overlaps (contract above); the dangling pointer of an empty
-            // slice is aligned for both types; the `'static` slices are
+            // slice is aligned for each of these types; the `'static` slices are
             // dropped before this call returns.
             let w = unsafe {
                 Work {
                     cfg,
                     t,
                     dim,
-                    p: sparse_table(at(p_ptr, n), n, bf16 & 1 != 0),
-                    m: sparse_state(at(m_ptr, n), n, bf16 & 2 != 0),
-                    v: sparse_state(at(v_ptr, v_len), v_len, bf16 & 4 != 0),
+                    p: sparse_table(at(p_ptr, n), n, half & 1 != 0),
+                    m: sparse_state(at(m_ptr, n), n, half & 2 != 0),
+                    v: sparse_state(at(v_ptr, v_len), v_len, half & 4 != 0),
                     rows,
                     values: match values_bits {
                         0 => SparseValues::F32(part(at(values_ptr, values_len), 0, values_len)),
