@@ -11,12 +11,16 @@ Run: python3 python/benches/bench_sparse.py [--threads 2] [--rows 1048576] [--di
 
 import argparse
 import json
+import os
 import statistics
-import time
+import sys
 
 import torch
 
-import adaoptim.torch as ada
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_torch import time_step  # noqa: E402
+
+import adaoptim.torch as ada  # noqa: E402
 
 
 def main():
@@ -49,10 +53,7 @@ def main():
     times = {k: [] for k in opts}
     for _ in range(a.rounds):
         for k, o in opts.items():
-            t = time.perf_counter()
-            for _ in range(20):
-                o.step()
-            times[k].append((time.perf_counter() - t) / 20 * 1e6)
+            times[k].append(time_step(o, a.batch * a.dim) * 1e6)
     med = {k: round(statistics.median(v), 1) for k, v in times.items()}
     row = {"rows": a.rows, "dim": a.dim, "batch_rows": a.batch, "threads": a.threads, "us_per_step": med}
     row["adaoptim_vs_torch_f32"] = round(med["torch_f32"] / med["adaoptim_f32"], 2)
