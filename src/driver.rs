@@ -461,14 +461,13 @@ fn run_fused<V: F32Vec, K: Kernel<S>, const S: usize, P: Elem, G: Elem, T: Elem,
     let n = sl.p.len();
     // Soundness of the raw-pointer loop below rests on this; the public entry
     // points return an error before getting here, so it never fires.
-    let copy_len = match &sl.copy {
-        Some(c) => c.len(),
-        None => n,
-    };
-    assert!(sl.g.len() == n && lengths_are(&sl.s, n) && copy_len == n, "slice lengths differ");
+    assert!(
+        sl.g.len() == n && sl.s.iter().all(|s| s.len() == n) && sl.copy.as_ref().is_none_or(|c| c.len() == n),
+        "slice lengths differ"
+    );
     let p = sl.p.as_mut_ptr();
     let g = sl.g.as_ptr();
-    let s: [*mut T; S] = pointers(sl.s);
+    let s: [*mut T; S] = sl.s.map(|s| s.as_mut_ptr());
     let c: Option<*mut C> = sl.copy.map(|c| c.as_mut_ptr());
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
@@ -486,7 +485,7 @@ fn run_fused<V: F32Vec, K: Kernel<S>, const S: usize, P: Elem, G: Elem, T: Elem,
         unsafe {
             let mut pv = P::get::<W>(p.add(i));
             let gv = pre.apply(G::get::<W>(g.add(i)));
-            let mut sv: [W; S] = vecs(|j| T::get::<W>(s[j].add(i)));
+            let mut sv: [W; S] = std::array::from_fn(|j| T::get::<W>(s[j].add(i)));
             k.apply(&mut pv, gv, &mut sv);
             put.put(pv, p.add(i), i);
             for j in 0..S {
@@ -685,42 +684,6 @@ pub(crate) fn run_piece<V: F32Vec, K: Kernel<S>, const S: usize>(
     }
 }
 
-/// `[f(0), .., f(N - 1)]`: `std::array::from_fn` without its fallible
-/// machinery. The lane loops below are compiled thousands of times (every
-/// kernel, backend, storage and gradient transform), and `from_fn`'s
-/// generic layers, built and optimized away again in each, were a quarter
-/// of the crate's unoptimized IR (`cargo llvm-lines`) and most of its
-/// compile time. The same values in the same order, so the same code.
-#[inline(always)]
-fn vecs<V: F32Vec, const N: usize>(mut f: impl FnMut(usize) -> V) -> [V; N] {
-    let mut a = [V::splat(0.0); N];
-    for (i, x) in a.iter_mut().enumerate() {
-        *x = f(i);
-    }
-    a
-}
-
-/// Whether every state slice has length `n`.
-#[inline(always)]
-fn lengths_are<T, const S: usize>(s: &[&mut [T]; S], n: usize) -> bool {
-    let mut ok = true;
-    for x in s {
-        ok &= x.len() == n;
-    }
-    ok
-}
-
-/// The start of every state slice (the slices' borrows end here; the lane
-/// loops write through the pointers).
-#[inline(always)]
-fn pointers<T, const S: usize>(s: [&mut [T]; S]) -> [*mut T; S] {
-    let mut out = [std::ptr::null_mut(); S];
-    for (o, x) in out.iter_mut().zip(s) {
-        *o = x.as_mut_ptr();
-    }
-    out
-}
-
 /// Runs `k` over the slices with lane type `V`, then the tail with `f32`.
 #[inline(always)]
 fn run_lanes<V: F32Vec, K: Kernel<S>, const S: usize>(k: &K, sl: Slices<'_, S>, pre: GradPre) {
@@ -739,10 +702,10 @@ fn run_lanes_with<V: F32Vec, K: Kernel<S>, const S: usize, P: Pre>(k: &K, sl: Sl
     let n = sl.len();
     // Soundness of the raw-pointer loop below rests on this; the public entry
     // points return an error before getting here, so it never fires.
-    assert!(sl.g.len() == n && lengths_are(&sl.s, n), "slice lengths differ");
+    assert!(sl.g.len() == n && sl.s.iter().all(|s| s.len() == n), "slice lengths differ");
     let p = sl.p.as_mut_ptr();
     let g = sl.g.as_ptr();
-    let s: [*mut f32; S] = pointers(sl.s);
+    let s: [*mut f32; S] = sl.s.map(|s| s.as_mut_ptr());
     const U: usize = 4;
     let block = n - n % (V::LANES * U);
     let mut i = 0;
@@ -750,12 +713,10 @@ fn run_lanes_with<V: F32Vec, K: Kernel<S>, const S: usize, P: Pre>(k: &K, sl: Sl
         // SAFETY: every slice has length n (asserted above) and
         // i + U * LANES <= block <= n.
         unsafe {
-            let mut pv: [V; U] = vecs(|u| V::load(p.add(i + u * V::LANES)));
-            let gv: [V; U] = vecs(|u| pre.apply(V::load(g.add(i + u * V::LANES))));
-            let mut sv: [[V; S]; U] = [[V::splat(0.0); S]; U];
-            for (u, su) in sv.iter_mut().enumerate() {
-                *su = vecs(|j| V::load(s[j].add(i + u * V::LANES)));
-            }
+            let mut pv: [V; U] = std::array::from_fn(|u| V::load(p.add(i + u * V::LANES)));
+            let gv: [V; U] = std::array::from_fn(|u| pre.apply(V::load(g.add(i + u * V::LANES))));
+            let mut sv: [[V; S]; U] =
+                std::array::from_fn(|u| std::array::from_fn(|j| V::load(s[j].add(i + u * V::LANES))));
             for u in 0..U {
                 k.apply(&mut pv[u], gv[u], &mut sv[u]);
             }
@@ -775,7 +736,7 @@ fn run_lanes_with<V: F32Vec, K: Kernel<S>, const S: usize, P: Pre>(k: &K, sl: Sl
         unsafe {
             let mut pv = V::load(p.add(i));
             let gv = pre.apply(V::load(g.add(i)));
-            let mut sv: [V; S] = vecs(|j| V::load(s[j].add(i)));
+            let mut sv: [V; S] = std::array::from_fn(|j| V::load(s[j].add(i)));
             k.apply(&mut pv, gv, &mut sv);
             pv.store(p.add(i));
             for j in 0..S {
@@ -789,7 +750,7 @@ fn run_lanes_with<V: F32Vec, K: Kernel<S>, const S: usize, P: Pre>(k: &K, sl: Sl
         unsafe {
             let mut pv = <f32 as F32Vec>::load(p.add(i));
             let gv = pre.apply(<f32 as F32Vec>::load(g.add(i)));
-            let mut sv: [f32; S] = vecs(|j| <f32 as F32Vec>::load(s[j].add(i)));
+            let mut sv: [f32; S] = std::array::from_fn(|j| <f32 as F32Vec>::load(s[j].add(i)));
             k.apply(&mut pv, gv, &mut sv);
             pv.store(p.add(i));
             for j in 0..S {
