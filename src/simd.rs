@@ -157,16 +157,18 @@ pub(crate) trait F32Vec:
     /// # Safety
     /// `codes..codes + LANES` must be valid for reads and `table` for 256 `f32`.
     unsafe fn lookup(table: *const f32, codes: *const u8) -> Self;
-    /// `table[codes[i]] * scale` into `dst[i]` for the first `n - n % LANES`
-    /// codes (whole vectors; the caller does the tail), returning how many
-    /// were written. Each lane is [`lookup`](Self::lookup)'s value times
+    /// `table.code[codes[i]] * scale` into `dst[i]` for the first `n - n %
+    /// LANES` codes (whole vectors; the caller does the tail), returning how
+    /// many were written. Each lane is [`lookup`](Self::lookup)'s value times
     /// `scale`, one rounding, on every backend; a backend may hold the table
-    /// in registers for the whole run (AVX-512 does).
+    /// in registers for the whole run (AVX-512 does, as `f32`s or as byte
+    /// planes).
     ///
     /// # Safety
     /// `codes..codes + n` must be valid for reads and `dst..dst + n` for writes.
     #[inline(always)]
-    unsafe fn dequantize_lanes(table: &[f32; 256], codes: *const u8, scale: f32, dst: *mut f32, n: usize) -> usize {
+    unsafe fn dequantize_lanes(table: &Q8Table, codes: *const u8, scale: f32, dst: *mut f32, n: usize) -> usize {
+        let table = &table.code;
         let s = Self::splat(scale);
         let mut i = 0;
         while i + Self::LANES <= n {
@@ -175,6 +177,28 @@ pub(crate) trait F32Vec:
             i += Self::LANES;
         }
         i
+    }
+    /// The largest magnitude among the whole vectors of `src[..n]` (a NaN,
+    /// of any payload, if one of them is NaN; 0 if there are none) and how
+    /// many were read; the caller folds the tail. Exact, so the order in
+    /// which the maxima are taken does not matter.
+    ///
+    /// # Safety
+    /// `src..src + n` must be valid for reads.
+    #[inline(always)]
+    unsafe fn abs_max_lanes(src: *const f32, n: usize) -> (f32, usize) {
+        assert!(Self::LANES <= 16, "widest backend");
+        let mut acc = Self::splat(0.0);
+        let mut i = 0;
+        while i + Self::LANES <= n {
+            // SAFETY: i + LANES <= n, within the caller's range.
+            acc = acc.max_nan(unsafe { Self::load(src.add(i)) }.abs());
+            i += Self::LANES;
+        }
+        let mut lanes = [0f32; 16];
+        // SAFETY: `lanes` holds 16 >= LANES values.
+        unsafe { acc.store(lanes.as_mut_ptr()) };
+        (lanes[..Self::LANES].iter().fold(0.0f32, |m, &x| m.max_nan(x)), i)
     }
     /// The 8-bit codes of the lanes ([`q8_code`]) through a map's 65536-entry
     /// table (`storage::QMap`'s), written to `out`.
@@ -521,6 +545,25 @@ impl Q8Fast {
             return None;
         }
         Some(t.floor() as u8)
+    }
+}
+
+/// A map's 256 values as the dequantizing lanes read them: the `f32`s, and
+/// their bytes split into four planes (`planes[b][c]` is byte `b`, little
+/// endian, of `code[c]`) for lanes that look bytes up in registers.
+#[derive(Clone)]
+pub(crate) struct Q8Table {
+    /// The values.
+    pub(crate) code: [f32; 256],
+    /// The values' bytes, plane by plane.
+    pub(crate) planes: [[u8; 256]; 4],
+}
+
+impl Q8Table {
+    /// The table of `code`.
+    pub(crate) fn new(code: [f32; 256]) -> Q8Table {
+        let planes = core::array::from_fn(|b| core::array::from_fn(|c| code[c].to_le_bytes()[b]));
+        Q8Table { code, planes }
     }
 }
 
@@ -892,6 +935,111 @@ mod x86 {
         // SAFETY: only AVX-512 lanes call this, and they exist only where
         // `Avx512Cap::detect` found AVX-512F.
         *SAME.get_or_init(|| unsafe { check() })
+    }
+
+    /// `table[codes[i]] * scale` for the whole 16-lane vectors of `n`
+    /// ([`F32Vec::dequantize_lanes`]) on AVX-512F alone, returning how many
+    /// were written.
+    ///
+    /// # Safety
+    /// `codes..codes + n` readable, `dst..dst + n` writable; only from code
+    /// reached through `Avx512Cap::run`.
+    #[inline(always)]
+    pub(super) unsafe fn dequantize_tree(
+        table: &[f32; 256],
+        codes: *const u8,
+        scale: f32,
+        dst: *mut f32,
+        n: usize,
+    ) -> usize {
+        // The 256 entries in 16 registers; per 16 codes, eight two-register
+        // permutes (the low 5 bits of each code pick within a 32-entry
+        // pair) and a blend tree on bits 5, 6 and 7: no gather.
+        // SAFETY: the table reads stay inside its 256 entries; the caller
+        // guarantees `n` readable codes and `n` writable floats, and
+        // i + 16 <= n below; AVX-512F under the module's detection contract.
+        unsafe {
+            let t: [__m512; 16] = core::array::from_fn(|k| _mm512_loadu_ps(table.as_ptr().add(16 * k)));
+            let s = _mm512_set1_ps(scale);
+            let mut i = 0;
+            while i + 16 <= n {
+                let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.add(i).cast()));
+                let p: [__m512; 8] = core::array::from_fn(|k| _mm512_permutex2var_ps(t[2 * k], idx, t[2 * k + 1]));
+                let b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+                let b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
+                let b7 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(128));
+                let q: [__m512; 4] = core::array::from_fn(|k| _mm512_mask_blend_ps(b5, p[2 * k], p[2 * k + 1]));
+                let r0 = _mm512_mask_blend_ps(b6, q[0], q[1]);
+                let r1 = _mm512_mask_blend_ps(b6, q[2], q[3]);
+                _mm512_storeu_ps(dst.add(i), _mm512_mul_ps(_mm512_mask_blend_ps(b7, r0, r1), s));
+                i += 16;
+            }
+            i
+        }
+    }
+
+    /// Whether this CPU has AVX-512 VBMI and BW, which [`dequantize_vbmi`]
+    /// needs (std caches the detection).
+    #[inline(always)]
+    pub(super) fn vbmi_available() -> bool {
+        std::arch::is_x86_feature_detected!("avx512vbmi") && std::arch::is_x86_feature_detected!("avx512bw")
+    }
+
+    /// `code[codes[i]] * scale` for the whole 64-code runs of `n`, from the
+    /// table's four byte planes (`planes[b][c]`: byte `b` of `code[c]`) held in
+    /// 16 registers: per 64 codes, a byte shuffle that puts the codes in the
+    /// order the interleave below writes them, two two-register byte permutes
+    /// and a blend on bit 7 per plane, the bytes interleaved into 64 floats, a
+    /// multiply per 16. Returns how many were written (a multiple of 64).
+    ///
+    /// # Safety
+    /// `codes..codes + n` readable, `dst..dst + n` writable, and the CPU has
+    /// AVX-512F, BW and VBMI ([`vbmi_available`]).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    pub(super) unsafe fn dequantize_vbmi(
+        planes: &[[u8; 256]; 4],
+        codes: *const u8,
+        scale: f32,
+        dst: *mut f32,
+        n: usize,
+    ) -> usize {
+        // The interleave leaves output float 16k + 4l + j (k, l, j < 4) at byte
+        // position 16l + 4k + j of the codes: swap k and l first.
+        let order: [u8; 64] = core::array::from_fn(|p| ((p >> 2 & 3) << 4 | (p >> 4 & 3) << 2 | (p & 3)) as u8);
+        // SAFETY: the plane loads read 4 x 256 bytes of `planes`; the caller
+        // guarantees `n` readable codes and `n` writable floats, and i + 64 <= n
+        // below; byte permutes read only their registers; the features are
+        // the caller's promise.
+        unsafe {
+            let pl: [[__m512i; 4]; 4] = core::array::from_fn(|b| {
+                core::array::from_fn(|k| _mm512_loadu_si512(planes[b].as_ptr().add(64 * k).cast()))
+            });
+            let order = _mm512_loadu_si512(order.as_ptr().cast());
+            let s = _mm512_set1_ps(scale);
+            let mut i = 0;
+            while i + 64 <= n {
+                let idx = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(codes.add(i).cast()));
+                let high = _mm512_movepi8_mask(idx);
+                let b: [__m512i; 4] = core::array::from_fn(|b| {
+                    let low = _mm512_permutex2var_epi8(pl[b][0], idx, pl[b][1]);
+                    let top = _mm512_permutex2var_epi8(pl[b][2], idx, pl[b][3]);
+                    _mm512_mask_blend_epi8(high, low, top)
+                });
+                let (l01, h01) = (_mm512_unpacklo_epi8(b[0], b[1]), _mm512_unpackhi_epi8(b[0], b[1]));
+                let (l23, h23) = (_mm512_unpacklo_epi8(b[2], b[3]), _mm512_unpackhi_epi8(b[2], b[3]));
+                let w = [
+                    _mm512_unpacklo_epi16(l01, l23),
+                    _mm512_unpackhi_epi16(l01, l23),
+                    _mm512_unpacklo_epi16(h01, h23),
+                    _mm512_unpackhi_epi16(h01, h23),
+                ];
+                for (k, w) in w.into_iter().enumerate() {
+                    _mm512_storeu_ps(dst.add(i + 16 * k), _mm512_mul_ps(_mm512_castsi512_ps(w), s));
+                }
+                i += 64;
+            }
+            i
+        }
     }
 
     impl Avx2Cap {
@@ -1346,31 +1494,36 @@ mod x86 {
             }
         }
         #[inline(always)]
-        unsafe fn dequantize_lanes(table: &[f32; 256], codes: *const u8, scale: f32, dst: *mut f32, n: usize) -> usize {
-            // The 256 entries in 16 registers; per 16 codes, eight two-register
-            // permutes (the low 5 bits of each code pick within a 32-entry
-            // pair) and a blend tree on bits 5, 6 and 7: no gather.
-            // SAFETY: the table reads stay inside its 256 entries; the caller
-            // guarantees `n` readable codes and `n` writable floats, and
+        unsafe fn abs_max_lanes(src: *const f32, n: usize) -> (f32, usize) {
+            // With the sign cleared, floats' bit patterns order as their
+            // magnitudes do, every NaN above infinity: an unsigned integer
+            // maximum, and one reduction at the end.
+            // SAFETY: the caller guarantees `n` readable floats, and
             // i + 16 <= n below; AVX-512F under the module's detection contract.
             unsafe {
-                let t: [__m512; 16] = core::array::from_fn(|k| _mm512_loadu_ps(table.as_ptr().add(16 * k)));
-                let s = _mm512_set1_ps(scale);
+                let magnitude = _mm512_set1_epi32(0x7fff_ffff);
+                let mut acc = _mm512_setzero_si512();
                 let mut i = 0;
                 while i + 16 <= n {
-                    let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.add(i).cast()));
-                    let p: [__m512; 8] = core::array::from_fn(|k| _mm512_permutex2var_ps(t[2 * k], idx, t[2 * k + 1]));
-                    let b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
-                    let b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
-                    let b7 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(128));
-                    let q: [__m512; 4] = core::array::from_fn(|k| _mm512_mask_blend_ps(b5, p[2 * k], p[2 * k + 1]));
-                    let r0 = _mm512_mask_blend_ps(b6, q[0], q[1]);
-                    let r1 = _mm512_mask_blend_ps(b6, q[2], q[3]);
-                    _mm512_storeu_ps(dst.add(i), _mm512_mul_ps(_mm512_mask_blend_ps(b7, r0, r1), s));
+                    acc = _mm512_max_epu32(acc, _mm512_and_si512(_mm512_loadu_si512(src.add(i).cast()), magnitude));
                     i += 16;
                 }
-                i
+                (f32::from_bits(_mm512_reduce_max_epu32(acc)), i)
             }
+        }
+        #[inline(always)]
+        unsafe fn dequantize_lanes(table: &Q8Table, codes: *const u8, scale: f32, dst: *mut f32, n: usize) -> usize {
+            // 64 codes at a time by byte permutes where the CPU has VBMI (a
+            // call per run: those lanes need features this entry lacks), the
+            // rest by the `f32` permute tree.
+            let done = if vbmi_available() {
+                // SAFETY: forwarded from the caller; VBMI and BW just detected.
+                unsafe { dequantize_vbmi(&table.planes, codes, scale, dst, n) }
+            } else {
+                0
+            };
+            // SAFETY: `done <= n`, so the rest of both ranges is the caller's.
+            done + unsafe { dequantize_tree(&table.code, codes.add(done), scale, dst.add(done), n - done) }
         }
         #[inline(always)]
         unsafe fn store_codes(self, lut: *const u32, out: *mut u8) {
@@ -1621,18 +1774,30 @@ mod tests {
                 assert_eq!(y.to_bits(), table[usize::from(c)].to_bits());
             }
         }
-        // dequantize_lanes: every code, lengths that end mid-vector
+        // dequantize_lanes: every code, lengths that end mid-vector and
+        // mid-run of 64 (AVX-512 with VBMI takes runs of 64 by bytes)
         let table: [f32; 256] = core::array::from_fn(|i| (i as f32 - 127.5) / 3.0);
+        let q8_table = Q8Table::new(table);
         let codes: Vec<u8> = (0..300u32).map(|i| (i * 89 % 256) as u8).collect();
-        for (len, scale) in [(300, 0.37f32), (256, -3.0e-5), (17, 1.0e30), (5, 7.0)] {
+        for (len, scale) in [(300, 0.37f32), (256, -3.0e-5), (17, 1.0e30), (5, 7.0), (127, 1.5)] {
             let mut out = vec![f32::NAN; len];
             // SAFETY: `codes` holds 300 >= len codes and `out` len floats.
-            let done = unsafe { V::dequantize_lanes(&table, codes.as_ptr(), scale, out.as_mut_ptr(), len) };
+            let done = unsafe { V::dequantize_lanes(&q8_table, codes.as_ptr(), scale, out.as_mut_ptr(), len) };
             assert_eq!(done, len - len % n, "dequantize_lanes covers whole vectors");
             for (&c, &y) in codes.iter().zip(&out[..done]) {
                 assert_eq!(y.to_bits(), (table[usize::from(c)] * scale).to_bits(), "dequantize_lanes code {c}");
             }
             assert!(out[done..].iter().all(|y| y.is_nan()), "dequantize_lanes wrote past its vectors");
+        }
+        // abs_max_lanes: the largest magnitude of the whole vectors (NaN if
+        // one is NaN) over the edge values, with and without the NaNs
+        let finite: Vec<f32> = xs.iter().copied().filter(|x| !x.is_nan()).collect();
+        for vals in [&xs[..], &finite[..], &finite[..3], &[-0.0; 40][..], &[][..]] {
+            // SAFETY: `vals` holds `vals.len()` floats.
+            let (m, read) = unsafe { V::abs_max_lanes(vals.as_ptr(), vals.len()) };
+            assert_eq!(read, vals.len() - vals.len() % n, "abs_max_lanes reads whole vectors");
+            let want = vals[..read].iter().fold(0.0f32, |m, &x| m.max_nan(x.abs()));
+            assert!(same(m, want), "abs_max_lanes {m:e} against {want:e}");
         }
         // store_codes against q8_code over a table with varied entries
         // (as in a real map's table, code 255 has no jump inside its bucket)
@@ -1756,6 +1921,46 @@ mod tests {
         if Backend::Avx512.is_available() {
             assert!(x86::Avx512Cap::detect().is_some());
             assert_eq!(dispatch(Backend::Avx512, Check), 16);
+        }
+    }
+
+    /// Both AVX-512 dequantizers, whichever `dequantize_lanes` takes on this
+    /// CPU: the `f32` permute tree and (with VBMI) the byte planes, each on
+    /// every code at every position of its vector or run.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_dequantizers_give_the_table() {
+        if !Backend::Avx512.is_available() {
+            return;
+        }
+        let table = Q8Table::new(core::array::from_fn(|i| {
+            f32::from_bits((0x3000_0000 + 0x0031_0b07 * i as u32) | ((i as u32 & 1) << 31))
+        }));
+        // a de Bruijn-like walk: every code at every position mod 64
+        let codes: Vec<u8> = (0..64 * 257u32).map(|i| (i % 256) as u8).collect();
+        let scale = -0.37f32;
+        let check = |out: &[f32], done: usize, what: &str| {
+            assert_eq!(done, codes.len(), "{what}: whole vectors");
+            for (&c, &y) in codes.iter().zip(out) {
+                assert_eq!(y.to_bits(), (table.code[usize::from(c)] * scale).to_bits(), "{what}: code {c}");
+            }
+        };
+        #[target_feature(enable = "avx512f")]
+        fn tree(t: &[f32; 256], codes: &[u8], scale: f32, out: &mut [f32]) -> usize {
+            // SAFETY: both slices hold `codes.len()` elements; AVX-512F is
+            // enabled here and was detected.
+            unsafe { x86::dequantize_tree(t, codes.as_ptr(), scale, out.as_mut_ptr(), codes.len()) }
+        }
+        let mut out = vec![f32::NAN; codes.len()];
+        // SAFETY: AVX-512F is available (checked above).
+        let done = unsafe { tree(&table.code, &codes, scale, &mut out) };
+        check(&out, done, "f32 permute tree");
+        if x86::vbmi_available() {
+            out.fill(f32::NAN);
+            // SAFETY: both hold `codes.len()` elements; VBMI, BW and F detected.
+            let done =
+                unsafe { x86::dequantize_vbmi(&table.planes, codes.as_ptr(), scale, out.as_mut_ptr(), codes.len()) };
+            check(&out, done, "byte planes");
         }
     }
 

@@ -44,8 +44,8 @@
 pub use half::{bf16, f16};
 
 use crate::simd::{
-    F32Vec, Q8_FAST_DELTA, Q8Fast, Q8Quantizer, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_bf16_stochastic_bits,
-    f32_to_f16, order_key, q8_code, stream_bits,
+    F32Vec, Q8_FAST_DELTA, Q8Fast, Q8Quantizer, Q8Table, bf16_to_f32, f16_to_f32, f32_to_bf16,
+    f32_to_bf16_stochastic_bits, f32_to_f16, order_key, q8_code, stream_bits,
 };
 
 /// Elements per tile of the mixed-storage driver (and per block of a
@@ -329,7 +329,8 @@ pub struct Q8State<'a> {
 /// (`F32Vec::dequantize_lanes`).
 #[derive(Clone)]
 pub struct QMap {
-    code: [f32; 256],
+    /// The 256 values, and their byte planes for the dequantizing lanes.
+    table: Q8Table,
     /// `code` with `search[0] = -1` and `search[256] = inf` (so index `i + 1`
     /// needs no bound check and never wins).
     search: [f32; 257],
@@ -343,13 +344,13 @@ pub struct QMap {
 
 impl std::fmt::Debug for QMap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QMap").field("code", &self.code).finish_non_exhaustive()
+        f.debug_struct("QMap").field("code", &self.table.code).finish_non_exhaustive()
     }
 }
 
 impl PartialEq for QMap {
     fn eq(&self, other: &Self) -> bool {
-        self.code.map(f32::to_bits) == other.code.map(f32::to_bits)
+        self.table.code.map(f32::to_bits) == other.table.code.map(f32::to_bits)
     }
 }
 
@@ -411,7 +412,7 @@ impl QMap {
         if quant.fast.is_some() && !fast_lanes_agree(&quant, &jump, &code) {
             quant.fast = None;
         }
-        Ok(QMap { code, search, quant, one_jump })
+        Ok(QMap { table: Q8Table::new(code), search, quant, one_jump })
     }
 
     /// bitsandbytes' signed dynamic map (`create_dynamic_map(signed=True)`),
@@ -443,7 +444,7 @@ impl QMap {
 
     /// The 256 code values.
     pub fn code(&self) -> &[f32; 256] {
-        &self.code
+        &self.table.code
     }
 
     /// The code of `x` (a value divided by its block's absmax; NaN, from a
@@ -747,9 +748,9 @@ pub(crate) fn dequantize<V: F32Vec>(codes: &[u8], absmax: f32, map: &QMap, dst: 
     let n = codes.len();
     assert_eq!(n, dst.len(), "tile lengths are equal by construction");
     // SAFETY: both slices hold `n` elements.
-    let i = unsafe { V::dequantize_lanes(&map.code, codes.as_ptr(), absmax, dst.as_mut_ptr(), n) };
+    let i = unsafe { V::dequantize_lanes(&map.table, codes.as_ptr(), absmax, dst.as_mut_ptr(), n) };
     for j in i..n {
-        dst[j] = map.code[usize::from(codes[j])] * absmax;
+        dst[j] = map.table.code[usize::from(codes[j])] * absmax;
     }
 }
 
@@ -759,20 +760,11 @@ pub(crate) fn dequantize<V: F32Vec>(codes: &[u8], absmax: f32, map: &QMap, dst: 
 pub(crate) fn quantize<V: F32Vec>(src: &[f32], map: &QMap, codes: &mut [u8]) -> f32 {
     let n = src.len();
     assert_eq!(n, codes.len(), "tile lengths are equal by construction");
-    assert!(V::LANES <= 16, "widest backend");
     let (s, c) = (src.as_ptr(), codes.as_mut_ptr());
     // the maximum is exact, so its order does not matter; `max_nan` keeps a NaN
-    let mut acc = V::splat(0.0);
-    let mut i = 0;
-    while i + V::LANES <= n {
-        // SAFETY: i + LANES <= n = src.len().
-        acc = acc.max_nan(unsafe { V::load(s.add(i)) }.abs());
-        i += V::LANES;
-    }
-    let mut lanes = [0f32; 16];
-    // SAFETY: `lanes` holds 16 >= LANES values.
-    unsafe { acc.store(lanes.as_mut_ptr()) };
-    let m = lanes[..V::LANES].iter().chain(&src[i..]).fold(0.0f32, |m, &x| m.max_nan(x.abs()));
+    // SAFETY: `src` holds `n` floats.
+    let (m, i) = unsafe { V::abs_max_lanes(s, n) };
+    let m = src[i..].iter().fold(m, |m, &x| m.max_nan(x.abs()));
     let absmax = if m.is_nan() { f32::NAN } else { m };
     if map.one_jump {
         // SAFETY: both slices hold `n` elements.
@@ -1209,7 +1201,7 @@ mod tests {
                 .map(|k| from_order_key(k << 16 | map.quant.lut[k as usize] & 0xffff))
                 .collect();
             assert!(jumps.len() >= 200, "the dynamic maps' jumps fall inside buckets");
-            for &c in map.code.iter().chain(&jumps) {
+            for &c in map.table.code.iter().chain(&jumps) {
                 for d in -3i32..=3 {
                     let x = from_order_key(order_key(c).wrapping_add_signed(d));
                     if (-1.0..=1.0).contains(&x) {
@@ -1246,7 +1238,7 @@ mod tests {
             }
             let strided = (seen.get(), deferred.get());
             for j in 0..256 {
-                for c in [map.search[j], map.code[j]] {
+                for c in [map.search[j], map.table.code[j]] {
                     for d in -3i32..=3 {
                         let x = from_order_key(order_key(c).wrapping_add_signed(d));
                         if (-1.0..=1.0).contains(&x) {
