@@ -178,6 +178,12 @@ pub(crate) trait F32Vec:
         }
         i
     }
+    /// A hint to fetch the cache line at `ptr` (any address: a prefetch
+    /// reads nothing and cannot fault); nothing on the portable backends.
+    #[inline(always)]
+    fn prefetch(ptr: *const u8) {
+        let _ = ptr;
+    }
     /// The largest magnitude among the whole vectors of `src[..n]` (a NaN,
     /// of any payload, if one of them is NaN; 0 if there are none) and how
     /// many were read; the caller folds the tail. Exact, so the order in
@@ -1132,6 +1138,12 @@ mod x86 {
     }
 
     impl F32Vec for Avx2 {
+        #[inline(always)]
+        fn prefetch(ptr: *const u8) {
+            // SAFETY: a prefetch is a hint: it reads nothing architecturally
+            // and never faults, whatever the address (SSE, always on x86-64).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(ptr.cast()) }
+        }
         const LANES: usize = 8;
         #[inline(always)]
         fn splat(x: f32) -> Self {
@@ -1331,6 +1343,12 @@ mod x86 {
     }
 
     impl F32Vec for Avx512 {
+        #[inline(always)]
+        fn prefetch(ptr: *const u8) {
+            // SAFETY: a prefetch is a hint: it reads nothing architecturally
+            // and never faults, whatever the address (SSE, always on x86-64).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(ptr.cast()) }
+        }
         const LANES: usize = 16;
         #[inline(always)]
         fn splat(x: f32) -> Self {
