@@ -533,14 +533,14 @@ fn run_fused<V: F32Vec, K: Kernel<S>, const S: usize, P: Elem, G: Elem, T: Elem,
 /// loops in cache.
 const FETCH_AHEAD: usize = 1024;
 
-/// Prefetches the cache lines of the `len` elements of a 16-bit stream
+/// Prefetches the cache lines of the `len` elements of a stream
 /// [`FETCH_AHEAD`] elements past `i` (past the end near it: a prefetch of
 /// any address is harmless).
 #[inline(always)]
 fn fetch_ahead<V: F32Vec, E: Elem>(base: *const E, i: usize, len: usize) {
     let at = base.wrapping_add(i + FETCH_AHEAD).cast::<u8>();
     let mut b = 0;
-    while b < len * 2 {
+    while b < len * size_of::<E>() {
         V::prefetch(at.wrapping_add(b));
         b += 64;
     }
