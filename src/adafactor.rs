@@ -735,6 +735,8 @@ fn run(
     let f = Factors { neg: c.maximize, eps1: eps1 as f32, eps1_sq: (eps1 * eps1) as f32 };
     let decay = (c.weight_decay != 0.0).then_some((1.0 - c.lr * c.weight_decay) as f32);
 
+    // The general matrix path's row means, from its second pass to its last.
+    let mut rmeans: Vec<f32> = Vec::new();
     let upd_sumsq = match factored(shape) {
         Some((batches, rows, cols)) if small(rows, cols) => {
             // Whole matrices a group at a time: both passes of a matrix
@@ -789,18 +791,27 @@ fn run(
                 Some(u) => u.chunks_mut(mm).map(Some).collect(),
                 None => (0..batches).map(|_| None).collect(),
             };
-            type Usq<'a> = (((&'a [f32], &'a [f32]), &'a [f32]), Option<&'a mut [f32]>);
-            let usq = |(((g, rv), cv), u): Usq<'_>| rows_usq(g, cols, rv, cv, row_mean(rv, f), f, inner, lanes, u);
+            // Per matrix: the mean of its row factor (a serial sum over its
+            // rows), once for both passes that need it.
+            rmeans = if by_batch {
+                row_var.par_chunks(rows).map(|rv| row_mean(rv, f)).collect()
+            } else {
+                row_var.chunks(rows).map(|rv| row_mean(rv, f)).collect()
+            };
+            type Usq<'a> = ((((&'a [f32], &'a [f32]), &'a [f32]), &'a f32), Option<&'a mut [f32]>);
+            let usq = |((((g, rv), cv), &rmean), u): Usq<'_>| rows_usq(g, cols, rv, cv, rmean, f, inner, lanes, u);
             let parts: Vec<f64> = if by_batch {
                 grads
                     .par_chunks(mm)
                     .zip(row_var.par_chunks(rows))
                     .zip(col_var.par_chunks(cols))
+                    .zip(&rmeans)
                     .zip(ubs)
                     .map(usq)
                     .collect()
             } else {
-                grads.chunks(mm).zip(row_var.chunks(rows)).zip(col_var.chunks(cols)).zip(ubs).map(usq).collect()
+                let st = row_var.chunks(rows).zip(col_var.chunks(cols)).zip(&rmeans);
+                grads.chunks(mm).zip(st).map(|(g, ((rv, cv), r))| (((g, rv), cv), r)).zip(ubs).map(usq).collect()
             };
             let mut total = 0.0;
             for x in parts {
@@ -853,9 +864,8 @@ fn run(
         Some((batches, rows, cols)) => {
             let mm = rows * cols;
             let (by_batch, inner) = by_batch(par, batches, mm);
-            type One<'a> = ((&'a mut [f32], &'a [f32]), (&'a [f32], &'a [f32]));
-            let one = |((p, g), (rv, cv)): One<'_>| {
-                let rmean = row_mean(rv, f);
+            type One<'a> = (((&'a mut [f32], &'a [f32]), (&'a [f32], &'a [f32])), &'a f32);
+            let one = |(((p, g), (rv, cv)), &rmean): One<'_>| {
                 if inner && long_rows(rows, cols) {
                     // A piece of a row per task (element-wise: the same bits).
                     p.par_chunks_mut(cols).zip(g.par_chunks(cols)).zip(rv.par_iter()).for_each(|((pr, gr), r)| {
@@ -879,9 +889,9 @@ fn run(
             let st = (row_var.chunks(rows), col_var.chunks(cols));
             if by_batch {
                 let st = row_var.par_chunks(rows).zip(col_var.par_chunks(cols));
-                params.par_chunks_mut(mm).zip(grads.par_chunks(mm)).zip(st).for_each(one);
+                params.par_chunks_mut(mm).zip(grads.par_chunks(mm)).zip(st).zip(&rmeans).for_each(one);
             } else {
-                params.chunks_mut(mm).zip(grads.chunks(mm)).zip(st.0.zip(st.1)).for_each(one);
+                params.chunks_mut(mm).zip(grads.chunks(mm)).zip(st.0.zip(st.1)).zip(&rmeans).for_each(one);
             }
         }
         None => {
@@ -1415,12 +1425,16 @@ fn squares<V: F32Vec>(
         // Rows of one element: each row's sum of squares is its one square
         // (`sq_sum` folds zeros into it, which changes no bit), added to
         // the parameters' sum and to the column's in row order as below.
+        // The column's sum is held in a register meanwhile (the same
+        // additions; through memory each one waited on the last store).
+        let mut col = col_sq[0];
         for ((&x, &y), rs) in p.iter().zip(g).zip(row_sq) {
             let (x, y) = (f64::from(x), f64::from(y));
             psq += x * x;
             *rs = y * y;
-            col_sq[0] += y * y;
+            col += y * y;
         }
+        col_sq[0] = col;
         return psq;
     }
     for ((pr, gr), rs) in p.chunks(cols).zip(g.chunks(cols)).zip(row_sq) {
