@@ -1401,6 +1401,16 @@ fn sq_acc<V: F32Vec>(x: &[f32], acc: &mut [f64; 8]) {
 /// `vector_norm(..).square_().div_(..)`.
 #[inline(always)]
 fn stats(var: &mut [f32], sum_sq: &[f64], count: usize, w: Lerp) {
+    if count == 1 {
+        // Rows (or columns) of one element: each sum is one f32's square,
+        // exact in f64, so its square root is the element's magnitude
+        // exactly, and `nrm * nrm` (over 1) is that square rounded once to
+        // f32: `s as f32`, the same bits without a square root per element.
+        for (x, &s) in var.iter_mut().zip(sum_sq) {
+            *x = w.apply::<f32>(*x, s as f32);
+        }
+        return;
+    }
     for (x, &s) in var.iter_mut().zip(sum_sq) {
         let nrm = s.sqrt() as f32;
         *x = w.apply::<f32>(*x, (nrm * nrm) / count as f32);
@@ -1771,5 +1781,38 @@ impl Lanes {
     }
     fn vec_apply(self, v: &[f32], g: &[f32], p: &mut [f32], ap: Apply) {
         dispatch(self.0, Pass::VecApply { v, g, p, ap });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `stats` over rows of one element takes `s as f32` for the norm's
+    /// rounded square: for every f32 bit pattern of every 97th (all
+    /// exponents, both signs, subnormals, infinities, NaN) and the edges,
+    /// the general formula on its exact f64 square gives the same bits.
+    #[test]
+    fn one_element_rows_need_no_square_root() {
+        let general = |s: f64| {
+            let nrm = s.sqrt() as f32;
+            (nrm * nrm) / 1.0
+        };
+        let edges = [0.0, -0.0, f32::MIN_POSITIVE, 1e-45, f32::MAX, f32::INFINITY, f32::NAN, 1.0, 3.0e19, 1.9e-23];
+        let all = (0..=u32::MAX).step_by(97).map(f32::from_bits).chain(edges);
+        for y in all {
+            let s = f64::from(y) * f64::from(y);
+            let (want, got) = (general(s), s as f32);
+            assert!(want.to_bits() == got.to_bits() || (want.is_nan() && got.is_nan()), "{y:e}: {got:e} want {want:e}");
+        }
+        // And through `stats` itself against the general path's formula.
+        let ys = [0.5f32, -3.0e-20, 7.0e18, 1e-45, 0.0];
+        let sums: Vec<f64> = ys.iter().map(|&y| f64::from(y) * f64::from(y)).collect();
+        let w = Lerp::new(0.3);
+        let mut got = vec![0.25f32; ys.len()];
+        stats(&mut got, &sums, 1, w);
+        for ((g, &s), y) in got.iter().zip(&sums).zip(ys) {
+            assert_eq!(g.to_bits(), w.apply::<f32>(0.25, general(s)).to_bits(), "{y:e}");
+        }
     }
 }
