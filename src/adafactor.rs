@@ -810,8 +810,8 @@ fn run(
                     .map(usq)
                     .collect()
             } else {
-                let st = row_var.chunks(rows).zip(col_var.chunks(cols)).zip(&rmeans);
-                grads.chunks(mm).zip(st).map(|(g, ((rv, cv), r))| (((g, rv), cv), r)).zip(ubs).map(usq).collect()
+                let (rvs, cvs) = (row_var.chunks(rows), col_var.chunks(cols));
+                grads.chunks(mm).zip(rvs).zip(cvs).zip(&rmeans).zip(ubs).map(usq).collect()
             };
             let mut total = 0.0;
             for x in parts {
