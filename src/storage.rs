@@ -496,8 +496,15 @@ fn build_fast(jump: &[f32; 257]) -> Option<Q8Fast> {
     if segs.len() > 32 {
         return None;
     }
-    let mut f =
-        Q8Fast { bnd: [f32::INFINITY; 64], seg_lo: [0; 64], s: [0.0; 32], o: [0.0; 32], lo: [0.5; 32], hi: [0.5; 32] };
+    let mut f = Q8Fast {
+        bnd: [f32::INFINITY; 64],
+        seg_lo: [0; 64],
+        s: [0.0; 32],
+        o: [0.0; 32],
+        lo: [0.5; 32],
+        hi: [0.5; 32],
+        positive: jump[1] > 0.0,
+    };
     for (g, &(p, q, sl, ol)) in segs.iter().enumerate() {
         (f.s[g], f.o[g], f.lo[g], f.hi[g]) = (sl, ol, p as f32 + 0.5, q as f32 + 0.5);
     }
@@ -1385,6 +1392,94 @@ mod tests {
             });
             // and the self-check let the maps keep it
             assert!(map.quant.fast.is_some());
+        }
+    }
+
+    /// The AVX-512 lanes against the table where their pipeline and their
+    /// shortcuts could go wrong: every length from 0 to 80 (the two-ahead
+    /// stages' ends), and in each vector a NaN of either sign, `-0.0`,
+    /// infinities, values beyond `[-1, 1]` and negative values at every
+    /// lane among ordinary ones, for both dynamic maps run both ways (all
+    /// cells loaded, and positive cells only) and several absmax values.
+    #[test]
+    fn avx512_quantizer_settles_special_lanes_as_the_table() {
+        if !crate::Backend::available().contains(&crate::Backend::Avx512) {
+            return;
+        }
+        let specials = [f32::NAN, -f32::NAN, -0.0, 0.0, f32::INFINITY, f32::NEG_INFINITY, 3.5, -2.0, -0.3, -1e-30];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for map in [QMap::signed(), QMap::unsigned()] {
+            for positive in [false, true] {
+                let mut quant = unchecked_quantizer(map);
+                quant.fast.as_mut().expect("built").positive = positive;
+                for absmax in [1.0f32, 0.37, 3e-7, 0.0] {
+                    for n in 0..=80usize {
+                        for &special in &specials {
+                            let at = (next() % 80) as usize;
+                            let mut x: Vec<f32> = (0..n)
+                                .map(|_| {
+                                    let r = next();
+                                    let v = ((r >> 11) % 20001) as f32 / 10000.0 - 1.0;
+                                    // mostly the map's own sign, at every magnitude
+                                    let v = if map.code()[0] >= 0.0 && r % 4 != 0 { v.abs() } else { v };
+                                    v * absmax * 2f32.powi(-((r % 23) as i32))
+                                })
+                                .collect();
+                            if at < n {
+                                x[at] = special;
+                            }
+                            let (mut got, mut want) = (vec![0u8; n], vec![0u8; n]);
+                            let quant = &quant;
+                            let (a, b) = crate::simd::dispatch(
+                                crate::Backend::Avx512,
+                                FastAndTable { quant, x: &x, absmax, got: &mut got, want: &mut want },
+                            );
+                            assert_eq!(a, n - n % 16);
+                            assert_eq!(b, a);
+                            assert_eq!(
+                                got[..a],
+                                want[..a],
+                                "n {n}, special {special} at {at}, absmax {absmax}, positive {positive}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `V::quantize_lanes` and the table's lanes on `x` over `absmax`.
+    struct FastAndTable<'a> {
+        quant: &'a Q8Quantizer,
+        x: &'a [f32],
+        absmax: f32,
+        got: &'a mut [u8],
+        want: &'a mut [u8],
+    }
+    impl crate::simd::LaneOp for FastAndTable<'_> {
+        type Out = (usize, usize);
+        #[inline(always)]
+        fn run<V: F32Vec>(self) -> (usize, usize) {
+            let n = self.x.len();
+            // SAFETY: every buffer holds n elements.
+            unsafe {
+                (
+                    V::quantize_lanes(self.quant, self.x.as_ptr(), self.absmax, self.got.as_mut_ptr(), n),
+                    crate::simd::quantize_lanes_with_table::<V>(
+                        &self.quant.lut,
+                        self.x.as_ptr(),
+                        self.absmax,
+                        self.want.as_mut_ptr(),
+                        n,
+                    ),
+                )
+            }
         }
     }
 
