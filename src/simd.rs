@@ -998,8 +998,10 @@ mod x86 {
     ///
     /// The loop is software-pipelined: the division and the segment of the
     /// next vector are found before the current vector's code, so the long
-    /// chain of each vector does not hold the scheduler (quantizing a tile
-    /// took about a quarter less time in a microbenchmark on Zen 5).
+    /// chain of each vector does not hold the scheduler. With the NaN lanes
+    /// sent to the table rather than zeroed first, quantizing a tile took
+    /// about a quarter less time in a microbenchmark on Zen 5
+    /// (`benches/results/q8-quantize-pipeline-session33.txt`).
     ///
     /// # Safety
     /// `src..src + n` readable, `codes..codes + n` writable, `lut` of 65536
