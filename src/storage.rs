@@ -552,30 +552,36 @@ fn fast_lanes_agree(quant: &Q8Quantizer, jump: &[f32; 257], code: &[f32; 256]) -
         return true;
     }
     let x = fast_check_values(jump, code);
-    crate::simd::dispatch(crate::Backend::Avx512, LanesAgree { quant, x: &x })
+    let (fast, table) = crate::simd::dispatch(crate::Backend::Avx512, FastAndTable { quant, x: &x, absmax: 1.0 });
+    fast == table
 }
 
-/// [`fast_lanes_agree`]'s work, as a lane op.
-struct LanesAgree<'a> {
+/// The codes of `x / absmax` by `V::quantize_lanes` and by the table's lanes
+/// (`simd::quantize_lanes_with_table`), each cut to the whole vectors it
+/// wrote: [`fast_lanes_agree`]'s work, and the tests'.
+struct FastAndTable<'a> {
     quant: &'a Q8Quantizer,
     x: &'a [f32],
+    absmax: f32,
 }
 
-impl crate::simd::LaneOp for LanesAgree<'_> {
-    type Out = bool;
+impl crate::simd::LaneOp for FastAndTable<'_> {
+    type Out = (Vec<u8>, Vec<u8>);
     #[inline(always)]
-    fn run<V: F32Vec>(self) -> bool {
+    fn run<V: F32Vec>(self) -> (Vec<u8>, Vec<u8>) {
         let n = self.x.len();
-        let (mut got, mut want) = (vec![0u8; n], vec![0u8; n]);
-        let (src, q) = (self.x.as_ptr(), self.quant);
+        let (mut fast, mut table) = (vec![0u8; n], vec![0u8; n]);
+        let (src, q, d) = (self.x.as_ptr(), self.quant, self.absmax);
         // SAFETY: every buffer holds n elements.
         let (a, b) = unsafe {
             (
-                V::quantize_lanes(q, src, 1.0, got.as_mut_ptr(), n),
-                crate::simd::quantize_lanes_with_table::<V>(&q.lut, src, 1.0, want.as_mut_ptr(), n),
+                V::quantize_lanes(q, src, d, fast.as_mut_ptr(), n),
+                crate::simd::quantize_lanes_with_table::<V>(&q.lut, src, d, table.as_mut_ptr(), n),
             )
         };
-        a == b && got[..a] == want[..b]
+        fast.truncate(a);
+        table.truncate(b);
+        (fast, table)
     }
 }
 
@@ -1345,33 +1351,6 @@ mod tests {
         }
     }
 
-    /// `V::quantize_lanes` against the table's lanes on every `f32` of
-    /// `from_order_key(start..start + len)` (and NaN), with absmax 1.
-    struct EveryFloat<'a> {
-        quant: &'a Q8Quantizer,
-        start: u32,
-        len: u32,
-    }
-    impl crate::simd::LaneOp for EveryFloat<'_> {
-        type Out = ();
-        #[inline(always)]
-        fn run<V: F32Vec>(self) {
-            let mut x: Vec<f32> = (self.start..self.start + self.len).map(from_order_key).collect();
-            x.push(f32::NAN);
-            let n = x.len() - x.len() % V::LANES;
-            let (mut got, mut want) = (vec![0u8; n], vec![0u8; n]);
-            // SAFETY: every buffer holds at least n elements.
-            unsafe {
-                assert_eq!(V::quantize_lanes(self.quant, x.as_ptr(), 1.0, got.as_mut_ptr(), n), n);
-                let table = crate::simd::quantize_lanes_with_table::<V>;
-                assert_eq!(table(&self.quant.lut, x.as_ptr(), 1.0, want.as_mut_ptr(), n), n);
-            }
-            if let Some(i) = (0..n).find(|&i| got[i] != want[i]) {
-                panic!("{:e} ({:#x}): {} against the table's {}", x[i], x[i].to_bits(), got[i], want[i]);
-            }
-        }
-    }
-
     /// The AVX-512 lanes ([`Q8Fast`]) give the table's code for every `f32`
     /// in `[-1, 1]` and NaN, for both dynamic maps (the table's lanes are
     /// [`q8_code`], checked by `simd`'s lane tests and against the rule above).
@@ -1388,7 +1367,14 @@ mod tests {
             (0..(hi - lo).div_ceil(CHUNK)).into_par_iter().for_each(|c| {
                 let start = lo + c * CHUNK;
                 let len = CHUNK.min(hi - start);
-                crate::simd::dispatch(crate::Backend::Avx512, EveryFloat { quant, start, len });
+                let mut x: Vec<f32> = (start..start + len).map(from_order_key).collect();
+                x.push(f32::NAN);
+                let (got, want) =
+                    crate::simd::dispatch(crate::Backend::Avx512, FastAndTable { quant, x: &x, absmax: 1.0 });
+                assert_eq!((got.len(), want.len()), (x.len() - x.len() % 16, x.len() - x.len() % 16));
+                if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
+                    panic!("{:e} ({:#x}): {} against the table's {}", x[i], x[i].to_bits(), got[i], want[i]);
+                }
             });
             // and the self-check let the maps keep it
             assert!(map.quant.fast.is_some());
@@ -1396,8 +1382,8 @@ mod tests {
     }
 
     /// The AVX-512 lanes against the table where their pipeline and their
-    /// shortcuts could go wrong: every length from 0 to 80 (the two-ahead
-    /// stages' ends), and in each vector a NaN of either sign, `-0.0`,
+    /// shortcuts could go wrong: every length from 0 to 80 (the pipeline's
+    /// first and last vectors), and in each vector a NaN of either sign, `-0.0`,
     /// infinities, values beyond `[-1, 1]` and negative values at every
     /// lane among ordinary ones, for both dynamic maps run both ways (all
     /// cells loaded, and positive cells only) and several absmax values.
@@ -1407,13 +1393,7 @@ mod tests {
             return;
         }
         let specials = [f32::NAN, -f32::NAN, -0.0, 0.0, f32::INFINITY, f32::NEG_INFINITY, 3.5, -2.0, -0.3, -1e-30];
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         for map in [QMap::signed(), QMap::unsigned()] {
             for positive in [false, true] {
                 let mut quant = unchecked_quantizer(map);
@@ -1427,24 +1407,20 @@ mod tests {
                                     let r = next();
                                     let v = ((r >> 11) % 20001) as f32 / 10000.0 - 1.0;
                                     // mostly the map's own sign, at every magnitude
-                                    let v = if map.code()[0] >= 0.0 && r % 4 != 0 { v.abs() } else { v };
+                                    let v = if map.code()[0] >= 0.0 && !r.is_multiple_of(4) { v.abs() } else { v };
                                     v * absmax * 2f32.powi(-((r % 23) as i32))
                                 })
                                 .collect();
                             if at < n {
                                 x[at] = special;
                             }
-                            let (mut got, mut want) = (vec![0u8; n], vec![0u8; n]);
-                            let quant = &quant;
-                            let (a, b) = crate::simd::dispatch(
+                            let (got, want) = crate::simd::dispatch(
                                 crate::Backend::Avx512,
-                                FastAndTable { quant, x: &x, absmax, got: &mut got, want: &mut want },
+                                FastAndTable { quant: &quant, x: &x, absmax },
                             );
-                            assert_eq!(a, n - n % 16);
-                            assert_eq!(b, a);
+                            assert_eq!((got.len(), want.len()), (n - n % 16, n - n % 16));
                             assert_eq!(
-                                got[..a],
-                                want[..a],
+                                got, want,
                                 "n {n}, special {special} at {at}, absmax {absmax}, positive {positive}"
                             );
                         }
@@ -1454,32 +1430,13 @@ mod tests {
         }
     }
 
-    /// `V::quantize_lanes` and the table's lanes on `x` over `absmax`.
-    struct FastAndTable<'a> {
-        quant: &'a Q8Quantizer,
-        x: &'a [f32],
-        absmax: f32,
-        got: &'a mut [u8],
-        want: &'a mut [u8],
-    }
-    impl crate::simd::LaneOp for FastAndTable<'_> {
-        type Out = (usize, usize);
-        #[inline(always)]
-        fn run<V: F32Vec>(self) -> (usize, usize) {
-            let n = self.x.len();
-            // SAFETY: every buffer holds n elements.
-            unsafe {
-                (
-                    V::quantize_lanes(self.quant, self.x.as_ptr(), self.absmax, self.got.as_mut_ptr(), n),
-                    crate::simd::quantize_lanes_with_table::<V>(
-                        &self.quant.lut,
-                        self.x.as_ptr(),
-                        self.absmax,
-                        self.want.as_mut_ptr(),
-                        n,
-                    ),
-                )
-            }
+    /// A xorshift stream from `seed` (the tests' random values).
+    fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
         }
     }
 
@@ -1488,13 +1445,7 @@ mod tests {
     /// every shape a step meets (full and short, zeros, NaN, subnormals,
     /// mixed magnitudes).
     fn tiles_match_scalar<V: F32Vec>() {
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         for case in 0..400 {
             let len = [256, 255, 17, 1, 240, 129][case % 6];
             let mut x: Vec<f32> = (0..len)
