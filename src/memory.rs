@@ -20,33 +20,36 @@ use crate::Error;
 /// vector on 64-byte boundaries. Not public: users get [`Buffer`].
 pub(crate) type Raw = AVec<f32, ConstAlign<64>>;
 
-/// f32s on 64-byte (cache line, AVX-512 register) boundaries, huge-page
-/// advised: what [`filled`] and [`copied`] return. Derefs to `[f32]`; its
-/// representation (today an `aligned_vec` vector) is not part of the API.
+/// Elements on 64-byte (cache line, AVX-512 register) boundaries,
+/// huge-page advised: what [`filled`], [`copied`] and [`buffer`] return.
+/// `Buffer` alone is a buffer of `f32`; `Buffer<bf16>`, `Buffer<u8>` and so
+/// on hold the other storages (a `bf16` embedding table, 8-bit codes).
+/// Derefs to `[T]`; its representation (today an `aligned_vec` vector) is
+/// not part of the API.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Buffer(Raw);
+pub struct Buffer<T = f32>(AVec<T, ConstAlign<64>>);
 
-impl std::ops::Deref for Buffer {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
+impl<T> std::ops::Deref for Buffer<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
         &self.0
     }
 }
 
-impl std::ops::DerefMut for Buffer {
-    fn deref_mut(&mut self) -> &mut [f32] {
+impl<T> std::ops::DerefMut for Buffer<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
         &mut self.0
     }
 }
 
-impl AsRef<[f32]> for Buffer {
-    fn as_ref(&self) -> &[f32] {
+impl<T> AsRef<[T]> for Buffer<T> {
+    fn as_ref(&self) -> &[T] {
         &self.0
     }
 }
 
-impl AsMut<[f32]> for Buffer {
-    fn as_mut(&mut self) -> &mut [f32] {
+impl<T> AsMut<[T]> for Buffer<T> {
+    fn as_mut(&mut self) -> &mut [T] {
         &mut self.0
     }
 }
@@ -56,9 +59,9 @@ impl AsMut<[f32]> for Buffer {
 const HUGE_MIN_BYTES: usize = 4 << 20;
 
 /// An empty buffer with room for `n` elements, advised before any touch.
-fn with_capacity(n: usize) -> Raw {
-    let mut b = Raw::with_capacity(64, n);
-    advise_huge(b.as_mut_ptr().cast(), n * size_of::<f32>());
+fn with_capacity<T>(n: usize) -> AVec<T, ConstAlign<64>> {
+    let mut b = AVec::<T, ConstAlign<64>>::with_capacity(64, n);
+    advise_huge(b.as_mut_ptr().cast(), n.saturating_mul(size_of::<T>()));
     b
 }
 
@@ -96,6 +99,25 @@ pub fn filled(n: usize, v: f32) -> Buffer {
 pub fn copied(src: &[f32]) -> Buffer {
     let mut b = with_capacity(src.len());
     b.extend_from_slice(src);
+    Buffer(b)
+}
+
+/// A buffer of `n` copies of `v` of any element type: [`filled`] for the
+/// other storages, such as a `bf16` embedding table, whose random rows
+/// gain from huge pages as an `f32` table's do.
+///
+/// ```
+/// use adaoptim::storage::bf16;
+/// let mut table = adaoptim::memory::buffer(1 << 20, bf16::from_f32(0.5));
+/// table[7] = bf16::ONE;
+/// assert_eq!(table.len(), 1 << 20);
+/// assert_eq!(table.as_ptr() as usize % 64, 0);
+/// let params = adaoptim::storage::Params::Bf16(&mut table);
+/// # let _ = params;
+/// ```
+pub fn buffer<T: Copy>(n: usize, v: T) -> Buffer<T> {
+    let mut b = with_capacity(n);
+    b.resize(n, v);
     Buffer(b)
 }
 
@@ -165,6 +187,14 @@ mod tests {
             let c = copied(&src);
             assert_eq!(c.as_ptr() as usize % 64, 0);
             assert_eq!(&c[..], &src[..]);
+            let h = buffer(n, crate::storage::bf16::from_f32(-2.5));
+            assert_eq!((h.len(), h.as_ptr() as usize % 64), (n, 0));
+            assert!(h.iter().all(|x| x.to_f32() == -2.5));
+            let mut u = buffer(n * 2, 7u8);
+            assert_eq!((u.len(), u.as_ptr() as usize % 64), (n * 2, 0));
+            assert!(u.iter().all(|&x| x == 7));
+            u.iter_mut().for_each(|x| *x = 1);
+            assert!(u.as_ref().iter().all(|&x| x == 1));
         }
     }
 
