@@ -93,7 +93,25 @@ impl Coalesced<'_> {
     }
 }
 
+thread_local! {
+    /// The coalescing buffers of the caller-counted row-sparse steps
+    /// ([`RowSteps::caller_counted`]) on this thread, kept between calls.
+    static SCRATCH: std::cell::Cell<Coalescer> = std::cell::Cell::new(Coalescer::default());
+}
+
+/// The most coalescing-buffer bytes a thread keeps between caller-counted
+/// steps (a gradient of about 400k rows without duplicates).
+const KEPT_SCRATCH_BYTES: usize = 32 << 20;
+
 impl Coalescer {
+    /// Bytes held by the buffers.
+    fn capacity_bytes(&self) -> usize {
+        use std::mem::size_of;
+        self.entries.capacity() * size_of::<Entry>()
+            + self.sums.capacity() * size_of::<f32>()
+            + (self.sum_first.capacity() + self.keys.capacity() + self.slots.capacity()) * size_of::<usize>()
+    }
+
     /// Checks the gradient against the table before anything is written.
     fn check(table_rows: usize, dim: usize, table_len: usize, rows: &[usize], values: &[f32]) -> Result<(), Error> {
         if table_len != table_rows * dim {
@@ -450,6 +468,23 @@ impl RowSteps {
         Ok((steps, n))
     }
 
+    /// Runs `f` on the steps of a caller-counted row-sparse step (the free
+    /// functions: the caller keeps the state and counts steps; `t` is the
+    /// step about to be taken), with this thread's kept coalescing buffers.
+    /// A fresh set per call would be allocated and page-faulted in every
+    /// step (about 80 bytes per gradient row); the owning optimizers keep
+    /// theirs in their `RowSteps`. Buffers past [`KEPT_SCRATCH_BYTES`] are
+    /// dropped after the call rather than kept.
+    fn caller_counted<R>(rows: usize, dim: usize, t: u64, exec: Exec, f: impl FnOnce(&mut RowSteps) -> R) -> R {
+        let scratch = SCRATCH.take();
+        let mut steps = RowSteps { rows, dim, t: t - 1, scratch, exec, guards: Guards::default() };
+        let out = f(&mut steps);
+        if steps.scratch.capacity_bytes() <= KEPT_SCRATCH_BYTES {
+            SCRATCH.set(steps.scratch);
+        }
+        out
+    }
+
     /// One step of an element-wise row kernel: check, policy, coalesce,
     /// update the present rows, advance the step count. The states are
     /// named by `names` in errors.
@@ -676,11 +711,10 @@ pub fn sparse_adam_step_mixed(
 ) -> Result<StepReport, Error> {
     config.validate()?;
     let rows = check_caller_table(t, dim, table.len())?;
-    let (mut steps, _) = RowSteps::new(rows, dim)?;
-    steps.t = t - 1;
-    steps.exec = exec;
     let k = SparseAdamKernel::new(config, t);
-    steps.run(&k, table, grad_rows, grad_values, ["exp_avg", "exp_avg_sq"], state)
+    RowSteps::caller_counted(rows, dim, t, exec, |steps| {
+        steps.run(&k, table, grad_rows, grad_values, ["exp_avg", "exp_avg_sq"], state)
+    })
 }
 
 impl Kernel<2> for SparseAdamKernel {
@@ -875,10 +909,8 @@ pub fn sparse_adagrad_step_mixed(
 ) -> Result<StepReport, Error> {
     check_sparse_adagrad(config)?;
     let rows = check_caller_table(t, dim, table.len())?;
-    let (mut steps, _) = RowSteps::new(rows, dim)?;
-    steps.t = t - 1;
-    steps.exec = exec;
-    steps.run(&SparseAdagradKernel::new(config, t), table, grad_rows, grad_values, ["sum"], [sum])
+    let k = SparseAdagradKernel::new(config, t);
+    RowSteps::caller_counted(rows, dim, t, exec, |steps| steps.run(&k, table, grad_rows, grad_values, ["sum"], [sum]))
 }
 
 impl Kernel<1> for SparseAdagradKernel {
@@ -1011,13 +1043,42 @@ impl RowWiseAdagrad {
     /// # Errors
     /// [`Error::LengthMismatch`] or [`Error::RowOutOfRange`] before anything is written.
     pub fn step(&mut self, table: &mut [f32], grad_rows: &[usize], grad_values: &[f32]) -> Result<StepReport, Error> {
+        self.step_mixed(Params::F32(table), grad_rows, grad_values)
+    }
+
+    /// [`step`](Self::step) on a table in any storage (`f32`, `bf16` or
+    /// `f16`; the accumulators stay `f32`): each present row is stepped in
+    /// `f32` on its widened values and rounded back to nearest-even, as
+    /// [`SparseAdam::step_mixed`]. The accumulator sees the gradient only,
+    /// so it takes the same bits whatever the table's storage.
+    ///
+    /// # Errors
+    /// As [`step`](Self::step).
+    pub fn step_mixed(
+        &mut self,
+        table: Params<'_>,
+        grad_rows: &[usize],
+        grad_values: &[f32],
+    ) -> Result<StepReport, Error> {
         let (lr, eps, dim) = (self.lr, self.eps as f32, self.steps.dim);
         let (pre, parallel, grad) = match self.steps.prepare(table.len(), grad_rows, grad_values)? {
             Prepared::Go(plan, parallel, grad) => (plan.pre(false), parallel, grad),
             Prepared::Skip(report) => return Ok(report),
         };
-        let table_base = RowBase(table.as_mut_ptr());
+        let table_base = TableBase::of(table);
         let acc_base = RowBase(self.acc.as_mut_ptr());
+        // `p += mult * g` on a row, each element widened to `f32` and rounded
+        // back (the identity for an `f32` table).
+        fn update<P: Copy>(
+            p: &mut [P],
+            g: &[f32],
+            mult: f32,
+            pre: GradPre,
+            widen: impl Fn(P) -> f32,
+            narrow: impl Fn(f32) -> P,
+        ) {
+            p.iter_mut().zip(g).for_each(|(p, &g)| *p = narrow(widen(*p) + mult * pre.apply(g)));
+        }
         let one = |e: &Entry| {
             let g = grad.values(*e);
             // SAFETY: e.row < rows (checked); rows are unique, so each thread
@@ -1030,7 +1091,11 @@ impl RowWiseAdagrad {
             };
             *acc += mean as f32;
             let mult = (-lr / (acc.sqrt() + eps) as f64) as f32;
-            p.iter_mut().zip(g).for_each(|(p, &g)| *p += mult * pre.apply(g));
+            match p {
+                Params::F32(p) => update(p, g, mult, pre, |x| x, |x| x),
+                Params::Bf16(p) => update(p, g, mult, pre, bf16::to_f32, bf16::from_f32),
+                Params::F16(p) => update(p, g, mult, pre, f16::to_f32, f16::from_f32),
+            }
         };
         if parallel {
             grad.entries.par_iter().with_min_len(ROWS_PER_TASK).for_each(one);

@@ -111,6 +111,86 @@ fn rowwise_adagrad_follows_its_formula() {
     assert_eq!([table[0], table[1], table[4], table[5]], [1.0; 4]);
 }
 
+/// `RowWiseAdagrad` over `f32`, `bf16` and `f16` tables on every path: the
+/// `f32` step is its formula, written out here, bit for bit; a half table's
+/// step is the `f32` step on the widened table rounded to nearest-even by
+/// the `half` crate, with the same accumulators; rows not named keep their
+/// bits.
+#[test]
+fn rowwise_adagrad_steps_half_tables_as_its_f32_formula_rounded() {
+    use storage::{Params, bf16, f16};
+    let (rows, dim, lr, eps) = (12, 9, 0.05, 1e-8);
+    // Duplicates summed in the order given, then per present row: the mean
+    // square in f64 rounded once, the multiplier, `p + mult * g` in f32.
+    let formula = |table: &mut [f32], acc: &mut [f32], idx: &[usize], vals: &[f32]| {
+        let mut rows_seen: Vec<usize> = Vec::new();
+        let mut sums: Vec<Vec<f32>> = Vec::new();
+        for (i, &r) in idx.iter().enumerate() {
+            let v = &vals[i * dim..(i + 1) * dim];
+            match rows_seen.iter().position(|&u| u == r) {
+                Some(k) => sums[k].iter_mut().zip(v).for_each(|(a, b)| *a += b),
+                None => {
+                    rows_seen.push(r);
+                    sums.push(v.to_vec());
+                }
+            }
+        }
+        for (&r, g) in rows_seen.iter().zip(&sums) {
+            let mean = g.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>() / dim as f64;
+            acc[r] += mean as f32;
+            let mult = (-lr / f64::from(acc[r].sqrt() + eps as f32)) as f32;
+            table[r * dim..(r + 1) * dim].iter_mut().zip(g).for_each(|(p, &g)| *p += mult * g);
+        }
+    };
+    for (path, exec) in all_paths() {
+        let mut rng = Rng::new(35);
+        let start = rng.vec(rows * dim, 1.0);
+        let mut t32 = start.clone();
+        let mut tb: Vec<bf16> = start.iter().map(|&x| bf16::from_f32(x)).collect();
+        let mut th: Vec<f16> = start.iter().map(|&x| f16::from_f32(x)).collect();
+        let (tb0, th0) = (tb.clone(), th.clone());
+        let new = || {
+            let mut r = RowWiseAdagrad::new(lr, eps, 0.25, rows, dim).unwrap();
+            r.set_exec(exec);
+            r
+        };
+        let (mut r32, mut rb, mut rh) = (new(), new(), new());
+        let (mut want32, mut acc32) = (start.clone(), vec![0.25f32; rows]);
+        let (mut wantb, mut wanth) = (tb.clone(), th.clone());
+        let (mut accb, mut acch) = (acc32.clone(), acc32.clone());
+        for _ in 0..4 {
+            let idx = [7, 2, 7, 11, 0, 7];
+            let vals = rng.vec(idx.len() * dim, 2.0);
+            r32.step(&mut t32, &idx, &vals).unwrap();
+            rb.step_mixed(Params::Bf16(&mut tb), &idx, &vals).unwrap();
+            rh.step_mixed(Params::F16(&mut th), &idx, &vals).unwrap();
+            formula(&mut want32, &mut acc32, &idx, &vals);
+            let mut wb: Vec<f32> = wantb.iter().map(|x| x.to_f32()).collect();
+            formula(&mut wb, &mut accb, &idx, &vals);
+            wantb = wb.iter().map(|&x| bf16::from_f32(x)).collect();
+            let mut wh: Vec<f32> = wanth.iter().map(|x| x.to_f32()).collect();
+            formula(&mut wh, &mut acch, &idx, &vals);
+            wanth = wh.iter().map(|&x| f16::from_f32(x)).collect();
+        }
+        assert_same_bits(&format!("{path} f32 table"), &t32, &want32);
+        assert_same_bits(&format!("{path} f32 acc"), r32.acc(), &acc32);
+        assert!(tb.iter().zip(&wantb).all(|(a, b)| a.to_bits() == b.to_bits()), "{path}: bf16 table");
+        assert!(th.iter().zip(&wanth).all(|(a, b)| a.to_bits() == b.to_bits()), "{path}: f16 table");
+        assert_same_bits(&format!("{path} bf16 acc"), rb.acc(), &acc32);
+        assert_same_bits(&format!("{path} f16 acc"), rh.acc(), &acc32);
+        assert!(tb.iter().zip(&tb0).any(|(a, b)| a != b), "{path}: the bf16 table moved");
+        assert_eq!(tb[dim..2 * dim], tb0[dim..2 * dim], "{path}: rows not named keep their bits");
+        assert_eq!(th[3 * dim..7 * dim], th0[3 * dim..7 * dim], "{path}: rows not named keep their bits");
+        // A half table of another size or a row past the end: typed errors, nothing written.
+        let (before, acc_before) = (tb.clone(), rb.acc().to_vec());
+        let vals = vec![1.0f32; dim];
+        let short = rb.step_mixed(Params::Bf16(&mut tb[..dim * 3]), &[0], &vals);
+        assert!(matches!(short, Err(Error::LengthMismatch { what: "table", .. })), "{path}: {short:?}");
+        assert_eq!(rb.step_mixed(Params::Bf16(&mut tb), &[rows], &vals), Err(Error::RowOutOfRange { row: rows, rows }));
+        assert_eq!((&tb, rb.acc()), (&before, &acc_before[..]));
+    }
+}
+
 #[test]
 fn non_finite_policies_on_row_sparse_steps() {
     let (rows, dim) = (20, 5);
@@ -216,6 +296,43 @@ fn sparse_adam_over_caller_owned_state_is_the_owning_step() {
     assert!(matches!(run(6, &[1], &values, &mut m[..10]), Err(Error::LengthMismatch { what: "exp_avg", .. })));
     assert!(matches!(run(6, &[1, 2], &values, &mut m), Err(Error::LengthMismatch { .. })));
     assert_eq!((&t_bor, &m), (&t0, &m0));
+}
+
+/// The caller-counted steps reuse this thread's coalescing buffers between
+/// calls: a step after a larger gradient with many duplicates (and another
+/// row length) gives the bits of the same step on a fresh thread.
+#[test]
+fn caller_counted_steps_keep_no_trace_of_an_earlier_gradient() {
+    use adaoptim::sparse::{sparse_adagrad_step_slices, sparse_adam_step_slices};
+    let (rows, dim) = (40, 7);
+    let step = move || {
+        let mut rng = Rng::new(31);
+        let mut table = rng.vec(rows * dim, 1.0);
+        let mut m = rng.vec(rows * dim, 0.1);
+        let mut v: Vec<f32> = rng.vec(rows * dim, 0.01).iter().map(|x| x.abs()).collect();
+        let mut sum = rng.vec(rows * dim, 0.1).iter().map(|x| x.abs()).collect::<Vec<f32>>();
+        let grad_rows = [5, 17, 5, 39, 0, 17, 5];
+        let values = rng.vec(grad_rows.len() * dim, 1.0);
+        let cfg = SparseAdamConfig::default();
+        sparse_adam_step_slices(&cfg, 3, dim, &mut table, &mut m, &mut v, &grad_rows, &values, Exec::auto()).unwrap();
+        let acfg = AdagradConfig::default();
+        sparse_adagrad_step_slices(&acfg, 2, dim, &mut table, &mut sum, &grad_rows, &values, Exec::auto()).unwrap();
+        [table, m, v, sum]
+    };
+    let fresh = std::thread::spawn(step).join().unwrap();
+    // Leave larger buffers with other contents on this thread first.
+    let (big_rows, big_dim) = (300, 11);
+    let mut rng = Rng::new(32);
+    let grad_rows: Vec<usize> = (0..2000).map(|i| (i * 7 + i / 3) % big_rows).collect();
+    let values = rng.vec(grad_rows.len() * big_dim, 3.0);
+    let mut table = vec![0.5f32; big_rows * big_dim];
+    let (mut m, mut v) = (vec![0.0f32; big_rows * big_dim], vec![0.0f32; big_rows * big_dim]);
+    let cfg = SparseAdamConfig::default();
+    sparse_adam_step_slices(&cfg, 1, big_dim, &mut table, &mut m, &mut v, &grad_rows, &values, Exec::auto()).unwrap();
+    let after = step();
+    for (name, (a, b)) in ["table", "exp_avg", "exp_avg_sq", "sum"].iter().zip(after.iter().zip(&fresh)) {
+        assert_same_bits(name, a, b);
+    }
 }
 
 #[test]

@@ -122,9 +122,7 @@ impl Buf {
             (Buf::F32(a), Buf::F32(b)) => same_all(a, b),
             (Buf::Bf16(a), Buf::Bf16(b)) => a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
             (Buf::F16(a), Buf::F16(b)) => a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
-            (Buf::Q8(c, a, _), Buf::Q8(d, b, _)) => {
-                c == d && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
-            }
+            (Buf::Q8(c, a, _), Buf::Q8(d, b, _)) => c == d && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
             _ => false,
         }
     }
@@ -135,7 +133,9 @@ impl Buf {
 fn mixed_storage(input: &Input, val: &dyn Fn(usize) -> f32, lr: f64, pool: &rayon::ThreadPool) {
     let sel = input.kind as usize / 3;
     let (table_dtype, state_dtype) = (sel % 3, sel / 3 % 3);
-    let adam = input.kind % 3 == 0;
+    // Adam, Adagrad or the row-wise Adagrad (its own f32 accumulators;
+    // the state buffers then stay as they start).
+    let (adam, rowwise) = (input.kind % 3 == 0, input.kind % 3 == 2);
     let dim = if state_dtype == 2 { 256 } else { input.dim as usize % 20 };
     let rows = 1 + input.rows as usize % 8;
     let n = rows * dim;
@@ -167,12 +167,16 @@ fn mixed_storage(input: &Input, val: &dyn Fn(usize) -> f32, lr: f64, pool: &rayo
     };
     let run = |exec: Exec| {
         let (mut table, mut m, mut v) = (table0.clone(), state0(QMap::signed()), state0(QMap::unsigned()));
+        let mut rw = RowWiseAdagrad::new(lr, 1e-10, 0.0, rows, dim).unwrap();
+        rw.set_exec(exec);
         let mut t = 0u64;
         let mut outcomes = Vec::new();
         for (r, g) in &steps {
             let before = (table.clone(), m.clone(), v.clone());
             let out = pool.install(|| {
-                if adam {
+                if rowwise {
+                    rw.step_mixed(table.params(), r, g)
+                } else if adam {
                     let config = SparseAdamConfig { lr, ..Default::default() };
                     let state = [m.state(), v.state()];
                     sparse_adam_step_mixed(&config, t + 1, dim, table.params(), state, r, g, exec)
@@ -190,7 +194,7 @@ fn mixed_storage(input: &Input, val: &dyn Fn(usize) -> f32, lr: f64, pool: &rayo
             }
             outcomes.push(out.is_ok());
         }
-        (table, m, v, outcomes)
+        (table, m, v, outcomes, Buf::F32(rw.acc().to_vec()))
     };
     let reference = run(Exec::scalar());
     for b in Backend::available() {
@@ -199,6 +203,7 @@ fn mixed_storage(input: &Input, val: &dyn Fn(usize) -> f32, lr: f64, pool: &rayo
             assert_eq!(got.3, reference.3, "{exec:?}: outcomes");
             assert!(got.0.same(&reference.0), "{exec:?}: table differs from the scalar reference");
             assert!(got.1.same(&reference.1) && got.2.same(&reference.2), "{exec:?}: state differs");
+            assert!(got.4.same(&reference.4), "{exec:?}: row-wise accumulators differ");
         }
     }
 }
