@@ -222,16 +222,17 @@ fn bench_sparse(c: &mut Criterion) {
             b.iter(|| opt.step(black_box(&mut table), black_box(idx), black_box(&values)).unwrap())
         });
     }
-    // The same random rows over reduced-precision storage: a bf16 table
-    // with f32 and with bf16 state (dim 64), and 8-bit state next to an f32
-    // and a bf16 table, which needs rows of whole blocks (dim 256, 2^16
-    // rows, 4096 gradient rows: the same table size), beside f32 at that
-    // shape. Throughput counts the bytes of the rows touched, each buffer
+    // The same random rows over caller-owned state (the free function) in
+    // each storage: f32, a bf16 table with f32 and with bf16 state (dim
+    // 64), and 8-bit state next to an f32 and a bf16 table, which needs
+    // rows of whole blocks (dim 256, 2^16 rows, 4096 gradient rows: the
+    // same table size), beside f32 at that shape. Throughput counts the bytes of the rows touched, each buffer
     // once (gradient, table, two states), as above.
     use adaoptim::sparse::sparse_adam_step_mixed;
     use adaoptim::storage::{Params, Q8State, QMap, StateBuf, bf16};
     let config = SparseAdamConfig::default();
     for (name, dim, q8, table16, state16) in [
+        ("random_f32_caller_state", dim, false, false, false),
         ("random_bf16_table", dim, false, true, false),
         ("random_bf16_table_bf16_state", dim, false, true, true),
         ("random_dim256_f32", 256, false, false, false),
@@ -242,11 +243,14 @@ fn bench_sparse(c: &mut Criterion) {
         let (n, k) = (rows * dim, k * 64 / dim);
         let idx: Vec<usize> = random.iter().take(k).map(|&r| r % rows).collect();
         let values = vec![0.01f32; k * dim];
-        let (mut t32, mut t16) = (vec![0.5f32; n], vec![bf16::from_f32(0.5); n]);
-        let (mut m32, mut v32) = (vec![0f32; n], vec![0f32; n]);
-        let (mut m16, mut v16) = (vec![bf16::ZERO; n], vec![bf16::ZERO; n]);
-        let (mut mc, mut vc) = (vec![0u8; n], vec![0u8; n]);
-        let (mut ma, mut va) = (vec![0f32; n / 256], vec![0f32; n / 256]);
+        // Huge-page advised as the owning optimizer's state and the f32
+        // table above (random rows on 4 KiB pages pay a TLB miss each).
+        use adaoptim::memory::buffer;
+        let (mut t32, mut t16) = (buffer(n, 0.5f32), buffer(n, bf16::from_f32(0.5)));
+        let (mut m32, mut v32) = (buffer(n, 0f32), buffer(n, 0f32));
+        let (mut m16, mut v16) = (buffer(n, bf16::ZERO), buffer(n, bf16::ZERO));
+        let (mut mc, mut vc) = (buffer(n, 0u8), buffer(n, 0u8));
+        let (mut ma, mut va) = (buffer(n / 256, 0f32), buffer(n / 256, 0f32));
         let table_bytes = if table16 { 2 } else { 4 };
         let state_bytes = if q8 {
             1
