@@ -226,8 +226,9 @@ fn bench_sparse(c: &mut Criterion) {
     // each storage: f32, a bf16 table with f32 and with bf16 state (dim
     // 64), and 8-bit state next to an f32 and a bf16 table, which needs
     // rows of whole blocks (dim 256, 2^16 rows, 4096 gradient rows: the
-    // same table size), beside f32 at that shape. Throughput counts the bytes of the rows touched, each buffer
-    // once (gradient, table, two states), as above.
+    // same table size), beside f32 at that shape. Throughput counts the
+    // bytes of the rows touched, each buffer once (gradient, table, two
+    // states), as above.
     use adaoptim::sparse::sparse_adam_step_mixed;
     use adaoptim::storage::{Params, Q8State, QMap, StateBuf, bf16};
     let config = SparseAdamConfig::default();

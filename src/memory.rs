@@ -16,9 +16,12 @@ use aligned_vec::{AVec, ConstAlign};
 
 use crate::Error;
 
+/// An `aligned_vec` vector on 64-byte boundaries.
+type Aligned<T> = AVec<T, ConstAlign<64>>;
+
 /// The crate's own buffers (optimizer state, arenas): an `aligned_vec`
 /// vector on 64-byte boundaries. Not public: users get [`Buffer`].
-pub(crate) type Raw = AVec<f32, ConstAlign<64>>;
+pub(crate) type Raw = Aligned<f32>;
 
 /// Elements on 64-byte (cache line, AVX-512 register) boundaries,
 /// huge-page advised: what [`filled`], [`copied`] and [`buffer`] return.
@@ -27,7 +30,7 @@ pub(crate) type Raw = AVec<f32, ConstAlign<64>>;
 /// Derefs to `[T]`; its representation (today an `aligned_vec` vector) is
 /// not part of the API.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Buffer<T = f32>(AVec<T, ConstAlign<64>>);
+pub struct Buffer<T = f32>(Aligned<T>);
 
 impl<T> std::ops::Deref for Buffer<T> {
     type Target = [T];
@@ -59,8 +62,8 @@ impl<T> AsMut<[T]> for Buffer<T> {
 const HUGE_MIN_BYTES: usize = 4 << 20;
 
 /// An empty buffer with room for `n` elements, advised before any touch.
-fn with_capacity<T>(n: usize) -> AVec<T, ConstAlign<64>> {
-    let mut b = AVec::<T, ConstAlign<64>>::with_capacity(64, n);
+fn with_capacity<T>(n: usize) -> Aligned<T> {
+    let mut b = Aligned::<T>::with_capacity(64, n);
     advise_huge(b.as_mut_ptr().cast(), n.saturating_mul(size_of::<T>()));
     b
 }
@@ -90,9 +93,7 @@ pub(crate) fn try_filled(what: &'static str, n: usize, v: f32) -> Result<Raw, Er
 /// assert_eq!(table.as_ptr() as usize % 64, 0);
 /// ```
 pub fn filled(n: usize, v: f32) -> Buffer {
-    let mut b = with_capacity(n);
-    b.resize(n, v);
-    Buffer(b)
+    buffer(n, v)
 }
 
 /// A buffer holding a copy of `src`.
