@@ -12,10 +12,17 @@
 //! roofline pass, and each is printed with its ratio to its own byte bound
 //! (the roofline scaled by 12 over its bytes). The default
 //! (`UpdateBuffer::Auto`) stores up to `AUTO_UPDATE_BUFFER` elements.
+//! A third variant steps `bf16` parameters and gradients
+//! (`step_slices_mixed`: widened into temporaries, stepped as `f32`,
+//! rounded back), with the update buffer `Auto` would choose, and is
+//! printed against that `f32` variant.
 use std::time::Instant;
 
-use adaoptim::adafactor::{AdafactorState, UpdateBuffer, state_sizes, step_slices};
-use adaoptim::{AdafactorConfig, Exec, roofline};
+use adaoptim::adafactor::{
+    AUTO_UPDATE_BUFFER, AdafactorState, UpdateBuffer, state_sizes, step_slices, step_slices_mixed,
+};
+use adaoptim::storage::{Grads, Params, bf16};
+use adaoptim::{AdafactorConfig, Exec, StepOptions, roofline};
 
 fn main() {
     // `R C [rounds]`, or any shape as `--shape 256x256x3x3 [rounds]`.
@@ -45,6 +52,20 @@ fn main() {
     };
     step(0, &mut buffer);
     step(1, &mut buffer);
+    // bf16 parameters and gradients, the update buffer as `Auto` chooses.
+    let stores = n <= AUTO_UPDATE_BUFFER;
+    let (mut hp, hg): (Vec<bf16>, Vec<bf16>) =
+        (p.iter().map(|&x| bf16::from_f32(x)).collect(), g.iter().map(|&x| bf16::from_f32(x)).collect());
+    let (mut hr, mut hc, mut hv, mut ht) = (vec![0f32; rl], vec![0f32; cl], vec![0f32; vl], 0u64);
+    let mut hbuffer = vec![0f32; n];
+    let mut half_step = || {
+        ht += 1;
+        let update = if stores { UpdateBuffer::Given(&mut hbuffer) } else { UpdateBuffer::Recompute };
+        let state = AdafactorState { row_var: &mut hr, col_var: &mut hc, variance: &mut hv, update };
+        let options = StepOptions::default();
+        step_slices_mixed(&cfg, &shape, ht, Params::Bf16(&mut hp), Grads::Bf16(&hg), state, &options).unwrap();
+    };
+    half_step();
     let calls = (2e8 / n as f64).ceil() as usize;
     let time = |f: &mut dyn FnMut()| {
         let s = Instant::now();
@@ -53,11 +74,12 @@ fn main() {
         }
         s.elapsed().as_secs_f64() / calls as f64
     };
-    let (mut ts, mut tu, mut tr) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ts, mut tu, mut tr, mut th) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut q = p.clone();
     for _ in 0..rounds {
         ts.push(time(&mut || step(0, &mut buffer)));
         tu.push(time(&mut || step(1, &mut buffer)));
+        th.push(time(&mut half_step));
         tr.push(time(&mut || {
             roofline::step(&mut q, &g, &mut [], &Exec::auto()).unwrap();
         }));
@@ -88,4 +110,12 @@ fn main() {
         );
     }
     println!("  buffer/recomputed speed: {:.2}x", su / s);
+    let (h, f32_same) = (med(&mut th), if stores { s } else { su });
+    println!(
+        "  bf16 params and grads ({}): {:.3} ms/step, {:.3} Gparam/s, {:.2}x the f32 step's time",
+        if stores { "update buffer" } else { "recomputed" },
+        h * 1e3,
+        n as f64 / h / 1e9,
+        h / f32_same
+    );
 }

@@ -69,8 +69,17 @@
 //! non-finite policy, the loss scale, gradient clipping; all off by
 //! default, as torch's Adafactor has none: a NaN in a gradient propagates as
 //! in torch); [`step_slices`] has none. It is in [`AnyConfig`](crate::AnyConfig)
-//! and [`AnyOptimizer`](crate::AnyOptimizer) by its torch name. Not
-//! supported: reduced-precision storage and the multi-tensor entry points
+//! and [`AnyOptimizer`](crate::AnyOptimizer) by its torch name.
+//!
+//! `bf16` and `f16` parameters and gradients ([`Adafactor::step_mixed`],
+//! [`step_slices_mixed`]) are widened exactly into scratch buffers, stepped
+//! as `f32` and the parameters rounded back (to nearest even, or `bf16`
+//! stochastically); the state stays `f32` (it is sublinear for matrices).
+//! So a half-precision step has the bits of the `f32` step on the widened
+//! values, and costs two more passes and 4 bytes per element for each
+//! widened buffer: a thread keeps its pair of buffers between steps up to
+//! [`KEPT_WIDENED`] elements each (larger ones are made for the step).
+//! Not supported: `bf16` or 8-bit state, and the multi-tensor entry points
 //! (one [`Adafactor`] per tensor).
 
 use rayon::prelude::*;
@@ -82,6 +91,7 @@ use std::ops::Range;
 
 use crate::optim::Guards;
 use crate::simd::{F32Vec, LaneOp, dispatch};
+use crate::storage::{Grads, ParamRounding, Params, TILE, bf16, f16, narrow, narrow_bf16_stochastic, widen};
 use crate::{Backend, Error, Exec, StepOptions, StepReport};
 
 /// Hyperparameters of [`Adafactor`], with `torch.optim.Adafactor`'s names
@@ -476,7 +486,23 @@ impl Adafactor {
     /// [`NonFinitePolicy::Error`](crate::NonFinitePolicy::Error); nothing is
     /// modified then.
     pub fn step(&mut self, params: &mut [f32], grads: &[f32]) -> Result<StepReport, Error> {
-        self.step_inner(params, grads, None)
+        self.step_mixed(Params::F32(params), Grads::F32(grads))
+    }
+
+    /// [`step`](Self::step) for parameters and gradients in any storage
+    /// ([`Params`], [`Grads`]: `f32`, `bf16` or `f16`; the state stays
+    /// `f32`): the values are widened exactly, stepped as `f32` (the bits
+    /// [`step`](Self::step) gives on the widened values) and half-precision
+    /// parameters rounded back to nearest, ties to even (an `f16` past
+    /// 65504 becomes infinite). The widened copies take 4 bytes per element
+    /// each (the parameters', the gradients'; see the [module](self)
+    /// docs); a step that the non-finite policy skips leaves the
+    /// parameters' bits as they were.
+    ///
+    /// # Errors
+    /// As [`step`](Self::step); nothing is modified then.
+    pub fn step_mixed(&mut self, params: Params<'_>, grads: Grads<'_>) -> Result<StepReport, Error> {
+        self.step_mixed_inner(params, grads, None)
     }
 
     /// `sum(g^2)` of `grads` unscaled by the loss scale (f64, deterministic):
@@ -486,9 +512,18 @@ impl Adafactor {
     /// # Errors
     /// [`Error::LengthMismatch`]; [`Error::BackendUnavailable`].
     pub fn grad_sum_of_squares(&self, grads: &[f32]) -> Result<f64, Error> {
+        self.grad_sum_of_squares_mixed(Grads::F32(grads))
+    }
+
+    /// [`grad_sum_of_squares`](Self::grad_sum_of_squares) of gradients in
+    /// any storage: the bits it gives on the exactly widened values.
+    ///
+    /// # Errors
+    /// [`Error::LengthMismatch`]; [`Error::BackendUnavailable`].
+    pub fn grad_sum_of_squares_mixed(&self, grads: Grads<'_>) -> Result<f64, Error> {
         crate::error::check_len("grads", self.n, grads.len())?;
         let plan = self.guards.plan(&self.exec)?;
-        Ok(crate::driver::sum_of_squares(&plan, grads))
+        Ok(crate::clip::grads_sum(&plan, grads))
     }
 
     /// [`step`](Self::step) for one tensor of a clipped model whose
@@ -507,10 +542,44 @@ impl Adafactor {
         grads: &[f32],
         total_norm: f64,
     ) -> Result<StepReport, Error> {
+        self.step_mixed_with_grad_norm(Params::F32(params), Grads::F32(grads), total_norm)
+    }
+
+    /// [`step_with_grad_norm`](Self::step_with_grad_norm) for parameters and
+    /// gradients in any storage, as [`step_mixed`](Self::step_mixed).
+    ///
+    /// # Errors
+    /// As [`step_with_grad_norm`](Self::step_with_grad_norm); nothing is
+    /// modified then.
+    pub fn step_mixed_with_grad_norm(
+        &mut self,
+        params: Params<'_>,
+        grads: Grads<'_>,
+        total_norm: f64,
+    ) -> Result<StepReport, Error> {
         if self.guards.max_grad_norm.is_none() {
             return Err(Error::IncompatibleConfig { reason: "a gradient norm was given but clipping is off" });
         }
-        self.step_inner(params, grads, Some(total_norm))
+        self.step_mixed_inner(params, grads, Some(total_norm))
+    }
+
+    fn step_mixed_inner(
+        &mut self,
+        mut params: Params<'_>,
+        grads: Grads<'_>,
+        given_norm: Option<f64>,
+    ) -> Result<StepReport, Error> {
+        crate::error::check_len("params", self.n, params.len())?;
+        crate::error::check_len("grads", self.n, grads.len())?;
+        if let (Params::F32(p), Grads::F32(g)) = (&mut params, grads) {
+            return self.step_inner(p, g, given_norm);
+        }
+        let backend = self.exec.resolve_backend()?;
+        let par = self.exec.chunk_for(self.n).is_some();
+        with_f32(params, grads, None, backend, par, |p, g| {
+            let report = self.step_inner(p, g, given_norm)?;
+            Ok((report, !report.skipped))
+        })
     }
 
     fn step_inner(&mut self, params: &mut [f32], grads: &[f32], given_norm: Option<f64>) -> Result<StepReport, Error> {
@@ -627,6 +696,184 @@ pub fn step_slices_with(
         tile(&mut g);
     }
     step_slices(config, shape, t, params, &g, state, options.exec)
+}
+
+/// [`step_slices_with`] for parameters and gradients in any storage
+/// ([`Params`], [`Grads`]: `f32`, `bf16` or `f16`; the state stays `f32`):
+/// the values are widened exactly, stepped as `f32` (the bits
+/// [`step_slices_with`] gives on the widened values) and half-precision
+/// parameters rounded back as `options.param_rounding` says (to nearest,
+/// ties to even, by default; `bf16` parameters may take stochastic
+/// rounding, keyed by (seed, `t`, element index) as
+/// [`step_mixed`](crate::step_mixed) keys it). The widened copies take 4
+/// bytes per element each (the parameters', the gradients'; see the
+/// [module](self) docs); `f32` parameters and gradients are stepped in
+/// place.
+///
+/// # Errors
+/// As [`step_slices_with`]; [`Error::Storage`] for stochastic rounding of
+/// parameters that are not `bf16`. Nothing is modified then.
+pub fn step_slices_mixed(
+    config: &AdafactorConfig,
+    shape: &[usize],
+    t: u64,
+    mut params: Params<'_>,
+    grads: Grads<'_>,
+    state: AdafactorState<'_>,
+    options: &StepOptions,
+) -> Result<(), Error> {
+    let sr = crate::optim::rounding_key(options.param_rounding, params.dtype(), t)?;
+    let n = state_sizes(shape).ok_or(Error::TooLarge { what: "params", elements: usize::MAX })?.0;
+    crate::error::check_len("params", n, params.len())?;
+    crate::error::check_len("grads", n, grads.len())?;
+    let backend = options.exec.resolve_backend()?;
+    let par = options.exec.chunk_for(n).is_some();
+    let nearest = StepOptions { param_rounding: ParamRounding::Nearest, ..*options };
+    if let (Params::F32(p), Grads::F32(g)) = (&mut params, grads) {
+        return step_slices_with(config, shape, t, p, g, state, options);
+    }
+    with_f32(params, grads, sr, backend, par, |p, g| {
+        step_slices_with(config, shape, t, p, g, state, &nearest).map(|()| ((), true))
+    })
+}
+
+/// Elements per piece of the whole-tensor conversions (a multiple of
+/// [`TILE`], so each piece's stochastic-rounding stream starts at a tile).
+const CONVERT_PIECE: usize = CHUNK;
+
+/// Runs `step` on `f32` views of `params` and `grads` (`f32` ones as they
+/// are, half-precision ones widened exactly into scratch buffers), then,
+/// when `step` says so, rounds widened parameters back: to nearest even, or
+/// stochastically with `sr` (the step's stream key and the tensor's first
+/// element index).
+fn with_f32<R>(
+    mut params: Params<'_>,
+    grads: Grads<'_>,
+    sr: Option<(u64, u64)>,
+    backend: Backend,
+    par: bool,
+    step: impl FnOnce(&mut [f32], &[f32]) -> Result<(R, bool), Error>,
+) -> Result<R, Error> {
+    let half_params = !matches!(params, Params::F32(_));
+    let n_p = if half_params { params.len() } else { 0 };
+    let n_g = if let Grads::F32(_) = grads { 0 } else { grads.len() };
+    with_scratch(n_p, n_g, |pw, gw| {
+        let g: &[f32] = match grads {
+            Grads::F32(g) => g,
+            Grads::Bf16(g) => {
+                convert(g, gw, par, |s, d, _| dispatch(backend, Convert::WidenBf16(s, d)));
+                gw
+            }
+            Grads::F16(g) => {
+                convert(g, gw, par, |s, d, _| dispatch(backend, Convert::WidenF16(s, d)));
+                gw
+            }
+        };
+        let p: &mut [f32] = match &mut params {
+            Params::F32(p) => p,
+            Params::Bf16(p) => {
+                convert(p, pw, par, |s, d, _| dispatch(backend, Convert::WidenBf16(s, d)));
+                pw
+            }
+            Params::F16(p) => {
+                convert(p, pw, par, |s, d, _| dispatch(backend, Convert::WidenF16(s, d)));
+                pw
+            }
+        };
+        let (out, stepped) = step(p, g)?;
+        if stepped && half_params {
+            narrow_params(pw, params, sr, backend, par);
+        }
+        Ok(out)
+    })
+}
+
+/// The largest widened buffer (in elements, 16 MiB of `f32`) a thread keeps
+/// between half-precision steps (two of them: the parameters', the
+/// gradients'); larger ones are made for the step (on
+/// huge pages where the system gives them) and freed after it.
+pub const KEPT_WIDENED: usize = 1 << 22;
+
+thread_local! {
+    static WIDENED: std::cell::Cell<[Vec<f32>; 2]> = const { std::cell::Cell::new([Vec::new(), Vec::new()]) };
+}
+
+/// Runs `f` with scratch buffers of `a` and `b` elements (their contents
+/// meaningless): this thread's kept pair, taken out of the thread's cell
+/// for the call (so a step that waits inside a parallel region and runs
+/// another tensor's step here meanwhile gets a pair of its own), or, above
+/// [`KEPT_WIDENED`], a new pair freed after the call.
+fn with_scratch<R>(a: usize, b: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+    if a.max(b) > KEPT_WIDENED {
+        let (mut x, mut y) = (crate::memory::buffer(a, 0f32), crate::memory::buffer(b, 0f32));
+        return f(&mut x, &mut y);
+    }
+    let mut kept = WIDENED.take();
+    let [x, y] = &mut kept;
+    for (v, len) in [(&mut *x, a), (&mut *y, b)] {
+        if v.len() < len {
+            v.resize(len, 0.0);
+        }
+    }
+    let out = f(&mut x[..a], &mut y[..b]);
+    WIDENED.set(kept);
+    out
+}
+
+/// Rounds the stepped `f32` values back into half-precision parameters: to
+/// nearest, or stochastically with `sr` (the stream key of the step and
+/// the tensor's first element index).
+fn narrow_params(src: &[f32], params: Params<'_>, sr: Option<(u64, u64)>, backend: Backend, par: bool) {
+    match (params, sr) {
+        // Stepped in place, nothing to round.
+        (Params::F32(_), _) => {}
+        (Params::Bf16(p), None) => convert(src, p, par, |s, d, _| dispatch(backend, Convert::NarrowBf16(s, d))),
+        (Params::Bf16(p), Some((key, offset))) => convert(src, p, par, |s, d, at| {
+            dispatch(backend, Convert::NarrowBf16Stochastic(s, d, key, offset + at as u64))
+        }),
+        (Params::F16(p), _) => convert(src, p, par, |s, d, _| dispatch(backend, Convert::NarrowF16(s, d))),
+    }
+}
+
+/// Applies `f(src piece, dst piece, index of the piece's first element)`
+/// over pieces of [`CONVERT_PIECE`], in parallel when `par`.
+fn convert<S: Sync, D: Send>(src: &[S], dst: &mut [D], par: bool, f: impl Fn(&[S], &mut [D], usize) + Sync) {
+    let piece = |(k, (s, d)): (usize, (&[S], &mut [D]))| f(s, d, k * CONVERT_PIECE);
+    if par {
+        src.par_chunks(CONVERT_PIECE).zip(dst.par_chunks_mut(CONVERT_PIECE)).enumerate().for_each(piece);
+    } else {
+        src.chunks(CONVERT_PIECE).zip(dst.chunks_mut(CONVERT_PIECE)).enumerate().for_each(piece);
+    }
+}
+
+/// The conversions of a half-precision step, on a backend's lanes (every
+/// backend gives the same bits).
+enum Convert<'a> {
+    WidenBf16(&'a [bf16], &'a mut [f32]),
+    WidenF16(&'a [f16], &'a mut [f32]),
+    NarrowBf16(&'a [f32], &'a mut [bf16]),
+    NarrowF16(&'a [f32], &'a mut [f16]),
+    /// Stochastic rounding with the step's stream key; the piece starts at
+    /// element `base` of the tensor (a multiple of [`TILE`]).
+    NarrowBf16Stochastic(&'a [f32], &'a mut [bf16], u64, u64),
+}
+
+impl LaneOp for Convert<'_> {
+    type Out = ();
+    #[inline(always)]
+    fn run<V: F32Vec>(self) {
+        match self {
+            Convert::WidenBf16(s, d) => widen::<V, bf16>(s, d),
+            Convert::WidenF16(s, d) => widen::<V, f16>(s, d),
+            Convert::NarrowBf16(s, d) => narrow::<V, bf16>(s, d),
+            Convert::NarrowF16(s, d) => narrow::<V, f16>(s, d),
+            Convert::NarrowBf16Stochastic(s, d, key, base) => {
+                for (k, (s, d)) in s.chunks(TILE).zip(d.chunks_mut(TILE)).enumerate() {
+                    narrow_bf16_stochastic::<V>(s, d, key, base + (k * TILE) as u64);
+                }
+            }
+        }
+    }
 }
 
 /// Step number `t` (1 for the first step) of `torch.optim.Adafactor` on one

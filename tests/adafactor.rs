@@ -712,3 +712,271 @@ fn huge_shapes_are_refused_before_anything_is_allocated() {
         assert!(matches!(adaoptim::AnyOptimizer::from_safetensors(&forged), Err(Error::Checkpoint { .. })), "{huge}");
     }
 }
+
+/// A storage of the half-precision tests.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    F32,
+    Bf16,
+    F16,
+}
+
+/// `x` rounded to `kind` by the `half` crate (to nearest, ties to even),
+/// as `f32`.
+fn rounded(kind: Kind, x: &[f32]) -> Vec<f32> {
+    use adaoptim::storage::{bf16, f16};
+    match kind {
+        Kind::F32 => x.to_vec(),
+        Kind::Bf16 => x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect(),
+        Kind::F16 => x.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+    }
+}
+
+/// Buffers of one storage, holding values that `kind` represents.
+enum Store {
+    F32(Vec<f32>),
+    Bf16(Vec<adaoptim::storage::bf16>),
+    F16(Vec<adaoptim::storage::f16>),
+}
+
+impl Store {
+    fn of(kind: Kind, x: &[f32]) -> Store {
+        use adaoptim::storage::{bf16, f16};
+        match kind {
+            Kind::F32 => Store::F32(x.to_vec()),
+            Kind::Bf16 => Store::Bf16(x.iter().map(|&v| bf16::from_f32(v)).collect()),
+            Kind::F16 => Store::F16(x.iter().map(|&v| f16::from_f32(v)).collect()),
+        }
+    }
+    fn values(&self) -> Vec<f32> {
+        match self {
+            Store::F32(x) => x.clone(),
+            Store::Bf16(x) => x.iter().map(|v| v.to_f32()).collect(),
+            Store::F16(x) => x.iter().map(|v| v.to_f32()).collect(),
+        }
+    }
+    fn params(&mut self) -> adaoptim::storage::Params<'_> {
+        use adaoptim::storage::Params;
+        match self {
+            Store::F32(x) => Params::F32(x),
+            Store::Bf16(x) => Params::Bf16(x),
+            Store::F16(x) => Params::F16(x),
+        }
+    }
+    fn grads(&self) -> adaoptim::storage::Grads<'_> {
+        use adaoptim::storage::Grads;
+        match self {
+            Store::F32(x) => Grads::F32(x),
+            Store::Bf16(x) => Grads::Bf16(x),
+            Store::F16(x) => Grads::F16(x),
+        }
+    }
+}
+
+/// Half-precision parameters and gradients (`step_slices_mixed` and
+/// `Adafactor::step_mixed`): each step is the `f32` step (the scalar
+/// backend's, serial) on the widened values, the parameters then rounded by
+/// the `half` crate to nearest even, or stochastically as the stream is
+/// written out in `common::round_stochastic`. On every path, for each
+/// shape class (general, a batch of small matrices, long rows, one column,
+/// a vector), three steps with the state carried.
+#[test]
+fn half_precision_params_and_grads_are_the_widened_f32_step_rounded() {
+    use adaoptim::adafactor::{state_sizes, step_slices, step_slices_mixed};
+    use adaoptim::storage::ParamRounding;
+    use adaoptim::{AdafactorState, StepOptions, UpdateBuffer};
+    let cfg = AdafactorConfig { weight_decay: 0.1, d: 1.0, ..Default::default() };
+    let shapes: [&[usize]; 5] = [&[37, 53], &[6, 5, 3, 3], &[2, 40_000], &[3001, 1], &[301]];
+    let kinds = [Kind::F32, Kind::Bf16, Kind::F16];
+    for shape in shapes {
+        let (n, rl, cl, vl) = state_sizes(shape).unwrap();
+        let mut rng = Rng::new(n as u64);
+        let p0 = rng.vec(n, 1.0);
+        let gs: Vec<Vec<f32>> = (0..3).map(|_| (0..n).map(|_| rng.log_uniform(-4.0, 2.0)).collect()).collect();
+        for (pk, gk) in kinds.iter().flat_map(|&p| kinds.iter().map(move |&g| (p, g))) {
+            let sr_seed = (pk == Kind::Bf16).then_some(n as u64 + 11);
+            for rounding in
+                [Some(ParamRounding::Nearest), sr_seed.map(|seed| ParamRounding::Stochastic { seed, offset: 0 })]
+                    .into_iter()
+                    .flatten()
+            {
+                // The reference: f32 steps on the widened values, rounded.
+                let mut want = rounded(pk, &p0);
+                let (mut r, mut c, mut v) = (vec![0f32; rl], vec![0f32; cl], vec![0f32; vl]);
+                for (t, g) in (1..).zip(&gs) {
+                    let state = AdafactorState {
+                        row_var: &mut r,
+                        col_var: &mut c,
+                        variance: &mut v,
+                        update: UpdateBuffer::Auto,
+                    };
+                    step_slices(&cfg, shape, t, &mut want, &rounded(gk, g), state, Exec::serial(Backend::Scalar))
+                        .unwrap();
+                    want = match rounding {
+                        ParamRounding::Stochastic { seed, offset } => common::round_stochastic(&want, seed, t, offset),
+                        ParamRounding::Nearest => rounded(pk, &want),
+                    };
+                }
+                for (path, exec) in common::all_paths() {
+                    let what = format!("{shape:?} params {pk:?} grads {gk:?} {rounding:?} {path}");
+                    let mut p = Store::of(pk, &p0);
+                    let (mut r2, mut c2, mut v2) = (vec![0f32; rl], vec![0f32; cl], vec![0f32; vl]);
+                    let options = StepOptions { exec, param_rounding: rounding, ..Default::default() };
+                    for (t, g) in (1..).zip(&gs) {
+                        let g = Store::of(gk, g);
+                        let state = AdafactorState {
+                            row_var: &mut r2,
+                            col_var: &mut c2,
+                            variance: &mut v2,
+                            update: UpdateBuffer::Auto,
+                        };
+                        step_slices_mixed(&cfg, shape, t, p.params(), g.grads(), state, &options).unwrap();
+                    }
+                    assert_same_bits(&format!("{what}: params"), &p.values(), &want);
+                    assert_same_bits(&format!("{what}: row_var"), &r2, &r);
+                    assert_same_bits(&format!("{what}: col_var"), &c2, &c);
+                    assert_same_bits(&format!("{what}: variance"), &v2, &v);
+                    if rounding == ParamRounding::Nearest {
+                        // The owning optimizer's step_mixed: the same bits.
+                        let mut o = Adafactor::new(cfg, shape).unwrap();
+                        o.set_exec(exec);
+                        let mut q = Store::of(pk, &p0);
+                        for g in &gs {
+                            let g = Store::of(gk, g);
+                            o.step_mixed(q.params(), g.grads()).unwrap();
+                        }
+                        assert_same_bits(&format!("{what}: owner params"), &q.values(), &want);
+                        assert_same_bits(
+                            &format!("{what}: owner state"),
+                            o.state(o.state_names()[0]).unwrap(),
+                            if vl > 0 { &v } else { &r },
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A half-precision step that fails writes nothing: parameters, state and
+/// step count keep their bits; a step the non-finite policy skips leaves
+/// the parameters' bits (no round trip through `f32`).
+#[test]
+fn half_precision_errors_and_skipped_steps_change_nothing() {
+    use adaoptim::adafactor::step_slices_mixed;
+    use adaoptim::storage::{Dtype, ParamRounding};
+    use adaoptim::{AdafactorState, NonFinitePolicy, StepOptions, UpdateBuffer};
+    let cfg = AdafactorConfig::default();
+    let p0: Vec<f32> = (0..12).map(|i| i as f32 * 0.37 - 2.0).collect();
+    let g0: Vec<f32> = (0..12).map(|i| 0.25 - i as f32 * 0.01).collect();
+    let (mut r, mut c, mut v) = (vec![0.5f32; 3], vec![0.25f32; 4], Vec::<f32>::new());
+    let mut run = |p: &mut Store, g: &Store, t: u64, rounding: ParamRounding| {
+        let state = AdafactorState { row_var: &mut r, col_var: &mut c, variance: &mut v, update: UpdateBuffer::Auto };
+        let options = StepOptions { param_rounding: rounding, ..Default::default() };
+        step_slices_mixed(&cfg, &[3, 4], t, p.params(), g.grads(), state, &options)
+    };
+    let nearest = ParamRounding::Nearest;
+    let mut p = Store::of(Kind::Bf16, &p0);
+    let before = p.values();
+    let g = Store::of(Kind::F16, &g0);
+    let short = Store::of(Kind::F16, &g0[..11]);
+    assert_eq!(run(&mut p, &short, 1, nearest), Err(Error::LengthMismatch { what: "grads", expected: 12, actual: 11 }));
+    let mut p_short = Store::of(Kind::Bf16, &p0[..10]);
+    assert_eq!(
+        run(&mut p_short, &g, 1, nearest),
+        Err(Error::LengthMismatch { what: "params", expected: 12, actual: 10 })
+    );
+    assert_eq!(run(&mut p, &g, 0, nearest), Err(Error::InvalidStep { step: 0 }));
+    let mut p16 = Store::of(Kind::F16, &p0);
+    let sr = ParamRounding::Stochastic { seed: 1, offset: 0 };
+    assert!(matches!(run(&mut p16, &g, 1, sr), Err(Error::Storage { what: "params", dtype: Dtype::F16, .. })));
+    assert!(matches!(
+        run(&mut p, &g, 1, ParamRounding::Stochastic { seed: 1, offset: 3 }),
+        Err(Error::InvalidOption { .. })
+    ));
+    assert_same_bits("params", &p.values(), &before);
+    assert_same_bits("f16 params", &p16.values(), &rounded(Kind::F16, &p0));
+    assert_eq!((&r, &c), (&vec![0.5; 3], &vec![0.25; 4]));
+
+    // The owner: errors, then a skipped step.
+    let mut o = Adafactor::new(cfg, &[3, 4]).unwrap();
+    o.set_non_finite(NonFinitePolicy::SkipStep);
+    assert_eq!(
+        o.step_mixed(p.params(), short.grads()),
+        Err(Error::LengthMismatch { what: "grads", expected: 12, actual: 11 })
+    );
+    let mut bad = g0.clone();
+    bad[5] = f32::INFINITY;
+    let report = o.step_mixed(p.params(), Store::of(Kind::Bf16, &bad).grads()).unwrap();
+    assert!(report.skipped);
+    assert_same_bits("skipped", &p.values(), &before);
+    assert_eq!((o.steps(), o.row_var(), o.col_var()), (0, &[0.0f32; 3][..], &[0.0f32; 4][..]));
+    // A NaN in a bf16 parameter stays NaN and its neighbours step.
+    let mut with_nan = p0.clone();
+    with_nan[2] = f32::NAN;
+    let mut q = Store::of(Kind::Bf16, &with_nan);
+    o.step_mixed(q.params(), g.grads()).unwrap();
+    let after = q.values();
+    assert!(after[2].is_nan());
+    assert_eq!(o.steps(), 1);
+}
+
+/// Half-precision tensors stepped side by side from a rayon loop (as the
+/// Python package steps a model), each also split inside, so a thread that
+/// waits in one tensor's step may run another's with its own scratch; and
+/// one tensor above the kept scratch size (`KEPT_WIDENED`), whose buffers
+/// are made for the step. Each gives the bits of the same step alone.
+#[test]
+fn half_precision_steps_side_by_side_and_above_the_kept_scratch_size() {
+    use adaoptim::adafactor::{KEPT_WIDENED, state_sizes, step_slices_mixed};
+    use adaoptim::storage::{Grads, Params, bf16};
+    use adaoptim::{AdafactorState, StepOptions, UpdateBuffer};
+    use rayon::prelude::*;
+    let cfg = AdafactorConfig { weight_decay: 0.1, ..Default::default() };
+    let step = |shape: &[usize], seed: u64, exec: Exec| -> (Vec<bf16>, Vec<f32>) {
+        let (n, rl, cl, vl) = state_sizes(shape).unwrap();
+        let mut rng = Rng::new(seed);
+        let mut p: Vec<bf16> = rng.vec(n, 1.0).into_iter().map(bf16::from_f32).collect();
+        let g: Vec<bf16> = (0..n).map(|_| bf16::from_f32(rng.log_uniform(-4.0, 1.0))).collect();
+        let (mut r, mut c, mut v) = (vec![0f32; rl], vec![0f32; cl], vec![0f32; vl]);
+        let options = StepOptions { exec, ..Default::default() };
+        for t in 1..=2 {
+            let state =
+                AdafactorState { row_var: &mut r, col_var: &mut c, variance: &mut v, update: UpdateBuffer::Auto };
+            step_slices_mixed(&cfg, shape, t, Params::Bf16(&mut p), Grads::Bf16(&g), state, &options).unwrap();
+        }
+        r.extend(c);
+        r.extend(v);
+        (p, r)
+    };
+    let shapes: Vec<Vec<usize>> = (0..12).map(|k| if k % 3 == 2 { vec![900 + k] } else { vec![30 + k, 70] }).collect();
+    let alone: Vec<_> =
+        shapes.iter().enumerate().map(|(k, s)| step(s, k as u64, Exec::serial(Backend::Scalar))).collect();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+    let side_by_side: Vec<_> = pool.install(|| {
+        shapes.par_iter().enumerate().map(|(k, s)| step(s, k as u64, Exec::parallel(Backend::best(), 64))).collect()
+    });
+    for (k, ((pa, sa), (pb, sb))) in alone.iter().zip(&side_by_side).enumerate() {
+        assert_eq!(pa, pb, "tensor {k} params");
+        assert_same_bits(&format!("tensor {k} state"), sa, sb);
+    }
+    // Above the kept size: fresh buffers, the bits of the f32 step on the
+    // widened values, rounded by the `half` crate.
+    let side = (KEPT_WIDENED as f64).sqrt() as usize + 1;
+    let big = [side, side];
+    assert!(side * side > KEPT_WIDENED);
+    let (pb, sb) = step(&big, 99, Exec::auto());
+    let (n, rl, cl, _) = state_sizes(&big).unwrap();
+    let mut rng = Rng::new(99);
+    let mut p: Vec<f32> = rounded(Kind::Bf16, &rng.vec(n, 1.0));
+    let g: Vec<f32> = (0..n).map(|_| bf16::from_f32(rng.log_uniform(-4.0, 1.0)).to_f32()).collect();
+    let (mut r, mut c) = (vec![0f32; rl], vec![0f32; cl]);
+    for t in 1..=2 {
+        let state = AdafactorState { row_var: &mut r, col_var: &mut c, variance: &mut [], update: UpdateBuffer::Auto };
+        adaoptim::adafactor::step_slices(&cfg, &big, t, &mut p, &g, state, Exec::auto()).unwrap();
+        p = rounded(Kind::Bf16, &p);
+    }
+    r.extend(c);
+    assert_same_bits("large tensor params", &pb.iter().map(|x| x.to_f32()).collect::<Vec<_>>(), &p);
+    assert_same_bits("large tensor state", &sb, &r);
+}

@@ -1,13 +1,15 @@
 //! Adafactor: arbitrary hyperparameters (rejected with an error, never a
 //! panic), shapes of rank 0 to 3 and values (NaN, inf, subnormals, extreme
 //! magnitudes); every backend, serial and parallel, must give the scalar
-//! reference's bits; with moderate finite inputs everything stays finite and
+//! reference's bits, also with `bf16`/`f16` parameters or gradients
+//! (`step_mixed`); with moderate finite inputs everything stays finite and
 //! the second moments non-negative; checkpoints round-trip to the same
 //! bytes, and a corrupted one is refused without a panic.
 #![no_main]
 
 mod common;
 
+use adaoptim::storage::{Grads, Params, bf16, f16};
 use adaoptim::{Adafactor, AdafactorConfig, Backend, Exec};
 use arbitrary::Arbitrary;
 use common::same;
@@ -25,6 +27,9 @@ struct Input {
     dims: [u8; 3],
     steps: u8,
     flip: u16,
+    /// The storages of the half-precision part: params `half / 3 % 3`,
+    /// grads `half % 3` (0 f32, 1 bf16, 2 f16).
+    half: u8,
     values: Vec<u32>,
 }
 
@@ -44,38 +49,48 @@ fuzz_target!(|input: Input| -> Corpus {
         maximize: input.maximize,
     };
     let shape: Vec<usize> = input.dims[..input.rank as usize % 4].iter().map(|&x| 1 + x as usize % 40).collect();
-    let Ok(mut reference) = Adafactor::new(cfg, &shape) else { return Corpus::Reject };
+    let Ok(probe) = Adafactor::new(cfg, &shape) else { return Corpus::Reject };
     if input.values.is_empty() {
         return Corpus::Reject;
     }
-    let n = reference.len();
+    let n = probe.len();
     let steps = 1 + input.steps as usize % 4;
     let val = |i: usize| f32::from_bits(input.values[i % input.values.len()]);
     let p0: Vec<f32> = (0..n).map(val).collect();
     let grads: Vec<Vec<f32>> = (0..steps).map(|s| (0..n).map(|i| val(i * 7 + s * 13 + 1)).collect()).collect();
 
-    reference.set_exec(Exec::scalar());
-    let mut p_ref = p0.clone();
-    for g in &grads {
-        reference.step(&mut p_ref, g).expect("valid step");
-    }
+    // The steps with parameters and gradients stored as `kinds` (0 f32, 1
+    // bf16, 2 f16: the values rounded to them): the parameters' values after
+    // them and the optimizer.
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let run = |exec: Exec, (pk, gk): (u8, u8)| {
+        let mut o = Adafactor::new(cfg, &shape).unwrap();
+        o.set_exec(exec);
+        let mut p = Half::of(pk, &p0);
+        for g in &grads {
+            let g = Half::of(gk, g);
+            pool.install(|| o.step_mixed(p.params(), g.grads())).expect("valid step");
+        }
+        (p.values(), o)
+    };
+    // Every backend, serial and parallel, gives the scalar backend's bits:
+    // f32, and the storages drawn for the half-precision part.
+    let half = (input.half / 3 % 3, input.half % 3);
+    let (p_ref, reference) = run(Exec::scalar(), (0, 0));
+    let half_ref = run(Exec::scalar(), half);
     for b in Backend::available() {
         for exec in [Exec::serial(b), Exec::parallel(b, 0)] {
-            let mut o = Adafactor::new(cfg, &shape).unwrap();
-            o.set_exec(exec);
-            let mut p = p0.clone();
-            for g in &grads {
-                pool.install(|| o.step(&mut p, g)).expect("valid step");
-            }
-            for (what, a, r) in [
-                ("param", &p[..], &p_ref[..]),
-                ("row_var", o.row_var(), reference.row_var()),
-                ("col_var", o.col_var(), reference.col_var()),
-                ("variance", o.variance(), reference.variance()),
-            ] {
-                for (i, (x, y)) in a.iter().zip(r).enumerate() {
-                    assert!(same(*x, *y), "{cfg:?} {shape:?} {exec:?} {what} {i}: {x:e} vs scalar {y:e}");
+            for (kinds, (pr, r)) in [((0, 0), (&p_ref, &reference)), (half, (&half_ref.0, &half_ref.1))] {
+                let (p, o) = run(exec, kinds);
+                for (what, a, r) in [
+                    ("param", &p[..], &pr[..]),
+                    ("row_var", o.row_var(), r.row_var()),
+                    ("col_var", o.col_var(), r.col_var()),
+                    ("variance", o.variance(), r.variance()),
+                ] {
+                    for (i, (x, y)) in a.iter().zip(r).enumerate() {
+                        assert!(same(*x, *y), "{cfg:?} {shape:?} {exec:?} {kinds:?} {what} {i}: {x:e} vs scalar {y:e}");
+                    }
                 }
             }
         }
@@ -116,3 +131,41 @@ fuzz_target!(|input: Input| -> Corpus {
     let _ = Adafactor::from_safetensors(&bad);
     Corpus::Keep
 });
+
+/// Values in one storage (0 `f32`, 1 `bf16`, 2 `f16`), rounded to nearest.
+enum Half {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+impl Half {
+    fn of(kind: u8, x: &[f32]) -> Half {
+        match kind {
+            1 => Half::Bf16(x.iter().map(|&v| bf16::from_f32(v)).collect()),
+            2 => Half::F16(x.iter().map(|&v| f16::from_f32(v)).collect()),
+            _ => Half::F32(x.to_vec()),
+        }
+    }
+    fn values(&self) -> Vec<f32> {
+        match self {
+            Half::F32(x) => x.clone(),
+            Half::Bf16(x) => x.iter().map(|v| v.to_f32()).collect(),
+            Half::F16(x) => x.iter().map(|v| v.to_f32()).collect(),
+        }
+    }
+    fn params(&mut self) -> Params<'_> {
+        match self {
+            Half::F32(x) => Params::F32(x),
+            Half::Bf16(x) => Params::Bf16(x),
+            Half::F16(x) => Params::F16(x),
+        }
+    }
+    fn grads(&self) -> Grads<'_> {
+        match self {
+            Half::F32(x) => Grads::F32(x),
+            Half::Bf16(x) => Grads::Bf16(x),
+            Half::F16(x) => Grads::F16(x),
+        }
+    }
+}

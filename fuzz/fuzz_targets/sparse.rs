@@ -135,7 +135,7 @@ fn mixed_storage(input: &Input, val: &dyn Fn(usize) -> f32, lr: f64, pool: &rayo
     let (table_dtype, state_dtype) = (sel % 3, sel / 3 % 3);
     // Adam, Adagrad or the row-wise Adagrad (its own f32 accumulators;
     // the state buffers then stay as they start).
-    let (adam, rowwise) = (input.kind % 3 == 0, input.kind % 3 == 2);
+    let (adam, rowwise) = (input.kind.is_multiple_of(3), input.kind % 3 == 2);
     let dim = if state_dtype == 2 { 256 } else { input.dim as usize % 20 };
     let rows = 1 + input.rows as usize % 8;
     let n = rows * dim;

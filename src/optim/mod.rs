@@ -266,27 +266,33 @@ pub fn step_mixed<A: Algorithm>(
         return Err(Error::StateCount { expected: names.len(), actual: state.len() });
     }
     check_storage(&params, &grads, names, state, param_copy.as_ref())?;
-    let sr = match options.param_rounding {
-        ParamRounding::Nearest => None,
-        ParamRounding::Stochastic { .. } if params.dtype() != Dtype::Bf16 => {
-            return Err(Error::Storage {
-                what: "params",
-                dtype: params.dtype(),
-                reason: "stochastic rounding applies to bf16 parameters only",
-            });
-        }
-        ParamRounding::Stochastic { offset, .. } if !offset.is_multiple_of(TILE as u64) => {
-            return Err(Error::InvalidOption {
-                name: "param_rounding".into(),
-                reason: "a stochastic-rounding offset must be a multiple of 256",
-            });
-        }
-        ParamRounding::Stochastic { seed, offset } => Some((stochastic_key(seed, t), offset)),
-    };
+    let sr = rounding_key(options.param_rounding, params.dtype(), t)?;
     let plan = options_plan(options)?;
     let mut bufs = Bufs::new(params, grads, state, param_copy);
     bufs.sr = sr;
     Ok(config.run(t, aux, plan, bufs))
+}
+
+/// The stream key of step `t` and the first element's index when
+/// `rounding` is stochastic (`None` for round to nearest), for parameters
+/// of `dtype`.
+///
+/// # Errors
+/// [`Error::Storage`] for stochastic rounding of parameters that are not
+/// `bf16`; [`Error::InvalidOption`] for an offset that is not a multiple of
+/// [`TILE`].
+pub(crate) fn rounding_key(rounding: ParamRounding, dtype: Dtype, t: u64) -> Result<Option<(u64, u64)>, Error> {
+    match rounding {
+        ParamRounding::Nearest => Ok(None),
+        ParamRounding::Stochastic { .. } if dtype != Dtype::Bf16 => {
+            Err(Error::Storage { what: "params", dtype, reason: "stochastic rounding applies to bf16 parameters only" })
+        }
+        ParamRounding::Stochastic { offset, .. } if !offset.is_multiple_of(TILE as u64) => Err(Error::InvalidOption {
+            name: "param_rounding".into(),
+            reason: "a stochastic-rounding offset must be a multiple of 256",
+        }),
+        ParamRounding::Stochastic { seed, offset } => Ok(Some((stochastic_key(seed, t), offset))),
+    }
 }
 
 /// [`Error::InvalidHyperparameter`] for a zero or non-finite `grad_scale`

@@ -73,3 +73,34 @@ pub fn assert_same_bits(what: &str, a: &[f32], b: &[f32]) {
         assert!(same_bits(*x, *y), "{what}: element {i}: {x:e} ({:#x}) vs {y:e} ({:#x})", x.to_bits(), y.to_bits());
     }
 }
+
+/// Stochastic rounding to bf16 as `ParamRounding::Stochastic`'s docs
+/// define it, written out here independently of the crate: the key
+/// `splitmix64(splitmix64(seed) ^ t)`, per element `i` the bits
+/// `fmix32(fmix32(i_lo ^ key_lo) ^ i_hi ^ key_hi) >> 16` added below the
+/// bf16's last bit, then truncation; NaN to 0x7FC0.
+pub fn round_stochastic(x: &[f32], seed: u64, t: u64, offset: u64) -> Vec<f32> {
+    fn splitmix64(x: u64) -> u64 {
+        let mut z = x.wrapping_add(0x9E3779B97F4A7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    fn fmix32(mut h: u32) -> u32 {
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85EBCA6B);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xC2B2AE35);
+        h ^ (h >> 16)
+    }
+    let key = splitmix64(splitmix64(seed) ^ t);
+    x.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let i = i as u64 + offset;
+            let r = fmix32(fmix32((i as u32) ^ (key as u32)) ^ ((i >> 32) as u32) ^ ((key >> 32) as u32)) >> 16;
+            let b = if v.is_nan() { 0x7FC0 } else { (v.to_bits() + r) >> 16 };
+            f32::from_bits(b << 16)
+        })
+        .collect()
+}
