@@ -2,10 +2,10 @@
 //! with its own factored state (row and column variances for two or more
 //! dimensions), as adaoptim's [`adaoptim::Adafactor`] keeps it.
 
-use adaoptim::storage::{Grads, Params};
+use adaoptim::storage::Grads;
 use adaoptim::{AdafactorConfig, Exec, NonFinitePolicy};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 
 use adaoptim::schedule::LrSchedule;
 
@@ -17,10 +17,13 @@ use crate::{
 /// `torch.optim.Adafactor` over candle `Var`s, stepped in place: every
 /// `Var` locked at once (as [`Optim`](crate::Optim) does), then stepped one
 /// after another by its own [`adaoptim::Adafactor`], each in parallel when
-/// large. The bits are adaoptim's on raw slices. `f32` `Var`s and gradients
-/// only (a `bf16` `Var` is an error at construction, a `bf16` or `f16`
-/// gradient at the step); a `Var` without a gradient is left untouched
-/// (its step count too, as in torch).
+/// large. The bits are adaoptim's on raw slices. `Var`s and gradients may
+/// be `f32`, `bf16` or `f16` (each its own): half-precision values are
+/// widened exactly, stepped as `f32` with `f32` state and the `Var` rounded
+/// back to nearest even ([`adaoptim::Adafactor::step_mixed`]: two more
+/// passes and 4 bytes per element for each widened buffer, during the
+/// step). A `Var` without a gradient is left untouched (its step count
+/// too, as in torch).
 ///
 /// ```
 /// use adaoptim_candle::{Adafactor, AdafactorConfig};
@@ -84,6 +87,15 @@ impl std::fmt::Debug for Adafactor {
     }
 }
 
+/// The exact `f32` values of gradients in any storage, one at a time.
+fn widened(g: Grads<'_>) -> Box<dyn Iterator<Item = f32> + '_> {
+    match g {
+        Grads::F32(x) => Box::new(x.iter().copied()),
+        Grads::Bf16(x) => Box::new(x.iter().map(|v| v.to_f32())),
+        Grads::F16(x) => Box::new(x.iter().map(|v| v.to_f32())),
+    }
+}
+
 impl Adafactor {
     /// An optimizer over parameter groups, each with its own configuration
     /// (torch's `param_groups`). Integer `Var`s are dropped.
@@ -119,9 +131,6 @@ impl Adafactor {
                 let what = var_label(&name, vars.len());
                 if !check_var(&var, &what)? {
                     continue;
-                }
-                if var.dtype() != DType::F32 {
-                    return Err(msg(format!("{what} is {:?}; Adafactor steps f32 Vars only", var.dtype())));
                 }
                 if !seen.insert(var.id()) {
                     return Err(msg(format!("{what} is given twice")));
@@ -302,14 +311,9 @@ impl Adafactor {
     pub fn step_with(&mut self, grads: &[Option<&Tensor>]) -> candle_core::Result<()> {
         pending_lr_error(self.bad_lr)?;
         let owned = checked_grads(&self.vars, grads)?;
-        for (i, (g, o)) in owned.iter().zip(&self.opts).enumerate() {
-            if let Some(g) = g {
-                if g.dtype() != DType::F32 {
-                    return Err(msg(format!("the gradient of Var {i} is {:?}; Adafactor takes f32 only", g.dtype())));
-                }
-                if o.steps() >= adaoptim::MAX_STEP {
-                    return Err(wrap(adaoptim::Error::StepLimit { step: o.steps() }));
-                }
+        for (g, o) in owned.iter().zip(&self.opts) {
+            if g.is_some() && o.steps() >= adaoptim::MAX_STEP {
+                return Err(wrap(adaoptim::Error::StepLimit { step: o.steps() }));
             }
         }
         let scheduled = self.scheduled()?;
@@ -322,22 +326,14 @@ impl Adafactor {
             adaoptim::clip::sum_of_squares(&[], &exec)?;
             let mut work = Vec::with_capacity(steps.len());
             for ((ts, o), &g) in steps.iter_mut().zip(opts.iter_mut()).zip(group) {
-                match (ts.params.reborrow(), ts.grads) {
-                    (_, None) => {}
-                    (Params::F32(p), Some(Grads::F32(grads))) => work.push((o, g, p, grads)),
-                    (p, _) => {
-                        return Err(adaoptim::Error::Storage {
-                            what: "params",
-                            dtype: p.dtype(),
-                            reason: "Adafactor steps f32 parameters and gradients only",
-                        });
-                    }
+                if let Some(grads) = ts.grads {
+                    work.push((o, g, ts.params.reborrow(), grads));
                 }
             }
             if max_norm.is_some() || policy != NonFinitePolicy::Propagate {
                 let mut sum = 0.0f64;
                 for (o, _, _, g) in &work {
-                    sum += o.grad_sum_of_squares(g)?;
+                    sum += o.grad_sum_of_squares_mixed(*g)?;
                 }
                 if max_norm.is_some() {
                     norm = Some(sum.sqrt());
@@ -347,7 +343,7 @@ impl Adafactor {
                         return Ok(());
                     }
                     let unscaled = |x: f32| grad_scale.map_or(x, |s| x / s);
-                    let index = work.iter().flat_map(|w| w.3.iter()).position(|&x| !unscaled(x).is_finite());
+                    let index = work.iter().flat_map(|w| widened(w.3)).position(|x| !unscaled(x).is_finite());
                     return Err(adaoptim::Error::NonFiniteGradient { index: index.unwrap_or(0) });
                 }
             }
@@ -359,8 +355,8 @@ impl Adafactor {
             }
             for (o, _, p, g) in work {
                 match norm {
-                    Some(total) => o.step_with_grad_norm(p, g, total)?,
-                    None => o.step(p, g)?,
+                    Some(total) => o.step_mixed_with_grad_norm(p, g, total)?,
+                    None => o.step_mixed(p, g)?,
                 };
             }
             Ok(())

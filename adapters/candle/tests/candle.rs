@@ -656,12 +656,77 @@ fn adafactor_is_adaoptims_adafactor_on_raw_slices_bit_for_bit() {
     assert!(opt.inner(0).unwrap().is_factored() && !opt.inner(1).unwrap().is_factored());
 }
 
+/// bf16 and f16 `Var`s beside an f32 one, with gradients of their own
+/// dtype from candle's backprop and one f16 gradient given to a bf16 `Var`:
+/// each `Var` is adaoptim's `Adafactor::step_mixed` on raw slices of the
+/// same storage, bit for bit; the `Var`s move.
+#[test]
+fn adafactor_half_precision_vars_are_adaoptims_mixed_step_on_raw_slices() {
+    let h = var(&[6, 5], 41).as_tensor().to_dtype(DType::BF16).unwrap();
+    let e = var(&[7], 42).as_tensor().to_dtype(DType::F16).unwrap();
+    let c = var(&[2, 3, 4], 43).as_tensor().to_dtype(DType::F16).unwrap();
+    let vars = vec![
+        Var::from_tensor(&h).unwrap(),
+        Var::from_tensor(&e).unwrap(),
+        Var::from_tensor(&c).unwrap(),
+        var(&[3, 4], 44),
+    ];
+    let config = adaoptim_candle::AdafactorConfig { lr: 2e-2, weight_decay: 0.1, ..Default::default() };
+    let mut opt = adaoptim_candle::Adafactor::new(vars.clone(), config).unwrap();
+    let mut raw: Vec<adaoptim::Adafactor> =
+        vars.iter().map(|v| adaoptim::Adafactor::new(config, v.dims()).unwrap()).collect();
+    // Raw copies of each Var's storage.
+    let mut b0: Vec<bf16> = halves(vars[0].as_tensor());
+    let mut f1: Vec<f16> = vars[1].as_tensor().to_vec1::<f16>().unwrap();
+    let mut f2: Vec<f16> = vars[2].as_tensor().flatten_all().unwrap().to_vec1::<f16>().unwrap();
+    let mut p3: Vec<f32> = flat(vars[3].as_tensor());
+    let start = (b0.clone(), f1.clone(), f2.clone());
+    for s in 0..4 {
+        let loss = vars
+            .iter()
+            .map(|v| v.as_tensor().to_dtype(DType::F32).unwrap().sqr().unwrap().sum_all().unwrap())
+            .reduce(|a, b| (a + b).unwrap())
+            .unwrap();
+        let g = loss.backward().unwrap();
+        let mut grads: Vec<Tensor> = vars.iter().map(|v| g.get(v).unwrap().clone()).collect();
+        assert_eq!((grads[0].dtype(), grads[1].dtype()), (DType::BF16, DType::F16));
+        if s == 2 {
+            grads[0] = grads[0].to_dtype(DType::F16).unwrap();
+        }
+        opt.step_with(&grads.iter().map(Some).collect::<Vec<_>>()).unwrap();
+        let g0 = grads[0].flatten_all().unwrap();
+        let g0 = if s == 2 {
+            raw[0].step_mixed(Params::Bf16(&mut b0), Grads::F16(&g0.to_vec1::<f16>().unwrap())).unwrap()
+        } else {
+            raw[0].step_mixed(Params::Bf16(&mut b0), Grads::Bf16(&g0.to_vec1::<bf16>().unwrap())).unwrap()
+        };
+        let _ = g0;
+        let g1 = grads[1].to_vec1::<f16>().unwrap();
+        raw[1].step_mixed(Params::F16(&mut f1), Grads::F16(&g1)).unwrap();
+        let g2 = grads[2].flatten_all().unwrap().to_vec1::<f16>().unwrap();
+        raw[2].step_mixed(Params::F16(&mut f2), Grads::F16(&g2)).unwrap();
+        raw[3].step(&mut p3, &flat(&grads[3])).unwrap();
+        assert_eq!(halves(vars[0].as_tensor()), b0, "step {s}");
+        assert_eq!(vars[1].as_tensor().to_vec1::<f16>().unwrap(), f1, "step {s}");
+        assert_eq!(vars[2].as_tensor().flatten_all().unwrap().to_vec1::<f16>().unwrap(), f2, "step {s}");
+        assert_eq!(bits(&flat(vars[3].as_tensor())), bits(&p3), "step {s}");
+    }
+    for (i, o) in raw.iter().enumerate() {
+        let mine = opt.inner(i).unwrap();
+        assert_eq!(mine.steps(), 4, "Var {i}");
+        assert_eq!(bits(mine.row_var()), bits(o.row_var()));
+        assert_eq!(bits(mine.col_var()), bits(o.col_var()));
+        assert_eq!(bits(mine.variance()), bits(o.variance()));
+    }
+    assert!(b0 != start.0 && f1 != start.1 && f2 != start.2, "the half-precision Vars moved");
+}
+
 #[test]
 fn adafactor_bad_input_is_refused_and_changes_nothing() {
     use adaoptim_candle::{Adafactor, AdafactorConfig};
-    let bf = Var::zeros((2, 3), DType::BF16, &Device::Cpu).unwrap();
-    let err = Adafactor::new(vec![bf], AdafactorConfig::default()).unwrap_err();
-    assert!(err.to_string().contains("f32 Vars only"), "{err}");
+    let wide = Var::zeros((2, 3), DType::F64, &Device::Cpu).unwrap();
+    let err = Adafactor::new(vec![wide], AdafactorConfig::default()).unwrap_err();
+    assert!(err.to_string().contains("only f32, bf16 and f16"), "{err}");
     let v = var(&[2, 3], 5);
     assert!(Adafactor::new(vec![v.clone(), v.clone()], AdafactorConfig::default()).is_err());
     let err = Adafactor::new(vec![v.clone()], AdafactorConfig { lr: f64::NAN, ..Default::default() }).unwrap_err();
@@ -670,10 +735,10 @@ fn adafactor_bad_input_is_refused_and_changes_nothing() {
     let mut opt = Adafactor::new(vec![v.clone(), w.clone()], AdafactorConfig::default()).unwrap();
     let before = (flat(v.as_tensor()), flat(w.as_tensor()));
     let good = Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap();
-    // A bf16 gradient for the second Var: the first is not stepped either.
-    let half = Tensor::ones(4, DType::BF16, &Device::Cpu).unwrap();
-    let err = opt.step_with(&[Some(&good), Some(&half)]).unwrap_err();
-    assert!(err.to_string().contains("f32 only"), "{err}");
+    // An f64 gradient for the second Var: the first is not stepped either.
+    let f64_grad = Tensor::ones(4, DType::F64, &Device::Cpu).unwrap();
+    let err = opt.step_with(&[Some(&good), Some(&f64_grad)]).unwrap_err();
+    assert!(err.to_string().contains("expected f32, bf16 or f16"), "{err}");
     let wrong = Tensor::ones(5, DType::F32, &Device::Cpu).unwrap();
     assert!(opt.step_with(&[Some(&good), Some(&wrong)]).is_err());
     assert!(opt.step_with(&[Some(&good)]).is_err());
