@@ -1178,6 +1178,10 @@ class Lion(_RustStep, torch.optim.Optimizer):
         self._adaoptim_setup(**options)
 
 
+# Adafactor's storages, in the order of the Rust side's dtype codes.
+_ADAFACTOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 class Adafactor(_OwnGroups, torch.optim.Adafactor):
     """``torch.optim.Adafactor`` with its step in adaoptim's Rust core.
 
@@ -1186,7 +1190,13 @@ class Adafactor(_OwnGroups, torch.optim.Adafactor):
     two or more dimensions, ``variance`` for vectors), so state dicts move
     between this class and torch's both ways. One Rust call steps every
     tensor (side by side, each also split inside), the GIL released. Checked before anything changes:
-    every tensor CPU, float32, contiguous, of the parameter's shape.
+    every tensor CPU, contiguous, of the parameter's shape.
+
+    Parameters may be float32, bfloat16 or float16; each one's gradient and
+    state take its dtype, as torch creates them. A half-precision tensor is
+    widened exactly, stepped in float32 and rounded back to nearest even,
+    its state too (torch instead rounds every intermediate to the
+    parameter's dtype).
 
     The fused controls of the element-wise classes, keyword-only and
     attributes a loop may change between steps: ``grad_scale`` (a loss scale
@@ -1242,15 +1252,15 @@ class Adafactor(_OwnGroups, torch.optim.Adafactor):
                 if p.grad is None:
                     continue
                 where = _where(i, gi)
-                _check_tensor(p, "the parameter", where, None)
-                _check_tensor(p.grad, "its gradient", where, p.shape)
+                _check_tensor(p, "the parameter", where, None, _ADAFACTOR_DTYPES)
+                _check_tensor(p.grad, "its gradient", where, p.shape, (p.dtype,))
                 st = self.state.get(p)
                 shapes = self._adaoptim_state_shapes(p)
                 if st:
                     for name, shape in shapes.items():
                         if name not in st:
                             raise ValueError(f"{where}: state has no {name!r} (a state of another shape?)")
-                        _check_tensor(st[name], f"state {name!r}", where, shape)
+                        _check_tensor(st[name], f"state {name!r}", where, shape, (p.dtype,))
                     step = st.get("step")
                     if not _scalar_ok(step):
                         raise TypeError(f"{where}: state 'step' must be a 0-d float32 CPU tensor")
@@ -1268,12 +1278,12 @@ class Adafactor(_OwnGroups, torch.optim.Adafactor):
                     created.append(p)
                     st["step"] = torch.tensor(0.0, dtype=torch.float32)
                     for name, shape in shapes.items():
-                        st[name] = torch.zeros(shape, dtype=torch.float32)
+                        st[name] = torch.zeros(shape, dtype=p.dtype)
                 ptrs = [p.data_ptr(), p.grad.data_ptr()]
                 for name in ("row_var", "col_var", "variance"):
                     ptrs.append(st[name].data_ptr() if name in shapes else 0)
                 ptrs.append(st["step"].data_ptr())
-                tensors.append((list(p.shape), ptrs))
+                tensors.append((list(p.shape), ptrs, _ADAFACTOR_DTYPES.index(p.dtype)))
             groups.append((text, tensors))
         self.last_step_skipped = not _core.adafactor_step(groups, *controls)
         if self.last_step_skipped:

@@ -798,8 +798,99 @@ unsafe fn part<T>(ptr: usize, off: usize, len: usize) -> &'static [T] {
 /// `row_var`, `col_var`, `variance` (0 where unused or empty), step.
 const ADAFACTOR_PTRS: usize = 6;
 
-/// One tensor of [`adafactor_step`]: its shape and pointers.
-type AdafactorTensor = (Vec<usize>, [usize; ADAFACTOR_PTRS]);
+/// One tensor of [`adafactor_step`]: its shape, pointers and dtype (0
+/// float32, 1 bfloat16, 2 float16: the parameter's, its gradient's and its
+/// state's; the step count is float32).
+type AdafactorTensor = (Vec<usize>, [usize; ADAFACTOR_PTRS], u8);
+
+/// One tensor's parameter, gradient and `row_var`/`col_var`/`variance` in
+/// their dtype.
+enum AdafactorBufs {
+    F32 { p: &'static mut [f32], g: &'static [f32], s: [&'static mut [f32]; 3] },
+    Bf16 { p: &'static mut [bf16], g: &'static [bf16], s: [&'static mut [bf16]; 3] },
+    F16 { p: &'static mut [f16], g: &'static [f16], s: [&'static mut [f16]; 3] },
+}
+
+impl AdafactorBufs {
+    /// # Safety
+    /// As [`adafactor_step`]'s contract: each pointer addresses `lens[i]`
+    /// elements of `dtype` of a live tensor no other overlaps, left alone
+    /// by every other thread while the slices live.
+    unsafe fn new(dtype: u8, ptrs: [usize; 5], lens: [usize; 5]) -> PyResult<Self> {
+        // SAFETY: the caller's contract (a zero length takes no pointer).
+        unsafe {
+            Ok(match dtype {
+                0 => AdafactorBufs::F32 {
+                    p: part_mut(ptrs[0], 0, lens[0]),
+                    g: part(ptrs[1], 0, lens[1]),
+                    s: [part_mut(ptrs[2], 0, lens[2]), part_mut(ptrs[3], 0, lens[3]), part_mut(ptrs[4], 0, lens[4])],
+                },
+                1 => AdafactorBufs::Bf16 {
+                    p: part_mut(ptrs[0], 0, lens[0]),
+                    g: part(ptrs[1], 0, lens[1]),
+                    s: [part_mut(ptrs[2], 0, lens[2]), part_mut(ptrs[3], 0, lens[3]), part_mut(ptrs[4], 0, lens[4])],
+                },
+                2 => AdafactorBufs::F16 {
+                    p: part_mut(ptrs[0], 0, lens[0]),
+                    g: part(ptrs[1], 0, lens[1]),
+                    s: [part_mut(ptrs[2], 0, lens[2]), part_mut(ptrs[3], 0, lens[3]), part_mut(ptrs[4], 0, lens[4])],
+                },
+                other => return Err(PyValueError::new_err(format!("internal: Adafactor dtype code {other}"))),
+            })
+        }
+    }
+
+    fn grads(&self) -> Grads<'_> {
+        match self {
+            AdafactorBufs::F32 { g, .. } => Grads::F32(g),
+            AdafactorBufs::Bf16 { g, .. } => Grads::Bf16(g),
+            AdafactorBufs::F16 { g, .. } => Grads::F16(g),
+        }
+    }
+
+    /// Steps with `step_slices_mixed`; half-precision state is widened into
+    /// `f32` first and rounded back to nearest after the step (torch keeps
+    /// Adafactor's state in the parameter's dtype).
+    fn step(
+        &mut self,
+        cfg: &AdafactorConfig,
+        shape: &[usize],
+        t: u64,
+        options: &StepOptions,
+    ) -> Result<(), adaoptim::Error> {
+        let run = |p: Params<'_>, g: Grads<'_>, s: [&mut [f32]; 3]| {
+            let [row_var, col_var, variance] = s;
+            let state = AdafactorState { row_var, col_var, variance, update: UpdateBuffer::Auto };
+            adafactor::step_slices_mixed(cfg, shape, t, p, g, state, options)
+        };
+        match self {
+            AdafactorBufs::F32 { p, g, s: [r, c, v] } => run(Params::F32(p), Grads::F32(g), [r, c, v]),
+            AdafactorBufs::Bf16 { p, g, s } => {
+                half_state(s, bf16::to_f32, bf16::from_f32, |w| run(Params::Bf16(p), Grads::Bf16(g), w))
+            }
+            AdafactorBufs::F16 { p, g, s } => {
+                half_state(s, f16::to_f32, f16::from_f32, |w| run(Params::F16(p), Grads::F16(g), w))
+            }
+        }
+    }
+}
+
+/// Runs `step` on `f32` copies of half-precision state buffers and, if it
+/// succeeds, rounds them back.
+fn half_state<H: Copy>(
+    s: &mut [&'static mut [H]; 3],
+    widen: fn(H) -> f32,
+    narrow: fn(f32) -> H,
+    step: impl FnOnce([&mut [f32]; 3]) -> Result<(), adaoptim::Error>,
+) -> Result<(), adaoptim::Error> {
+    let mut wide: [Vec<f32>; 3] = std::array::from_fn(|i| s[i].iter().map(|&x| widen(x)).collect());
+    let [r, c, v] = &mut wide;
+    step([r, c, v])?;
+    for (dst, src) in s.iter_mut().zip(&wide) {
+        dst.iter_mut().zip(src).for_each(|(d, &x)| *d = narrow(x));
+    }
+    Ok(())
+}
 
 fn adafactor_config(options: &str) -> PyResult<AdafactorConfig> {
     let v: serde_json::Value = serde_json::from_str(options).map_err(|e| PyValueError::new_err(e.to_string()))?;
@@ -824,10 +915,11 @@ fn adafactor_check(options: &str) -> PyResult<()> {
 /// is written. Returns whether the step ran.
 ///
 /// # Safety contract (Python side)
-/// As [`step`]'s: live, contiguous, CPU float32 tensors of the sizes the
-/// shape gives (`row_var` `[.., rows, 1]`, `col_var` `[.., 1, cols]` for two
-/// or more dimensions, else `variance` of the parameter's size; the step
-/// 0-d), none overlapping, none touched by another thread during the call.
+/// As [`step`]'s: live, contiguous CPU tensors of the sizes the shape gives
+/// (`row_var` `[.., rows, 1]`, `col_var` `[.., 1, cols]` for two or more
+/// dimensions, else `variance` of the parameter's size; the step 0-d
+/// float32), the parameter, gradient and state of the tensor's dtype code,
+/// none overlapping, none touched by another thread during the call.
 #[pyfunction]
 #[pyo3(signature = (groups, grad_scale=None, max_norm=None, skip_non_finite=false))]
 fn adafactor_step(
@@ -842,17 +934,13 @@ fn adafactor_step(
         cfg: AdafactorConfig,
         shape: Vec<usize>,
         t: u64,
-        p: &'static mut [f32],
-        g: &'static [f32],
-        r: &'static mut [f32],
-        c: &'static mut [f32],
-        v: &'static mut [f32],
+        bufs: AdafactorBufs,
         step_ptr: usize,
     }
     let mut work = Vec::new();
     for (options, tensors) in &groups {
         let cfg = adafactor_config(options)?;
-        for (shape, ptrs) in tensors {
+        for (shape, ptrs, dtype) in tensors {
             let (n, rl, cl, vl) =
                 adafactor::state_sizes(shape).ok_or_else(|| PyValueError::new_err("shape overflows"))?;
             let lens = [n, n, rl, cl, vl];
@@ -864,25 +952,15 @@ fn adafactor_step(
             if !(t_old >= 0.0 && t_old < (1u64 << 24) as f64 && t_old.fract() == 0.0) {
                 return Err(PyValueError::new_err(format!("step count {t_old} is not a float32 integer in [0, 2^24)")));
             }
+            // A dangling (aligned, non-null) pointer for an empty buffer.
             let dangling = std::ptr::NonNull::<f32>::dangling().as_ptr() as usize;
-            let at = |i: usize| if lens[i] == 0 { dangling } else { ptrs[i] };
-            // SAFETY: each pointer addresses the stated number of f32 of a
-            // live tensor no other overlaps (contract above); the `'static`
-            // slices are dropped before this call returns.
-            let w = unsafe {
-                Work {
-                    cfg,
-                    shape: shape.clone(),
-                    t: t_old as u64 + 1,
-                    p: std::slice::from_raw_parts_mut(at(0) as *mut f32, n),
-                    g: std::slice::from_raw_parts(at(1) as *const f32, n),
-                    r: std::slice::from_raw_parts_mut(at(2) as *mut f32, rl),
-                    c: std::slice::from_raw_parts_mut(at(3) as *mut f32, cl),
-                    v: std::slice::from_raw_parts_mut(at(4) as *mut f32, vl),
-                    step_ptr: ptrs[5],
-                }
-            };
-            work.push(w);
+            let at: [usize; 5] = std::array::from_fn(|i| if lens[i] == 0 { dangling } else { ptrs[i] });
+            // SAFETY: each pointer addresses the stated number of elements
+            // of `dtype` of a live tensor no other overlaps (contract
+            // above); the `'static` slices are dropped before this call
+            // returns.
+            let bufs = unsafe { AdafactorBufs::new(*dtype, at, lens)? };
+            work.push(Work { cfg, shape: shape.clone(), t: t_old as u64 + 1, bufs, step_ptr: ptrs[5] });
         }
     }
     let pool = POOL.read().unwrap_or_else(|e| e.into_inner()).clone();
@@ -899,7 +977,7 @@ fn adafactor_step(
                 let sums: Vec<Result<f64, String>> = work
                     .par_iter()
                     .map(|w| {
-                        clip::sum_of_squares_unscaled(Grads::F32(w.g), grad_scale, &Exec::auto())
+                        clip::sum_of_squares_unscaled(w.bufs.grads(), grad_scale, &Exec::auto())
                             .map_err(|e| e.to_string())
                     })
                     .collect();
@@ -916,16 +994,7 @@ fn adafactor_step(
     let run = |work: &mut Vec<Work>| -> Result<(), String> {
         // Tensors side by side, each also split inside (its result does not
         // depend on how: Adafactor's reductions use a fixed partition).
-        work.par_iter_mut().try_for_each(|w| {
-            let state = AdafactorState {
-                row_var: &mut *w.r,
-                col_var: &mut *w.c,
-                variance: &mut *w.v,
-                update: UpdateBuffer::Auto,
-            };
-            adafactor::step_slices_with(&w.cfg, &w.shape, w.t, &mut *w.p, w.g, state, &options)
-                .map_err(|e| e.to_string())
-        })
+        work.par_iter_mut().try_for_each(|w| w.bufs.step(&w.cfg, &w.shape, w.t, &options).map_err(|e| e.to_string()))
     };
     let result = py.detach(|| match &pool {
         Some(pool) => pool.install(|| run(&mut work)),
