@@ -325,6 +325,8 @@ pub struct Adafactor {
     pub(crate) variance: Vec<f32>,
     exec: Exec,
     guards: Guards,
+    /// Stochastic rounding of `bf16` parameters in `step_mixed` (its seed).
+    sr_seed: Option<u64>,
 }
 
 impl Adafactor {
@@ -372,6 +374,7 @@ impl Adafactor {
             variance,
             exec: Exec::auto(),
             guards: Guards::default(),
+            sr_seed: None,
         })
     }
 
@@ -405,6 +408,24 @@ impl Adafactor {
     pub fn set_lr(&mut self, lr: f64) -> Result<(), Error> {
         finite("lr", lr)?;
         self.set_config(AdafactorConfig { lr, ..self.config })
+    }
+
+    /// Rounds `bf16` parameters in [`step_mixed`](Self::step_mixed)
+    /// stochastically with this seed (`None`: to nearest even, the
+    /// default): the core's stream ([`ParamRounding::Stochastic`]) of this
+    /// seed at the step being taken, so the bits are
+    /// [`step_slices_mixed`]'s with `ParamRounding::Stochastic { seed,
+    /// offset: 0 }` and the same for any thread count. `f32` and `f16`
+    /// parameters round as before. A control, like the execution policy:
+    /// checkpoints do not hold it (they hold the step count the stream
+    /// continues from).
+    pub fn set_stochastic_rounding(&mut self, seed: Option<u64>) {
+        self.sr_seed = seed;
+    }
+
+    /// The stochastic-rounding seed, if set.
+    pub fn stochastic_rounding(&self) -> Option<u64> {
+        self.sr_seed
     }
 
     /// The tensor shape this optimizer was made for.
@@ -574,9 +595,16 @@ impl Adafactor {
         if let (Params::F32(p), Grads::F32(g)) = (&mut params, grads) {
             return self.step_inner(p, g, given_norm);
         }
+        let sr = match self.sr_seed {
+            Some(seed) if params.dtype() == crate::storage::Dtype::Bf16 => {
+                let rounding = ParamRounding::Stochastic { seed, offset: 0 };
+                crate::optim::rounding_key(rounding, params.dtype(), next_step(self.t)?)?
+            }
+            _ => None,
+        };
         let backend = self.exec.resolve_backend()?;
         let par = self.exec.chunk_for(self.n).is_some();
-        with_f32(params, grads, None, backend, par, |p, g| {
+        with_f32(params, grads, sr, backend, par, |p, g| {
             let report = self.step_inner(p, g, given_norm)?;
             Ok((report, !report.skipped))
         })

@@ -836,10 +836,16 @@ fn half_precision_params_and_grads_are_the_widened_f32_step_rounded() {
                     assert_same_bits(&format!("{what}: row_var"), &r2, &r);
                     assert_same_bits(&format!("{what}: col_var"), &c2, &c);
                     assert_same_bits(&format!("{what}: variance"), &v2, &v);
-                    if rounding == ParamRounding::Nearest {
-                        // The owning optimizer's step_mixed: the same bits.
+                    {
+                        // The owning optimizer's step_mixed: the same bits,
+                        // its stochastic rounding the free step's stream (a
+                        // seed beside f32 or f16 parameters is not used).
                         let mut o = Adafactor::new(cfg, shape).unwrap();
                         o.set_exec(exec);
+                        o.set_stochastic_rounding(match rounding {
+                            ParamRounding::Stochastic { seed, .. } => Some(seed),
+                            ParamRounding::Nearest => (pk != Kind::Bf16).then_some(5),
+                        });
                         let mut q = Store::of(pk, &p0);
                         for g in &gs {
                             let g = Store::of(gk, g);

@@ -20,7 +20,9 @@ use crate::{
 /// large. The bits are adaoptim's on raw slices. `Var`s and gradients may
 /// be `f32`, `bf16` or `f16` (each its own): half-precision values are
 /// widened exactly, stepped as `f32` with `f32` state and the `Var` rounded
-/// back to nearest even ([`adaoptim::Adafactor::step_mixed`]: two more
+/// back to nearest even, or stochastically for `bf16`
+/// ([`set_stochastic_rounding`](Self::set_stochastic_rounding))
+/// ([`adaoptim::Adafactor::step_mixed`]: two more
 /// passes and 4 bytes per element for each widened buffer, during the
 /// step). A `Var` without a gradient is left untouched (its step count
 /// too, as in torch).
@@ -73,6 +75,8 @@ pub struct Adafactor {
     grad_scale: Option<f32>,
     policy: NonFinitePolicy,
     last_norm: Option<f64>,
+    /// The stochastic-rounding seed of `bf16` `Var`s, if set.
+    sr_seed: Option<u64>,
 }
 
 impl std::fmt::Debug for Adafactor {
@@ -156,6 +160,7 @@ impl Adafactor {
             grad_scale: None,
             policy: NonFinitePolicy::Propagate,
             last_norm: None,
+            sr_seed: None,
         })
     }
 
@@ -226,6 +231,26 @@ impl Adafactor {
     pub fn set_exec(&mut self, exec: Exec) {
         self.exec = exec;
         self.opts.iter_mut().for_each(|o| o.set_exec(exec));
+    }
+
+    /// Stochastic rounding of `bf16` `Var`s (`None`, the default: round to
+    /// nearest, ties to even), as [`Optim::set_stochastic_rounding`](crate::Optim::set_stochastic_rounding)
+    /// keys it: the `i`-th `Var` rounds with adaoptim's stream of seed
+    /// `adaoptim::storage::stochastic_key(seed, i)` at its step count
+    /// ([`adaoptim::Adafactor::set_stochastic_rounding`]), the same bits for
+    /// any thread count, resumed from a checkpoint at the step it holds (the
+    /// seed is a control: a checkpoint does not hold it, and loading one
+    /// keeps this optimizer's). `f32` and `f16` `Var`s round as before (`f16`
+    /// to nearest).
+    pub fn set_stochastic_rounding(&mut self, seed: Option<u64>) {
+        self.sr_seed = seed;
+        let key = |i: usize| seed.map(|s| adaoptim::storage::stochastic_key(s, i as u64));
+        self.opts.iter_mut().enumerate().for_each(|(i, o)| o.set_stochastic_rounding(key(i)));
+    }
+
+    /// The stochastic-rounding seed, if set.
+    pub fn stochastic_rounding(&self) -> Option<u64> {
+        self.sr_seed
     }
 
     /// Clips the gradients to a global L2 norm of `max_norm` over every
@@ -446,6 +471,7 @@ impl Adafactor {
             o.set_max_grad_norm(self.max_norm).map_err(wrap)?;
         }
         self.opts = loaded;
+        self.set_stochastic_rounding(self.sr_seed);
         self.configs = configs;
         self.steps = steps;
         self.bad_lr = None;

@@ -721,6 +721,64 @@ fn adafactor_half_precision_vars_are_adaoptims_mixed_step_on_raw_slices() {
     assert!(b0 != start.0 && f1 != start.1 && f2 != start.2, "the half-precision Vars moved");
 }
 
+/// Stochastic rounding of Adafactor's bf16 `Var`s: each `Var` `i` is
+/// `adaoptim::Adafactor` on raw slices with the seed
+/// `stochastic_key(seed, i)`, bit for bit, also after the optimizer loads
+/// a checkpoint (the seed is kept); an f16 `Var` beside them rounds to
+/// nearest; the weights differ from a round-to-nearest run.
+#[test]
+fn adafactor_bf16_vars_round_stochastically_as_raw_slices() {
+    use adaoptim::storage::stochastic_key;
+    let make = |i: u64| {
+        let h = var(&[64, 300], 50 + i).as_tensor().to_dtype(DType::BF16).unwrap();
+        let b = var(&[300], 51 + i).as_tensor().to_dtype(DType::BF16).unwrap();
+        let e = var(&[5], 52 + i).as_tensor().to_dtype(DType::F16).unwrap();
+        vec![Var::from_tensor(&h).unwrap(), Var::from_tensor(&b).unwrap(), Var::from_tensor(&e).unwrap()]
+    };
+    let config = adaoptim_candle::AdafactorConfig { lr: 1e-3, weight_decay: 0.1, ..Default::default() };
+    let (vars, near_vars) = (make(0), make(0));
+    let mut opt = adaoptim_candle::Adafactor::new(vars.clone(), config).unwrap();
+    opt.set_stochastic_rounding(Some(9));
+    assert_eq!(opt.stochastic_rounding(), Some(9));
+    let mut near = adaoptim_candle::Adafactor::new(near_vars.clone(), config).unwrap();
+    let mut raw: Vec<adaoptim::Adafactor> =
+        vars.iter().map(|v| adaoptim::Adafactor::new(config, v.dims()).unwrap()).collect();
+    for (i, o) in raw.iter_mut().enumerate() {
+        o.set_stochastic_rounding(Some(stochastic_key(9, i as u64)));
+    }
+    let (mut w, mut b) = (halves(vars[0].as_tensor()), halves(vars[1].as_tensor()));
+    let mut e: Vec<f16> = vars[2].as_tensor().to_vec1::<f16>().unwrap();
+    let start = w.clone();
+    let loss = |vs: &[Var]| {
+        vs.iter()
+            .map(|v| v.as_tensor().to_dtype(DType::F32).unwrap().sin().unwrap().sum_all().unwrap())
+            .reduce(|a, b| (a + b).unwrap())
+            .unwrap()
+    };
+    for s in 0..5 {
+        if s == 3 {
+            // Its own checkpoint loaded back: the seed stays set.
+            let bytes = opt.to_safetensors().unwrap();
+            opt.load_safetensors(&bytes).unwrap();
+        }
+        let g = loss(&vars).backward().unwrap();
+        let gs: Vec<Tensor> = vars.iter().map(|v| g.get(v).unwrap().flatten_all().unwrap()).collect();
+        opt.step(&g).unwrap();
+        near.step(&loss(&near_vars).backward().unwrap()).unwrap();
+        raw[0].step_mixed(Params::Bf16(&mut w), Grads::Bf16(&gs[0].to_vec1::<bf16>().unwrap())).unwrap();
+        raw[1].step_mixed(Params::Bf16(&mut b), Grads::Bf16(&gs[1].to_vec1::<bf16>().unwrap())).unwrap();
+        raw[2].step_mixed(Params::F16(&mut e), Grads::F16(&gs[2].to_vec1::<f16>().unwrap())).unwrap();
+        assert_eq!(halves(vars[0].as_tensor()), w, "step {s}");
+        assert_eq!(halves(vars[1].as_tensor()), b, "step {s}");
+        assert_eq!(vars[2].as_tensor().to_vec1::<f16>().unwrap(), e, "step {s}");
+    }
+    assert!(w.iter().zip(&start).filter(|(a, b)| a != b).count() > 1000, "the bf16 weights moved");
+    let differ = w.iter().zip(&halves(near_vars[0].as_tensor())).filter(|(a, b)| a != b).count();
+    assert!(differ > 100, "stochastic rounding changed only {differ} of the bf16 weights");
+    // The f16 Var rounds to nearest: the same as the round-to-nearest run.
+    assert_eq!(near_vars[2].as_tensor().to_vec1::<f16>().unwrap(), e);
+}
+
 #[test]
 fn adafactor_bad_input_is_refused_and_changes_nothing() {
     use adaoptim_candle::{Adafactor, AdafactorConfig};
