@@ -1204,16 +1204,30 @@ class Adafactor(_OwnGroups, torch.optim.Adafactor):
     L2 norm over every gradient, torch's ``clip_grad_norm_`` factor) and
     ``skip_non_finite`` (a NaN or infinite gradient anywhere skips the whole
     step; ``last_step_skipped`` tells). They run inside the one Rust call;
-    the caller's gradients are not written.
+    the caller's gradients are not written. ``bf16_stochastic_round=True``
+    rounds ``bfloat16`` parameters stochastically instead of to nearest,
+    with the stream and keys of the element-wise classes (the group's
+    ``bf16_sr_step`` count, the tensor's index among those stepped in the
+    call, its step); the state still rounds to nearest.
     """
 
     _adaoptim_check = _core.adafactor_check
 
-    def __init__(self, params, *args, grad_scale=None, max_grad_norm=None, skip_non_finite=False, **kwargs):
+    def __init__(
+        self,
+        params,
+        *args,
+        grad_scale=None,
+        max_grad_norm=None,
+        skip_non_finite=False,
+        bf16_stochastic_round=False,
+        **kwargs,
+    ):
         super().__init__(params, *args, **kwargs)
         self.grad_scale = grad_scale
         self.max_grad_norm = max_grad_norm
         self.skip_non_finite = bool(skip_non_finite)
+        self.bf16_stochastic_round = bool(bf16_stochastic_round)
         self.last_step_skipped = False
         _check_controls(self)
 
@@ -1285,7 +1299,13 @@ class Adafactor(_OwnGroups, torch.optim.Adafactor):
                 ptrs.append(st["step"].data_ptr())
                 tensors.append((list(p.shape), ptrs, _ADAFACTOR_DTYPES.index(p.dtype)))
             groups.append((text, tensors))
-        self.last_step_skipped = not _core.adafactor_step(groups, *controls)
+        counts = None
+        if self.bf16_stochastic_round:
+            counts = [int(group.setdefault("bf16_sr_step", 0)) for group in self.param_groups]
+        self.last_step_skipped = not _core.adafactor_step(groups, *controls, stochastic_round=counts)
+        if counts is not None and not self.last_step_skipped:
+            for group in self.param_groups:
+                group["bf16_sr_step"] += 1
         if self.last_step_skipped:
             # A skipped step leaves no trace, not even a first step's state.
             for p in created:

@@ -912,7 +912,10 @@ fn adafactor_check(options: &str) -> PyResult<()> {
 /// gradient, clipping by the global norm over every gradient (each tensor's
 /// sum of squares in the crate's fixed order, added in tensor order), and
 /// with `skip_non_finite` a non-finite norm skips the step before anything
-/// is written. Returns whether the step ran.
+/// is written; `stochastic_round` (one counter per group) rounds bfloat16
+/// parameters stochastically, keyed as [`step`] keys them (the group's
+/// counter in the high 32 bits, the tensor's index in the call in the low;
+/// the tensor's step count). Returns whether the step ran.
 ///
 /// # Safety contract (Python side)
 /// As [`step`]'s: live, contiguous CPU tensors of the sizes the shape gives
@@ -921,24 +924,29 @@ fn adafactor_check(options: &str) -> PyResult<()> {
 /// float32), the parameter, gradient and state of the tensor's dtype code,
 /// none overlapping, none touched by another thread during the call.
 #[pyfunction]
-#[pyo3(signature = (groups, grad_scale=None, max_norm=None, skip_non_finite=false))]
+#[pyo3(signature = (groups, grad_scale=None, max_norm=None, skip_non_finite=false, stochastic_round=None))]
 fn adafactor_step(
     py: Python<'_>,
     groups: Vec<(String, Vec<AdafactorTensor>)>,
     grad_scale: Option<f32>,
     max_norm: Option<f64>,
     skip_non_finite: bool,
+    stochastic_round: Option<Vec<u64>>,
 ) -> PyResult<bool> {
     check_controls(grad_scale, max_norm)?;
+    if stochastic_round.as_ref().is_some_and(|c| c.len() != groups.len()) {
+        return Err(PyValueError::new_err("internal: one stochastic-rounding counter per group"));
+    }
     struct Work {
         cfg: AdafactorConfig,
         shape: Vec<usize>,
         t: u64,
         bufs: AdafactorBufs,
         step_ptr: usize,
+        rounding: ParamRounding,
     }
     let mut work = Vec::new();
-    for (options, tensors) in &groups {
+    for (gi, (options, tensors)) in groups.iter().enumerate() {
         let cfg = adafactor_config(options)?;
         for (shape, ptrs, dtype) in tensors {
             let (n, rl, cl, vl) =
@@ -960,7 +968,13 @@ fn adafactor_step(
             // above); the `'static` slices are dropped before this call
             // returns.
             let bufs = unsafe { AdafactorBufs::new(*dtype, at, lens)? };
-            work.push(Work { cfg, shape: shape.clone(), t: t_old as u64 + 1, bufs, step_ptr: ptrs[5] });
+            let rounding = match &stochastic_round {
+                Some(counts) if matches!(bufs, AdafactorBufs::Bf16 { .. }) => {
+                    ParamRounding::Stochastic { seed: counts[gi] << 32 | (work.len() as u64 & 0xffff_ffff), offset: 0 }
+                }
+                _ => ParamRounding::Nearest,
+            };
+            work.push(Work { cfg, shape: shape.clone(), t: t_old as u64 + 1, bufs, step_ptr: ptrs[5], rounding });
         }
     }
     let pool = POOL.read().unwrap_or_else(|e| e.into_inner()).clone();
@@ -994,7 +1008,10 @@ fn adafactor_step(
     let run = |work: &mut Vec<Work>| -> Result<(), String> {
         // Tensors side by side, each also split inside (its result does not
         // depend on how: Adafactor's reductions use a fixed partition).
-        work.par_iter_mut().try_for_each(|w| w.bufs.step(&w.cfg, &w.shape, w.t, &options).map_err(|e| e.to_string()))
+        work.par_iter_mut().try_for_each(|w| {
+            let options = StepOptions { param_rounding: w.rounding, ..options };
+            w.bufs.step(&w.cfg, &w.shape, w.t, &options).map_err(|e| e.to_string())
+        })
     };
     let result = py.detach(|| match &pool {
         Some(pool) => pool.install(|| run(&mut work)),

@@ -636,6 +636,52 @@ def test_adafactor_half_precision_is_the_float32_step_rounded(dtype):
     assert all(not torch.equal(p.detach().float(), q) for p, q in zip(ours, p32))
 
 
+def test_adafactor_stochastic_rounding_follows_the_documented_stream():
+    """``bf16_stochastic_round``: each bfloat16 parameter is our float32
+    Adafactor step on the widened tensors (that step is checked against
+    torch's by the golden tests), rounded with the stream written out in
+    ``stochastic_reference``: seed = the group's count of stochastic steps
+    in the high 32 bits and the tensor's index among those stepped in the
+    call in the low, at the tensor's own step. The state rounds to nearest;
+    float16 and float32 parameters beside them are not rounded
+    stochastically. A tensor without a gradient shifts the later indices."""
+    gen = torch.Generator().manual_seed(8)
+    dtypes = [torch.bfloat16, torch.bfloat16, torch.float16, torch.float32]
+    shapes = [(300, 400), (13,), (4,), (5, 6)]
+    kwargs = {"lr": 1e-3, "weight_decay": 0.1}
+    ours = [torch.nn.Parameter(torch.randn(s, generator=gen).to(d)) for s, d in zip(shapes, dtypes)]
+    opt = ada.Adafactor(ours, bf16_stochastic_round=True, **kwargs)
+    moved = 0
+    for call in range(4):
+        stepped = [i for i in range(len(ours)) if not (call == 1 and i == 0)]
+        p32 = [torch.nn.Parameter(p.detach().float()) for p in ours]
+        ref = ada.Adafactor(p32, **kwargs)
+        ref.load_state_dict(copy.deepcopy(opt.state_dict()))
+        for i, p in enumerate(ours):
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype) if i in stepped else None
+            p32[i].grad = None if p.grad is None else p.grad.float()
+        before = [p.detach().clone() for p in ours]
+        ref.step()
+        opt.step()
+        assert opt.param_groups[0]["bf16_sr_step"] == call + 1
+        for index, i in enumerate(stepped):
+            want, what = p32[i].detach(), f"call {call} tensor {i}"
+            if dtypes[i] == torch.bfloat16:
+                t = int(ref.state[p32[i]]["step"])
+                expected = stochastic_reference(want, call << 32 | index, t)
+                assert torch.equal(bits(ours[i]), expected), what
+                moved += int((bits(ours[i]) != bits(want.bfloat16())).sum())
+            elif dtypes[i] == torch.float16:
+                assert torch.equal(bits(ours[i]), bits(want.half())), what
+            else:
+                assert torch.equal(ours[i].detach(), want), what
+            for k, v in ref.state[p32[i]].items():
+                got = opt.state[ours[i]][k]
+                assert torch.equal(got, v if k == "step" else v.to(dtypes[i])), f"{what} state {k}"
+        assert torch.equal(ours[0].detach(), before[0]) or 0 in stepped
+    assert moved > 1000, f"stochastic rounding moved only {moved} roundings"
+
+
 def test_adafactor_bf16_state_dicts_move_between_torch_and_ours():
     """torch's own bfloat16 Adafactor and ours: a state dict of either loads
     into the other mid-run and both go on stepping, the state bfloat16 in
