@@ -13,9 +13,9 @@
 //! (the roofline scaled by 12 over its bytes). The default
 //! (`UpdateBuffer::Auto`) stores up to `AUTO_UPDATE_BUFFER` elements.
 //! A third variant steps `bf16` parameters and gradients
-//! (`step_slices_mixed`: widened into temporaries, stepped as `f32`,
-//! rounded back), with the update buffer `Auto` would choose, and is
-//! printed against that `f32` variant.
+//! (`step_slices_mixed`: read in place and widened in registers, stepped
+//! as `f32`, rounded as written), with the update buffer `Auto` would
+//! choose, and is printed against that `f32` variant.
 use std::time::Instant;
 
 use adaoptim::adafactor::{

@@ -72,13 +72,17 @@
 //! and [`AnyOptimizer`](crate::AnyOptimizer) by its torch name.
 //!
 //! `bf16` and `f16` parameters and gradients ([`Adafactor::step_mixed`],
-//! [`step_slices_mixed`]) are widened exactly into scratch buffers, stepped
-//! as `f32` and the parameters rounded back (to nearest even, or `bf16`
-//! stochastically); the state stays `f32` (it is sublinear for matrices).
-//! So a half-precision step has the bits of the `f32` step on the widened
-//! values, and costs two more passes and 4 bytes per element for each
-//! widened buffer: a thread keeps its pair of buffers between steps up to
-//! [`KEPT_WIDENED`] elements each (larger ones are made for the step).
+//! [`step_slices_mixed`]) are stepped as `f32` with `f32` state (it is
+//! sublinear for matrices), the parameters rounded to nearest even (or
+//! `bf16` stochastically), so a half-precision step has the bits of the
+//! `f32` step on the widened values. Without gradient scaling, clipping, a
+//! non-finite scan or stochastic rounding, the passes read the 16-bit
+//! values in place, widening them in registers, and the last pass rounds
+//! each parameter as it writes it: 2 bytes per element read or written
+//! instead of 4. Otherwise they are widened exactly into scratch buffers
+//! first (two more passes and 4 bytes per element for each widened buffer:
+//! a thread keeps its pair between steps up to [`KEPT_WIDENED`] elements
+//! each, larger ones are made for the step) and rounded back after.
 //! Not supported: `bf16` or 8-bit state, and the multi-tensor entry points
 //! (one [`Adafactor`] per tensor).
 
@@ -91,7 +95,9 @@ use std::ops::Range;
 
 use crate::optim::Guards;
 use crate::simd::{F32Vec, LaneOp, dispatch};
-use crate::storage::{Grads, ParamRounding, Params, TILE, bf16, f16, narrow, narrow_bf16_stochastic, widen};
+use crate::storage::{
+    Elem, Exact, Grads, ParamRounding, Params, TILE, bf16, f16, narrow, narrow_bf16_stochastic, widen,
+};
 use crate::{Backend, Error, Exec, StepOptions, StepReport};
 
 /// Hyperparameters of [`Adafactor`], with `torch.optim.Adafactor`'s names
@@ -250,8 +256,8 @@ const CHUNK: usize = 1 << 14;
 /// `sum(x^2)` in f64 over fixed chunks (8 accumulators each, then chunk
 /// partials in order): the same bits serial or parallel.
 #[inline(always)]
-fn sumsq(x: &[f32], par: bool, lanes: Lanes) -> f64 {
-    let chunk = |c: &[f32]| lanes.sq_sum(c);
+fn sumsq<T: Elem + Exact>(x: &[T], par: bool, lanes: Lanes) -> f64 {
+    let chunk = |c: &[T]| lanes.sq_sum(c);
     let parts: Vec<f64> =
         if par { x.par_chunks(CHUNK).map(chunk).collect() } else { x.chunks(CHUNK).map(chunk).collect() };
     parts.iter().sum()
@@ -514,11 +520,12 @@ impl Adafactor {
     /// ([`Params`], [`Grads`]: `f32`, `bf16` or `f16`; the state stays
     /// `f32`): the values are widened exactly, stepped as `f32` (the bits
     /// [`step`](Self::step) gives on the widened values) and half-precision
-    /// parameters rounded back to nearest, ties to even (an `f16` past
-    /// 65504 becomes infinite). The widened copies take 4 bytes per element
-    /// each (the parameters', the gradients'; see the [module](self)
-    /// docs); a step that the non-finite policy skips leaves the
-    /// parameters' bits as they were.
+    /// parameters rounded to nearest, ties to even (an `f16` past 65504
+    /// becomes infinite). With the guards off and no stochastic rounding the
+    /// passes read and write the storage in place; otherwise the values are
+    /// widened into copies of 4 bytes per element each (see the
+    /// [module](self) docs). A step that the non-finite policy skips leaves
+    /// the parameters' bits as they were.
     ///
     /// # Errors
     /// As [`step`](Self::step); nothing is modified then.
@@ -604,6 +611,19 @@ impl Adafactor {
         };
         let backend = self.exec.resolve_backend()?;
         let par = self.exec.chunk_for(self.n).is_some();
+        if sr.is_none() && given_norm.is_none() && self.guards.is_off() {
+            // Nothing to scan or scale: the passes read the storage in place.
+            let t = next_step(self.t)?;
+            let state = AdafactorState {
+                row_var: &mut self.row_var,
+                col_var: &mut self.col_var,
+                variance: &mut self.variance,
+                update: UpdateBuffer::Auto,
+            };
+            step_fused(&self.config, &self.shape, t, params, grads, state, self.exec)?;
+            self.t = t;
+            return Ok(StepReport { backend: lanes_backend(backend), parallel: self.n > 0 && par, skipped: false });
+        }
         with_f32(params, grads, sr, backend, par, |p, g| {
             let report = self.step_inner(p, g, given_norm)?;
             Ok((report, !report.skipped))
@@ -733,10 +753,11 @@ pub fn step_slices_with(
 /// parameters rounded back as `options.param_rounding` says (to nearest,
 /// ties to even, by default; `bf16` parameters may take stochastic
 /// rounding, keyed by (seed, `t`, element index) as
-/// [`step_mixed`](crate::step_mixed) keys it). The widened copies take 4
-/// bytes per element each (the parameters', the gradients'; see the
-/// [module](self) docs); `f32` parameters and gradients are stepped in
-/// place.
+/// [`step_mixed`](crate::step_mixed) keys it). Without `grad_scale`,
+/// `clip_coef` or stochastic rounding the passes read and write the
+/// storage in place; with them the values are widened into copies of 4
+/// bytes per element each (see the [module](self) docs). `f32` parameters
+/// and gradients are stepped in place.
 ///
 /// # Errors
 /// As [`step_slices_with`]; [`Error::Storage`] for stochastic rounding of
@@ -760,9 +781,48 @@ pub fn step_slices_mixed(
     if let (Params::F32(p), Grads::F32(g)) = (&mut params, grads) {
         return step_slices_with(config, shape, t, p, g, state, options);
     }
+    crate::optim::check_options(options)?;
+    if sr.is_none() && options.grad_scale.is_none() && options.clip_coef.is_none() {
+        return step_fused(config, shape, t, params, grads, state, options.exec);
+    }
     with_f32(params, grads, sr, backend, par, |p, g| {
         step_slices_with(config, shape, t, p, g, state, &nearest).map(|()| ((), true))
     })
+}
+
+/// The step on parameters and gradients in their storage, read and written
+/// in place by the passes: no widened copies. The bits of the
+/// `f32` step on the widened values, the parameters rounded to nearest even
+/// once (what [`with_f32`] gives without stochastic rounding).
+fn step_fused(
+    config: &AdafactorConfig,
+    shape: &[usize],
+    t: u64,
+    params: Params<'_>,
+    grads: Grads<'_>,
+    state: AdafactorState<'_>,
+    exec: Exec,
+) -> Result<(), Error> {
+    fn with_grads<P: Elem + Exact>(
+        config: &AdafactorConfig,
+        shape: &[usize],
+        t: u64,
+        p: &mut [P],
+        grads: Grads<'_>,
+        state: AdafactorState<'_>,
+        exec: Exec,
+    ) -> Result<(), Error> {
+        match grads {
+            Grads::F32(g) => step_typed(config, shape, t, p, g, state, exec),
+            Grads::Bf16(g) => step_typed(config, shape, t, p, g, state, exec),
+            Grads::F16(g) => step_typed(config, shape, t, p, g, state, exec),
+        }
+    }
+    match params {
+        Params::F32(p) => with_grads(config, shape, t, p, grads, state, exec),
+        Params::Bf16(p) => with_grads(config, shape, t, p, grads, state, exec),
+        Params::F16(p) => with_grads(config, shape, t, p, grads, state, exec),
+    }
 }
 
 /// Elements per piece of the whole-tensor conversions (a multiple of
@@ -923,6 +983,20 @@ pub fn step_slices(
     state: AdafactorState<'_>,
     exec: Exec,
 ) -> Result<(), Error> {
+    step_typed(config, shape, t, params, grads, state, exec)
+}
+
+/// [`step_slices`] on parameters and gradients of any storage type, read
+/// and written in place (half-precision values widened in registers).
+fn step_typed<P: Elem + Exact, G: Exact>(
+    config: &AdafactorConfig,
+    shape: &[usize],
+    t: u64,
+    params: &mut [P],
+    grads: &[G],
+    state: AdafactorState<'_>,
+    exec: Exec,
+) -> Result<(), Error> {
     config.validate()?;
     let backend = exec.resolve_backend()?;
     if t == 0 || t > crate::MAX_STEP {
@@ -987,13 +1061,13 @@ thread_local! {
 
 /// The step after every check: reductions, state update, parameter update.
 #[allow(clippy::too_many_arguments)]
-fn run(
+fn run<P: Elem + Exact, G: Exact>(
     config: &AdafactorConfig,
     shape: &[usize],
     t: u64,
     n: usize,
-    params: &mut [f32],
-    grads: &[f32],
+    params: &mut [P],
+    grads: &[G],
     (row_var, col_var, variance): (&mut [f32], &mut [f32], &mut [f32]),
     mut upd: Option<&mut [f32]>,
     par: bool,
@@ -1020,9 +1094,9 @@ fn run(
             let (mm, per) = (rows * cols, matrices_per_task(rows, cols));
             let mut sums = vec![(0f64, 0f64); batches];
             let ubs = buffer_parts(upd.as_deref_mut(), batches.div_ceil(per), per * mm);
-            type Group<'a> =
-                (((&'a mut [(f64, f64)], &'a [f32]), &'a [f32]), ((&'a mut [f32], &'a mut [f32]), &'a mut [f32]));
-            let body = |(((sums, p), g), ((rv, cv), u)): Group<'_>| {
+            type Group<'a, P, G> =
+                (((&'a mut [(f64, f64)], &'a [P]), &'a [G]), ((&'a mut [f32], &'a mut [f32]), &'a mut [f32]));
+            let body = |(((sums, p), g), ((rv, cv), u)): Group<'_, P, G>| {
                 dispatch(lanes.0, Pass::SmallUsq { p, g, rows, cols, rv, cv, w, f, sums, u });
             };
             if par {
@@ -1049,8 +1123,8 @@ fn run(
             let mm = rows * cols;
             let (by_batch, inner) = by_batch(par, batches, mm);
             // Per matrix, in batch order: the parameters' sum of squares.
-            type First<'a> = ((&'a [f32], &'a [f32]), (&'a mut [f32], &'a mut [f32]));
-            let first = |((p, g), (rv, cv)): First<'_>| factor_update(p, g, rows, cols, rv, cv, w, inner, lanes);
+            type First<'a, P, G> = ((&'a [P], &'a [G]), (&'a mut [f32], &'a mut [f32]));
+            let first = |((p, g), (rv, cv)): First<'_, P, G>| factor_update(p, g, rows, cols, rv, cv, w, inner, lanes);
             let (pm, gm) = (params.chunks(mm), grads.chunks(mm));
             let parts: Vec<f64> = if by_batch {
                 let st = row_var.par_chunks_mut(rows).zip(col_var.par_chunks_mut(cols));
@@ -1073,8 +1147,8 @@ fn run(
             } else {
                 row_var.chunks(rows).map(|rv| row_mean(rv, f)).collect()
             };
-            type Usq<'a> = ((((&'a [f32], &'a [f32]), &'a [f32]), &'a f32), Option<&'a mut [f32]>);
-            let usq = |((((g, rv), cv), &rmean), u): Usq<'_>| rows_usq(g, cols, rv, cv, rmean, f, inner, lanes, u);
+            type Usq<'a, G> = ((((&'a [G], &'a [f32]), &'a [f32]), &'a f32), Option<&'a mut [f32]>);
+            let usq = |((((g, rv), cv), &rmean), u): Usq<'_, G>| rows_usq(g, cols, rv, cv, rmean, f, inner, lanes, u);
             let parts: Vec<f64> = if by_batch {
                 grads
                     .par_chunks(mm)
@@ -1098,7 +1172,7 @@ fn run(
             p_sumsq = sumsq(params, par, lanes);
             let v = &mut *variance;
             let ubs = buffer_parts(upd.as_deref_mut(), n.div_ceil(CHUNK), CHUNK);
-            let body = |((v, g), u): ((&mut [f32], &[f32]), &mut [f32])| lanes.vec_usq(v, g, w, f, u);
+            let body = |((v, g), u): ((&mut [f32], &[G]), &mut [f32])| lanes.vec_usq(v, g, w, f, u);
             let parts: Vec<f64> = if par {
                 v.par_chunks_mut(CHUNK).zip(grads.par_chunks(CHUNK)).zip(ubs).map(body).collect()
             } else {
@@ -1113,7 +1187,7 @@ fn run(
     let ap = Apply { a, decay: decay.unwrap_or(1.0), f };
     if let Some(u) = upd {
         // The updates are stored: one element-wise pass, whatever the shape.
-        let body = |(p, u): (&mut [f32], &[f32])| lanes.apply_stored(u, p, ap);
+        let body = |(p, u): (&mut [P], &[f32])| lanes.apply_stored(u, p, ap);
         if par {
             params.par_chunks_mut(CHUNK).zip(u.par_chunks(CHUNK)).for_each(body);
         } else {
@@ -1124,8 +1198,8 @@ fn run(
     match factored(shape) {
         Some((_, rows, cols)) if small(rows, cols) => {
             let (mm, per) = (rows * cols, matrices_per_task(rows, cols));
-            type Group<'a> = ((&'a mut [f32], &'a [f32]), (&'a [f32], &'a [f32]));
-            let body = |((p, g), (rv, cv)): Group<'_>| {
+            type Group<'a, P, G> = ((&'a mut [P], &'a [G]), (&'a [f32], &'a [f32]));
+            let body = |((p, g), (rv, cv)): Group<'_, P, G>| {
                 dispatch(lanes.0, Pass::SmallApply { rv, cv, g, p, rows, cols, ap });
             };
             if par {
@@ -1139,8 +1213,8 @@ fn run(
         Some((batches, rows, cols)) => {
             let mm = rows * cols;
             let (by_batch, inner) = by_batch(par, batches, mm);
-            type One<'a> = (((&'a mut [f32], &'a [f32]), (&'a [f32], &'a [f32])), &'a f32);
-            let one = |(((p, g), (rv, cv)), &rmean): One<'_>| {
+            type One<'a, P, G> = (((&'a mut [P], &'a [G]), (&'a [f32], &'a [f32])), &'a f32);
+            let one = |(((p, g), (rv, cv)), &rmean): One<'_, P, G>| {
                 if inner && long_rows(rows, cols) {
                     // A piece of a row per task (element-wise: the same bits).
                     p.par_chunks_mut(cols).zip(g.par_chunks(cols)).zip(rv.par_iter()).for_each(|((pr, gr), r)| {
@@ -1152,7 +1226,7 @@ fn run(
                     return;
                 }
                 let per = rows_per_task(cols);
-                let body = |(k, (pb, gb)): (usize, (&mut [f32], &[f32]))| {
+                let body = |(k, (pb, gb)): (usize, (&mut [P], &[G]))| {
                     lanes.rows_apply(&rv[k * per..], cv, rmean, gb, pb, cols, ap)
                 };
                 if inner {
@@ -1171,7 +1245,7 @@ fn run(
         }
         None => {
             let v = &*variance;
-            let body = |((p, g), v): ((&mut [f32], &[f32]), &[f32])| lanes.vec_apply(v, g, p, ap);
+            let body = |((p, g), v): ((&mut [P], &[G]), &[f32])| lanes.vec_apply(v, g, p, ap);
             if par {
                 params.par_chunks_mut(CHUNK).zip(grads.par_chunks(CHUNK)).zip(v.par_chunks(CHUNK)).for_each(body);
             } else {
@@ -1236,8 +1310,8 @@ fn rows_per_task(cols: usize) -> usize {
 /// row order (the same for any thread count).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn rows_usq(
-    g: &[f32],
+fn rows_usq<G: Exact>(
+    g: &[G],
     cols: usize,
     rv: &[f32],
     cv: &[f32],
@@ -1252,8 +1326,8 @@ fn rows_usq(
     }
     let per = rows_per_task(cols);
     let mut parts = vec![0f64; rv.len()];
-    type Task<'a> = (usize, ((&'a mut [f64], &'a [f32]), &'a mut [f32]));
-    let body = |(k, ((out, gb), ub)): Task<'_>| lanes.rows_usq(&rv[k * per..], cv, rmean, gb, cols, f, out, ub);
+    type Task<'a, G> = (usize, ((&'a mut [f64], &'a [G]), &'a mut [f32]));
+    let body = |(k, ((out, gb), ub)): Task<'_, G>| lanes.rows_usq(&rv[k * per..], cv, rmean, gb, cols, f, out, ub);
     let ubs = buffer_parts(upd, rv.len().div_ceil(per), per * cols);
     if par {
         parts.par_chunks_mut(per).zip(g.par_chunks(per * cols)).zip(ubs).enumerate().for_each(body);
@@ -1284,8 +1358,8 @@ const WINDOW: usize = 8 * CHUNK;
 /// accumulator `j % 8`, in element order, folded pairwise), so the bits are
 /// [`rows_usq`]'s.
 #[allow(clippy::too_many_arguments)]
-fn long_rows_usq(
-    g: &[f32],
+fn long_rows_usq<G: Exact>(
+    g: &[G],
     cols: usize,
     rv: &[f32],
     cv: &[f32],
@@ -1329,9 +1403,9 @@ const ROW_GROUP: usize = 256;
 /// are the same for any thread count.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn factor_update(
-    p: &[f32],
-    g: &[f32],
+fn factor_update<P: Elem + Exact, G: Exact>(
+    p: &[P],
+    g: &[G],
     rows: usize,
     cols: usize,
     rv: &mut [f32],
@@ -1478,14 +1552,21 @@ fn fold_short(n: usize, sq: impl Fn(usize) -> f64) -> f64 {
 /// the tail with plain `f32`, the same operations.
 /// `STORE`: also write each update into `s` (then at least `g.len()` long).
 #[inline(always)]
-fn row_usq<V: F32Vec, const STORE: bool>(r: f32, cv: &[f32], rmean: f32, g: &[f32], f: Factors, s: &mut [f32]) -> f64 {
+fn row_usq<V: F32Vec, G: Exact, const STORE: bool>(
+    r: f32,
+    cv: &[f32],
+    rmean: f32,
+    g: &[G],
+    f: Factors,
+    s: &mut [f32],
+) -> f64 {
     let n = g.len();
     let cv = &cv[..n];
     let s = if STORE { &mut s[..n] } else { s };
     if n < 8 {
         let mut us = [0f64; 8];
         for j in 0..n {
-            let u = u_of(factored_v(r, cv[j], rmean), g[j], f);
+            let u = u_of(factored_v(r, cv[j], rmean), g[j].exact(), f);
             if STORE {
                 s[j] = u;
             }
@@ -1500,7 +1581,7 @@ fn row_usq<V: F32Vec, const STORE: bool>(r: f32, cv: &[f32], rmean: f32, g: &[f3
         // SAFETY: `j + LANES <= n`, the length of both slices (and of `s`
         // when storing).
         unsafe {
-            let (c, gj) = (V::load(cv.as_ptr().add(j)), V::load(g.as_ptr().add(j)));
+            let (c, gj) = (V::load(cv.as_ptr().add(j)), G::exact_lanes::<V>(g.as_ptr().add(j)));
             let u = u_of(factored_v(r, c, rmean), gj, f);
             if STORE {
                 u.store(s.as_mut_ptr().add(j));
@@ -1510,7 +1591,7 @@ fn row_usq<V: F32Vec, const STORE: bool>(r: f32, cv: &[f32], rmean: f32, g: &[f3
         j += V::LANES;
     }
     for j in full..n {
-        let u = u_of(factored_v(r, cv[j], rmean), g[j], f);
+        let u = u_of(factored_v(r, cv[j], rmean), g[j].exact(), f);
         if STORE {
             s[j] = u;
         }
@@ -1522,7 +1603,7 @@ fn row_usq<V: F32Vec, const STORE: bool>(r: f32, cv: &[f32], rmean: f32, g: &[f3
 /// The last pass with stored updates: `p = fma(a, u, p * decay)`, as
 /// [`row_apply`] and [`vec_apply`] evaluate it.
 #[inline(always)]
-fn apply_stored<V: F32Vec>(u: &[f32], p: &mut [f32], ap: Apply) {
+fn apply_stored<V: F32Vec, P: Elem + Exact>(u: &[f32], p: &mut [P], ap: Apply) {
     let n = p.len();
     let u = &u[..n];
     let full = n / V::LANES * V::LANES;
@@ -1530,18 +1611,18 @@ fn apply_stored<V: F32Vec>(u: &[f32], p: &mut [f32], ap: Apply) {
     while j < full {
         // SAFETY: `j + LANES <= n`, the length of both slices.
         unsafe {
-            let (uj, pj) = (V::load(u.as_ptr().add(j)), V::load(p.as_ptr().add(j)));
-            V::splat(ap.a).mul_add(uj, pj * V::splat(ap.decay)).store(p.as_mut_ptr().add(j));
+            let (uj, pj) = (V::load(u.as_ptr().add(j)), P::exact_lanes::<V>(p.as_ptr().add(j)));
+            P::put(V::splat(ap.a).mul_add(uj, pj * V::splat(ap.decay)), p.as_mut_ptr().add(j));
         }
         j += V::LANES;
     }
     for j in full..n {
-        p[j] = ap.a.mul_add(u[j], p[j] * ap.decay);
+        p[j] = P::put_one(ap.a.mul_add(u[j], p[j].exact() * ap.decay));
     }
 }
 
 #[inline(always)]
-fn row_apply<V: F32Vec>(r: f32, cv: &[f32], rmean: f32, g: &[f32], p: &mut [f32], ap: Apply) {
+fn row_apply<V: F32Vec, P: Elem + Exact, G: Exact>(r: f32, cv: &[f32], rmean: f32, g: &[G], p: &mut [P], ap: Apply) {
     let n = g.len();
     let (cv, p) = (&cv[..n], &mut p[..n]);
     let full = n / V::LANES * V::LANES;
@@ -1549,22 +1630,23 @@ fn row_apply<V: F32Vec>(r: f32, cv: &[f32], rmean: f32, g: &[f32], p: &mut [f32]
     while j < full {
         // SAFETY: `j + LANES <= n`, the length of all three slices.
         unsafe {
-            let (c, gj, pj) = (V::load(cv.as_ptr().add(j)), V::load(g.as_ptr().add(j)), V::load(p.as_ptr().add(j)));
+            let c = V::load(cv.as_ptr().add(j));
+            let (gj, pj) = (G::exact_lanes::<V>(g.as_ptr().add(j)), P::exact_lanes::<V>(p.as_ptr().add(j)));
             let u = u_of(factored_v(r, c, rmean), gj, ap.f);
-            V::splat(ap.a).mul_add(u, pj * V::splat(ap.decay)).store(p.as_mut_ptr().add(j));
+            P::put(V::splat(ap.a).mul_add(u, pj * V::splat(ap.decay)), p.as_mut_ptr().add(j));
         }
         j += V::LANES;
     }
     for j in full..n {
-        let u = u_of(factored_v(r, cv[j], rmean), g[j], ap.f);
-        p[j] = ap.a.mul_add(u, p[j] * ap.decay);
+        let u = u_of(factored_v(r, cv[j], rmean), g[j].exact(), ap.f);
+        p[j] = P::put_one(ap.a.mul_add(u, p[j].exact() * ap.decay));
     }
 }
 
 /// The vector path: the state update `v = lerp(v, g^2, w)`, then `sum(u^2)`;
 /// `STORE`: each update also into `s`.
 #[inline(always)]
-fn vec_usq<V: F32Vec, const STORE: bool>(v: &mut [f32], g: &[f32], w: Lerp, f: Factors, s: &mut [f32]) -> f64 {
+fn vec_usq<V: F32Vec, G: Exact, const STORE: bool>(v: &mut [f32], g: &[G], w: Lerp, f: Factors, s: &mut [f32]) -> f64 {
     let n = g.len();
     let v = &mut v[..n];
     let s = if STORE { &mut s[..n] } else { s };
@@ -1575,7 +1657,7 @@ fn vec_usq<V: F32Vec, const STORE: bool>(v: &mut [f32], g: &[f32], w: Lerp, f: F
         // SAFETY: `j + LANES <= n`, the length of both slices (and of `s`
         // when storing).
         unsafe {
-            let gj = V::load(g.as_ptr().add(j));
+            let gj = G::exact_lanes::<V>(g.as_ptr().add(j));
             let vj = w.apply(V::load(v.as_ptr().add(j)), gj * gj);
             vj.store(v.as_mut_ptr().add(j));
             let u = u_of(vj, gj, f);
@@ -1587,8 +1669,9 @@ fn vec_usq<V: F32Vec, const STORE: bool>(v: &mut [f32], g: &[f32], w: Lerp, f: F
         j += V::LANES;
     }
     for j in full..n {
-        v[j] = w.apply(v[j], g[j] * g[j]);
-        let u = u_of(v[j], g[j], f);
+        let gj = g[j].exact();
+        v[j] = w.apply(v[j], gj * gj);
+        let u = u_of(v[j], gj, f);
         if STORE {
             s[j] = u;
         }
@@ -1598,7 +1681,7 @@ fn vec_usq<V: F32Vec, const STORE: bool>(v: &mut [f32], g: &[f32], w: Lerp, f: F
 }
 
 #[inline(always)]
-fn vec_apply<V: F32Vec>(v: &[f32], g: &[f32], p: &mut [f32], ap: Apply) {
+fn vec_apply<V: F32Vec, P: Elem + Exact, G: Exact>(v: &[f32], g: &[G], p: &mut [P], ap: Apply) {
     let n = g.len();
     let (v, p) = (&v[..n], &mut p[..n]);
     let full = n / V::LANES * V::LANES;
@@ -1606,29 +1689,30 @@ fn vec_apply<V: F32Vec>(v: &[f32], g: &[f32], p: &mut [f32], ap: Apply) {
     while j < full {
         // SAFETY: `j + LANES <= n`, the length of all three slices.
         unsafe {
-            let (vj, gj, pj) = (V::load(v.as_ptr().add(j)), V::load(g.as_ptr().add(j)), V::load(p.as_ptr().add(j)));
-            V::splat(ap.a).mul_add(u_of(vj, gj, ap.f), pj * V::splat(ap.decay)).store(p.as_mut_ptr().add(j));
+            let vj = V::load(v.as_ptr().add(j));
+            let (gj, pj) = (G::exact_lanes::<V>(g.as_ptr().add(j)), P::exact_lanes::<V>(p.as_ptr().add(j)));
+            P::put(V::splat(ap.a).mul_add(u_of(vj, gj, ap.f), pj * V::splat(ap.decay)), p.as_mut_ptr().add(j));
         }
         j += V::LANES;
     }
     for j in full..n {
-        p[j] = ap.a.mul_add(u_of(v[j], g[j], ap.f), p[j] * ap.decay);
+        p[j] = P::put_one(ap.a.mul_add(u_of(v[j], g[j].exact(), ap.f), p[j].exact() * ap.decay));
     }
 }
 
 /// `acc[j] += g[j]^2` in f64: one column block of one row.
 #[inline(always)]
-fn col_acc<V: F32Vec>(acc: &mut [f64], g: &[f32]) {
+fn col_acc<V: F32Vec, G: Exact>(acc: &mut [f64], g: &[G]) {
     let n = g.len().min(acc.len());
     let full = n / V::LANES * V::LANES;
     let mut j = 0;
     while j < full {
         // SAFETY: `j + LANES <= n`, within both slices.
-        unsafe { V::load(g.as_ptr().add(j)).add_squares_f64(acc.as_mut_ptr().add(j)) };
+        unsafe { G::exact_lanes::<V>(g.as_ptr().add(j)).add_squares_f64(acc.as_mut_ptr().add(j)) };
         j += V::LANES;
     }
     for (a, &x) in acc[full..n].iter_mut().zip(&g[full..n]) {
-        let x = f64::from(x);
+        let x = f64::from(x.exact());
         *a += x * x;
     }
 }
@@ -1637,12 +1721,12 @@ fn col_acc<V: F32Vec>(acc: &mut [f64], g: &[f32]) {
 /// accumulator `i % 8`), added pairwise at the end: one fixed order, and
 /// independent chains, on the lanes (`add_squares_f64`).
 #[inline(always)]
-fn sq_sum<V: F32Vec>(x: &[f32]) -> f64 {
+fn sq_sum<V: F32Vec, T: Exact>(x: &[T]) -> f64 {
     if x.len() < 8 {
-        return fold_short(x.len(), |i| f64::from(x[i]) * f64::from(x[i]));
+        return fold_short(x.len(), |i| f64::from(x[i].exact()) * f64::from(x[i].exact()));
     }
     let mut acc = [0f64; 8];
-    sq_acc::<V>(x, &mut acc);
+    sq_acc::<V, T>(x, &mut acc);
     fold8(acc)
 }
 
@@ -1650,23 +1734,23 @@ fn sq_sum<V: F32Vec>(x: &[f32]) -> f64 {
 /// [`sq_sum`] before its fold, and a window of a row's updates
 /// ([`long_rows_usq`]) when `x` starts at a multiple of 8 of the row.
 #[inline(always)]
-fn sq_acc<V: F32Vec>(x: &[f32], acc: &mut [f64; 8]) {
+fn sq_acc<V: F32Vec, T: Exact>(x: &[T], acc: &mut [f64; 8]) {
     let full = x.len() / 8 * 8;
     let mut i = 0;
     while i < full {
         if V::LANES == 8 {
             // SAFETY: `i + 8 <= full <= x.len()`; `acc` holds 8 f64.
-            unsafe { V::load(x.as_ptr().add(i)).add_squares_f64(acc.as_mut_ptr()) };
+            unsafe { T::exact_lanes::<V>(x.as_ptr().add(i)).add_squares_f64(acc.as_mut_ptr()) };
         } else {
             for (a, &v) in acc.iter_mut().zip(&x[i..i + 8]) {
-                let v = f64::from(v);
+                let v = f64::from(v.exact());
                 *a += v * v;
             }
         }
         i += 8;
     }
     for (a, &v) in acc.iter_mut().zip(&x[full..]) {
-        let v = f64::from(v);
+        let v = f64::from(v.exact());
         *a += v * v;
     }
 }
@@ -1697,9 +1781,9 @@ fn stats(var: &mut [f32], sum_sq: &[f64], count: usize, w: Lerp) {
 /// order), each row's gradient squares into `row_sq`, each column's added
 /// into `col_sq`.
 #[inline(always)]
-fn squares<V: F32Vec>(
-    p: &[f32],
-    g: &[f32],
+fn squares<V: F32Vec, P: Elem + Exact, G: Exact>(
+    p: &[P],
+    g: &[G],
     cols: usize,
     j: Range<usize>,
     row_sq: &mut [f64],
@@ -1714,7 +1798,7 @@ fn squares<V: F32Vec>(
         // additions; through memory each one waited on the last store).
         let mut col = col_sq[0];
         for ((&x, &y), rs) in p.iter().zip(g).zip(row_sq) {
-            let (x, y) = (f64::from(x), f64::from(y));
+            let (x, y) = (f64::from(x.exact()), f64::from(y.exact()));
             psq += x * x;
             *rs = y * y;
             col += y * y;
@@ -1724,9 +1808,9 @@ fn squares<V: F32Vec>(
     }
     for ((pr, gr), rs) in p.chunks(cols).zip(g.chunks(cols)).zip(row_sq) {
         let (pr, gr) = (&pr[j.clone()], &gr[j.clone()]);
-        psq += sq_sum::<V>(pr);
-        *rs = sq_sum::<V>(gr);
-        col_acc::<V>(col_sq, gr);
+        psq += sq_sum::<V, P>(pr);
+        *rs = sq_sum::<V, G>(gr);
+        col_acc::<V, G>(col_sq, gr);
     }
     psq
 }
@@ -1735,11 +1819,11 @@ fn squares<V: F32Vec>(
 /// into `u` unless empty.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn rows_usq_lanes<V: F32Vec>(
+fn rows_usq_lanes<V: F32Vec, G: Exact>(
     rv: &[f32],
     cv: &[f32],
     rmean: f32,
-    g: &[f32],
+    g: &[G],
     cols: usize,
     f: Factors,
     out: &mut [f64],
@@ -1747,15 +1831,15 @@ fn rows_usq_lanes<V: F32Vec>(
 ) {
     if cols == 1 {
         let n = out.len().min(g.len());
-        return column_usq::<V>(&rv[..n], cv[0], rmean, &g[..n], f, &mut out[..n], u);
+        return column_usq::<V, G>(&rv[..n], cv[0], rmean, &g[..n], f, &mut out[..n], u);
     }
     if u.is_empty() {
         for ((o, gr), &r) in out.iter_mut().zip(g.chunks(cols)).zip(rv) {
-            *o = row_usq::<V, false>(r, cv, rmean, gr, f, &mut []);
+            *o = row_usq::<V, G, false>(r, cv, rmean, gr, f, &mut []);
         }
     } else {
         for (((o, gr), &r), ur) in out.iter_mut().zip(g.chunks(cols)).zip(rv).zip(u.chunks_mut(cols)) {
-            *o = row_usq::<V, true>(r, cv, rmean, gr, f, ur);
+            *o = row_usq::<V, G, true>(r, cv, rmean, gr, f, ur);
         }
     }
 }
@@ -1764,7 +1848,15 @@ fn rows_usq_lanes<V: F32Vec>(
 /// row, a row per lane. A row's sum is its one square (the fold of
 /// [`fold_short`] adds zeros to it, which changes no bit).
 #[inline(always)]
-fn column_usq<V: F32Vec>(rv: &[f32], c: f32, rmean: f32, g: &[f32], f: Factors, out: &mut [f64], s: &mut [f32]) {
+fn column_usq<V: F32Vec, G: Exact>(
+    rv: &[f32],
+    c: f32,
+    rmean: f32,
+    g: &[G],
+    f: Factors,
+    out: &mut [f64],
+    s: &mut [f32],
+) {
     let n = g.len();
     let (rv, out) = (&rv[..n], &mut out[..n]);
     let store = !s.is_empty();
@@ -1778,7 +1870,7 @@ fn column_usq<V: F32Vec>(rv: &[f32], c: f32, rmean: f32, g: &[f32], f: Factors, 
         unsafe {
             // `r * c` with `r` first, as `factored_v`.
             let v = (V::load(rv.as_ptr().add(j)) * V::splat(c)) / V::splat(rmean);
-            let u = u_of(v, V::load(g.as_ptr().add(j)), f);
+            let u = u_of(v, G::exact_lanes::<V>(g.as_ptr().add(j)), f);
             if store {
                 u.store(s.as_mut_ptr().add(j));
             }
@@ -1790,7 +1882,7 @@ fn column_usq<V: F32Vec>(rv: &[f32], c: f32, rmean: f32, g: &[f32], f: Factors, 
         j += V::LANES;
     }
     for j in full..n {
-        let u = u_of(factored_v(rv[j], c, rmean), g[j], f);
+        let u = u_of(factored_v(rv[j], c, rmean), g[j].exact(), f);
         if store {
             s[j] = u;
         }
@@ -1801,7 +1893,7 @@ fn column_usq<V: F32Vec>(rv: &[f32], c: f32, rmean: f32, g: &[f32], f: Factors, 
 /// The last pass, recomputing `u`, over rows of one element each: as
 /// [`row_apply`], a row per lane.
 #[inline(always)]
-fn column_apply<V: F32Vec>(rv: &[f32], c: f32, rmean: f32, g: &[f32], p: &mut [f32], ap: Apply) {
+fn column_apply<V: F32Vec, P: Elem + Exact, G: Exact>(rv: &[f32], c: f32, rmean: f32, g: &[G], p: &mut [P], ap: Apply) {
     let n = p.len();
     let (rv, g) = (&rv[..n], &g[..n]);
     let full = n / V::LANES * V::LANES;
@@ -1810,27 +1902,35 @@ fn column_apply<V: F32Vec>(rv: &[f32], c: f32, rmean: f32, g: &[f32], p: &mut [f
         // SAFETY: `j + LANES <= n`, the length of all three slices.
         unsafe {
             let v = (V::load(rv.as_ptr().add(j)) * V::splat(c)) / V::splat(rmean);
-            let (gj, pj) = (V::load(g.as_ptr().add(j)), V::load(p.as_ptr().add(j)));
+            let (gj, pj) = (G::exact_lanes::<V>(g.as_ptr().add(j)), P::exact_lanes::<V>(p.as_ptr().add(j)));
             let u = u_of(v, gj, ap.f);
-            V::splat(ap.a).mul_add(u, pj * V::splat(ap.decay)).store(p.as_mut_ptr().add(j));
+            P::put(V::splat(ap.a).mul_add(u, pj * V::splat(ap.decay)), p.as_mut_ptr().add(j));
         }
         j += V::LANES;
     }
     for j in full..n {
-        let u = u_of(factored_v(rv[j], c, rmean), g[j], ap.f);
-        p[j] = ap.a.mul_add(u, p[j] * ap.decay);
+        let u = u_of(factored_v(rv[j], c, rmean), g[j].exact(), ap.f);
+        p[j] = P::put_one(ap.a.mul_add(u, p[j].exact() * ap.decay));
     }
 }
 
 /// The last pass, recomputing `u`, over whole rows.
 #[inline(always)]
-fn rows_apply_lanes<V: F32Vec>(rv: &[f32], cv: &[f32], rmean: f32, g: &[f32], p: &mut [f32], cols: usize, ap: Apply) {
+fn rows_apply_lanes<V: F32Vec, P: Elem + Exact, G: Exact>(
+    rv: &[f32],
+    cv: &[f32],
+    rmean: f32,
+    g: &[G],
+    p: &mut [P],
+    cols: usize,
+    ap: Apply,
+) {
     if cols == 1 {
         let n = p.len().min(g.len()).min(rv.len());
-        return column_apply::<V>(rv, cv[0], rmean, g, &mut p[..n], ap);
+        return column_apply::<V, P, G>(rv, cv[0], rmean, g, &mut p[..n], ap);
     }
     for ((pr, gr), &r) in p.chunks_mut(cols).zip(g.chunks(cols)).zip(rv) {
-        row_apply::<V>(r, cv, rmean, gr, pr, ap);
+        row_apply::<V, P, G>(r, cv, rmean, gr, pr, ap);
     }
 }
 
@@ -1843,9 +1943,9 @@ fn rows_apply_lanes<V: F32Vec>(rv: &[f32], cv: &[f32], rmean: f32, g: &[f32], p:
 /// `sums`; each `u` also into `u` unless empty.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn small_usq<V: F32Vec>(
-    p: &[f32],
-    g: &[f32],
+fn small_usq<V: F32Vec, P: Elem + Exact, G: Exact>(
+    p: &[P],
+    g: &[G],
     rows: usize,
     cols: usize,
     rv: &mut [f32],
@@ -1861,11 +1961,11 @@ fn small_usq<V: F32Vec>(
         let (pm, gm) = (&p[m * mm..][..mm], &g[m * mm..][..mm]);
         let (rvm, cvm) = (&mut rv[m * rows..][..rows], &mut cv[m * cols..][..cols]);
         col_sq.fill(0.0);
-        let psq = squares::<V>(pm, gm, cols, 0..cols, &mut row_sq, &mut col_sq);
+        let psq = squares::<V, P, G>(pm, gm, cols, 0..cols, &mut row_sq, &mut col_sq);
         stats(rvm, &row_sq, cols, w);
         stats(cvm, &col_sq, rows, w);
         let um = if u.is_empty() { &mut [][..] } else { &mut u[m * mm..][..mm] };
-        rows_usq_lanes::<V>(rvm, cvm, row_mean(rvm, f), gm, cols, f, &mut parts, um);
+        rows_usq_lanes::<V, G>(rvm, cvm, row_mean(rvm, f), gm, cols, f, &mut parts, um);
         *s = (psq, parts.iter().sum());
     }
 }
@@ -1875,15 +1975,16 @@ fn small_usq<V: F32Vec>(
 /// vectorizes them without reordering any sum).
 /// The row passes take several whole rows (`g` and `p` hold `cols` per row,
 /// `rv` at least one entry per row) per dispatch.
-enum Pass<'a> {
-    SqSum(&'a [f32]),
+enum Pass<'a, P, G> {
+    /// The parameters' sum of squares.
+    SqSum(&'a [P]),
     SqAcc(&'a [f32], &'a mut [f64; 8]),
     /// [`factor_update`]'s task: per row, the columns `j` of the params'
     /// squares (returned, summed in row order), the gradients' (into
     /// `row_sq`) and the gradients' column squares (into `col_sq`).
     Squares {
-        p: &'a [f32],
-        g: &'a [f32],
+        p: &'a [P],
+        g: &'a [G],
         cols: usize,
         j: Range<usize>,
         row_sq: &'a mut [f64],
@@ -1894,7 +1995,7 @@ enum Pass<'a> {
         rv: &'a [f32],
         cv: &'a [f32],
         rmean: f32,
-        g: &'a [f32],
+        g: &'a [G],
         cols: usize,
         f: Factors,
         out: &'a mut [f64],
@@ -1904,28 +2005,28 @@ enum Pass<'a> {
         rv: &'a [f32],
         cv: &'a [f32],
         rmean: f32,
-        g: &'a [f32],
-        p: &'a mut [f32],
+        g: &'a [G],
+        p: &'a mut [P],
         cols: usize,
         ap: Apply,
     },
     /// `sum(u^2)`; each `u` also into `u` unless empty.
     VecUsq {
         v: &'a mut [f32],
-        g: &'a [f32],
+        g: &'a [G],
         w: Lerp,
         f: Factors,
         u: &'a mut [f32],
     },
     ApplyStored {
         u: &'a [f32],
-        p: &'a mut [f32],
+        p: &'a mut [P],
         ap: Apply,
     },
     /// [`small_usq`] over a group of whole matrices.
     SmallUsq {
-        p: &'a [f32],
-        g: &'a [f32],
+        p: &'a [P],
+        g: &'a [G],
         rows: usize,
         cols: usize,
         rv: &'a mut [f32],
@@ -1939,8 +2040,8 @@ enum Pass<'a> {
     SmallApply {
         rv: &'a [f32],
         cv: &'a [f32],
-        g: &'a [f32],
-        p: &'a mut [f32],
+        g: &'a [G],
+        p: &'a mut [P],
         rows: usize,
         cols: usize,
         ap: Apply,
@@ -1954,35 +2055,35 @@ enum Pass<'a> {
     },
     VecApply {
         v: &'a [f32],
-        g: &'a [f32],
-        p: &'a mut [f32],
+        g: &'a [G],
+        p: &'a mut [P],
         ap: Apply,
     },
 }
 
-impl LaneOp for Pass<'_> {
+impl<P: Elem + Exact, G: Exact> LaneOp for Pass<'_, P, G> {
     type Out = f64;
     #[inline(always)]
     fn run<V: F32Vec>(self) -> f64 {
         match self {
-            Pass::SqSum(x) => sq_sum::<V>(x),
+            Pass::SqSum(x) => sq_sum::<V, P>(x),
             Pass::SqAcc(x, acc) => {
-                sq_acc::<V>(x, acc);
+                sq_acc::<V, f32>(x, acc);
                 0.0
             }
-            Pass::Squares { p, g, cols, j, row_sq, col_sq } => squares::<V>(p, g, cols, j, row_sq, col_sq),
+            Pass::Squares { p, g, cols, j, row_sq, col_sq } => squares::<V, P, G>(p, g, cols, j, row_sq, col_sq),
             Pass::RowsUsq { rv, cv, rmean, g, cols, f, out, u } => {
-                rows_usq_lanes::<V>(rv, cv, rmean, g, cols, f, out, u);
+                rows_usq_lanes::<V, G>(rv, cv, rmean, g, cols, f, out, u);
                 0.0
             }
             Pass::RowsApply { rv, cv, rmean, g, p, cols, ap } => {
-                rows_apply_lanes::<V>(rv, cv, rmean, g, p, cols, ap);
+                rows_apply_lanes::<V, P, G>(rv, cv, rmean, g, p, cols, ap);
                 0.0
             }
-            Pass::VecUsq { v, g, w, f, u } if u.is_empty() => vec_usq::<V, false>(v, g, w, f, u),
-            Pass::VecUsq { v, g, w, f, u } => vec_usq::<V, true>(v, g, w, f, u),
+            Pass::VecUsq { v, g, w, f, u } if u.is_empty() => vec_usq::<V, G, false>(v, g, w, f, u),
+            Pass::VecUsq { v, g, w, f, u } => vec_usq::<V, G, true>(v, g, w, f, u),
             Pass::ApplyStored { u, p, ap } => {
-                apply_stored::<V>(u, p, ap);
+                apply_stored::<V, P>(u, p, ap);
                 0.0
             }
             Pass::Stats { var, sum_sq, count, w } => {
@@ -1990,19 +2091,19 @@ impl LaneOp for Pass<'_> {
                 0.0
             }
             Pass::SmallUsq { p, g, rows, cols, rv, cv, w, f, sums, u } => {
-                small_usq::<V>(p, g, rows, cols, rv, cv, w, f, sums, u);
+                small_usq::<V, P, G>(p, g, rows, cols, rv, cv, w, f, sums, u);
                 0.0
             }
             Pass::SmallApply { rv, cv, g, p, rows, cols, ap } => {
                 let mm = rows * cols;
                 let mats = p.chunks_mut(mm).zip(g.chunks(mm)).zip(rv.chunks(rows).zip(cv.chunks(cols)));
                 for ((pm, gm), (rvm, cvm)) in mats {
-                    rows_apply_lanes::<V>(rvm, cvm, row_mean(rvm, ap.f), gm, pm, cols, ap);
+                    rows_apply_lanes::<V, P, G>(rvm, cvm, row_mean(rvm, ap.f), gm, pm, cols, ap);
                 }
                 0.0
             }
             Pass::VecApply { v, g, p, ap } => {
-                vec_apply::<V>(v, g, p, ap);
+                vec_apply::<V, P, G>(v, g, p, ap);
                 0.0
             }
         }
@@ -2010,16 +2111,16 @@ impl LaneOp for Pass<'_> {
 }
 
 impl Lanes {
-    fn sq_sum(self, x: &[f32]) -> f64 {
-        dispatch(self.0, Pass::SqSum(x))
+    fn sq_sum<T: Elem + Exact>(self, x: &[T]) -> f64 {
+        dispatch(self.0, Pass::<'_, T, f32>::SqSum(x))
     }
     fn sq_acc(self, x: &[f32], acc: &mut [f64; 8]) {
-        dispatch(self.0, Pass::SqAcc(x, acc));
+        dispatch(self.0, Pass::<'_, f32, f32>::SqAcc(x, acc));
     }
-    fn first_pass(
+    fn first_pass<P: Elem + Exact, G: Exact>(
         self,
-        p: &[f32],
-        g: &[f32],
+        p: &[P],
+        g: &[G],
         cols: usize,
         j: Range<usize>,
         row_sq: &mut [f64],
@@ -2028,33 +2129,46 @@ impl Lanes {
         dispatch(self.0, Pass::Squares { p, g, cols, j, row_sq, col_sq })
     }
     #[allow(clippy::too_many_arguments)]
-    fn rows_usq(
+    fn rows_usq<G: Exact>(
         self,
         rv: &[f32],
         cv: &[f32],
         rmean: f32,
-        g: &[f32],
+        g: &[G],
         cols: usize,
         f: Factors,
         out: &mut [f64],
         u: &mut [f32],
     ) {
-        dispatch(self.0, Pass::RowsUsq { rv, cv, rmean, g, cols, f, out, u });
+        let op: Pass<'_, f32, G> = Pass::RowsUsq { rv, cv, rmean, g, cols, f, out, u };
+        dispatch(self.0, op);
     }
     #[allow(clippy::too_many_arguments)]
-    fn rows_apply(self, rv: &[f32], cv: &[f32], rmean: f32, g: &[f32], p: &mut [f32], cols: usize, ap: Apply) {
+    fn rows_apply<P: Elem + Exact, G: Exact>(
+        self,
+        rv: &[f32],
+        cv: &[f32],
+        rmean: f32,
+        g: &[G],
+        p: &mut [P],
+        cols: usize,
+        ap: Apply,
+    ) {
         dispatch(self.0, Pass::RowsApply { rv, cv, rmean, g, p, cols, ap });
     }
-    fn vec_usq(self, v: &mut [f32], g: &[f32], w: Lerp, f: Factors, u: &mut [f32]) -> f64 {
-        dispatch(self.0, Pass::VecUsq { v, g, w, f, u })
+    fn vec_usq<G: Exact>(self, v: &mut [f32], g: &[G], w: Lerp, f: Factors, u: &mut [f32]) -> f64 {
+        let op: Pass<'_, f32, G> = Pass::VecUsq { v, g, w, f, u };
+        dispatch(self.0, op)
     }
     fn stats(self, var: &mut [f32], sum_sq: &[f64], count: usize, w: Lerp) {
-        dispatch(self.0, Pass::Stats { var, sum_sq, count, w });
+        let op: Pass<'_, f32, f32> = Pass::Stats { var, sum_sq, count, w };
+        dispatch(self.0, op);
     }
-    fn apply_stored(self, u: &[f32], p: &mut [f32], ap: Apply) {
-        dispatch(self.0, Pass::ApplyStored { u, p, ap });
+    fn apply_stored<P: Elem + Exact>(self, u: &[f32], p: &mut [P], ap: Apply) {
+        let op: Pass<'_, P, f32> = Pass::ApplyStored { u, p, ap };
+        dispatch(self.0, op);
     }
-    fn vec_apply(self, v: &[f32], g: &[f32], p: &mut [f32], ap: Apply) {
+    fn vec_apply<P: Elem + Exact, G: Exact>(self, v: &[f32], g: &[G], p: &mut [P], ap: Apply) {
         dispatch(self.0, Pass::VecApply { v, g, p, ap });
     }
 }

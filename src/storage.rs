@@ -926,6 +926,9 @@ pub(crate) trait Elem: Copy + Send + Sync {
     /// # Safety
     /// `ptr..ptr + V::LANES` writable.
     unsafe fn put_stochastic<V: F32Vec>(v: V, ptr: *mut Self, lo: u32, hi: u32);
+    /// One value as [`put`](Elem::put) stores it (rounded to nearest even;
+    /// `f32` as it is): the scalar tails of the lane loops.
+    fn put_one(x: f32) -> Self;
 }
 
 impl Elem for f32 {
@@ -944,6 +947,10 @@ impl Elem for f32 {
         // SAFETY: forwarded contract.
         unsafe { v.store(ptr) }
     }
+    #[inline(always)]
+    fn put_one(x: f32) -> Self {
+        x
+    }
 }
 
 impl Elem for bf16 {
@@ -961,6 +968,10 @@ impl Elem for bf16 {
     unsafe fn put_stochastic<V: F32Vec>(v: V, ptr: *mut Self, lo: u32, hi: u32) {
         // SAFETY: forwarded contract; bf16 is a transparent u16.
         unsafe { v.store_bf16_stochastic(ptr.cast(), lo, hi) }
+    }
+    #[inline(always)]
+    fn put_one(x: f32) -> Self {
+        Half::narrow(x)
     }
 }
 
@@ -982,6 +993,10 @@ impl Elem for f16 {
     unsafe fn put_stochastic<V: F32Vec>(v: V, ptr: *mut Self, _: u32, _: u32) {
         // SAFETY: forwarded contract.
         unsafe { <f16 as Half>::store(v, ptr) }
+    }
+    #[inline(always)]
+    fn put_one(x: f32) -> Self {
+        Half::narrow(x)
     }
 }
 

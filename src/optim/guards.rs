@@ -188,6 +188,12 @@ pub(crate) struct Guards {
 }
 
 impl Guards {
+    /// No loss scale, no clipping, non-finite gradients propagated: a step
+    /// needs no scan or scaled copy of its gradients.
+    pub(crate) fn is_off(&self) -> bool {
+        self.non_finite == NonFinitePolicy::Propagate && self.grad_scale.is_none() && self.max_grad_norm.is_none()
+    }
+
     pub(crate) fn set_grad_scale(&mut self, grad_scale: Option<f32>) -> Result<(), Error> {
         check_grad_scale(grad_scale)?;
         self.grad_scale = grad_scale;
